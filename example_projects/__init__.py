@@ -1,0 +1,1 @@
+"""Example Lightning projects that use lightning-conditioning (see each folder's README)."""

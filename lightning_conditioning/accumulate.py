@@ -1,0 +1,162 @@
+"""Windowed sums of outer products: the only state the analysis keeps between hooks.
+
+Sums (never averages) and row counts, so that micro-batches, gradient accumulation and DDP
+ranks compose by plain addition; the mean is taken once, when a window is finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["SecondMomentSum", "LayerWindow", "LayerMoments"]
+
+
+class SecondMomentSum:
+    """Running ``Σ_rows r rᵀ`` (float64), ``Σ_rows r`` and the row count of one window.
+
+    Args:
+        dim: length of a row.
+        device: where the sums live (the layer's device: no host transfer in the hot path).
+        track_row_sum: also keep ``Σ_rows r`` (needed for the homogeneous coordinate).
+
+    Example:
+        >>> acc = SecondMomentSum(2, torch.device("cpu"))
+        >>> rows = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+        >>> acc.add(rows.T @ rows, rows=2)
+        >>> acc.mean()
+        tensor([[1., 1.],
+                [1., 2.]], dtype=torch.float64)
+    """
+
+    def __init__(self, dim: int, device: torch.device, *, track_row_sum: bool = False) -> None:
+        self.dim = dim
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum_rows = (
+            torch.zeros(dim, dtype=torch.float64, device=device) if track_row_sum else None
+        )
+        self.rows = 0
+
+    def add(
+        self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0
+    ) -> None:
+        """Add ``weight * gram`` (a ``dim × dim`` sum of outer products over ``rows`` rows).
+
+        ``row_sum`` (``Σ r`` of the same rows) is added unweighted: only unweighted inputs
+        track it.
+        """
+        self.sum_outer.add_(gram, alpha=weight)
+        if self.sum_rows is not None and row_sum is not None:
+            self.sum_rows.add_(row_sum)
+        self.rows += rows
+
+    def mean(self, *, homogeneous: bool = False) -> Tensor:
+        """``Σ r rᵀ / rows``; with ``homogeneous`` the ``[r; 1]`` second moment (dim + 1)."""
+        rows = max(self.rows, 1)
+        if not homogeneous:
+            return self.sum_outer / rows
+        if self.sum_rows is None:
+            raise RuntimeError("homogeneous mean needs track_row_sum=True")
+        dim = self.dim
+        out = self.sum_outer.new_empty(dim + 1, dim + 1)
+        out[:dim, :dim] = self.sum_outer
+        out[:dim, dim] = self.sum_rows
+        out[dim, :dim] = self.sum_rows
+        out[dim, dim] = self.rows
+        return out / rows
+
+    def reset(self) -> None:
+        """Zero the sums for the next window (buffers are reused)."""
+        self.sum_outer.zero_()
+        if self.sum_rows is not None:
+            self.sum_rows.zero_()
+        self.rows = 0
+
+    def buffers(self) -> list[Tensor]:
+        """The tensors a distributed reduction must sum."""
+        return [t for t in (self.sum_outer, self.sum_rows) if t is not None]
+
+
+@dataclass
+class LayerMoments:
+    """A finished window of one layer, as plain tensors on the CPU (float64).
+
+    Attributes:
+        input_second_moment: ``Σx`` (mean over input rows), or ``None`` without input rows.
+        grad_second_moment: ``Σ∇h`` (mean over output-gradient rows), or ``None``.
+        input_rows / grad_rows: how many rows each mean was taken over.
+        unit_positive_rows: per input unit, how many of the ``unit_rows`` values were > 0.
+        unit_rows: rows over which units were counted (positions for conv layers).
+    """
+
+    input_second_moment: Tensor | None
+    grad_second_moment: Tensor | None
+    input_rows: int
+    grad_rows: int
+    unit_positive_rows: Tensor
+    unit_rows: int
+
+
+class LayerWindow:
+    """All sums of one layer for the current window: Σx, Σ∇h and the unit activity counts.
+
+    Example:
+        >>> window = LayerWindow(input_dim=3, grad_dim=2, units=3, device=torch.device("cpu"))
+        >>> window.input.dim, window.grad.dim, window.unit_positive_rows.shape
+        (3, 2, torch.Size([3]))
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        grad_dim: int,
+        units: int,
+        device: torch.device,
+        *,
+        homogeneous: bool = False,
+    ) -> None:
+        self.homogeneous = homogeneous
+        self.input = SecondMomentSum(input_dim, device, track_row_sum=homogeneous)
+        self.grad = SecondMomentSum(grad_dim, device)
+        self.unit_positive_rows = torch.zeros(units, dtype=torch.float64, device=device)
+        self.unit_rows = 0
+
+    def add_units(self, positive_rows: Tensor, rows: int) -> None:
+        """Count, per input unit, the rows where it was > 0."""
+        self.unit_positive_rows.add_(positive_rows)
+        self.unit_rows += rows
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.input.reset()
+        self.grad.reset()
+        self.unit_positive_rows.zero_()
+        self.unit_rows = 0
+
+    def buffers(self) -> list[Tensor]:
+        """Every tensor that a distributed reduction must sum."""
+        return [*self.input.buffers(), *self.grad.buffers(), self.unit_positive_rows]
+
+    def counts(self) -> list[int]:
+        """The integer counts that a distributed reduction must sum."""
+        return [self.input.rows, self.grad.rows, self.unit_rows]
+
+    def set_counts(self, counts: list[int]) -> None:
+        """Overwrite the integer counts (after a distributed reduction)."""
+        self.input.rows, self.grad.rows, self.unit_rows = counts
+
+    def moments(self) -> LayerMoments:
+        """Means of the window, moved to the CPU in float64."""
+        has_input, has_grad = self.input.rows > 0, self.grad.rows > 0
+        return LayerMoments(
+            input_second_moment=(
+                self.input.mean(homogeneous=self.homogeneous).cpu() if has_input else None
+            ),
+            grad_second_moment=self.grad.mean().cpu() if has_grad else None,
+            input_rows=self.input.rows,
+            grad_rows=self.grad.rows,
+            unit_positive_rows=self.unit_positive_rows.to("cpu", copy=True),
+            unit_rows=self.unit_rows,
+        )

@@ -1,0 +1,262 @@
+"""``ConditioningCallback``: layer-wise conditioning analysis during ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.results import LayerConditioning, analyse_layer
+from lightning_conditioning.sinks import log_scalars, log_spectra_histograms
+from lightning_conditioning.spectra import DEFAULT_RANK_RTOL
+
+__all__ = ["ConditioningCallback"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ConditioningCallback(Callback):
+    r"""Log λmax and κ_p of Σx, Σ∇h and the sub-FIM Σx ⊗ Σ∇h of every Linear/Conv layer.
+
+    Every ``every_n_steps`` optimizer steps (0, n, 2n, …) the callback analyses that step's own
+    training batch, from the forward and backward pass that training does anyway (the
+    empirical Fisher: no extra pass). With gradient accumulation all micro-batches of the
+    step are summed. Results are logged at ``step = trainer.global_step`` of the analysed
+    batch (step 0 is the initialisation) through every logger of the Trainer:
+
+    * ``{prefix}/{layer}/input_lambda_max`` and ``input_kappa_{p}``: Σx, the uncentred second
+      moment of the layer input (bias not included unless ``include_bias``).
+    * ``{prefix}/{layer}/grad_lambda_max`` and ``grad_kappa_{p}``: Σ∇h, the second moment of
+      the per-example output gradient (``B`` × autograd's gradient for a batch-mean loss).
+    * ``{prefix}/{layer}/fim_lambda_max`` and ``fim_kappa_{p}``: the sub-FIM Σx ⊗ Σ∇h.
+    * ``{prefix}/{layer}/dead_input_units`` / ``full_input_units``: input units never / always
+      > 0 over the analysed rows (the dead / full neurons of the layer before).
+
+    With a ``TensorBoardLogger``, histograms of log10 eigenvalues are written as well.
+    The latest results, with full spectra, are in :attr:`results`.
+
+    Args:
+        every_n_steps: analyse optimizer steps ``0, n, 2n, …``.
+        kappa_percents: the ``p`` of ``κ_p`` in percent, each in ``(0, 100]``.
+        conv_mode: ``"channel"`` (the paper: spatial positions are rows, C×C moments) or
+            ``"patch"`` (im2col rows, C_in·k·k, as K-FAC).
+        layer_types: module types to analyse (subclasses included); default Linear and ConvNd.
+        include: glob patterns of qualified layer names to analyse (default all).
+        exclude: glob patterns of qualified layer names to skip.
+        loss_reduction: ``"mean"`` if the training loss averages over the batch (gradients are
+            multiplied by the batch size to get per-example gradients), ``"sum"`` otherwise.
+        include_bias: append the homogeneous coordinate 1 to the inputs of layers with a bias.
+        rank_rtol: eigenvalues ``<= rank_rtol * λmax`` count as zero (see README).
+        statistics_dtype: dtype of the Gram GEMMs (sums are always float64).
+        log_histograms: write eigenvalue histograms to TensorBoard loggers.
+        prefix: first part of every logged key.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ConditioningCallback(every_n_steps=50)])
+        trainer.fit(model)
+        callback.results["fc"].input.lambda_max
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        kappa_percents: Sequence[float] = (50, 80, 100),
+        conv_mode: Literal["channel", "patch"] = "channel",
+        layer_types: Sequence[type[nn.Module]] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        include_bias: bool = False,
+        rank_rtol: float = DEFAULT_RANK_RTOL,
+        statistics_dtype: Literal["float32", "float64"] = "float32",
+        log_histograms: bool = True,
+        prefix: str = "conditioning",
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
+            raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        percents = tuple(float(p) for p in kappa_percents)
+        if not percents or not all(0 < p <= 100 and math.isfinite(p) for p in percents):
+            raise ValueError(
+                f"kappa_percents must be a non-empty list of percents in (0, 100], "
+                f"got {list(kappa_percents)}"
+            )
+        if conv_mode not in ("channel", "patch"):
+            raise ValueError(f"conv_mode must be 'channel' or 'patch', got {conv_mode!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if statistics_dtype not in _DTYPES:
+            raise ValueError(
+                f"statistics_dtype must be 'float32' or 'float64', got {statistics_dtype!r}"
+            )
+        if not 0 <= rank_rtol < 1:
+            raise ValueError(f"rank_rtol must be in [0, 1), got {rank_rtol}")
+        if layer_types is not None and not all(
+            isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
+        ):
+            raise TypeError("layer_types must be nn.Module subclasses")
+        self.every_n_steps = every_n_steps
+        self.kappa_percents = tuple(int(p) if p.is_integer() else p for p in percents)
+        self.conv_mode: Literal["channel", "patch"] = conv_mode
+        self.layer_types: tuple[type[nn.Module], ...] = (
+            tuple(layer_types) if layer_types is not None else (nn.Linear, nn.modules.conv._ConvNd)
+        )
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        self.loss_reduction: Literal["mean", "sum"] = loss_reduction
+        self.include_bias = include_bias
+        self.rank_rtol = rank_rtol
+        self.statistics_dtype = statistics_dtype
+        self.log_histograms = log_histograms
+        self.prefix = prefix
+        self._capture: LayerCapture | None = None
+        self._window_step: int | None = None
+        self._results: dict[str, LayerConditioning] = {}
+        self._warned_silent = False
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def results(self) -> dict[str, LayerConditioning]:
+        """Latest analysed window: ``{layer name: LayerConditioning}`` (empty before one)."""
+        return dict(self._results)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the analysed layers (after ``setup``)."""
+        return list(self._capture.layers) if self._capture is not None else []
+
+    def should_analyse(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is on the schedule."""
+        return step % self.every_n_steps == 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        layers = find_layers(
+            pl_module, self.layer_types, self.include, self.exclude, self.conv_mode
+        )
+        if not layers:
+            rank_zero_warn(
+                f"{type(self).__name__}: no layer of types "
+                f"{[t.__name__ for t in self.layer_types]} matched in "
+                f"{type(pl_module).__name__}; nothing will be analysed."
+            )
+            self._capture = None
+            return
+        self._capture = LayerCapture(
+            layers,
+            statistics_dtype=_DTYPES[self.statistics_dtype],
+            loss_reduction=self.loss_reduction,
+            include_bias=self.include_bias,
+        )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._capture is not None:
+            self._capture.attach()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        capture = self._capture
+        if capture is None:
+            return
+        step = trainer.global_step
+        if self._window_step is not None and self._window_step != step:
+            self._discard_window()  # an unfinished window (no optimizer step happened)
+        if not self.should_analyse(step):
+            return
+        self._window_step = step
+        capture.active = True
+        # Lightning divides the loss by the number of accumulated micro-batches
+        capture.grad_multiplier = (
+            float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0
+        )
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        capture = self._capture
+        if capture is None or self._window_step is None:
+            return
+        capture.active = False
+        if trainer.global_step != self._window_step:  # the optimizer step of the window ran
+            step, self._window_step = self._window_step, None
+            self._finish_window(trainer, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._discard_window()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # ------------------------------------------------------------------ internals
+    def _remove_hooks(self) -> None:
+        if self._capture is not None:
+            self._capture.detach()
+        self._window_step = None
+
+    def _discard_window(self) -> None:
+        if self._capture is not None:
+            self._capture.active = False
+            self._capture.reset()
+        self._window_step = None
+
+    def _finish_window(self, trainer: pl.Trainer, step: int) -> None:
+        capture = self._capture
+        assert capture is not None
+        if trainer.world_size > 1:
+            capture.all_reduce(lambda flat: trainer.strategy.reduce(flat, reduce_op="sum"))
+        moments = capture.moments()
+        capture.reset()
+        results = {
+            name: analyse_layer(
+                name, step, window, percents=self.kappa_percents, rank_rtol=self.rank_rtol
+            )
+            for name, window in moments.items()
+        }
+        self._results = results
+        self._report_problems(results, step)
+        if not trainer.is_global_zero:
+            return
+        metrics: dict[str, float] = {}
+        for result in results.values():
+            metrics.update(result.metrics(self.prefix))
+        log_scalars(trainer.loggers, metrics, step)
+        if self.log_histograms:
+            log_spectra_histograms(trainer.loggers, results, step, self.prefix)
+
+    def _report_problems(self, results: dict[str, LayerConditioning], step: int) -> None:
+        nonfinite = [name for name, r in results.items() if r.status == "nonfinite"]
+        if nonfinite:
+            rank_zero_warn(
+                f"{type(self).__name__}: step {step}: the statistics of {nonfinite} contain "
+                "NaN/Inf; no numbers are logged for these layers at this step."
+            )
+        silent = [name for name, r in results.items() if r.status == "no_data"]
+        if silent and not self._warned_silent:
+            self._warned_silent = True
+            rank_zero_warn(
+                f"{type(self).__name__}: layers {silent} are registered but their forward "
+                "hooks never fired in an analysed step (not called, or called functionally, "
+                "e.g. nn.MultiheadAttention.out_proj); they are not analysed."
+            )

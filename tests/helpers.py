@@ -1,0 +1,201 @@
+"""Shared test helpers: an in-memory logger, tiny LightningModules and float64 references."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call: ``history[step] = {key: value}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.history.setdefault(int(step or 0), {}).update(metrics)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class SequentialClassifier(pl.LightningModule):
+    """A LightningModule around an ``nn.Sequential`` trained with mean cross-entropy + SGD."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05, loss: str = "ce") -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.loss_kind = loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        if self.loss_kind == "ce":
+            return nn.functional.cross_entropy(out, y)
+        return nn.functional.cross_entropy(out, y, reduction="sum")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def fit(
+    module: pl.LightningModule,
+    data: DataLoader,
+    callbacks: Sequence[pl.Callback] = (),
+    max_steps: int = 1,
+    **trainer_kwargs: Any,
+) -> tuple[pl.Trainer, RecordingLogger]:
+    logger = RecordingLogger()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=list(callbacks),
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, data)
+    return trainer, logger
+
+
+# ---------------------------------------------------------------- independent references
+def kappa_reference(eigenvalues: np.ndarray, percent: float, rtol: float = 1e-7) -> float:
+    """κ_p over the nonzero eigenvalues, written independently of the package."""
+    values = np.sort(np.asarray(eigenvalues, dtype=np.float64))[::-1]
+    nonzero = values[values > rtol * values[0]]
+    index = int(math.ceil(percent * len(nonzero) / 100.0 - 1e-9)) - 1
+    return float(nonzero[0] / nonzero[index])
+
+
+def spectrum_reference(matrix: np.ndarray, percents: Sequence[float]) -> dict[str, float]:
+    values = np.linalg.eigvalsh(matrix)
+    out = {"lambda_max": float(values.max())}
+    for p in percents:
+        out[f"kappa_{p}"] = kappa_reference(values, p)
+    return out
+
+
+def rows_second_moment(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    return rows.T @ rows / rows.shape[0]
+
+
+def per_example_output_grads(
+    net: nn.Sequential, index: int, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer input, per-example ∂ℓ_i/∂h_i) of ``net[index]``, float64, via torch.func.
+
+    ℓ_i is the cross-entropy of example i alone, so no batch-size convention is involved.
+    """
+    net = net.double()
+    x = x.double()
+    before, layer, after = net[:index], net[index], net[index + 1 :]
+    with torch.no_grad():
+        layer_input = before(x)
+        layer_output = layer(layer_input)
+
+    def example_loss(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(after(h.unsqueeze(0)), target.unsqueeze(0))
+
+    grads = torch.func.vmap(torch.func.grad(example_loss))(layer_output, y)
+    return layer_input.detach(), grads.detach()
+
+
+def channel_rows(t: torch.Tensor) -> np.ndarray:
+    """(N, C, *spatial) -> (N·positions, C) rows."""
+    t = t.detach().double()
+    return t.movedim(1, -1).reshape(-1, t.shape[1]).numpy()
+
+
+def explicit_patch_rows(conv: nn.Conv2d, x: torch.Tensor) -> np.ndarray:
+    """im2col by explicit loops (zero padding), one row per (example, group, position)."""
+    x = x.detach().double().numpy()
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    n, c, h, w = x.shape
+    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
+    padded[:, :, ph : ph + h, pw : pw + w] = x
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    per_group = c // conv.groups
+    rows = []
+    for i in range(n):
+        for g in range(conv.groups):
+            for oy in range(out_h):
+                for ox in range(out_w):
+                    patch = padded[
+                        i,
+                        g * per_group : (g + 1) * per_group,
+                        oy * sh : oy * sh + dh * (kh - 1) + 1 : dh,
+                        ox * sw : ox * sw + dw * (kw - 1) + 1 : dw,
+                    ]
+                    rows.append(patch.reshape(-1))
+    return np.stack(rows)
+
+
+def grouped_channel_rows(grad: torch.Tensor, groups: int) -> np.ndarray:
+    """Output-gradient rows with each group's slice a separate row (patch mode, groups > 1)."""
+    n, c = grad.shape[:2]
+    per_group = c // groups
+    parts = [
+        channel_rows(grad[:, g * per_group : (g + 1) * per_group]) for g in range(groups)
+    ]
+    # order does not matter for a second moment
+    return np.concatenate(parts)
+
+
+def layer_reference(
+    input_rows: np.ndarray, grad_rows: np.ndarray, percents: Sequence[float]
+) -> dict[str, float]:
+    """Expected logged values of one layer, with the sub-FIM formed explicitly by np.kron."""
+    sigma_x = rows_second_moment(input_rows)
+    sigma_g = rows_second_moment(grad_rows)
+    out = {}
+    for label, matrix in (
+        ("input", sigma_x), ("grad", sigma_g), ("fim", np.kron(sigma_x, sigma_g))
+    ):
+        for key, value in spectrum_reference(matrix, percents).items():
+            out[f"{label}_{key}"] = value
+    return out
+
+
+def assert_close_metrics(
+    logged: dict[str, float], prefix: str, expected: dict[str, float], rtol: float
+) -> None:
+    for key, value in expected.items():
+        got = logged[f"{prefix}/{key}"]
+        assert math.isclose(got, value, rel_tol=rtol), (prefix, key, got, value)
+
+
+def seeded(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return factory()

@@ -1,0 +1,110 @@
+"""The pure maths against numpy/float64 and explicitly formed Kronecker products."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import kappa_reference
+
+from lightning_conditioning.spectra import (
+    kronecker_kth_largest,
+    percentile_index,
+    summarize_kronecker,
+    summarize_spectrum,
+    symmetric_eigenvalues,
+)
+
+
+def random_psd(dim: int, rank: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.randn(dim, rank, generator=generator, dtype=torch.float64)
+    return factor @ factor.T / rank
+
+
+def test_percentile_index_is_ceil_of_p_times_count() -> None:
+    assert [percentile_index(p, 10) for p in (1, 10, 50, 80, 100)] == [0, 0, 4, 7, 9]
+    assert percentile_index(80, 5) == 3  # ⌈4.0⌉ = 4, not 5 from float noise
+    assert percentile_index(50, 1) == 0
+    with pytest.raises(ValueError):
+        percentile_index(50, 0)
+
+
+def test_eigenvalues_match_numpy_descending() -> None:
+    matrix = random_psd(20, 20, 0)
+    values = symmetric_eigenvalues(matrix.float())  # float32 input, float64 solve
+    assert values.dtype == torch.float64
+    expected = np.sort(np.linalg.eigvalsh(matrix.float().double().numpy()))[::-1]
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_diagonal_features_are_exact_zeros() -> None:
+    matrix = torch.zeros(5, 5, dtype=torch.float64)
+    matrix[:3, :3] = random_psd(3, 3, 1)
+    values = symmetric_eigenvalues(matrix)
+    assert values[3:].tolist() == [0.0, 0.0]
+    assert summarize_spectrum(values).rank == 3
+
+
+def test_summary_matches_reference_kappa() -> None:
+    matrix = random_psd(30, 12, 2)  # rank 12 of 30
+    values = symmetric_eigenvalues(matrix)
+    summary = summarize_spectrum(values, (10, 50, 80, 100))
+    assert summary.rank == 12
+    numpy_values = np.linalg.eigvalsh(matrix.numpy())
+    assert summary.lambda_max == pytest.approx(numpy_values.max(), rel=1e-12)
+    for p in (10, 50, 80, 100):
+        assert summary.kappa[p] == pytest.approx(kappa_reference(numpy_values, p), rel=1e-9)
+
+
+def test_rank_bounded_by_rows_and_tolerance() -> None:
+    values = torch.tensor([1.0, 1e-3, 1e-9, 0.0], dtype=torch.float64)
+    assert summarize_spectrum(values).rank == 2
+    assert summarize_spectrum(values, rtol=1e-12).rank == 3
+    assert summarize_spectrum(values, max_rank=1).rank == 1
+    zero = summarize_spectrum(torch.zeros(3, dtype=torch.float64))
+    assert zero.rank == 0 and math.isnan(zero.kappa[100])
+
+
+def test_kth_largest_product_is_exact_including_ties() -> None:
+    generator = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        m, n = (int(v) for v in torch.randint(1, 25, (2,), generator=generator))
+        a = torch.exp(3 * torch.randn(m, generator=generator, dtype=torch.float64))
+        b = torch.exp(3 * torch.randn(n, generator=generator, dtype=torch.float64))
+        if trial % 2:
+            a, b = torch.round(a) + 1, torch.round(b) + 1  # many ties
+        products = torch.sort((a[:, None] * b[None, :]).flatten(), descending=True).values
+        for k in range(1, m * n + 1):
+            assert kronecker_kth_largest(a, b, k) == pytest.approx(
+                float(products[k - 1]), rel=1e-12
+            )
+    with pytest.raises(ValueError):
+        kronecker_kth_largest(a, b, 0)
+
+
+@pytest.mark.parametrize("ranks", [(8, 5), (6, 3), (1, 4)])
+def test_kronecker_summary_equals_explicit_kron(ranks: tuple[int, int]) -> None:
+    first_matrix, second_matrix = random_psd(8, ranks[0], 4), random_psd(5, ranks[1], 5)
+    percents = (25, 50, 80, 100)
+    first = summarize_spectrum(symmetric_eigenvalues(first_matrix), percents)
+    second = summarize_spectrum(symmetric_eigenvalues(second_matrix), percents)
+    kron = summarize_kronecker(first, second, percents)
+    explicit = np.linalg.eigvalsh(np.kron(first_matrix.numpy(), second_matrix.numpy()))
+    assert kron.rank == ranks[0] * ranks[1]
+    assert kron.lambda_max == pytest.approx(explicit.max(), rel=1e-10)
+    for p in percents:
+        assert kron.kappa[p] == pytest.approx(kappa_reference(explicit, p), rel=1e-8)
+    # Proposition 1 of the paper
+    assert kron.kappa[100] == pytest.approx(first.kappa[100] * second.kappa[100], rel=1e-10)
+
+
+def test_kronecker_of_large_spectra_without_forming_it() -> None:
+    # 3000 × 4000 = 1.2e7 products: fine to check here, but never formed by the package
+    a = torch.linspace(1e-3, 1.0, 3000, dtype=torch.float64)
+    b = torch.logspace(-6, 0, 4000, dtype=torch.float64)
+    products = torch.sort((a[:, None] * b[None, :]).flatten(), descending=True).values
+    for k in (1, 6_000_000, 9_600_000, 12_000_000):
+        assert kronecker_kth_largest(a, b, k) == float(products[k - 1])
