@@ -6,6 +6,7 @@ ranks compose by plain addition; the mean is taken once, when a window is finish
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,25 +88,40 @@ class LayerMoments:
         input_second_moment: ``Σx`` (mean over input rows), or ``None`` without input rows.
         grad_second_moment: ``Σ∇h`` (mean over output-gradient rows), or ``None``.
         input_rows / grad_rows: how many rows each mean was taken over.
-        unit_positive_rows: per input unit, how many of the ``unit_rows`` values were > 0.
-        unit_rows: rows over which units were counted (positions for conv layers).
+        unit_max / unit_min: per input unit (feature, or channel for conv layers), the largest
+            and smallest value seen in the window (``-inf`` / ``+inf`` before any row).
     """
 
     input_second_moment: Tensor | None
     grad_second_moment: Tensor | None
     input_rows: int
     grad_rows: int
-    unit_positive_rows: Tensor
-    unit_rows: int
+    unit_max: Tensor
+    unit_min: Tensor
+
+    @property
+    def dead_units(self) -> int:
+        """Units never > 0 in the window."""
+        return int((self.unit_max <= 0).sum())
+
+    @property
+    def full_units(self) -> int:
+        """Units > 0 on every row of the window."""
+        return int((self.unit_min > 0).sum())
 
 
 class LayerWindow:
-    """All sums of one layer for the current window: Σx, Σ∇h and the unit activity counts.
+    """All state of one layer for the current window: Σx, Σ∇h and per-unit extremes.
+
+    Dead / full units are read off the per-unit maximum / minimum (two cheap reductions,
+    cheaper than counting positive rows, and exact: a unit is dead iff its maximum is <= 0).
 
     Example:
         >>> window = LayerWindow(input_dim=3, grad_dim=2, units=3, device=torch.device("cpu"))
-        >>> window.input.dim, window.grad.dim, window.unit_positive_rows.shape
-        (3, 2, torch.Size([3]))
+        >>> window.add_units(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([-1.0, -2.0, 0.5]))
+        >>> moments = window.moments()
+        >>> moments.dead_units, moments.full_units
+        (1, 1)
     """
 
     def __init__(
@@ -120,32 +136,36 @@ class LayerWindow:
         self.homogeneous = homogeneous
         self.input = SecondMomentSum(input_dim, device, track_row_sum=homogeneous)
         self.grad = SecondMomentSum(grad_dim, device)
-        self.unit_positive_rows = torch.zeros(units, dtype=torch.float64, device=device)
-        self.unit_rows = 0
+        self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
+        self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)
 
-    def add_units(self, positive_rows: Tensor, rows: int) -> None:
-        """Count, per input unit, the rows where it was > 0."""
-        self.unit_positive_rows.add_(positive_rows)
-        self.unit_rows += rows
+    def add_units(self, unit_max: Tensor, unit_min: Tensor) -> None:
+        """Fold in the per-unit maximum and minimum of new rows."""
+        torch.maximum(self.unit_max, unit_max, out=self.unit_max)
+        torch.minimum(self.unit_min, unit_min, out=self.unit_min)
 
     def reset(self) -> None:
         """Start a new window."""
         self.input.reset()
         self.grad.reset()
-        self.unit_positive_rows.zero_()
-        self.unit_rows = 0
+        self.unit_max.fill_(-math.inf)
+        self.unit_min.fill_(math.inf)
 
-    def buffers(self) -> list[Tensor]:
+    def sum_buffers(self) -> list[Tensor]:
         """Every tensor that a distributed reduction must sum."""
-        return [*self.input.buffers(), *self.grad.buffers(), self.unit_positive_rows]
+        return [*self.input.buffers(), *self.grad.buffers()]
+
+    def max_buffers(self) -> list[Tensor]:
+        """Tensors a distributed reduction must take the maximum of (``unit_min`` negated)."""
+        return [self.unit_max, self.unit_min]
 
     def counts(self) -> list[int]:
         """The integer counts that a distributed reduction must sum."""
-        return [self.input.rows, self.grad.rows, self.unit_rows]
+        return [self.input.rows, self.grad.rows]
 
     def set_counts(self, counts: list[int]) -> None:
         """Overwrite the integer counts (after a distributed reduction)."""
-        self.input.rows, self.grad.rows, self.unit_rows = counts
+        self.input.rows, self.grad.rows = counts
 
     def moments(self) -> LayerMoments:
         """Means of the window, moved to the CPU in float64."""
@@ -157,6 +177,6 @@ class LayerWindow:
             grad_second_moment=self.grad.mean().cpu() if has_grad else None,
             input_rows=self.input.rows,
             grad_rows=self.grad.rows,
-            unit_positive_rows=self.unit_positive_rows.to("cpu", copy=True),
-            unit_rows=self.unit_rows,
+            unit_max=self.unit_max.to("cpu", copy=True),
+            unit_min=self.unit_min.to("cpu", copy=True),
         )

@@ -52,7 +52,7 @@ class LayerConditioning:
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
         >>> eye = torch.eye(2, dtype=torch.float64)
-        >>> moments = LayerMoments(eye, 4 * eye, 8, 8, torch.tensor([8.0, 0.0]), 8)
+        >>> moments = LayerMoments(eye, 4 * eye, 8, 8, torch.tensor([3.0, 0.0]), torch.zeros(2))
         >>> result = analyse_layer("fc", 0, moments, percents=(100,))
         >>> result.metrics()["conditioning/fc/fim_lambda_max"], result.dead_input_units
         (4.0, 1)
@@ -102,11 +102,11 @@ def analyse_layer(
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
-        >>> moments = LayerMoments(None, None, 0, 0, torch.zeros(3), 0)
+        >>> moments = LayerMoments(None, None, 0, 0, torch.zeros(3), torch.zeros(3))
         >>> analyse_layer("fc", 0, moments).status
         'no_data'
     """
-    units = int(moments.unit_positive_rows.numel())
+    units = int(moments.unit_max.numel())
     empty = dict(input=None, grad=None, fim=None, dead_input_units=None, full_input_units=None)
     common = dict(
         name=name,
@@ -131,13 +131,12 @@ def analyse_layer(
     if moments.grad_second_moment is not None:
         grad_summary = summary(moments.grad_second_moment, moments.grad_rows)
         fim = summarize_kronecker(input_summary, grad_summary, percents)
-    positive = moments.unit_positive_rows
     return LayerConditioning(
         status="ok" if grad_summary is not None else "no_grad",
         input=input_summary,
         grad=grad_summary,
         fim=fim,
-        dead_input_units=int((positive == 0).sum()),
-        full_input_units=int((positive == moments.unit_rows).sum()),
+        dead_input_units=moments.dead_units,
+        full_input_units=moments.full_units,
         **common,  # type: ignore[arg-type]
     )

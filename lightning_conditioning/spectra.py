@@ -186,12 +186,16 @@ def summarize_spectrum(
     return SpectrumSummary(eigenvalues, lambda_max, rank, kappa, rtol)
 
 
-def kronecker_kth_largest(first: Tensor, second: Tensor, k: int) -> float:
+def kronecker_kth_largest(
+    first: Tensor, second: Tensor, k: int, *, max_direct: int = 1 << 16
+) -> float:
     """The ``k``-th largest (1-based) of all products ``first[i] * second[j]``.
 
-    Both inputs must be positive. The products are never formed: a bisection on the threshold
-    in log space counts the products above it with ``searchsorted`` (O((m + n)·log n) per
-    step), then snaps to the exact product. Exact up to ties closer than float64 resolution.
+    Both inputs must be positive. Up to ``max_direct`` products, they are formed as a vector
+    and selected with ``kthvalue`` (fastest for small layers). Beyond, they are never formed:
+    a bisection on the threshold in log space counts the products above it with
+    ``searchsorted`` (O(m·log n) per step, ~60 steps), then snaps to the exact product.
+    Exact up to ties closer than float64 resolution.
 
     Example:
         >>> a = torch.tensor([3.0, 1.0], dtype=torch.float64)
@@ -204,6 +208,9 @@ def kronecker_kth_largest(first: Tensor, second: Tensor, k: int) -> float:
         raise ValueError(f"k={k} outside [1, {m * n}]")
     if not (bool((first > 0).all()) and bool((second > 0).all())):
         raise ValueError("kronecker_kth_largest needs positive values")
+    if m * n <= max_direct:
+        products = (first.to(torch.float64)[:, None] * second.to(torch.float64)[None, :]).flatten()
+        return float(torch.kthvalue(products, m * n - k + 1).values)
     first = torch.sort(first.to(torch.float64)).values
     second = torch.sort(second.to(torch.float64)).values
     log_first, log_second = torch.log(first), torch.log(second)

@@ -7,9 +7,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import SequentialClassifier, fit, loader
 import torchvision
 from torch import nn
 
+from lightning_conditioning import ConditioningCallback, SpectrumSummary
 from lightning_conditioning.models import (
     LastBN,
     PreBNPool,
@@ -242,33 +244,34 @@ def test_remap_state_dict_loads_original_checkpoint(position: str) -> None:
 # ----------------------------------------------------------------------------- conditioning
 
 
-def _final_linear_input_moment(model: nn.Module) -> torch.Tensor:
-    """``S = X^T X / N`` (float64) of the final Linear's input on a fixed CIFAR-shaped batch."""
-    captured: list[torch.Tensor] = []
-    handle = find_last_linear(model)[1].register_forward_pre_hook(
-        lambda _module, args: captured.append(args[0].detach().double())
-    )
+def _final_linear_input(model: nn.Module) -> SpectrumSummary:
+    """Σx of the final Linear's input, by ConditioningCallback, at initialisation (step 0)
+    on a fixed CIFAR-shaped batch in train mode."""
     torch.manual_seed(0)
-    x = torch.randn(64, 3, 32, 32)
-    with torch.no_grad():
-        model.train()(x)
-    handle.remove()
-    features = captured[0]
-    return features.T @ features / features.shape[0]
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    name = "net." + find_last_linear(model)[0]  # SequentialClassifier keeps it as .net
+    callback = ConditioningCallback(every_n_steps=1, include=[name])
+    fit(SequentialClassifier(model), loader(x, y, 64), [callback])
+    summary = callback.results[name].input
+    assert summary is not None
+    return summary
 
 
 def test_last_bn_conditions_final_linear_input() -> None:
     plain: dict[int, float] = {}
-    with_bn: dict[int, torch.Tensor] = {}
+    with_bn: dict[int, SpectrumSummary] = {}
     for depth in (20, 56, 110):
         torch.manual_seed(depth)
-        model = cifar_resnet(depth)
-        plain[depth] = torch.linalg.eigvalsh(_final_linear_input_moment(model)).max().item()
-        with_bn[depth] = _final_linear_input_moment(add_last_bn(model))
+        plain[depth] = _final_linear_input(cifar_resnet(depth)).lambda_max
+        torch.manual_seed(depth)
+        with_bn[depth] = _final_linear_input(add_last_bn(cifar_resnet(depth)))
     assert plain[20] < plain[56] < plain[110]
-    for depth, moment in with_bn.items():
-        lambda_max, trace = torch.linalg.eigvalsh(moment).max().item(), moment.trace().item()
-        print(f"ResNet-{depth}: lambda_max plain={plain[depth]:.2f}, with LastBN={lambda_max:.2f} (trace={trace:.3f})")
-        assert torch.diagonal(moment).mean().item() == pytest.approx(1.0, abs=1e-2)  # unit mean square per feature
-        assert lambda_max <= trace <= 64.0
-        assert lambda_max < plain[110] / 2
+    for depth, summary in with_bn.items():
+        trace = float(summary.eigenvalues.sum())
+        print(
+            f"ResNet-{depth}: lambda_max(Σx) plain={plain[depth]:.2f}, "
+            f"with LastBN={summary.lambda_max:.2f} (trace={trace:.3f})"
+        )
+        assert trace / 64 == pytest.approx(1.0, abs=1e-2)  # unit mean square per feature
+        assert summary.lambda_max <= trace <= 64.0
+        assert summary.lambda_max < plain[110] / 2

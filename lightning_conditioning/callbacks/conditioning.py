@@ -225,7 +225,7 @@ class ConditioningCallback(Callback):
         capture = self._capture
         assert capture is not None
         if trainer.world_size > 1:
-            capture.all_reduce(lambda flat: trainer.strategy.reduce(flat, reduce_op="sum"))
+            capture.all_reduce(lambda flat, op: trainer.strategy.reduce(flat, reduce_op=op))
         moments = capture.moments()
         capture.reset()
         results = {

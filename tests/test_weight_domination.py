@@ -1,0 +1,201 @@
+"""WeightDominationCallback: norms against matrix_norm references, warnings, imbalance."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import SequentialClassifier, fit, loader, seeded
+from torch import nn
+
+from lightning_conditioning import ConditioningCallback, WeightDominationCallback
+from lightning_conditioning.domination import imbalance, spectral_norm, weight_statistics
+
+
+def _data(n: int = 128, shape: tuple[int, ...] = (20,), classes: int = 4, seed: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=generator)
+    y = torch.randint(0, classes, (n,), generator=generator)
+    return x, y
+
+
+def bn_mlp(width: int = 32) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    features = 20
+    for _ in range(4):
+        layers += [nn.Linear(features, width), nn.BatchNorm1d(width), nn.ReLU()]
+        features = width
+    layers.append(nn.Linear(features, 4))
+    return nn.Sequential(*layers)  # weight layers: net.0, net.3, net.6, net.9, net.12
+
+
+class Blocked(SequentialClassifier):
+    """Leaves the weights of ``blocked`` layers out of the optimizer (the paper's Fig. 4)."""
+
+    def __init__(self, net: nn.Module, blocked: tuple[str, ...], lr: float = 0.1) -> None:
+        super().__init__(net, lr=lr)
+        self.blocked = blocked
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [
+            p for n, p in self.named_parameters()
+            if not any(n.startswith(f"{b}.") for b in self.blocked)
+        ]
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+
+
+def test_norms_match_matrix_norm_reference() -> None:
+    x, y = _data(shape=(3, 6, 6))
+    net = seeded(lambda: nn.Sequential(
+        nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 4)))
+    reference = copy.deepcopy(net)
+    callback = WeightDominationCallback(every_n_steps=1)
+    _, logger = fit(SequentialClassifier(net), loader(x, y, 128), [callback])
+    nn.functional.cross_entropy(reference(x), y).backward()
+    logged = logger.history[0]
+    for name, layer in (("net.0", reference[0]), ("net.3", reference[3])):
+        w = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+        g = layer.weight.grad.double().reshape(layer.weight.shape[0], -1)
+        w2, g2 = torch.linalg.matrix_norm(w, ord=2), torch.linalg.matrix_norm(g, ord=2)
+        expected = {
+            "weight_spectral_norm": w2,
+            "grad_spectral_norm": g2,
+            "grad_weight_ratio": g2 / w2,
+            "grad_weight_ratio_fro": torch.linalg.norm(g) / torch.linalg.norm(w),
+        }
+        for key, value in expected.items():
+            assert logged[f"weight_domination/{name}/{key}"] == pytest.approx(float(value), rel=1e-4)
+    # the update actually applied by plain SGD(momentum) at step 0 is lr · grad
+    assert logged["weight_domination/net.3/update_weight_ratio"] == pytest.approx(
+        0.05 * logged["weight_domination/net.3/grad_weight_ratio"], rel=1e-4
+    )
+    assert logged["weight_domination/dominated_layers"] == 0
+
+
+def test_warning_fires_for_blocked_layer_not_for_healthy_ones() -> None:
+    x, y = _data()
+    callback = WeightDominationCallback(every_n_steps=2, patience=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(Blocked(seeded(bn_mlp), ("net.3",)), loader(x, y, 32), [callback], max_steps=12)
+    messages = [str(w.message) for w in record if "weight domination" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "'net.3'" in messages[0] and "left out of the optimizer" in messages[0]
+    assert callback.dominated == ["net.3"]
+    assert callback.results["net.3"].update_weight_ratio == 0.0
+    assert all(callback.results[n].update_weight_ratio > 0 for n in ("net.0", "net.6", "net.12"))
+
+
+def test_final_layer_warning_names_add_last_bn() -> None:
+    x, y = _data()
+    callback = WeightDominationCallback(every_n_steps=1, patience=2)
+    with pytest.warns(UserWarning, match="add_last_bn"):
+        fit(Blocked(seeded(bn_mlp), ("net.12",)), loader(x, y, 32), [callback], max_steps=3)
+
+
+def test_grown_weight_before_batchnorm_is_dominated_by_gradient_ratio() -> None:
+    # BN makes the layer scale-invariant: ∇W shrinks as W grows, the ratio by scale²
+    x, y = _data()
+    net = seeded(bn_mlp)
+    with torch.no_grad():
+        net[3].weight.mul_(1e3)
+    callback = WeightDominationCallback(every_n_steps=1, patience=2, threshold=1e-4)
+    with pytest.warns(UserWarning, match=r"'net.3'.*σmax\(∇W\)/σmax\(W\)"):
+        fit(SequentialClassifier(net), loader(x, y, 32), [callback], max_steps=3)
+    assert callback.dominated == ["net.3"]
+
+
+def test_frozen_layers_are_skipped() -> None:
+    x, y = _data()
+    net = seeded(bn_mlp)
+    net[0].weight.requires_grad_(False)
+    callback = WeightDominationCallback(every_n_steps=1)
+    _, logger = fit(SequentialClassifier(net), loader(x, y, 32), [callback], max_steps=2)
+    assert "net.0" not in callback.results
+    assert not any(k.startswith("weight_domination/net.0/grad") for k in logger.history[1])
+    assert "weight_domination/net.3/grad_weight_ratio" in logger.history[1]
+
+
+def _linear_chain() -> nn.Sequential:
+    return nn.Sequential(*[nn.Linear(6, 6, bias=False) for _ in range(4)])
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, net: nn.Module, lr: float, weight_decay: float) -> None:
+        super().__init__()
+        self.net, self.lr, self.weight_decay = net, lr, weight_decay
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_imbalance_conserved_by_small_step_gd_and_decayed_by_weight_decay(weight_decay) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=generator)
+    y = x @ torch.randn(6, 6, generator=generator)
+    net = seeded(_linear_chain)
+    with torch.no_grad():
+        net[1].weight.mul_(2.0)  # an imbalanced start
+    callback = WeightDominationCallback(every_n_steps=10)
+    _, logger = fit(
+        Regression(net, lr=0.01, weight_decay=weight_decay), loader(x, y, 64), [callback],
+        max_steps=101,
+    )
+    series = [logger.history[s]["weight_domination/net.1/imbalance"] for s in (0, 50, 100)]
+    loss_moved = logger.history[100]["weight_domination/net.1/grad_weight_ratio"]
+    assert loss_moved > 0
+    if weight_decay == 0:
+        assert series[-1] == pytest.approx(series[0], rel=2e-2)  # conserved up to O(lr²)
+    else:
+        # decays like exp(-2·lr·wd·t) = exp(-0.1) over 100 steps
+        assert series[2] < series[1] < series[0]
+        assert series[2] / series[0] == pytest.approx(math.exp(-2 * 0.01 * 0.05 * 100), rel=2e-2)
+
+
+def test_training_bit_identical_with_both_callbacks() -> None:
+    x, y = _data(shape=(20,))
+
+    def train(callbacks):
+        pl.seed_everything(7, verbose=False)
+        module = SequentialClassifier(bn_mlp())
+        fit(module, loader(x, y, 32), callbacks, max_steps=6)
+        return module.state_dict()
+
+    plain = train([])
+    watched = train([WeightDominationCallback(every_n_steps=1), ConditioningCallback(every_n_steps=1)])
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+
+
+def test_pure_helpers() -> None:
+    assert spectral_norm(torch.zeros(0, 3)) == 0.0
+    assert imbalance(0.0, 0.0) == (0.0, 0.0)
+    stats = weight_statistics(torch.zeros(2, 2), torch.ones(2, 2))
+    assert stats.grad_weight_ratio == math.inf
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(every_n_steps=0), dict(threshold=0), dict(threshold=float("nan")), dict(patience=0),
+     dict(update_threshold=-1.0)],
+)
+def test_bad_arguments(kwargs) -> None:
+    with pytest.raises(ValueError):
+        WeightDominationCallback(**kwargs)
+
+
+def test_state_dict_roundtrip() -> None:
+    callback = WeightDominationCallback()
+    callback._below, callback._warned, callback._last_checked_step = {"fc": 2}, {"fc"}, 40
+    other = WeightDominationCallback()
+    other.load_state_dict(callback.state_dict())
+    assert other._below == {"fc": 2} and other._warned == {"fc"} and other._last_checked_step == 40
