@@ -11,7 +11,7 @@ Example::
 from lightning_conditioning.__about__ import __version__
 from lightning_conditioning.accumulate import LayerMoments
 from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.capture import LayerAdapter, register_adapter
+from lightning_conditioning.adapters import LayerAdapter, register_adapter
 from lightning_conditioning.domination import WeightStatistics, weight_statistics
 from lightning_conditioning.results import LayerConditioning, analyse_layer
 from lightning_conditioning.spectra import (

@@ -199,3 +199,37 @@ def assert_close_metrics(
 def seeded(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return factory()
+
+
+def explicit_patch_rows_nd(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> np.ndarray:
+    """im2col by explicit loops for any N-d conv and padding mode (numpy padding)."""
+    import itertools
+
+    x = x.detach().double().numpy()
+    spatial = len(conv.kernel_size)
+    if isinstance(conv.padding, str):
+        pairs = list(zip(conv._reversed_padding_repeated_twice[::2],
+                         conv._reversed_padding_repeated_twice[1::2]))[::-1]
+        pads = [(left, right) for left, right in pairs]
+    else:
+        pads = [(p, p) for p in conv.padding]
+    mode = {"zeros": "constant", "reflect": "reflect", "circular": "wrap",
+            "replicate": "edge"}[conv.padding_mode]
+    padded = np.pad(x, [(0, 0), (0, 0), *pads], mode=mode)
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    out = [(padded.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+           for i in range(spatial)]
+    per_group = x.shape[1] // conv.groups
+    rows = []
+    for n in range(x.shape[0]):
+        for g in range(conv.groups):
+            for position in itertools.product(*(range(o) for o in out)):
+                window = tuple(
+                    slice(position[i] * stride[i],
+                          position[i] * stride[i] + dilation[i] * (kernel[i] - 1) + 1,
+                          dilation[i])
+                    for i in range(spatial)
+                )
+                patch = padded[(n, slice(g * per_group, (g + 1) * per_group), *window)]
+                rows.append(patch.reshape(-1))
+    return np.stack(rows)

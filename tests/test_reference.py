@@ -13,6 +13,7 @@ from helpers import (
     assert_close_metrics,
     channel_rows,
     explicit_patch_rows,
+    explicit_patch_rows_nd,
     fit,
     grouped_channel_rows,
     layer_reference,
@@ -152,3 +153,32 @@ def test_include_bias_adds_homogeneous_coordinate() -> None:
     expected = np.sort(np.linalg.eigvalsh(rows_second_moment(rows)))[::-1]
     np.testing.assert_allclose(result.input.eigenvalues.numpy(), expected, rtol=1e-5)
     del initial
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2), (3, 11)),
+        (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", groups=2), (4, 5, 6)),
+        (nn.Conv2d(3, 4, (3, 2), padding="same", padding_mode="circular"), (3, 5, 5)),
+        (nn.Conv2d(2, 3, 2, stride=2, padding="valid", padding_mode="replicate"), (2, 6, 5)),
+        (nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1), (2, 4, 5, 3)),
+    ],
+    ids=["conv1d_dilated", "conv2d_reflect_groups", "conv2d_same_circular", "conv2d_valid",
+         "conv3d"],
+)
+def test_patch_gram_matches_explicit_loops(conv: nn.modules.conv._ConvNd, shape) -> None:
+    from lightning_conditioning.adapters import ConvPatchAdapter
+
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    gram, rows, total, _, _ = ConvPatchAdapter().input_statistics(conv, x, row_sum=True)
+    expected_rows = explicit_patch_rows_nd(conv, x)
+    assert rows == expected_rows.shape[0]
+    np.testing.assert_allclose(gram.double().numpy(), expected_rows.T @ expected_rows,
+                               rtol=1e-5, atol=1e-4)
+    assert total is not None
+    np.testing.assert_allclose(total.double().numpy(), expected_rows.sum(0), rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        out = conv(x)
+    # one row per output position and group, as many as the conv computes
+    assert rows == out[:, 0].numel() * conv.groups

@@ -1,0 +1,245 @@
+"""Layer adapters: how one layer kind's input and output gradient become Gram matrices.
+
+An adapter is stateless: given a module and a detached tensor it returns sums of row outer
+products and per-unit extremes. :func:`adapter_for` picks one by ``isinstance`` from a small
+registry that :func:`register_adapter` extends. The hooks that call adapters live in
+:mod:`lightning_conditioning.capture`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ConvMode",
+    "LayerAdapter",
+    "LinearAdapter",
+    "ConvChannelAdapter",
+    "ConvPatchAdapter",
+    "register_adapter",
+    "adapter_for",
+]
+
+ConvMode = Literal["channel", "patch"]
+InputStatistics = tuple[Tensor, int, Tensor | None, Tensor, Tensor]
+_PATCH_CHUNK_BYTES = 1 << 25  # bound the im2col buffer of one chunk to 32 MiB
+
+
+class LayerAdapter:
+    """Turns one layer kind's tensors into Gram matrices. Subclass to support a new layer.
+
+    An adapter is stateless; the capture calls it with the module and detached tensors.
+    """
+
+    def dims(self, module: nn.Module) -> tuple[int, int, int]:
+        """``(input_dim, grad_dim, units)``: sizes of Σx, Σ∇h and of the unit counts."""
+        raise NotImplementedError
+
+    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
+        """``(gram, rows, row_sum or None, unit_max, unit_min)`` of one input tensor.
+
+        ``unit_max`` / ``unit_min`` are the per-unit extremes over the rows (dead / full
+        units); ``row_sum`` (``Σ rows``) is only needed for the homogeneous coordinate.
+        """
+        raise NotImplementedError
+
+    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
+        """``(gram, rows)`` of one output-gradient tensor (not yet rescaled)."""
+        raise NotImplementedError
+
+    def batch_size(self, module: nn.Module, output: Tensor) -> int:
+        """Number of examples the output holds (the ``B`` of a batch-mean loss)."""
+        return int(output.shape[0]) if output.dim() > 1 else 1
+
+
+def _gram(rows: Tensor) -> Tensor:
+    return rows.T @ rows
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` (and subclasses): every leading index of an N-D input is a row.
+
+    Example:
+        >>> gram, rows, _, unit_max, _ = LinearAdapter().input_statistics(
+        ...     nn.Linear(2, 1), torch.tensor([[1.0, -1.0], [2.0, 0.0]]), row_sum=False)
+        >>> gram.tolist(), rows, unit_max.tolist()
+        ([[5.0, -1.0], [-1.0, 1.0]], 2, [2.0, 0.0])
+    """
+
+    def dims(self, module: nn.Module) -> tuple[int, int, int]:
+        assert isinstance(module, nn.Linear)
+        return module.in_features, module.out_features, module.in_features
+
+    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
+        rows = x.reshape(-1, x.shape[-1])
+        total = rows.sum(0) if row_sum else None
+        return _gram(rows), rows.shape[0], total, rows.amax(0), rows.amin(0)
+
+    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
+        rows = grad.reshape(-1, grad.shape[-1])
+        return _gram(rows), rows.shape[0]
+
+
+def _batched(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Add the batch dimension to an unbatched conv input or output."""
+    return x.unsqueeze(0) if x.dim() == len(module.kernel_size) + 1 else x
+
+
+def _channel_rows(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """A conv input or output as ``(N, C, positions)``."""
+    x = _batched(module, x)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _channel_gram(x: Tensor) -> Tensor:
+    """Gram over channels of ``(N, C, L)``, rows = the N·L positions.
+
+    A batched GEMM and a sum over N: measured fastest on CPU for ResNet shapes (no copy of
+    ``x``; ``einsum`` was 5-12× slower, a transpose-copy + one GEMM 10-60% slower).
+    """
+    return torch.bmm(x, x.transpose(1, 2)).sum(0)
+
+
+class ConvChannelAdapter(LayerAdapter):
+    """ConvNd, the paper's mode: each spatial position is a row; Σx is C_in×C_in.
+
+    Example:
+        >>> conv = nn.Conv2d(3, 4, 3)
+        >>> ConvChannelAdapter().dims(conv)
+        (3, 4, 3)
+    """
+
+    def dims(self, module: nn.Module) -> tuple[int, int, int]:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        return module.in_channels, module.out_channels, module.in_channels
+
+    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        flat = _channel_rows(module, x)
+        total = flat.sum((0, 2)) if row_sum else None
+        rows = flat.shape[0] * flat.shape[2]
+        return _channel_gram(flat), rows, total, flat.amax((0, 2)), flat.amin((0, 2))
+
+    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        flat = _channel_rows(module, grad)
+        return _channel_gram(flat), flat.shape[0] * flat.shape[2]
+
+    def batch_size(self, module: nn.Module, output: Tensor) -> int:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        return int(_batched(module, output).shape[0])
+
+
+class ConvPatchAdapter(ConvChannelAdapter):
+    """ConvNd, K-FAC's mode: rows are im2col patches (C_in/groups·∏k), per output position.
+
+    Stride, padding (including string and non-zero padding modes), dilation and groups are
+    honoured. With ``groups > 1`` each group's patch (and each group's slice of the output
+    gradient) is one more row: the statistics describe the group-shared block shape
+    ``(C_in/groups·∏k) × (C_out/groups)`` of the weight. Dead/full units are counted on the
+    raw input channels, as in channel mode. The batch is processed in chunks so that the
+    column buffer stays below 32 MiB.
+
+    Example:
+        >>> ConvPatchAdapter().dims(nn.Conv2d(3, 4, 3))
+        (27, 4, 3)
+    """
+
+    def dims(self, module: nn.Module) -> tuple[int, int, int]:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        kernel = 1
+        for size in module.kernel_size:
+            kernel *= size
+        groups = module.groups
+        return module.in_channels // groups * kernel, module.out_channels // groups, module.in_channels
+
+    @staticmethod
+    def columns(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+        """im2col of a batched input as a ``(C_in·∏k, N·L)`` matrix, channel-major like the
+        weight (row ``c·∏k + tap``), one column per example and output position.
+
+        Built from ∏k strided slice copies written straight into that layout, so the Gram is
+        one plain GEMM: measured 2-30× faster here than ``F.unfold`` followed by a batched
+        GEMM, and the same code serves Conv1d, Conv2d and Conv3d.
+        """
+        padding: Any = module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        elif any(padding):
+            x = F.pad(x, [p for size in reversed(padding) for p in (size, size)])
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+        sizes = x.shape[2:]
+        out = [
+            (size - d * (k - 1) - 1) // s + 1
+            for size, k, s, d in zip(sizes, kernel, stride, dilation)
+        ]
+        channels, batch = x.shape[1], x.shape[0]
+        buffer = x.new_empty(channels, *kernel, batch, *out)
+        for taps in itertools.product(*(range(k) for k in kernel)):
+            window = tuple(
+                slice(t * d, t * d + s * (o - 1) + 1, s)
+                for t, d, s, o in zip(taps, dilation, stride, out)
+            )
+            buffer[(slice(None), *taps)] = x[(slice(None), slice(None), *window)].transpose(0, 1)
+        return buffer.reshape(buffer.shape[: 1 + len(kernel)].numel(), -1)
+
+    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        x = _batched(module, x)
+        flat = x.reshape(x.shape[0], x.shape[1], -1)
+        dim, groups = self.dims(module)[0], module.groups
+        gram = x.new_zeros(dim, dim)
+        total = x.new_zeros(dim) if row_sum else None
+        rows = 0
+        # an example's columns hold about (C_in·∏k)·L values (L = its input positions)
+        patch_bytes = dim * groups * flat.shape[2] * x.element_size()
+        chunk = max(1, _PATCH_CHUNK_BYTES // max(patch_bytes, 1))
+        for part in x.split(chunk):
+            cols = self.columns(module, part).view(groups, dim, -1)  # a group's patch: a row
+            gram += cols[0] @ cols[0].T if groups == 1 else torch.bmm(cols, cols.transpose(1, 2)).sum(0)
+            if total is not None:
+                total += cols.sum((0, 2))
+            rows += groups * cols.shape[2]
+        return gram, rows, total, flat.amax((0, 2)), flat.amin((0, 2))
+
+    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        grad = _batched(module, grad)
+        dim = self.dims(module)[1]
+        flat = grad.reshape(-1, dim, grad[0, 0].numel())  # (N·groups, C_out/groups, L)
+        return _channel_gram(flat), flat.shape[0] * flat.shape[2]
+
+
+AdapterFactory = Callable[[nn.Module, ConvMode], LayerAdapter]
+_REGISTRY: list[tuple[type[nn.Module], AdapterFactory]] = [
+    (nn.Linear, lambda module, mode: LinearAdapter()),
+    (
+        nn.modules.conv._ConvNd,
+        lambda module, mode: ConvPatchAdapter() if mode == "patch" else ConvChannelAdapter(),
+    ),
+]
+
+
+def register_adapter(module_type: type[nn.Module], factory: AdapterFactory) -> None:
+    """Teach the capture a new layer kind; later registrations win over earlier ones.
+
+    Example:
+        >>> class MyLinear(nn.Linear): ...
+        >>> register_adapter(MyLinear, lambda module, mode: LinearAdapter())
+    """
+    _REGISTRY.append((module_type, factory))
+
+
+def adapter_for(module: nn.Module, conv_mode: ConvMode = "channel") -> LayerAdapter | None:
+    """The adapter for a module (``isinstance`` match, latest registration first), or None."""
+    for module_type, factory in reversed(_REGISTRY):
+        if isinstance(module, module_type):
+            return factory(module, conv_mode)
+    return None
