@@ -13,7 +13,41 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_conditioning.results import LayerConditioning
 
-__all__ = ["log_scalars", "log_spectra_histograms"]
+__all__ = [
+    "publish_conditioning",
+    "publish_weight_domination",
+    "log_scalars",
+    "log_spectra_histograms",
+]
+
+
+def publish_conditioning(
+    loggers: Iterable[Logger],
+    results: Mapping[str, LayerConditioning],
+    step: int,
+    *,
+    prefix: str = "conditioning",
+    histograms: bool = True,
+    figures: bool = True,
+) -> None:
+    """Everything ConditioningCallback reports for one analysed window, to every logger.
+
+    The callback's only entry point into the sinks (call on global rank zero): scalars from
+    ``LayerConditioning.metrics``, then per logger kind whatever else it can store.
+    """
+    metrics: dict[str, float] = {}
+    for result in results.values():
+        metrics.update(result.metrics(prefix))
+    log_scalars(loggers, metrics, step)
+    if histograms:
+        log_spectra_histograms(loggers, results, step, prefix)
+
+
+def publish_weight_domination(
+    loggers: Iterable[Logger], metrics: Mapping[str, float], step: int
+) -> None:
+    """Everything WeightDominationCallback reports for one check (call on global rank zero)."""
+    log_scalars(loggers, metrics, step)
 
 
 def log_scalars(loggers: Iterable[Logger], metrics: Mapping[str, float], step: int) -> None:

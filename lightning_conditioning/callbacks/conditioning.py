@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_conditioning.capture import LayerCapture, find_layers
 from lightning_conditioning.results import LayerConditioning, analyse_layer
-from lightning_conditioning.sinks import log_scalars, log_spectra_histograms
+from lightning_conditioning.sinks import publish_conditioning
 from lightning_conditioning.spectra import DEFAULT_RANK_RTOL
 
 __all__ = ["ConditioningCallback"]
@@ -55,7 +55,9 @@ class ConditioningCallback(Callback):
         include_bias: append the homogeneous coordinate 1 to the inputs of layers with a bias.
         rank_rtol: eigenvalues ``<= rank_rtol * λmax`` count as zero (see README).
         statistics_dtype: dtype of the Gram GEMMs (sums are always float64).
-        log_histograms: write eigenvalue histograms to TensorBoard loggers.
+        log_histograms: write eigenvalue histograms to loggers that store them.
+        log_figures: write a depth-profile figure per analysis to loggers that store figures
+            (needs matplotlib).
         prefix: first part of every logged key.
 
     Example::
@@ -78,6 +80,7 @@ class ConditioningCallback(Callback):
         rank_rtol: float = DEFAULT_RANK_RTOL,
         statistics_dtype: Literal["float32", "float64"] = "float32",
         log_histograms: bool = True,
+        log_figures: bool = True,
         prefix: str = "conditioning",
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
@@ -117,6 +120,7 @@ class ConditioningCallback(Callback):
         self.rank_rtol = rank_rtol
         self.statistics_dtype = statistics_dtype
         self.log_histograms = log_histograms
+        self.log_figures = log_figures
         self.prefix = prefix
         self._capture: LayerCapture | None = None
         self._window_step: int | None = None
@@ -236,14 +240,15 @@ class ConditioningCallback(Callback):
         }
         self._results = results
         self._report_problems(results, step)
-        if not trainer.is_global_zero:
-            return
-        metrics: dict[str, float] = {}
-        for result in results.values():
-            metrics.update(result.metrics(self.prefix))
-        log_scalars(trainer.loggers, metrics, step)
-        if self.log_histograms:
-            log_spectra_histograms(trainer.loggers, results, step, self.prefix)
+        if trainer.is_global_zero:
+            publish_conditioning(
+                trainer.loggers,
+                results,
+                step,
+                prefix=self.prefix,
+                histograms=self.log_histograms,
+                figures=self.log_figures,
+            )
 
     def _report_problems(self, results: dict[str, LayerConditioning], step: int) -> None:
         nonfinite = [name for name, r in results.items() if r.status == "nonfinite"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_conditioning.capture import select_layers
 from lightning_conditioning.domination import WeightStatistics, frobenius_norm, imbalance, weight_statistics
 from lightning_conditioning.models.last_bn import find_last_linear
-from lightning_conditioning.sinks import log_scalars
+from lightning_conditioning.sinks import publish_weight_domination
 
 __all__ = ["WeightDominationCallback"]
 
@@ -169,7 +169,7 @@ class WeightDominationCallback(Callback):
         metrics = self._metrics()
         self._update_warnings(step)
         if trainer.is_global_zero:
-            log_scalars(
+            publish_weight_domination(
                 trainer.loggers, {k: v for k, v in metrics.items() if math.isfinite(v)}, step
             )
 
