@@ -39,6 +39,8 @@ class SecondMomentSum:
             torch.zeros(dim, dtype=torch.float64, device=device) if track_row_sum else None
         )
         self.rows = 0
+        #: machine epsilon of the least precise tensor added in this window (0 before any)
+        self.resolution = 0.0
 
     def add(
         self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0
@@ -52,6 +54,11 @@ class SecondMomentSum:
         if self.sum_rows is not None and row_sum is not None:
             self.sum_rows.add_(row_sum)
         self.rows += rows
+
+    def note_precision(self, dtype: torch.dtype) -> None:
+        """Remember that rows arrived in ``dtype`` (sets the rank tolerance floor)."""
+        if dtype.is_floating_point:
+            self.resolution = max(self.resolution, torch.finfo(dtype).eps)
 
     def mean(self, *, homogeneous: bool = False) -> Tensor:
         """``Σ r rᵀ / rows``; with ``homogeneous`` the ``[r; 1]`` second moment (dim + 1)."""
@@ -74,6 +81,7 @@ class SecondMomentSum:
         if self.sum_rows is not None:
             self.sum_rows.zero_()
         self.rows = 0
+        self.resolution = 0.0
 
     def buffers(self) -> list[Tensor]:
         """The tensors a distributed reduction must sum."""
@@ -90,6 +98,9 @@ class LayerMoments:
         input_rows / grad_rows: how many rows each mean was taken over.
         unit_max / unit_min: per input unit (feature, or channel for conv layers), the largest
             and smallest value seen in the window (``-inf`` / ``+inf`` before any row).
+        input_resolution / grad_resolution: machine epsilon of the least precise tensor
+            captured (e.g. 2⁻⁷ for bfloat16 activations): eigenvalues below it relative to
+            λmax are rounding noise.
     """
 
     input_second_moment: Tensor | None
@@ -98,6 +109,8 @@ class LayerMoments:
     grad_rows: int
     unit_max: Tensor
     unit_min: Tensor
+    input_resolution: float = 0.0
+    grad_resolution: float = 0.0
 
     @property
     def dead_units(self) -> int:
@@ -179,4 +192,6 @@ class LayerWindow:
             grad_rows=self.grad.rows,
             unit_max=self.unit_max.to("cpu", copy=True),
             unit_min=self.unit_min.to("cpu", copy=True),
+            input_resolution=self.input.resolution,
+            grad_resolution=self.grad.resolution,
         )

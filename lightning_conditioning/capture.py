@@ -93,7 +93,7 @@ class LayerCapture:
     Args:
         layers: ``{name: (module, adapter)}``, e.g. from :func:`find_layers`.
         statistics_dtype: dtype of the Gram GEMMs (float32 default; inputs in lower precision
-            are upcast). Sums are always accumulated in float64.
+            are upcast, float64 inputs stay float64). Sums are always accumulated in float64.
         loss_reduction: ``"mean"`` multiplies output gradients by the batch size, ``"sum"``
             leaves them.
         include_bias: add the homogeneous coordinate (a trailing 1) to the inputs of layers
@@ -163,6 +163,10 @@ class LayerCapture:
         """The finished window of every layer (CPU, float64)."""
         return {name: window.moments() for name, window in self.windows.items()}
 
+    def _dtype_for(self, tensor: Tensor) -> torch.dtype:
+        """The GEMM dtype: ``statistics_dtype``, or the tensor's own if wider (float64 runs)."""
+        return torch.promote_types(tensor.dtype, self.statistics_dtype)
+
     def _forward_hook(
         self,
         name: str,
@@ -185,9 +189,10 @@ class LayerCapture:
         adapter = self.layers[name][1]
         with torch.no_grad():
             gram, rows, row_sum, unit_max, unit_min = adapter.input_statistics(
-                module, x.detach().to(self.statistics_dtype), window.homogeneous
+                module, x.detach().to(self._dtype_for(x)), window.homogeneous
             )
             window.input.add(gram, rows, row_sum)
+            window.input.note_precision(x.dtype)
             window.add_units(unit_max, unit_min)
         if output.requires_grad:
             scale = adapter.batch_size(module, output) if self.loss_reduction == "mean" else 1
@@ -196,9 +201,10 @@ class LayerCapture:
     def _grad_hook(self, name: str, module: nn.Module, scale: int, grad: Tensor) -> None:
         adapter = self.layers[name][1]
         with torch.no_grad():
-            gram, rows = adapter.grad_statistics(module, grad.detach().to(self.statistics_dtype))
+            gram, rows = adapter.grad_statistics(module, grad.detach().to(self._dtype_for(grad)))
             factor = scale * self.grad_multiplier
             self.windows[name].grad.add(gram, rows, weight=factor * factor)
+            self.windows[name].grad.note_precision(grad.dtype)
 
     def all_reduce(self, reduce: Callable[[Tensor, str], Tensor]) -> None:
         """Combine every window over processes: two collectives on flat float64 buffers.

@@ -98,7 +98,9 @@ def analyse_layer(
 ) -> LayerConditioning:
     """Eigen-analysis of one layer's finished window (float64, CPU).
 
-    The rank of each moment is also bounded by its row count.
+    The rank of each moment is bounded by its row count, and its tolerance is
+    ``max(rank_rtol, resolution)``: with bfloat16 / float16 activations (AMP) eigenvalues
+    below 2⁻⁷ / 2⁻¹⁰ of λmax are rounding noise and count as zero.
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
@@ -121,15 +123,19 @@ def analyse_layer(
     if not all(bool(torch.isfinite(m).all()) for m in matrices):
         return LayerConditioning(status="nonfinite", **common, **empty)  # type: ignore[arg-type]
 
-    def summary(matrix: torch.Tensor, rows: int) -> SpectrumSummary:
-        return summarize_spectrum(
-            symmetric_eigenvalues(matrix), percents, rtol=rank_rtol, max_rank=rows
-        )
+    def summary(matrix: torch.Tensor, rows: int, resolution: float) -> SpectrumSummary:
+        # eigenvalues below the captured tensors' own precision are rounding noise
+        rtol = max(rank_rtol, resolution)
+        return summarize_spectrum(symmetric_eigenvalues(matrix), percents, rtol=rtol, max_rank=rows)
 
-    input_summary = summary(moments.input_second_moment, moments.input_rows)
+    input_summary = summary(
+        moments.input_second_moment, moments.input_rows, moments.input_resolution
+    )
     grad_summary = fim = None
     if moments.grad_second_moment is not None:
-        grad_summary = summary(moments.grad_second_moment, moments.grad_rows)
+        grad_summary = summary(
+            moments.grad_second_moment, moments.grad_rows, moments.grad_resolution
+        )
         fim = summarize_kronecker(input_summary, grad_summary, percents)
     return LayerConditioning(
         status="ok" if grad_summary is not None else "no_grad",

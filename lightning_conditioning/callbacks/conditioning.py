@@ -9,10 +9,23 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
 
 from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.distributed import analyse_layers
+from lightning_conditioning.passes import (
+    ForwardFn,
+    LossFn,
+    SampleLossFn,
+    backward_without_grad,
+    cuda_devices,
+    default_forward,
+    default_loss,
+    isolated_pass,
+    sampled_cross_entropy,
+)
 from lightning_conditioning.results import LayerConditioning, analyse_layer
 from lightning_conditioning.sinks import publish_conditioning
 from lightning_conditioning.spectra import DEFAULT_RANK_RTOL
@@ -59,6 +72,26 @@ class ConditioningCallback(Callback):
         log_figures: write a depth-profile figure per analysis to loggers that store figures
             (needs matplotlib).
         prefix: first part of every logged key.
+        fisher: ``"empirical"`` (default): the training labels, from the training step's own
+            pass (the paper's M). ``"true"``: labels sampled from the model's predictive
+            distribution (the paper's F), with a forward/backward pass of its own.
+        probe_batches: ``k > 0`` analyses the same ``k`` training batches (drawn from a fresh
+            iterator of the training dataloader at the start of fit, kept in checkpoints)
+            at every analysed step, with a pass of their own, instead of the current batch:
+            curves over training then compare like with like.
+        forward_fn: ``forward_fn(pl_module, batch) -> outputs`` for the extra passes
+            (default ``pl_module(batch[0])``).
+        loss_fn: ``loss_fn(outputs, batch) -> loss`` for empirical probe passes (default mean
+            cross-entropy against ``batch[1]``); it must average over the batch when
+            ``loss_reduction="mean"``.
+        sample_fn: ``sample_fn(outputs, generator) -> loss`` for the true Fisher (default:
+            labels drawn from ``softmax(outputs)``, mean cross-entropy).
+        seed: seed of the private generator that draws true-Fisher labels (the global RNG
+            streams are never touched).
+
+    Extra passes (``fisher="true"`` or ``probe_batches``) leave training bit-identical: the
+    RNG streams are forked, buffers (BatchNorm statistics) and train/eval flags restored, and
+    gradients are taken with ``torch.autograd.grad`` so no ``.grad`` or optimizer state moves.
 
     Example::
 
@@ -82,6 +115,12 @@ class ConditioningCallback(Callback):
         log_histograms: bool = True,
         log_figures: bool = True,
         prefix: str = "conditioning",
+        fisher: Literal["empirical", "true"] = "empirical",
+        probe_batches: int = 0,
+        forward_fn: ForwardFn | None = None,
+        loss_fn: LossFn | None = None,
+        sample_fn: SampleLossFn | None = None,
+        seed: int = 0,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
             raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
@@ -107,6 +146,19 @@ class ConditioningCallback(Callback):
             isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
         ):
             raise TypeError("layer_types must be nn.Module subclasses")
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 0:
+            raise ValueError(f"probe_batches must be an int >= 0, got {probe_batches!r}")
+        for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {fn!r}")
+        self.fisher: Literal["empirical", "true"] = fisher
+        self.probe_batches = probe_batches
+        self.forward_fn: ForwardFn = forward_fn or default_forward
+        self.loss_fn: LossFn = loss_fn or default_loss
+        self.sample_fn: SampleLossFn = sample_fn or sampled_cross_entropy
+        self.seed = seed
         self.every_n_steps = every_n_steps
         self.kappa_percents = tuple(int(p) if p.is_integer() else p for p in percents)
         self.conv_mode: Literal["channel", "patch"] = conv_mode
@@ -126,6 +178,9 @@ class ConditioningCallback(Callback):
         self._window_step: int | None = None
         self._results: dict[str, LayerConditioning] = {}
         self._warned_silent = False
+        self._held_batches: list[Any] = []
+        self._scale_at_backward: float | None = None
+        self._passes = 0
 
     # ------------------------------------------------------------------ public state
     @property
@@ -168,6 +223,24 @@ class ConditioningCallback(Callback):
         if self._capture is not None:
             self._capture.attach()
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._capture is None or not self.probe_batches or self._held_batches:
+            return
+        # a fresh iterator of the training data, without consuming the global RNG streams
+        with torch.random.fork_rng(devices=cuda_devices(pl_module)):
+            iterator = iter(trainer.train_dataloader)  # type: ignore[arg-type]
+            for _ in range(self.probe_batches):
+                try:
+                    self._held_batches.append(_to_cpu(next(iterator)))
+                except StopIteration:
+                    break
+            del iterator
+        if len(self._held_batches) < self.probe_batches:
+            rank_zero_warn(
+                f"{type(self).__name__}: asked for {self.probe_batches} probe batches, the "
+                f"training data has {len(self._held_batches)}."
+            )
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -179,12 +252,29 @@ class ConditioningCallback(Callback):
             self._discard_window()  # an unfinished window (no optimizer step happened)
         if not self.should_analyse(step):
             return
+        first_micro_batch = self._window_step != step
         self._window_step = step
-        capture.active = True
-        # Lightning divides the loss by the number of accumulated micro-batches
-        capture.grad_multiplier = (
-            float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0
-        )
+        if self.probe_batches:
+            if first_micro_batch:
+                for held in self._held_batches:
+                    self._extra_pass(trainer, pl_module, trainer.strategy.batch_to_device(held), step)
+        elif self.fisher == "true":
+            self._extra_pass(trainer, pl_module, batch, step)
+        else:
+            capture.active = True  # piggyback on the training step's own forward/backward
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        capture = self._capture
+        if capture is None or not capture.active:
+            return
+        # Lightning divides the loss by the accumulated micro-batches; a GradScaler
+        # multiplies it by its scale (one host read per analysed backward)
+        scale = _loss_scale(trainer)
+        self._scale_at_backward = scale
+        accumulation = float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0
+        capture.grad_multiplier = accumulation / scale
 
     def on_train_batch_end(
         self,
@@ -198,9 +288,43 @@ class ConditioningCallback(Callback):
         if capture is None or self._window_step is None:
             return
         capture.active = False
-        if trainer.global_step != self._window_step:  # the optimizer step of the window ran
-            step, self._window_step = self._window_step, None
-            self._finish_window(trainer, step)
+        if trainer.global_step == self._window_step:
+            return  # the window's optimizer step has not run yet (accumulation)
+        step, self._window_step = self._window_step, None
+        if self._scale_at_backward is not None and _loss_scale(trainer) < self._scale_at_backward:
+            rank_zero_info(
+                f"{type(self).__name__}: step {step} skipped: its gradients overflowed in "
+                "float16 (the GradScaler lowered its scale); nothing is logged for it."
+            )
+            self._discard_window()
+            return
+        self._finish_window(trainer, step)
+
+    def _extra_pass(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int
+    ) -> None:
+        """One isolated forward/backward with capture on (true Fisher or a probe batch)."""
+        capture = self._capture
+        assert capture is not None
+        self._passes += 1
+        rank = trainer.global_rank
+        generator = torch.Generator().manual_seed(
+            hash((self.seed, rank, step, self._passes)) & 0x7FFF_FFFF_FFFF_FFFF
+        )
+        with isolated_pass(pl_module):
+            capture.active = True
+            try:
+                with trainer.precision_plugin.forward_context():
+                    outputs = self.forward_fn(pl_module, batch)
+                    if self.fisher == "true":
+                        loss = self.sample_fn(outputs, generator)
+                    else:
+                        loss = self.loss_fn(outputs, batch)
+                scale = _loss_scale(trainer)  # keep float16 gradients in range, as training does
+                capture.grad_multiplier = 1.0 / scale
+                backward_without_grad(pl_module, loss * scale if scale != 1.0 else loss)
+            finally:
+                capture.active = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._discard_window()
@@ -224,6 +348,7 @@ class ConditioningCallback(Callback):
             self._capture.active = False
             self._capture.reset()
         self._window_step = None
+        self._scale_at_backward = None
 
     def _finish_window(self, trainer: pl.Trainer, step: int) -> None:
         capture = self._capture
@@ -232,12 +357,13 @@ class ConditioningCallback(Callback):
             capture.all_reduce(lambda flat, op: trainer.strategy.reduce(flat, reduce_op=op))
         moments = capture.moments()
         capture.reset()
-        results = {
-            name: analyse_layer(
+        self._scale_at_backward = None
+        results = analyse_layers(
+            moments,
+            lambda name, window: analyse_layer(
                 name, step, window, percents=self.kappa_percents, rank_rtol=self.rank_rtol
-            )
-            for name, window in moments.items()
-        }
+            ),
+        )
         self._results = results
         self._report_problems(results, step)
         if trainer.is_global_zero:
@@ -265,3 +391,20 @@ class ConditioningCallback(Callback):
                 "hooks never fired in an analysed step (not called, or called functionally, "
                 "e.g. nn.MultiheadAttention.out_proj); they are not analysed."
             )
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {"held_batches": self._held_batches, "warned_silent": self._warned_silent}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._held_batches = list(state_dict.get("held_batches", []))
+        self._warned_silent = bool(state_dict.get("warned_silent", False))
+
+
+def _to_cpu(batch: Any) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0

@@ -1,0 +1,77 @@
+"""DDP for real on CPU: 2 processes, gloo. The analysis sums over ranks before any eigenvalue."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ddp_common import run
+
+HERE = Path(__file__).parent
+
+
+def _single_process(tmp_path: Path) -> dict[str, float]:
+    out = tmp_path / "single"
+    out.mkdir()
+    run(out, strategy="auto", devices=1)
+    return json.loads((out / "rank0.json").read_text())["metrics"]
+
+
+def _check_against_single(out: Path, single: dict[str, float]) -> None:
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    # every rank ends with all results (eigen work was split, then gathered)
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert set(ranks[0]["metrics"]) == set(single)
+    for key, value in single.items():
+        assert ranks[0]["metrics"][key] == pytest.approx(value, rel=1e-6), key
+    # only rank 0 logged, and what it logged is what it holds
+    logged = (out / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header, row = logged[0].split(","), logged[1].split(",")
+    csv_metrics = {k: float(v) for k, v in zip(header, row) if k.startswith("conditioning/") and v}
+    for key, value in csv_metrics.items():
+        assert value == pytest.approx(ranks[0]["metrics"][key], rel=1e-6), key
+
+
+def test_ddp_fork_uneven_ranks_equal_one_process(tmp_path: Path) -> None:
+    single = _single_process(tmp_path)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    run(out, strategy="ddp_fork", devices=2)
+    _check_against_single(out, single)
+
+
+def test_ddp_fork_with_batchnorm_logs_finite_numbers(tmp_path: Path) -> None:
+    run(tmp_path, strategy="ddp_fork", devices=2, batch_norm=True)
+    metrics = json.loads((tmp_path / "rank0.json").read_text())["metrics"]
+    assert metrics and all(math.isfinite(v) for v in metrics.values())
+    assert "conditioning/net.3/fim_kappa_100" in metrics
+
+
+def test_standalone_ddp_script(tmp_path: Path) -> None:
+    single = _single_process(tmp_path)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "scripts" / "ddp_standalone.py"), str(out)],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=180)
+    finally:
+        # never leave a process behind: the whole session (rank 1 included) goes
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert process.returncode == 0, output[-3000:]
+    _check_against_single(out, single)
+    leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert not leftovers.strip(), leftovers
