@@ -279,3 +279,20 @@ def test_resumed_run_logs_the_same_steps(tmp_path: Path, extra: dict) -> None:
     for step in (4, 6, 8):
         for key, value in whole[step].items():
             assert resumed[step][key] == pytest.approx(value, rel=1e-6), (step, key)
+
+
+def test_window_steps_sum_consecutive_steps() -> None:
+    # lr 0: a 4-step window of batches of 16 is one analysis of the same 64 examples
+    x, y = _data(n=64)
+    net = seeded(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)))
+    windowed = ConditioningCallback(every_n_steps=4, window_steps=4, statistics_dtype="float64")
+    whole = ConditioningCallback(every_n_steps=1, statistics_dtype="float64")
+    _, log_windowed = fit(SequentialClassifier(copy.deepcopy(net), lr=0.0), loader(x, y, 16),
+                          [windowed], max_steps=8)
+    _, log_whole = fit(SequentialClassifier(copy.deepcopy(net), lr=0.0), loader(x, y, 64), [whole])
+    assert sorted(log_windowed.history) == [3, 7]
+    for key, value in log_whole.history[0].items():
+        assert log_windowed.history[3][key] == pytest.approx(value, rel=1e-6), key
+    assert windowed.results["net.0"].input_rows == 64 and windowed.results["net.0"].step == 7
+    with pytest.raises(ValueError, match="window_steps"):
+        ConditioningCallback(every_n_steps=2, window_steps=3)

@@ -88,6 +88,11 @@ class ConditioningCallback(Callback):
             labels drawn from ``softmax(outputs)``, mean cross-entropy).
         seed: seed of the private generator that draws true-Fisher labels (the global RNG
             streams are never touched).
+        window_steps: sum the statistics of ``w`` consecutive optimizer steps
+            (``s … s + w − 1`` for every scheduled ``s``) and take the eigenvalues once, at the
+            window's end, logged at step ``s + w − 1``. Pays the cheap Gram GEMMs often and
+            the eigen-solves rarely; the parameters drift within a window, so the moments
+            average over ``w`` nearby points (as K-FAC's running factors do, but exact sums).
 
     Extra passes (``fisher="true"`` or ``probe_batches``) leave training bit-identical: the
     RNG streams are forked, buffers (BatchNorm statistics) and train/eval flags restored, and
@@ -121,6 +126,7 @@ class ConditioningCallback(Callback):
         loss_fn: LossFn | None = None,
         sample_fn: SampleLossFn | None = None,
         seed: int = 0,
+        window_steps: int = 1,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
             raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
@@ -146,6 +152,13 @@ class ConditioningCallback(Callback):
             isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
         ):
             raise TypeError("layer_types must be nn.Module subclasses")
+        if isinstance(window_steps, bool) or not isinstance(window_steps, int) or not (
+            1 <= window_steps <= every_n_steps
+        ):
+            raise ValueError(
+                f"window_steps must be an int in [1, every_n_steps={every_n_steps}], "
+                f"got {window_steps!r}"
+            )
         if fisher not in ("empirical", "true"):
             raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
         if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 0:
@@ -159,6 +172,7 @@ class ConditioningCallback(Callback):
         self.loss_fn: LossFn = loss_fn or default_loss
         self.sample_fn: SampleLossFn = sample_fn or sampled_cross_entropy
         self.seed = seed
+        self.window_steps = window_steps
         self.every_n_steps = every_n_steps
         self.kappa_percents = tuple(int(p) if p.is_integer() else p for p in percents)
         self.conv_mode: Literal["channel", "patch"] = conv_mode
@@ -175,7 +189,8 @@ class ConditioningCallback(Callback):
         self.log_figures = log_figures
         self.prefix = prefix
         self._capture: LayerCapture | None = None
-        self._window_step: int | None = None
+        self._window_start: int | None = None  # first step of the open window
+        self._current_step: int | None = None  # the step whose batches are being captured
         self._results: dict[str, LayerConditioning] = {}
         self._warned_silent = False
         self._held_batches: list[Any] = []
@@ -194,8 +209,12 @@ class ConditioningCallback(Callback):
         return list(self._capture.layers) if self._capture is not None else []
 
     def should_analyse(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is on the schedule."""
-        return step % self.every_n_steps == 0
+        """Whether optimizer step ``step``'s batches are captured (it is in a window)."""
+        return step % self.every_n_steps < self.window_steps
+
+    def _window_end(self) -> int:
+        assert self._window_start is not None
+        return self._window_start + self.window_steps - 1
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -248,12 +267,14 @@ class ConditioningCallback(Callback):
         if capture is None:
             return
         step = trainer.global_step
-        if self._window_step is not None and self._window_step != step:
-            self._discard_window()  # an unfinished window (no optimizer step happened)
+        if self._window_start is not None and not self._window_start <= step <= self._window_end():
+            self._discard_window()  # an unfinished window (its optimizer steps did not all run)
         if not self.should_analyse(step):
             return
-        first_micro_batch = self._window_step != step
-        self._window_step = step
+        if self._window_start is None:
+            self._window_start = step - step % self.every_n_steps
+        first_micro_batch = self._current_step != step
+        self._current_step = step
         if self.probe_batches:
             if first_micro_batch:
                 for held in self._held_batches:
@@ -285,19 +306,22 @@ class ConditioningCallback(Callback):
         batch_idx: int,
     ) -> None:
         capture = self._capture
-        if capture is None or self._window_step is None:
+        if capture is None or self._current_step is None:
             return
         capture.active = False
-        if trainer.global_step == self._window_step:
-            return  # the window's optimizer step has not run yet (accumulation)
-        step, self._window_step = self._window_step, None
+        if trainer.global_step == self._current_step:
+            return  # this step's optimizer step has not run yet (accumulation)
+        step, self._current_step = self._current_step, None
         if self._scale_at_backward is not None and _loss_scale(trainer) < self._scale_at_backward:
             rank_zero_info(
                 f"{type(self).__name__}: step {step} skipped: its gradients overflowed in "
-                "float16 (the GradScaler lowered its scale); nothing is logged for it."
+                "float16 (the GradScaler lowered its scale); nothing is logged for its window."
             )
             self._discard_window()
             return
+        if step < self._window_end():
+            return  # more steps to sum into this window
+        self._window_start = None
         self._finish_window(trainer, step)
 
     def _extra_pass(
@@ -341,13 +365,13 @@ class ConditioningCallback(Callback):
     def _remove_hooks(self) -> None:
         if self._capture is not None:
             self._capture.detach()
-        self._window_step = None
+        self._window_start = self._current_step = None
 
     def _discard_window(self) -> None:
         if self._capture is not None:
             self._capture.active = False
             self._capture.reset()
-        self._window_step = None
+        self._window_start = self._current_step = None
         self._scale_at_backward = None
 
     def _finish_window(self, trainer: pl.Trainer, step: int) -> None:
