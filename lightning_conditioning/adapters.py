@@ -183,11 +183,12 @@ class ConvPatchAdapter(ConvChannelAdapter):
         channels, batch = x.shape[1], x.shape[0]
         buffer = x.new_empty(channels, *kernel, batch, *out)
         for taps in itertools.product(*(range(k) for k in kernel)):
-            window = tuple(
+            window: tuple[Any, ...] = tuple(
                 slice(t * d, t * d + s * (o - 1) + 1, s)
                 for t, d, s, o in zip(taps, dilation, stride, out)
             )
-            buffer[(slice(None), *taps)] = x[(slice(None), slice(None), *window)].transpose(0, 1)
+            target: tuple[Any, ...] = (slice(None), *taps)
+            buffer[target] = x[(slice(None), slice(None), *window)].transpose(0, 1)
         return buffer.reshape(buffer.shape[: 1 + len(kernel)].numel(), -1)
 
     def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:

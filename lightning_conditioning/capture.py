@@ -47,7 +47,7 @@ def select_layers(
     """
     layers: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not name or not isinstance(module, tuple(layer_types)):
+        if not name or not any(isinstance(module, kind) for kind in layer_types):
             continue
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
@@ -80,10 +80,10 @@ def find_layers(
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

@@ -99,7 +99,7 @@ class WeightDominationCallback(Callback):
         self.exclude = list(exclude) if exclude is not None else None
         self.log_imbalance = log_imbalance
         self.prefix = prefix
-        self._layers: dict[str, nn.Module] = {}
+        self._weights: dict[str, nn.Parameter] = {}
         self._last_linear: str | None = None
         self._last_checked_step: int | None = None
         self._results: dict[str, WeightStatistics] = {}
@@ -122,12 +122,12 @@ class WeightDominationCallback(Callback):
         if stage != "fit":
             return
         layers = select_layers(pl_module, self.layer_types, self.include, self.exclude)
-        self._layers = {
-            name: module
-            for name, module in layers.items()
-            if isinstance(getattr(module, "weight", None), nn.Parameter)
+        self._weights = {
+            name: weight
+            for name, weight in ((n, getattr(m, "weight", None)) for n, m in layers.items())
+            if isinstance(weight, nn.Parameter)
         }
-        if not self._layers:
+        if not self._weights:
             rank_zero_warn(f"{type(self).__name__}: no layer with a weight matched; nothing to check.")
         try:
             self._last_linear = find_last_linear(pl_module)[0]
@@ -143,8 +143,7 @@ class WeightDominationCallback(Callback):
         self._last_checked_step = step  # several optimizers: check once per step
         self._pending_step = step
         self._results, self._snapshot = {}, {}
-        for name, module in self._layers.items():
-            weight = module.weight
+        for name, weight in self._weights.items():
             if not weight.requires_grad or weight.grad is None:
                 continue  # frozen, or no gradient at this step
             self._results[name] = weight_statistics(weight, weight.grad)
@@ -163,7 +162,7 @@ class WeightDominationCallback(Callback):
             return  # no check pending, or its optimizer step has not run yet
         self._pending_step = None
         for name, before in self._snapshot.items():
-            after = self._layers[name].weight.detach()
+            after = self._weights[name].detach()
             self._results[name] = self._results[name].with_update(after - before)
         self._snapshot = {}
         metrics = self._metrics()
@@ -188,10 +187,10 @@ class WeightDominationCallback(Callback):
     def _metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         previous_fro: float | None = None
-        for name, module in self._layers.items():
+        for name, weight in self._weights.items():
             base = f"{self.prefix}/{name}"
             if self.log_imbalance:
-                current_fro = frobenius_norm(module.weight)
+                current_fro = frobenius_norm(weight)
                 if previous_fro is not None:
                     absolute, relative = imbalance(previous_fro, current_fro)
                     metrics[f"{base}/imbalance"] = absolute

@@ -191,13 +191,13 @@ def add_last_bn(
         raise ValueError("add_last_bn: the model is itself an nn.Linear; wrap it (e.g. nn.Sequential(linear)) first")
     if isinstance(linear.weight, UninitializedParameter):
         raise ValueError(f"add_last_bn: the final Linear {name!r} is lazy (uninitialised); run one forward pass first")
-    factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+    device, dtype = linear.weight.device, linear.weight.dtype
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name)
 
     wrapper: nn.Module
     if position == "before_linear":
-        bn1d = nn.BatchNorm1d(linear.in_features, eps=eps, momentum=momentum, **factory)
+        bn1d = nn.BatchNorm1d(linear.in_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
         wrapper = LastBN(bn1d, linear)
         _set_child(parent, child_name, wrapper)
     else:
@@ -209,7 +209,8 @@ def add_last_bn(
                 f"torchvision ResNets; {type(parent).__name__} has avgpool={pool!r}. "
                 "Use position='before_linear' instead."
             )
-        bn2d = nn.BatchNorm2d(linear.in_features, eps=eps, momentum=momentum, **factory)
+        bn2d = nn.BatchNorm2d(linear.in_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        assert isinstance(pool, nn.Module)
         wrapper = PreBNPool(bn2d, pool)
         parent.avgpool = wrapper
     wrapper.train(linear.training)

@@ -1,0 +1,1 @@
+"""LightningCLI example: both callbacks configured from YAML (``config.yaml``)."""
