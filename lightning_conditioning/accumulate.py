@@ -101,6 +101,12 @@ class LayerMoments:
         input_resolution / grad_resolution: machine epsilon of the least precise tensor
             captured (e.g. 2⁻⁷ for bfloat16 activations): eigenvalues below it relative to
             λmax are rounding noise.
+
+    Example:
+        >>> moments = LayerMoments(torch.eye(2), None, 4, 0, torch.tensor([1.0, -1.0]),
+        ...                        torch.tensor([0.5, -2.0]))
+        >>> moments.dead_units, moments.full_units
+        (1, 1)
     """
 
     input_second_moment: Tensor | None

@@ -35,6 +35,15 @@ class LayerAdapter:
     """Turns one layer kind's tensors into Gram matrices. Subclass to support a new layer.
 
     An adapter is stateless; the capture calls it with the module and detached tensors.
+
+    Example:
+        >>> class BilinearInputAdapter(LinearAdapter):  # treat x1 of nn.Bilinear as the input
+        ...     def dims(self, module):
+        ...         return module.in1_features, module.out_features, module.in1_features
+        >>> register_adapter(nn.Bilinear, lambda module, mode: BilinearInputAdapter())
+        >>> type(adapter_for(nn.Bilinear(3, 4, 2))).__name__
+        'BilinearInputAdapter'
+        >>> _ = _REGISTRY.pop()  # (undo, for this example only)
     """
 
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
@@ -239,7 +248,12 @@ def register_adapter(module_type: type[nn.Module], factory: AdapterFactory) -> N
 
 
 def adapter_for(module: nn.Module, conv_mode: ConvMode = "channel") -> LayerAdapter | None:
-    """The adapter for a module (``isinstance`` match, latest registration first), or None."""
+    """The adapter for a module (``isinstance`` match, latest registration first), or None.
+
+    Example:
+        >>> type(adapter_for(nn.Conv2d(3, 4, 3), "patch")).__name__, adapter_for(nn.ReLU())
+        ('ConvPatchAdapter', None)
+    """
     for module_type, factory in reversed(_REGISTRY):
         if isinstance(module, module_type):
             return factory(module, conv_mode)

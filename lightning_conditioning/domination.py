@@ -67,6 +67,11 @@ class WeightStatistics:
         grad_weight_ratio_fro: ‖∂L/∂W‖_F / ‖W‖_F.
         update_spectral_norm: σmax(ΔW) of the optimizer step just applied (None until known).
         update_weight_ratio: σmax(ΔW) / σmax(W before the step) (None until known).
+
+    Example:
+        >>> stats = weight_statistics(2 * torch.eye(3), torch.eye(3)).with_update(torch.eye(3))
+        >>> stats.grad_weight_ratio, stats.update_weight_ratio
+        (0.5, 0.5)
     """
 
     weight_spectral_norm: float

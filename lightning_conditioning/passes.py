@@ -86,7 +86,12 @@ def sampled_cross_entropy(outputs: Tensor, generator: torch.Generator) -> Tensor
 
 
 def cuda_devices(module: nn.Module) -> list[torch.device]:
-    """The CUDA devices holding ``module``'s parameters (for ``torch.random.fork_rng``)."""
+    """The CUDA devices holding ``module``'s parameters (for ``torch.random.fork_rng``).
+
+    Example:
+        >>> cuda_devices(nn.Linear(2, 2))
+        []
+    """
     return sorted({t.device for t in module.parameters() if t.device.type == "cuda"}, key=str)
 
 

@@ -78,6 +78,11 @@ class SpectrumSummary:
         rank: the numerical rank ``r`` (eigenvalues above ``rtol * lambda_max``).
         kappa: ``{percent: λmax / λ_p}`` over the ``r`` nonzero eigenvalues.
         rtol: the relative tolerance that defined "nonzero".
+
+    Example:
+        >>> s = summarize_spectrum(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64), (100,))
+        >>> s.rank, s.kappa, s.nonzero_eigenvalues.tolist(), s.dim
+        (2, {100: 2.0}, [2.0, 1.0], 3)
     """
 
     eigenvalues: Tensor
@@ -105,6 +110,12 @@ class KroneckerSummary:
         lambda_max: ``λmax(A)·λmax(B)``.
         rank: ``rank(A)·rank(B)``.
         kappa: ``{percent: λmax / λ_p}`` over the nonzero products ``a_i·b_j``.
+
+    Example:
+        >>> k = summarize_kronecker(summarize_spectrum(torch.tensor([4.0, 1.0])),
+        ...                         summarize_spectrum(torch.tensor([2.0, 1.0])), (50, 100))
+        >>> k.lambda_max, k.rank, k.kappa
+        (8.0, 4, {50: 2.0, 100: 8.0})
     """
 
     lambda_max: float
