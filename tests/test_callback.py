@@ -266,3 +266,26 @@ def test_validation_and_deepcopies_do_not_add_rows() -> None:
         warnings.simplefilter("ignore")
         fit(module, loader(x, y, 64), [callback], val_check_interval=1, limit_val_batches=1)
     assert callback.results["net.0"].input_rows == 64
+
+
+def test_long_analyses_are_announced(caplog) -> None:
+    import logging
+
+    class Wide(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2700, 2)  # Σx of 2700²: estimated 1.2 s
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.fc(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x, y = torch.randn(8, 2700), torch.randint(0, 2, (8,))
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        fit(Wide(), loader(x, y, 8), [ConditioningCallback(every_n_steps=1)])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("eigen-analysis of 1 layers (largest Σx 2700×2700)" in m for m in messages), messages
+    assert any("analysis done in" in m for m in messages)

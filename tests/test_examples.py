@@ -15,3 +15,37 @@ def test_quickstart_runs_and_logs(tmp_path: Path) -> None:
     assert callback.results["net.1"].dead_input_units > 50
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_mnist_mlp_smoke(tmp_path: Path) -> None:
+    from example_projects.mnist_mlp import main as mnist_mlp
+
+    result = mnist_mlp.main(["--smoke", "--out", str(tmp_path)])
+    assert set(result["summary"]) == {"plain-default", "plain-he", "bn-default", "bn-he"}
+    assert (tmp_path / "results.md").read_text().count("reproduced") >= 2
+    for figure in ("depth_profile_init.png", "loss_and_units.png"):
+        assert (tmp_path / "figures" / figure).stat().st_size > 10_000
+
+
+def test_fim_validation_smoke(tmp_path: Path) -> None:
+    from example_projects.fim_validation import main as fim_validation
+
+    results = fim_validation.main(["--smoke", "--out", str(tmp_path)])
+    assert set(results) == {"Plain-3", "BN-3"}
+    for entry in results.values():
+        for kind in ("true", "empirical"):
+            assert entry[kind]["full"]["lambda_max"] > 0
+            assert set(entry[kind]["exact"]) == set(entry[kind]["kron"])
+    assert (tmp_path / "figures" / "exact_vs_kronecker.png").stat().st_size > 10_000
+
+
+def test_weight_domination_smoke(tmp_path: Path) -> None:
+    from example_projects.weight_domination import main as weight_domination
+
+    result = weight_domination.main(["--smoke", "--out", str(tmp_path)])
+    assert result["fig4"]["10111"]["blocked"] == ["net.3"]
+    assert result["fig4"]["10111"]["warned"] == ["net.3"]
+    assert result["fig4"]["11111"]["warned"] == []
+    assert len(result["a11"]["history"]) == 3
+    for figure in ("fig4_masks.png", "a11_deep_bn.png"):
+        assert (tmp_path / "figures" / figure).stat().st_size > 10_000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import LayerCapture, find_layers
-from lightning_conditioning.distributed import analyse_layers
+from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.passes import (
     ForwardFn,
     LossFn,
@@ -382,12 +383,27 @@ class ConditioningCallback(Callback):
         moments = capture.moments()
         capture.reset()
         self._scale_at_backward = None
+        # never block without telling: announce analyses expected to take over a second
+        estimate = estimated_seconds(moments, trainer.world_size)
+        if estimate > 1.0:
+            largest = max((m.input_second_moment.shape[0] for m in moments.values()
+                           if m.input_second_moment is not None), default=0)
+            rank_zero_info(
+                f"{type(self).__name__}: step {step}: eigen-analysis of {len(moments)} layers "
+                f"(largest Σx {largest}×{largest}), about {estimate:.0f} s per process..."
+            )
+        started = time.perf_counter()
         results = analyse_layers(
             moments,
             lambda name, window: analyse_layer(
                 name, step, window, percents=self.kappa_percents, rank_rtol=self.rank_rtol
             ),
         )
+        if estimate > 1.0:
+            rank_zero_info(
+                f"{type(self).__name__}: step {step}: analysis done in "
+                f"{time.perf_counter() - started:.1f} s."
+            )
         self._results = results
         self._report_problems(results, step)
         if trainer.is_global_zero:

@@ -114,6 +114,11 @@ class WeightDominationCallback(Callback):
         return dict(self._results)
 
     @property
+    def warned_layers(self) -> list[str]:
+        """Layers the callback has warned about (dominated for ``patience`` checks), sorted."""
+        return sorted(self._warned)
+
+    @property
     def dominated(self) -> list[str]:
         """Layers whose latest ratio is below the threshold."""
         return [name for name, stats in self._results.items() if self.is_dominated(stats)]
