@@ -1,0 +1,360 @@
+"""Rules from Huang et al. (ECCV 2020) that turn per-layer numbers into findings.
+
+Pure: plain dictionaries in, :class:`Finding` objects out; no Lightning, no torch. The input
+is a *layer table* ``{layer: {quantity: value}}`` in module order, with the quantities named
+as the logged keys end (``input_lambda_max``, ``grad_kappa_100``, ``dead_input_units``, …,
+plus ``input_units`` when known), and optionally the weight-domination table
+(``grad_weight_ratio``, ``update_weight_ratio``, …). Build tables with
+:func:`lightning_conditioning.report.metrics.split_metrics` (flat logged keys) or
+:func:`~lightning_conditioning.report.metrics.conditioning_table` (``callback.results``).
+
+The rules (defaults in :class:`Thresholds`):
+
+``vanishing_forward`` / ``exploding_forward`` (Fig. 3, claim 1)
+    Least-squares fit of log10 λmax(Σx) against layer index over ≥ ``min_layers`` layers;
+    fires when the slope is beyond ±``slope`` decades per layer *and* the fitted change over
+    the fitted layers is at least ``total_decades``. It starts at the first layer whose value
+    is ``onset_factor``× below (above) the first layer's.
+``vanishing_backward`` / ``exploding_backward``
+    The same for λmax(Σ∇h) along the backward pass (last layer first), against the last
+    layer's value.
+``dead_units`` (App. C.3)
+    A layer (not the first: its inputs are the data) whose input units are more than
+    ``dead_fraction`` dead (never > 0 over the analysed rows). Needs ``input_units``.
+``ill_conditioned`` (Fig. 5)
+    κ_p of Σx or Σ∇h of one layer ≥ ``kappa_outlier``× the median over the other layers
+    (≥ 3 of them), with p the *smallest* percent logged (κ_50 by default): κ_100 depends on
+    the smallest nonzero eigenvalue, which is noisy on one batch (it varies by 100× between
+    healthy layers), while κ_50 is stable.
+``last_layer_input`` (Figs. 6, 7, claim 5)
+    λmax(Σx) of the last layer's input ≥ ``last_input_factor``× the median over the other
+    layers: the residual sums piling up in deep ResNets; remedy ``add_last_bn``.
+``weight_domination`` (Definition 1, Fig. 4)
+    σmax(∇W)/σmax(W) < ``grad_weight_ratio``, or an applied update σmax(ΔW)/σmax(W) ≤
+    ``update_weight_ratio`` (a layer the optimizer does not move).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["Finding", "Thresholds", "diagnose", "format_findings"]
+
+Table = Mapping[str, Mapping[str, float]]
+_REMEDY_INIT = ("use He (Kaiming) initialisation or normalise the layers (BatchNorm), which "
+                "keeps λmax constant across depth (paper, Fig. 3)")
+_REMEDY_EXPLODING = ("scale the initial weights down (He: variance 2/fan_in for ReLU) or normalise "
+                      "the layers (BatchNorm)")
+_REMEDY_LAST_BN = ("put one BatchNorm before the last linear layer: "
+                   "`lightning_conditioning.models.add_last_bn(model)` (paper, Sec. 5)")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule that fired, with the numbers behind it.
+
+    Attributes:
+        rule: rule identifier (see the module docstring).
+        layer: the layer where the problem starts / is worst (None when not located).
+        layers: every layer involved, in module order.
+        message: one-sentence explanation with the key numbers.
+        evidence: the numbers (keys name the quantity and, in brackets, the layer).
+        remedy: what the paper suggests.
+        severity: ``"warning"`` or ``"info"``.
+    """
+
+    rule: str
+    layer: str | None
+    message: str
+    evidence: dict[str, float] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+    remedy: str = ""
+    severity: Literal["warning", "info"] = "warning"
+
+    def __str__(self) -> str:
+        where = f" at {self.layer}" if self.layer else ""
+        return f"[{self.severity}] {self.rule}{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Thresholds of the rules (see the module docstring).
+
+    Attributes:
+        min_layers: fewest layers with a positive λmax for the depth-trend fit.
+        slope: |slope| of log10 λmax per layer beyond which a trend counts (0.2 decades is
+            ×1.58 per layer; the paper's plain MLP at small init has about −0.9).
+        total_decades: the fitted change over the fitted layers must reach this too (so a
+            short, default-initialised MLP is not flagged; 4 decades is 10⁴×).
+        onset_factor: the trend "starts" at the first layer this far from the reference.
+        dead_fraction: fraction of dead input units above which a layer is flagged.
+        kappa_outlier: κ_p of a layer ≥ this × the median of the others is an outlier.
+        last_input_factor: λmax(Σx) of the last layer ≥ this × the median of the others.
+            (Measured at init on random images: ResNet-20 12×, ResNet-56 43×, with
+            ``add_last_bn`` 1-2×.)
+        grad_weight_ratio: σmax(∇W)/σmax(W) below this is weight domination (as the callback).
+        update_weight_ratio: σmax(ΔW)/σmax(W) at or below this is weight domination.
+
+    Example:
+        >>> Thresholds(dead_fraction=0.9).dead_fraction
+        0.9
+    """
+
+    min_layers: int = 4
+    slope: float = 0.2
+    total_decades: float = 4.0
+    onset_factor: float = 10.0
+    dead_fraction: float = 0.5
+    kappa_outlier: float = 100.0
+    last_input_factor: float = 20.0
+    grad_weight_ratio: float = 1e-4
+    update_weight_ratio: float = 0.0
+
+
+def _positive(row: Mapping[str, float] | None, key: str) -> float | None:
+    value = (row or {}).get(key)
+    return value if value is not None and math.isfinite(value) and value > 0 else None
+
+
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def _depth_trend(table: Table, key: str, backward: bool, th: Thresholds) -> list[Finding]:
+    names = list(table)
+    order = list(reversed(names)) if backward else names
+    points = [(i, name, v) for i, name in enumerate(order) if (v := _positive(table[name], key))]
+    if len(points) < max(th.min_layers, 2):
+        return []
+    slope = _slope([p[0] for p in points], [math.log10(p[2]) for p in points])
+    decades = abs(slope) * (points[-1][0] - points[0][0])
+    if abs(slope) < th.slope or decades < th.total_decades:
+        return []
+    vanishing = slope < 0
+    first_name, first = points[0][1], points[0][2]
+    onset = next((p for p in points[1:] if (p[2] < first / th.onset_factor if vanishing
+                                           else p[2] > first * th.onset_factor)), None)
+    quantity = "λmax(Σ∇h)" if backward else "λmax(Σx)"
+    pass_name = "backward pass (from the last layer towards the first)" if backward else "forward pass"
+    kind = "vanishing" if vanishing else "exploding"
+    evidence = {
+        "slope_decades_per_layer": slope, "factor_per_layer": 10.0**slope,
+        "layers_fitted": float(len(points)), f"{key}[{first_name}]": first,
+        f"{key}[{points[-1][1]}]": points[-1][2],
+    }
+    where = ""
+    if onset is not None:
+        evidence[f"{key}[{onset[1]}]"] = onset[2]
+        where = (f"; it is first {th.onset_factor:g}× {'below' if vanishing else 'above'} "
+                 f"{first_name}'s at {onset[1]} (layer {names.index(onset[1]) + 1} of {len(names)})")
+    message = (f"{quantity} {'decays' if vanishing else 'grows'} exponentially along the "
+               f"{pass_name}: {slope:+.2f} decades per layer (×{10.0**slope:.3g} per layer) over "
+               f"{len(points)} layers, from {first:.3g} at {first_name} to {points[-1][2]:.3g} at "
+               f"{points[-1][1]}{where}")
+    return [Finding(
+        rule=f"{kind}_{'backward' if backward else 'forward'}",
+        layer=onset[1] if onset is not None else first_name,
+        message=message, evidence=evidence, layers=tuple(p[1] for p in points),
+        remedy=_REMEDY_INIT if vanishing else _REMEDY_EXPLODING,
+    )]
+
+
+def _dead_units(table: Table, th: Thresholds) -> list[Finding]:
+    hits: list[tuple[str, float, float]] = []
+    for name in list(table)[1:]:
+        row = table[name]
+        units, dead = row.get("input_units"), row.get("dead_input_units")
+        if units and dead is not None and units > 0 and dead / units > th.dead_fraction:
+            hits.append((name, dead, units))
+    if not hits:
+        return []
+    listed = _listing([f"{n} ({d:.0f}/{u:.0f} = {d / u:.0%})" for n, d, u in hits])
+    return [Finding(
+        rule="dead_units", layer=hits[0][0], layers=tuple(h[0] for h in hits),
+        message=(f"{len(hits)} layer(s) have more than {th.dead_fraction:.0%} dead input units "
+                 f"(never > 0 on the analysed batch): {listed}. A dead unit passes no signal "
+                 "forward and no gradient backward; plain nets gain more of them with depth"),
+        evidence={f"dead_fraction[{n}]": d / u for n, d, u in hits},
+        remedy="check the initialisation, learning rate and biases of the layer before; "
+               "BatchNorm nets have almost no dead units (paper, App. C.3)",
+    )]
+
+
+def _smallest_percent(table: Table, label: str) -> str | None:
+    prefix = f"{label}_kappa_"
+    percents = {k[len(prefix):] for row in table.values() for k in row if k.startswith(prefix)}
+    return min(percents, key=lambda p: float(p.replace("_", ".")), default=None)
+
+
+def _kappa_outliers(table: Table, th: Thresholds) -> list[Finding]:
+    findings: list[Finding] = []
+    names = list(table)
+    for label, matrix in (("input", "Σx"), ("grad", "Σ∇h")):
+        percent = _smallest_percent(table, label)
+        if percent is None:
+            continue
+        key = f"{label}_kappa_{percent}"
+        values = {n: v for n in names if (v := _positive(table[n], key))}
+        hits = []
+        for name, value in values.items():
+            others = [v for n, v in values.items() if n != name]
+            if len(others) >= 3 and value >= th.kappa_outlier * statistics.median(others):
+                hits.append((name, value, statistics.median(others)))
+        if not hits:
+            continue
+        listed = _listing([f"{n} κ = {v:.3g} ({v / m:.0f}× the median {m:.3g} of the others)"
+                           for n, v, m in hits])
+        remedy = "normalisation (BatchNorm) improves the conditioning of Σx and Σ∇h (paper, Fig. 5)"
+        if label == "input" and hits[0][0] == names[0]:
+            remedy += "; the first layer's input is the data itself: standardise or whiten it"
+        findings.append(Finding(
+            rule="ill_conditioned", layer=hits[0][0], layers=tuple(h[0] for h in hits),
+            message=f"{key} of {matrix} is an outlier: {listed}",
+            evidence={**{f"{key}[{n}]": v for n, v, _ in hits},
+                      **{f"median_others[{n}]": m for n, _, m in hits}},
+            remedy=remedy,
+        ))
+    return findings
+
+
+def _dominated(th: Thresholds, row: Mapping[str, float]) -> bool:
+    ratio, update = row.get("grad_weight_ratio"), row.get("update_weight_ratio")
+    return (ratio is not None and ratio < th.grad_weight_ratio) or (
+        update is not None and update <= th.update_weight_ratio)
+
+
+def _last_input(table: Table, last: str | None) -> tuple[str, float, float] | None:
+    """(last layer, its λmax(Σx), median λmax(Σx) of the other layers) when defined."""
+    names = list(table)
+    last = last or (names[-1] if names else None)
+    value = _positive(table.get(last), "input_lambda_max") if last else None
+    others = [v for n in names if n != last and (v := _positive(table[n], "input_lambda_max"))]
+    if last is None or value is None or len(others) < 3:
+        return None
+    return last, value, statistics.median(others)
+
+
+def _last_layer(table: Table, domination: Table, last: str | None,
+                th: Thresholds) -> list[Finding]:
+    found = _last_input(table, last)
+    if found is None or found[1] < th.last_input_factor * found[2]:
+        return []
+    last, value, median = found
+    dominated = last in domination and _dominated(th, domination[last])
+    return [Finding(
+        rule="last_layer_input", layer=last, layers=(last,),
+        severity="warning" if dominated else "info",
+        message=(f"the input of the last layer has λmax(Σx) = {value:.3g}, {value / median:.0f}× "
+                 f"the median {median:.3g} of the other layers"
+                 + (", and the layer is in weight domination" if dominated else "")
+                 + ". In deep residual nets the sums of ReLU outputs pile up there; its weight "
+                 "grows and the layer can fall into weight domination (loss stuck near ln C)"),
+        evidence={f"input_lambda_max[{last}]": value, "median_input_lambda_max_others": median,
+                  "ratio": value / median},
+        remedy=_REMEDY_LAST_BN,
+    )]
+
+
+def _listing(parts: Sequence[str], limit: int = 5) -> str:
+    """At most ``limit`` items, then how many more."""
+    shown = "; ".join(parts[:limit])
+    return shown + (f"; … and {len(parts) - limit} more" if len(parts) > limit else "")
+
+
+def _weight_domination(domination: Table, last_input: tuple[str, float, float] | None,
+                       dominated_layers: float | None, th: Thresholds) -> list[Finding]:
+    hits = [n for n, row in domination.items() if _dominated(th, row)]
+    if not hits:
+        return []
+    evidence: dict[str, float] = {}
+    parts = []
+    for name in hits:
+        row = domination[name]
+        for key in ("grad_weight_ratio", "update_weight_ratio"):
+            if key in row:
+                evidence[f"{key}[{name}]"] = row[key]
+        parts.append(f"{name} (σmax(∇W)/σmax(W) = {row.get('grad_weight_ratio', math.nan):.3g}, "
+                     f"σmax(ΔW)/σmax(W) = {row.get('update_weight_ratio', math.nan):.3g})")
+    if dominated_layers is not None:
+        evidence["dominated_layers"] = dominated_layers
+    remedy = ("a layer the optimizer does not move (left out of it, learning rate 0) or whose "
+              "gradient is feeble next to its weight barely learns: check the optimizer's "
+              "parameter groups, weight decay and the growth of the weight norm")
+    if last_input is not None and last_input[0] in hits and (
+            last_input[1] >= th.last_input_factor * last_input[2]):
+        remedy += ("; the last layer's input has a large λmax(Σx) "
+                   f"({last_input[1] / last_input[2]:.0f}× the median): " + _REMEDY_LAST_BN)
+    return [Finding(
+        rule="weight_domination", layer=hits[0], layers=tuple(hits), evidence=evidence,
+        message=(f"{len(hits)} layer(s) in weight domination (ratio < {th.grad_weight_ratio:g} "
+                 f"or update ratio ≤ {th.update_weight_ratio:g}): " + _listing(parts)),
+        remedy=remedy,
+    )]
+
+
+def diagnose(
+    conditioning: Table,
+    domination: Table | None = None,
+    *,
+    dominated_layers: float | None = None,
+    last_layer: str | None = None,
+    thresholds: Thresholds = Thresholds(),
+) -> list[Finding]:
+    """Apply every rule to one step's layer tables; an empty list means nothing fired.
+
+    Args:
+        conditioning: ``{layer: {quantity: value}}`` in module order (ConditioningCallback).
+        domination: the same for WeightDominationCallback's per-layer quantities.
+        dominated_layers: the logged ``weight_domination/dominated_layers`` (evidence only).
+        last_layer: the final linear layer (default: the last layer of each table).
+        thresholds: see :class:`Thresholds`.
+
+    Example:
+        >>> table = {f"l{i}": {"input_lambda_max": 10.0 ** -i} for i in range(6)}
+        >>> [(f.rule, f.layer) for f in diagnose(table)]
+        [('vanishing_forward', 'l2')]
+        >>> diagnose({f"l{i}": {"input_lambda_max": 1.0} for i in range(6)})
+        []
+    """
+    domination = domination or {}
+    th = thresholds
+    findings: list[Finding] = []
+    findings += _depth_trend(conditioning, "input_lambda_max", backward=False, th=th)
+    findings += _depth_trend(conditioning, "grad_lambda_max", backward=True, th=th)
+    findings += _dead_units(conditioning, th)
+    findings += _kappa_outliers(conditioning, th)
+    findings += _last_layer(conditioning, domination, last_layer, th)
+    findings += _weight_domination(domination, _last_input(conditioning, last_layer),
+                                   dominated_layers, th)
+    return findings
+
+
+def format_findings(findings: Sequence[Finding], *, evidence: bool = True) -> str:
+    """Human-readable text: one numbered paragraph per finding (or a line saying none fired).
+
+    Example:
+        >>> print(format_findings([]))
+        No findings: no rule fired.
+        >>> print(format_findings([Finding("dead_units", "fc", "half dead", {"x": 0.5})]))
+        1 finding:
+        1. [warning] dead_units at fc: half dead
+           evidence: x=0.5
+    """
+    if not findings:
+        return "No findings: no rule fired."
+    lines = [f"{len(findings)} finding{'s' if len(findings) > 1 else ''}:"]
+    for i, finding in enumerate(findings, 1):
+        lines.append(f"{i}. {finding}")
+        if evidence and finding.evidence:
+            items = [f"{k}={v:.4g}" for k, v in finding.evidence.items()]
+            more = f", … ({len(items) - 10} more)" if len(items) > 10 else ""
+            lines.append("   evidence: " + ", ".join(items[:10]) + more)
+        if finding.remedy:
+            lines.append(f"   remedy: {finding.remedy}")
+    return "\n".join(lines)

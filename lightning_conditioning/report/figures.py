@@ -1,0 +1,289 @@
+"""Matplotlib figures from layer tables (the paper's Figs. 3, 5, 6, 7): used by sinks and report.
+
+Pure plotting on plain ``{layer: {quantity: value}}`` tables (see
+:mod:`lightning_conditioning.report.metrics`). Figures are built with
+``matplotlib.figure.Figure`` directly (no pyplot, no GUI backend, nothing global to close).
+matplotlib is optional: check :func:`matplotlib_available` first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_conditioning.report.metrics import LayerTable
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "matplotlib_available",
+    "depth_profile_figure",
+    "training_figure",
+    "units_figure",
+    "domination_figure",
+    "save_png",
+]
+
+_MATRICES = (
+    ("input", r"$\Sigma_x$ (layer input)"),
+    ("grad", r"$\Sigma_{\nabla h}$ (output gradient)"),
+    ("fim", r"sub-FIM $\Sigma_x \otimes \Sigma_{\nabla h}$"),
+)
+_MAX_NAMED_TICKS = 16
+
+
+def matplotlib_available() -> bool:
+    """Whether matplotlib can be imported (it is an optional dependency).
+
+    Example:
+        >>> isinstance(matplotlib_available(), bool)
+        True
+    """
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _new_figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Figure, Any]:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=100, layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False)
+    return figure, axes
+
+
+def _value(row: Mapping[str, float] | None, key: str) -> float:
+    """A positive finite value or NaN (log axes cannot show the rest)."""
+    value = (row or {}).get(key, math.nan)
+    return value if math.isfinite(value) and value > 0 else math.nan
+
+
+def kappa_percents(table: LayerTable) -> list[str]:
+    """The ``p`` fragments of every ``*_kappa_{p}`` key, sorted numerically.
+
+    Example:
+        >>> kappa_percents({"fc": {"input_kappa_100": 1.0, "grad_kappa_99_5": 2.0}})
+        ['99_5', '100']
+    """
+    found = {m.group(1) for row in table.values() for k in row
+             if (m := re.match(r"^(?:input|grad|fim)_kappa_([0-9_]+)$", k))}
+    return sorted(found, key=lambda p: float(p.replace("_", ".")))
+
+
+def _percent_label(fragment: str) -> str:
+    return fragment.replace("_", ".") + "%"
+
+
+def _layer_axis(ax: Axes, names: Sequence[str]) -> None:
+    positions = range(1, len(names) + 1)
+    if len(names) <= _MAX_NAMED_TICKS:
+        ax.set_xticks(list(positions), list(names), rotation=45, ha="right", fontsize=7)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (module order, index from 1)")
+    ax.set_xlim(0.5, len(names) + 0.5)
+
+
+def _log_axis(ax: Axes, ylabel: str) -> None:
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def depth_profile_figure(table: LayerTable, *, step: int | None = None) -> Figure:
+    """λmax and κ_p of Σx, Σ∇h and the sub-FIM against layer index, log y (Figs. 3, 5).
+
+    Example:
+        >>> table = {f"net.{i}": {"input_lambda_max": 10.0 ** -i, "input_kappa_100": 5.0}
+        ...          for i in range(4)}
+        >>> figure = depth_profile_figure(table, step=0)
+        >>> [ax.get_yscale() for ax in figure.axes][:2]
+        ['log', 'log']
+    """
+    names = list(table)
+    figure, axes = _new_figure(2, 3, (12.0, 6.5))
+    x = list(range(1, len(names) + 1))
+    percents = kappa_percents(table)
+    for col, (label, title) in enumerate(_MATRICES):
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot(x, [_value(table[n], f"{label}_lambda_max") for n in names], "o-", ms=4)
+        top.set_title(title, fontsize=10)
+        _log_axis(top, r"$\lambda_{max}$")
+        for percent in percents:
+            values = [_value(table[n], f"{label}_kappa_{percent}") for n in names]
+            if all(math.isnan(v) for v in values):
+                continue
+            bottom.plot(x, values, "o-", ms=3, label=rf"$\kappa_{{{_percent_label(percent)}}}$".replace("%", r"\%"))
+        _log_axis(bottom, r"$\kappa_p = \lambda_{max} / \lambda_p$")
+        if bottom.get_lines():
+            bottom.legend(fontsize=8, loc="best")
+        for ax in (top, bottom):
+            _layer_axis(ax, names)
+        top.set_xlabel("")
+    figure.suptitle("Conditioning across depth" + (f" (step {step})" if step is not None else ""))
+    return figure
+
+
+def _pick_layers(names: Sequence[str], limit: int) -> list[str]:
+    """At most ``limit`` layers spread evenly over depth, first and last included."""
+    if len(names) <= limit:
+        return list(names)
+    picks = {round(i * (len(names) - 1) / (limit - 1)) for i in range(limit)}
+    return [names[i] for i in sorted(picks)]
+
+
+def _history_lines(
+    ax: Axes, history: Mapping[int, LayerTable], names: Sequence[str], key: str, all_names: Sequence[str]
+) -> None:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    steps = sorted(history)
+    for name in names:
+        depth = all_names.index(name) / max(len(all_names) - 1, 1)
+        ys = [_value(history[s].get(name), key) for s in steps]
+        ax.plot([s + 1 for s in steps], ys, "-" if len(steps) > 1 else "o",
+                color=cmap(0.9 * depth), label=name, lw=1.2, ms=4)
+    _log_steps_axis(ax, [s + 1 for s in steps])
+
+
+def _log_steps_axis(ax: Axes, xs: Sequence[int]) -> None:
+    """Log x axis of steps with plain-number labels (1, 2, 5, 10, … on short ranges)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    if xs and max(xs) / max(min(xs), 1) < 100:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("optimizer step + 1")
+
+
+def training_figure(history: Mapping[int, LayerTable], *, max_layers: int = 8) -> Figure:
+    """λmax and the largest-p κ of Σx, Σ∇h and the sub-FIM over training, log-log (Figs. 6, 7).
+
+    ``history`` maps step → layer table. At most ``max_layers`` layers are drawn, spread over
+    depth (colour: shallow = dark, deep = yellow).
+
+    Example:
+        >>> history = {s: {"fc": {"input_lambda_max": 1.0 + s}} for s in (0, 9, 99)}
+        >>> training_figure(history).axes[0].get_xscale()
+        'log'
+    """
+    all_names = list(dict.fromkeys(n for s in sorted(history) for n in history[s]))
+    names = _pick_layers(all_names, max_layers)
+    merged = {n: row for table in history.values() for n, row in table.items()}
+    percents = kappa_percents(merged)
+    figure, axes = _new_figure(2, 3, (12.0, 6.5))
+    for col, (label, title) in enumerate(_MATRICES):
+        _history_lines(axes[0][col], history, names, f"{label}_lambda_max", all_names)
+        axes[0][col].set_title(title, fontsize=10)
+        _log_axis(axes[0][col], r"$\lambda_{max}$")
+        if percents:
+            key = f"{label}_kappa_{percents[-1]}"
+            _history_lines(axes[1][col], history, names, key, all_names)
+        _log_axis(axes[1][col], rf"$\kappa_{{{_percent_label(percents[-1]) if percents else 'p'}}}$".replace("%", r"\%"))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="outside right center", fontsize=8, title="layer")
+    figure.suptitle("Conditioning over training")
+    return figure
+
+
+def units_figure(table: LayerTable, *, step: int | None = None) -> Figure:
+    """Dead and full (always active) input units per layer, as fractions when sizes are known.
+
+    Example:
+        >>> figure = units_figure({"a": {"dead_input_units": 1.0, "full_input_units": 2.0,
+        ...                              "input_units": 4.0}})
+        >>> figure.axes[0].get_ylabel()
+        'fraction of input units'
+    """
+    names = list(table)
+    fractions = all(table[n].get("input_units", 0) > 0 for n in names)
+    figure, axes = _new_figure(1, 1, (max(6.0, 0.35 * len(names) + 3), 4.0))
+    ax = axes[0][0]
+    x = list(range(1, len(names) + 1))
+    for offset, key, colour, label in ((-0.2, "dead_input_units", "tab:red", "dead (never > 0)"),
+                                       (0.2, "full_input_units", "tab:blue", "full (always > 0)")):
+        values = [table[n].get(key, math.nan) for n in names]
+        if fractions:
+            values = [v / table[n]["input_units"] for v, n in zip(values, names)]
+        ax.bar([i + offset for i in x], values, width=0.4, color=colour, label=label)
+    ax.set_ylabel("fraction of input units" if fractions else "input units")
+    if fractions:
+        ax.set_ylim(0, 1.05)
+    _layer_axis(ax, names)
+    ax.legend(fontsize=8)
+    ax.set_title("Dead and full input units" + (f" (step {step})" if step is not None else ""))
+    return figure
+
+
+def _mark_zeros(ax: Axes, x: Sequence[int], values: Sequence[float], colour: str) -> None:
+    from matplotlib.transforms import blended_transform_factory
+
+    zeros = [xi for xi, v in zip(x, values) if v == 0]
+    if zeros:
+        transform = blended_transform_factory(ax.transData, ax.transAxes)
+        ax.scatter(zeros, [0.03] * len(zeros), marker="v", s=40, color=colour,
+                   transform=transform, label="update ratio = 0 (not updated)", zorder=5)
+
+
+def domination_figure(
+    table: LayerTable, history: Mapping[int, LayerTable] | None = None, *,
+    step: int | None = None, threshold: float = 1e-4, max_layers: int = 8,
+) -> Figure:
+    """Weight-domination ratios per layer (left) and σmax(∇W)/σmax(W) over training (right).
+
+    Example:
+        >>> table = {"fc": {"grad_weight_ratio": 1e-2, "update_weight_ratio": 0.0}}
+        >>> domination_figure(table, {0: table}).axes[0].get_yscale()
+        'log'
+    """
+    names = list(table)
+    figure, axes = _new_figure(1, 2, (12.0, 4.5))
+    left, right = axes[0]
+    x = list(range(1, len(names) + 1))
+    for key, colour, label in (
+        ("grad_weight_ratio", "tab:blue", r"$\sigma_{max}(\nabla W) / \sigma_{max}(W)$"),
+        ("grad_weight_ratio_fro", "tab:green", r"$\|\nabla W\|_F / \|W\|_F$"),
+        ("update_weight_ratio", "tab:orange", r"$\sigma_{max}(\Delta W) / \sigma_{max}(W)$"),
+    ):
+        raw = [table[n].get(key, math.nan) for n in names]
+        left.plot(x, [_value(table[n], key) for n in names], "o-", ms=4, color=colour, label=label)
+        if key == "update_weight_ratio":
+            _mark_zeros(left, x, raw, colour)
+    left.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")
+    _log_axis(left, "ratio")
+    _layer_axis(left, names)
+    left.legend(fontsize=8, loc="best")
+    left.set_title("Weight domination" + (f" (step {step})" if step is not None else ""))
+    if history:
+        all_names = list(dict.fromkeys(n for s in sorted(history) for n in history[s]))
+        _history_lines(right, history, _pick_layers(all_names, max_layers), "grad_weight_ratio", all_names)
+        right.axhline(threshold, color="tab:red", ls="--", lw=1)
+        right.legend(fontsize=7, title="layer", loc="best")
+    _log_axis(right, r"$\sigma_{max}(\nabla W) / \sigma_{max}(W)$")
+    right.set_title("Over training")
+    return figure
+
+
+def save_png(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as a PNG (Agg canvas; no pyplot state) and return the path.
+
+    Example::
+
+        save_png(depth_profile_figure(table), "depth_profile.png")
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, format="png")
+    return path

@@ -1,0 +1,110 @@
+"""TensorBoard: scalars, eigenvalue histograms, depth-profile figures, spectra file, layout."""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, append_records
+from lightning_conditioning.sinks.base import Publication, Sink
+from lightning_conditioning.spectra import format_percent
+
+__all__ = ["TensorBoardSink", "tensorboard_layout", "publish_tensorboard_layout"]
+
+#: writers that already hold a custom-scalars layout (TensorBoard shows one per run)
+_WITH_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+_MATRICES = (("input", "Σx"), ("grad", "Σ∇h"), ("fim", "sub-FIM"))
+
+
+class TensorBoardSink(Sink):
+    """Scalars; histograms of log10 eigenvalues (``{prefix}/{layer}/{input,grad}_log10_eigenvalues``);
+    the depth-profile figure (``{prefix}/depth_profile``, images tab); and, with histograms on,
+    the spectra file ``conditioning_spectra.jsonl`` in ``logger.log_dir`` for the report."""
+
+    supports = ("histograms", "figures", "spectra")
+
+    def conditioning_extras(self, publication: Publication) -> None:
+        logger = self.logger
+        assert isinstance(logger, TensorBoardLogger)
+        writer = logger.experiment
+        if publication.histograms:
+            for tag, values in publication.histogram_values().items():
+                writer.add_histogram(tag, values, global_step=publication.step)
+            append_records(Path(logger.log_dir) / SPECTRA_FILENAME, publication.records)
+        figure = publication.figure
+        if figure is not None:
+            writer.add_figure(f"{publication.prefix}/depth_profile", figure,
+                              global_step=publication.step, close=False)
+
+
+def _chart(pattern_prefix: str, quantity: str) -> list[Any]:
+    return ["Multiline", [f"{re.escape(pattern_prefix)}/[^/]+/{quantity}$"]]
+
+
+def tensorboard_layout(
+    *,
+    conditioning_prefix: str | None = "conditioning",
+    domination_prefix: str | None = "weight_domination",
+    kappa_percents: Sequence[float] = (50, 80, 100),
+) -> dict[str, dict[str, list[Any]]]:
+    """A custom-scalars layout: one chart per quantity with every layer as one line.
+
+    Charts match tags by regular expression, so the layout needs no layer names and can be
+    written before training. Sections: λmax of Σx / Σ∇h / sub-FIM; κ_p of each; dead and full
+    units; and (with ``domination_prefix``) the weight-domination ratios.
+
+    Example:
+        >>> layout = tensorboard_layout(kappa_percents=(100,))
+        >>> layout["conditioning: λmax per layer"]["Σx λmax"]
+        ['Multiline', ['conditioning/[^/]+/input_lambda_max$']]
+    """
+    layout: dict[str, dict[str, list[Any]]] = {}
+    if conditioning_prefix is not None:
+        p = conditioning_prefix
+        layout[f"{p}: λmax per layer"] = {
+            f"{label} λmax": _chart(p, f"{key}_lambda_max") for key, label in _MATRICES}
+        layout[f"{p}: κ_p per layer"] = {
+            f"{label} κ_{percent:g}%": _chart(p, f"{key}_kappa_{format_percent(percent)}")
+            for key, label in _MATRICES for percent in kappa_percents}
+        layout[f"{p}: units per layer"] = {
+            "dead input units": _chart(p, "dead_input_units"),
+            "full input units": _chart(p, "full_input_units")}
+    if domination_prefix is not None:
+        d = domination_prefix
+        layout[f"{d} per layer"] = {
+            "σmax(∇W)/σmax(W)": _chart(d, "grad_weight_ratio"),
+            "σmax(ΔW)/σmax(W)": _chart(d, "update_weight_ratio"),
+            "‖∇W‖F/‖W‖F": _chart(d, "grad_weight_ratio_fro"),
+            "dominated layers": ["Multiline", [f"{re.escape(d)}/dominated_layers$"]]}
+    return layout
+
+
+def publish_tensorboard_layout(
+    loggers: Iterable[Logger], layout: dict[str, dict[str, list[Any]]] | None = None
+) -> int:
+    """Write ``layout`` (default :func:`tensorboard_layout`) to every TensorBoard logger that
+    has none yet from this process; returns how many got it. Call on global rank zero, e.g. in
+    ``on_fit_start``. A run shows one layout, so the first call wins.
+
+    Example::
+
+        publish_tensorboard_layout(trainer.loggers, tensorboard_layout(kappa_percents=(50, 100)))
+    """
+    layout = layout if layout is not None else tensorboard_layout()
+    written = 0
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            continue
+        writer = logger.experiment
+        if writer in _WITH_LAYOUT:
+            continue
+        writer.add_custom_scalars(layout)
+        _WITH_LAYOUT.add(writer)
+        written += 1
+    return written

@@ -1,0 +1,156 @@
+"""The diagnosis rules: unit cases on plain tables, then purpose-built nets (1-2 steps each)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import SequentialClassifier, fit, loader, seeded
+from torch import nn
+
+from lightning_conditioning import ConditioningCallback, WeightDominationCallback
+from lightning_conditioning.diagnosis import Finding, Thresholds, diagnose, format_findings
+from lightning_conditioning.report.metrics import conditioning_table, split_metrics
+
+
+def _rules(findings: list[Finding]) -> dict[str, Finding]:
+    return {f.rule: f for f in findings}
+
+
+# ------------------------------------------------------------------ rules on plain tables
+def test_depth_trends_forward_and_backward() -> None:
+    table = {f"l{i}": {"input_lambda_max": 2.0 * 0.1**i, "grad_lambda_max": 1e3 * 3.0**-(9 - i)}
+             for i in range(10)}
+    found = _rules(diagnose(table))
+    assert set(found) == {"vanishing_forward", "vanishing_backward"}
+    assert found["vanishing_forward"].layer == "l2"  # first value below 1/10 of l0's 2.0
+    assert found["vanishing_forward"].evidence["slope_decades_per_layer"] == pytest.approx(-1.0)
+    assert found["vanishing_backward"].layer == "l6"  # 3^-3 = 1/27 < 1/10 of l9's
+    growing = {f"l{i}": {"input_lambda_max": 4.0**i} for i in range(8)}
+    # the last layer then stands out as well
+    assert [f.rule for f in diagnose(growing)] == ["exploding_forward", "last_layer_input"]
+
+
+def test_quiet_on_flat_short_or_noisy_tables() -> None:
+    flat = {f"l{i}": {"input_lambda_max": 1.0 + 0.5 * (i % 2), "grad_lambda_max": 0.3} for i in range(12)}
+    assert diagnose(flat) == []
+    short = {f"l{i}": {"input_lambda_max": 10.0**-i} for i in range(3)}
+    assert diagnose(short) == []  # fewer than min_layers
+    gentle = {f"l{i}": {"input_lambda_max": 10.0 ** (-0.5 * i)} for i in range(6)}
+    assert diagnose(gentle) == []  # 2.5 decades in all: below total_decades
+    assert [f.rule for f in diagnose(gentle, thresholds=Thresholds(total_decades=2))] == ["vanishing_forward"]
+
+
+def test_dead_units_kappa_outlier_and_last_layer() -> None:
+    table = {f"l{i}": {"input_lambda_max": 1.0, "input_kappa_50": 10.0, "input_kappa_100": 1e4,
+                       "dead_input_units": 1.0, "input_units": 64.0} for i in range(6)}
+    table["l0"]["dead_input_units"] = 60.0  # the data's own zero features: never flagged
+    table["l3"]["dead_input_units"] = 40.0
+    table["l4"]["input_kappa_50"] = 5e3
+    table["l5"]["input_lambda_max"] = 50.0
+    found = _rules(diagnose(table))
+    assert set(found) == {"dead_units", "ill_conditioned", "last_layer_input"}
+    assert found["dead_units"].layers == ("l3",)
+    assert found["dead_units"].evidence == {"dead_fraction[l3]": 0.625}
+    assert found["ill_conditioned"].layers == ("l4",)
+    assert found["last_layer_input"].severity == "info"
+    assert "add_last_bn" in found["last_layer_input"].remedy
+    domination = {"l5": {"grad_weight_ratio": 1e-6, "update_weight_ratio": 1e-7}}
+    found = _rules(diagnose(table, domination, dominated_layers=1.0))
+    assert found["last_layer_input"].severity == "warning"
+    assert found["weight_domination"].evidence["dominated_layers"] == 1.0
+    assert "add_last_bn" in found["weight_domination"].remedy
+
+
+def test_format_findings_lists_evidence() -> None:
+    text = format_findings(diagnose({f"l{i}": {"input_lambda_max": 10.0**-i} for i in range(6)}))
+    assert text.startswith("1 finding:\n1. [warning] vanishing_forward at l2")
+    assert "slope_decades_per_layer=-1" in text and "remedy:" in text
+
+
+# ------------------------------------------------------------------ purpose-built nets
+def _mlp(depth: int = 20, width: int = 64, bn: bool = False, std: float = 0.5) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    features = 32
+    for _ in range(depth - 1):
+        linear = nn.Linear(features, width, bias=False)
+        nn.init.normal_(linear.weight, 0.0, std / math.sqrt(features))
+        layers += [linear, *([nn.BatchNorm1d(width)] if bn else []), nn.ReLU()]
+        features = width
+    layers.append(nn.Linear(features, 10))
+    return nn.Sequential(*layers)
+
+
+def _analyse(net: nn.Module, steps: int = 1, module: type[SequentialClassifier] = SequentialClassifier,
+             **module_kwargs: object):
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(64) % 10
+    conditioning = ConditioningCallback(every_n_steps=1, log_figures=False, log_histograms=False)
+    domination = WeightDominationCallback(every_n_steps=1)
+    _, logger = fit(module(net, **module_kwargs), loader(x, y, 64), [conditioning, domination],
+                    max_steps=steps)
+    last = max(logger.history)
+    split = split_metrics(logger.history[last])
+    table = conditioning_table(conditioning.results)
+    return diagnose(table, split.domination, dominated_layers=split.dominated_layers)
+
+
+@pytest.fixture(autouse=True)
+def _no_denormals():
+    previous = torch.set_flush_denormal(True)  # plain deep nets at small init crawl otherwise
+    yield
+    torch.set_flush_denormal(previous)
+
+
+def test_plain_deep_mlp_vanishes_and_is_located() -> None:
+    found = _rules(_analyse(seeded(_mlp)))
+    forward, backward = found["vanishing_forward"], found["vanishing_backward"]
+    # about -0.9 decades per layer (×0.125: weight variance 0.25/fan_in, halved by the ReLU)
+    assert forward.evidence["slope_decades_per_layer"] == pytest.approx(-0.9, abs=0.15)
+    assert forward.layer in ("net.4", "net.6")  # λmax(Σx) 10× below the first layer's
+    assert backward.evidence["slope_decades_per_layer"] < -0.5
+    assert backward.layer in ("net.34", "net.32")
+
+
+def test_batchnorm_deep_mlp_does_not_vanish() -> None:
+    rules = {f.rule for f in _analyse(seeded(lambda: _mlp(bn=True)))}
+    assert not rules & {"vanishing_forward", "vanishing_backward", "exploding_forward", "exploding_backward"}
+
+
+class _Blocked(SequentialClassifier):
+    """Leaves the weight of ``net.{blocked}`` out of the optimizer (the paper's Fig. 4)."""
+
+    def __init__(self, net: nn.Module, blocked: int) -> None:
+        super().__init__(net, lr=0.1)
+        self.blocked = f"net.{blocked}."
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for n, p in self.named_parameters() if not n.startswith(self.blocked)]
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+
+
+def _small() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+def test_blocked_layer_is_weight_dominated() -> None:
+    found = _rules(_analyse(seeded(_small), steps=2, module=_Blocked, blocked=2))
+    assert set(found) == {"weight_domination"}
+    assert found["weight_domination"].layers == ("net.2",)
+    evidence = found["weight_domination"].evidence
+    assert evidence["update_weight_ratio[net.2]"] == 0 and evidence["dominated_layers"] == 1
+
+
+def test_dead_layer_is_found() -> None:
+    net = seeded(_small)
+    with torch.no_grad():
+        net[2].bias.fill_(-100.0)  # the ReLU after net.2 is always 0
+    found = _rules(_analyse(net))
+    assert found["dead_units"].layers == ("net.4",)
+    assert found["dead_units"].evidence["dead_fraction[net.4]"] == 1.0
+
+
+def test_healthy_small_net_has_no_findings() -> None:
+    findings = _analyse(seeded(_small), steps=2)
+    assert findings == [], format_findings(findings)

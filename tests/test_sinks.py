@@ -1,0 +1,247 @@
+"""One sink per logger kind, checked against what each real backend stored (no network)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import struct
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import RecordingLogger, SequentialClassifier, loader, seeded
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from torch import nn
+
+from lightning_conditioning import ConditioningCallback, WeightDominationCallback, sinks
+from lightning_conditioning.report.reader import load_run
+from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, read_spectra
+from lightning_conditioning.sinks import base as sinks_base
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def messages() -> Iterator[list[str]]:
+    """INFO messages of the sinks (pytest runs with -p no:logging, so no caplog)."""
+    sinks.ANNOUNCER.seen.clear()
+    handler, logger = _Messages(), logging.getLogger("lightning_conditioning.sinks")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+class Layout(pl.Callback):
+    """What a callback flag would do: the custom-scalars layout at fit start, rank zero."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            sinks.publish_tensorboard_layout(trainer.loggers)
+
+
+def _net(odd_name: str | None = None) -> nn.Sequential:
+    net = seeded(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)))
+    if odd_name is not None:  # a layer whose name MLflow would reject
+        layer = net[2]
+        del net[2]
+        net.add_module(odd_name, layer)
+    return net
+
+
+def _run(logger: Logger | list[Logger], steps: int = 2, net: nn.Module | None = None,
+         callbacks: list[pl.Callback] | None = None) -> tuple[ConditioningCallback, WeightDominationCallback]:
+    x, y = torch.randn(32, 12, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 5
+    conditioning, domination = ConditioningCallback(every_n_steps=1), WeightDominationCallback(every_n_steps=1)
+    trainer = pl.Trainer(
+        max_steps=steps, logger=logger, callbacks=[conditioning, domination, *(callbacks or [])],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu", devices=1,
+    )
+    trainer.fit(SequentialClassifier(net if net is not None else _net()), loader(x, y, 16))
+    return conditioning, domination
+
+
+def _assert_matches(stored: dict[str, float], callback: ConditioningCallback, rel: float = 1e-6) -> None:
+    expected = {k: v for r in callback.results.values() for k, v in r.metrics().items()}
+    assert expected
+    for key, value in expected.items():
+        assert stored[key] == pytest.approx(value, rel=rel), key
+
+
+def test_tensorboard_histograms_figure_layout_and_spectra(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callback, _ = _run(logger, callbacks=[Layout()])
+    logger.experiment.flush()
+    assert sinks.publish_tensorboard_layout([logger]) == 0  # one layout per run
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "custom_scalars__config__" in tags["tensors"]
+    assert [e.step for e in events.Images("conditioning/depth_profile")] == [0, 1]
+    for layer in ("net.0", "net.2"):
+        assert f"conditioning/{layer}/input_log10_eigenvalues" in tags["histograms"]
+        assert f"weight_domination/{layer}/grad_weight_ratio" in tags["scalars"]
+    last = {tag: events.Scalars(tag)[-1].value for tag in tags["scalars"]}
+    _assert_matches(last, callback)
+    records = read_spectra(Path(logger.log_dir) / SPECTRA_FILENAME)
+    assert [(r["step"], r["layer"]) for r in records] == [(0, "net.0"), (0, "net.2"), (1, "net.0"), (1, "net.2")]
+    held = callback.results["net.2"].input.eigenvalues.tolist()
+    assert records[-1]["input_eigenvalues"] == pytest.approx(held, rel=1e-8, abs=1e-12 * held[0])
+
+
+def test_layout_charts_every_layer_per_quantity() -> None:
+    layout = sinks.tensorboard_layout(kappa_percents=(50, 99.5))
+    charts = {title: chart for section in layout.values() for title, chart in section.items()}
+    assert charts["Σ∇h λmax"] == ["Multiline", ["conditioning/[^/]+/grad_lambda_max$"]]
+    assert charts["sub-FIM κ_99.5%"][1] == ["conditioning/[^/]+/fim_kappa_99_5$"]
+    assert charts["σmax(ΔW)/σmax(W)"][1] == ["weight_domination/[^/]+/update_weight_ratio$"]
+    assert sinks.tensorboard_layout(domination_prefix=None).keys().isdisjoint({"weight_domination per layer"})
+
+
+def test_csv_scalars_and_spectra_match_the_callback(tmp_path: Path, messages: list[str]) -> None:
+    logger = CSVLogger(tmp_path, name="csv")
+    callback, domination = _run(logger, steps=3)
+    run = load_run(logger.log_dir)
+    assert run.kind == "csv" and run.conditioning_steps() == [0, 1, 2]
+    _assert_matches(run.scalars[2], callback)
+    for name, stats in domination.results.items():
+        assert run.scalars[2][f"weight_domination/{name}/grad_weight_ratio"] == pytest.approx(
+            stats.grad_weight_ratio, rel=1e-6)
+    record = run.spectra[2]["net.0"]
+    result = callback.results["net.0"]
+    assert record["input_units"] == 12 and record["dead_input_units"] == result.dead_input_units
+    assert record["grad_eigenvalues"] == pytest.approx(result.grad.eigenvalues.tolist(), rel=1e-8)
+    assert run.layer_order == ["net.0", "net.2"]
+    assert sum("CSVLogger stores no figures" in m for m in messages) == 1
+
+
+def test_mlflow_local_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow", reason="mlflow (or mlflow-skinny) is a test/loggers extra")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.7 refuses file: stores otherwise
+    uri = f"file:{tmp_path}/mlruns"
+    logger = MLFlowLogger(experiment_name="conditioning", tracking_uri=uri)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback, _ = _run(logger, net=_net(odd_name="head[κ]"))
+    assert not [w for w in caught if "MLFlow only allows" in str(w.message)]
+    client = MlflowClient(tracking_uri=uri)
+    stored = {}
+    for key in {k for r in callback.results.values() for k in r.metrics()}:
+        history = client.get_metric_history(logger.run_id, sinks.mlflow_metric_name(key))
+        stored[key] = [m.value for m in sorted(history, key=lambda m: m.step)][-1]
+    assert "conditioning/net.head___/input_lambda_max" in {sinks.mlflow_metric_name(k) for k in stored}
+    _assert_matches(stored, callback)
+    spectra = [a.path for a in client.list_artifacts(logger.run_id, "conditioning_spectra")]
+    figures = [a.path for a in client.list_artifacts(logger.run_id, "conditioning_figures")]
+    assert spectra == ["conditioning_spectra/step_00000000.jsonl", "conditioning_spectra/step_00000001.jsonl"]
+    assert len(figures) == 2 and all(f.endswith(".png") for f in figures)
+
+
+def _wandb_records(path: str) -> Iterator[bytes]:
+    """Records of a .wandb file (LevelDB log format: 32 KiB blocks of crc32, length, type)."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # block trailer padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            yield pending
+
+
+def _wandb_history(run_dir: Path) -> list[dict[str, Any]]:
+    pytest.importorskip("wandb.proto.wandb_internal_pb2", reason="cannot read .wandb files")
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb")):
+        for raw in _wandb_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb", reason="wandb is a test/loggers extra")
+    from lightning.pytorch.loggers import WandbLogger
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                       "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="conditioning")
+    try:
+        callback, _ = _run(logger)
+    finally:
+        wandb.finish()
+    rows = _wandb_history(tmp_path)
+    step1 = {k: v for row in rows if row.get("trainer/global_step") == 1 for k, v in row.items()}
+    _assert_matches(step1, callback)
+    assert step1["conditioning/net.2/grad_log10_eigenvalues/_type"] == "histogram"
+    assert step1["conditioning/depth_profile/_type"] == "image-file"
+
+
+def test_other_logger_gets_scalars_and_one_message(messages: list[str]) -> None:
+    logger = RecordingLogger()
+    callback, _ = _run(logger)
+    assert logger.history[1]["conditioning/net.0/input_lambda_max"] == callback.results["net.0"].input.lambda_max
+    assert logger.history[1]["weight_domination/dominated_layers"] == 0
+    assert sum("RecordingLogger gets the conditioning scalars only" in m for m in messages) == 1
+
+
+def test_figures_skipped_once_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, messages: list[str]
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(sinks_base, "matplotlib_available", lambda: False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _run(logger)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert events.Tags()["images"] == [] and events.Tags()["histograms"]
+    assert sum("matplotlib is not installed" in m for m in messages) == 1
+
+
+def test_switches_and_nonfinite_layers(tmp_path: Path) -> None:
+    callback, _ = _run(RecordingLogger(), steps=1)
+    results = dict(callback.results)
+    results["net.0"] = type(results["net.0"])(**{**vars(results["net.0"]), "status": "nonfinite"})
+    logger = CSVLogger(tmp_path, name="csv")
+    sinks.publish_conditioning([logger], results, 7, histograms=False, figures=False)
+    assert not (Path(logger.log_dir) / SPECTRA_FILENAME).exists()
+    sinks.publish_conditioning([logger], results, 8)
+    records = read_spectra(Path(logger.log_dir) / SPECTRA_FILENAME)
+    assert [(r["layer"], r["status"], r["input_eigenvalues"]) for r in records][0] == ("net.0", "nonfinite", None)
+    assert math.isclose(records[1]["input_eigenvalues"][0], results["net.2"].input.lambda_max, rel_tol=1e-8)
