@@ -91,8 +91,12 @@ def fisher_rows(
     """
     chosen = select_layers(model, (nn.Linear, nn.modules.conv._ConvNd))
     names = list(chosen) if layers is None else list(layers)
-    weights = {f"{name}.weight": chosen[name].weight for name in names}
-    fixed = {k: v for k, v in model.named_parameters() if k not in weights}
+    weights: dict[str, Tensor] = {}
+    for name in names:
+        weight = getattr(chosen[name], "weight")  # noqa: B009
+        assert isinstance(weight, Tensor)
+        weights[f"{name}.weight"] = weight
+    fixed: dict[str, Tensor] = {k: v for k, v in model.named_parameters() if k not in weights}
     fixed.update(dict(model.named_buffers()))
 
     def logits(params: dict[str, Tensor]) -> Tensor:

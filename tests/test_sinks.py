@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import time
 import logging
 import math
 import struct
@@ -204,8 +205,16 @@ def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         callback, _ = _run(logger)
     finally:
         wandb.finish()
-    rows = _wandb_history(tmp_path)
-    step1 = {k: v for row in rows if row.get("trainer/global_step") == 1 for k, v in row.items()}
+    # W&B's service process writes the offline file asynchronously: under load the last
+    # records can land after finish() returns, so wait (bounded) for the step's keys
+    expected = {k for r in callback.results.values() for k in r.metrics()}
+    deadline = time.monotonic() + 60
+    while True:
+        rows = _wandb_history(tmp_path)
+        step1 = {k: v for row in rows if row.get("trainer/global_step") == 1 for k, v in row.items()}
+        if expected <= set(step1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     _assert_matches(step1, callback)
     assert step1["conditioning/net.2/grad_log10_eigenvalues/_type"] == "histogram"
     assert step1["conditioning/depth_profile/_type"] == "image-file"

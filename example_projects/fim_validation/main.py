@@ -104,8 +104,52 @@ def agreement(entry: dict[str, Any]) -> dict[str, float]:
     return result
 
 
+def verdicts(results: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+    """Criteria fixed before the run, with their evidence."""
+    checks: dict[str, tuple[bool, str]] = {}
+    depths = sorted({key.split("-")[1] for key in results}, key=int)
+    story, evidence = True, []
+    for depth in depths:
+        plain, bn = results[f"Plain-{depth}"], results[f"BN-{depth}"]
+        for kind, label in (("true", "F"), ("empirical", "M")):
+            p, b = plain[kind]["full"], bn[kind]["full"]
+            ok = p["lambda_max"] < 1e-2 * b["lambda_max"] and p["kappa_50"] > b["kappa_50"] and p["kappa_80"] > b["kappa_80"]
+            story &= ok
+            evidence.append(f"{depth} layers {label}: λmax {p['lambda_max']:.2g} vs {b['lambda_max']:.2g}, "
+                            f"κ50 {p['kappa_50']:.3g} vs {b['kappa_50']:.3g}")
+    checks["claim 4: full FIM — Plain has a vanishing λmax and worse κ than BN"] = (story, "; ".join(evidence))
+    for name in ("Plain", "BN"):
+        worst = max(max(agreement(results[k][kind]).values()) for k in results if k.startswith(name) for kind in ("true", "empirical"))
+        lam = max(agreement(results[k][kind])["lambda_max"] for k in results if k.startswith(name) for kind in ("true", "empirical"))
+        checks[f"claim 4: Kronecker approximation within a factor 2 of the exact sub-FIMs ({name})"] = (
+            worst <= math.log10(2), f"largest median |log10 ratio| over quantities {worst:.2f} (λmax alone {lam:.2f})")
+    return checks
+
+
+DISCUSSION = """## Discussion
+
+- The full FIM tells the paper's story: at initialisation the Plain 8-layer net's λmax is
+  ~3e-5 (the paper reports ≈1e-5) against ~27 for BN (paper: ≈1; deep BN nets at init have
+  growing gradients toward the input, see `../mnist_mlp`), and Plain is worse conditioned
+  (κ50, κ80) for both F and M.
+- For the Plain nets, the Kronecker approximation Σx ⊗ Σ∇h that the callback reports tracks
+  the exact sub-FIMs' λmax closely: within ~5-10% on every layer for F (median |log10 ratio|
+  0.02), within 25% for M (0.05-0.09). The condition numbers agree less well: κ50 within a
+  factor 1.3-3 and κ80 within a factor 1.3-5 (worst: the 4-layer net's M, 0.71), so the
+  factor-2 criterion fails on κ, not on λmax. The approximation drops the correlation between
+  x and ∇h, which shifts the middle of the spectrum more than its top.
+- For the BN nets it overestimates λmax of the lower layers by 2.5-4× and agrees within a
+  factor 2 higher up. With BatchNorm in train mode an example's logits depend on the whole
+  batch, so its weight gradient is not the outer product ∇h_i x_iᵀ that the Kronecker form
+  assumes, and the correlation the factorisation drops is largest where the gradients grow
+  (the lower layers). The ordering across layers and the Plain/BN contrast survive, which is
+  what the paper's Figs. 1-2 use; absolute λmax of BN layers is an upper estimate here.
+"""
+
+
 def plot(results: dict[str, Any], out: Path) -> Path:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,6 +167,7 @@ def plot(results: dict[str, Any], out: Path) -> Path:
             ax.axhline(entry["full"][quantity], color="k", lw=1, ls=":", label="full FIM")
             ax.set_title(f"{key}: {quantity.replace('_', ' ')} (true Fisher F)")
             ax.set_xlabel("layer index")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylabel(quantity.replace("lambda_max", "λmax").replace("kappa_", "κ"))
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
@@ -143,7 +188,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/fim_validation")
     parser.add_argument("--results", default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--from-summary", default=None, help="rewrite results and figures from a summary.json")
     args = parser.parse_args(argv)
+    if args.from_summary:
+        saved = json.loads(Path(args.from_summary).read_text())
+        stored = argparse.Namespace(**saved["args"])
+        out = Path(args.from_summary).parent
+        plot(saved["results"], out / "figures")
+        write_results(saved["results"], stored, saved["seconds"], Path(args.results or out / "results.md"), saved["command"])
+        return saved["results"]
     if args.smoke:
         args.depths, args.width, args.examples, args.samples = [3], 8, 32, 2
     start = time.time()
@@ -154,14 +207,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                for depth in args.depths for name in ("Plain", "BN")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
+    seconds = time.time() - start
+    command = ("python -m example_projects.fim_validation.main " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    (out / "summary.json").write_text(json.dumps(
+        {"results": results, "args": vars(args), "seconds": seconds, "command": command}, indent=1))
     plot(results, out / "figures")
-    write_results(results, args, time.time() - start, Path(args.results or out / "results.md"))
+    write_results(results, args, seconds, Path(args.results or out / "results.md"), command)
     return results
 
 
-def write_results(results: dict[str, Any], args: argparse.Namespace, seconds: float, path: Path) -> None:
-    command = ("python -m example_projects.fim_validation.main " + " ".join(sys.argv[1:])).strip()
+def write_results(results: dict[str, Any], args: argparse.Namespace, seconds: float, path: Path, command: str) -> None:
     lines = ["# fim_validation: measured results", "",
              f"Command: `{command}` ({seconds:.0f} s, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}). "
              f"{args.examples} examples of 12×12 MNIST, width {args.width}, no biases, at initialisation; "
@@ -182,6 +237,15 @@ def write_results(results: dict[str, Any], args: argparse.Namespace, seconds: fl
         pairs = ", ".join(f"{n}: {r['true']['exact'][n]['lambda_max']:.3g} / {r['true']['kron'][n]['lambda_max']:.3g}" for n in r["layers"])
         lines.append(f"- {key}: {pairs}")
     lines += ["", "Figure: `figures/exact_vs_kronecker.png`.", ""]
+    checks = verdicts(results)
+    verdict_lines = ["## Verdicts", "",
+                     "Criteria fixed before running: Plain's full-FIM λmax below 1% of BN's and its κ50, κ80 above BN's, "
+                     "for F and M at every depth; the Kronecker approximation within a factor 2 (median over layers "
+                     "of |log10(Kronecker/exact)| ≤ 0.30) for λmax, κ50 and κ80.", ""]
+    verdict_lines += [f"- **{c}: {'reproduced' if ok else 'NOT reproduced'}.** {e}" for c, (ok, e) in checks.items()]
+    lines[3:3] = [""] + verdict_lines
+    if not args.smoke:
+        lines.append(DISCUSSION)
     path.write_text("\n".join(lines))
 
 

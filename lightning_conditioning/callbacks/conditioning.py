@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -28,7 +29,15 @@ from lightning_conditioning.passes import (
     sampled_cross_entropy,
 )
 from lightning_conditioning.results import LayerConditioning, analyse_layer
-from lightning_conditioning.sinks import publish_conditioning
+from lightning_conditioning.callbacks.weight_domination import WeightDominationCallback
+from lightning_conditioning.diagnosis import Finding, diagnose, format_findings
+from lightning_conditioning.models.last_bn import find_last_linear
+from lightning_conditioning.report.metrics import conditioning_table
+from lightning_conditioning.sinks import (
+    publish_conditioning,
+    publish_tensorboard_layout,
+)
+from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
 from lightning_conditioning.spectra import DEFAULT_RANK_RTOL
 
 __all__ = ["ConditioningCallback"]
@@ -89,6 +98,13 @@ class ConditioningCallback(Callback):
             labels drawn from ``softmax(outputs)``, mean cross-entropy).
         seed: seed of the private generator that draws true-Fisher labels (the global RNG
             streams are never touched).
+        warn_diagnosis: run the paper's diagnosis rules (:mod:`lightning_conditioning.diagnosis`:
+            vanishing/exploding λmax across depth, dead units, ill-conditioned outliers, a
+            large last-layer input) after every analysis and warn once per rule when it first
+            fires.
+        print_diagnosis: print the full diagnosis of the latest analysis when fit ends.
+        tensorboard_layout: write TensorBoard's custom-scalars layout (one chart per quantity
+            with every layer as a line). Opt-in: a run holds only one layout.
         window_steps: sum the statistics of ``w`` consecutive optimizer steps
             (``s … s + w − 1`` for every scheduled ``s``) and take the eigenvalues once, at the
             window's end, logged at step ``s + w − 1``. Pays the cheap Gram GEMMs often and
@@ -128,6 +144,9 @@ class ConditioningCallback(Callback):
         sample_fn: SampleLossFn | None = None,
         seed: int = 0,
         window_steps: int = 1,
+        warn_diagnosis: bool = True,
+        print_diagnosis: bool = False,
+        tensorboard_layout: bool = False,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int):
             raise TypeError(f"every_n_steps must be an int, got {every_n_steps!r}")
@@ -174,6 +193,9 @@ class ConditioningCallback(Callback):
         self.sample_fn: SampleLossFn = sample_fn or sampled_cross_entropy
         self.seed = seed
         self.window_steps = window_steps
+        self.warn_diagnosis = warn_diagnosis
+        self.print_diagnosis = print_diagnosis
+        self.tensorboard_layout = tensorboard_layout
         self.every_n_steps = every_n_steps
         self.kappa_percents = tuple(int(p) if p.is_integer() else p for p in percents)
         self.conv_mode: Literal["channel", "patch"] = conv_mode
@@ -194,6 +216,8 @@ class ConditioningCallback(Callback):
         self._current_step: int | None = None  # the step whose batches are being captured
         self._results: dict[str, LayerConditioning] = {}
         self._warned_silent = False
+        self._fired_rules: set[str] = set()
+        self._last_linear: str | None = None
         self._held_batches: list[Any] = []
         self._scale_at_backward: float | None = None
         self._passes = 0
@@ -232,6 +256,10 @@ class ConditioningCallback(Callback):
             )
             self._capture = None
             return
+        try:
+            self._last_linear = find_last_linear(pl_module)[0]
+        except ValueError:
+            self._last_linear = None
         self._capture = LayerCapture(
             layers,
             statistics_dtype=_DTYPES[self.statistics_dtype],
@@ -242,6 +270,39 @@ class ConditioningCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._capture is not None:
             self._capture.attach()
+        if self.tensorboard_layout and trainer.is_global_zero:
+            publish_tensorboard_layout(
+                trainer.loggers,
+                make_tensorboard_layout(
+                    conditioning_prefix=self.prefix, kappa_percents=self.kappa_percents
+                ),
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_diagnosis and self._results and trainer.is_global_zero:
+            findings = self.findings(trainer)
+            step = next(iter(self._results.values())).step
+            print(f"Conditioning diagnosis at step {step}:")
+            print(format_findings(findings) if findings else "  no findings: nothing looks wrong.")
+
+    def findings(self, trainer: pl.Trainer | None = None) -> list[Finding]:
+        """The diagnosis of the latest analysis (with the latest weight-domination check of a
+        WeightDominationCallback in ``trainer``, if any).
+
+        Example::
+
+            for finding in callback.findings(trainer):
+                print(finding.message)
+        """
+        table = conditioning_table(self._results)
+        domination: dict[str, dict[str, float]] = {}
+        for callback in getattr(trainer, "callbacks", []) if trainer is not None else []:
+            if isinstance(callback, WeightDominationCallback):
+                domination = {
+                    name: {k: v for k, v in dataclasses.asdict(stats).items() if v is not None}
+                    for name, stats in callback.results.items()
+                }
+        return diagnose(table, domination or None, last_layer=self._last_linear)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._capture is None or not self.probe_batches or self._held_batches:
@@ -406,6 +467,14 @@ class ConditioningCallback(Callback):
             )
         self._results = results
         self._report_problems(results, step)
+        if self.warn_diagnosis:
+            for finding in self.findings(trainer):
+                if finding.rule not in self._fired_rules:
+                    self._fired_rules.add(finding.rule)
+                    rank_zero_warn(
+                        f"{type(self).__name__}: step {step}: {finding.message}"
+                        + (f" Remedy: {finding.remedy}" if finding.remedy else "")
+                    )
         if trainer.is_global_zero:
             publish_conditioning(
                 trainer.loggers,

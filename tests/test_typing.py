@@ -1,0 +1,31 @@
+"""The package type-checks with mypy (configuration in pyproject.toml)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.skipif(shutil.which("mypy") is None and not any(
+    (Path(p) / "mypy").exists() for p in sys.path), reason="mypy is a test extra")
+def test_mypy_is_clean() -> None:
+    result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    assert "Success" in result.stdout
+
+
+def test_version_in_one_place() -> None:
+    import lightning_conditioning
+    from lightning_conditioning.__about__ import __version__
+
+    assert lightning_conditioning.__version__ == __version__
+    result = subprocess.run([sys.executable, "-m", "lightning_conditioning", "--version"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and __version__ in result.stdout
+    assert (ROOT / "lightning_conditioning" / "py.typed").exists()
