@@ -43,7 +43,7 @@ DISCUSSION = """## Discussion
   blocking one 256-wide layer of five barely limits this small problem. In the first epochs
   the run with the first layer blocked (01111) trails the others by 2-3 points of test error
   (12.9→9.8→8.5% against 6.5-7.0%), the paper's effect, before catching up. The paper trains
-  on the full 60,000 digits; `--data`-scale runs and more epochs are the way to test the
+  on the full 60,000 digits; more data and epochs (`--epochs`) are the way to test the
   end-of-training gap, which we did not tune for.
 - **Fig. A11: reproduced, emphatically.** In the 100-layer BN MLP at initialisation, the
   sub-FIM λmax of the first layer is 4.5e16 times that of the second-to-last (the backward
