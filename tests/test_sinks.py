@@ -68,7 +68,7 @@ def _net(odd_name: str | None = None) -> nn.Sequential:
 def _run(logger: Logger | list[Logger], steps: int = 2, net: nn.Module | None = None,
          callbacks: list[pl.Callback] | None = None) -> tuple[ConditioningCallback, WeightDominationCallback]:
     x, y = torch.randn(32, 12, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 5
-    conditioning, domination = ConditioningCallback(every_n_steps=1), WeightDominationCallback(every_n_steps=1)
+    conditioning, domination = ConditioningCallback(every_n_steps=1, log_figures=True), WeightDominationCallback(every_n_steps=1)
     trainer = pl.Trainer(
         max_steps=steps, logger=logger, callbacks=[conditioning, domination, *(callbacks or [])],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
