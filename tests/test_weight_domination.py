@@ -199,3 +199,20 @@ def test_state_dict_roundtrip() -> None:
     other = WeightDominationCallback()
     other.load_state_dict(callback.state_dict())
     assert other._below == {"fc": 2} and other._warned == {"fc"} and other._last_checked_step == 40
+
+
+def test_nonfinite_gradients_do_not_crash_training() -> None:
+    class Diverges(SequentialClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("inf") if batch_idx == 1 else loss
+
+    x, y = _data()
+    callback = WeightDominationCallback(every_n_steps=1, patience=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, logger = fit(Diverges(seeded(bn_mlp)), loader(x, y, 32), [callback], max_steps=3)
+    assert math.isnan(callback.results["net.0"].grad_weight_ratio) or 1 not in logger.history
+    for metrics in logger.history.values():
+        assert all(math.isfinite(v) for v in metrics.values())
+    assert "net.0" not in callback.warned_layers
