@@ -7,16 +7,29 @@ ranks compose by plain addition; the mean is taken once, when a window is finish
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["SecondMomentSum", "LayerWindow", "LayerMoments"]
+__all__ = ["PENDING_ADDS", "SecondMomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
+
+
+#: float32 additions summed in the pending buffer before it is folded into float64
+PENDING_ADDS = 16
 
 
 class SecondMomentSum:
     """Running ``Σ_rows r rᵀ`` (float64), ``Σ_rows r`` and the row count of one window.
+
+    float32 contributions are first summed in a float32 *pending* buffer (with ``addmm_``
+    straight from the rows, or a same-dtype ``add_``) and folded into the float64 sum every
+    :data:`PENDING_ADDS` additions and whenever the sum is read (:meth:`mean`,
+    :meth:`buffers`). Adding a float32 Gram to a float64 tensor would first materialise a
+    float64 copy of it: one more ``d²`` pass per step, measured 1.45 → 0.96 ms for a 784²
+    Gram of 256 rows (``benchmarks/kernels.py``), at an error of a few float32 ulps, the
+    order of the float32 GEMM's own rounding. float64 contributions go straight to the sum.
 
     Args:
         dim: length of a row.
@@ -26,7 +39,7 @@ class SecondMomentSum:
     Example:
         >>> acc = SecondMomentSum(2, torch.device("cpu"))
         >>> rows = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
-        >>> acc.add(rows.T @ rows, rows=2)
+        >>> acc.add_rows(rows)
         >>> acc.mean()
         tensor([[1., 1.],
                 [1., 2.]], dtype=torch.float64)
@@ -41,6 +54,21 @@ class SecondMomentSum:
         self.rows = 0
         #: machine epsilon of the least precise tensor added in this window (0 before any)
         self.resolution = 0.0
+        self._pending: Tensor | None = None  # float32 sum not yet folded (allocated lazily)
+        self._pending_adds = 0
+
+    def _target(self, dtype: torch.dtype) -> Tensor:
+        """Where a contribution of ``dtype`` is summed: float64 direct, others pending."""
+        if dtype == torch.float64:
+            return self.sum_outer
+        if self._pending is None:
+            self._pending = torch.zeros_like(self.sum_outer, dtype=torch.float32)
+        self._pending_adds += 1
+        return self._pending
+
+    def _after_add(self) -> None:
+        if self._pending_adds >= PENDING_ADDS:
+            self.fold()
 
     def add(
         self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0
@@ -50,10 +78,30 @@ class SecondMomentSum:
         ``row_sum`` (``Σ r`` of the same rows) is added unweighted: only unweighted inputs
         track it.
         """
-        self.sum_outer.add_(gram, alpha=weight)
+        self._target(gram.dtype).add_(gram, alpha=weight)
+        self._after_add()
         if self.sum_rows is not None and row_sum is not None:
             self.sum_rows.add_(row_sum)
         self.rows += rows
+
+    def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
+        """Add ``weight * rowsᵀ rows`` of an ``(n, dim)`` matrix in one fused GEMM.
+
+        Tracks ``Σ r`` (unweighted) when the sum was created with ``track_row_sum``.
+        """
+        target = self._target(rows.dtype)
+        target.addmm_(rows.T.to(target.dtype), rows.to(target.dtype), alpha=weight)
+        self._after_add()
+        if self.sum_rows is not None:
+            self.sum_rows.add_(rows.sum(0))
+        self.rows += rows.shape[0]
+
+    def fold(self) -> None:
+        """Fold the float32 pending sum into the float64 sum (no-op when nothing is pending)."""
+        if self._pending is not None and self._pending_adds:
+            self.sum_outer.add_(self._pending)
+            self._pending.zero_()
+        self._pending_adds = 0
 
     def note_precision(self, dtype: torch.dtype) -> None:
         """Remember that rows arrived in ``dtype`` (sets the rank tolerance floor)."""
@@ -62,6 +110,7 @@ class SecondMomentSum:
 
     def mean(self, *, homogeneous: bool = False) -> Tensor:
         """``Σ r rᵀ / rows``; with ``homogeneous`` the ``[r; 1]`` second moment (dim + 1)."""
+        self.fold()
         rows = max(self.rows, 1)
         if not homogeneous:
             return self.sum_outer / rows
@@ -78,13 +127,17 @@ class SecondMomentSum:
     def reset(self) -> None:
         """Zero the sums for the next window (buffers are reused)."""
         self.sum_outer.zero_()
+        if self._pending is not None:
+            self._pending.zero_()
+        self._pending_adds = 0
         if self.sum_rows is not None:
             self.sum_rows.zero_()
         self.rows = 0
         self.resolution = 0.0
 
     def buffers(self) -> list[Tensor]:
-        """The tensors a distributed reduction must sum."""
+        """The tensors a distributed reduction must sum (pending sums folded first)."""
+        self.fold()
         return [t for t in (self.sum_outer, self.sum_rows) if t is not None]
 
 
@@ -187,17 +240,52 @@ class LayerWindow:
         self.input.rows, self.grad.rows = counts
 
     def moments(self) -> LayerMoments:
-        """Means of the window, moved to the CPU in float64."""
+        """Means of the window (float64, on the window's device; see :func:`moments_to_cpu`)."""
         has_input, has_grad = self.input.rows > 0, self.grad.rows > 0
         return LayerMoments(
             input_second_moment=(
-                self.input.mean(homogeneous=self.homogeneous).cpu() if has_input else None
+                self.input.mean(homogeneous=self.homogeneous) if has_input else None
             ),
-            grad_second_moment=self.grad.mean().cpu() if has_grad else None,
+            grad_second_moment=self.grad.mean() if has_grad else None,
             input_rows=self.input.rows,
             grad_rows=self.grad.rows,
-            unit_max=self.unit_max.to("cpu", copy=True),
-            unit_min=self.unit_min.to("cpu", copy=True),
+            unit_max=self.unit_max.clone(),
+            unit_min=self.unit_min.clone(),
             input_resolution=self.input.resolution,
             grad_resolution=self.grad.resolution,
         )
+
+
+_TENSOR_FIELDS = ("input_second_moment", "grad_second_moment", "unit_max", "unit_min")
+
+
+def _on_host(tensor: Tensor) -> bool:
+    return tensor.device.type == "cpu"
+
+
+def moments_to_cpu(moments: dict[str, LayerMoments]) -> dict[str, LayerMoments]:
+    """The same moments on the CPU, with one device-to-host copy per device (one sync).
+
+    Moving each layer's tensors separately would wait on the device four times per layer.
+
+    Example:
+        >>> window = LayerWindow(2, 1, 2, torch.device("cpu"))
+        >>> window.input.add_rows(torch.tensor([[1.0, 2.0]]))
+        >>> moments_to_cpu({"fc": window.moments()})["fc"].input_second_moment
+        tensor([[1., 2.],
+                [2., 4.]], dtype=torch.float64)
+    """
+    by_device: dict[torch.device, list[tuple[str, str, Tensor]]] = {}
+    for name, layer in moments.items():
+        for field_name in _TENSOR_FIELDS:
+            tensor = getattr(layer, field_name)
+            if tensor is not None and not _on_host(tensor):
+                by_device.setdefault(tensor.device, []).append((name, field_name, tensor))
+    updates: dict[str, dict[str, Any]] = {name: {} for name in moments}
+    for entries in by_device.values():
+        flat = torch.cat([tensor.reshape(-1) for _, _, tensor in entries]).cpu()
+        for (name, field_name, tensor), part in zip(
+            entries, flat.split([tensor.numel() for _, _, tensor in entries])
+        ):
+            updates[name][field_name] = part.view(tensor.shape)
+    return {name: replace(layer, **updates[name]) for name, layer in moments.items()}

@@ -1,7 +1,8 @@
 """Layer adapters: how one layer kind's input and output gradient become Gram matrices.
 
-An adapter is stateless: given a module and a detached tensor it returns sums of row outer
-products and per-unit extremes. :func:`adapter_for` picks one by ``isinstance`` from a small
+An adapter is stateless: given a module and a detached tensor it adds the sum of row outer
+products to a :class:`~lightning_conditioning.accumulate.SecondMomentSum` and returns per-unit
+extremes. :func:`adapter_for` picks one by ``isinstance`` from a small
 registry that :func:`register_adapter` extends. The hooks that call adapters live in
 :mod:`lightning_conditioning.capture`.
 """
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_conditioning.accumulate import SecondMomentSum
+
 __all__ = [
     "ConvMode",
     "LayerAdapter",
@@ -27,14 +30,17 @@ __all__ = [
 ]
 
 ConvMode = Literal["channel", "patch"]
-InputStatistics = tuple[Tensor, int, Tensor | None, Tensor, Tensor]
+UnitExtremes = tuple[Tensor, Tensor]
 _PATCH_CHUNK_BYTES = 1 << 25  # bound the im2col buffer of one chunk to 32 MiB
 
 
 class LayerAdapter:
     """Turns one layer kind's tensors into Gram matrices. Subclass to support a new layer.
 
-    An adapter is stateless; the capture calls it with the module and detached tensors.
+    An adapter is stateless; the capture calls it with the module, detached tensors and the
+    :class:`~lightning_conditioning.accumulate.SecondMomentSum` to add to. Add a ``(n, d)``
+    matrix of rows with ``into.add_rows(rows, weight)`` (one fused GEMM, counts and row sums
+    included) or a ready Gram with ``into.add(gram, n, row_sum, weight)``.
 
     Example:
         >>> class BilinearInputAdapter(LinearAdapter):  # treat x1 of nn.Bilinear as the input
@@ -50,16 +56,17 @@ class LayerAdapter:
         """``(input_dim, grad_dim, units)``: sizes of Σx, Σ∇h and of the unit counts."""
         raise NotImplementedError
 
-    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
-        """``(gram, rows, row_sum or None, unit_max, unit_min)`` of one input tensor.
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
+        """Add the rows of one input tensor to ``into``; return ``(unit_max, unit_min)``.
 
         ``unit_max`` / ``unit_min`` are the per-unit extremes over the rows (dead / full
-        units); ``row_sum`` (``Σ rows``) is only needed for the homogeneous coordinate.
+        units). ``Σ rows`` is needed only when ``into.sum_rows`` is not None (the homogeneous
+        coordinate); ``add_rows`` adds it by itself.
         """
         raise NotImplementedError
 
-    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
-        """``(gram, rows)`` of one output-gradient tensor (not yet rescaled)."""
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
+        """Add ``weight`` × the outer products of one output-gradient tensor's rows to ``into``."""
         raise NotImplementedError
 
     def batch_size(self, module: nn.Module, output: Tensor) -> int:
@@ -67,17 +74,14 @@ class LayerAdapter:
         return int(output.shape[0]) if output.dim() > 1 else 1
 
 
-def _gram(rows: Tensor) -> Tensor:
-    return rows.T @ rows
-
-
 class LinearAdapter(LayerAdapter):
     """``nn.Linear`` (and subclasses): every leading index of an N-D input is a row.
 
     Example:
-        >>> gram, rows, _, unit_max, _ = LinearAdapter().input_statistics(
-        ...     nn.Linear(2, 1), torch.tensor([[1.0, -1.0], [2.0, 0.0]]), row_sum=False)
-        >>> gram.tolist(), rows, unit_max.tolist()
+        >>> into = SecondMomentSum(2, torch.device("cpu"))
+        >>> unit_max, _ = LinearAdapter().accumulate_input(
+        ...     nn.Linear(2, 1), torch.tensor([[1.0, -1.0], [2.0, 0.0]]), into)
+        >>> (into.mean() * into.rows).tolist(), into.rows, unit_max.tolist()
         ([[5.0, -1.0], [-1.0, 1.0]], 2, [2.0, 0.0])
     """
 
@@ -85,14 +89,13 @@ class LinearAdapter(LayerAdapter):
         assert isinstance(module, nn.Linear)
         return module.in_features, module.out_features, module.in_features
 
-    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
         rows = x.reshape(-1, x.shape[-1])
-        total = rows.sum(0) if row_sum else None
-        return _gram(rows), rows.shape[0], total, rows.amax(0), rows.amin(0)
+        into.add_rows(rows)
+        return rows.amax(0), rows.amin(0)
 
-    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
-        rows = grad.reshape(-1, grad.shape[-1])
-        return _gram(rows), rows.shape[0]
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
+        into.add_rows(grad.reshape(-1, grad.shape[-1]), weight)
 
 
 def _batched(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -128,17 +131,17 @@ class ConvChannelAdapter(LayerAdapter):
         assert isinstance(module, nn.modules.conv._ConvNd)
         return module.in_channels, module.out_channels, module.in_channels
 
-    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
         assert isinstance(module, nn.modules.conv._ConvNd)
         flat = _channel_rows(module, x)
-        total = flat.sum((0, 2)) if row_sum else None
-        rows = flat.shape[0] * flat.shape[2]
-        return _channel_gram(flat), rows, total, flat.amax((0, 2)), flat.amin((0, 2))
+        total = flat.sum((0, 2)) if into.sum_rows is not None else None
+        into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], total)
+        return flat.amax((0, 2)), flat.amin((0, 2))
 
-    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
         assert isinstance(module, nn.modules.conv._ConvNd)
         flat = _channel_rows(module, grad)
-        return _channel_gram(flat), flat.shape[0] * flat.shape[2]
+        into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], weight=weight)
 
     def batch_size(self, module: nn.Module, output: Tensor) -> int:
         assert isinstance(module, nn.modules.conv._ConvNd)
@@ -200,31 +203,30 @@ class ConvPatchAdapter(ConvChannelAdapter):
             buffer[target] = x[(slice(None), slice(None), *window)].transpose(0, 1)
         return buffer.reshape(buffer.shape[: 1 + len(kernel)].numel(), -1)
 
-    def input_statistics(self, module: nn.Module, x: Tensor, row_sum: bool) -> InputStatistics:
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
         assert isinstance(module, nn.modules.conv._ConvNd)
         x = _batched(module, x)
         flat = x.reshape(x.shape[0], x.shape[1], -1)
         dim, groups = self.dims(module)[0], module.groups
-        gram = x.new_zeros(dim, dim)
-        total = x.new_zeros(dim) if row_sum else None
-        rows = 0
         # an example's columns hold about (C_in·∏k)·L values (L = its input positions)
         patch_bytes = dim * groups * flat.shape[2] * x.element_size()
         chunk = max(1, _PATCH_CHUNK_BYTES // max(patch_bytes, 1))
         for part in x.split(chunk):
             cols = self.columns(module, part).view(groups, dim, -1)  # a group's patch: a row
-            gram += cols[0] @ cols[0].T if groups == 1 else torch.bmm(cols, cols.transpose(1, 2)).sum(0)
-            if total is not None:
-                total += cols.sum((0, 2))
-            rows += groups * cols.shape[2]
-        return gram, rows, total, flat.amax((0, 2)), flat.amin((0, 2))
+            if groups == 1:
+                into.add_rows(cols[0].T)
+            else:
+                total = cols.sum((0, 2)) if into.sum_rows is not None else None
+                gram = torch.bmm(cols, cols.transpose(1, 2)).sum(0)
+                into.add(gram, groups * cols.shape[2], total)
+        return flat.amax((0, 2)), flat.amin((0, 2))
 
-    def grad_statistics(self, module: nn.Module, grad: Tensor) -> tuple[Tensor, int]:
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
         assert isinstance(module, nn.modules.conv._ConvNd)
         grad = _batched(module, grad)
         dim = self.dims(module)[1]
         flat = grad.reshape(-1, dim, grad[0, 0].numel())  # (N·groups, C_out/groups, L)
-        return _channel_gram(flat), flat.shape[0] * flat.shape[2]
+        into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], weight=weight)
 
 
 AdapterFactory = Callable[[nn.Module, ConvMode], LayerAdapter]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_conditioning.accumulate import LayerMoments, LayerWindow
+from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
 from lightning_conditioning.adapters import ConvMode, LayerAdapter, adapter_for
 
 __all__ = ["select_layers", "find_layers", "LayerCapture"]
@@ -160,8 +160,8 @@ class LayerCapture:
             window.reset()
 
     def moments(self) -> dict[str, LayerMoments]:
-        """The finished window of every layer (CPU, float64)."""
-        return {name: window.moments() for name, window in self.windows.items()}
+        """The finished window of every layer (CPU, float64; one host copy per device)."""
+        return moments_to_cpu({name: window.moments() for name, window in self.windows.items()})
 
     def _dtype_for(self, tensor: Tensor) -> torch.dtype:
         """The GEMM dtype: ``statistics_dtype``, or the tensor's own if wider (float64 runs)."""
@@ -188,10 +188,9 @@ class LayerCapture:
         window = self.windows[name]
         adapter = self.layers[name][1]
         with torch.no_grad():
-            gram, rows, row_sum, unit_max, unit_min = adapter.input_statistics(
-                module, x.detach().to(self._dtype_for(x)), window.homogeneous
+            unit_max, unit_min = adapter.accumulate_input(
+                module, x.detach().to(self._dtype_for(x)), window.input
             )
-            window.input.add(gram, rows, row_sum)
             window.input.note_precision(x.dtype)
             window.add_units(unit_max, unit_min)
         if output.requires_grad:
@@ -200,11 +199,13 @@ class LayerCapture:
 
     def _grad_hook(self, name: str, module: nn.Module, scale: int, grad: Tensor) -> None:
         adapter = self.layers[name][1]
+        window = self.windows[name]
         with torch.no_grad():
-            gram, rows = adapter.grad_statistics(module, grad.detach().to(self._dtype_for(grad)))
             factor = scale * self.grad_multiplier
-            self.windows[name].grad.add(gram, rows, weight=factor * factor)
-            self.windows[name].grad.note_precision(grad.dtype)
+            adapter.accumulate_grad(
+                module, grad.detach().to(self._dtype_for(grad)), window.grad, factor * factor
+            )
+            window.grad.note_precision(grad.dtype)
 
     def all_reduce(self, reduce: Callable[[Tensor, str], Tensor]) -> None:
         """Combine every window over processes: two collectives on flat float64 buffers.

@@ -139,7 +139,7 @@ def symmetric_eigenvalues(matrix: Tensor, *, drop_zero_diagonal: bool = True) ->
         raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
     matrix = matrix.detach().to(device="cpu", dtype=torch.float64)
     dim = matrix.shape[0]
-    matrix = 0.5 * (matrix + matrix.T)
+    matrix = (matrix + matrix.T).mul_(0.5)  # one temporary, never the caller's tensor
     if drop_zero_diagonal:
         keep = matrix.diagonal() != 0
         kept = int(keep.sum())

@@ -25,6 +25,7 @@ from helpers import (
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback
+from lightning_conditioning.accumulate import SecondMomentSum
 
 PERCENTS = (50, 80, 100)
 
@@ -171,13 +172,16 @@ def test_patch_gram_matches_explicit_loops(conv: nn.modules.conv._ConvNd, shape)
     from lightning_conditioning.adapters import ConvPatchAdapter
 
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
-    gram, rows, total, _, _ = ConvPatchAdapter().input_statistics(conv, x, row_sum=True)
+    adapter = ConvPatchAdapter()
+    into = SecondMomentSum(adapter.dims(conv)[0], torch.device("cpu"), track_row_sum=True)
+    adapter.accumulate_input(conv, x, into)
+    rows = into.rows
     expected_rows = explicit_patch_rows_nd(conv, x)
     assert rows == expected_rows.shape[0]
-    np.testing.assert_allclose(gram.double().numpy(), expected_rows.T @ expected_rows,
+    np.testing.assert_allclose((into.mean() * rows).numpy(), expected_rows.T @ expected_rows,
                                rtol=1e-5, atol=1e-4)
-    assert total is not None
-    np.testing.assert_allclose(total.double().numpy(), expected_rows.sum(0), rtol=1e-5, atol=1e-4)
+    assert into.sum_rows is not None
+    np.testing.assert_allclose(into.sum_rows.numpy(), expected_rows.sum(0), rtol=1e-5, atol=1e-4)
     with torch.no_grad():
         out = conv(x)
     # one row per output position and group, as many as the conv computes
