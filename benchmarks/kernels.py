@@ -1,34 +1,35 @@
-"""Micro-benchmarks of the package's hot kernels against proposed replacements.
+"""Micro-benchmarks of the package's hot kernels against their alternatives.
 
 A section of ``python benchmarks/perf.py``; alone::
 
     python benchmarks/kernels.py [--rounds 15]
 
-Nothing here changes the package: each proposal is prototyped in this file and measured
-side by side with the current code (step-interleaved, medians; see ``harness.py``).
+Each alternative is prototyped in this file and measured side by side with the package's
+code (step-interleaved, medians; see ``harness.py``). Two proposals first measured here were
+adopted; the former code is kept here as the baseline.
 
-1. **Gram accumulation** (every captured step, Linear layers). Today: ``rows.T @ rows`` in
-   float32, then ``sum_outer.add_(gram, alpha=w)`` into the float64 window: on the CPU a
-   mixed-dtype in-place add first materialises a float64 copy of the Gram (one more d² pass
-   and d²·8 bytes). Proposed: ``acc32.addmm_(rows.T, rows, alpha=w)`` into a float32 buffer
-   per window (GEMM and accumulation fused, no temporary), folded into the float64 sum once
-   at the window's end.
+1. **Gram accumulation** (every captured step). Before: ``rows.T @ rows`` in float32, then
+   ``sum_outer.add_(gram, alpha=w)`` into the float64 window: on the CPU a mixed-dtype
+   in-place add first materialises a float64 copy of the Gram (one more d² pass and d²·8
+   bytes). Adopted: ``pending.addmm_(rows.T, rows, alpha=w)`` into a float32 buffer per
+   window (GEMM and accumulation fused, no temporary), folded into the float64 sum every 16
+   additions and when the window is read (``accumulate.SecondMomentSum``). Also measured:
+   ``mm`` + same-dtype ``add_`` (the minimal variant), and a block-triangular Gram (only the
+   upper blocks of a 2×2 split: 3/4 of the FLOPs, the lower blocks mirrored when read).
 2. **Unit extremes**: ``amax`` + ``amin`` (two passes) vs ``torch.aminmax`` (one pass; it
-   turned out slower here, so the prototype below keeps ``amax`` + ``amin``).
-3. **End to end**: a gathered step of the MLP with the current ``LayerCapture`` vs a
-   ``FusedCapture`` prototype doing 1 for Linear layers; and the precision of both over
-   a 16-step window against a float64-GEMM capture (all three attached to the model at once).
-4. **Spectral norm** (WeightDominationCallback, 3 per layer per check). Proposed here and
-   adopted in commit efc67ac: ``sqrt(eigvalsh(G)[-1])`` with ``G`` the float64 Gram of the
-   short side of ``W``, instead of ``torch.linalg.matrix_norm(W, ord=2)`` (a full SVD). Kept
-   as evidence: both routes per weight shape and for one whole check of the MLP, ResNet-20
-   and ResNet-56.
+   turned out slower here, so the package keeps ``amax`` + ``amin``).
+3. **End to end**: a gathered step of the MLP with the package's ``LayerCapture`` vs the
+   same capture with the former float64 accumulation (``Float64Sum``); and the precision of
+   both over a 16-step window against a float64-GEMM capture (all attached at once).
+4. **Spectral norm** (WeightDominationCallback, 3 per layer per check). Adopted in commit
+   efc67ac: ``sqrt(eigvalsh(G)[-1])`` with ``G`` the float64 Gram of the short side of
+   ``W``, instead of ``torch.linalg.matrix_norm(W, ord=2)`` (a full SVD). Kept as evidence:
+   both routes per weight shape and for one whole check of the MLP, ResNet-20 and ResNet-56.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from typing import Any
 
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from harness import Kind, interleave, medians, pick_device, sgd, train_step, workload
 from schedule import weight_domination_work
-from lightning_conditioning.adapters import LinearAdapter
+from lightning_conditioning.accumulate import SecondMomentSum
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
 from lightning_conditioning.domination import frobenius_norm, spectral_norm
 from lightning_conditioning.spectra import symmetric_eigenvalues
@@ -49,92 +50,76 @@ def spectral_norm_svd(matrix: Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix, ord=2)) if matrix.numel() else 0.0
 
 
-class FusedCapture(LayerCapture):
-    """Prototype: Linear layers accumulate ``addmm_`` into float32 window buffers, folded
-    into the float64 sums once, by :meth:`moments` (i.e. at the window's end)."""
+class Float64Sum(SecondMomentSum):
+    """The accumulation before the pending buffer: every Gram formed in its own dtype, then
+    added to the float64 sum (a mixed-dtype ``add_``: a float64 copy of it first)."""
 
-    acc: dict[str, tuple[Tensor, Tensor]]
+    def add(self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0) -> None:
+        self.sum_outer.add_(gram, alpha=weight)
+        if self.sum_rows is not None and row_sum is not None:
+            self.sum_rows.add_(row_sum)
+        self.rows += rows
 
-    def attach(self) -> None:
-        super().attach()
-        if not hasattr(self, "acc"):
-            self.acc = {
-                name: (
-                    torch.zeros(w.input.dim, w.input.dim, device=w.input.sum_outer.device),
-                    torch.zeros(w.grad.dim, w.grad.dim, device=w.grad.sum_outer.device),
-                )
-                for name, w in self.windows.items()
-            }
+    def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
+        total = rows.sum(0) if self.sum_rows is not None else None
+        self.add(rows.T @ rows, rows.shape[0], total, weight)
 
-    def _forward_hook(self, name: str, expected: nn.Module, module: nn.Module, args: tuple[Any, ...],
-                      kwargs: dict[str, Any], output: Any) -> None:
-        if not self.active or module is not expected or not isinstance(self.layers[name][1], LinearAdapter):
-            return super()._forward_hook(name, expected, module, args, kwargs, output)
-        x = args[0] if args else kwargs["input"]
-        window = self.windows[name]
-        with torch.no_grad():
-            rows = x.detach().reshape(-1, x.shape[-1])
-            self.acc[name][0].addmm_(rows.T, rows)
-            window.input.rows += rows.shape[0]
-            window.add_units(rows.amax(0), rows.amin(0))
-        if output.requires_grad:
-            output.register_hook(functools.partial(self._fused_grad, name, int(output.shape[0])))
 
-    def _fused_grad(self, name: str, scale: int, grad: Tensor) -> None:
-        with torch.no_grad():
-            rows = grad.detach().reshape(-1, grad.shape[-1])
-            factor = scale * self.grad_multiplier
-            self.acc[name][1].addmm_(rows.T, rows, alpha=factor * factor)
-            self.windows[name].grad.rows += rows.shape[0]
+def float64_capture(layers: dict[str, Any]) -> LayerCapture:
+    """A ``LayerCapture`` whose windows accumulate as before (:class:`Float64Sum`)."""
+    capture = LayerCapture(layers)
+    capture.attach()
+    capture.detach()
+    for window in capture.windows.values():
+        window.input.__class__ = Float64Sum
+        window.grad.__class__ = Float64Sum
+    return capture
 
-    def flush(self) -> None:
-        """Fold the float32 buffers into the float64 window sums (once per window)."""
-        for name, (acc_in, acc_grad) in self.acc.items():
-            self.windows[name].input.sum_outer.add_(acc_in)
-            self.windows[name].grad.sum_outer.add_(acc_grad)
-            acc_in.zero_()
-            acc_grad.zero_()
 
-    def moments(self) -> dict[str, Any]:
-        self.flush()
-        return super().moments()
-
-    def reset(self) -> None:
-        super().reset()
-        for acc_in, acc_grad in getattr(self, "acc", {}).values():
-            acc_in.zero_()
-            acc_grad.zero_()
+def triangular_gram(into: Tensor, rows: Tensor) -> None:
+    """``into += rowsᵀ rows`` on the diagonal and upper blocks of a 2×2 split only."""
+    half = rows.shape[1] // 2
+    left, right = rows[:, :half], rows[:, half:]
+    into[:half, :half].addmm_(left.T, left)
+    into[:half, half:].addmm_(left.T, right)
+    into[half:, half:].addmm_(right.T, right)
 
 
 def accumulation_kinds(device: torch.device) -> dict[str, Kind]:
-    """The MLP's largest Gram (784 features, 256 rows) and its extremes, current vs proposed."""
+    """The MLP's largest Gram (784 features, 256 rows) and its extremes, package vs others."""
     rows = torch.relu(torch.randn(256, 784, device=device))
     sum64 = torch.zeros(784, 784, dtype=torch.float64, device=device)
     acc32 = torch.zeros(784, 784, device=device)
     return {
-        "gram: mm + add_ into float64 (current)": lambda: sum64.add_(rows.T @ rows, alpha=1.0),
+        "gram: mm + add_ into float64 (before)": lambda: sum64.add_(rows.T @ rows, alpha=1.0),
         "gram: mm only (floor)": lambda: rows.T @ rows,
-        "gram: addmm_ into float32 (proposed)": lambda: acc32.addmm_(rows.T, rows),
-        "extremes: amax + amin (current)": lambda: (rows.amax(0), rows.amin(0)),
+        "gram: mm + add_ into float32 (minimal variant)": lambda: acc32.add_(rows.T @ rows, alpha=1.0),
+        "gram: addmm_ into float32 (package)": lambda: acc32.addmm_(rows.T, rows),
+        "gram: block-triangular addmm_ into float32 (alternative)": lambda: triangular_gram(acc32, rows),
+        "extremes: amax + amin (package)": lambda: (rows.amax(0), rows.amin(0)),
         "extremes: aminmax (alternative)": lambda: torch.aminmax(rows, dim=0),
     }
 
 
 def end_to_end(rounds: int, device: torch.device, window: int = 16) -> dict[str, Any]:
-    """Gathered MLP steps, current vs prototype; and the prototype's precision over a window."""
+    """Gathered MLP steps, package vs former accumulation; and the precision of both."""
     load = workload("mlp", device)
     net, x, y = load.net, load.x, load.y
     optimizer = sgd(net)
     layers = find_layers(net)
-    current, fused = LayerCapture(layers), FusedCapture(layers)
+    package, before = LayerCapture(layers), float64_capture(layers)
+    captures = (package, before)
 
     def plain() -> None:
-        current.detach(), fused.detach()
+        for other in captures:
+            other.detach()
         train_step(net, optimizer, x, y)
 
     def run(capture: LayerCapture) -> Kind:
         def step() -> None:  # a non-final step of a window: the sums just grow
-            (fused if capture is current else current).detach()
+            for other in captures:
+                if other is not capture:
+                    other.detach()
             capture.attach()
             capture.active = True
             train_step(net, optimizer, x, y)
@@ -142,25 +127,29 @@ def end_to_end(rounds: int, device: torch.device, window: int = 16) -> dict[str,
 
         return step
 
+    def fold() -> None:
+        for w in package.windows.values():
+            w.input.fold(), w.grad.fold()
+
     kinds = {
         "plain": plain,
-        "gathered (current)": run(current),
-        "gathered (fused prototype)": run(fused),
-        "fold float32 into float64 (prototype, once per window)": lambda: fused.flush(),
+        "gathered (package)": run(package),
+        "gathered (before: float64 add of each Gram)": run(before),
+        "fold float32 into float64 (package, every 16 adds)": fold,
     }
-    run(fused)()  # allocate the prototype's buffers
+    run(package)()  # allocate the pending buffers
     med = medians(interleave(kinds, rounds, device, warmup=2))
-    # precision over one window: current, prototype and a float64-GEMM reference attached at once
+    # precision over one window: both and a float64-GEMM reference attached at once
     exact = LayerCapture(layers, statistics_dtype=torch.float64)
-    for capture in (current, fused, exact):
+    for capture in (*captures, exact):
         capture.attach()
         capture.reset()
         capture.active = True
     for _ in range(window):
         train_step(net, optimizer, x, y)
-    deviation = {"current": 0.0, "fused prototype": 0.0}
+    deviation = {"package": 0.0, "before": 0.0}
     reference = exact.moments()
-    for label, capture in (("current", current), ("fused prototype", fused)):
+    for label, capture in (("package", package), ("before", before)):
         capture.detach()
         for name, moments in capture.moments().items():
             ref = reference[name]
@@ -173,11 +162,8 @@ def end_to_end(rounds: int, device: torch.device, window: int = 16) -> dict[str,
     plain_s = med["plain"]
     return {
         "median_ms": {k: 1e3 * v for k, v in med.items()},
-        "gathered / plain (current)": med["gathered (current)"] / plain_s,
-        "gathered / plain (fused prototype)": med["gathered (fused prototype)"] / plain_s,
-        f"window {window} / plain (fused prototype, fold amortised)": (
-            med["gathered (fused prototype)"] + med["fold float32 into float64 (prototype, once per window)"] / window
-        ) / plain_s,
+        "gathered / plain (package)": med["gathered (package)"] / plain_s,
+        "gathered / plain (before)": med["gathered (before: float64 add of each Gram)"] / plain_s,
         **{f"max |eigenvalue − float64 reference| / λmax, {window}-step window, {k}": v
            for k, v in deviation.items()},
     }

@@ -2,9 +2,10 @@
 
 Usage (from the repository root; ``pip install -e ".[bench]"`` first, for BackPACK)::
 
-    python benchmarks/perf.py            # full run, < 10 min on a 2-core CPU
-    python benchmarks/perf.py --quick    # smoke run, ~2 min: fewer workloads, 5 rounds
+    python benchmarks/perf.py            # full run, ~4.5 min on a quiet 2-core CPU
+    python benchmarks/perf.py --quick    # smoke run, ~1 min: MLP and ResNet-20 only, 5 rounds
     python benchmarks/perf.py --only schedule peers --out results.json --markdown tables.md
+    python benchmarks/perf.py --from-json benchmarks/results/perf.json   # re-render, no measuring
 
 Sections (each also runs alone, see its module docstring):
 
@@ -14,7 +15,7 @@ Sections (each also runs alone, see its module docstring):
 ``logging``   what publishing one analysed step to TensorBoard costs (``logging_cost.py``);
 ``memory``    peak extra memory of an analysed step vs theory (``memory.py``);
 ``peers``     BackPACK KFAC / KFLR vs ours on the MLP, plain torch loop (``peers.py``);
-``kernels``   proposed package optimisations vs current kernels (``kernels.py``);
+``kernels``   hot kernels of the package vs alternatives (and the code they replaced) (``kernels.py``);
 ``eigen``     the eigenvalue phase alone per size, several solvers (``eigen.py``).
 
 Every number is a ratio or a median of step-interleaved rounds measured in this process
@@ -94,6 +95,8 @@ def label(name: str, mode: str) -> str:
 def schedule_tables(results: list[dict[str, Any]]) -> str:
     every = f"default (every {schedule.DEFAULT_EVERY})"
     head = ["configuration (both callbacks)", "every step", "every 16", every, "window 16"]
+    for r in results:  # ratios from the medians, so that --from-json renders old results too
+        r["ratios"] = schedule.schedule_ratios(r["median_ms"])
     keys = ("every step", "every 16", every, "window 16 (Grams every step, eigen every 16)")
     rows = [[label(r["workload"], r["conv_mode"]), *[f"{r['ratios'][k]:.2f}×" for k in keys]] for r in results]
     alone = ("conditioning only, every step", "conditioning only, every 16",
@@ -102,7 +105,8 @@ def schedule_tables(results: list[dict[str, Any]]) -> str:
               *[f"{r['ratios'][k]:.2f}×" for k in alone]] for r in results]
     detail_head = ["configuration", "plain", "idle/plain", "gathered/plain", "analysed", "analysis",
                    "wd", "bare GEMMs", "bare eigvalsh", "analysed / (plain+GEMMs+eigvalsh)",
-                   "gathered / (plain+GEMMs)"]
+                   "gathered / (plain+GEMMs)", "hooks of a skipped step", "every 16, measured idle",
+                   "default, measured idle"]
     detail = []
     for r in results:
         m, q = r["median_ms"], r["ratios"]
@@ -111,6 +115,8 @@ def schedule_tables(results: list[dict[str, Any]]) -> str:
             f"{q['gathered / plain']:.2f}", f"{m['analysed']:.1f} ms", f"{m['analysis']:.1f} ms",
             f"{m['wd']:.1f} ms", f"{m['gemms']:.1f} ms", f"{m['eigvalsh']:.1f} ms",
             f"{q['analysed / (plain + gemms + eigvalsh)']:.2f}×", f"{q['gathered / (plain + gemms)']:.2f}×",
+            f"{1e3 * m.get('hook', 0.0):.0f} µs", f"{q['every 16, measured idle']:.2f}×",
+            f"{q[every + ', measured idle']:.2f}×",
         ])
     return table(head, rows) + "\n\n" + table(detail_head, detail)
 
@@ -180,16 +186,8 @@ def timed(name: str, fn: Callable[[], Any], log: dict[str, Any]) -> Any:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run (~2 min)")
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's, i.e. all cores); 1 is robust on a busy machine")
-    parser.add_argument("--out", default=None, help="write all results as JSON here")
-    parser.add_argument("--markdown", default=None, help="write the tables as Markdown here")
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the chosen sections; everything measured, as one JSON-able dictionary."""
     if args.threads:
         torch.set_num_threads(args.threads)
     with ForeignLoad() as probe:  # is anybody else computing on this machine?
@@ -201,12 +199,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device, todo = pick_device(), plan(args.quick)
     durations: dict[str, Any] = {}
     start = time.perf_counter()
-    out: dict[str, Any] = {"machine": machine(), "quick": args.quick, "device": str(device)}
-    tables: dict[str, str] = {}
+    out: dict[str, Any] = {"machine": machine(), "quick": args.quick, "device": str(device),
+                           "torch_threads": torch.get_num_threads(), "durations_s": durations}
     if "schedule" in args.only:
         out["schedule"] = [timed(f"schedule {n} {m}", functools.partial(schedule.measure, n, m, r, device), durations)
                            for n, m, r in todo["schedule"]]
-        tables["Overhead by schedule (time ratio vs plain training)"] = schedule_tables(out["schedule"])
     if "lightning" in args.only:
         out["lightning"] = []
         for n, m, r in todo["lightning"]:
@@ -214,43 +211,78 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res = timed(f"lightning {n} {m} tb={tensorboard}",
                             functools.partial(schedule.lightning_check, n, m, r, device, tensorboard), durations)
                 out["lightning"].append({"workload": n, "conv_mode": m, "logger": "TensorBoard" if tensorboard else "none", **res})
-        tables["Real callbacks inside Trainer.fit (every_n_steps=2)"] = lightning_table(out["lightning"])
     if "logging" in args.only:
         names, rounds = todo["logging"]
         out["logging"] = {n: timed(f"logging {n}", functools.partial(logging_cost.measure, n, rounds), durations)
                           for n in names}
-        tables["Publishing one analysed step to a TensorBoardLogger (ms)"] = table(
-            ["workload", *next(iter(out["logging"].values()))],
-            [[LABELS[n], *[f"{v:.1f}" for v in row.values()]] for n, row in out["logging"].items()])
     if "memory" in args.only:
-        out["memory"] = timed("memory", lambda: memory.main(["--repeats", str(todo["memory_repeats"]), "--workloads", *todo["memory"], "--json"])
-                              if device.type == "cuda" else memory.run_isolated(todo["memory"], todo["memory_repeats"]), durations)
-        tables["Peak extra memory of an analysed step"] = memory_table(out["memory"])
+        spec, repeats = todo["memory"], todo["memory_repeats"]
+        out["memory"] = timed("memory", lambda: memory.main(["--repeats", str(repeats), "--workloads", *spec, "--json"])
+                              if device.type == "cuda" else memory.run_isolated(spec, repeats), durations)
     if "peers" in args.only:
         out["peers"] = timed("peers", lambda: peers.measure(todo["peers_rounds"], device), durations)
-        tables["Kronecker factors every step: BackPACK vs ours"] = peers_table(out["peers"])
     if "kernels" in args.only:
         out["kernels"] = timed("kernels", lambda: kernels.measure(todo["kernels_rounds"], device), durations)
-        tables["Proposed kernels vs current"] = kernels_tables(out["kernels"])
     if "eigen" in args.only:
         out["eigen"] = timed("eigen", lambda: {
             "by_size_ms": {d: {k: 1e3 * v for k, v in row.items()} for d, row in
                            eigen.by_size(tuple(todo["eigen_sizes"]), todo["eigen_rounds"], device).items()},
             "resnet56_channel_ms": eigen.model_analysis("resnet56", "channel", 3 * todo["eigen_rounds"], device),
         }, durations)
-        tables["Eigenvalue phase alone (ms per matrix; the package: float64 eigvalsh on the CPU)"] = eigen_tables(out["eigen"])
-    out["durations_s"] = durations
     out["total_s"] = time.perf_counter() - start
+    return out
+
+
+def render(out: dict[str, Any]) -> str:
+    """Every table of the measured sections, as Markdown."""
+    tables: dict[str, str] = {}
+    if "schedule" in out:
+        tables["Overhead by schedule (time ratio vs plain training)"] = schedule_tables(out["schedule"])
+    if "lightning" in out:
+        tables["Real callbacks inside Trainer.fit (every_n_steps=2)"] = lightning_table(out["lightning"])
+    if "logging" in out:
+        tables["Publishing one analysed step to a TensorBoardLogger (ms)"] = table(
+            ["workload", *next(iter(out["logging"].values()))],
+            [[LABELS[n], *[f"{v:.1f}" for v in row.values()]] for n, row in out["logging"].items()])
+    if "memory" in out:
+        tables["Peak extra memory of an analysed step"] = memory_table(out["memory"])
+    if "peers" in out:
+        tables["Kronecker factors every step: BackPACK vs ours"] = peers_table(out["peers"])
+    if "kernels" in out:
+        tables["Hot kernels: package vs alternatives"] = kernels_tables(out["kernels"])
+    if "eigen" in out:
+        tables["Eigenvalue phase alone (ms per matrix; the package: float64 eigvalsh on the CPU)"] = eigen_tables(out["eigen"])
+    durations = out["durations_s"]
     text = "\n\n".join(f"### {title}\n\n{body}" for title, body in tables.items())
-    shares = {k: d["foreign_cpu_share"] for k, d in durations.items() if d["foreign_cpu_share"] is not None}
     text += "\n\n" + table(["section", "wall time", "CPU share taken by other processes"], [
         [k, f"{d['seconds']:.0f} s", "n/a" if d["foreign_cpu_share"] is None else f"{100 * d['foreign_cpu_share']:.0f}%"]
         for k, d in durations.items()])
-    text += (f"\n\nMachine: {json.dumps(out['machine'])}; torch threads {torch.get_num_threads()}; "
+    contended = [k for k, d in durations.items() if (d["foreign_cpu_share"] or 0) > 0.1]
+    text += (f"\n\nMachine: {json.dumps(out['machine'])}; torch threads {out.get('torch_threads', '?')}; "
              f"total wall time {out['total_s']:.0f} s; sections contended (> 10% CPU taken by others): "
-             f"{[k for k, v in shares.items() if v > 0.1] or 'none'}.")
+             f"{contended or 'none'}.")
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (~1 min)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, i.e. all cores); 1 is robust on a busy machine")
+    parser.add_argument("--out", default=None, help="write all results as JSON here")
+    parser.add_argument("--markdown", default=None, help="write the tables as Markdown here")
+    parser.add_argument("--from-json", default=None, help="render the tables of an earlier --out file, measure nothing")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.from_json:
+        with open(args.from_json) as handle:
+            out = json.load(handle)
+    else:
+        out = measure(args)
+    text = render(out)
     print(text)
-    if args.out:
+    if args.out and not args.from_json:
         with open(args.out, "w") as handle:
             json.dump(out, handle, indent=2, default=str)
     if args.markdown:
