@@ -23,11 +23,14 @@ deterministic; ``rss``: median of ``repeats``):
 ``plain``     one training step, no hooks;
 ``captured``  a fresh ``LayerCapture`` attached (its float64 windows allocated) and one
               captured step;
-``analysis``  moments + the package's analysis of every layer of a filled capture;
+``analysis``  moments, reset (the float32 pending sums released) and the package's analysis
+              of every layer of a filled capture, in the callback's order;
 ``analysed``  ``captured`` then ``analysis`` (the capture freed afterwards).
 
 Theory (the brief's): Σ_k (d_in² + d_out²) float64 values (the windows) + one captured
-activation (a float32 copy of the largest layer input). The analysis copies the windows once
+activation (a float32 copy of the largest layer input). While a window is open, layers whose
+Grams are float32 also hold a float32 pending sum (``accumulate.SecondMomentSum``): up to
+half the windows again, released when the window is read. The analysis copies the windows once
 more into means (``LayerMoments``) and symmetrises each matrix before its solve, so about
 twice the windows is expected at the analysis peak.
 """
@@ -133,8 +136,10 @@ def measure(name: str, conv_mode: ConvMode, repeats: int, device: torch.device) 
         capture.detach()
         held.append(capture)
 
-    def analysis() -> None:  # moments and analysis of the held capture's windows
-        for layer, window in held[-1].moments().items():
+    def analysis() -> None:  # as the callback finishes a window: moments, reset, analysis
+        moments = held[-1].moments()
+        held[-1].reset()  # releases the float32 pending sums
+        for layer, window in moments.items():
             analyse_layer(layer, 0, window).metrics()
 
     def analysed() -> None:

@@ -71,6 +71,7 @@ def test_reset_drops_pending_sums() -> None:
     acc = SecondMomentSum(2, CPU)
     acc.add_rows(torch.ones(3, 2))
     acc.reset()
+    assert acc._pending is None  # no memory held between windows
     acc.add_rows(torch.tensor([[1.0, 0.0]]))
     torch.testing.assert_close(acc.mean(), torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
     assert acc.rows == 1
