@@ -72,12 +72,12 @@ def plan(quick: bool) -> dict[str, Any]:
     return {
         "schedule": [
             ("mlp", "channel", 40),
-            ("resnet20", "channel", 15),
+            ("resnet20", "channel", 31),  # the every-step target: more rounds
             ("resnet20", "patch", 5),
-            ("resnet56", "channel", 7),
+            ("resnet56", "channel", 11),
             ("resnet56", "patch", 5),
         ],
-        "lightning": [("resnet20", "channel", 5), ("mlp", "channel", 15)],
+        "lightning": [("resnet20", "channel", 9), ("mlp", "channel", 15)],
         "memory": ["mlp", "resnet20:channel", "resnet20:patch", "resnet56:channel"],
         "memory_repeats": 3,
         "logging": (["mlp", "resnet20"], 5),
