@@ -21,7 +21,11 @@ adopted; the former code is kept here as the baseline.
 3. **End to end**: a gathered step of the MLP with the package's ``LayerCapture`` vs the
    same capture with the former float64 accumulation (``Float64Sum``); and the precision of
    both over a 16-step window against a float64-GEMM capture (all attached at once).
-4. **Spectral norm** (WeightDominationCallback, 3 per layer per check). Adopted in commit
+4. **Patch-mode row subsampling** (measured, not adopted): Σx of three ResNet-20 convs from
+   one output position in 4 (a stride-2 lattice of positions, offset chosen at random: an
+   unbiased estimate), against the full im2col Gram: time, and the relative error of λmax,
+   κ_50 and κ_100 for each of the 4 offsets.
+5. **Spectral norm** (WeightDominationCallback, 3 per layer per check). Adopted in commit
    efc67ac: ``sqrt(eigvalsh(G)[-1])`` with ``G`` the float64 Gram of the short side of
    ``W``, instead of ``torch.linalg.matrix_norm(W, ord=2)`` (a full SVD). Kept as evidence:
    both routes per weight shape and for one whole check of the MLP, ResNet-20 and ResNet-56.
@@ -30,18 +34,21 @@ adopted; the former code is kept here as the baseline.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness import Kind, interleave, medians, pick_device, sgd, train_step, workload
-from schedule import weight_domination_work
+from schedule import PERCENTS, weight_domination_work
 from lightning_conditioning.accumulate import SecondMomentSum
+from lightning_conditioning.adapters import ConvPatchAdapter
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
 from lightning_conditioning.domination import frobenius_norm, spectral_norm
-from lightning_conditioning.spectra import symmetric_eigenvalues
+from lightning_conditioning.spectra import summarize_spectrum, symmetric_eigenvalues
 
 
 def spectral_norm_svd(matrix: Tensor) -> float:
@@ -169,6 +176,64 @@ def end_to_end(rounds: int, device: torch.device, window: int = 16) -> dict[str,
     }
 
 
+def _patch_gram(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, int]:
+    cols = ConvPatchAdapter.columns(conv, x)
+    return cols @ cols.T, cols.shape[1]
+
+
+def _lattice(conv: nn.Conv2d, factor: int) -> nn.Conv2d:
+    """The same conv on a pre-padded input with its stride multiplied by ``factor``: one
+    output position in ``factor²`` (a lattice coset chosen by cropping the input)."""
+    sub = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, bias=False,
+                    stride=tuple(factor * s for s in conv.stride), dilation=conv.dilation)
+    return sub.to(conv.weight.device)
+
+
+def subsampling(rounds: int, device: torch.device, factor: int = 2) -> dict[str, Any]:
+    """Patch-mode row subsampling, measured and not adopted: one output position in
+    ``factor²`` on a lattice with a random offset (unbiased over the offset). Per ResNet-20
+    layer: Gram time full vs subsampled, and the relative error of λmax, κ_50 and κ_100 of
+    Σx for each of the ``factor²`` offsets (their average Gram equals the full one)."""
+    load = workload("resnet20", device)
+    inputs: dict[str, Tensor] = {}
+    names = ("layer1.0.conv1", "layer2.0.conv2", "layer3.2.conv2")
+    modules = dict(load.net.named_modules())
+    handles = [modules[n].register_forward_pre_hook(functools.partial(lambda n, m, a: inputs.__setitem__(n, a[0].detach()), n))
+               for n in names]
+    with torch.no_grad():
+        load.net(load.x)
+    for handle in handles:
+        handle.remove()
+    out: dict[str, Any] = {}
+    for name in names:
+        conv, x = modules[name], inputs[name]
+        assert isinstance(conv, nn.Conv2d)
+        padded = F.pad(x, [p for size in reversed(conv.padding) for p in (size, size)])
+        sub = _lattice(conv, factor)
+        stride = conv.stride
+        shifts = [(i, j) for i in range(factor) for j in range(factor)]
+        crops = [padded[..., i * stride[0]:, j * stride[1]:] for i, j in shifts]
+        full, rows = _patch_gram(conv, x)
+        exact = summarize_spectrum(symmetric_eigenvalues(full.double() / rows), PERCENTS)
+        errors: dict[str, list[float]] = {"λmax": [], "κ_50": [], "κ_100": [], "rank": []}
+        for crop in crops:
+            gram, sampled = _patch_gram(sub, crop)
+            summary = summarize_spectrum(symmetric_eigenvalues(gram.double() / sampled), PERCENTS)
+            errors["λmax"].append(abs(summary.lambda_max / exact.lambda_max - 1))
+            errors["κ_50"].append(abs(summary.kappa[50] / exact.kappa[50] - 1))
+            errors["κ_100"].append(abs(summary.kappa[100] / exact.kappa[100] - 1))
+            errors["rank"].append(summary.rank / exact.rank)
+        kinds = {"full": lambda: _patch_gram(conv, x), "subsampled": lambda: _patch_gram(sub, crops[0])}
+        med = medians(interleave(kinds, rounds, device))
+        out[name] = {
+            "dim": full.shape[0], "rows": rows,
+            "gram ms, full": 1e3 * med["full"], f"gram ms, 1 in {factor * factor}": 1e3 * med["subsampled"],
+            **{f"max relative error, {k}" if k != "rank" else "min rank / full rank": (max(v) if k != "rank" else min(v))
+               for k, v in errors.items()},
+        }
+    return out
+
+
 SVD = "SVD matrix_norm ord=2 (before efc67ac)"
 GRAM = "package: eigvalsh of Gram (since efc67ac)"
 
@@ -225,6 +290,7 @@ def measure(rounds: int, device: torch.device) -> dict[str, Any]:
         "end_to_end": end_to_end(rounds, device),
         "spectral_norm_ms": spectral_kinds(rounds),
         "weight_domination_ms": weight_domination(max(5, rounds // 3), device),
+        "patch_subsampling": subsampling(max(5, rounds // 3), device),
     }
 
 

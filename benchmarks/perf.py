@@ -168,7 +168,13 @@ def kernels_tables(result: dict[str, Any]) -> str:
         for k, v in result["spectral_norm_ms"].items()])
     wd = table(["workload: one WeightDominationCallback check", svd, gram], [
         [k, f"{v[svd]:.1f} ms", f"{v[gram]:.1f} ms"] for k, v in result["weight_domination_ms"].items()])
-    return "\n\n".join([acc, table(["MLP, gathered step", "value"], e2e_rows), spec, wd])
+    parts = [acc, table(["MLP, gathered step", "value"], e2e_rows), spec, wd]
+    sub = result.get("patch_subsampling")
+    if sub:
+        columns = [k for k in next(iter(sub.values())) if k not in ("dim", "rows")]
+        parts.append(table(["ResNet-20 patch-mode Σx, 1 output position in 4 (not adopted)", "d", "rows", *columns], [
+            [k, str(v["dim"]), str(v["rows"]), *[f"{v[c]:.3g}" for c in columns]] for k, v in sub.items()]))
+    return "\n\n".join(parts)
 
 
 def eigen_tables(result: dict[str, Any]) -> str:
