@@ -15,6 +15,8 @@ are charged to the kind that launched them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import random
@@ -25,13 +27,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_conditioning import ConditioningCallback, analyse_layer
+from lightning_conditioning.capture import LayerCapture
+from lightning_conditioning.distributed import analyse_layers
 from lightning_conditioning.models import cifar_resnet
 
 Kind = Callable[[], Any]
 MLP_WIDTHS = (784, 256, 256, 256, 256, 10)
+PERCENTS = ConditioningCallback().kappa_percents
 
 
 def pick_device() -> torch.device:
@@ -132,6 +139,93 @@ def train_step(
 
 def sgd(net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+
+def analyse(capture: LayerCapture) -> None:
+    """The callback's analysis of a filled capture, without loggers: moments, eigenvalues,
+    κ_p, Kronecker statistics and metrics of every layer (the windows are kept)."""
+    results = analyse_layers(
+        capture.moments(), lambda layer, window: analyse_layer(layer, 0, window, percents=PERCENTS)
+    )
+    for result in results.values():
+        result.metrics()
+
+
+def capture_steps(capture: LayerCapture, net: nn.Module, optimizer: torch.optim.Optimizer,
+                  x: Tensor, y: Tensor) -> dict[str, Kind]:
+    """The training-step kinds every section compares, on one model and batch:
+
+    ``plain``     hooks removed;
+    ``idle``      hooks registered, capture off (a step the schedule skips);
+    ``gathered``  capture on, no analysis (a non-final step of a window: the sums grow);
+    ``analysed``  a gathered step, then :func:`analyse` and the window's reset.
+    """
+
+    def plain() -> None:
+        capture.detach()
+        train_step(net, optimizer, x, y)
+
+    def idle() -> None:
+        capture.attach()
+        train_step(net, optimizer, x, y)
+
+    def gathered() -> None:
+        capture.attach()
+        capture.active = True
+        train_step(net, optimizer, x, y)
+        capture.active = False
+
+    def analysed() -> None:
+        gathered()
+        analyse(capture)
+        capture.reset()
+
+    return {"plain": plain, "idle": idle, "gathered": gathered, "analysed": analysed}
+
+
+class Classifier(pl.LightningModule):
+    """A network trained with mean cross-entropy and :func:`sgd`, for ``Trainer.fit`` runs."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return sgd(self)
+
+
+class StepTimer(pl.Callback):
+    """Wall time of every training batch (``on_train_batch_start`` → ``_end``; put it last),
+    synchronised on CUDA."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+def section_main(doc: str, measure: Callable[[int, torch.device], Any], rounds: int,
+                 argv: list[str] | None = None) -> Any:
+    """``python benchmarks/<section>.py [--rounds N]``: run ``measure(rounds, device)`` and
+    print its result as JSON."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    args = parser.parse_args(argv)
+    result = measure(args.rounds, pick_device())
+    print(json.dumps(result, indent=2))
+    return result
 
 
 def random_psd(dim: int, batch: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:

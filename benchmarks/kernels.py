@@ -33,17 +33,15 @@ adopted; the former code is kept here as the baseline.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness import Kind, interleave, medians, pick_device, sgd, train_step, workload
-from schedule import PERCENTS, weight_domination_work
+from harness import PERCENTS, Kind, interleave, medians, section_main, sgd, train_step, workload
+from schedule import weight_domination_work
 from lightning_conditioning.accumulate import SecondMomentSum
 from lightning_conditioning.adapters import ConvPatchAdapter
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
@@ -136,7 +134,8 @@ def end_to_end(rounds: int, device: torch.device, window: int = 16) -> dict[str,
 
     def fold() -> None:
         for w in package.windows.values():
-            w.input.fold(), w.grad.fold()
+            w.input.fold()
+            w.grad.fold()
 
     kinds = {
         "plain": plain,
@@ -184,8 +183,9 @@ def _patch_gram(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, int]:
 def _lattice(conv: nn.Conv2d, factor: int) -> nn.Conv2d:
     """The same conv on a pre-padded input with its stride multiplied by ``factor``: one
     output position in ``factor²`` (a lattice coset chosen by cropping the input)."""
-    sub = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, bias=False,
-                    stride=tuple(factor * s for s in conv.stride), dilation=conv.dilation)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    sub = nn.Conv2d(conv.in_channels, conv.out_channels, (kh, kw), bias=False,
+                    stride=(factor * sh, factor * sw), dilation=(dh, dw))
     return sub.to(conv.weight.device)
 
 
@@ -208,7 +208,8 @@ def subsampling(rounds: int, device: torch.device, factor: int = 2) -> dict[str,
     for name in names:
         conv, x = modules[name], inputs[name]
         assert isinstance(conv, nn.Conv2d)
-        padded = F.pad(x, [p for size in reversed(conv.padding) for p in (size, size)])
+        padding: tuple[int, ...] = tuple(conv.padding)  # type: ignore[arg-type]  # numbers here
+        padded = F.pad(x, [p for size in reversed(padding) for p in (size, size)])
         sub = _lattice(conv, factor)
         stride = conv.stride
         shifts = [(i, j) for i in range(factor) for j in range(factor)]
@@ -295,12 +296,7 @@ def measure(rounds: int, device: torch.device) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args(argv)
-    result = measure(args.rounds, pick_device())
-    print(json.dumps(result, indent=2))
-    return result
+    return section_main(__doc__, measure, 15, argv)
 
 
 if __name__ == "__main__":

@@ -36,38 +36,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_conditioning import ConditioningCallback, analyse_layer
+from harness import Classifier, StepTimer, capture_steps, clock, sgd
+from lightning_conditioning import ConditioningCallback
 from lightning_conditioning.capture import LayerCapture, find_layers
 from lightning_conditioning.models import cifar_resnet
 
 DEFAULT_EVERY_N_STEPS = ConditioningCallback().every_n_steps
-
-
-class Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-
-class StepTimer(pl.Callback):
-    """Wall time from ``on_train_batch_start`` to ``on_train_batch_end`` (put it last)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._start)
+CPU = torch.device("cpu")
 
 
 def run(
@@ -119,12 +94,6 @@ def bare_floor(
     return gemms, eigens
 
 
-def clock(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def step_interleaved(
     depth: int, batch: int, conv_mode: str, rounds: int
 ) -> dict[str, list[float]]:
@@ -136,42 +105,16 @@ def step_interleaved(
     """
     torch.manual_seed(0)
     net = cifar_resnet(depth)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    optimizer = sgd(net)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    callback = ConditioningCallback(every_n_steps=1, conv_mode=conv_mode)  # type: ignore[arg-type]
     capture = LayerCapture(find_layers(net, conv_mode=conv_mode))  # type: ignore[arg-type]
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(net(x), y).backward()
-        optimizer.step()
-
-    def plain() -> None:
-        capture.detach()
-        step()
-
-    def idle() -> None:
-        capture.attach()
-        step()
-
-    def analysed() -> None:
-        capture.attach()
-        capture.active = True
-        step()
-        capture.active = False
-        moments = capture.moments()
-        capture.reset()
-        for name, window in moments.items():
-            analyse_layer(name, 0, window, percents=callback.kappa_percents).metrics()
-
-    capture.attach()
-    capture.active = True
-    step()  # one captured step to learn the shapes for the floor
-    capture.active = False
+    steps = capture_steps(capture, net, optimizer, x, y)
+    steps["gathered"]()  # one captured step to learn the shapes for the floor
     gemms, eigens = bare_floor(capture)
     capture.reset()
     kinds: dict[str, Callable[[], Any]] = {
-        "plain": plain, "idle": idle, "analysed": analysed, "gemms": gemms, "eigvalsh": eigens,
+        "plain": steps["plain"], "idle": steps["idle"], "analysed": steps["analysed"],
+        "gemms": gemms, "eigvalsh": eigens,
     }
     for fn in kinds.values():  # warm-up
         fn()
@@ -180,7 +123,7 @@ def step_interleaved(
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(clock(kinds[name]))
+            times[name].append(clock(kinds[name], CPU))
     capture.detach()
     return times
 

@@ -29,16 +29,13 @@ carry no eigenvalues; ours do.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from harness import Kind, interleave, medians, pick_device, sgd, train_step, workload
-from lightning_conditioning import analyse_layer
+from harness import Kind, capture_steps, interleave, medians, section_main, sgd, train_step, workload
 from lightning_conditioning.capture import LayerCapture, find_layers
 
 WINDOW = 16
@@ -109,29 +106,12 @@ def measure(rounds: int, device: torch.device) -> dict[str, Any]:
     net, x, y = load.net, load.x, load.y
     optimizer = sgd(net)
     capture = LayerCapture(find_layers(net))
-
-    def plain() -> None:
-        capture.detach()
-        train_step(net, optimizer, x, y)
-
-    def gathered() -> None:
-        capture.attach()
-        capture.active = True
-        train_step(net, optimizer, x, y)
-        capture.active = False
-
-    def analysed() -> None:
-        gathered()
-        moments = capture.moments()
-        capture.reset()
-        for layer, window in moments.items():
-            analyse_layer(layer, 0, window).metrics()
-
+    steps = capture_steps(capture, net, optimizer, x, y)
     naive_net = copy.deepcopy(net)
     kinds: dict[str, Kind] = {
-        "plain": plain,
-        "ours gathered": gathered,
-        "ours analysed": analysed,
+        "plain": steps["plain"],
+        "ours gathered": steps["gathered"],
+        "ours analysed": steps["analysed"],
         "naive": naive_kind(naive_net, sgd(naive_net), x, y),
     }
     error = ""
@@ -170,12 +150,7 @@ def measure(rounds: int, device: torch.device) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    args = parser.parse_args(argv)
-    result = measure(args.rounds, pick_device())
-    print(json.dumps(result, indent=2))
-    return result
+    return section_main(__doc__, measure, 15, argv)
 
 
 if __name__ == "__main__":

@@ -33,22 +33,22 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from harness import Kind, interleave, medians, pick_device, random_psd, sgd, train_step, workload
-from lightning_conditioning import ConditioningCallback, WeightDominationCallback, analyse_layer
+from harness import (
+    Classifier, Kind, StepTimer, analyse, capture_steps, interleave, medians, pick_device, random_psd, sgd,
+    train_step, workload,
+)
+from lightning_conditioning import ConditioningCallback, WeightDominationCallback
 from lightning_conditioning.adapters import ConvMode
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
-from lightning_conditioning.distributed import analyse_layers
 from lightning_conditioning.domination import frobenius_norm, weight_statistics
 
 DEFAULT_EVERY = ConditioningCallback().every_n_steps
-PERCENTS = ConditioningCallback().kappa_percents
 
 
 def weight_domination_work(net: nn.Module, lr: float = 0.01) -> Kind:
@@ -107,32 +107,6 @@ def step_kinds(name: str, conv_mode: ConvMode, device: torch.device) -> tuple[di
     optimizer = sgd(net)
     capture = LayerCapture(find_layers(net, conv_mode=conv_mode))
 
-    def plain() -> None:
-        capture.detach()
-        train_step(net, optimizer, x, y)
-
-    def idle() -> None:
-        capture.attach()
-        train_step(net, optimizer, x, y)
-
-    def gathered() -> None:
-        capture.attach()
-        capture.active = True
-        train_step(net, optimizer, x, y)
-        capture.active = False
-
-    def analysed() -> None:
-        gathered()
-        analyse(capture)
-        capture.reset()
-
-    def analyse(source: LayerCapture) -> None:  # ConditioningCallback._finish_window, no loggers
-        results = analyse_layers(
-            source.moments(), lambda layer, window: analyse_layer(layer, 0, window, percents=PERCENTS)
-        )
-        for result in results.values():
-            result.metrics()
-
     # a second capture, filled once, for the analysis alone (and the shapes of the floor)
     filled = LayerCapture(find_layers(net, conv_mode=conv_mode))
     filled.attach()
@@ -141,10 +115,7 @@ def step_kinds(name: str, conv_mode: ConvMode, device: torch.device) -> tuple[di
     filled.detach()
     gemms, eigens = bare_floor(filled, device)
     kinds: dict[str, Kind] = {
-        "plain": plain,
-        "idle": idle,
-        "gathered": gathered,
-        "analysed": analysed,
+        **capture_steps(capture, net, optimizer, x, y),
         "analysis": lambda: analyse(filled),
         "wd": weight_domination_work(net),
         "gemms": gemms,
@@ -233,36 +204,6 @@ def measure(name: str, conv_mode: ConvMode, rounds: int, device: torch.device) -
     }
 
 
-class _StepTimer(pl.Callback):
-    """Wall time of every training batch (``on_train_batch_start`` → ``_end``; put it last)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        torch.cuda.synchronize() if self.device.type == "cuda" else None
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        torch.cuda.synchronize() if self.device.type == "cuda" else None
-        self.times.append(time.perf_counter() - self._start)
-
-
-class _Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return sgd(self)
-
-
 def lightning_check(
     name: str, conv_mode: ConvMode, rounds: int, device: torch.device, tensorboard: bool = False
 ) -> dict[str, float]:
@@ -275,7 +216,7 @@ def lightning_check(
     """
     load = workload(name, device)
     batches = [(load.x.cpu(), load.y.cpu())] * (2 * rounds + 2)
-    timer = _StepTimer(device)
+    timer = StepTimer(device)
     callbacks: list[pl.Callback] = [
         ConditioningCallback(every_n_steps=2, conv_mode=conv_mode),
         WeightDominationCallback(every_n_steps=2),
@@ -295,7 +236,7 @@ def lightning_check(
             enable_checkpointing=False,
             default_root_dir=root,
         )
-        trainer.fit(_Classifier(load.net), torch.utils.data.DataLoader(batches, batch_size=None))  # type: ignore[arg-type]
+        trainer.fit(Classifier(load.net), torch.utils.data.DataLoader(batches, batch_size=None))  # type: ignore[arg-type]
     times = timer.times[2:]  # the first pair is warm-up
     analysed, idle = statistics.median(times[0::2]), statistics.median(times[1::2])
     return {"analysed_ms": 1e3 * analysed, "idle_ms": 1e3 * idle, "analysed / idle": analysed / idle}

@@ -64,12 +64,14 @@ class SecondMomentSum:
             return self.sum_outer
         if self._pending is None:
             self._pending = torch.zeros_like(self.sum_outer, dtype=torch.float32)
-        self._pending_adds += 1
         return self._pending
 
-    def _after_add(self) -> None:
-        if self._pending_adds >= PENDING_ADDS:
-            self.fold()
+    def _added_to(self, target: Tensor) -> None:
+        """Count an addition to the pending sum; fold it every :data:`PENDING_ADDS` additions."""
+        if target is self._pending:
+            self._pending_adds += 1
+            if self._pending_adds >= PENDING_ADDS:
+                self.fold()
 
     def add(
         self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0
@@ -79,8 +81,9 @@ class SecondMomentSum:
         ``row_sum`` (``Σ r`` of the same rows) is added unweighted: only unweighted inputs
         track it.
         """
-        self._target(gram.dtype).add_(gram, alpha=weight)
-        self._after_add()
+        target = self._target(gram.dtype)
+        target.add_(gram, alpha=weight)
+        self._added_to(target)
         if self.sum_rows is not None and row_sum is not None:
             self.sum_rows.add_(row_sum)
         self.rows += rows
@@ -91,8 +94,9 @@ class SecondMomentSum:
         Tracks ``Σ r`` (unweighted) when the sum was created with ``track_row_sum``.
         """
         target = self._target(rows.dtype)
-        target.addmm_(rows.T.to(target.dtype), rows.to(target.dtype), alpha=weight)
-        self._after_add()
+        rows = rows.to(target.dtype)
+        target.addmm_(rows.T, rows, alpha=weight)
+        self._added_to(target)
         if self.sum_rows is not None:
             self.sum_rows.add_(rows.sum(0))
         self.rows += rows.shape[0]
@@ -227,10 +231,6 @@ class LayerWindow:
     def sum_buffers(self) -> list[Tensor]:
         """Every tensor that a distributed reduction must sum."""
         return [*self.input.buffers(), *self.grad.buffers()]
-
-    def max_buffers(self) -> list[Tensor]:
-        """Tensors a distributed reduction must take the maximum of (``unit_min`` negated)."""
-        return [self.unit_max, self.unit_min]
 
     def counts(self) -> list[int]:
         """The integer counts that a distributed reduction must sum."""

@@ -28,12 +28,34 @@ from torch.utils.hooks import RemovableHandle
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
 from lightning_conditioning.adapters import ConvMode, LayerAdapter, adapter_for
 
-__all__ = ["select_layers", "find_layers", "LayerCapture"]
+__all__ = ["LAYER_TYPES", "checked_layer_types", "select_layers", "find_layers", "LayerCapture"]
+
+#: The layer kinds analysed by default.
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def checked_layer_types(
+    layer_types: Sequence[type[nn.Module]] | None,
+) -> tuple[type[nn.Module], ...]:
+    """``layer_types`` as a tuple (:data:`LAYER_TYPES` when None).
+
+    Raises:
+        TypeError: if an entry is not an ``nn.Module`` subclass.
+
+    Example:
+        >>> checked_layer_types([nn.Linear])
+        (<class 'torch.nn.modules.linear.Linear'>,)
+    """
+    if layer_types is None:
+        return LAYER_TYPES
+    if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
+        raise TypeError("layer_types must be nn.Module subclasses")
+    return tuple(layer_types)
 
 
 def select_layers(
     model: nn.Module,
-    layer_types: Sequence[type[nn.Module]] = (nn.Linear, nn.modules.conv._ConvNd),
+    layer_types: Sequence[type[nn.Module]] = LAYER_TYPES,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> dict[str, nn.Module]:
@@ -59,7 +81,7 @@ def select_layers(
 
 def find_layers(
     model: nn.Module,
-    layer_types: Sequence[type[nn.Module]] = (nn.Linear, nn.modules.conv._ConvNd),
+    layer_types: Sequence[type[nn.Module]] = LAYER_TYPES,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     conv_mode: ConvMode = "channel",

@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lightning_conditioning.report.metrics import kappa_percents
+
 __all__ = ["Finding", "Thresholds", "diagnose", "format_findings"]
 
 Table = Mapping[str, Mapping[str, float]]
@@ -187,9 +189,8 @@ def _dead_units(table: Table, th: Thresholds) -> list[Finding]:
 
 
 def _smallest_percent(table: Table, label: str) -> str | None:
-    prefix = f"{label}_kappa_"
-    percents = {k[len(prefix):] for row in table.values() for k in row if k.startswith(prefix)}
-    return min(percents, key=lambda p: float(p.replace("_", ".")), default=None)
+    percents = kappa_percents(table, (label,))
+    return percents[0] if percents else None
 
 
 def _kappa_outliers(table: Table, th: Thresholds) -> list[Finding]:
@@ -229,23 +230,25 @@ def _dominated(th: Thresholds, row: Mapping[str, float]) -> bool:
         update is not None and update <= th.update_weight_ratio)
 
 
-def _last_input(table: Table, last: str | None) -> tuple[str, float, float] | None:
-    """(last layer, its λmax(Σx), median λmax(Σx) of the other layers) when defined."""
+def _large_last_input(table: Table, last: str | None,
+                      th: Thresholds) -> tuple[str, float, float] | None:
+    """(last layer, its λmax(Σx), median λmax(Σx) of the other layers) when its λmax(Σx) is at
+    least ``last_input_factor`` × that median (the large-last-input rule fires), else None."""
     names = list(table)
     last = last or (names[-1] if names else None)
     value = _positive(table.get(last), "input_lambda_max") if last else None
     others = [v for n in names if n != last and (v := _positive(table[n], "input_lambda_max"))]
     if last is None or value is None or len(others) < 3:
         return None
-    return last, value, statistics.median(others)
+    median = statistics.median(others)
+    return (last, value, median) if value >= th.last_input_factor * median else None
 
 
-def _last_layer(table: Table, domination: Table, last: str | None,
+def _last_layer(last_input: tuple[str, float, float] | None, domination: Table,
                 th: Thresholds) -> list[Finding]:
-    found = _last_input(table, last)
-    if found is None or found[1] < th.last_input_factor * found[2]:
+    if last_input is None:
         return []
-    last, value, median = found
+    last, value, median = last_input
     dominated = last in domination and _dominated(th, domination[last])
     return [Finding(
         rule="last_layer_input", layer=last, layers=(last,),
@@ -286,8 +289,7 @@ def _weight_domination(domination: Table, last_input: tuple[str, float, float] |
     remedy = ("a layer the optimizer does not move (left out of it, learning rate 0) or whose "
               "gradient is feeble next to its weight barely learns: check the optimizer's "
               "parameter groups, weight decay and the growth of the weight norm")
-    if last_input is not None and last_input[0] in hits and (
-            last_input[1] >= th.last_input_factor * last_input[2]):
+    if last_input is not None and last_input[0] in hits:
         remedy += ("; the last layer's input has a large λmax(Σx) "
                    f"({last_input[1] / last_input[2]:.0f}× the median): " + _REMEDY_LAST_BN)
     return [Finding(
@@ -329,9 +331,9 @@ def diagnose(
     findings += _depth_trend(conditioning, "grad_lambda_max", backward=True, th=th)
     findings += _dead_units(conditioning, th)
     findings += _kappa_outliers(conditioning, th)
-    findings += _last_layer(conditioning, domination, last_layer, th)
-    findings += _weight_domination(domination, _last_input(conditioning, last_layer),
-                                   dominated_layers, th)
+    last_input = _large_last_input(conditioning, last_layer, th)
+    findings += _last_layer(last_input, domination, th)
+    findings += _weight_domination(domination, last_input, dominated_layers, th)
     return findings
 
 

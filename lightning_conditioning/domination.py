@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from lightning_conditioning.spectra import smaller_gram
+
 __all__ = ["as_matrix", "spectral_norm", "frobenius_norm", "WeightStatistics", "weight_statistics", "imbalance"]
 
 
@@ -48,8 +50,7 @@ def spectral_norm(matrix: Tensor) -> float:
         return 0.0
     if not bool(torch.isfinite(matrix).all()):
         return math.nan  # a diverged step: report NaN (never logged), never raise
-    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt())
+    return float(torch.linalg.eigvalsh(smaller_gram(matrix))[-1].clamp_min(0.0).sqrt())
 
 
 def frobenius_norm(matrix: Tensor) -> float:

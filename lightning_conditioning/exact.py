@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import select_layers
-from lightning_conditioning.spectra import SpectrumSummary, summarize_spectrum
+from lightning_conditioning.spectra import (
+    SpectrumSummary,
+    smaller_gram,
+    summarize_spectrum,
+    symmetric_eigenvalues,
+)
 
 __all__ = ["ExactFisherSpectra", "exact_fisher_spectra", "fisher_rows"]
 
@@ -89,7 +94,7 @@ def fisher_rows(
         >>> {name: tuple(h.shape) for name, h in rows.items()}
         {'0': (10, 12), '2': (10, 8)}
     """
-    chosen = select_layers(model, (nn.Linear, nn.modules.conv._ConvNd))
+    chosen = select_layers(model)
     names = list(chosen) if layers is None else list(layers)
     weights: dict[str, Tensor] = {}
     for name in names:
@@ -127,9 +132,8 @@ def fisher_rows(
 
 def _gram_eigenvalues(rows: Tensor, count: int) -> Tensor:
     """Descending eigenvalues of ``rowsᵀ rows / count`` via the smaller Gram."""
-    small = rows @ rows.T if rows.shape[0] < rows.shape[1] else rows.T @ rows
-    values = torch.linalg.eigvalsh(0.5 * (small + small.T) / count)
-    return torch.sort(values.clamp_min(0.0), descending=True).values
+    eigenvalues = symmetric_eigenvalues(smaller_gram(rows) / count, drop_zero_diagonal=False)
+    return eigenvalues.clamp_min(0.0)
 
 
 def exact_fisher_spectra(

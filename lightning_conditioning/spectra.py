@@ -31,6 +31,7 @@ __all__ = [
     "percentile_index",
     "format_percent",
     "symmetric_eigenvalues",
+    "smaller_gram",
     "summarize_spectrum",
     "kronecker_kth_largest",
     "summarize_kronecker",
@@ -151,6 +152,17 @@ def symmetric_eigenvalues(matrix: Tensor, *, drop_zero_diagonal: bool = True) ->
     if kept < dim:
         values = torch.cat([values, values.new_zeros(dim - kept)])
     return torch.sort(values, descending=True).values
+
+
+def smaller_gram(matrix: Tensor) -> Tensor:
+    """``M Mᵀ`` or ``Mᵀ M``, whichever is smaller: both have the squared singular values of
+    ``M`` as their nonzero eigenvalues, and the smaller one is cheaper to form and solve.
+
+    Example:
+        >>> smaller_gram(torch.tensor([[3.0, 0.0, 4.0]]))
+        tensor([[25.]])
+    """
+    return matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
 
 
 def _numerical_rank(eigenvalues: Tensor, rtol: float, max_rank: int | None) -> int:

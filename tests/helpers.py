@@ -59,6 +59,21 @@ class SequentialClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class Blocked(SequentialClassifier):
+    """Leaves the weights of ``blocked`` layers out of the optimizer (the paper's Fig. 4)."""
+
+    def __init__(self, net: nn.Module, blocked: tuple[str, ...], lr: float = 0.1) -> None:
+        super().__init__(net, lr=lr)
+        self.blocked = blocked
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [
+            p for n, p in self.named_parameters()
+            if not any(n.startswith(f"{b}.") for b in self.blocked)
+        ]
+        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+
+
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
@@ -134,32 +149,6 @@ def channel_rows(t: torch.Tensor) -> np.ndarray:
     """(N, C, *spatial) -> (N·positions, C) rows."""
     t = t.detach().double()
     return t.movedim(1, -1).reshape(-1, t.shape[1]).numpy()
-
-
-def explicit_patch_rows(conv: nn.Conv2d, x: torch.Tensor) -> np.ndarray:
-    """im2col by explicit loops (zero padding), one row per (example, group, position)."""
-    x = x.detach().double().numpy()
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-        conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-    n, c, h, w = x.shape
-    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw))
-    padded[:, :, ph : ph + h, pw : pw + w] = x
-    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    per_group = c // conv.groups
-    rows = []
-    for i in range(n):
-        for g in range(conv.groups):
-            for oy in range(out_h):
-                for ox in range(out_w):
-                    patch = padded[
-                        i,
-                        g * per_group : (g + 1) * per_group,
-                        oy * sh : oy * sh + dh * (kh - 1) + 1 : dh,
-                        ox * sw : ox * sw + dw * (kw - 1) + 1 : dw,
-                    ]
-                    rows.append(patch.reshape(-1))
-    return np.stack(rows)
 
 
 def grouped_channel_rows(grad: torch.Tensor, groups: int) -> np.ndarray:

@@ -16,9 +16,10 @@ from ddp_common import run
 HERE = Path(__file__).parent
 
 
-def _single_process(tmp_path: Path) -> dict[str, float]:
-    out = tmp_path / "single"
-    out.mkdir()
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    """The same run in one process, the reference of every DDP test (run once)."""
+    out = tmp_path_factory.mktemp("single")
     run(out, strategy="auto", devices=1)
     return json.loads((out / "rank0.json").read_text())["metrics"]
 
@@ -39,8 +40,7 @@ def _check_against_single(out: Path, single: dict[str, float]) -> None:
         assert value == pytest.approx(ranks[0]["metrics"][key], rel=1e-6), key
 
 
-def test_ddp_fork_uneven_ranks_equal_one_process(tmp_path: Path) -> None:
-    single = _single_process(tmp_path)
+def test_ddp_fork_uneven_ranks_equal_one_process(tmp_path: Path, single: dict[str, float]) -> None:
     out = tmp_path / "ddp"
     out.mkdir()
     run(out, strategy="ddp_fork", devices=2)
@@ -54,8 +54,7 @@ def test_ddp_fork_with_batchnorm_logs_finite_numbers(tmp_path: Path) -> None:
     assert "conditioning/net.3/fim_kappa_100" in metrics
 
 
-def test_standalone_ddp_script(tmp_path: Path) -> None:
-    single = _single_process(tmp_path)
+def test_standalone_ddp_script(tmp_path: Path, single: dict[str, float]) -> None:
     out = tmp_path / "ddp"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}

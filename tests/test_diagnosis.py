@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import SequentialClassifier, fit, loader, seeded
+from helpers import Blocked, SequentialClassifier, fit, loader, seeded
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
@@ -98,9 +98,9 @@ def _analyse(net: nn.Module, steps: int = 1, module: type[SequentialClassifier] 
 
 @pytest.fixture(autouse=True)
 def _no_denormals():
-    previous = torch.set_flush_denormal(True)  # plain deep nets at small init crawl otherwise
+    torch.set_flush_denormal(True)  # plain deep nets at small init crawl otherwise
     yield
-    torch.set_flush_denormal(previous)
+    torch.set_flush_denormal(False)  # torch's default (the call returns support, not the old state)
 
 
 def test_plain_deep_mlp_vanishes_and_is_located() -> None:
@@ -118,24 +118,12 @@ def test_batchnorm_deep_mlp_does_not_vanish() -> None:
     assert not rules & {"vanishing_forward", "vanishing_backward", "exploding_forward", "exploding_backward"}
 
 
-class _Blocked(SequentialClassifier):
-    """Leaves the weight of ``net.{blocked}`` out of the optimizer (the paper's Fig. 4)."""
-
-    def __init__(self, net: nn.Module, blocked: int) -> None:
-        super().__init__(net, lr=0.1)
-        self.blocked = f"net.{blocked}."
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for n, p in self.named_parameters() if not n.startswith(self.blocked)]
-        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
-
-
 def _small() -> nn.Sequential:
     return nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 10))
 
 
 def test_blocked_layer_is_weight_dominated() -> None:
-    found = _rules(_analyse(seeded(_small), steps=2, module=_Blocked, blocked=2))
+    found = _rules(_analyse(seeded(_small), steps=2, module=Blocked, blocked=("net.2",)))
     assert set(found) == {"weight_domination"}
     assert found["weight_domination"].layers == ("net.2",)
     evidence = found["weight_domination"].evidence

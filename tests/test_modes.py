@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -59,10 +60,16 @@ def _everything(factory, shape, callbacks):
     }
 
 
+@functools.cache
+def _plain(factory, shape):
+    """The unwatched run, trained once per model and shared by every mode (read only)."""
+    return _everything(factory, shape, [])
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("factory, shape", [(mlp, (12,)), (cnn, (3, 8, 8))], ids=["mlp", "cnn"])
 def test_every_mode_leaves_training_bit_identical(mode, factory, shape) -> None:
-    plain = _everything(factory, shape, [])
+    plain = _plain(factory, shape)
     watched = _everything(
         factory, shape, [ConditioningCallback(every_n_steps=1, **MODES[mode]),
                          WeightDominationCallback(every_n_steps=1)])

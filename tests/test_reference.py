@@ -12,7 +12,6 @@ from helpers import (
     SequentialClassifier,
     assert_close_metrics,
     channel_rows,
-    explicit_patch_rows,
     explicit_patch_rows_nd,
     fit,
     grouped_channel_rows,
@@ -88,7 +87,7 @@ def test_cnn_matches_float64_reference(conv_mode: str) -> None:
         elif conv_mode == "channel":
             input_rows, grad_rows = channel_rows(layer_input), channel_rows(grads)
         else:
-            input_rows = explicit_patch_rows(layer, layer_input)
+            input_rows = explicit_patch_rows_nd(layer, layer_input)
             grad_rows = grouped_channel_rows(grads, layer.groups)
         expected = layer_reference(input_rows, grad_rows, PERCENTS)
         assert_close_metrics(logged, f"conditioning/net.{index}", expected, rtol=1e-4)

@@ -37,7 +37,7 @@ class _Messages(logging.Handler):
 
 @pytest.fixture
 def messages() -> Iterator[list[str]]:
-    """INFO messages of the sinks (pytest runs with -p no:logging, so no caplog)."""
+    """INFO messages of the sinks (a handler of our own: works also under `-p no:logging`)."""
     sinks.ANNOUNCER.seen.clear()
     handler, logger = _Messages(), logging.getLogger("lightning_conditioning.sinks")
     level = logger.level

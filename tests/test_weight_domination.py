@@ -9,7 +9,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SequentialClassifier, fit, loader, seeded
+from helpers import Blocked, SequentialClassifier, fit, loader, seeded
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
@@ -31,21 +31,6 @@ def bn_mlp(width: int = 32) -> nn.Sequential:
         features = width
     layers.append(nn.Linear(features, 4))
     return nn.Sequential(*layers)  # weight layers: net.0, net.3, net.6, net.9, net.12
-
-
-class Blocked(SequentialClassifier):
-    """Leaves the weights of ``blocked`` layers out of the optimizer (the paper's Fig. 4)."""
-
-    def __init__(self, net: nn.Module, blocked: tuple[str, ...], lr: float = 0.1) -> None:
-        super().__init__(net, lr=lr)
-        self.blocked = blocked
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [
-            p for n, p in self.named_parameters()
-            if not any(n.startswith(f"{b}.") for b in self.blocked)
-        ]
-        return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
 
 
 def test_norms_match_matrix_norm_reference() -> None:

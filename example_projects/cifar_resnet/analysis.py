@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from example_projects.cifar_resnet.figures import plot_all
+from example_projects.cifar_resnet.figures import diverged_at, plot_all, series
 from example_projects.cifar_resnet.model import LABELS
 
 __all__ = ["CRITERIA", "plot_all", "summarize_run", "verdicts", "write_results"]
@@ -36,12 +36,6 @@ CRITERIA = f"""Criteria (fixed before the first CPU-scale run; ResNet = R, ResNe
   steps ≤ ln 10 − 0.5.
 - (Fig. 9, only when run) **PreResNet like LastBN**: max λmax(Σx) ≤ 10× L's, no {WINDOW}-step
   window near ln 10; **PreResNetv1 large λmax(Σx)**: max ≥ 10× L's."""
-
-
-def _series(run: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
-    steps = sorted(run["analyses"], key=int)
-    values = np.array([run["analyses"][s].get(key, math.nan) for s in steps], dtype=float)
-    return np.array([int(s) for s in steps]), values
 
 
 def _at(steps: np.ndarray, values: np.ndarray, step: int) -> float:
@@ -80,34 +74,34 @@ def summarize_run(run: dict[str, Any]) -> dict[str, Any]:
     n = len(loss)
     head = np.asarray(loss[1 : SPIKE_STEPS + 1])
     peak_step = 1 + int(np.nanargmax(head)) if np.isfinite(head).any() else 0
-    bad = [step for step, value in enumerate(loss) if not math.isfinite(value)]
     search_from = max(peak_step, SEARCH_FROM)
     band, band_start = longest_band(loss, search_from)
-    steps, ratio = _series(run, "grad_weight_ratio")
+    steps, ratio = series(run, "grad_weight_ratio")
     after = ratio[steps > peak_step]
     half = ratio[steps >= n // 2]
-    sigma = _triple(*_series(run, "weight_spectral_norm"))
+    sigma = _triple(*series(run, "weight_spectral_norm"))
+    lambda_x = series(run, "input_lambda_max")
     summary: dict[str, Any] = {
         "data": run["data"], "arch": run["arch"], "depth": run["depth"], "seed": run["seed"], "steps": n,
         "seconds_per_step": run["seconds_per_step"], "train_seconds": run["train_seconds"],
         "test_error": run["test_error"], "best_val_error": run["best_val_error"],
         "loss_at": {str(s): loss[s] for s in checkpoints(n)},
-        "diverged_at": bad[0] if bad else None, "loss_0": loss[0] if loss else math.nan,
+        "diverged_at": diverged_at(run), "loss_0": loss[0] if loss else math.nan,
         "loss_peak": loss[peak_step] if loss else math.nan,
         "loss_peak_step": peak_step, "loss_last": float(np.mean(loss[-WINDOW:])) if loss else math.nan,
         "band_window": band, "band_start": band_start, "band_search_from": search_from,
-        "lambda_x": _triple(*_series(run, "input_lambda_max")),
-        "lambda_fim": _triple(*_series(run, "fim_lambda_max")),
-        "w_sigma": sigma, "w_fro": _triple(*_series(run, "weight_fro")),
+        "lambda_x": _triple(*lambda_x),
+        "lambda_fim": _triple(*series(run, "fim_lambda_max")),
+        "w_sigma": sigma, "w_fro": _triple(*series(run, "weight_fro")),
         "w_growth": sigma["max"] / sigma["init"] if sigma["init"] > 0 else math.nan,
         "ratio": {"init": _at(steps, ratio, 0),
                   "min_after_peak": float(np.nanmin(after)) if np.isfinite(after).any() else math.nan,
                   "median_second_half": float(np.nanmedian(half)) if np.isfinite(half).any() else math.nan,
                   "end": float(ratio[np.isfinite(ratio)][-1]) if np.isfinite(ratio).any() else math.nan},
         "ratio_at": {str(s): _at(steps, ratio, s) for s in checkpoints(n)},
-        "lambda_x_at": {str(s): _at(*_series(run, "input_lambda_max"), s) for s in checkpoints(n)},
-        "dead_units": _triple(*_series(run, "dead_input_units")),
-        "negative_beta": _triple(*_series(run, "negative_bn_beta_fraction")),
+        "lambda_x_at": {str(s): _at(*lambda_x, s) for s in checkpoints(n)},
+        "dead_units": _triple(*series(run, "dead_input_units")),
+        "negative_beta": _triple(*series(run, "negative_bn_beta_fraction")),
     }
     return summary
 

@@ -23,19 +23,13 @@ PANELS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _series(run: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
+def series(run: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
     steps = sorted(run["analyses"], key=int)
     return (np.array([int(s) for s in steps], dtype=float),
             np.array([run["analyses"][s].get(key, math.nan) for s in steps], dtype=float))
 
 
-def _smooth(values: np.ndarray, width: int) -> np.ndarray:
-    if width <= 1 or len(values) < width:
-        return values
-    return np.convolve(values, np.ones(width) / width, mode="valid")
-
-
-def _diverged_at(run: dict[str, Any]) -> int | None:
+def diverged_at(run: dict[str, Any]) -> int | None:
     bad = [step for step, value in enumerate(run["loss"]) if not math.isfinite(value)]
     return bad[0] if bad else None
 
@@ -46,9 +40,9 @@ def _panel_values(run: dict[str, Any], key: str) -> list[tuple[np.ndarray, np.nd
         loss = np.asarray(run["loss"], dtype=float)
         return [(np.arange(1, len(loss) + 1), loss, "-")]
     if key == "weight_norms":
-        (s1, sigma), (s2, fro) = _series(run, "weight_spectral_norm"), _series(run, "weight_fro")
+        (s1, sigma), (s2, fro) = series(run, "weight_spectral_norm"), series(run, "weight_fro")
         return [(s1 + 1, sigma, "-"), (s2 + 1, fro, "--")]
-    steps, values = _series(run, key)
+    steps, values = series(run, key)
     return [(steps + 1, values, "-")]
 
 
@@ -69,10 +63,10 @@ def plot_last_layer(runs: list[dict[str, Any]], path: Path, title: str, by_depth
     depths = sorted({r["depth"] for r in runs})
     palette = plt.get_cmap("viridis")
     first_seed = min(r["seed"] for r in runs)
-    stable = [r for r in ordered if _diverged_at(r) is None] or ordered
+    stable = [r for r in ordered if diverged_at(r) is None] or ordered
     for ax, (key, label) in zip(axes.flat, PANELS):
         for run in ordered:
-            first, diverged = run["seed"] == first_seed, _diverged_at(run)
+            first, diverged = run["seed"] == first_seed, diverged_at(run)
             name = f"{LABELS[run['arch']]}-{run['depth']}" + ("" if first else f" seed {run['seed']}")
             if diverged is not None:
                 name += f" (diverged: NaN at step {diverged})"

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from example_projects.data import mnist_5k, mnist_images
 from lightning_conditioning import ConditioningCallback
 from lightning_conditioning.exact import exact_fisher_spectra
+from lightning_conditioning.report import conditioning_table
 
 PERCENTS = (50, 80)
 
@@ -74,7 +75,7 @@ def kronecker(net: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, sampl
     trainer = pl.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Frozen(net), DataLoader(TensorDataset(x, y), batch_size=len(x)))
-    return {name: {k.rsplit("/", 1)[1]: v for k, v in r.metrics().items()} for name, r in callback.results.items()}
+    return conditioning_table(callback.results)
 
 
 def analyse(depth: int, width: int, batch_norm: bool, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:

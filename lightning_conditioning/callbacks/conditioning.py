@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.capture import LayerCapture, checked_layer_types, find_layers
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.passes import (
     ForwardFn,
@@ -31,7 +31,7 @@ from lightning_conditioning.passes import (
 from lightning_conditioning.results import LayerConditioning, analyse_layer
 from lightning_conditioning.callbacks.weight_domination import WeightDominationCallback
 from lightning_conditioning.diagnosis import Finding, diagnose, format_findings
-from lightning_conditioning.models.last_bn import find_last_linear
+from lightning_conditioning.models.last_bn import last_linear_name
 from lightning_conditioning.report.metrics import conditioning_table
 from lightning_conditioning.sinks import (
     publish_conditioning,
@@ -170,10 +170,7 @@ class ConditioningCallback(Callback):
             )
         if not 0 <= rank_rtol < 1:
             raise ValueError(f"rank_rtol must be in [0, 1), got {rank_rtol}")
-        if layer_types is not None and not all(
-            isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
-        ):
-            raise TypeError("layer_types must be nn.Module subclasses")
+        selected_types = checked_layer_types(layer_types)
         if isinstance(window_steps, bool) or not isinstance(window_steps, int) or not (
             1 <= window_steps <= every_n_steps
         ):
@@ -201,9 +198,7 @@ class ConditioningCallback(Callback):
         self.every_n_steps = every_n_steps
         self.kappa_percents = tuple(int(p) if p.is_integer() else p for p in percents)
         self.conv_mode: Literal["channel", "patch"] = conv_mode
-        self.layer_types: tuple[type[nn.Module], ...] = (
-            tuple(layer_types) if layer_types is not None else (nn.Linear, nn.modules.conv._ConvNd)
-        )
+        self.layer_types = selected_types
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.loss_reduction: Literal["mean", "sum"] = loss_reduction
@@ -258,10 +253,7 @@ class ConditioningCallback(Callback):
             )
             self._capture = None
             return
-        try:
-            self._last_linear = find_last_linear(pl_module)[0]
-        except ValueError:
-            self._last_linear = None
+        self._last_linear = last_linear_name(pl_module)
         self._capture = LayerCapture(
             layers,
             statistics_dtype=_DTYPES[self.statistics_dtype],

@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_conditioning.capture import select_layers
+from lightning_conditioning.capture import checked_layer_types, select_layers
 from lightning_conditioning.domination import WeightStatistics, frobenius_norm, imbalance, weight_statistics
-from lightning_conditioning.models.last_bn import find_last_linear
+from lightning_conditioning.models.last_bn import last_linear_name
 from lightning_conditioning.sinks import publish_weight_domination
 
 __all__ = ["WeightDominationCallback"]
@@ -84,17 +84,12 @@ class WeightDominationCallback(Callback):
             raise ValueError(f"update_threshold must be a finite number >= 0, got {update_threshold!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an int >= 1, got {patience!r}")
-        if layer_types is not None and not all(
-            isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
-        ):
-            raise TypeError("layer_types must be nn.Module subclasses")
+        selected_types = checked_layer_types(layer_types)
         self.every_n_steps = every_n_steps
         self.threshold = float(threshold)
         self.update_threshold = float(update_threshold)
         self.patience = patience
-        self.layer_types: tuple[type[nn.Module], ...] = (
-            tuple(layer_types) if layer_types is not None else (nn.Linear, nn.modules.conv._ConvNd)
-        )
+        self.layer_types = selected_types
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.log_imbalance = log_imbalance
@@ -134,10 +129,7 @@ class WeightDominationCallback(Callback):
         }
         if not self._weights:
             rank_zero_warn(f"{type(self).__name__}: no layer with a weight matched; nothing to check.")
-        try:
-            self._last_linear = find_last_linear(pl_module)[0]
-        except ValueError:
-            self._last_linear = None
+        self._last_linear = last_linear_name(pl_module)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

@@ -28,7 +28,10 @@ from typing import Literal
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-__all__ = ["LastBN", "Position", "PreBNPool", "add_last_bn", "find_last_linear", "remap_state_dict_for_last_bn"]
+__all__ = [
+    "LastBN", "Position", "PreBNPool", "add_last_bn", "find_last_linear", "last_linear_name",
+    "remap_state_dict_for_last_bn",
+]
 
 Position = Literal["before_linear", "before_pool"]
 _POSITIONS: tuple[str, ...] = ("before_linear", "before_pool")
@@ -107,16 +110,28 @@ def find_last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
         >>> find_last_linear(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))[0]
         '2'
     """
-    found: tuple[str, nn.Linear] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            found = (name, module)
-    if found is None:
+    name = last_linear_name(model)
+    if name is None:
         raise ValueError(
             f"add_last_bn: {type(model).__name__} contains no nn.Linear, so there is no final classifier "
             "to put a BatchNorm before."
         )
-    return found
+    linear = model.get_submodule(name)
+    assert isinstance(linear, nn.Linear)
+    return name, linear
+
+
+def last_linear_name(model: nn.Module) -> str | None:
+    """Qualified name of the last ``nn.Linear`` in ``named_modules()`` order, or None.
+
+    Example:
+        >>> last_linear_name(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        '2'
+        >>> last_linear_name(nn.Sequential(nn.ReLU())) is None
+        True
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
 
 
 def _existing_position(model: nn.Module) -> str | None:

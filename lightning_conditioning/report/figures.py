@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning_conditioning.report.metrics import LayerTable
+from lightning_conditioning.report.metrics import LayerTable, kappa_percents, percent_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -62,22 +61,6 @@ def _value(row: Mapping[str, float] | None, key: str) -> float:
     return value if math.isfinite(value) and value > 0 else math.nan
 
 
-def kappa_percents(table: LayerTable) -> list[str]:
-    """The ``p`` fragments of every ``*_kappa_{p}`` key, sorted numerically.
-
-    Example:
-        >>> kappa_percents({"fc": {"input_kappa_100": 1.0, "grad_kappa_99_5": 2.0}})
-        ['99_5', '100']
-    """
-    found = {m.group(1) for row in table.values() for k in row
-             if (m := re.match(r"^(?:input|grad|fim)_kappa_([0-9_]+)$", k))}
-    return sorted(found, key=lambda p: float(p.replace("_", ".")))
-
-
-def _percent_label(fragment: str) -> str:
-    return fragment.replace("_", ".") + "%"
-
-
 def _layer_axis(ax: Axes, names: Sequence[str]) -> None:
     positions = range(1, len(names) + 1)
     if len(names) <= _MAX_NAMED_TICKS:
@@ -119,7 +102,7 @@ def depth_profile_figure(table: LayerTable, *, step: int | None = None) -> Figur
             values = [_value(table[n], f"{label}_kappa_{percent}") for n in names]
             if all(math.isnan(v) for v in values):
                 continue
-            bottom.plot(x, values, "o-", ms=3, label=rf"$\kappa_{{{_percent_label(percent)}}}$".replace("%", r"\%"))
+            bottom.plot(x, values, "o-", ms=3, label=rf"$\kappa_{{{percent_text(percent)}\%}}$")
         _log_axis(bottom, r"$\kappa_p = \lambda_{max} / \lambda_p$")
         if bottom.get_lines():
             bottom.legend(fontsize=8, loc="best")
@@ -180,6 +163,7 @@ def training_figure(history: Mapping[int, LayerTable], *, max_layers: int = 8) -
     names = _pick_layers(all_names, max_layers)
     merged = {n: row for table in history.values() for n, row in table.items()}
     percents = kappa_percents(merged)
+    kappa_symbol = rf"$\kappa_{{{percent_text(percents[-1])}\%}}$" if percents else r"$\kappa_{p}$"
     figure, axes = _new_figure(2, 3, (12.0, 6.5))
     for col, (label, title) in enumerate(_MATRICES):
         _history_lines(axes[0][col], history, names, f"{label}_lambda_max", all_names)
@@ -188,7 +172,7 @@ def training_figure(history: Mapping[int, LayerTable], *, max_layers: int = 8) -
         if percents:
             key = f"{label}_kappa_{percents[-1]}"
             _history_lines(axes[1][col], history, names, key, all_names)
-        _log_axis(axes[1][col], rf"$\kappa_{{{_percent_label(percents[-1]) if percents else 'p'}}}$".replace("%", r"\%"))
+        _log_axis(axes[1][col], kappa_symbol)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         figure.legend(handles, labels, loc="outside right center", fontsize=8, title="layer")

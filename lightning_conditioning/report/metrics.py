@@ -21,6 +21,8 @@ __all__ = [
     "split_metrics",
     "conditioning_table",
     "natural_key",
+    "percent_text",
+    "kappa_percents",
 ]
 
 #: ``{layer: {quantity: value}}`` in module order.
@@ -32,6 +34,32 @@ DOMINATION_QUANTITIES = frozenset({
     "update_weight_ratio", "imbalance", "relative_imbalance",
 })
 _CONDITIONING = re.compile(r"^(?:(?:input|grad|fim)_(?:lambda_max|kappa_[0-9_]+)|(?:dead|full)_input_units)$")
+
+
+def percent_text(fragment: str) -> str:
+    """The percent a key fragment stands for (the inverse of ``spectra.format_percent``).
+
+    Example:
+        >>> percent_text("99_5"), percent_text("50")
+        ('99.5', '50')
+    """
+    return fragment.replace("_", ".")
+
+
+def kappa_percents(
+    table: Mapping[str, Mapping[str, float]], labels: tuple[str, ...] = ("input", "grad", "fim")
+) -> list[str]:
+    """The ``p`` fragments of every ``{label}_kappa_{p}`` key, sorted numerically.
+
+    Example:
+        >>> kappa_percents({"fc": {"input_kappa_100": 1.0, "grad_kappa_99_5": 2.0}})
+        ['99_5', '100']
+        >>> kappa_percents({"fc": {"input_kappa_100": 1.0, "grad_kappa_99_5": 2.0}}, ("input",))
+        ['100']
+    """
+    pattern = re.compile(rf"^(?:{'|'.join(map(re.escape, labels))})_kappa_([0-9_]+)$")
+    found = {m.group(1) for row in table.values() for k in row if (m := pattern.match(k))}
+    return sorted(found, key=lambda p: float(percent_text(p)))
 
 
 def is_conditioning_quantity(quantity: str) -> bool:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from lightning_conditioning.report.figures import kappa_percents
-from lightning_conditioning.report.metrics import LayerTable
+from lightning_conditioning.report.metrics import LayerTable, kappa_percents, percent_text
 
 __all__ = ["format_layer_table"]
 
@@ -38,7 +37,7 @@ def format_layer_table(conditioning: LayerTable, domination: LayerTable | None =
     domination = domination or {}
     percents = kappa_percents(conditioning)
     p = percents[-1] if percents else None
-    kappa = f"κ{p.replace('_', '.')}" if p else "κ"
+    kappa = f"κ{percent_text(p)}" if p else "κ"
     header = ["#", "layer"]
     for label in ("Σx", "Σ∇h", "F"):
         header += [f"λmax({label})", f"{kappa}({label})"]

@@ -140,5 +140,4 @@ def log_spectra_histograms(
     publication = Publication(results, step, prefix=prefix)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            for tag, values in publication.histogram_values().items():
-                logger.experiment.add_histogram(tag, values, global_step=step)
+            TensorBoardSink(logger).add_histograms(publication)

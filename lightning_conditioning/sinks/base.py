@@ -104,6 +104,7 @@ class Publication:
             return None
         return depth_profile_figure(self.table, step=self.step)
 
+    @cached_property
     def histogram_values(self) -> dict[str, Any]:
         """``{tag: log10 of the nonzero eigenvalues}`` of Σx and Σ∇h per layer (numpy arrays)."""
         out: dict[str, Any] = {}
@@ -125,7 +126,6 @@ class Sink:
     """
 
     #: what this sink can store besides scalars (for the one-time "not supported" message)
-    supports: tuple[str, ...] = ()
 
     def __init__(self, logger: Logger) -> None:
         self.logger = logger

@@ -19,7 +19,6 @@ class CSVSink(Sink):
     """Scalars (``metrics.csv``) and, with histograms on, the full spectra in
     ``{logger.log_dir}/conditioning_spectra.jsonl``. Figures: rendered by the report command."""
 
-    supports = ("spectra",)
 
     def conditioning_extras(self, publication: Publication) -> None:
         logger = self.logger
@@ -50,7 +49,6 @@ class MLflowSink(Sink):
     """Scalars with MLflow-safe names; spectra (one JSONL file per step, artifact folder
     ``conditioning_spectra/``) and depth-profile PNGs (``conditioning_figures/``) as artifacts."""
 
-    supports = ("spectra", "figures")
 
     def metric_name(self, key: str) -> str:
         return mlflow_metric_name(key)

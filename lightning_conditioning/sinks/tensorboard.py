@@ -27,15 +27,20 @@ class TensorBoardSink(Sink):
     the depth-profile figure (``{prefix}/depth_profile``, images tab); and, with histograms on,
     the spectra file ``conditioning_spectra.jsonl`` in ``logger.log_dir`` for the report."""
 
-    supports = ("histograms", "figures", "spectra")
+
+    def add_histograms(self, publication: Publication) -> None:
+        """The log10-eigenvalue histograms of every layer."""
+        assert isinstance(self.logger, TensorBoardLogger)
+        writer = self.logger.experiment
+        for tag, values in publication.histogram_values.items():
+            writer.add_histogram(tag, values, global_step=publication.step)
 
     def conditioning_extras(self, publication: Publication) -> None:
         logger = self.logger
         assert isinstance(logger, TensorBoardLogger)
         writer = logger.experiment
         if publication.histograms:
-            for tag, values in publication.histogram_values().items():
-                writer.add_histogram(tag, values, global_step=publication.step)
+            self.add_histograms(publication)
             append_records(Path(logger.log_dir) / SPECTRA_FILENAME, publication.records)
         figure = publication.figure
         if figure is not None:

@@ -14,14 +14,13 @@ class WandbSink(Sink):
     eigenvalues per layer and matrix (same tags as TensorBoard's), and the depth profile as a
     ``wandb.Image`` under ``{prefix}/depth_profile``."""
 
-    supports = ("histograms", "figures")
 
     def publish_conditioning(self, publication: Publication) -> None:
         import wandb
 
         row: dict[str, Any] = dict(publication.metrics)
         if publication.histograms:
-            for tag, values in publication.histogram_values().items():
+            for tag, values in publication.histogram_values.items():
                 row[tag] = wandb.Histogram(values)
         figure = publication.figure
         if figure is not None:
