@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_conditioning.resolution import unit_roundoff
+
 __all__ = ["PENDING_ADDS", "SecondMomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
 
 
@@ -55,16 +57,24 @@ class SecondMomentSum:
         self.rows = 0
         #: machine epsilon of the least precise tensor added in this window (0 before any)
         self.resolution = 0.0
+        #: unit roundoff of the least precise dtype a Gram of this window was summed in
+        self.gram_roundoff = 0.0
         self._pending: Tensor | None = None  # float32 sum not yet folded (allocated lazily)
         self._pending_adds = 0
 
     def _target(self, dtype: torch.dtype) -> Tensor:
-        """Where a contribution of ``dtype`` is summed: float64 direct, others pending."""
+        """Where a contribution of ``dtype`` is summed: float64 direct, others pending.
+
+        Also remembers the coarsest rounding the sums have seen (:attr:`gram_roundoff`).
+        """
         if dtype == torch.float64:
-            return self.sum_outer
-        if self._pending is None:
-            self._pending = torch.zeros_like(self.sum_outer, dtype=torch.float32)
-        return self._pending
+            target = self.sum_outer
+        else:
+            if self._pending is None:
+                self._pending = torch.zeros_like(self.sum_outer, dtype=torch.float32)
+            target = self._pending
+        self.gram_roundoff = max(self.gram_roundoff, unit_roundoff(dtype), unit_roundoff(target.dtype))
+        return target
 
     def _added_to(self, target: Tensor) -> None:
         """Count an addition to the pending sum; fold it every :data:`PENDING_ADDS` additions."""
@@ -139,6 +149,7 @@ class SecondMomentSum:
             self.sum_rows.zero_()
         self.rows = 0
         self.resolution = 0.0
+        self.gram_roundoff = 0.0
 
     def buffers(self) -> list[Tensor]:
         """The tensors a distributed reduction must sum (pending sums folded first)."""
@@ -159,6 +170,10 @@ class LayerMoments:
         input_resolution / grad_resolution: machine epsilon of the least precise tensor
             captured (e.g. 2⁻⁷ for bfloat16 activations): eigenvalues below it relative to
             λmax are rounding noise.
+        input_gram_roundoff / grad_gram_roundoff: unit roundoff of the least precise dtype
+            the Gram sums were formed in (2⁻²⁴ float32, 2⁻⁵³ float64; 0 when unknown: taken
+            as float64). With the row counts they set the resolution floor
+            (:func:`lightning_conditioning.resolution.floor_rtol`).
 
     Example:
         >>> moments = LayerMoments(torch.eye(2), None, 4, 0, torch.tensor([1.0, -1.0]),
@@ -175,6 +190,8 @@ class LayerMoments:
     unit_min: Tensor
     input_resolution: float = 0.0
     grad_resolution: float = 0.0
+    input_gram_roundoff: float = 0.0
+    grad_gram_roundoff: float = 0.0
 
     @property
     def dead_units(self) -> int:
@@ -254,6 +271,8 @@ class LayerWindow:
             unit_min=self.unit_min.clone(),
             input_resolution=self.input.resolution,
             grad_resolution=self.grad.resolution,
+            input_gram_roundoff=self.input.gram_roundoff,
+            grad_gram_roundoff=self.grad.gram_roundoff,
         )
 
 

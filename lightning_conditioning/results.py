@@ -7,19 +7,19 @@ which knows how to name its scalars (:meth:`LayerConditioning.metrics`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from lightning_conditioning import schema
 from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.resolution import floor_rtol
 from lightning_conditioning.spectra import (
-    DEFAULT_RANK_RTOL,
+    KappaDefinition,
     KroneckerSummary,
     SpectrumSummary,
-    format_percent,
     summarize_kronecker,
     summarize_spectrum,
     symmetric_eigenvalues,
@@ -71,21 +71,21 @@ class LayerConditioning:
     grad_rows: int
 
     def metrics(self, prefix: str = "conditioning") -> dict[str, float]:
-        """The logged scalars, ``{prefix}/{name}/{quantity}``; empty unless finite numbers."""
+        """The logged scalars, ``{prefix}/{name}/{quantity}`` (names: :mod:`..schema`).
+
+        Empty unless the layer has finite numbers. A κ_p that is not a measurement is logged
+        under its marker key (``…_lower_bound`` / ``…_infinite``) instead of the plain one.
+        """
         if self.status in ("nonfinite", "no_data"):
             return {}
-        base = f"{prefix}/{self.name}"
         out: dict[str, float] = {}
-        for label, summary in (("input", self.input), ("grad", self.grad), ("fim", self.fim)):
-            if summary is None:
-                continue
-            out[f"{base}/{label}_lambda_max"] = summary.lambda_max
-            for percent, value in summary.kappa.items():
-                out[f"{base}/{label}_kappa_{format_percent(percent)}"] = value
+        for moment, summary in (("input", self.input), ("grad", self.grad), ("fim", self.fim)):
+            if summary is not None:
+                out.update(schema.summary_quantities(moment, summary))
         if self.dead_input_units is not None and self.full_input_units is not None:
-            out[f"{base}/dead_input_units"] = float(self.dead_input_units)
-            out[f"{base}/full_input_units"] = float(self.full_input_units)
-        return {key: value for key, value in out.items() if math.isfinite(value)}
+            out["dead_input_units"] = float(self.dead_input_units)
+            out["full_input_units"] = float(self.full_input_units)
+        return {schema.key(prefix, self.name, quantity): value for quantity, value in out.items()}
 
 
 def analyse_layer(
@@ -94,13 +94,15 @@ def analyse_layer(
     moments: LayerMoments,
     *,
     percents: Sequence[float] = (50, 80, 100),
-    rank_rtol: float = DEFAULT_RANK_RTOL,
+    rank_rtol: float | None = None,
+    kappa_definition: KappaDefinition = "paper",
 ) -> LayerConditioning:
     """Eigen-analysis of one layer's finished window (float64, CPU).
 
-    The rank of each moment is bounded by its row count, and its tolerance is
-    ``max(rank_rtol, resolution)``: with bfloat16 / float16 activations (AMP) eigenvalues
-    below 2⁻⁷ / 2⁻¹⁰ of λmax are rounding noise and count as zero.
+    Each moment's resolution floor is derived from how it was computed
+    (:func:`~lightning_conditioning.resolution.floor_rtol`: the Gram dtype, the rows' dtype,
+    the rows summed and the dimension); ``rank_rtol`` can only raise it. The rank is also
+    bounded by the row count.
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
@@ -123,19 +125,19 @@ def analyse_layer(
     if not all(bool(torch.isfinite(m).all()) for m in matrices):
         return LayerConditioning(status="nonfinite", **common, **empty)  # type: ignore[arg-type]
 
-    def summary(matrix: torch.Tensor, rows: int, resolution: float) -> SpectrumSummary:
-        # eigenvalues below the captured tensors' own precision are rounding noise
-        rtol = max(rank_rtol, resolution)
-        return summarize_spectrum(symmetric_eigenvalues(matrix), percents, rtol=rtol, max_rank=rows)
+    def summary(matrix: torch.Tensor, rows: int, row_eps: float, roundoff: float) -> SpectrumSummary:
+        rtol = floor_rtol(gram_roundoff=roundoff, rows=rows, dim=matrix.shape[0], row_eps=row_eps)
+        if rank_rtol is not None:
+            rtol = max(rtol, rank_rtol)
+        return summarize_spectrum(symmetric_eigenvalues(matrix), percents, rtol=rtol,
+                                  max_rank=rows, definition=kappa_definition)
 
-    input_summary = summary(
-        moments.input_second_moment, moments.input_rows, moments.input_resolution
-    )
+    input_summary = summary(moments.input_second_moment, moments.input_rows,
+                            moments.input_resolution, moments.input_gram_roundoff)
     grad_summary = fim = None
     if moments.grad_second_moment is not None:
-        grad_summary = summary(
-            moments.grad_second_moment, moments.grad_rows, moments.grad_resolution
-        )
+        grad_summary = summary(moments.grad_second_moment, moments.grad_rows,
+                               moments.grad_resolution, moments.grad_gram_roundoff)
         fim = summarize_kronecker(input_summary, grad_summary, percents)
     return LayerConditioning(
         status="ok" if grad_summary is not None else "no_grad",

@@ -4,15 +4,22 @@ Nothing here knows about Lightning, hooks or modules: every function takes and r
 tensors or small dataclasses, so it can be tested against numpy/float64 references and reused
 from notebooks.
 
-Conventions (see README "Conventions"):
+Conventions (see README "Conventions" and ``docs/numerics.md``):
 
 * Spectra are sorted in descending order and computed in float64 on the CPU.
-* An eigenvalue is *nonzero* when it is larger than ``rank_rtol * λmax``; features whose
-  diagonal entry is exactly zero (dead units) are removed before the solve so that they count
-  as exact zeros, and the rank never exceeds the number of rows the moment was built from.
-* The generalized condition number ``κ_p = λmax / λ_p`` uses ``λ_p``, the ``⌈p·r/100⌉``-th
-  largest of the ``r`` nonzero eigenvalues (``r`` is the numerical rank). So ``κ_100`` is
-  ``λmax / λmin_nonzero``, the paper's definition, and ``κ_p`` is never infinite.
+* Every spectrum has a *resolution floor* ``rtol · λmax``
+  (:func:`lightning_conditioning.resolution.floor_rtol`): eigenvalues above it are *resolved*
+  (their count is the numerical ``rank``); those under it are zeros or too small to tell from
+  rounding (*unresolved*). Exact zeros (dead units, whose rows and columns are removed before the
+  solve, and the ``d − rows`` eigenvalues a moment of ``rows < d`` rows cannot have) are
+  *structural* zeros.
+* ``κ_p = λmax / λ_p``. With ``definition="paper"`` (the default, footnote 2 of the paper)
+  ``λ_p`` is the ``⌈p·d/100⌉``-th largest of all ``d`` eigenvalues, zeros included, and
+  ``κ_100`` uses the smallest nonzero (resolved) one. With ``definition="nonzero"`` ``λ_p`` is
+  the ``⌈p·r/100⌉``-th largest of the ``r`` resolved ones (the package's former convention).
+* A κ_p whose ``λ_p`` is not resolved is not a measurement: its status
+  (:data:`KappaStatus`) is ``"infinite"`` when ``λ_p`` is a structural zero (value ``inf``) and
+  ``"lower_bound"`` otherwise (value ``λmax / floor``: κ_p is at least that).
 """
 
 from __future__ import annotations
@@ -20,12 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from lightning_conditioning.resolution import floor_rtol
+from lightning_conditioning.schema import format_percent
+
 __all__ = [
-    "DEFAULT_RANK_RTOL",
+    "KappaDefinition",
+    "KappaStatus",
+    "KAPPA_DEFINITIONS",
     "SpectrumSummary",
     "KroneckerSummary",
     "percentile_index",
@@ -37,11 +50,15 @@ __all__ = [
     "summarize_kronecker",
 ]
 
-#: Default relative tolerance below which an eigenvalue counts as zero. The second moments are
-#: formed by float32 GEMMs (accumulated in float64); the exact zeros of such a Gram matrix come
-#: out as ±(1e-9 … 1e-8)·λmax, so a floor at 1e-7·λmax separates them from real eigenvalues.
-#: Use ``statistics_dtype=torch.float64`` with a smaller tolerance to resolve κ beyond 1e7.
-DEFAULT_RANK_RTOL = 1e-7
+#: ``"paper"``: λ_p over all d eigenvalues (zeros included), κ_100 over the smallest nonzero
+#: one; ``"nonzero"``: λ_p over the r resolved nonzero eigenvalues only.
+KappaDefinition = Literal["paper", "nonzero"]
+KAPPA_DEFINITIONS: tuple[str, ...] = ("paper", "nonzero")
+
+#: ``"exact"``: a measurement (λ_p resolved); ``"lower_bound"``: λ_p is under the resolution
+#: floor, the value is ``λmax / floor`` and κ_p is at least that; ``"infinite"``: λ_p is a
+#: structural zero; ``"undefined"``: the matrix is zero (λmax = 0), the value is ``nan``.
+KappaStatus = Literal["exact", "lower_bound", "infinite", "undefined"]
 
 
 def percentile_index(percent: float, count: int) -> int:
@@ -58,17 +75,6 @@ def percentile_index(percent: float, count: int) -> int:
     return min(max(position, 1), count) - 1
 
 
-def format_percent(percent: float) -> str:
-    """Key fragment for a percent: ``50 -> "50"``, ``99.5 -> "99_5"``.
-
-    Example:
-        >>> format_percent(80.0), format_percent(99.5)
-        ('80', '99_5')
-    """
-    text = f"{percent:g}"
-    return text.replace(".", "_")
-
-
 @dataclass(frozen=True)
 class SpectrumSummary:
     """Eigen-statistics of one symmetric positive semi-definite matrix.
@@ -76,31 +82,48 @@ class SpectrumSummary:
     Attributes:
         eigenvalues: all eigenvalues, float64, descending (tiny negative round-off included).
         lambda_max: the largest eigenvalue.
-        rank: the numerical rank ``r`` (eigenvalues above ``rtol * lambda_max``).
-        kappa: ``{percent: λmax / λ_p}`` over the ``r`` nonzero eigenvalues.
-        rtol: the relative tolerance that defined "nonzero".
+        rank: the numerical rank ``r``: eigenvalues above the floor ``rtol · λmax``.
+        kappa: ``{percent: κ_p}``; see :attr:`kappa_status` for what each value is.
+        rtol: the resolution floor relative to λmax.
+        kappa_status: ``{percent: status}`` (:data:`KappaStatus`).
+        structural_rank: how many eigenvalues can be nonzero at all (the dimension less the
+            structural zeros: dead units, rows fewer than the dimension).
+        definition: the κ_p definition (:data:`KappaDefinition`).
 
     Example:
-        >>> s = summarize_spectrum(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64), (100,))
-        >>> s.rank, s.kappa, s.nonzero_eigenvalues.tolist(), s.dim
-        (2, {100: 2.0}, [2.0, 1.0], 3)
+        >>> s = summarize_spectrum(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64), (50, 100))
+        >>> s.rank, s.kappa, s.kappa_status[100], s.nonzero_eigenvalues.tolist(), s.dim
+        (2, {50: 2.0, 100: 2.0}, 'exact', [2.0, 1.0], 3)
     """
 
     eigenvalues: Tensor
     lambda_max: float
     rank: int
     kappa: dict[float, float] = field(default_factory=dict)
-    rtol: float = DEFAULT_RANK_RTOL
+    rtol: float = 0.0
+    kappa_status: dict[float, KappaStatus] = field(default_factory=dict)
+    structural_rank: int = -1
+    definition: KappaDefinition = "paper"
 
     @property
     def nonzero_eigenvalues(self) -> Tensor:
-        """The ``rank`` largest eigenvalues (descending)."""
+        """The ``rank`` largest (resolved) eigenvalues, descending."""
         return self.eigenvalues[: self.rank]
 
     @property
     def dim(self) -> int:
         """Size of the matrix."""
         return int(self.eigenvalues.numel())
+
+    @property
+    def floor(self) -> float:
+        """The resolution floor ``rtol · λmax`` (absolute)."""
+        return self.rtol * self.lambda_max
+
+    @property
+    def unresolved(self) -> int:
+        """Eigenvalues that may be nonzero but sit under the floor."""
+        return max(self.structural_rank - self.rank, 0)
 
 
 @dataclass(frozen=True)
@@ -109,19 +132,26 @@ class KroneckerSummary:
 
     Attributes:
         lambda_max: ``λmax(A)·λmax(B)``.
-        rank: ``rank(A)·rank(B)``.
-        kappa: ``{percent: λmax / λ_p}`` over the nonzero products ``a_i·b_j``.
+        rank: ``rank(A)·rank(B)`` (resolved products).
+        kappa: ``{percent: κ_p}`` over all ``d_A·d_B`` products (``"paper"``) or over the
+            resolved ones (``"nonzero"``).
+        kappa_status: ``{percent: status}`` (:data:`KappaStatus`).
+        structural_rank: products that can be nonzero at all.
+        definition: the κ_p definition.
 
     Example:
         >>> k = summarize_kronecker(summarize_spectrum(torch.tensor([4.0, 1.0])),
         ...                         summarize_spectrum(torch.tensor([2.0, 1.0])), (50, 100))
-        >>> k.lambda_max, k.rank, k.kappa
-        (8.0, 4, {50: 2.0, 100: 8.0})
+        >>> k.lambda_max, k.rank, k.kappa, k.kappa_status[50]
+        (8.0, 4, {50: 2.0, 100: 8.0}, 'exact')
     """
 
     lambda_max: float
     rank: int
     kappa: dict[float, float] = field(default_factory=dict)
+    kappa_status: dict[float, KappaStatus] = field(default_factory=dict)
+    structural_rank: int = -1
+    definition: KappaDefinition = "paper"
 
 
 def symmetric_eigenvalues(matrix: Tensor, *, drop_zero_diagonal: bool = True) -> Tensor:
@@ -165,48 +195,76 @@ def smaller_gram(matrix: Tensor) -> Tensor:
     return matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
 
 
-def _numerical_rank(eigenvalues: Tensor, rtol: float, max_rank: int | None) -> int:
-    if eigenvalues.numel() == 0 or not eigenvalues[0] > 0:
-        return 0
-    rank = int((eigenvalues > rtol * eigenvalues[0]).sum())
-    if max_rank is not None:
-        rank = min(rank, max_rank)
-    return rank
+def _check_definition(definition: str) -> None:
+    if definition not in KAPPA_DEFINITIONS:
+        raise ValueError(f"definition must be one of {KAPPA_DEFINITIONS}, got {definition!r}")
 
 
 def summarize_spectrum(
     eigenvalues: Tensor,
     percents: Sequence[float] = (50, 80, 100),
     *,
-    rtol: float = DEFAULT_RANK_RTOL,
+    rtol: float | None = None,
     max_rank: int | None = None,
+    definition: KappaDefinition = "paper",
 ) -> SpectrumSummary:
     """λmax, numerical rank and κ_p from a descending spectrum.
 
     Args:
-        eigenvalues: descending eigenvalues (e.g. from :func:`symmetric_eigenvalues`).
+        eigenvalues: descending eigenvalues (e.g. from :func:`symmetric_eigenvalues`); exact
+            zeros count as structural zeros.
         percents: the ``p`` of ``κ_p`` in percent, each in ``(0, 100]``.
-        rtol: eigenvalues ``<= rtol * λmax`` count as zero.
+        rtol: the resolution floor relative to λmax (default: that of a float64 eigen-solve of
+            an exactly known matrix, :func:`~lightning_conditioning.resolution.floor_rtol`).
         max_rank: an upper bound on the rank known from elsewhere (e.g. the number of rows
-            the matrix was summed from).
+            the matrix was summed from): eigenvalues past it are structural zeros.
+        definition: ``"paper"`` or ``"nonzero"`` (module docstring).
 
-    A zero matrix has ``rank == 0`` and ``κ_p = nan``.
+    A zero matrix has ``rank == 0`` and ``κ_p = nan`` (status ``"undefined"``).
 
     Example:
-        >>> s = summarize_spectrum(torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64))
-        >>> s.lambda_max, s.rank, s.kappa[100]
-        (4.0, 3, 4.0)
+        >>> s = summarize_spectrum(torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64),
+        ...                        (50, 80, 100))
+        >>> s.lambda_max, s.rank, s.kappa, s.kappa_status[80]
+        (4.0, 3, {50: 2.0, 80: inf, 100: 4.0}, 'infinite')
+        >>> summarize_spectrum(s.eigenvalues, (80,), definition="nonzero").kappa
+        {80: 4.0}
     """
+    _check_definition(definition)
     eigenvalues = eigenvalues.detach().to(device="cpu", dtype=torch.float64)
-    rank = _numerical_rank(eigenvalues, rtol, max_rank)
-    lambda_max = float(eigenvalues[0]) if eigenvalues.numel() else float("nan")
+    dim = int(eigenvalues.numel())
+    if rtol is None:
+        rtol = floor_rtol(dim=max(dim, 1))
+    if not 0 <= rtol <= 1:
+        raise ValueError(f"rtol must be in [0, 1], got {rtol}")
+    structural = dim - int((eigenvalues == 0).sum())
+    if max_rank is not None:
+        structural = min(structural, max(max_rank, 0))
+    lambda_max = float(eigenvalues[0]) if dim else float("nan")
+    if dim == 0 or not lambda_max > 0:
+        return SpectrumSummary(
+            eigenvalues, lambda_max, 0, {p: math.nan for p in percents}, rtol,
+            {p: "undefined" for p in percents}, max(structural, 0), definition,
+        )
+    rank = min(int((eigenvalues > rtol * lambda_max).sum()), structural)
+    floor = rtol * lambda_max
     kappa: dict[float, float] = {}
+    status: dict[float, KappaStatus] = {}
     for percent in percents:
-        if rank == 0:
-            kappa[percent] = float("nan")
+        if definition == "nonzero":
+            index = percentile_index(percent, rank)
+        elif percent == 100:
+            index = rank - 1  # the smallest nonzero eigenvalue
         else:
-            kappa[percent] = lambda_max / float(eigenvalues[percentile_index(percent, rank)])
-    return SpectrumSummary(eigenvalues, lambda_max, rank, kappa, rtol)
+            index = percentile_index(percent, dim)
+        if index < rank:
+            kappa[percent], status[percent] = lambda_max / float(eigenvalues[index]), "exact"
+        elif index < structural and floor > 0:
+            kappa[percent], status[percent] = lambda_max / floor, "lower_bound"
+        else:
+            kappa[percent], status[percent] = math.inf, "infinite"
+    return SpectrumSummary(eigenvalues, lambda_max, rank, kappa, rtol, status, structural,
+                           definition)
 
 
 def kronecker_kth_largest(
@@ -267,31 +325,74 @@ def kronecker_kth_largest(
     return float(first[i] * second[j])
 
 
+def _kth_product(first: Tensor, second: Tensor, k: int) -> float:
+    """The ``k``-th largest product of two nonnegative vectors (0 past the positive ones)."""
+    first, second = first[first > 0], second[second > 0]
+    if k > first.numel() * second.numel():
+        return 0.0
+    return kronecker_kth_largest(first, second, k)
+
+
+def _upper_envelope(summary: SpectrumSummary) -> Tensor:
+    """The resolved eigenvalues, then every unresolved one at its largest possible value."""
+    return torch.cat([
+        summary.nonzero_eigenvalues,
+        summary.eigenvalues.new_full((summary.unresolved,), summary.floor),
+    ])
+
+
 def summarize_kronecker(
-    first: SpectrumSummary, second: SpectrumSummary, percents: Sequence[float] = (50, 80, 100)
+    first: SpectrumSummary,
+    second: SpectrumSummary,
+    percents: Sequence[float] = (50, 80, 100),
+    *,
+    definition: KappaDefinition | None = None,
 ) -> KroneckerSummary:
     """λmax, rank and κ_p of ``A ⊗ B`` from the summaries of ``A`` and ``B``.
 
     The eigenvalues of a Kronecker product are all products ``a_i·b_j`` (Horn & Johnson,
-    Thm 4.2.12); its nonzero ones are the products of nonzero ones, so the rank is
-    ``rank(A)·rank(B)`` and κ_p is taken over those ``r_A·r_B`` products. ``κ_100`` equals
-    ``κ_100(A)·κ_100(B)`` (the paper's Proposition 1).
+    Thm 4.2.12). Resolved products are those of two resolved eigenvalues, so the rank is
+    ``rank(A)·rank(B)`` and ``κ_100 = κ_100(A)·κ_100(B)`` (the paper's Proposition 1). For
+    ``p < 100`` (``"paper"`` definition, over all ``d_A·d_B`` products) an unresolved
+    eigenvalue lies in ``[0, floor]``, so ``λ_p`` lies between the ``k``-th largest product
+    with unresolved eigenvalues at 0 and with them at their floor: κ_p is exact when both
+    agree, a lower bound otherwise, and infinite when ``λ_p`` is a product of structural zeros.
 
     Example:
         >>> a = summarize_spectrum(torch.tensor([2.0, 1.0], dtype=torch.float64))
-        >>> b = summarize_spectrum(torch.tensor([3.0, 1.0], dtype=torch.float64))
+        >>> b = summarize_spectrum(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64))
         >>> k = summarize_kronecker(a, b)
-        >>> k.lambda_max, k.rank, k.kappa[100]
-        (6.0, 4, 6.0)
+        >>> k.lambda_max, k.rank, k.kappa, k.kappa_status[80]
+        (6.0, 4, {50: 3.0, 80: inf, 100: 6.0}, 'infinite')
     """
+    definition = definition or first.definition
+    _check_definition(definition)
     rank = first.rank * second.rank
+    structural = first.structural_rank * second.structural_rank
     if rank == 0:
-        return KroneckerSummary(float("nan"), 0, {p: float("nan") for p in percents})
+        return KroneckerSummary(
+            math.nan, 0, {p: math.nan for p in percents}, {p: "undefined" for p in percents},
+            structural, definition,
+        )
     top_first, top_second = first.nonzero_eigenvalues, second.nonzero_eigenvalues
     lambda_max = float(top_first[0] * top_second[0])
-    kappa = {
-        p: lambda_max
-        / kronecker_kth_largest(top_first, top_second, percentile_index(p, rank) + 1)
-        for p in percents
-    }
-    return KroneckerSummary(lambda_max, rank, kappa)
+    total = first.dim * second.dim
+    kappa: dict[float, float] = {}
+    status: dict[float, KappaStatus] = {}
+    for percent in percents:
+        if percent == 100 or definition == "nonzero":
+            k = rank if percent == 100 else percentile_index(percent, rank) + 1
+            kappa[percent] = lambda_max / kronecker_kth_largest(top_first, top_second, k)
+            status[percent] = "exact"
+            continue
+        k = percentile_index(percent, total) + 1
+        low = _kth_product(top_first, top_second, k)
+        high = low if k <= rank and not (first.unresolved or second.unresolved) else (
+            _kth_product(_upper_envelope(first), _upper_envelope(second), k))
+        if low > 0 and low == high:
+            kappa[percent], status[percent] = lambda_max / low, "exact"
+        elif high > 0:
+            kappa[percent], status[percent] = lambda_max / high, "lower_bound"
+        else:
+            kappa[percent], status[percent] = math.inf, "infinite"
+    return KroneckerSummary(lambda_max, rank, kappa, status, structural, definition)

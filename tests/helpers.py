@@ -104,19 +104,68 @@ def fit(
 
 # ---------------------------------------------------------------- independent references
 def kappa_reference(eigenvalues: np.ndarray, percent: float, rtol: float = 1e-7) -> float:
-    """κ_p over the nonzero eigenvalues, written independently of the package."""
+    """κ_p over the nonzero eigenvalues (``kappa_definition="nonzero"``), written independently
+    of the package."""
     values = np.sort(np.asarray(eigenvalues, dtype=np.float64))[::-1]
     nonzero = values[values > rtol * values[0]]
     index = int(math.ceil(percent * len(nonzero) / 100.0 - 1e-9)) - 1
     return float(nonzero[0] / nonzero[index])
 
 
-def spectrum_reference(matrix: np.ndarray, percents: Sequence[float]) -> dict[str, float]:
-    values = np.linalg.eigvalsh(matrix)
-    out = {"lambda_max": float(values.max())}
-    for p in percents:
-        out[f"kappa_{p}"] = kappa_reference(values, p)
-    return out
+def documented_floor_rtol(rows: int, dim: int, gram: str = "float64", row_eps: float = 0.0) -> float:
+    """The resolution floor of docs/numerics.md, written out again (not imported)."""
+    unit = {"float64": 2.0**-53, "float32": 2.0**-24}[gram]
+    rtol = 1e3 * (unit * math.sqrt(rows) + 2.0**-53 * dim)
+    if row_eps > 2.0**-23:
+        rtol = max(rtol, row_eps)
+    return min(rtol, 1.0)
+
+
+def paper_kappa_reference(
+    eigenvalues: np.ndarray, percent: float, rtol: float, structural: int | None = None
+) -> tuple[float, str]:
+    """``(κ_p, status)`` of the paper's definition (footnote 2) with a resolution floor.
+
+    ``λ_p`` is the ``⌈p·d/100⌉``-th largest of all ``d`` eigenvalues; κ_100 uses the smallest
+    eigenvalue above the floor. ``structural`` eigenvalues at most can be nonzero (default d).
+    """
+    values = np.sort(np.asarray(eigenvalues, dtype=np.float64))[::-1]
+    d = len(values)
+    structural = d if structural is None else structural
+    floor = rtol * values[0]
+    resolved = int(min((values > floor).sum(), structural))
+    if percent == 100:
+        return float(values[0] / values[resolved - 1]), "exact"
+    position = int(math.ceil(round(percent * d / 100.0, 9)))
+    if position <= resolved:
+        return float(values[0] / values[position - 1]), "exact"
+    if position <= structural:
+        return float(values[0] / floor), "lower_bound"
+    return math.inf, "infinite"
+
+
+def kronecker_kappa_reference(
+    first: np.ndarray, first_rtol: float, second: np.ndarray, second_rtol: float, percent: float
+) -> tuple[float, str]:
+    """``(κ_p, status)`` of ``A ⊗ B`` from explicitly formed products of eigenvalue intervals:
+    a resolved eigenvalue is itself, an unresolved one lies in ``[0, floor]``."""
+
+    def intervals(values: np.ndarray, rtol: float) -> tuple[np.ndarray, np.ndarray]:
+        values = np.sort(values)[::-1]
+        floor = rtol * values[0]
+        resolved = values > floor
+        return np.where(resolved, values, 0.0), np.where(resolved, values, floor)
+
+    (low_a, high_a), (low_b, high_b) = intervals(first, first_rtol), intervals(second, second_rtol)
+    low = np.sort(np.outer(low_a, low_b).ravel())[::-1]
+    high = np.sort(np.outer(high_a, high_b).ravel())[::-1]
+    lambda_max = low[0]
+    if percent == 100:
+        return float(lambda_max / low[low > 0][-1]), "exact"
+    k = int(math.ceil(round(percent * len(low) / 100.0, 9)))
+    if low[k - 1] > 0 and math.isclose(low[k - 1], high[k - 1], rel_tol=1e-12):
+        return float(lambda_max / low[k - 1]), "exact"
+    return float(lambda_max / high[k - 1]), "lower_bound"
 
 
 def rows_second_moment(rows: np.ndarray) -> np.ndarray:
@@ -163,26 +212,47 @@ def grouped_channel_rows(grad: torch.Tensor, groups: int) -> np.ndarray:
 
 
 def layer_reference(
-    input_rows: np.ndarray, grad_rows: np.ndarray, percents: Sequence[float]
+    input_rows: np.ndarray,
+    grad_rows: np.ndarray,
+    percents: Sequence[float],
+    gram: str = "float64",
 ) -> dict[str, float]:
-    """Expected logged values of one layer, with the sub-FIM formed explicitly by np.kron."""
-    sigma_x = rows_second_moment(input_rows)
-    sigma_g = rows_second_moment(grad_rows)
-    out = {}
-    for label, matrix in (
-        ("input", sigma_x), ("grad", sigma_g), ("fim", np.kron(sigma_x, sigma_g))
-    ):
-        for key, value in spectrum_reference(matrix, percents).items():
-            out[f"{label}_{key}"] = value
+    """Expected logged values of one layer (paper definition, documented floors): spectra
+    from numpy's float64 eigvalsh, the sub-FIM's κ_100 and λmax from an explicit np.kron."""
+    from lightning_conditioning.schema import kappa_quantity
+
+    out: dict[str, float] = {}
+    spectra = {}
+    for label, rows in (("input", input_rows), ("grad", grad_rows)):
+        matrix = rows_second_moment(rows)
+        values = np.linalg.eigvalsh(matrix)
+        rtol = documented_floor_rtol(len(rows), matrix.shape[0], gram)
+        # dead units (all-zero columns) and missing rows are structural zeros
+        structural = min(int((np.abs(rows).sum(0) > 0).sum()), len(rows))
+        spectra[label] = (values, rtol)
+        out[f"{label}_lambda_max"] = float(values.max())
+        for p in percents:
+            value, status = paper_kappa_reference(values, p, rtol, structural)
+            out[kappa_quantity(label, p, status)] = 1.0 if status == "infinite" else value
+    explicit = np.linalg.eigvalsh(np.kron(rows_second_moment(input_rows), rows_second_moment(grad_rows)))
+    out["fim_lambda_max"] = float(explicit.max())
+    for p in percents:
+        value, status = kronecker_kappa_reference(*spectra["input"], *spectra["grad"], p)
+        out[kappa_quantity("fim", p, status)] = value
     return out
 
 
 def assert_close_metrics(
     logged: dict[str, float], prefix: str, expected: dict[str, float], rtol: float
 ) -> None:
+    """Every expected value logged within ``rtol``, and the logged κ keys of the layer (plain
+    or marked as lower bound / infinite) exactly the expected ones."""
     for key, value in expected.items():
         got = logged[f"{prefix}/{key}"]
         assert math.isclose(got, value, rel_tol=rtol), (prefix, key, got, value)
+    logged_kappas = {k.removeprefix(f"{prefix}/") for k in logged
+                     if k.startswith(f"{prefix}/") and "_kappa_" in k}
+    assert logged_kappas == {k for k in expected if "_kappa_" in k}, prefix
 
 
 def seeded(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pickle
 import warnings
 
@@ -48,9 +50,19 @@ def test_schedule_logs_every_n_optimizer_steps() -> None:
         f"conditioning/{layer}/{kind}_{stat}"
         for layer in ("net.0", "net.2")
         for kind in ("input", "grad", "fim")
-        for stat in ("lambda_max", "kappa_50", "kappa_80", "kappa_100")
+        for stat in ("lambda_max", "rank")
     } | {f"conditioning/{layer}/{k}_input_units" for layer in ("net.0", "net.2") for k in ("dead", "full")}
-    assert set(logger.history[6]) == expected_keys
+    logged = set(logger.history[6])
+    kappas = {k for k in logged if "_kappa_" in k}
+    assert logged - kappas == expected_keys
+    # each κ_p once: a measurement, or marked (8 rows per step < 12 or 16 dims: zeros)
+    for layer in ("net.0", "net.2"):
+        for kind in ("input", "grad", "fim"):
+            for p in (50, 80, 100):
+                base = f"conditioning/{layer}/{kind}_kappa_{p}"
+                assert len(kappas & {base, base + "_lower_bound", base + "_infinite"}) == 1
+    assert len(kappas) == 2 * 3 * 3
+    assert "conditioning/net.0/input_kappa_80_infinite" in kappas  # λ_10 of 12, rank <= 8
     assert all(r.step == 6 for r in callback.results.values())
     assert callback.layer_names == ["net.0", "net.2"]
 
@@ -61,7 +73,7 @@ def test_custom_percents_and_layer_selection() -> None:
     _, logger = fit(SequentialClassifier(seeded(mlp)), loader(x, y, 64), [callback])
     keys = set(logger.history[0])
     assert "conditioning/net.2/input_kappa_99_5" in keys
-    assert "conditioning/net.2/fim_kappa_90" in keys
+    assert "conditioning/net.2/fim_kappa_90" in keys or "conditioning/net.2/fim_kappa_90_lower_bound" in keys
     assert not any("net.0" in k for k in keys)
     excluded = ConditioningCallback(every_n_steps=1, exclude=["net.*"])
     with pytest.warns(UserWarning, match="no layer"):
@@ -206,12 +218,35 @@ def test_linear_on_sequence_input_and_module_called_twice() -> None:
         (dict(loss_reduction="avg"), ValueError),
         (dict(statistics_dtype="float16"), ValueError),
         (dict(rank_rtol=-1.0), ValueError),
+        (dict(rank_rtol=1.0), ValueError),
+        (dict(rank_rtol="1e-7"), ValueError),
+        (dict(rank_rtol=True), ValueError),
+        (dict(rank_rtol=math.nan), ValueError),
+        (dict(kappa_definition="percentile"), ValueError),
         (dict(layer_types=[int]), TypeError),
     ],
 )
 def test_bad_arguments_fail_early(kwargs, error) -> None:
-    with pytest.raises(error):
+    with pytest.raises(error) as raised:
         ConditioningCallback(**kwargs)
+    # the message names the argument and the value that was given
+    name = next(iter(kwargs))
+    assert name in str(raised.value)
+
+
+def test_precision_defaults_and_rank_rtol_only_raises_the_floor() -> None:
+    x, y = _data()
+    default = ConditioningCallback(every_n_steps=1)
+    assert default.statistics_dtype == "auto" and default.kappa_definition == "paper"
+    coarse = ConditioningCallback(every_n_steps=1, rank_rtol=1e-2)
+    below = ConditioningCallback(every_n_steps=1, rank_rtol=0.0)
+    for callback in (default, coarse, below):
+        fit(SequentialClassifier(seeded(mlp)), loader(x, y, 64), [callback], max_steps=1)
+    # "auto" on the CPU forms float64 Grams: the derived floor of 64 rows, 12 dims
+    floor = default.results["net.0"].input.rtol
+    assert floor == pytest.approx(1e3 * (2.0**-53 * 8 + 2.0**-53 * 12))
+    assert below.results["net.0"].input.rtol == floor  # rank_rtol=0 cannot lower it
+    assert coarse.results["net.0"].input.rtol == 1e-2
 
 
 def _hook_count(module: nn.Module) -> int:

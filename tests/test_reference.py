@@ -63,12 +63,15 @@ def test_mlp_matches_float64_reference(statistics_dtype: str) -> None:
     logged = logger.history[0]
     for index in (0, 2, 4):
         layer_input, grads = per_example_output_grads(copy.deepcopy(initial), index, x, y)
-        expected = layer_reference(layer_input.numpy(), grads.numpy(), PERCENTS)
+        expected = layer_reference(layer_input.numpy(), grads.numpy(), PERCENTS, statistics_dtype)
         assert_close_metrics(logged, f"conditioning/net.{index}", expected, rtol=1e-4)
     # the logits' gradient moment is rank-deficient: softmax gradients sum to zero
     logits = callback.results["net.4"]
     assert logits.grad is not None and logits.grad.rank == 4
-    assert logits.fim is not None and logits.fim.rank == 16 * 4
+    assert logits.fim is not None and logits.input is not None
+    assert logits.fim.rank == logits.input.rank * 4
+    # float64 Grams resolve all 16 input eigenvalues; float32 ones (floor ~5e-4·λmax) may not
+    assert logits.input.rank == 16 if statistics_dtype == "float64" else logits.input.rank >= 14
 
 
 @pytest.mark.parametrize("conv_mode", ["channel", "patch"])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import kappa_reference
+from helpers import kappa_reference, kronecker_kappa_reference, paper_kappa_reference
 
 from lightning_conditioning.spectra import (
     kronecker_kth_largest,
@@ -51,21 +51,39 @@ def test_zero_diagonal_features_are_exact_zeros() -> None:
 def test_summary_matches_reference_kappa() -> None:
     matrix = random_psd(30, 12, 2)  # rank 12 of 30
     values = symmetric_eigenvalues(matrix)
-    summary = summarize_spectrum(values, (10, 50, 80, 100))
-    assert summary.rank == 12
+    rtol = 1e-9
+    summary = summarize_spectrum(values, (10, 50, 80, 100), rtol=rtol)
+    nonzero = summarize_spectrum(values, (10, 50, 80, 100), rtol=rtol, definition="nonzero")
+    assert summary.rank == nonzero.rank == 12
     numpy_values = np.linalg.eigvalsh(matrix.numpy())
     assert summary.lambda_max == pytest.approx(numpy_values.max(), rel=1e-12)
     for p in (10, 50, 80, 100):
-        assert summary.kappa[p] == pytest.approx(kappa_reference(numpy_values, p), rel=1e-9)
+        assert nonzero.kappa[p] == pytest.approx(kappa_reference(numpy_values, p), rel=1e-9)
+        assert nonzero.kappa_status[p] == "exact"
+        value, status = paper_kappa_reference(numpy_values, p, rtol)
+        assert summary.kappa_status[p] == status
+        assert summary.kappa[p] == pytest.approx(value, rel=1e-9)
+    # 12 of 30 nonzero: the paper's λ_50 (15th of 30) and λ_80 are (unresolved) zeros
+    assert summary.kappa_status == {10: "exact", 50: "lower_bound", 80: "lower_bound", 100: "exact"}
+    assert summary.kappa[50] == pytest.approx(1 / rtol)
 
 
 def test_rank_bounded_by_rows_and_tolerance() -> None:
     values = torch.tensor([1.0, 1e-3, 1e-9, 0.0], dtype=torch.float64)
-    assert summarize_spectrum(values).rank == 2
+    assert summarize_spectrum(values, rtol=1e-7).rank == 2
     assert summarize_spectrum(values, rtol=1e-12).rank == 3
-    assert summarize_spectrum(values, max_rank=1).rank == 1
+    assert summarize_spectrum(values, rtol=1e-12, max_rank=1).rank == 1
+    bounded = summarize_spectrum(values, (50, 75, 100), rtol=1e-7)
+    # λ_75 = 1e-9 is under the floor but not provably zero; λ_100 of the paper is the
+    # smallest resolved one; the exact 0.0 is a structural zero
+    assert bounded.kappa == {50: pytest.approx(1e3), 75: pytest.approx(1e7), 100: pytest.approx(1e3)}
+    assert bounded.kappa_status == {50: "exact", 75: "lower_bound", 100: "exact"}
+    assert bounded.structural_rank == 3 and bounded.unresolved == 1
+    rows_bound = summarize_spectrum(values, (75,), rtol=1e-7, max_rank=2)
+    assert rows_bound.kappa_status[75] == "infinite" and math.isinf(rows_bound.kappa[75])
     zero = summarize_spectrum(torch.zeros(3, dtype=torch.float64))
     assert zero.rank == 0 and math.isnan(zero.kappa[100])
+    assert zero.kappa_status[100] == "undefined"
 
 
 def test_kth_largest_product_is_exact_including_ties() -> None:
@@ -90,14 +108,25 @@ def test_kth_largest_product_is_exact_including_ties() -> None:
 def test_kronecker_summary_equals_explicit_kron(ranks: tuple[int, int]) -> None:
     first_matrix, second_matrix = random_psd(8, ranks[0], 4), random_psd(5, ranks[1], 5)
     percents = (25, 50, 80, 100)
-    first = summarize_spectrum(symmetric_eigenvalues(first_matrix), percents)
-    second = summarize_spectrum(symmetric_eigenvalues(second_matrix), percents)
-    kron = summarize_kronecker(first, second, percents)
-    explicit = np.linalg.eigvalsh(np.kron(first_matrix.numpy(), second_matrix.numpy()))
-    assert kron.rank == ranks[0] * ranks[1]
-    assert kron.lambda_max == pytest.approx(explicit.max(), rel=1e-10)
-    for p in percents:
-        assert kron.kappa[p] == pytest.approx(kappa_reference(explicit, p), rel=1e-8)
+    rtol = 1e-9
+    for definition in ("paper", "nonzero"):
+        first = summarize_spectrum(symmetric_eigenvalues(first_matrix), percents, rtol=rtol,
+                                   definition=definition)
+        second = summarize_spectrum(symmetric_eigenvalues(second_matrix), percents, rtol=rtol,
+                                    definition=definition)
+        kron = summarize_kronecker(first, second, percents)
+        explicit = np.linalg.eigvalsh(np.kron(first_matrix.numpy(), second_matrix.numpy()))
+        assert kron.rank == ranks[0] * ranks[1]
+        assert kron.lambda_max == pytest.approx(explicit.max(), rel=1e-10)
+        for p in percents:
+            if definition == "nonzero":
+                assert kron.kappa[p] == pytest.approx(kappa_reference(explicit, p), rel=1e-8)
+                continue
+            value, status = kronecker_kappa_reference(
+                np.linalg.eigvalsh(first_matrix.numpy()), rtol,
+                np.linalg.eigvalsh(second_matrix.numpy()), rtol, p)
+            assert kron.kappa_status[p] == status, (ranks, p)
+            assert kron.kappa[p] == pytest.approx(value, rel=1e-8)
     # Proposition 1 of the paper
     assert kron.kappa[100] == pytest.approx(first.kappa[100] * second.kappa[100], rel=1e-10)
 

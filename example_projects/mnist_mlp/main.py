@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from example_projects.data import MNISTDataModule
 from example_projects.mnist_mlp.model import DeepMLP
+from lightning_conditioning.schema import kappa_reading, parse_quantity
 from lightning_conditioning import ConditioningCallback
 
 CONFIGS = {
@@ -83,8 +84,15 @@ def run_one(config: str, lr: float, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def depth_profile(run: dict[str, Any], step: str, quantity: str) -> list[float]:
+    """One quantity per layer; a κ_p that is a lower bound counts at its bound, an infinite
+    one as ``inf`` (λ_p exactly zero: dead units), a missing one as ``nan``."""
     analysis = run["analyses"][step]
-    return [analysis[name].get(quantity, math.nan) for name in run["layers"]]
+    parsed = parse_quantity(quantity)
+    if parsed is None or parsed.kind != "kappa":
+        return [analysis[name].get(quantity, math.nan) for name in run["layers"]]
+    assert parsed.moment is not None and parsed.percent is not None
+    readings = [kappa_reading(analysis[name], parsed.moment, parsed.percent) for name in run["layers"]]
+    return [reading[0] if reading else math.nan for reading in readings]
 
 
 def log_slope(values: list[float]) -> float:

@@ -16,6 +16,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import LayerCapture, checked_layer_types, find_layers
+from lightning_conditioning.precision import STATISTICS_DTYPES, gram_dtype_for
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.passes import (
     ForwardFn,
@@ -38,11 +39,9 @@ from lightning_conditioning.sinks import (
     publish_tensorboard_layout,
 )
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
-from lightning_conditioning.spectra import DEFAULT_RANK_RTOL
+from lightning_conditioning.spectra import KAPPA_DEFINITIONS, KappaDefinition
 
 __all__ = ["ConditioningCallback"]
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class ConditioningCallback(Callback):
@@ -76,8 +75,17 @@ class ConditioningCallback(Callback):
         loss_reduction: ``"mean"`` if the training loss averages over the batch (gradients are
             multiplied by the batch size to get per-example gradients), ``"sum"`` otherwise.
         include_bias: append the homogeneous coordinate 1 to the inputs of layers with a bias.
-        rank_rtol: eigenvalues ``<= rank_rtol * λmax`` count as zero (see README).
-        statistics_dtype: dtype of the Gram GEMMs (sums are always float64).
+        rank_rtol: raise every moment's resolution floor to at least ``rank_rtol · λmax``
+            (default ``None``: the floor derived from how the moment was computed, see README
+            "Numbers you can trust"; a smaller value cannot lower it).
+        statistics_dtype: dtype of the Gram GEMMs (sums are always float64). ``"auto"``
+            (default): float64 on CPUs and on accelerators whose float64 GEMMs run at least
+            1/8 of float32 speed (measured once per device), float32 elsewhere. float32 Grams
+            resolve eigenvalues only down to ~1e-3·λmax (their floor is reported).
+        kappa_definition: ``"paper"`` (default): ``λ_p`` is the ``⌈p·d/100⌉``-th largest of
+            all ``d`` eigenvalues, zeros included, and κ_100 uses the smallest nonzero one
+            (the paper's footnote 2). ``"nonzero"``: ``λ_p`` is taken among the resolved
+            nonzero eigenvalues only.
         log_histograms: write eigenvalue histograms to loggers that store them.
         log_figures: write a depth-profile figure per analysis to loggers that store figures
             (needs matplotlib). Off by default: rendering costs 0.4-0.8 s of CPU per analysis
@@ -134,8 +142,9 @@ class ConditioningCallback(Callback):
         exclude: Sequence[str] | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         include_bias: bool = False,
-        rank_rtol: float = DEFAULT_RANK_RTOL,
-        statistics_dtype: Literal["float32", "float64"] = "float32",
+        rank_rtol: float | None = None,
+        statistics_dtype: Literal["auto", "float32", "float64"] = "auto",
+        kappa_definition: KappaDefinition = "paper",
         log_histograms: bool = True,
         log_figures: bool = False,
         prefix: str = "conditioning",
@@ -164,12 +173,20 @@ class ConditioningCallback(Callback):
             raise ValueError(f"conv_mode must be 'channel' or 'patch', got {conv_mode!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if statistics_dtype not in _DTYPES:
+        if statistics_dtype not in STATISTICS_DTYPES:
             raise ValueError(
-                f"statistics_dtype must be 'float32' or 'float64', got {statistics_dtype!r}"
+                f"statistics_dtype must be one of {STATISTICS_DTYPES}, got {statistics_dtype!r}"
             )
-        if not 0 <= rank_rtol < 1:
-            raise ValueError(f"rank_rtol must be in [0, 1), got {rank_rtol}")
+        if rank_rtol is not None and (
+            isinstance(rank_rtol, bool)
+            or not isinstance(rank_rtol, (int, float))
+            or not 0 <= rank_rtol < 1
+        ):
+            raise ValueError(f"rank_rtol must be None or a number in [0, 1), got {rank_rtol!r}")
+        if kappa_definition not in KAPPA_DEFINITIONS:
+            raise ValueError(
+                f"kappa_definition must be one of {KAPPA_DEFINITIONS}, got {kappa_definition!r}"
+            )
         selected_types = checked_layer_types(layer_types)
         if isinstance(window_steps, bool) or not isinstance(window_steps, int) or not (
             1 <= window_steps <= every_n_steps
@@ -203,8 +220,9 @@ class ConditioningCallback(Callback):
         self.exclude = list(exclude) if exclude is not None else None
         self.loss_reduction: Literal["mean", "sum"] = loss_reduction
         self.include_bias = include_bias
-        self.rank_rtol = rank_rtol
+        self.rank_rtol = None if rank_rtol is None else float(rank_rtol)
         self.statistics_dtype = statistics_dtype
+        self.kappa_definition: KappaDefinition = kappa_definition
         self.log_histograms = log_histograms
         self.log_figures = log_figures
         self.prefix = prefix
@@ -256,7 +274,9 @@ class ConditioningCallback(Callback):
         self._last_linear = last_linear_name(pl_module)
         self._capture = LayerCapture(
             layers,
-            statistics_dtype=_DTYPES[self.statistics_dtype],
+            statistics_dtype=gram_dtype_for(
+                self.statistics_dtype, [p.device for p in pl_module.parameters()]
+            ),
             loss_reduction=self.loss_reduction,
             include_bias=self.include_bias,
         )
@@ -451,7 +471,8 @@ class ConditioningCallback(Callback):
         results = analyse_layers(
             moments,
             lambda name, window: analyse_layer(
-                name, step, window, percents=self.kappa_percents, rank_rtol=self.rank_rtol
+                name, step, window, percents=self.kappa_percents, rank_rtol=self.rank_rtol,
+                kappa_definition=self.kappa_definition,
             ),
         )
         if estimate > 1.0:

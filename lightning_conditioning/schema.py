@@ -1,0 +1,227 @@
+"""The names of everything the package logs: built here, parsed here, nowhere else.
+
+Every logged scalar is ``{prefix}/{layer}/{quantity}`` (``{prefix}/dominated_layers`` for the
+one per-run domination count). Results build their keys with :func:`summary_quantities` and
+:func:`key`; the TensorBoard layout, the report and the diagnosis read them back with
+:func:`parse_quantity`, so a new quantity added here reaches all of them. Pure strings: this
+module imports nothing from the package (it sits at the bottom of the import graph).
+
+Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (Σ∇h), ``fim``
+(the sub-FIM Σx ⊗ Σ∇h):
+
+* ``{m}_lambda_max``; ``{m}_rank``: the numerical rank (eigenvalues above the resolution floor).
+* ``{m}_kappa_{p}``: κ_p, a measurement (``λ_p`` resolved).
+* ``{m}_kappa_{p}_lower_bound``: logged *instead* when ``λ_p`` is under the resolution floor:
+  κ_p is at least the value.
+* ``{m}_kappa_{p}_infinite``: logged *instead* (value 1) when ``λ_p`` is a structural zero.
+* ``dead_input_units`` / ``full_input_units``.
+
+Example:
+    >>> key("conditioning", "fc", kappa_quantity("grad", 80, "lower_bound"))
+    'conditioning/fc/grad_kappa_80_lower_bound'
+    >>> parse_quantity("grad_kappa_80_lower_bound")
+    Quantity(name='grad_kappa_80_lower_bound', kind='kappa', moment='grad', percent='80', status='lower_bound')
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "MOMENTS",
+    "MOMENT_SYMBOLS",
+    "UNIT_QUANTITIES",
+    "DOMINATION_QUANTITIES",
+    "DOMINATED_LAYERS",
+    "KAPPA_MARKERS",
+    "Quantity",
+    "key",
+    "split_key",
+    "format_percent",
+    "percent_text",
+    "lambda_max_quantity",
+    "rank_quantity",
+    "kappa_quantity",
+    "parse_quantity",
+    "is_conditioning_quantity",
+    "kappa_reading",
+    "summary_quantities",
+]
+
+#: the three matrices of the analysis, in display order
+MOMENTS: tuple[str, ...] = ("input", "grad", "fim")
+#: how each matrix is written for people
+MOMENT_SYMBOLS: dict[str, str] = {"input": "Σx", "grad": "Σ∇h", "fim": "sub-FIM"}
+UNIT_QUANTITIES: tuple[str, ...] = ("dead_input_units", "full_input_units")
+#: per-layer quantities of the weight-domination check
+DOMINATION_QUANTITIES = frozenset({
+    "grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm", "grad_weight_ratio_fro",
+    "update_weight_ratio", "imbalance", "relative_imbalance",
+})
+#: the per-run count of layers in weight domination: ``{prefix}/dominated_layers``
+DOMINATED_LAYERS = "dominated_layers"
+#: key suffix of a κ_p that is not a measurement, by status
+KAPPA_MARKERS: dict[str, str] = {"exact": "", "lower_bound": "_lower_bound", "infinite": "_infinite"}
+
+_KAPPA = re.compile(r"^(input|grad|fim)_kappa_([0-9_]+?)(_lower_bound|_infinite)?$")
+_SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
+
+QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "domination"]
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A parsed quantity name (the last part of a logged key)."""
+
+    name: str
+    kind: QuantityKind
+    moment: str | None = None
+    percent: str | None = None
+    status: str = "exact"
+
+
+def key(prefix: str, layer: str, quantity: str) -> str:
+    """The logged key ``{prefix}/{layer}/{quantity}``.
+
+    Example:
+        >>> key("conditioning", "net.0", "input_lambda_max")
+        'conditioning/net.0/input_lambda_max'
+    """
+    return f"{prefix}/{layer}/{quantity}"
+
+
+def split_key(logged: str) -> tuple[str, str] | None:
+    """``(layer, quantity)`` of a per-layer key under any prefix, or ``None``.
+
+    Module names never hold ``/``, so the layer is the part before the last one.
+
+    Example:
+        >>> split_key("train-conditioning/net.0/input_rank"), split_key("loss")
+        (('net.0', 'input_rank'), None)
+    """
+    parts = logged.split("/")
+    return (parts[-2], parts[-1]) if len(parts) >= 3 else None
+
+
+def format_percent(percent: float) -> str:
+    """Key fragment for a percent: ``50 -> "50"``, ``99.5 -> "99_5"``.
+
+    Example:
+        >>> format_percent(80.0), format_percent(99.5)
+        ('80', '99_5')
+    """
+    return f"{percent:g}".replace(".", "_")
+
+
+def percent_text(fragment: str) -> str:
+    """The percent a key fragment stands for (the inverse of :func:`format_percent`).
+
+    Example:
+        >>> percent_text("99_5"), percent_text("50")
+        ('99.5', '50')
+    """
+    return fragment.replace("_", ".")
+
+
+def lambda_max_quantity(moment: str) -> str:
+    """``{moment}_lambda_max``."""
+    return f"{moment}_lambda_max"
+
+
+def rank_quantity(moment: str) -> str:
+    """``{moment}_rank``."""
+    return f"{moment}_rank"
+
+
+def kappa_quantity(moment: str, percent: float | str, status: str = "exact") -> str:
+    """``{moment}_kappa_{p}`` with the marker of a non-measurement.
+
+    Example:
+        >>> kappa_quantity("fim", 99.5), kappa_quantity("input", "50", "infinite")
+        ('fim_kappa_99_5', 'input_kappa_50_infinite')
+    """
+    fragment = percent if isinstance(percent, str) else format_percent(percent)
+    return f"{moment}_kappa_{fragment}{KAPPA_MARKERS[status]}"
+
+
+def parse_quantity(name: str) -> Quantity | None:
+    """What a quantity name means, or ``None`` for names this package does not log.
+
+    Example:
+        >>> parse_quantity("fim_rank").kind, parse_quantity("loss") is None
+        ('rank', True)
+    """
+    if match := _KAPPA.match(name):
+        marker = match.group(3) or ""
+        status = next(s for s, suffix in KAPPA_MARKERS.items() if suffix == marker)
+        return Quantity(name, "kappa", match.group(1), match.group(2), status)
+    if match := _SCALAR.match(name):
+        return Quantity(name, match.group(2), match.group(1))  # type: ignore[arg-type]
+    if name in UNIT_QUANTITIES:
+        return Quantity(name, "units")
+    if name in DOMINATION_QUANTITIES:
+        return Quantity(name, "domination")
+    return None
+
+
+def is_conditioning_quantity(name: str) -> bool:
+    """Whether ``name`` is one of the conditioning analysis' per-layer scalars.
+
+    Example:
+        >>> is_conditioning_quantity("grad_kappa_99_5"), is_conditioning_quantity("loss")
+        (True, False)
+    """
+    parsed = parse_quantity(name)
+    return parsed is not None and parsed.kind != "domination"
+
+
+def kappa_reading(row: Mapping[str, float], moment: str, percent: str) -> tuple[float, str] | None:
+    """``(value, status)`` of κ_p in a layer's ``{quantity: value}`` row, whichever key holds it.
+
+    Example:
+        >>> kappa_reading({"grad_kappa_80_lower_bound": 1e6}, "grad", "80")
+        (1000000.0, 'lower_bound')
+        >>> kappa_reading({"grad_kappa_80_infinite": 1.0}, "grad", "80")
+        (inf, 'infinite')
+    """
+    for status in KAPPA_MARKERS:
+        value = row.get(kappa_quantity(moment, percent, status))
+        if value is not None:
+            return (math.inf if status == "infinite" else float(value)), status
+    return None
+
+
+class _Summary(Protocol):
+    lambda_max: float
+    rank: int
+    kappa: dict[float, float]
+    kappa_status: Any
+
+
+def summary_quantities(moment: str, summary: _Summary) -> dict[str, float]:
+    """The scalars of one moment's summary: λmax, rank and each κ_p under its marker key.
+
+    Non-finite λmax and ``"undefined"`` κ_p (a zero matrix) are left out.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> s = SimpleNamespace(lambda_max=2.0, rank=1, kappa={50: math.inf},
+        ...                     kappa_status={50: "infinite"})
+        >>> summary_quantities("input", s)
+        {'input_lambda_max': 2.0, 'input_rank': 1.0, 'input_kappa_50_infinite': 1.0}
+    """
+    out: dict[str, float] = {}
+    if math.isfinite(summary.lambda_max):
+        out[lambda_max_quantity(moment)] = summary.lambda_max
+    out[rank_quantity(moment)] = float(summary.rank)
+    for percent, value in summary.kappa.items():
+        status = summary.kappa_status.get(percent, "exact")
+        if status == "infinite":
+            out[kappa_quantity(moment, percent, status)] = 1.0
+        elif status in KAPPA_MARKERS and math.isfinite(value):
+            out[kappa_quantity(moment, percent, status)] = value
+    return out
