@@ -16,7 +16,8 @@ Sections (each also runs alone, see its module docstring):
 ``memory``    peak extra memory of an analysed step vs theory (``memory.py``);
 ``peers``     BackPACK KFAC / KFLR vs ours on the MLP, plain torch loop (``peers.py``);
 ``kernels``   hot kernels of the package vs alternatives (and the code they replaced) (``kernels.py``);
-``eigen``     the eigenvalue phase alone per size, several solvers (``eigen.py``).
+``eigen``     the eigenvalue phase alone per size, several solvers (``eigen.py``);
+``precision`` ``statistics_dtype`` float64 vs float32 Gram GEMMs by schedule (``precision.py``).
 
 Every number is a ratio or a median of step-interleaved rounds measured in this process
 (``harness.py``). Runs unchanged on CUDA when present (device chosen automatically, timings
@@ -44,10 +45,11 @@ import kernels  # noqa: E402
 import logging_cost  # noqa: E402
 import memory  # noqa: E402
 import peers  # noqa: E402
+import precision  # noqa: E402
 import schedule  # noqa: E402
 from harness import ForeignLoad, machine, pick_device, table  # noqa: E402
 
-SECTIONS = ("schedule", "lightning", "logging", "memory", "peers", "kernels", "eigen")
+SECTIONS = ("schedule", "lightning", "logging", "memory", "peers", "kernels", "eigen", "precision")
 LABELS = {
     "mlp": "MLP 784-256×4-10, batch 256",
     "resnet20": "ResNet-20, batch 128",
@@ -74,6 +76,7 @@ def plan(quick: bool, device: torch.device = torch.device("cpu")) -> dict[str, A
             "kernels_rounds": 5,
             "eigen_sizes": (64, 128, 256, 512),
             "eigen_rounds": 5,
+            "precision": [("mlp", 5), ("resnet20", 5)],
         }
     gpu_only = [("resnet110", "channel", 11)] if device.type == "cuda" else []
     return {
@@ -93,6 +96,7 @@ def plan(quick: bool, device: torch.device = torch.device("cpu")) -> dict[str, A
         "kernels_rounds": 15,
         "eigen_sizes": eigen.SIZES,
         "eigen_rounds": 7,
+        "precision": [("mlp", 61), ("resnet20", 15)],
     }
 
 
@@ -244,6 +248,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                            eigen.by_size(tuple(todo["eigen_sizes"]), todo["eigen_rounds"], device).items()},
             "resnet56_channel_ms": eigen.model_analysis("resnet56", "channel", 3 * todo["eigen_rounds"], device),
         }, durations)
+    if "precision" in args.only:
+        out["precision"] = [timed(f"precision {n}", functools.partial(precision.measure, n, r, device), durations)
+                            for n, r in todo["precision"]]
     out["total_s"] = time.perf_counter() - start
     return out
 
@@ -267,6 +274,8 @@ def render(out: dict[str, Any]) -> str:
         tables["Hot kernels: package vs alternatives"] = kernels_tables(out["kernels"])
     if "eigen" in out:
         tables["Eigenvalue phase alone (ms per matrix; the package: float64 eigvalsh on the CPU)"] = eigen_tables(out["eigen"])
+    if "precision" in out:
+        tables["Precision of the Gram GEMMs: statistics_dtype float64 vs float32"] = precision.render(out["precision"])
     durations = out["durations_s"]
     text = "\n\n".join(f"### {title}\n\n{body}" for title, body in tables.items())
     text += "\n\n" + table(["section", "wall time", "CPU share taken by other processes"], [
