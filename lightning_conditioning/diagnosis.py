@@ -3,8 +3,8 @@
 Pure: plain dictionaries in, :class:`Finding` objects out; no Lightning, no torch. The input
 is a *layer table* ``{layer: {quantity: value}}`` in module order, with the quantities named
 as the logged keys end (``input_lambda_max``, ``grad_kappa_100``, ``dead_input_units``, …,
-plus ``input_units`` when known), and optionally the weight-domination table
-(``grad_weight_ratio``, ``update_weight_ratio``, …). Build tables with
+plus ``input_units`` / ``input_dim`` / ``grad_dim`` when known), and optionally the
+weight-domination table (``grad_weight_ratio``, ``update_weight_ratio``, …). Build tables with
 :func:`lightning_conditioning.report.metrics.split_metrics` (flat logged keys) or
 :func:`~lightning_conditioning.report.metrics.conditioning_table` (``callback.results``).
 
@@ -25,7 +25,14 @@ The rules (defaults in :class:`Thresholds`):
     κ_p of Σx or Σ∇h of one layer ≥ ``kappa_outlier``× the median over the other layers
     (≥ 3 of them), with p the *smallest* percent logged (κ_50 by default): κ_100 depends on
     the smallest nonzero eigenvalue, which is noisy on one batch (it varies by 100× between
-    healthy layers), while κ_50 is stable.
+    healthy layers), while κ_50 is stable. Only measured κ_p count (lower bounds and
+    infinities are ``rank_deficient``'s).
+``rank_deficient``
+    κ_p of Σx, Σ∇h or the sub-FIM is not a measurement (keys ``…_lower_bound`` /
+    ``…_infinite``, :mod:`lightning_conditioning.schema`): ``λ_p`` is under the resolution
+    floor or exactly zero, so at least ``100 − p`` % of the spectrum is lost. Not reported: the
+    one direction the softmax takes from the last layer's Σ∇h (cross-entropy gradients with
+    respect to the logits sum to zero), and the sub-FIM's loss that follows from it.
 ``last_layer_input`` (Figs. 6, 7, claim 5)
     λmax(Σx) of the last layer's input ≥ ``last_input_factor``× the median over the other
     layers: the residual sums piling up in deep ResNets; remedy ``add_last_bn``.
@@ -42,6 +49,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lightning_conditioning import schema
+from lightning_conditioning.report.deficiency import REMEDY, describe, unresolved_kappas
 from lightning_conditioning.report.metrics import kappa_percents
 
 __all__ = ["Finding", "Thresholds", "diagnose", "format_findings"]
@@ -188,6 +197,14 @@ def _dead_units(table: Table, th: Thresholds) -> list[Finding]:
     )]
 
 
+def _measured_kappa(row: Mapping[str, float], moment: str, percent: str) -> float | None:
+    """κ_p when it is a positive measurement; None for a lower bound, ∞ or nothing."""
+    reading = schema.kappa_reading(row, moment, percent)
+    if reading is None or reading[1] != "exact":
+        return None
+    return reading[0] if math.isfinite(reading[0]) and reading[0] > 0 else None
+
+
 def _smallest_percent(table: Table, label: str) -> str | None:
     percents = kappa_percents(table, (label,))
     return percents[0] if percents else None
@@ -200,8 +217,8 @@ def _kappa_outliers(table: Table, th: Thresholds) -> list[Finding]:
         percent = _smallest_percent(table, label)
         if percent is None:
             continue
-        key = f"{label}_kappa_{percent}"
-        values = {n: v for n in names if (v := _positive(table[n], key))}
+        key = schema.kappa_quantity(label, percent)
+        values = {n: v for n in names if (v := _measured_kappa(table[n], label, percent))}
         hits = []
         for name, value in values.items():
             others = [v for n, v in values.items() if n != name]
@@ -222,6 +239,28 @@ def _kappa_outliers(table: Table, th: Thresholds) -> list[Finding]:
             remedy=remedy,
         ))
     return findings
+
+
+def _rank_deficient(table: Table, last_layer: str | None) -> list[Finding]:
+    items = unresolved_kappas(table, last_layer)
+    if not items:
+        return []
+    layers = tuple(dict.fromkeys(item.layer for item in items))
+    evidence: dict[str, float] = {}
+    for item in items:
+        for percent, value, status in item.readings:
+            evidence[f"{schema.kappa_quantity(item.moment, percent, status)}[{item.layer}]"] = value
+        if item.rank is not None:
+            evidence[f"{schema.rank_quantity(item.moment)}[{item.layer}]"] = item.rank
+    return [Finding(
+        rule="rank_deficient", layer=layers[0], layers=layers, evidence=evidence,
+        message=(f"κ_p is not a measurement in {len(layers)} layer(s): "
+                 + _listing([describe(item) for item in items])
+                 + ". Its λ_p is under the resolution floor (≥: κ_p is at least that) or exactly "
+                 "zero (∞): the matrix is rank-deficient, at least (100 − p)% of its eigenvalues "
+                 "are lost, and the layer learns (almost) nothing along those directions"),
+        remedy=REMEDY,
+    )]
 
 
 def _dominated(th: Thresholds, row: Mapping[str, float]) -> bool:
@@ -331,6 +370,7 @@ def diagnose(
     findings += _depth_trend(conditioning, "grad_lambda_max", backward=True, th=th)
     findings += _dead_units(conditioning, th)
     findings += _kappa_outliers(conditioning, th)
+    findings += _rank_deficient(conditioning, last_layer)
     last_input = _large_last_input(conditioning, last_layer, th)
     findings += _last_layer(last_input, domination, th)
     findings += _weight_domination(domination, last_input, dominated_layers, th)

@@ -196,10 +196,14 @@ def kappa_reading(row: Mapping[str, float], moment: str, percent: str) -> tuple[
 
 
 class _Summary(Protocol):
-    lambda_max: float
-    rank: int
-    kappa: dict[float, float]
-    kappa_status: Any
+    @property
+    def lambda_max(self) -> float: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def kappa(self) -> Mapping[float, float]: ...
+    @property
+    def kappa_status(self) -> Mapping[float, Any]: ...
 
 
 def summary_quantities(moment: str, summary: _Summary) -> dict[str, float]:

@@ -89,6 +89,10 @@ class SpectrumSummary:
         structural_rank: how many eigenvalues can be nonzero at all (the dimension less the
             structural zeros: dead units, rows fewer than the dimension).
         definition: the κ_p definition (:data:`KappaDefinition`).
+        solver: the name of the solver that produced the eigenvalues
+            (:mod:`lightning_conditioning.solvers`).
+        solver_error: the solver's bound on the eigenvalues' relative error beyond the
+            floor's rounding (0 for exact solvers).
 
     Example:
         >>> s = summarize_spectrum(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64), (50, 100))
@@ -104,6 +108,8 @@ class SpectrumSummary:
     kappa_status: dict[float, KappaStatus] = field(default_factory=dict)
     structural_rank: int = -1
     definition: KappaDefinition = "paper"
+    solver: str = "dense-float64"
+    solver_error: float = 0.0
 
     @property
     def nonzero_eigenvalues(self) -> Tensor:
@@ -207,6 +213,8 @@ def summarize_spectrum(
     rtol: float | None = None,
     max_rank: int | None = None,
     definition: KappaDefinition = "paper",
+    solver: str = "dense-float64",
+    solver_error: float = 0.0,
 ) -> SpectrumSummary:
     """λmax, numerical rank and κ_p from a descending spectrum.
 
@@ -219,6 +227,7 @@ def summarize_spectrum(
         max_rank: an upper bound on the rank known from elsewhere (e.g. the number of rows
             the matrix was summed from): eigenvalues past it are structural zeros.
         definition: ``"paper"`` or ``"nonzero"`` (module docstring).
+        solver / solver_error: recorded in the summary (which solver, how accurate).
 
     A zero matrix has ``rank == 0`` and ``κ_p = nan`` (status ``"undefined"``).
 
@@ -244,7 +253,8 @@ def summarize_spectrum(
     if dim == 0 or not lambda_max > 0:
         return SpectrumSummary(
             eigenvalues, lambda_max, 0, {p: math.nan for p in percents}, rtol,
-            {p: "undefined" for p in percents}, max(structural, 0), definition,
+            {p: "undefined" for p in percents}, max(structural, 0), definition, solver,
+            solver_error,
         )
     rank = min(int((eigenvalues > rtol * lambda_max).sum()), structural)
     floor = rtol * lambda_max
@@ -264,7 +274,7 @@ def summarize_spectrum(
         else:
             kappa[percent], status[percent] = math.inf, "infinite"
     return SpectrumSummary(eigenvalues, lambda_max, rank, kappa, rtol, status, structural,
-                           definition)
+                           definition, solver, solver_error)
 
 
 def kronecker_kth_largest(

@@ -69,6 +69,61 @@ def test_format_findings_lists_evidence() -> None:
     assert "slope_decades_per_layer=-1" in text and "remedy:" in text
 
 
+def _kappa_table() -> dict[str, dict[str, float]]:
+    """Six healthy layers (κ measured, full rank), the last one a 10-way classifier."""
+    return {f"l{i}": {"input_lambda_max": 1.0, "input_kappa_50": 10.0 + i, "grad_kappa_50": 5.0,
+                      "input_rank": 8.0, "input_dim": 8.0, "grad_rank": 10.0, "grad_dim": 10.0}
+            for i in range(6)}
+
+
+def test_rank_deficiency_fires_on_lower_bounds_and_infinities() -> None:
+    assert diagnose(_kappa_table()) == []  # clean: every κ_p a measurement
+    table = _kappa_table()
+    del table["l1"]["input_kappa_50"]
+    table["l1"].update(input_kappa_50_lower_bound=3e11, input_rank=3.0)
+    del table["l2"]["input_kappa_50"]
+    table["l2"].update(input_kappa_50_infinite=1.0, input_rank=2.0, dead_input_units=6.0, input_units=8.0)
+    del table["l3"]["input_kappa_50"]
+    table["l3"]["fim_kappa_80_infinite"] = 1.0
+    found = _rules(diagnose(table))
+    rank = found.pop("rank_deficient")
+    assert set(found) == {"dead_units"}  # l2's 6/8 dead units; no ill_conditioned from 3e11
+    assert rank.layers == ("l1", "l2", "l3") and rank.layer == "l1"
+    assert rank.evidence == {"input_kappa_50_lower_bound[l1]": 3e11, "input_rank[l1]": 3.0,
+                             "input_kappa_50_infinite[l2]": math.inf, "input_rank[l2]": 2.0,
+                             "fim_kappa_80_infinite[l3]": math.inf}
+    assert "l1 Σx: κ_50 ≥ 3e+11 (rank 3 of 8; λ_p under the resolution floor)" in rank.message
+    assert "l2 Σx: κ_50 = ∞ (rank 2 of 8; 6 dead input units)" in rank.message
+    assert "l3 sub-FIM: κ_80 = ∞" in rank.message
+    text = format_findings([rank])
+    assert "resolution floor" in text and "remedy:" in text and "statistics_dtype" in text
+
+
+def test_rank_deficiency_of_softmax_logits_is_expected() -> None:
+    table = _kappa_table()
+    del table["l5"]["grad_kappa_50"]
+    table["l5"].update(grad_kappa_50_lower_bound=1e12, grad_rank=9.0, fim_kappa_80_lower_bound=1e13)
+    assert diagnose(table) == []  # one direction of the logits' Σ∇h: the softmax's
+    assert diagnose(table, last_layer="l4")[0].layers == ("l5",)  # not the classifier: reported
+    table["l5"]["grad_rank"] = 7.0  # three directions lost: more than softmax explains
+    (finding,) = diagnose(table)
+    assert finding.rule == "rank_deficient" and "l5 Σ∇h: κ_50 ≥ 1e+12 (rank 7 of 10" in finding.message
+    table["l0"]["grad_kappa_50_lower_bound"] = table["l0"].pop("grad_kappa_50")
+    assert diagnose(table)[0].layers == ("l0", "l5")  # an inner layer's Σ∇h always counts
+
+
+def test_kappa_outlier_ignores_lower_bounds() -> None:
+    table = _kappa_table()
+    table["l4"]["input_kappa_50"] = 5e3  # a measured outlier
+    table["l1"]["input_kappa_50_lower_bound"] = table["l1"].pop("input_kappa_50") * 1e9
+    found = _rules(diagnose(table))
+    assert found["ill_conditioned"].layers == ("l4",)
+    assert "input_kappa_50[l1]" not in found["ill_conditioned"].evidence
+    # median of l0, l2, l3, l5 (10, 12, 13, 15); with l1's bound 1.1e10 as a value it would be 13
+    assert found["ill_conditioned"].evidence["median_others[l4]"] == 12.5
+    assert found["rank_deficient"].layers == ("l1",)
+
+
 # ------------------------------------------------------------------ purpose-built nets
 def _mlp(depth: int = 20, width: int = 64, bn: bool = False, std: float = 0.5) -> nn.Sequential:
     layers: list[nn.Module] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_report_table_figures_and_diagnosis(
     out = capsys.readouterr().out
     assert f"{kind} run" in out and "Step 2: 3 layers" in out
     assert "net.0" in out.split("Diagnosis")[0] and "No findings" in out
+    header = next(line.split() for line in out.splitlines() if line.startswith("#  layer"))
+    last = next(line.split() for line in out.splitlines() if line.startswith("3  net.4"))
+    assert last[header.index("rank(Σ∇h)")] == "3/4"  # the softmax takes one direction of Σ∇h
     for name in FIGURE_FILES:
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
@@ -69,6 +73,9 @@ def test_report_step_and_layer_order(runs: dict[str, Path], capsys: pytest.Captu
     tb, csv = load_run(runs["tensorboard"]), load_run(runs["csv"])
     tb_table, csv_table = tb.conditioning(2), csv.conditioning(2)
     assert list(tb_table) == list(csv_table) == ["net.0", "net.2", "net.4"]
+    # sizes from the spectra file, ranks from the scalars
+    assert (csv_table["net.0"]["input_dim"], csv_table["net.4"]["grad_dim"]) == (10.0, 4.0)
+    assert csv_table["net.0"]["input_rank"] == 10.0
     for layer, row in csv_table.items():  # TensorBoard stores float32
         assert tb_table[layer] == pytest.approx(row, rel=1e-6), layer
     assert _error_line(capsys, ["report", str(runs["csv"]), "--step", "7"]).rstrip().endswith("0, 1, 2")
@@ -137,3 +144,111 @@ def test_module_entry_point_exits_cleanly(tmp_path: Path) -> None:
     )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == f"lightning-conditioning: error: {tmp_path / 'nope'}: no such directory"
+
+
+# ------------------------------------------------------------------ keys, tables, figures (no run)
+def _summary(statuses: dict[float, str], rank: int = 3) -> object:
+    from types import SimpleNamespace
+
+    kappa = {p: (math.inf if s == "infinite" else math.nan if s == "undefined" else 10.0 * p)
+             for p, s in statuses.items()}
+    return SimpleNamespace(lambda_max=2.0, rank=rank, kappa=kappa, kappa_status=statuses)
+
+
+def test_split_metrics_round_trips_every_key_kind() -> None:
+    from lightning_conditioning import schema
+    from lightning_conditioning.report.metrics import kappa_percents, split_metrics
+
+    statuses = {50: "exact", 80: "lower_bound", 99.5: "infinite", 100: "undefined"}
+    rows = {"net.0": {}, "net.2": {}}
+    for layer, row in rows.items():
+        for moment in schema.MOMENTS:
+            row.update(schema.summary_quantities(moment, _summary(statuses)))
+        row.update({"dead_input_units": 1.0, "full_input_units": 2.0})
+    assert {"input_rank", "grad_kappa_80_lower_bound", "fim_kappa_99_5_infinite"} <= set(rows["net.0"])
+    assert "input_kappa_100" not in rows["net.0"]  # undefined κ_p is not logged
+    flat = {schema.key("train-conditioning", layer, q): v for layer, row in rows.items() for q, v in row.items()}
+    domination = {q: 0.5 for q in schema.DOMINATION_QUANTITIES}
+    flat.update({schema.key("weight_domination", "net.0", q): v for q, v in domination.items()})
+    flat.update({f"weight_domination/{schema.DOMINATED_LAYERS}": 1.0, "loss": 3.0, "a/b/unknown": 4.0})
+    split = split_metrics(flat)
+    assert split.conditioning == rows and list(split.conditioning) == ["net.0", "net.2"]
+    assert split.domination == {"net.0": domination} and split.dominated_layers == 1.0
+    assert kappa_percents(split.conditioning) == ["50", "80", "99_5"]
+    assert kappa_percents({"fc": {"grad_kappa_80_lower_bound": 1.0}}, ("input",)) == []
+
+
+def test_metrics_reexports_the_schema() -> None:
+    from lightning_conditioning import schema
+    from lightning_conditioning.report import metrics
+
+    assert metrics.DOMINATION_QUANTITIES is schema.DOMINATION_QUANTITIES
+    assert metrics.percent_text is schema.percent_text
+    assert metrics.is_conditioning_quantity("grad_kappa_80_infinite")
+    assert metrics.is_conditioning_quantity("fim_rank") and not metrics.is_conditioning_quantity("grad_weight_ratio")
+
+
+def _marked_table() -> dict[str, dict[str, float]]:
+    table = {f"net.{2 * i}": {"input_lambda_max": 1.0, "grad_lambda_max": 0.5, "input_rank": 8.0,
+                              "input_dim": 8.0, "grad_rank": 4.0, "input_kappa_50": 3.0 + i,
+                              "input_kappa_100": 40.0 + i, "grad_kappa_100": 7.0}
+             for i in range(4)}
+    del table["net.2"]["input_kappa_100"]
+    table["net.2"]["input_kappa_100_lower_bound"] = 1.23e6
+    table["net.2"]["input_rank"] = 5.0
+    del table["net.4"]["input_kappa_100"]
+    table["net.4"]["input_kappa_100_infinite"] = 1.0
+    return table
+
+
+def test_layer_table_prints_lower_bounds_infinities_and_ranks() -> None:
+    from lightning_conditioning.report.tables import format_layer_table
+
+    lines = format_layer_table(_marked_table()).splitlines()
+    header = lines[0].split()
+    assert header[2:6] == ["λmax(Σx)", "κ100(Σx)", "rank(Σx)", "λmax(Σ∇h)"] and "rank(Σ∇h)" in header
+    cells = {line.split()[1]: line.split() for line in lines[1:]}
+    column = header.index("κ100(Σx)")
+    assert [cells[n][column] for n in ("net.0", "net.2", "net.4")] == ["40", "≥1.23e+06", "∞"]
+    assert cells["net.2"][header.index("rank(Σx)")] == "5/8"
+    assert cells["net.2"][header.index("rank(Σ∇h)")] == "4"  # size unknown: the rank alone
+
+
+def test_depth_profile_marks_non_measurements() -> None:
+    pytest.importorskip("matplotlib")
+    from lightning_conditioning.report import figures
+
+    figure = figures.depth_profile_figure(_marked_table())
+    ax = figure.axes[3]  # κ_p of Σx
+    lines = ax.get_lines()
+    kappa_100 = next(line for line in lines if line.get_label() == r"$\kappa_{100\%}$")
+    ys = list(kappa_100.get_ydata())
+    assert ys[0] == 40.0 and math.isnan(ys[1]) and math.isnan(ys[2]) and ys[3] == 43.0
+    bounds = [line for line in lines if line.get_marker() == "^"]
+    assert len(bounds) == 1 and bounds[0].get_markerfacecolor() == "none"
+    assert list(bounds[0].get_xdata()) == [2] and list(bounds[0].get_ydata()) == [1.23e6]
+    infinite = [line for line in lines if line.get_marker() == r"$\infty$"]
+    assert len(infinite) == 1 and list(infinite[0].get_xdata()) == [3]
+    assert infinite[0].get_ydata()[0] > 0.9 and not infinite[0].get_clip_on()  # axes fraction
+    assert ax.get_ylim()[1] > 1.23e6 * 3  # headroom: the bound stays under the ∞ row
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert any("bound" in t for t in legend) and any("structural" in t for t in legend)
+    # a table without markers draws neither
+    clean = {n: {k: v for k, v in row.items() if "_lower_bound" not in k and "_infinite" not in k}
+             for n, row in _marked_table().items()}
+    plain = figures.depth_profile_figure(clean).axes[3].get_lines()
+    assert not [line for line in plain if line.get_marker() in ("^", r"$\infty$")]
+
+
+def test_training_figure_marks_non_measurements() -> None:
+    pytest.importorskip("matplotlib")
+    from lightning_conditioning.report import figures
+
+    history = {0: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100": 5.0}},
+               9: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100_lower_bound": 1e9}},
+               99: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100_infinite": 1.0}}}
+    ax = figures.training_figure(history).axes[4]  # κ of Σ∇h
+    markers = {line.get_marker(): line for line in ax.get_lines()}
+    assert list(markers["^"].get_xdata()) == [10] and list(markers["^"].get_ydata()) == [1e9]
+    assert list(markers[r"$\infty$"].get_xdata()) == [100]
+    assert ax.get_legend() is not None

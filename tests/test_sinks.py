@@ -7,6 +7,7 @@ import json
 import time
 import logging
 import math
+import re
 import struct
 import warnings
 from collections.abc import Iterator
@@ -117,6 +118,37 @@ def test_layout_charts_every_layer_per_quantity() -> None:
     assert sinks.tensorboard_layout(domination_prefix=None).keys().isdisjoint({"weight_domination per layer"})
 
 
+def _charts_matching(layout: dict[str, dict[str, list[Any]]], tag: str) -> list[str]:
+    """Titles of the charts whose regexes match ``tag`` (TensorBoard searches each regex)."""
+    return [title for section in layout.values() for title, (_, patterns) in section.items()
+            if any(re.search(pattern, tag) for pattern in patterns)]
+
+
+def test_layout_matches_every_logged_key_kind() -> None:
+    from types import SimpleNamespace
+
+    from lightning_conditioning import schema
+
+    layout = sinks.tensorboard_layout(conditioning_prefix="cond", kappa_percents=(50, 80, 99.5))
+    statuses = {50: "exact", 80: "lower_bound", 99.5: "infinite"}
+    summary = SimpleNamespace(lambda_max=2.0, rank=3, kappa={50: 2.0, 80: 1e9, 99.5: math.inf},
+                              kappa_status=statuses)
+    quantities = [q for m in schema.MOMENTS for q in schema.summary_quantities(m, summary)]
+    quantities += list(schema.UNIT_QUANTITIES)
+    assert "grad_rank" in quantities and "fim_kappa_80_lower_bound" in quantities
+    for quantity in quantities:  # every per-layer scalar has exactly one chart
+        assert len(_charts_matching(layout, schema.key("cond", "blocks.0", quantity))) == 1, quantity
+    assert _charts_matching(layout, "cond/net.0/grad_rank") == ["Σ∇h rank"]
+    assert _charts_matching(layout, "cond/net.0/input_kappa_80_lower_bound") == ["Σx κ_80% ≥"]
+    assert _charts_matching(layout, "cond/net.0/input_kappa_80") == ["Σx κ_80%"]
+    assert _charts_matching(layout, "cond/net.0/fim_kappa_99_5_infinite") == ["sub-FIM κ_p = ∞"]
+    assert _charts_matching(layout, "weight_domination/dominated_layers") == ["dominated layers"]
+    assert _charts_matching(layout, "cond/net.0/input_kappa_100") == []  # p not in the layout
+    domination = [q for q in schema.DOMINATION_QUANTITIES
+                  if _charts_matching(layout, schema.key("weight_domination", "fc", q))]
+    assert sorted(domination) == ["grad_weight_ratio", "grad_weight_ratio_fro", "update_weight_ratio"]
+
+
 def test_csv_scalars_and_spectra_match_the_callback(tmp_path: Path, messages: list[str]) -> None:
     logger = CSVLogger(tmp_path, name="csv")
     callback, domination = _run(logger, steps=3)
@@ -130,6 +162,11 @@ def test_csv_scalars_and_spectra_match_the_callback(tmp_path: Path, messages: li
     result = callback.results["net.0"]
     assert record["input_units"] == 12 and record["dead_input_units"] == result.dead_input_units
     assert record["grad_eigenvalues"] == pytest.approx(result.grad.eigenvalues.tolist(), rel=1e-8)
+    for moment in ("input", "grad"):  # each matrix's own floor and structural rank
+        summary = getattr(result, moment)
+        assert record[f"{moment}_rank"] == summary.rank and record[f"{moment}_floor_rtol"] == summary.rtol > 0
+        assert record[f"{moment}_structural_rank"] == summary.structural_rank > 0
+    assert record["rank_rtol"] == record["input_floor_rtol"]  # version-1 readers
     assert run.layer_order == ["net.0", "net.2"]
     assert sum("CSVLogger stores no figures" in m for m in messages) == 1
 

@@ -3,7 +3,8 @@
 Entry point: ``python -m lightning_conditioning report RUN_DIR`` (:mod:`.cli`). Modules:
 :mod:`.metrics` (logged keys ↔ layer tables), :mod:`.spectra_file` (the JSONL spectra
 format), :mod:`.reader` (TensorBoard / CSV runs), :mod:`.figures` (matplotlib),
-:mod:`.tables` (text table). Only :mod:`.metrics` and :mod:`.spectra_file` are imported
+:mod:`.tables` (text table), :mod:`.deficiency` (κ_p that are not measurements). Key names
+come from :mod:`lightning_conditioning.schema`. Only :mod:`.metrics` and :mod:`.spectra_file` are imported
 here; the rest load on use.
 
 Example::

@@ -1,7 +1,10 @@
 """Matplotlib figures from layer tables (the paper's Figs. 3, 5, 6, 7): used by sinks and report.
 
 Pure plotting on plain ``{layer: {quantity: value}}`` tables (see
-:mod:`lightning_conditioning.report.metrics`). Figures are built with
+:mod:`lightning_conditioning.report.metrics`). A κ_p that is not a measurement is never drawn
+as an ordinary point: a lower bound (λ_p under the resolution floor) is an open upward
+triangle at the bound, an infinite one (λ_p a structural zero) an ∞ on the top edge of the
+axes; the legend says so. Figures are built with
 ``matplotlib.figure.Figure`` directly (no pyplot, no GUI backend, nothing global to close).
 matplotlib is optional: check :func:`matplotlib_available` first.
 """
@@ -11,12 +14,15 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_conditioning import schema
 from lightning_conditioning.report.metrics import LayerTable, kappa_percents, percent_text
 
 if TYPE_CHECKING:
+    from matplotlib.artist import Artist
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -61,6 +67,94 @@ def _value(row: Mapping[str, float] | None, key: str) -> float:
     return value if math.isfinite(value) and value > 0 else math.nan
 
 
+#: where the ∞ markers sit, as a fraction of the axes height (staggered down by _STAGGER per
+#: series, so coinciding ones stay visible), and the top share of the height kept free for them
+_TOP_EDGE = 0.965
+_STAGGER = 0.035
+_HEADROOM = 0.14
+
+
+@dataclass
+class _KappaSeries:
+    """κ_p over a sequence of rows, split by what each reading is (NaN where it is not)."""
+
+    exact: list[float]
+    lower: list[float]
+    infinite: list[bool]
+
+    @property
+    def has_data(self) -> bool:
+        return any(not math.isnan(v) for v in self.exact + self.lower) or any(self.infinite)
+
+
+def _kappa_series(rows: Sequence[Mapping[str, float] | None], moment: str, percent: str) -> _KappaSeries:
+    """Split the κ_p readings of ``rows`` into exact values, lower bounds and infinities.
+
+    Example:
+        >>> rows = [{"grad_kappa_50": 3.0}, {"grad_kappa_50_lower_bound": 1e9},
+        ...         {"grad_kappa_50_infinite": 1.0}, None]
+        >>> s = _kappa_series(rows, "grad", "50")
+        >>> s.exact[0], s.lower[1], s.infinite
+        (3.0, 1000000000.0, [False, False, True, False])
+    """
+    series = _KappaSeries([], [], [])
+    for row in rows:
+        reading = schema.kappa_reading(row or {}, moment, percent)
+        value, status = reading if reading is not None else (math.nan, "")
+        positive = value if math.isfinite(value) and value > 0 else math.nan
+        series.exact.append(positive if status == "exact" else math.nan)
+        series.lower.append(positive if status == "lower_bound" else math.nan)
+        series.infinite.append(status == "infinite")
+    return series
+
+
+def _draw_kappa(ax: Axes, x: Sequence[float], series: _KappaSeries, colour: Any,
+                style: str, label: str | None, ms: float = 3, index: int = 0) -> set[str]:
+    """Exact κ_p as a line, lower bounds as open ▵ at the bound, ∞ on the top edge (the
+    ``index``-th series a little lower); returns the kinds of non-measurement drawn (for
+    :func:`_marker_legend` and :func:`_finish_kappa_axis`)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    ax.plot(x, series.exact, style, ms=ms, color=colour, label=label)
+    drawn: set[str] = set()
+    lower = [(xi, v) for xi, v in zip(x, series.lower) if not math.isnan(v)]
+    if lower:
+        ax.plot(*zip(*lower), "^", ls="none", ms=ms + 4, mfc="none", mec=colour, mew=1.3, zorder=4)
+        drawn.add("lower_bound")
+    top = [xi for xi, flag in zip(x, series.infinite) if flag]
+    if top:
+        transform = blended_transform_factory(ax.transData, ax.transAxes)
+        ax.plot(top, [_TOP_EDGE - _STAGGER * (index % 3)] * len(top), ls="none", marker=r"$\infty$", ms=ms + 7,
+                color=colour, transform=transform, clip_on=False, zorder=5)
+        drawn.add("infinite")
+    return drawn
+
+
+def _finish_kappa_axis(ax: Axes, drawn: set[str]) -> None:
+    """Log scale; with ∞ markers, raise the top so the data stays under their row."""
+    _log_axis(ax, ax.get_ylabel())
+    if "infinite" not in drawn:
+        return
+    ax.autoscale_view()
+    low, high = ax.get_ylim()
+    if 0 < low < high:
+        ax.set_ylim(low, low * (high / low) ** (1 / (1 - _HEADROOM)))
+
+
+def _marker_legend(drawn: set[str]) -> list[Artist]:
+    """Grey proxy handles explaining the non-measurement markers that were drawn."""
+    from matplotlib.lines import Line2D
+
+    handles: list[Artist] = []
+    if "lower_bound" in drawn:
+        handles.append(Line2D([], [], ls="none", marker="^", ms=7, mfc="none", mec="0.3",
+                              label=r"$\geq$ bound ($\lambda_p$ under the floor)"))
+    if "infinite" in drawn:
+        handles.append(Line2D([], [], ls="none", marker=r"$\infty$", ms=10, color="0.3",
+                              label=r"$\infty$ ($\lambda_p$ = 0, structural)"))
+    return handles
+
+
 def _layer_axis(ax: Axes, names: Sequence[str]) -> None:
     positions = range(1, len(names) + 1)
     if len(names) <= _MAX_NAMED_TICKS:
@@ -95,17 +189,22 @@ def depth_profile_figure(table: LayerTable, *, step: int | None = None) -> Figur
     percents = kappa_percents(table)
     for col, (label, title) in enumerate(_MATRICES):
         top, bottom = axes[0][col], axes[1][col]
-        top.plot(x, [_value(table[n], f"{label}_lambda_max") for n in names], "o-", ms=4)
+        top.plot(x, [_value(table[n], schema.lambda_max_quantity(label)) for n in names], "o-", ms=4)
         top.set_title(title, fontsize=10)
         _log_axis(top, r"$\lambda_{max}$")
-        for percent in percents:
-            values = [_value(table[n], f"{label}_kappa_{percent}") for n in names]
-            if all(math.isnan(v) for v in values):
-                continue
-            bottom.plot(x, values, "o-", ms=3, label=rf"$\kappa_{{{percent_text(percent)}\%}}$")
-        _log_axis(bottom, r"$\kappa_p = \lambda_{max} / \lambda_p$")
+        drawn: set[str] = set()
+        for index, percent in enumerate(percents):
+            series = _kappa_series([table[n] for n in names], label, percent)
+            if series.has_data:
+                drawn |= _draw_kappa(bottom, x, series, f"C{index}", "o-",
+                                     rf"$\kappa_{{{percent_text(percent)}\%}}$", index=index)
+        bottom.set_ylabel(r"$\kappa_p = \lambda_{max} / \lambda_p$")
+        _finish_kappa_axis(bottom, drawn)
         if bottom.get_lines():
-            bottom.legend(fontsize=8, loc="best")
+            handles, labels = bottom.get_legend_handles_labels()
+            extra = _marker_legend(drawn)
+            bottom.legend(handles + extra, labels + [str(h.get_label()) for h in extra],
+                          fontsize=7, loc="best")
         for ax in (top, bottom):
             _layer_axis(ax, names)
         top.set_xlabel("")
@@ -121,19 +220,36 @@ def _pick_layers(names: Sequence[str], limit: int) -> list[str]:
     return [names[i] for i in sorted(picks)]
 
 
+def _layer_colour(name: str, all_names: Sequence[str]) -> Any:
+    """Shallow layers dark, deep ones yellow (viridis)."""
+    from matplotlib import colormaps
+
+    return colormaps["viridis"](0.9 * all_names.index(name) / max(len(all_names) - 1, 1))
+
+
 def _history_lines(
     ax: Axes, history: Mapping[int, LayerTable], names: Sequence[str], key: str, all_names: Sequence[str]
 ) -> None:
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"]
     steps = sorted(history)
     for name in names:
-        depth = all_names.index(name) / max(len(all_names) - 1, 1)
         ys = [_value(history[s].get(name), key) for s in steps]
         ax.plot([s + 1 for s in steps], ys, "-" if len(steps) > 1 else "o",
-                color=cmap(0.9 * depth), label=name, lw=1.2, ms=4)
+                color=_layer_colour(name, all_names), label=name, lw=1.2, ms=4)
     _log_steps_axis(ax, [s + 1 for s in steps])
+
+
+def _history_kappa(ax: Axes, history: Mapping[int, LayerTable], names: Sequence[str], moment: str,
+                   percent: str, all_names: Sequence[str]) -> set[str]:
+    """κ_p of each layer over training, non-measurements marked (see :func:`_draw_kappa`)."""
+    steps = sorted(history)
+    xs = [s + 1 for s in steps]
+    drawn: set[str] = set()
+    for index, name in enumerate(names):
+        series = _kappa_series([history[s].get(name) for s in steps], moment, percent)
+        drawn |= _draw_kappa(ax, xs, series, _layer_colour(name, all_names),
+                             "-" if len(steps) > 1 else "o", name, ms=4, index=index)
+    _log_steps_axis(ax, xs)
+    return drawn
 
 
 def _log_steps_axis(ax: Axes, xs: Sequence[int]) -> None:
@@ -161,18 +277,18 @@ def training_figure(history: Mapping[int, LayerTable], *, max_layers: int = 8) -
     """
     all_names = list(dict.fromkeys(n for s in sorted(history) for n in history[s]))
     names = _pick_layers(all_names, max_layers)
-    merged = {n: row for table in history.values() for n, row in table.items()}
-    percents = kappa_percents(merged)
+    percents = kappa_percents({f"{s}/{n}": row for s, table in history.items() for n, row in table.items()})
     kappa_symbol = rf"$\kappa_{{{percent_text(percents[-1])}\%}}$" if percents else r"$\kappa_{p}$"
     figure, axes = _new_figure(2, 3, (12.0, 6.5))
     for col, (label, title) in enumerate(_MATRICES):
-        _history_lines(axes[0][col], history, names, f"{label}_lambda_max", all_names)
+        _history_lines(axes[0][col], history, names, schema.lambda_max_quantity(label), all_names)
         axes[0][col].set_title(title, fontsize=10)
         _log_axis(axes[0][col], r"$\lambda_{max}$")
-        if percents:
-            key = f"{label}_kappa_{percents[-1]}"
-            _history_lines(axes[1][col], history, names, key, all_names)
-        _log_axis(axes[1][col], kappa_symbol)
+        drawn = _history_kappa(axes[1][col], history, names, label, percents[-1], all_names) if percents else set()
+        axes[1][col].set_ylabel(kappa_symbol)
+        _finish_kappa_axis(axes[1][col], drawn)
+        if drawn:
+            axes[1][col].legend(handles=_marker_legend(drawn), fontsize=7, loc="best")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         figure.legend(handles, labels, loc="outside right center", fontsize=8, title="layer")

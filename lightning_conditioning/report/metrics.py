@@ -1,9 +1,12 @@
 """Flat logged keys <-> per-layer tables: the plain dictionaries the report and diagnosis use.
 
 A *layer table* is an ordered ``{layer: {quantity: value}}`` dictionary whose quantities are
-the last part of the logged keys (``input_lambda_max``, ``grad_kappa_100``,
-``dead_input_units``, ``grad_weight_ratio``, …), optionally with ``input_units`` (the size of
-Σx, known from the spectra file or from the results). Pure: no Lightning, no torch.
+the last part of the logged keys (``input_lambda_max``, ``input_rank``, ``grad_kappa_100``,
+``grad_kappa_80_lower_bound``, ``dead_input_units``, ``grad_weight_ratio``, …), optionally
+with ``input_units`` (input features / channels) and ``input_dim`` / ``grad_dim`` (the sizes of
+Σx and Σ∇h), known from the spectra file or from the results. Every key name comes from
+:mod:`lightning_conditioning.schema`; the names it exports are re-exported here for
+compatibility. Pure: no Lightning, no torch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from lightning_conditioning import schema
+from lightning_conditioning.schema import DOMINATION_QUANTITIES, is_conditioning_quantity, percent_text
 
 __all__ = [
     "LayerTable",
@@ -23,53 +29,31 @@ __all__ = [
     "natural_key",
     "percent_text",
     "kappa_percents",
+    "dim_quantity",
 ]
 
 #: ``{layer: {quantity: value}}`` in module order.
 LayerTable = dict[str, dict[str, float]]
 
-#: per-layer quantities logged by WeightDominationCallback.
-DOMINATION_QUANTITIES = frozenset({
-    "grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm", "grad_weight_ratio_fro",
-    "update_weight_ratio", "imbalance", "relative_imbalance",
-})
-_CONDITIONING = re.compile(r"^(?:(?:input|grad|fim)_(?:lambda_max|kappa_[0-9_]+)|(?:dead|full)_input_units)$")
-
-
-def percent_text(fragment: str) -> str:
-    """The percent a key fragment stands for (the inverse of ``spectra.format_percent``).
-
-    Example:
-        >>> percent_text("99_5"), percent_text("50")
-        ('99.5', '50')
-    """
-    return fragment.replace("_", ".")
-
 
 def kappa_percents(
-    table: Mapping[str, Mapping[str, float]], labels: tuple[str, ...] = ("input", "grad", "fim")
+    table: Mapping[str, Mapping[str, float]], labels: tuple[str, ...] = schema.MOMENTS
 ) -> list[str]:
-    """The ``p`` fragments of every ``{label}_kappa_{p}`` key, sorted numerically.
+    """The ``p`` fragments of every κ_p key of ``labels`` (measurements, lower bounds and
+    infinite markers alike), sorted numerically.
 
     Example:
         >>> kappa_percents({"fc": {"input_kappa_100": 1.0, "grad_kappa_99_5": 2.0}})
         ['99_5', '100']
         >>> kappa_percents({"fc": {"input_kappa_100": 1.0, "grad_kappa_99_5": 2.0}}, ("input",))
         ['100']
+        >>> kappa_percents({"fc": {"grad_kappa_50_lower_bound": 9e9, "fim_kappa_80_infinite": 1.0}})
+        ['50', '80']
     """
-    pattern = re.compile(rf"^(?:{'|'.join(map(re.escape, labels))})_kappa_([0-9_]+)$")
-    found = {m.group(1) for row in table.values() for k in row if (m := pattern.match(k))}
+    found = {parsed.percent for row in table.values() for quantity in row
+             if (parsed := schema.parse_quantity(quantity)) is not None and parsed.kind == "kappa"
+             and parsed.moment in labels and parsed.percent is not None}
     return sorted(found, key=lambda p: float(percent_text(p)))
-
-
-def is_conditioning_quantity(quantity: str) -> bool:
-    """Whether ``quantity`` is one of ConditioningCallback's per-layer scalars.
-
-    Example:
-        >>> is_conditioning_quantity("grad_kappa_99_5"), is_conditioning_quantity("loss")
-        (True, False)
-    """
-    return _CONDITIONING.match(quantity) is not None
 
 
 @dataclass
@@ -85,56 +69,85 @@ def split_metrics(metrics: Mapping[str, float]) -> SplitMetrics:
     """Sort flat logged keys ``{prefix}/{layer}/{quantity}`` into layer tables.
 
     Any prefix works (also a logger prefix such as ``train-conditioning``): the quantity is the
-    last part of the key and the layer the part before it (module names never hold ``/``).
-    Other keys are ignored. Layers keep their first-seen order.
+    last part of the key and the layer the part before it (:func:`schema.split_key`). Every
+    quantity :func:`schema.parse_quantity` knows goes to its table (ranks and the κ_p markers
+    ``_lower_bound`` / ``_infinite`` included); other keys are ignored. Layers keep their
+    first-seen order.
 
     Example:
         >>> split = split_metrics({"conditioning/fc/input_lambda_max": 2.0, "loss": 1.0,
+        ...                        "conditioning/fc/grad_kappa_80_lower_bound": 9e9,
         ...                        "weight_domination/fc/grad_weight_ratio": 0.1,
         ...                        "weight_domination/dominated_layers": 0.0})
-        >>> split.conditioning, split.domination, split.dominated_layers
-        ({'fc': {'input_lambda_max': 2.0}}, {'fc': {'grad_weight_ratio': 0.1}}, 0.0)
+        >>> split.conditioning
+        {'fc': {'input_lambda_max': 2.0, 'grad_kappa_80_lower_bound': 9000000000.0}}
+        >>> split.domination, split.dominated_layers
+        ({'fc': {'grad_weight_ratio': 0.1}}, 0.0)
     """
     out = SplitMetrics()
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) >= 2 and parts[-1] == "dominated_layers":
+    for logged, value in metrics.items():
+        if logged.rsplit("/", 1)[-1] == schema.DOMINATED_LAYERS and "/" in logged:
             out.dominated_layers = float(value)
             continue
-        if len(parts) < 3:
+        split = schema.split_key(logged)
+        parsed = schema.parse_quantity(split[1]) if split is not None else None
+        if split is None or parsed is None:
             continue
-        layer, quantity = parts[-2], parts[-1]
-        if is_conditioning_quantity(quantity):
-            out.conditioning.setdefault(layer, {})[quantity] = float(value)
-        elif quantity in DOMINATION_QUANTITIES:
-            out.domination.setdefault(layer, {})[quantity] = float(value)
+        layer, quantity = split
+        target = out.domination if parsed.kind == "domination" else out.conditioning
+        target.setdefault(layer, {})[quantity] = float(value)
     return out
+
+
+class _HasDim(Protocol):
+    @property
+    def dim(self) -> int: ...
 
 
 class _HasMetrics(Protocol):
     @property
     def input_units(self) -> int: ...
 
+    @property
+    def input(self) -> _HasDim | None: ...
+
+    @property
+    def grad(self) -> _HasDim | None: ...
+
     def metrics(self, prefix: str = ...) -> dict[str, float]: ...
 
 
 def conditioning_table(results: Mapping[str, _HasMetrics]) -> LayerTable:
-    """A layer table from ``ConditioningCallback.results`` (``input_units`` included).
+    """A layer table from ``ConditioningCallback.results``, with ``input_units`` and the sizes
+    ``input_dim`` / ``grad_dim`` of Σx / Σ∇h (what a rank is out of).
 
     Layers without finite numbers (status ``no_data`` / ``nonfinite``) are left out.
 
     Example::
 
         table = conditioning_table(callback.results)
-        table["fc"]["input_lambda_max"], table["fc"]["input_units"]
+        table["fc"]["input_lambda_max"], table["fc"]["input_units"], table["fc"]["grad_dim"]
     """
     table: LayerTable = {}
     for name, result in results.items():
         row = split_metrics(result.metrics("c")).conditioning.get(name)
         if row:
             row["input_units"] = float(result.input_units)
+            for moment, summary in (("input", result.input), ("grad", result.grad)):
+                if summary is not None:
+                    row[dim_quantity(moment)] = float(summary.dim)
             table[name] = row
     return table
+
+
+def dim_quantity(moment: str) -> str:
+    """Table-only (never logged) size of a moment's matrix: ``{moment}_dim``.
+
+    Example:
+        >>> dim_quantity("grad")
+        'grad_dim'
+    """
+    return f"{moment}_dim"
 
 
 def natural_key(name: str) -> tuple[object, ...]:

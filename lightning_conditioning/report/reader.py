@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning_conditioning.report.metrics import LayerTable, ordered, split_metrics
+from lightning_conditioning.report.metrics import LayerTable, dim_quantity, ordered, split_metrics
 from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, SpectraFormatError, read_spectra
 
 __all__ = ["RunError", "RunData", "find_run", "load_run"]
@@ -51,14 +51,19 @@ class RunData:
         return sorted(s for s, m in self.scalars.items() if split_metrics(m).conditioning)
 
     def conditioning(self, step: int) -> LayerTable:
-        """The conditioning layer table of ``step`` in module order, ``input_units`` added
-        from the spectra file when it has this step."""
+        """The conditioning layer table of ``step`` in module order, ``input_units`` and the
+        sizes ``input_dim`` / ``grad_dim`` added from the spectra file when it has this step."""
         table = split_metrics(self.scalars.get(step, {})).conditioning
         records = self.spectra.get(step, {})
         for layer, row in table.items():
-            units = records.get(layer, {}).get("input_units")
+            record = records.get(layer, {})
+            units = record.get("input_units")
             if isinstance(units, int) and units > 0:
                 row["input_units"] = float(units)
+            for moment in ("input", "grad"):
+                eigenvalues = record.get(f"{moment}_eigenvalues")
+                if isinstance(eigenvalues, list) and eigenvalues:
+                    row[dim_quantity(moment)] = float(len(eigenvalues))
         return {name: table[name] for name in ordered(table, self.layer_order)}
 
     def domination(self, step: int) -> tuple[LayerTable, float | None]:

@@ -9,9 +9,15 @@ further line is one record::
 
     {"step": 0, "layer": "net.0", "prefix": "conditioning", "status": "ok",
      "input_units": 12, "input_rows": 64, "grad_rows": 64,
-     "dead_input_units": 0, "full_input_units": 3, "rank_rtol": 1e-07,
-     "input_rank": 12, "grad_rank": 16,
+     "dead_input_units": 0, "full_input_units": 3, "rank_rtol": 2.4e-12,
+     "input_rank": 12, "input_floor_rtol": 2.4e-12, "input_structural_rank": 12,
+     "grad_rank": 15, "grad_floor_rtol": 4.2e-12, "grad_structural_rank": 16,
      "input_eigenvalues": [3.2, 1.1, ...], "grad_eigenvalues": [...]}
+
+Per matrix: ``{m}_rank`` (eigenvalues above the floor), ``{m}_floor_rtol`` (that resolution
+floor relative to λmax) and ``{m}_structural_rank`` (eigenvalues that can be nonzero at all:
+the size less dead units and the zeros of fewer rows than dimensions); ``rank_rtol`` (the
+input's floor) is kept for readers of the first files, which had one floor per record.
 
 Eigenvalues are the full spectra (descending, tiny negative round-off included) rounded to 9
 significant digits (the moments come from float32 GEMMs: ~7 digits are meaningful); ``null``
@@ -26,6 +32,8 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from lightning_conditioning import schema
 
 __all__ = [
     "SPECTRA_FILENAME",
@@ -53,6 +61,17 @@ def _rounded(values: Any) -> list[float] | None:
     return [float(f"{float(v):.9g}") for v in values.tolist()]
 
 
+def _moment_fields(moment: str, summary: Any) -> dict[str, Any]:
+    """Rank, floor, structural rank and eigenvalues of one moment (``None`` when missing)."""
+    present = summary is not None
+    return {
+        schema.rank_quantity(moment): int(summary.rank) if present else None,
+        f"{moment}_floor_rtol": float(summary.rtol) if present else None,
+        f"{moment}_structural_rank": int(summary.structural_rank) if present else None,
+        f"{moment}_eigenvalues": _rounded(summary.eigenvalues) if present else None,
+    }
+
+
 def spectrum_records(results: Mapping[str, Any], prefix: str = "conditioning") -> list[dict[str, Any]]:
     """One JSON-ready record per layer of ``ConditioningCallback.results`` (module order).
 
@@ -66,6 +85,8 @@ def spectrum_records(results: Mapping[str, Any], prefix: str = "conditioning") -
         >>> record = spectrum_records({"fc": result})[0]
         >>> record["layer"], record["input_eigenvalues"], record["dead_input_units"]
         ('fc', [1.0, 1.0], 1)
+        >>> record["input_rank"], record["grad_structural_rank"], record["rank_rtol"] == record["input_floor_rtol"] > 0
+        (2, 2, True)
     """
     records = []
     for name, result in results.items():
@@ -78,12 +99,9 @@ def spectrum_records(results: Mapping[str, Any], prefix: str = "conditioning") -
             "dead_input_units": result.dead_input_units if ok else None,
             "full_input_units": result.full_input_units if ok else None,
         }
-        rtol = next((s.rtol for s in summaries.values() if s is not None), None)
-        record["rank_rtol"] = rtol
+        record["rank_rtol"] = summaries["input"].rtol if summaries["input"] is not None else None
         for label, summary in summaries.items():
-            record[f"{label}_rank"] = summary.rank if summary is not None else None
-            record[f"{label}_eigenvalues"] = (
-                _rounded(summary.eigenvalues) if summary is not None else None)
+            record.update(_moment_fields(label, summary))
         records.append(record)
     return records
 

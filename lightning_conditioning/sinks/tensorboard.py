@@ -10,16 +10,14 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from lightning_conditioning import schema
 from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, append_records
 from lightning_conditioning.sinks.base import Publication, Sink
-from lightning_conditioning.spectra import format_percent
 
 __all__ = ["TensorBoardSink", "tensorboard_layout", "publish_tensorboard_layout"]
 
 #: writers that already hold a custom-scalars layout (TensorBoard shows one per run)
 _WITH_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
-
-_MATRICES = (("input", "Σx"), ("grad", "Σ∇h"), ("fim", "sub-FIM"))
 
 
 class TensorBoardSink(Sink):
@@ -48,8 +46,32 @@ class TensorBoardSink(Sink):
                               global_step=publication.step, close=False)
 
 
-def _chart(pattern_prefix: str, quantity: str) -> list[Any]:
-    return ["Multiline", [f"{re.escape(pattern_prefix)}/[^/]+/{quantity}$"]]
+def _chart(pattern_prefix: str, *quantities: str) -> list[Any]:
+    """A multiline chart of every layer's ``{prefix}/{layer}/{quantity}`` for each quantity."""
+    return ["Multiline", [f"{re.escape(pattern_prefix)}/[^/]+/{re.escape(q)}$" for q in quantities]]
+
+
+def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[str, list[Any]]]:
+    """λmax, rank, κ_p, κ_p lower bounds and infinities, units: names from :mod:`..schema`."""
+    moments = [(m, schema.MOMENT_SYMBOLS[m]) for m in schema.MOMENTS]
+    return {
+        f"{p}: λmax per layer": {
+            f"{label} λmax": _chart(p, schema.lambda_max_quantity(m)) for m, label in moments},
+        f"{p}: rank per layer": {
+            f"{label} rank": _chart(p, schema.rank_quantity(m)) for m, label in moments},
+        f"{p}: κ_p per layer": {
+            f"{label} κ_{percent:g}%": _chart(p, schema.kappa_quantity(m, percent))
+            for m, label in moments for percent in percents},
+        f"{p}: κ_p lower bounds per layer (λ_p under the resolution floor)": {
+            f"{label} κ_{percent:g}% ≥": _chart(p, schema.kappa_quantity(m, percent, "lower_bound"))
+            for m, label in moments for percent in percents},
+        f"{p}: κ_p infinite per layer (1 = λ_p is a structural zero)": {
+            f"{label} κ_p = ∞": _chart(p, *(schema.kappa_quantity(m, percent, "infinite")
+                                            for percent in percents))
+            for m, label in moments},
+        f"{p}: units per layer": {
+            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.UNIT_QUANTITIES},
+    }
 
 
 def tensorboard_layout(
@@ -61,32 +83,28 @@ def tensorboard_layout(
     """A custom-scalars layout: one chart per quantity with every layer as one line.
 
     Charts match tags by regular expression, so the layout needs no layer names and can be
-    written before training. Sections: λmax of Σx / Σ∇h / sub-FIM; κ_p of each; dead and full
-    units; and (with ``domination_prefix``) the weight-domination ratios.
+    written before training; every quantity name comes from :mod:`lightning_conditioning.schema`.
+    Sections: λmax, numerical rank and κ_p of Σx / Σ∇h / sub-FIM; the κ_p that are lower bounds
+    (``…_lower_bound``) and infinite (``…_infinite``); dead and full units; and (with
+    ``domination_prefix``) the weight-domination ratios.
 
     Example:
         >>> layout = tensorboard_layout(kappa_percents=(100,))
         >>> layout["conditioning: λmax per layer"]["Σx λmax"]
         ['Multiline', ['conditioning/[^/]+/input_lambda_max$']]
+        >>> layout["conditioning: rank per layer"]["Σ∇h rank"]
+        ['Multiline', ['conditioning/[^/]+/grad_rank$']]
     """
     layout: dict[str, dict[str, list[Any]]] = {}
     if conditioning_prefix is not None:
-        p = conditioning_prefix
-        layout[f"{p}: λmax per layer"] = {
-            f"{label} λmax": _chart(p, f"{key}_lambda_max") for key, label in _MATRICES}
-        layout[f"{p}: κ_p per layer"] = {
-            f"{label} κ_{percent:g}%": _chart(p, f"{key}_kappa_{format_percent(percent)}")
-            for key, label in _MATRICES for percent in kappa_percents}
-        layout[f"{p}: units per layer"] = {
-            "dead input units": _chart(p, "dead_input_units"),
-            "full input units": _chart(p, "full_input_units")}
+        layout.update(_conditioning_sections(conditioning_prefix, kappa_percents))
     if domination_prefix is not None:
         d = domination_prefix
         layout[f"{d} per layer"] = {
             "σmax(∇W)/σmax(W)": _chart(d, "grad_weight_ratio"),
             "σmax(ΔW)/σmax(W)": _chart(d, "update_weight_ratio"),
             "‖∇W‖F/‖W‖F": _chart(d, "grad_weight_ratio_fro"),
-            "dominated layers": ["Multiline", [f"{re.escape(d)}/dominated_layers$"]]}
+            "dominated layers": ["Multiline", [f"{re.escape(d)}/{schema.DOMINATED_LAYERS}$"]]}
     return layout
 
 
