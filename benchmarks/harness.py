@@ -31,14 +31,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_conditioning import ConditioningCallback, analyse_layer
+from lightning_conditioning import analyse_layer
+from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.capture import LayerCapture
 from lightning_conditioning.distributed import analyse_layers
 from lightning_conditioning.models import cifar_resnet
 
 Kind = Callable[[], Any]
 MLP_WIDTHS = (784, 256, 256, 256, 256, 10)
-PERCENTS = ConditioningCallback().kappa_percents
+PERCENTS = ConditioningOptions().kappa_percents
 
 
 def pick_device() -> torch.device:
@@ -145,7 +146,8 @@ def analyse(capture: LayerCapture) -> None:
     """The callback's analysis of a filled capture, without loggers: moments, eigenvalues,
     κ_p, Kronecker statistics and metrics of every layer (the windows are kept)."""
     results = analyse_layers(
-        capture.moments(), lambda layer, window: analyse_layer(layer, 0, window, percents=PERCENTS)
+        capture.moments(),
+        lambda layer, window, solved: analyse_layer(layer, 0, window, percents=PERCENTS, solved=solved),
     )
     for result in results.values():
         result.metrics()

@@ -44,11 +44,12 @@ from harness import (
     train_step, workload,
 )
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
+from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.adapters import ConvMode
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
 from lightning_conditioning.domination import frobenius_norm, weight_statistics
 
-DEFAULT_EVERY = ConditioningCallback().every_n_steps
+DEFAULT_EVERY = ConditioningOptions().every_n_steps
 
 
 def weight_domination_work(net: nn.Module, lr: float = 0.01) -> Kind:

@@ -1,4 +1,7 @@
-"""Layer-wise conditioning analysis (Huang et al., ECCV 2020) for PyTorch Lightning.
+"""Layer-wise conditioning analysis (Huang et al., ECCV 2020) for PyTorch, Lightning and Fabric.
+
+The core (:class:`ConditioningMonitor`, :class:`WeightDominationMonitor`, the maths) imports
+neither Lightning nor TensorBoard; the Lightning callbacks are imported on first use.
 
 Example::
 
@@ -8,12 +11,19 @@ Example::
     trainer = Trainer(callbacks=[ConditioningCallback(every_n_steps=50)])
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from lightning_conditioning.__about__ import __version__
 from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
 from lightning_conditioning.adapters import LayerAdapter, register_adapter
+from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import WeightStatistics, weight_statistics
+from lightning_conditioning.domination_monitor import WeightDominationMonitor
+from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.results import LayerConditioning, analyse_layer
+from lightning_conditioning.solvers import DenseSolver, SolvedSpectrum, SpectrumSolver
 from lightning_conditioning.spectra import (
     KroneckerSummary,
     SpectrumSummary,
@@ -22,16 +32,36 @@ from lightning_conditioning.spectra import (
     symmetric_eigenvalues,
 )
 
+if TYPE_CHECKING:
+    from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
+    from lightning_conditioning.models import LastBN, add_last_bn
+
+#: names imported on first use (they pull in Lightning or torchvision-free model code)
+_LAZY = {
+    "ConditioningCallback": "lightning_conditioning.callbacks",
+    "WeightDominationCallback": "lightning_conditioning.callbacks",
+    "LastBN": "lightning_conditioning.models",
+    "add_last_bn": "lightning_conditioning.models",
+}
+
 __all__ = [
     "__version__",
+    "Collectives",
     "ConditioningCallback",
+    "ConditioningMonitor",
+    "DenseSolver",
     "KroneckerSummary",
+    "LastBN",
     "LayerAdapter",
     "LayerConditioning",
     "LayerMoments",
+    "SolvedSpectrum",
+    "SpectrumSolver",
     "SpectrumSummary",
     "WeightDominationCallback",
+    "WeightDominationMonitor",
     "WeightStatistics",
+    "add_last_bn",
     "analyse_layer",
     "register_adapter",
     "summarize_kronecker",
@@ -39,3 +69,14 @@ __all__ = [
     "symmetric_eigenvalues",
     "weight_statistics",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_conditioning' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

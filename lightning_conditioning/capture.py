@@ -28,7 +28,14 @@ from torch.utils.hooks import RemovableHandle
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
 from lightning_conditioning.adapters import ConvMode, LayerAdapter, adapter_for
 
-__all__ = ["LAYER_TYPES", "checked_layer_types", "select_layers", "find_layers", "LayerCapture"]
+__all__ = [
+    "LAYER_TYPES",
+    "checked_layer_types",
+    "select_layers",
+    "find_layers",
+    "last_linear_name",
+    "LayerCapture",
+]
 
 #: The layer kinds analysed by default.
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -99,6 +106,19 @@ def find_layers(
         if adapter is not None:
             layers[name] = (module, adapter)
     return layers
+
+
+def last_linear_name(model: nn.Module) -> str | None:
+    """Qualified name of the last ``nn.Linear`` in ``named_modules()`` order, or None.
+
+    Example:
+        >>> last_linear_name(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        '2'
+        >>> last_linear_name(nn.Sequential(nn.ReLU())) is None
+        True
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
 
 
 def _module_device(module: nn.Module) -> torch.device:

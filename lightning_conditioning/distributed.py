@@ -1,10 +1,13 @@
-"""Spread the eigen-analysis of layers over processes (plain ``torch.distributed``).
+"""Spread the eigen-analysis of layers over processes, through :class:`Collectives`.
 
 The second moments are summed over ranks first (see
 :meth:`~lightning_conditioning.capture.LayerCapture.all_reduce`), so every rank holds the same
-moments; each rank then analyses only its share of the layers (balanced by the O(d³) cost of
-the two eigen-solves) and the results are gathered, so a 4-process job does about a quarter
-of the eigen work per process and every rank ends with all results.
+moments; each rank then solves only its share of the layers (balanced by the O(d³) cost of
+the two eigen-solves). The eigenvalues travel back in one flat float64 sum (each rank fills its
+own slots, zeros elsewhere: ``x + 0 = x`` exactly), and every rank builds all summaries from
+them (cheap), so a 4-process job does about a quarter of the eigen work per process and every
+rank ends with all results. One ``reduce`` is all it needs: Lightning strategies, Fabric and
+``torch.distributed`` plug in alike.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Mapping
 
-import torch.distributed as dist
+import torch
 
 from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.collectives import Collectives
+from lightning_conditioning.results import LayerConditioning, solve_layer
+from lightning_conditioning.solvers import SolvedSpectrum, SolverPlan, plan_solver
 
 __all__ = ["assign_layers", "analyse_layers", "estimated_seconds"]
 
@@ -59,25 +64,66 @@ def estimated_seconds(moments: Mapping[str, LayerMoments], world_size: int = 1) 
     return sum(_cost(m) for m in moments.values()) * _SECONDS_PER_CUBE / max(world_size, 1)
 
 
-def analyse_layers(
+def solve_layers(
     moments: Mapping[str, LayerMoments],
-    analyse: Callable[[str, LayerMoments], LayerConditioning],
-) -> dict[str, LayerConditioning]:
-    """``{name: analyse(name, moments)}``, the work shared over the default process group
-    when one is initialised (every rank must call it with the same moments), in input order.
+    solver: SolverPlan | None = None,
+    collectives: Collectives | None = None,
+) -> dict[str, dict[str, SolvedSpectrum]]:
+    """:func:`~lightning_conditioning.results.solve_layer` for every layer, the work shared
+    over ``collectives`` (every rank must call it with the same moments).
 
     Example:
-        >>> analyse_layers({}, lambda name, m: None)
+        >>> solve_layers({})
         {}
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return {name: analyse(name, m) for name, m in moments.items()}
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    share = assign_layers({name: _cost(m) for name, m in moments.items()}, world_size)[rank]
-    mine = {name: analyse(name, moments[name]) for name in share}
-    gathered: list[dict[str, LayerConditioning] | None] = [None] * world_size
-    dist.all_gather_object(gathered, mine)
-    merged: dict[str, LayerConditioning] = {}
-    for part in gathered:
-        merged.update(part or {})
-    return {name: merged[name] for name in moments}
+    collectives = collectives or Collectives.local()
+    if not collectives.distributed:
+        return {name: solve_layer(name, m, solver) for name, m in moments.items()}
+    share = assign_layers({n: _cost(m) for n, m in moments.items()}, collectives.world_size)
+    mine = {name: solve_layer(name, moments[name], solver) for name in share[collectives.rank]}
+    # one slot per moment: [count, exact, relative_error, eigenvalue_1 … eigenvalue_d]
+    header = 3
+    slots: list[tuple[str, str, int]] = []
+    for name, m in moments.items():
+        for label, matrix in (("input", m.input_second_moment), ("grad", m.grad_second_moment)):
+            if matrix is not None:
+                slots.append((name, label, int(matrix.shape[0])))
+    flat = torch.zeros(sum(d + header for _, _, d in slots), dtype=torch.float64)
+    offset = 0
+    for name, label, dim in slots:
+        spectrum = mine.get(name, {}).get(label)
+        if spectrum is not None:
+            count = spectrum.eigenvalues.numel()
+            flat[offset : offset + header] = torch.tensor(
+                [count, float(spectrum.exact), spectrum.relative_error], dtype=torch.float64)
+            flat[offset + header : offset + header + count] = spectrum.eigenvalues
+        offset += dim + header
+    flat = collectives.reduce(flat, "sum").to("cpu", torch.float64)
+    out: dict[str, dict[str, SolvedSpectrum]] = {name: {} for name in moments}
+    offset = 0
+    for name, label, dim in slots:
+        found, exact, error = (float(v) for v in flat[offset : offset + header])
+        if found:  # solved somewhere (no_data / nonfinite windows are solved nowhere)
+            values = flat[offset + header : offset + header + int(found)].clone()
+            out[name][label] = SolvedSpectrum(
+                values, plan_solver(solver, name, dim).name, bool(exact), error)
+        offset += dim + header
+    return out
+
+
+def analyse_layers(
+    moments: Mapping[str, LayerMoments],
+    analyse: Callable[[str, LayerMoments, Mapping[str, SolvedSpectrum]], LayerConditioning],
+    *,
+    solver: SolverPlan | None = None,
+    collectives: Collectives | None = None,
+) -> dict[str, LayerConditioning]:
+    """``{name: analyse(name, moments, solved)}`` in input order, the eigen-solves shared
+    over ``collectives`` (:func:`solve_layers`).
+
+    Example:
+        >>> analyse_layers({}, lambda name, m, solved: None)
+        {}
+    """
+    solved = solve_layers(moments, solver, collectives)
+    return {name: analyse(name, m, solved[name]) for name, m in moments.items()}

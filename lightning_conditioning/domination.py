@@ -19,9 +19,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from lightning_conditioning.solvers import largest_eigenvalue
 from lightning_conditioning.spectra import smaller_gram
 
-__all__ = ["as_matrix", "spectral_norm", "frobenius_norm", "WeightStatistics", "weight_statistics", "imbalance"]
+__all__ = [
+    "as_matrix", "spectral_norm", "frobenius_norm", "WeightStatistics", "weight_statistics",
+    "imbalance", "is_dominated",
+]
 
 
 def as_matrix(weight: Tensor) -> Tensor:
@@ -50,7 +54,7 @@ def spectral_norm(matrix: Tensor) -> float:
         return 0.0
     if not bool(torch.isfinite(matrix).all()):
         return math.nan  # a diverged step: report NaN (never logged), never raise
-    return float(torch.linalg.eigvalsh(smaller_gram(matrix))[-1].clamp_min(0.0).sqrt())
+    return math.sqrt(max(largest_eigenvalue(smaller_gram(matrix)), 0.0))
 
 
 def frobenius_norm(matrix: Tensor) -> float:
@@ -138,3 +142,16 @@ def imbalance(previous_fro: float, current_fro: float) -> tuple[float, float]:
     absolute = abs(current_sq - previous_sq)
     total = current_sq + previous_sq
     return absolute, (absolute / total if total > 0 else 0.0)
+
+
+def is_dominated(stats: WeightStatistics, threshold: float, update_threshold: float = 0.0) -> bool:
+    """Definition 1's ratio below ``threshold``, or an applied update ratio at or below
+    ``update_threshold`` (by default: a weight the optimizer step left unchanged).
+
+    Example:
+        >>> is_dominated(weight_statistics(torch.eye(2) * 10, torch.eye(2) * 1e-6), 1e-4)
+        True
+    """
+    if stats.grad_weight_ratio < threshold:
+        return True
+    return stats.update_weight_ratio is not None and stats.update_weight_ratio <= update_threshold

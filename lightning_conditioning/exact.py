@@ -31,14 +31,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import select_layers
+from lightning_conditioning.solvers import DenseSolver
 from lightning_conditioning.spectra import (
     SpectrumSummary,
     smaller_gram,
     summarize_spectrum,
-    symmetric_eigenvalues,
 )
 
 __all__ = ["ExactFisherSpectra", "exact_fisher_spectra", "fisher_rows"]
+
+#: the smaller Gram of the rows is solved whole (no zero-diagonal shortcut: rows are dense)
+_GRAM_SOLVER = DenseSolver(drop_zero_diagonal=False)
 
 FisherKind = Literal["true", "empirical"]
 
@@ -132,7 +135,7 @@ def fisher_rows(
 
 def _gram_eigenvalues(rows: Tensor, count: int) -> Tensor:
     """Descending eigenvalues of ``rowsᵀ rows / count`` via the smaller Gram."""
-    eigenvalues = symmetric_eigenvalues(smaller_gram(rows) / count, drop_zero_diagonal=False)
+    eigenvalues = _GRAM_SOLVER(smaller_gram(rows) / count).eigenvalues
     return eigenvalues.clamp_min(0.0)
 
 

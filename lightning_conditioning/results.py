@@ -7,7 +7,7 @@ which knows how to name its scalars (:meth:`LayerConditioning.metrics`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,16 +16,16 @@ import torch
 from lightning_conditioning import schema
 from lightning_conditioning.accumulate import LayerMoments
 from lightning_conditioning.resolution import floor_rtol
+from lightning_conditioning.solvers import SolvedSpectrum, SolverPlan, plan_solver
 from lightning_conditioning.spectra import (
     KappaDefinition,
     KroneckerSummary,
     SpectrumSummary,
     summarize_kronecker,
     summarize_spectrum,
-    symmetric_eigenvalues,
 )
 
-__all__ = ["LayerStatus", "LayerConditioning", "analyse_layer"]
+__all__ = ["LayerStatus", "LayerConditioning", "layer_status", "solve_layer", "analyse_layer"]
 
 #: ``"ok"``: everything computed; ``"no_grad"``: inputs seen but no output gradient arrived
 #: (Σ∇h and the sub-FIM are missing); ``"no_data"``: the layer never ran in the window;
@@ -88,6 +88,49 @@ class LayerConditioning:
         return {schema.key(prefix, self.name, quantity): value for quantity, value in out.items()}
 
 
+def layer_status(moments: LayerMoments) -> LayerStatus:
+    """What can be computed from a finished window (the same on every process).
+
+    Example:
+        >>> from lightning_conditioning.accumulate import LayerMoments
+        >>> layer_status(LayerMoments(None, None, 0, 0, torch.zeros(3), torch.zeros(3)))
+        'no_data'
+    """
+    if moments.input_second_moment is None:
+        return "no_data"
+    matrices = [m for m in (moments.input_second_moment, moments.grad_second_moment) if m is not None]
+    if not all(bool(torch.isfinite(m).all()) for m in matrices):
+        return "nonfinite"
+    return "ok" if moments.grad_second_moment is not None else "no_grad"
+
+
+def _labels(status: LayerStatus) -> tuple[str, ...]:
+    return ("input", "grad") if status == "ok" else ("input",) if status == "no_grad" else ()
+
+
+def solve_layer(
+    name: str, moments: LayerMoments, solver: SolverPlan | None = None
+) -> dict[str, SolvedSpectrum]:
+    """The eigen-solves of one layer's window: ``{"input": …, "grad": …}`` for the moments
+    that exist (none for ``no_data`` / ``nonfinite`` windows). The expensive half of
+    :func:`analyse_layer`, the part a distributed run shares out.
+
+    Example:
+        >>> from lightning_conditioning.accumulate import LayerMoments
+        >>> eye = torch.eye(2, dtype=torch.float64)
+        >>> solved = solve_layer("fc", LayerMoments(eye, None, 4, 0, torch.ones(2), torch.ones(2)))
+        >>> list(solved), solved["input"].eigenvalues.tolist()
+        (['input'], [1.0, 1.0])
+    """
+    if layer_status(moments) in ("no_data", "nonfinite"):
+        return {}
+    out: dict[str, SolvedSpectrum] = {}
+    for label, matrix in (("input", moments.input_second_moment), ("grad", moments.grad_second_moment)):
+        if matrix is not None:
+            out[label] = plan_solver(solver, name, int(matrix.shape[0]))(matrix)
+    return out
+
+
 def analyse_layer(
     name: str,
     step: int,
@@ -96,13 +139,17 @@ def analyse_layer(
     percents: Sequence[float] = (50, 80, 100),
     rank_rtol: float | None = None,
     kappa_definition: KappaDefinition = "paper",
+    solver: SolverPlan | None = None,
+    solved: Mapping[str, SolvedSpectrum] | None = None,
 ) -> LayerConditioning:
     """Eigen-analysis of one layer's finished window (float64, CPU).
 
     Each moment's resolution floor is derived from how it was computed
     (:func:`~lightning_conditioning.resolution.floor_rtol`: the Gram dtype, the rows' dtype,
     the rows summed and the dimension); ``rank_rtol`` can only raise it. The rank is also
-    bounded by the row count.
+    bounded by the row count. The eigenvalues come from ``solver`` (default: dense float64,
+    :mod:`lightning_conditioning.solvers`), or from ``solved`` when they were computed
+    elsewhere (:func:`solve_layer`, e.g. on another process).
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
@@ -119,28 +166,32 @@ def analyse_layer(
         input_rows=moments.input_rows,
         grad_rows=moments.grad_rows,
     )
-    if moments.input_second_moment is None:
-        return LayerConditioning(status="no_data", **common, **empty)  # type: ignore[arg-type]
-    matrices = [m for m in (moments.input_second_moment, moments.grad_second_moment) if m is not None]
-    if not all(bool(torch.isfinite(m).all()) for m in matrices):
-        return LayerConditioning(status="nonfinite", **common, **empty)  # type: ignore[arg-type]
+    status = layer_status(moments)
+    if status in ("no_data", "nonfinite"):
+        return LayerConditioning(status=status, **common, **empty)  # type: ignore[arg-type]
+    if solved is None or any(label not in solved for label in _labels(status)):
+        # solved elsewhere but lost on the way (never expected): solve here rather than fail
+        solved = {**solve_layer(name, moments, solver), **(solved or {})}
 
-    def summary(matrix: torch.Tensor, rows: int, row_eps: float, roundoff: float) -> SpectrumSummary:
-        rtol = floor_rtol(gram_roundoff=roundoff, rows=rows, dim=matrix.shape[0], row_eps=row_eps)
+    def summary(label: str, rows: int, row_eps: float, roundoff: float) -> SpectrumSummary:
+        spectrum = solved[label]
+        dim = int(spectrum.eigenvalues.numel())
+        rtol = floor_rtol(gram_roundoff=roundoff, rows=rows, dim=max(dim, 1), row_eps=row_eps)
         if rank_rtol is not None:
             rtol = max(rtol, rank_rtol)
-        return summarize_spectrum(symmetric_eigenvalues(matrix), percents, rtol=rtol,
-                                  max_rank=rows, definition=kappa_definition)
+        return summarize_spectrum(spectrum.eigenvalues, percents, rtol=rtol, max_rank=rows,
+                                  definition=kappa_definition, solver=spectrum.solver,
+                                  solver_error=spectrum.relative_error)
 
-    input_summary = summary(moments.input_second_moment, moments.input_rows,
-                            moments.input_resolution, moments.input_gram_roundoff)
+    input_summary = summary("input", moments.input_rows, moments.input_resolution,
+                            moments.input_gram_roundoff)
     grad_summary = fim = None
-    if moments.grad_second_moment is not None:
-        grad_summary = summary(moments.grad_second_moment, moments.grad_rows,
-                               moments.grad_resolution, moments.grad_gram_roundoff)
+    if status == "ok":
+        grad_summary = summary("grad", moments.grad_rows, moments.grad_resolution,
+                               moments.grad_gram_roundoff)
         fim = summarize_kronecker(input_summary, grad_summary, percents)
     return LayerConditioning(
-        status="ok" if grad_summary is not None else "no_grad",
+        status=status,
         input=input_summary,
         grad=grad_summary,
         fim=fim,

@@ -139,7 +139,8 @@ def test_float16_with_grad_scaler_matches_float32() -> None:
 def test_float16_overflow_steps_log_nothing() -> None:
     x, y = _data()
     net = seeded(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)))
-    callback = ConditioningCallback(every_n_steps=1)
+    # the diagnosis may warn about rank deficiency: only the capture's own warnings count here
+    callback = ConditioningCallback(every_n_steps=1, warn_diagnosis=False)
     plugin = _fp16_plugin(init_scale=2.0**22)  # the first steps overflow and back off
     scales = []
 

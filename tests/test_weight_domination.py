@@ -179,11 +179,15 @@ def test_bad_arguments(kwargs) -> None:
 
 
 def test_state_dict_roundtrip() -> None:
+    state = {"below": {"fc": 2}, "warned": ["fc"], "last_checked_step": 40}
     callback = WeightDominationCallback()
-    callback._below, callback._warned, callback._last_checked_step = {"fc": 2}, {"fc"}, 40
+    callback.load_state_dict(state)
     other = WeightDominationCallback()
     other.load_state_dict(callback.state_dict())
-    assert other._below == {"fc": 2} and other._warned == {"fc"} and other._last_checked_step == 40
+    assert other.state_dict() == state
+    # the monitor built at setup starts from the restored state
+    other.setup(None, SequentialClassifier(nn.Sequential(nn.Linear(3, 2))), "fit")  # type: ignore[arg-type]
+    assert other.warned_layers == ["fc"] and other.state_dict() == state
 
 
 def test_nonfinite_gradients_do_not_crash_training() -> None:

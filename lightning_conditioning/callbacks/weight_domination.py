@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_conditioning.capture import checked_layer_types, select_layers
-from lightning_conditioning.domination import WeightStatistics, frobenius_norm, imbalance, weight_statistics
-from lightning_conditioning.models.last_bn import last_linear_name
+from lightning_conditioning.capture import checked_layer_types
+from lightning_conditioning.domination import WeightStatistics, is_dominated
+from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
 from lightning_conditioning.sinks import publish_weight_domination
 
 __all__ = ["WeightDominationCallback"]
@@ -21,6 +20,8 @@ __all__ = ["WeightDominationCallback"]
 
 class WeightDominationCallback(Callback):
     r"""Log σmax(∇W)/σmax(W) per layer and warn about layers in weight domination.
+
+    A thin Lightning shell over :class:`~lightning_conditioning.WeightDominationMonitor`.
 
     At every ``every_n_steps``-th optimizer step, in ``on_before_optimizer_step`` (after the
     backward of the last accumulated micro-batch, after AMP unscaling and after DDP averaged
@@ -76,174 +77,82 @@ class WeightDominationCallback(Callback):
         log_imbalance: bool = True,
         prefix: str = "weight_domination",
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
-        if not (isinstance(update_threshold, (int, float)) and 0 <= update_threshold < math.inf):
-            raise ValueError(f"update_threshold must be a finite number >= 0, got {update_threshold!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
-        selected_types = checked_layer_types(layer_types)
-        self.every_n_steps = every_n_steps
-        self.threshold = float(threshold)
-        self.update_threshold = float(update_threshold)
-        self.patience = patience
-        self.layer_types = selected_types
+        check_options(every_n_steps, threshold, update_threshold, patience)
+        self.every_n_steps, self.threshold = every_n_steps, float(threshold)
+        self.update_threshold, self.patience = float(update_threshold), patience
+        self.layer_types = checked_layer_types(layer_types)
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
-        self.log_imbalance = log_imbalance
-        self.prefix = prefix
-        self._weights: dict[str, nn.Parameter] = {}
-        self._last_linear: str | None = None
-        self._last_checked_step: int | None = None
-        self._results: dict[str, WeightStatistics] = {}
-        self._snapshot: dict[str, Tensor] = {}
-        self._pending_step: int | None = None
-        self._below: dict[str, int] = {}
-        self._warned: set[str] = set()
+        self.log_imbalance, self.prefix = log_imbalance, prefix
+        self.monitor: WeightDominationMonitor | None = None
+        self._restored: dict[str, Any] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, every_n_steps=self.every_n_steps,
+                                        include=self.include, exclude=self.exclude)
 
     @property
     def results(self) -> dict[str, WeightStatistics]:
         """Latest check: ``{layer name: WeightStatistics}`` (layers with a gradient only)."""
-        return dict(self._results)
+        return self.monitor.results if self.monitor is not None else {}
 
     @property
     def warned_layers(self) -> list[str]:
         """Layers the callback has warned about (dominated for ``patience`` checks), sorted."""
-        return sorted(self._warned)
+        return self.monitor.warned_layers if self.monitor is not None else []
 
     @property
     def dominated(self) -> list[str]:
         """Layers whose latest ratio is below the threshold."""
-        return [name for name, stats in self._results.items() if self.is_dominated(stats)]
+        return self.monitor.dominated if self.monitor is not None else []
+
+    def is_dominated(self, stats: WeightStatistics) -> bool:
+        """Whether ``stats`` count as weight domination (:func:`~lightning_conditioning.domination.is_dominated`)."""
+        return is_dominated(stats, self.threshold, self.update_threshold)
+
+    def domination_table(self) -> dict[str, dict[str, float]]:
+        """The latest check as ``{layer: {quantity: value}}`` (read by the conditioning diagnosis)."""
+        return self.monitor.domination_table() if self.monitor is not None else {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        layers = select_layers(pl_module, self.layer_types, self.include, self.exclude)
-        self._weights = {
-            name: weight
-            for name, weight in ((n, getattr(m, "weight", None)) for n, m in layers.items())
-            if isinstance(weight, nn.Parameter)
-        }
-        if not self._weights:
-            rank_zero_warn(f"{type(self).__name__}: no layer with a weight matched; nothing to check.")
-        self._last_linear = last_linear_name(pl_module)
+        if self.monitor is not None:
+            self._restored = self.monitor.state_dict()
+        self.monitor = WeightDominationMonitor(
+            pl_module, every_n_steps=self.every_n_steps, threshold=self.threshold,
+            update_threshold=self.update_threshold, patience=self.patience,
+            layer_types=self.layer_types, include=self.include, exclude=self.exclude,
+            log_imbalance=self.log_imbalance, prefix=self.prefix, warn=rank_zero_warn)
+        self.monitor.load_state_dict(self._restored)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or step == self._last_checked_step:
-            return
-        self._last_checked_step = step  # several optimizers: check once per step
-        self._pending_step = step
-        self._results, self._snapshot = {}, {}
-        for name, weight in self._weights.items():
-            if not weight.requires_grad or weight.grad is None:
-                continue  # frozen, or no gradient at this step
-            self._results[name] = weight_statistics(weight, weight.grad)
-            self._snapshot[name] = weight.detach().clone()
+        if self.monitor is not None:
+            self.monitor.before_optimizer_step(trainer.global_step)
 
     def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:
-        step = self._pending_step
-        if step is None or trainer.global_step == step:
+        monitor = self.monitor
+        if monitor is None or monitor.pending_step is None or trainer.global_step == monitor.pending_step:
             return  # no check pending, or its optimizer step has not run yet
-        self._pending_step = None
-        for name, before in self._snapshot.items():
-            after = self._weights[name].detach()
-            self._results[name] = self._results[name].with_update(after - before)
-        self._snapshot = {}
-        metrics = self._metrics()
-        self._update_warnings(step)
+        step = monitor.pending_step
+        metrics = monitor.after_optimizer_step()
         if trainer.is_global_zero:
-            publish_weight_domination(
-                trainer.loggers, {k: v for k, v in metrics.items() if math.isfinite(v)}, step
-            )
+            publish_weight_domination(trainer.loggers, metrics, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pending_step, self._snapshot = None, {}
-
-    def is_dominated(self, stats: WeightStatistics) -> bool:
-        """Definition 1's ratio below ``threshold``, or an applied update ratio at or below
-        ``update_threshold`` (by default: a weight the optimizer step left unchanged)."""
-        if stats.grad_weight_ratio < self.threshold:
-            return True
-        return stats.update_weight_ratio is not None and (
-            stats.update_weight_ratio <= self.update_threshold
-        )
-
-    def _metrics(self) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        previous_fro: float | None = None
-        for name, weight in self._weights.items():
-            base = f"{self.prefix}/{name}"
-            if self.log_imbalance:
-                current_fro = frobenius_norm(weight)
-                if previous_fro is not None:
-                    absolute, relative = imbalance(previous_fro, current_fro)
-                    metrics[f"{base}/imbalance"] = absolute
-                    metrics[f"{base}/relative_imbalance"] = relative
-                previous_fro = current_fro
-            stats = self._results.get(name)
-            if stats is None:
-                continue
-            metrics[f"{base}/grad_weight_ratio"] = stats.grad_weight_ratio
-            metrics[f"{base}/weight_spectral_norm"] = stats.weight_spectral_norm
-            metrics[f"{base}/grad_spectral_norm"] = stats.grad_spectral_norm
-            metrics[f"{base}/grad_weight_ratio_fro"] = stats.grad_weight_ratio_fro
-            if stats.update_weight_ratio is not None:
-                metrics[f"{base}/update_weight_ratio"] = stats.update_weight_ratio
-        metrics[f"{self.prefix}/dominated_layers"] = float(len(self.dominated))
-        return metrics
-
-    def _update_warnings(self, step: int) -> None:
-        dominated = set(self.dominated)
-        for name, stats in self._results.items():
-            self._below[name] = self._below.get(name, 0) + 1 if name in dominated else 0
-            if self._below[name] < self.patience or name in self._warned:
-                continue
-            self._warned.add(name)
-            if stats.grad_weight_ratio < self.threshold:
-                evidence = (
-                    f"σmax(∇W)/σmax(W) = {stats.grad_weight_ratio:.3g} has stayed below "
-                    f"{self.threshold:g}"
-                )
-            else:
-                evidence = (
-                    f"its optimizer update σmax(ΔW)/σmax(W) = {stats.update_weight_ratio:.3g} "
-                    f"has stayed at or below {self.update_threshold:g} (is it left out of the "
-                    "optimizer, or at learning rate 0?)"
-                )
-            message = (
-                f"{type(self).__name__}: layer '{name}' is in weight domination at step {step}: "
-                f"{evidence} for {self._below[name]} consecutive checks. Its update is feeble "
-                "next to its weight, so the layer barely learns and the loss can sit on a "
-                "false plateau (Huang et al. 2020, Definition 1)."
-            )
-            if name == self._last_linear:
-                message += (
-                    " This is the final linear layer: the paper's remedy is one BatchNorm "
-                    "before it, `lightning_conditioning.models.add_last_bn(model)`."
-                )
-            rank_zero_warn(message)
+        if self.monitor is not None:
+            self.monitor.cancel()
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "below": dict(self._below),
-            "warned": sorted(self._warned),
-            "last_checked_step": self._last_checked_step,
-        }
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._restored)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._below = dict(state_dict.get("below", {}))
-        self._warned = set(state_dict.get("warned", []))
-        self._last_checked_step = state_dict.get("last_checked_step")
+        self._restored = dict(state_dict)
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state_dict)

@@ -28,6 +28,8 @@ from typing import Literal
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
+from lightning_conditioning.capture import last_linear_name
+
 __all__ = [
     "LastBN", "Position", "PreBNPool", "add_last_bn", "find_last_linear", "last_linear_name",
     "remap_state_dict_for_last_bn",
@@ -119,19 +121,6 @@ def find_last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     linear = model.get_submodule(name)
     assert isinstance(linear, nn.Linear)
     return name, linear
-
-
-def last_linear_name(model: nn.Module) -> str | None:
-    """Qualified name of the last ``nn.Linear`` in ``named_modules()`` order, or None.
-
-    Example:
-        >>> last_linear_name(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
-        '2'
-        >>> last_linear_name(nn.Sequential(nn.ReLU())) is None
-        True
-    """
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return names[-1] if names else None
 
 
 def _existing_position(model: nn.Module) -> str | None:

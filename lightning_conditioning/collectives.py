@@ -1,0 +1,110 @@
+"""Collectives as callables: how a monitor sums its statistics over processes.
+
+The analysis needs one operation, ``reduce(tensor, op)`` with ``op`` in ``"sum"`` / ``"max"``,
+plus the world size and this process' rank. :class:`Collectives` carries them, so Lightning
+strategies, Lightning Fabric and plain ``torch.distributed`` all plug into the same core.
+
+Example:
+    >>> Collectives.local().world_size
+    1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch  # noqa: F401  (the doctests' namespace)
+from torch import Tensor
+
+__all__ = ["ReduceFn", "Collectives", "auto_collectives"]
+
+#: ``reduce(tensor, op) -> tensor`` with ``op`` in ``"sum"``, ``"max"``: the reduced tensor,
+#: the same on every process
+ReduceFn = Callable[[Tensor, str], Tensor]
+
+
+def _identity(tensor: Tensor, op: str) -> Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """``reduce``, ``world_size`` and ``rank`` of one process group.
+
+    Example:
+        >>> group = Collectives(lambda tensor, op: tensor * 2, world_size=2, rank=1)
+        >>> group.reduce(torch.ones(1), "sum"), group.distributed
+        (tensor([2.]), True)
+    """
+
+    reduce: ReduceFn = _identity
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether there is more than one process."""
+        return self.world_size > 1
+
+    @classmethod
+    def local(cls) -> Collectives:
+        """One process: reductions are the identity."""
+        return cls()
+
+    @classmethod
+    def torch_distributed(cls, group: Any = None) -> Collectives:
+        """The initialised default process group of ``torch.distributed`` (or ``group``).
+
+        ``all_reduce`` is in place on a copy, so the caller's tensor is never changed.
+        """
+        import torch.distributed as dist
+
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+        def reduce(tensor: Tensor, op: str) -> Tensor:
+            out = tensor.clone()
+            dist.all_reduce(out, op=ops[op], group=group)
+            return out
+
+        return cls(reduce, dist.get_world_size(group), dist.get_rank(group))
+
+    @classmethod
+    def fabric(cls, fabric: Any) -> Collectives:
+        """A Lightning ``Fabric``: ``fabric.all_reduce(tensor, reduce_op=op)``.
+
+        Example::
+
+            monitor = ConditioningMonitor(model, collectives=Collectives.fabric(fabric))
+        """
+        return cls(
+            lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
+            int(fabric.world_size),
+            int(fabric.global_rank),
+        )
+
+    @classmethod
+    def strategy(cls, strategy: Any) -> Collectives:
+        """A Lightning ``Strategy`` (``trainer.strategy``): ``strategy.reduce``."""
+        return cls(
+            lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
+            int(strategy.world_size),
+            int(strategy.global_rank),
+        )
+
+
+def auto_collectives() -> Collectives:
+    """``torch.distributed``'s default group when one is initialised with several processes,
+    else :meth:`Collectives.local`.
+
+    Example:
+        >>> auto_collectives().distributed
+        False
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Collectives.torch_distributed()
+    return Collectives.local()
+

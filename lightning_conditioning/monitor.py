@@ -1,0 +1,313 @@
+"""``ConditioningMonitor``: the whole conditioning analysis for any training loop.
+
+It owns the capture (hooks), the window schedule, the reduction over processes (through
+:class:`~lightning_conditioning.collectives.Collectives`) and the analysis, and imports neither
+Lightning nor TensorBoard. :class:`~lightning_conditioning.ConditioningCallback` is a thin
+Lightning shell over it; Fabric and plain PyTorch loops use it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from torch import nn
+
+from lightning_conditioning.capture import LAYER_TYPES, LayerCapture, find_layers, last_linear_name
+from lightning_conditioning.collectives import Collectives, auto_collectives
+from lightning_conditioning.diagnosis import Finding, diagnose
+from lightning_conditioning.distributed import analyse_layers, estimated_seconds
+from lightning_conditioning.options import ConditioningOptions
+from lightning_conditioning.precision import gram_dtype_for
+from lightning_conditioning.report.metrics import conditioning_table
+from lightning_conditioning.results import LayerConditioning, analyse_layer
+
+__all__ = ["ConditioningMonitor"]
+
+_LOG = logging.getLogger("lightning_conditioning")
+
+#: ``message -> None``: where the monitor's notes and warnings go
+Notify = Callable[[str], None]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+class ConditioningMonitor:
+    r"""λmax and κ_p of Σx, Σ∇h and the sub-FIM of every Linear/Conv layer of ``model``.
+
+    Every ``every_n_steps`` steps (0, n, 2n, …; with ``window_steps=w`` the ``w`` steps from
+    each) the forward and backward passes run inside :meth:`track` are captured: the layer
+    inputs and per-example output gradients are reduced at once to ``d × d`` sums (no
+    activation is kept). When a window's last step ends, the sums are reduced over processes,
+    eigen-solved and summarised into :attr:`results`, and :attr:`updated` is ``True``.
+
+    Args:
+        model: the module whose layers are analysed (hooks are registered at construction).
+        collectives: how to sum over processes: a :class:`Collectives` (e.g.
+            ``Collectives.fabric(fabric)``), ``"auto"`` (``torch.distributed``'s default group
+            when initialised with several processes, else none) or ``None`` (this process only).
+        info: where announcements go (default: the ``lightning_conditioning`` logger).
+        warn: where warnings go (default: :func:`warnings.warn`).
+        **options: the analysis options, checked on construction
+            (:class:`~lightning_conditioning.options.ConditioningOptions`): ``every_n_steps``,
+            ``kappa_percents``, ``conv_mode``, ``layer_types``, ``include``, ``exclude``,
+            ``loss_reduction``, ``include_bias``, ``rank_rtol``, ``statistics_dtype``,
+            ``kappa_definition``, ``window_steps``, ``solver``, ``warn_diagnosis``; the same
+            meaning as in :class:`~lightning_conditioning.ConditioningCallback`.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with ConditioningMonitor(model, every_n_steps=2) as monitor:
+        ...     for step in range(3):
+        ...         x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        ...         with monitor.track(step):
+        ...             torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...         optimizer.step(); optimizer.zero_grad()
+        ...         if monitor.updated:
+        ...             print(step, monitor.results["2"].grad.rank)
+        0 2
+        2 2
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        collectives: Collectives | Literal["auto"] | None = "auto",
+        info: Notify | None = None,
+        warn: Notify | None = None,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(ConditioningOptions.names())
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {sorted(unknown)}; options: {list(ConditioningOptions.names())}"
+            )
+        self.options = ConditioningOptions(**options)
+        if collectives == "auto":
+            collectives = auto_collectives()
+        self.collectives: Collectives = collectives or Collectives.local()
+        self._info: Notify = info or _LOG.info
+        self._warn: Notify = warn or _warn
+        #: ``() -> {layer: {quantity: value}}`` of a weight-domination check, for the diagnosis
+        self.domination_source: Callable[[], Mapping[str, Mapping[str, float]]] | None = None
+        self.updated = False
+        self._results: dict[str, LayerConditioning] = {}
+        self._window_start: int | None = None
+        self._current_step: int | None = None
+        self._warned_silent = False
+        self._fired_rules: set[str] = set()
+        o = self.options
+        layers = find_layers(
+            model, o.layer_types or LAYER_TYPES, o.include, o.exclude, o.conv_mode
+        )
+        self.last_linear = last_linear_name(model)
+        self.capture: LayerCapture | None = None
+        if not layers:
+            self._warn(
+                f"{type(self).__name__}: no layer of the selected types matched in "
+                f"{type(model).__name__}; nothing will be analysed."
+            )
+            return
+        self.capture = LayerCapture(
+            layers,
+            statistics_dtype=gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()]),
+            loss_reduction=o.loss_reduction,
+            include_bias=o.include_bias,
+        )
+        self.capture.attach()
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def results(self) -> dict[str, LayerConditioning]:
+        """Latest analysed window: ``{layer name: LayerConditioning}`` (empty before one)."""
+        return dict(self._results)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the analysed layers."""
+        return list(self.capture.layers) if self.capture is not None else []
+
+    @property
+    def current_step(self) -> int | None:
+        """The optimizer step being captured (between :meth:`begin` and :meth:`end`)."""
+        return self._current_step
+
+    @property
+    def closed(self) -> bool:
+        """Whether the hooks are removed (:meth:`close`)."""
+        return self.capture is None or not self.capture.attached
+
+    @property
+    def capturing(self) -> bool:
+        """Whether the hooks record right now."""
+        return self.capture is not None and self.capture.active
+
+    def should_analyse(self, step: int) -> bool:
+        """Whether optimizer step ``step``'s passes are captured (it is in a window)."""
+        return self.capture is not None and self.options.should_analyse(step)
+
+    # ------------------------------------------------------------------ the schedule
+    def begin(self, step: int) -> bool:
+        """Start optimizer step ``step``: returns whether it is captured. An open window that
+        ``step`` does not belong to is discarded (its steps did not all run)."""
+        self.updated = False
+        if self._window_start is not None and not (
+            self._window_start <= step <= self._window_start + self.options.window_steps - 1
+        ):
+            self.discard()
+        if not self.should_analyse(step):
+            return False
+        if self._window_start is None:
+            self._window_start = self.options.window_start(step)
+        self._current_step = step
+        return True
+
+    @contextmanager
+    def capture_pass(self, grad_multiplier: float = 1.0) -> Iterator[None]:
+        """Record the forward/backward passes run inside (hooks on). ``grad_multiplier``
+        multiplies every output-gradient row: e.g. accumulated micro-batches over the loss
+        scale of a float16 ``GradScaler``."""
+        capture = self.capture
+        if capture is None:
+            yield
+            return
+        capture.active, capture.grad_multiplier = True, float(grad_multiplier)
+        try:
+            yield
+        finally:
+            capture.active = False
+
+    def set_grad_multiplier(self, grad_multiplier: float) -> None:
+        """Change the output-gradient factor of the pass being captured (before its backward)."""
+        if self.capture is not None:
+            self.capture.grad_multiplier = float(grad_multiplier)
+
+    def pause(self) -> None:
+        """Stop recording (the window stays open)."""
+        if self.capture is not None:
+            self.capture.active = False
+
+    def end(self, step: int) -> bool:
+        """Optimizer step ``step`` is done: finish its window if ``step`` is the window's last
+        step. Returns (and sets :attr:`updated` to) whether new results were made."""
+        self.pause()
+        if self._current_step != step or self._window_start is None:
+            return False
+        self._current_step = None
+        if step < self._window_start + self.options.window_steps - 1:
+            return False
+        self._window_start = None
+        self.finish(step)
+        self.updated = True
+        return True
+
+    def discard(self) -> None:
+        """Drop the open window (e.g. a step whose float16 gradients overflowed)."""
+        if self.capture is not None:
+            self.capture.active = False
+            self.capture.reset()
+        self._window_start = self._current_step = None
+
+    @contextmanager
+    def track(
+        self, step: int, *, grad_multiplier: float = 1.0, last_micro_batch: bool = True
+    ) -> Iterator[None]:
+        """Run one training step's forward and backward inside: captured when ``step`` is
+        scheduled. With gradient accumulation, pass ``last_micro_batch=False`` for every
+        micro-batch but the last, and ``grad_multiplier`` = the number of micro-batches when
+        the loss is divided by it."""
+        if self.begin(step) or self._current_step == step:
+            with self.capture_pass(grad_multiplier):
+                yield
+        else:
+            yield
+        if last_micro_batch:
+            self.end(step)
+
+    # ------------------------------------------------------------------ the analysis
+    def finish(self, step: int) -> dict[str, LayerConditioning]:
+        """Reduce, eigen-solve and summarise the open sums now; results logged at ``step``."""
+        capture = self.capture
+        if capture is None:
+            return {}
+        o, group = self.options, self.collectives
+        if group.distributed:
+            capture.all_reduce(group.reduce)
+        moments = capture.moments()
+        capture.reset()
+        estimate = estimated_seconds(moments, group.world_size)
+        if estimate > 1.0:  # never block without telling
+            largest = max((m.input_second_moment.shape[0] for m in moments.values()
+                           if m.input_second_moment is not None), default=0)
+            self._info(f"{type(self).__name__}: step {step}: eigen-analysis of {len(moments)} "
+                       f"layers (largest Σx {largest}×{largest}), about {estimate:.0f} s per process...")
+        started = time.perf_counter()
+        self._results = analyse_layers(
+            moments,
+            lambda name, window, solved: analyse_layer(
+                name, step, window, percents=o.kappa_percents, rank_rtol=o.rank_rtol,
+                kappa_definition=o.kappa_definition, solved=solved),
+            solver=o.solver,
+            collectives=group,
+        )
+        if estimate > 1.0:
+            self._info(f"{type(self).__name__}: step {step}: analysis done in "
+                       f"{time.perf_counter() - started:.1f} s.")
+        self._report_problems(step)
+        if o.warn_diagnosis:
+            for finding in self.findings():
+                if finding.rule not in self._fired_rules:
+                    self._fired_rules.add(finding.rule)
+                    self._warn(f"{type(self).__name__}: step {step}: {finding.message}"
+                               + (f" Remedy: {finding.remedy}" if finding.remedy else ""))
+        return self.results
+
+    def findings(self) -> list[Finding]:
+        """The diagnosis of the latest analysis (with :attr:`domination_source`'s check)."""
+        domination = dict(self.domination_source()) if self.domination_source else None
+        return diagnose(conditioning_table(self._results), domination or None,
+                        last_layer=self.last_linear)
+
+    def _report_problems(self, step: int) -> None:
+        nonfinite = [name for name, r in self._results.items() if r.status == "nonfinite"]
+        if nonfinite:
+            self._warn(f"{type(self).__name__}: step {step}: the statistics of {nonfinite} "
+                       "contain NaN/Inf; no numbers are logged for these layers at this step.")
+        silent = [name for name, r in self._results.items() if r.status == "no_data"]
+        if silent and not self._warned_silent:
+            self._warned_silent = True
+            self._warn(f"{type(self).__name__}: layers {silent} are registered but their forward "
+                       "hooks never fired in an analysed step (not called, or called functionally, "
+                       "e.g. nn.MultiheadAttention.out_proj); they are not analysed.")
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Remove every hook (idempotent); the latest results stay readable."""
+        if self.capture is not None:
+            self.capture.detach()
+        self._window_start = self._current_step = None
+
+    def __enter__(self) -> ConditioningMonitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: which one-time warnings and diagnosis rules fired."""
+        return {"warned_silent": self._warned_silent, "fired_rules": sorted(self._fired_rules)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._warned_silent = bool(state.get("warned_silent", False))
+        self._fired_rules = set(state.get("fired_rules", []))
+

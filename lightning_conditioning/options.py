@@ -1,0 +1,120 @@
+"""The options of the conditioning analysis, validated once for every shell (monitor, callback).
+
+Example:
+    >>> options = ConditioningOptions(every_n_steps=10, kappa_percents=(50, 99.5))
+    >>> options.kappa_percents, options.statistics_dtype
+    ((50, 99.5), 'auto')
+    >>> ConditioningOptions(kappa_definition="median")
+    Traceback (most recent call last):
+    ...
+    ValueError: kappa_definition must be one of ('paper', 'nonzero'), got 'median'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from torch import nn
+
+from lightning_conditioning.capture import checked_layer_types
+from lightning_conditioning.precision import STATISTICS_DTYPES
+from lightning_conditioning.solvers import SolverPlan
+from lightning_conditioning.spectra import KAPPA_DEFINITIONS, KappaDefinition
+
+__all__ = ["ConditioningOptions"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ConditioningOptions:
+    """What to analyse, when and how (see :class:`~lightning_conditioning.ConditioningMonitor`).
+
+    Every value is checked on construction; a bad one raises ``TypeError``/``ValueError``
+    naming the argument and the value given.
+    """
+
+    every_n_steps: int = 100
+    kappa_percents: Sequence[float] = (50, 80, 100)
+    conv_mode: Literal["channel", "patch"] = "channel"
+    layer_types: Sequence[type[nn.Module]] | None = None
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    include_bias: bool = False
+    rank_rtol: float | None = None
+    statistics_dtype: Literal["auto", "float32", "float64"] = "auto"
+    kappa_definition: KappaDefinition = "paper"
+    window_steps: int = 1
+    solver: SolverPlan | None = None
+    warn_diagnosis: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if not _is_int(self.every_n_steps):
+            raise TypeError(f"every_n_steps must be an int, got {self.every_n_steps!r}")
+        if self.every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
+        percents = tuple(float(p) for p in self.kappa_percents)
+        if not percents or not all(0 < p <= 100 and math.isfinite(p) for p in percents):
+            raise ValueError(
+                f"kappa_percents must be a non-empty list of percents in (0, 100], "
+                f"got {list(self.kappa_percents)}"
+            )
+        set_(self, "kappa_percents", tuple(int(p) if p.is_integer() else p for p in percents))
+        if self.conv_mode not in ("channel", "patch"):
+            raise ValueError(f"conv_mode must be 'channel' or 'patch', got {self.conv_mode!r}")
+        if self.loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.statistics_dtype not in STATISTICS_DTYPES:
+            raise ValueError(
+                f"statistics_dtype must be one of {STATISTICS_DTYPES}, got {self.statistics_dtype!r}"
+            )
+        rtol = self.rank_rtol
+        if rtol is not None and (
+            isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1
+        ):
+            raise ValueError(f"rank_rtol must be None or a number in [0, 1), got {rtol!r}")
+        set_(self, "rank_rtol", None if rtol is None else float(rtol))
+        if self.kappa_definition not in KAPPA_DEFINITIONS:
+            raise ValueError(
+                f"kappa_definition must be one of {KAPPA_DEFINITIONS}, got {self.kappa_definition!r}"
+            )
+        if not _is_int(self.window_steps) or not 1 <= self.window_steps <= self.every_n_steps:
+            raise ValueError(
+                f"window_steps must be an int in [1, every_n_steps={self.every_n_steps}], "
+                f"got {self.window_steps!r}"
+            )
+        if self.solver is not None and not callable(self.solver):
+            raise TypeError(f"solver must be a solver or a plan (a callable), got {self.solver!r}")
+        if self.layer_types is not None:
+            set_(self, "layer_types", checked_layer_types(self.layer_types))
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, str):
+                    raise TypeError(f"{name} must be a list of glob patterns, got the string {value!r}")
+                set_(self, name, tuple(value))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names (the keyword arguments the monitor and the callback share)."""
+        return tuple(f.name for f in fields(cls))
+
+    def should_analyse(self, step: int) -> bool:
+        """Whether optimizer step ``step``'s batches are captured (it is in a window).
+
+        Example:
+            >>> [ConditioningOptions(every_n_steps=4, window_steps=2).should_analyse(s) for s in range(6)]
+            [True, True, False, False, True, True]
+        """
+        return step % self.every_n_steps < self.window_steps
+
+    def window_start(self, step: int) -> int:
+        """The first step of the window that ``step`` belongs to."""
+        return step - step % self.every_n_steps
