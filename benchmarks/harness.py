@@ -31,15 +31,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_conditioning import analyse_layer
+from lightning_conditioning.monitor import analyse_capture
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.capture import LayerCapture
-from lightning_conditioning.distributed import analyse_layers
 from lightning_conditioning.models import cifar_resnet
 
 Kind = Callable[[], Any]
 MLP_WIDTHS = (784, 256, 256, 256, 256, 10)
-PERCENTS = ConditioningOptions().kappa_percents
+OPTIONS = ConditioningOptions(warn_diagnosis=False)
+PERCENTS = OPTIONS.kappa_percents
 
 
 def pick_device() -> torch.device:
@@ -143,13 +143,10 @@ def sgd(net: nn.Module) -> torch.optim.Optimizer:
 
 
 def analyse(capture: LayerCapture) -> None:
-    """The callback's analysis of a filled capture, without loggers: moments, eigenvalues,
-    κ_p, Kronecker statistics and metrics of every layer (the windows are kept)."""
-    results = analyse_layers(
-        capture.moments(),
-        lambda layer, window, solved: analyse_layer(layer, 0, window, percents=PERCENTS, solved=solved),
-    )
-    for result in results.values():
+    """The monitor's own analysis of a filled capture (``analyse_capture``: moments,
+    eigenvalues, κ_p, Kronecker statistics), then every layer's metrics, without loggers.
+    The windows are kept (the caller resets them)."""
+    for result in analyse_capture(capture, 0, OPTIONS, reset=False).values():
         result.metrics()
 
 

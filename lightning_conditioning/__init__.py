@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
     from lightning_conditioning.models import LastBN, add_last_bn
 
-#: names imported on first use (they pull in Lightning or torchvision-free model code)
+#: names imported on first use (the callbacks pull in Lightning; the models are optional)
 _LAZY = {
     "ConditioningCallback": "lightning_conditioning.callbacks",
     "WeightDominationCallback": "lightning_conditioning.callbacks",

@@ -26,6 +26,7 @@ __all__ = [
     "ConvChannelAdapter",
     "ConvPatchAdapter",
     "register_adapter",
+    "registered_layer_types",
     "adapter_for",
 ]
 
@@ -242,11 +243,27 @@ _REGISTRY: list[tuple[type[nn.Module], AdapterFactory]] = [
 def register_adapter(module_type: type[nn.Module], factory: AdapterFactory) -> None:
     """Teach the capture a new layer kind; later registrations win over earlier ones.
 
+    That is all it takes: the default layer selection is every registered kind
+    (:func:`registered_layer_types`).
+
     Example:
         >>> class MyLinear(nn.Linear): ...
         >>> register_adapter(MyLinear, lambda module, mode: LinearAdapter())
+        >>> MyLinear in registered_layer_types()
+        True
+        >>> _ = _REGISTRY.pop()  # (undo, for this example only)
     """
     _REGISTRY.append((module_type, factory))
+
+
+def registered_layer_types() -> tuple[type[nn.Module], ...]:
+    """Every module type that has an adapter (the default set of analysed layers).
+
+    Example:
+        >>> [t.__name__ for t in registered_layer_types()][:2]
+        ['Linear', '_ConvNd']
+    """
+    return tuple(dict.fromkeys(module_type for module_type, _ in _REGISTRY))
 
 
 def adapter_for(module: nn.Module, conv_mode: ConvMode = "channel") -> LayerAdapter | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -26,25 +26,22 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
-from lightning_conditioning.adapters import ConvMode, LayerAdapter, adapter_for
+from lightning_conditioning.adapters import ConvMode, LayerAdapter, adapter_for, registered_layer_types
 
 __all__ = [
-    "LAYER_TYPES",
     "checked_layer_types",
     "select_layers",
     "find_layers",
+    "uncovered_modules",
     "last_linear_name",
     "LayerCapture",
 ]
 
-#: The layer kinds analysed by default.
-LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-
-
 def checked_layer_types(
     layer_types: Sequence[type[nn.Module]] | None,
-) -> tuple[type[nn.Module], ...]:
-    """``layer_types`` as a tuple (:data:`LAYER_TYPES` when None).
+) -> tuple[type[nn.Module], ...] | None:
+    """``layer_types`` as a tuple (``None`` stays ``None``: every kind with an adapter, decided
+    when layers are selected, so that a later :func:`register_adapter` counts).
 
     Raises:
         TypeError: if an entry is not an ``nn.Module`` subclass.
@@ -54,41 +51,48 @@ def checked_layer_types(
         (<class 'torch.nn.modules.linear.Linear'>,)
     """
     if layer_types is None:
-        return LAYER_TYPES
-    if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
-        raise TypeError("layer_types must be nn.Module subclasses")
+        return None
+    if isinstance(layer_types, type) or not all(
+        isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
+    ):
+        raise TypeError(f"layer_types must be a list of nn.Module subclasses, got {layer_types!r}")
     return tuple(layer_types)
 
 
 def select_layers(
     model: nn.Module,
-    layer_types: Sequence[type[nn.Module]] = LAYER_TYPES,
+    layer_types: Sequence[type[nn.Module]] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> dict[str, nn.Module]:
-    """Submodules that are instances of ``layer_types`` whose qualified name matches one of
-    the ``include`` glob patterns (all when None) and none of ``exclude``, in module order.
+    """Submodules that are instances of ``layer_types`` (default: every kind with an adapter)
+    whose qualified name matches one of the ``include`` glob patterns (all when None) and none
+    of ``exclude``, in module order.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> list(select_layers(model, exclude=["2"]))
         ['0']
     """
+    kinds = tuple(layer_types) if layer_types is not None else registered_layer_types()
     layers: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not name or not any(isinstance(module, kind) for kind in layer_types):
+        if not name or not isinstance(module, kinds):
             continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        layers[name] = module
+        if _selected(name, include, exclude):
+            layers[name] = module
     return layers
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
 def find_layers(
     model: nn.Module,
-    layer_types: Sequence[type[nn.Module]] = LAYER_TYPES,
+    layer_types: Sequence[type[nn.Module]] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     conv_mode: ConvMode = "channel",
@@ -106,6 +110,42 @@ def find_layers(
         if adapter is not None:
             layers[name] = (module, adapter)
     return layers
+
+
+def uncovered_modules(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module | tuple[nn.Module, Any]],
+    layer_types: Sequence[type[nn.Module]] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[tuple[str, str, int]]:
+    """Weight-bearing modules that no adapter covers: ``(name, type name, parameters)``.
+
+    A module bears weights when it owns a trainable parameter with two or more dimensions (a
+    matrix or a kernel: normalisation scales and biases are vectors). Modules in ``layers``
+    (analysed) or inside one of them, modules the ``include`` / ``exclude`` patterns leave out,
+    and modules of a kind the user left out of ``layer_types`` that has an adapter, are not
+    reported: those were choices.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8), nn.LayerNorm(8))
+        >>> uncovered_modules(model, find_layers(model))
+        [('1', 'LSTM', 576)]
+    """
+    analysed = [entry[0] if isinstance(entry, tuple) else entry for entry in layers.values()]
+    inside = {id(sub) for module in analysed for sub in module.modules()}
+    covered_kinds = registered_layer_types()
+    out = []
+    for name, module in model.named_modules():
+        if id(module) in inside or not _selected(name, include, exclude):
+            continue
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not any(p.dim() >= 2 for p in own):
+            continue
+        if layer_types is not None and isinstance(module, covered_kinds):
+            continue  # a covered kind the user chose not to analyse
+        out.append((name, type(module).__name__, sum(p.numel() for p in own)))
+    return out
 
 
 def last_linear_name(model: nn.Module) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_conditioning import schema
-from lightning_conditioning.capture import LAYER_TYPES, checked_layer_types, last_linear_name, select_layers
+from lightning_conditioning.capture import checked_layer_types, last_linear_name, select_layers
 from lightning_conditioning.domination import (
     WeightStatistics, frobenius_norm, imbalance, is_dominated, weight_statistics,
 )
@@ -70,8 +70,7 @@ class WeightDominationMonitor:
         self.update_threshold, self.patience = float(update_threshold), patience
         self.log_imbalance, self.prefix = log_imbalance, prefix
         self._warn = warn or _warn
-        layers = select_layers(model, checked_layer_types(layer_types) if layer_types else LAYER_TYPES,
-                               include, exclude)
+        layers = select_layers(model, checked_layer_types(layer_types), include, exclude)
         self._weights: dict[str, nn.Parameter] = {
             name: weight
             for name, weight in ((n, getattr(m, "weight", None)) for n, m in layers.items())

@@ -17,16 +17,16 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_conditioning.capture import LAYER_TYPES, LayerCapture, find_layers, last_linear_name
+from lightning_conditioning.capture import LayerCapture, find_layers, last_linear_name, uncovered_modules
 from lightning_conditioning.collectives import Collectives, auto_collectives
-from lightning_conditioning.diagnosis import Finding, diagnose
+from lightning_conditioning.views.diagnosis import Finding, diagnose
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.precision import gram_dtype_for
-from lightning_conditioning.report.metrics import conditioning_table
+from lightning_conditioning.views.tables import conditioning_table
 from lightning_conditioning.results import LayerConditioning, analyse_layer
 
-__all__ = ["ConditioningMonitor"]
+__all__ = ["ConditioningMonitor", "analyse_capture"]
 
 _LOG = logging.getLogger("lightning_conditioning")
 
@@ -106,10 +106,11 @@ class ConditioningMonitor:
         self._warned_silent = False
         self._fired_rules: set[str] = set()
         o = self.options
-        layers = find_layers(
-            model, o.layer_types or LAYER_TYPES, o.include, o.exclude, o.conv_mode
-        )
+        layers = find_layers(model, o.layer_types, o.include, o.exclude, o.conv_mode)
         self.last_linear = last_linear_name(model)
+        #: weight-bearing modules no adapter covers: ``(name, type, parameters)``
+        self.uncovered = uncovered_modules(model, layers, o.layer_types, o.include, o.exclude)
+        self._announce_coverage(model, layers)
         self.capture: LayerCapture | None = None
         if not layers:
             self._warn(
@@ -124,6 +125,22 @@ class ConditioningMonitor:
             include_bias=o.include_bias,
         )
         self.capture.attach()
+
+    def _announce_coverage(self, model: nn.Module, layers: Mapping[str, Any]) -> None:
+        """One line on what is analysed; one warning naming what is not (and why)."""
+        analysed = sum(p.numel() for module, _ in layers.values() for p in module.parameters()
+                       if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        share = f"{100.0 * analysed / total:.0f}%" if total else "no"
+        self._info(f"{type(self).__name__}: analysing {len(layers)} layers holding {share} of "
+                   f"the {total:,} trainable parameters.")
+        if self.uncovered:
+            listed = ", ".join(f"{name} ({kind}, {count:,} parameters)"
+                               for name, kind, count in self.uncovered[:8])
+            more = f" and {len(self.uncovered) - 8} more" if len(self.uncovered) > 8 else ""
+            self._warn(f"{type(self).__name__}: {len(self.uncovered)} weight-bearing module(s) "
+                       f"have no adapter and are not analysed: {listed}{more}. Teach the capture "
+                       "a layer kind with `lightning_conditioning.register_adapter`.")
 
     # ------------------------------------------------------------------ public state
     @property
@@ -239,31 +256,10 @@ class ConditioningMonitor:
         capture = self.capture
         if capture is None:
             return {}
-        o, group = self.options, self.collectives
-        if group.distributed:
-            capture.all_reduce(group.reduce)
-        moments = capture.moments()
-        capture.reset()
-        estimate = estimated_seconds(moments, group.world_size)
-        if estimate > 1.0:  # never block without telling
-            largest = max((m.input_second_moment.shape[0] for m in moments.values()
-                           if m.input_second_moment is not None), default=0)
-            self._info(f"{type(self).__name__}: step {step}: eigen-analysis of {len(moments)} "
-                       f"layers (largest Σx {largest}×{largest}), about {estimate:.0f} s per process...")
-        started = time.perf_counter()
-        self._results = analyse_layers(
-            moments,
-            lambda name, window, solved: analyse_layer(
-                name, step, window, percents=o.kappa_percents, rank_rtol=o.rank_rtol,
-                kappa_definition=o.kappa_definition, solved=solved),
-            solver=o.solver,
-            collectives=group,
-        )
-        if estimate > 1.0:
-            self._info(f"{type(self).__name__}: step {step}: analysis done in "
-                       f"{time.perf_counter() - started:.1f} s.")
+        self._results = analyse_capture(capture, step, self.options, self.collectives,
+                                        info=self._info, who=type(self).__name__)
         self._report_problems(step)
-        if o.warn_diagnosis:
+        if self.options.warn_diagnosis:
             for finding in self.findings():
                 if finding.rule not in self._fired_rules:
                     self._fired_rules.add(finding.rule)
@@ -311,3 +307,43 @@ class ConditioningMonitor:
         self._warned_silent = bool(state.get("warned_silent", False))
         self._fired_rules = set(state.get("fired_rules", []))
 
+
+def analyse_capture(
+    capture: LayerCapture,
+    step: int,
+    options: ConditioningOptions,
+    collectives: Collectives | None = None,
+    *,
+    info: Notify = _LOG.info,
+    who: str = "ConditioningMonitor",
+    reset: bool = True,
+) -> dict[str, LayerConditioning]:
+    """A filled capture's window, finished: summed over processes, eigen-solved (shared out),
+    summarised; the capture is reset (unless ``reset=False``). Analyses expected to take over a second are announced
+    through ``info`` (start and duration). The one implementation of the analysis, for the
+    monitor and for the benchmarks.
+    """
+    group = collectives or Collectives.local()
+    if group.distributed:
+        capture.all_reduce(group.reduce)
+    moments = capture.moments()
+    if reset:
+        capture.reset()
+    estimate = estimated_seconds(moments, group.world_size)
+    if estimate > 1.0:  # never block without telling
+        largest = max((m.input_second_moment.shape[0] for m in moments.values()
+                       if m.input_second_moment is not None), default=0)
+        info(f"{who}: step {step}: eigen-analysis of {len(moments)} layers "
+             f"(largest Σx {largest}×{largest}), about {estimate:.0f} s per process...")
+    started = time.perf_counter()
+    results = analyse_layers(
+        moments,
+        lambda name, window, solved: analyse_layer(
+            name, step, window, percents=options.kappa_percents, rank_rtol=options.rank_rtol,
+            kappa_definition=options.kappa_definition, solved=solved),
+        solver=options.solver,
+        collectives=group,
+    )
+    if estimate > 1.0:
+        info(f"{who}: step {step}: analysis done in {time.perf_counter() - started:.1f} s.")
+    return results

@@ -45,6 +45,9 @@ __all__ = [
     "percent_text",
     "lambda_max_quantity",
     "rank_quantity",
+    "dim_quantity",
+    "histogram_quantity",
+    "record_field",
     "kappa_quantity",
     "parse_quantity",
     "is_conditioning_quantity",
@@ -135,6 +138,42 @@ def lambda_max_quantity(moment: str) -> str:
 def rank_quantity(moment: str) -> str:
     """``{moment}_rank``."""
     return f"{moment}_rank"
+
+
+def dim_quantity(moment: str) -> str:
+    """``{moment}_dim``: the size of a moment's matrix, in layer tables only (never logged).
+
+    Example:
+        >>> dim_quantity("grad")
+        'grad_dim'
+    """
+    return f"{moment}_dim"
+
+
+def histogram_quantity(moment: str) -> str:
+    """``{moment}_log10_eigenvalues``: the tag of a moment's eigenvalue histogram (not a scalar).
+
+    Example:
+        >>> key("conditioning", "fc", histogram_quantity("grad"))
+        'conditioning/fc/grad_log10_eigenvalues'
+    """
+    return f"{moment}_log10_eigenvalues"
+
+
+#: per-moment fields of a spectra-file record beside ``{m}_rank``
+RECORD_FIELDS: tuple[str, ...] = ("floor_rtol", "structural_rank", "eigenvalues")
+
+
+def record_field(moment: str, name: str) -> str:
+    """A per-moment field of a spectra-file record: ``{moment}_{name}``.
+
+    Example:
+        >>> record_field("input", "floor_rtol")
+        'input_floor_rtol'
+    """
+    if name not in RECORD_FIELDS:
+        raise ValueError(f"unknown record field {name!r}: expected one of {RECORD_FIELDS}")
+    return f"{moment}_{name}"
 
 
 def kappa_quantity(moment: str, percent: float | str, status: str = "exact") -> str:

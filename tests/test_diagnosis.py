@@ -10,8 +10,8 @@ from helpers import Blocked, SequentialClassifier, fit, loader, seeded
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.diagnosis import Finding, Thresholds, diagnose, format_findings
-from lightning_conditioning.report.metrics import conditioning_table, split_metrics
+from lightning_conditioning.views.diagnosis import Finding, Thresholds, diagnose, format_findings
+from lightning_conditioning.views.tables import conditioning_table, split_metrics
 
 
 def _rules(findings: list[Finding]) -> dict[str, Finding]:

@@ -203,3 +203,55 @@ def test_collectives_reduce_through_a_given_callable() -> None:
     # instead of failing; every layer matches the one-process analysis
     for name, result in reference.results.items():
         assert monitor.results[name].metrics() == pytest.approx(result.metrics(), rel=1e-12)
+
+
+class _FirstInputOfBilinear:
+    """Analyse nn.Bilinear through its first input, as a Linear would be."""
+
+    def __new__(cls) -> object:
+        from lightning_conditioning.adapters import LinearAdapter
+
+        class Adapter(LinearAdapter):
+            def dims(self, module: nn.Module) -> tuple[int, int, int]:
+                return module.in1_features, module.out_features, module.in1_features
+
+        return Adapter()
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 4)
+        self.both = nn.Bilinear(4, 4, 3)
+        self.rnn = nn.GRU(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.first(x))
+        return self.both(h, h)
+
+
+def test_registering_an_adapter_is_enough_and_the_rest_is_reported() -> None:
+    from lightning_conditioning import adapters, register_adapter
+
+    model = _Pair()
+    with pytest.warns(UserWarning, match=r"both \(Bilinear, 51 parameters\), rnn \(GRU, 150 parameters\)"):
+        before = ConditioningMonitor(model, collectives=None)
+    assert before.layer_names == ["first"]
+    before.close()
+    register_adapter(nn.Bilinear, lambda module, mode: _FirstInputOfBilinear())
+    try:
+        with pytest.warns(UserWarning, match=r"1 weight-bearing module.*rnn \(GRU") as caught:
+            monitor = ConditioningMonitor(model, every_n_steps=1, collectives=None, warn_diagnosis=False)
+        assert "Bilinear" not in str(caught[0].message)
+        assert monitor.layer_names == ["first", "both"]
+        with monitor.track(0):
+            model(torch.randn(8, 6)).square().mean().backward()
+        assert monitor.results["both"].status == "ok"
+        assert monitor.results["both"].input is not None and monitor.results["both"].input.dim == 4
+        monitor.close()
+        # leaving a module out on purpose is a choice: nothing to report
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ConditioningMonitor(model, collectives=None, exclude=["rnn"]).close()
+    finally:
+        adapters._REGISTRY.pop()

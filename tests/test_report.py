@@ -18,7 +18,7 @@ from torch import nn
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback, __version__
 from lightning_conditioning.report.cli import FIGURE_FILES, main
 from lightning_conditioning.report.reader import load_run
-from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def _summary(statuses: dict[float, str], rank: int = 3) -> object:
 
 def test_split_metrics_round_trips_every_key_kind() -> None:
     from lightning_conditioning import schema
-    from lightning_conditioning.report.metrics import kappa_percents, split_metrics
+    from lightning_conditioning.views.tables import kappa_percents, split_metrics
 
     statuses = {50: "exact", 80: "lower_bound", 99.5: "infinite", 100: "undefined"}
     rows = {"net.0": {}, "net.2": {}}
@@ -180,7 +180,7 @@ def test_split_metrics_round_trips_every_key_kind() -> None:
 
 def test_metrics_reexports_the_schema() -> None:
     from lightning_conditioning import schema
-    from lightning_conditioning.report import metrics
+    from lightning_conditioning.views import tables as metrics
 
     assert metrics.DOMINATION_QUANTITIES is schema.DOMINATION_QUANTITIES
     assert metrics.percent_text is schema.percent_text
@@ -216,7 +216,7 @@ def test_layer_table_prints_lower_bounds_infinities_and_ranks() -> None:
 
 def test_depth_profile_marks_non_measurements() -> None:
     pytest.importorskip("matplotlib")
-    from lightning_conditioning.report import figures
+    from lightning_conditioning.views import figures
 
     figure = figures.depth_profile_figure(_marked_table())
     ax = figure.axes[3]  # κ_p of Σx
@@ -242,7 +242,7 @@ def test_depth_profile_marks_non_measurements() -> None:
 
 def test_training_figure_marks_non_measurements() -> None:
     pytest.importorskip("matplotlib")
-    from lightning_conditioning.report import figures
+    from lightning_conditioning.views import figures
 
     history = {0: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100": 5.0}},
                9: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100_lower_bound": 1e9}},

@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback, sinks
 from lightning_conditioning.report.reader import load_run
-from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, read_spectra
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, read_spectra
 from lightning_conditioning.sinks import base as sinks_base
 
 

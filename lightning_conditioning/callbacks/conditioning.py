@@ -13,7 +13,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.diagnosis import Finding, format_findings
+from lightning_conditioning.views.diagnosis import Finding, format_findings
 from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.passes import (

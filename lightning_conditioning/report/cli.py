@@ -61,7 +61,7 @@ def _progress(args: argparse.Namespace, message: str) -> None:
 
 
 def _write_figures(args: argparse.Namespace, run: RunData, step: int) -> list[Path]:
-    from lightning_conditioning.report import figures
+    from lightning_conditioning.views import figures
 
     if not figures.matplotlib_available():
         _progress(args, "matplotlib is not installed: no figures (pip install matplotlib)")
@@ -92,7 +92,7 @@ def _write_figures(args: argparse.Namespace, run: RunData, step: int) -> list[Pa
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_conditioning.diagnosis import diagnose, format_findings
+    from lightning_conditioning.views.diagnosis import diagnose, format_findings
     from lightning_conditioning.report.reader import RunError, load_run
     from lightning_conditioning.report.tables import format_layer_table
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning_conditioning.report.metrics import LayerTable, dim_quantity, ordered, split_metrics
-from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, SpectraFormatError, read_spectra
+from lightning_conditioning import schema
+from lightning_conditioning.views.tables import LayerTable, ordered, split_metrics
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, SpectraFormatError, read_spectra
 
 __all__ = ["RunError", "RunData", "find_run", "load_run"]
 
@@ -63,7 +64,7 @@ class RunData:
             for moment in ("input", "grad"):
                 eigenvalues = record.get(f"{moment}_eigenvalues")
                 if isinstance(eigenvalues, list) and eigenvalues:
-                    row[dim_quantity(moment)] = float(len(eigenvalues))
+                    row[schema.dim_quantity(moment)] = float(len(eigenvalues))
         return {name: table[name] for name in ordered(table, self.layer_order)}
 
     def domination(self, step: int) -> tuple[LayerTable, float | None]:

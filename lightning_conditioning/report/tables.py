@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 
 from lightning_conditioning import schema
-from lightning_conditioning.report.metrics import LayerTable, dim_quantity, kappa_percents, percent_text
+from lightning_conditioning.views.tables import LayerTable, kappa_percents, percent_text
 
 __all__ = ["format_layer_table", "kappa_cell"]
 
@@ -48,7 +48,7 @@ def _rank(row: Mapping[str, float], moment: str) -> str:
     rank = row.get(schema.rank_quantity(moment))
     if rank is None:
         return "-"
-    size = row.get(dim_quantity(moment))
+    size = row.get(schema.dim_quantity(moment))
     return f"{rank:.0f}/{size:.0f}" if size else f"{rank:.0f}"
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.sinks.base import ANNOUNCER, Publication, Sink
 from lightning_conditioning.sinks.files import CSVSink, MLflowSink, mlflow_metric_name
@@ -41,8 +41,6 @@ __all__ = [
     "Sink",
     "TensorBoardSink",
     "WandbSink",
-    "log_scalars",
-    "log_spectra_histograms",
     "mlflow_metric_name",
     "publish_conditioning",
     "publish_tensorboard_layout",
@@ -123,21 +121,3 @@ def publish_weight_domination(
         sink_for(logger).publish_weight_domination(metrics, step)
 
 
-def log_scalars(loggers: Iterable[Logger], metrics: Mapping[str, float], step: int) -> None:
-    """Send scalars to every logger (names adapted to what each logger accepts)."""
-    for logger in loggers:
-        sink_for(logger).log_scalars(metrics, step)
-
-
-def log_spectra_histograms(
-    loggers: Iterable[Logger],
-    results: Mapping[str, LayerConditioning],
-    step: int,
-    prefix: str = "conditioning",
-) -> None:
-    """Histograms of log10 of the nonzero eigenvalues of Σx and Σ∇h, per layer, to every
-    TensorBoard logger (tags ``{prefix}/{layer}/{input,grad}_log10_eigenvalues``)."""
-    publication = Publication(results, step, prefix=prefix)
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            TensorBoardSink(logger).add_histograms(publication)

@@ -10,27 +10,17 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.loggers import Logger
 
 from lightning_conditioning import schema
-from lightning_conditioning.report.figures import depth_profile_figure, matplotlib_available
-from lightning_conditioning.report.metrics import LayerTable, conditioning_table
-from lightning_conditioning.report.spectra_file import spectrum_records
+from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
+from lightning_conditioning.views.tables import LayerTable, conditioning_table
+from lightning_conditioning.views.spectra_file import spectrum_records
 from lightning_conditioning.results import LayerConditioning
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["Announcer", "ANNOUNCER", "Publication", "Sink", "histogram_quantity", "log"]
+__all__ = ["Announcer", "ANNOUNCER", "Publication", "Sink", "log"]
 
 log = logging.getLogger("lightning_conditioning.sinks")
-
-
-def histogram_quantity(moment: str) -> str:
-    """Quantity of a moment's log10-eigenvalue histogram (not a scalar, so not in the schema).
-
-    Example:
-        >>> schema.key("conditioning", "fc", histogram_quantity("grad"))
-        'conditioning/fc/grad_log10_eigenvalues'
-    """
-    return f"{moment}_log10_eigenvalues"
 
 
 class Announcer:
@@ -100,7 +90,7 @@ class Publication:
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
-        """Spectra-file records of this window (see :mod:`~lightning_conditioning.report.spectra_file`)."""
+        """Spectra-file records of this window (see :mod:`~lightning_conditioning.views.spectra_file`)."""
         return spectrum_records(self.results, self.prefix)
 
     @cached_property
@@ -124,7 +114,7 @@ class Publication:
                 if summary is None or summary.rank == 0:
                     continue
                 values = summary.nonzero_eigenvalues
-                out[schema.key(self.prefix, name, histogram_quantity(label))] = (
+                out[schema.key(self.prefix, name, schema.histogram_quantity(label))] = (
                     values[values > 0].log10().numpy())
         return out
 

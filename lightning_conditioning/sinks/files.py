@@ -8,8 +8,8 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_conditioning.report.figures import save_png
-from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, append_records
+from lightning_conditioning.views.figures import save_png
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records
 from lightning_conditioning.sinks.base import ANNOUNCER, Publication, Sink
 
 __all__ = ["CSVSink", "MLflowSink", "mlflow_metric_name"]

@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_conditioning import schema
-from lightning_conditioning.report.spectra_file import SPECTRA_FILENAME, append_records
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records
 from lightning_conditioning.sinks.base import Publication, Sink
 
 __all__ = ["TensorBoardSink", "tensorboard_layout", "publish_tensorboard_layout"]

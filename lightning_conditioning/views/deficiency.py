@@ -5,7 +5,7 @@ A κ_p logged under a marker key (:data:`lightning_conditioning.schema.KAPPA_MAR
 value) or exactly zero (``_infinite``: a structural zero: dead units, fewer analysed rows
 than dimensions). Either way the matrix is (numerically) rank-deficient: with the paper's
 definition at least ``100 − p`` % of its eigenvalues are lost. This module finds them in a
-layer table and words them; :mod:`lightning_conditioning.diagnosis` turns them into a finding.
+layer table and words them; :mod:`lightning_conditioning.views.diagnosis` turns them into a finding.
 Pure: no Lightning, no torch.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lightning_conditioning import schema
-from lightning_conditioning.report.metrics import dim_quantity, kappa_percents, percent_text
+from lightning_conditioning.views.tables import kappa_percents, percent_text
 
 __all__ = ["REMEDY", "Unresolved", "unresolved_kappas", "describe"]
 
@@ -57,7 +57,7 @@ class Unresolved:
 def _softmax_only(row: Mapping[str, float]) -> bool:
     """Whether the last layer's Σ∇h lost at most the one direction softmax takes (or its size
     is unknown, so that cannot be told apart)."""
-    rank, dim = row.get(schema.rank_quantity("grad")), row.get(dim_quantity("grad"))
+    rank, dim = row.get(schema.rank_quantity("grad")), row.get(schema.dim_quantity("grad"))
     return rank is None or dim is None or dim - rank <= 1
 
 
@@ -96,7 +96,7 @@ def unresolved_kappas(table: Mapping[str, Mapping[str, float]], last_layer: str 
             if readings:
                 found.append(Unresolved(
                     name, moment, readings, row.get(schema.rank_quantity(moment)),
-                    row.get(dim_quantity(moment)),
+                    row.get(schema.dim_quantity(moment)),
                     row.get("dead_input_units") if moment == "input" else None))
     return found
 

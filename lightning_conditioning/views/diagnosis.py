@@ -5,8 +5,8 @@ is a *layer table* ``{layer: {quantity: value}}`` in module order, with the quan
 as the logged keys end (``input_lambda_max``, ``grad_kappa_100``, ``dead_input_units``, …,
 plus ``input_units`` / ``input_dim`` / ``grad_dim`` when known), and optionally the
 weight-domination table (``grad_weight_ratio``, ``update_weight_ratio``, …). Build tables with
-:func:`lightning_conditioning.report.metrics.split_metrics` (flat logged keys) or
-:func:`~lightning_conditioning.report.metrics.conditioning_table` (``callback.results``).
+:func:`lightning_conditioning.views.tables.split_metrics` (flat logged keys) or
+:func:`~lightning_conditioning.views.tables.conditioning_table` (``callback.results``).
 
 The rules (defaults in :class:`Thresholds`):
 
@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lightning_conditioning import schema
-from lightning_conditioning.report.deficiency import REMEDY, describe, unresolved_kappas
-from lightning_conditioning.report.metrics import kappa_percents
+from lightning_conditioning.views.deficiency import REMEDY, describe, unresolved_kappas
+from lightning_conditioning.views.tables import kappa_percents
 
 __all__ = ["Finding", "Thresholds", "diagnose", "format_findings"]
 

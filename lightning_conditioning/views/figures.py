@@ -1,7 +1,7 @@
 """Matplotlib figures from layer tables (the paper's Figs. 3, 5, 6, 7): used by sinks and report.
 
 Pure plotting on plain ``{layer: {quantity: value}}`` tables (see
-:mod:`lightning_conditioning.report.metrics`). A κ_p that is not a measurement is never drawn
+:mod:`lightning_conditioning.views.tables`). A κ_p that is not a measurement is never drawn
 as an ordinary point: a lower bound (λ_p under the resolution floor) is an open upward
 triangle at the bound, an infinite one (λ_p a structural zero) an ∞ on the top edge of the
 axes; the legend says so. Figures are built with
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_conditioning import schema
-from lightning_conditioning.report.metrics import LayerTable, kappa_percents, percent_text
+from lightning_conditioning.views.tables import LayerTable, kappa_percents, percent_text
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist

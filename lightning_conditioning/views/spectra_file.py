@@ -66,9 +66,9 @@ def _moment_fields(moment: str, summary: Any) -> dict[str, Any]:
     present = summary is not None
     return {
         schema.rank_quantity(moment): int(summary.rank) if present else None,
-        f"{moment}_floor_rtol": float(summary.rtol) if present else None,
-        f"{moment}_structural_rank": int(summary.structural_rank) if present else None,
-        f"{moment}_eigenvalues": _rounded(summary.eigenvalues) if present else None,
+        schema.record_field(moment, "floor_rtol"): float(summary.rtol) if present else None,
+        schema.record_field(moment, "structural_rank"): int(summary.structural_rank) if present else None,
+        schema.record_field(moment, "eigenvalues"): _rounded(summary.eigenvalues) if present else None,
     }
 
 

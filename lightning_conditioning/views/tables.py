@@ -29,7 +29,6 @@ __all__ = [
     "natural_key",
     "percent_text",
     "kappa_percents",
-    "dim_quantity",
 ]
 
 #: ``{layer: {quantity: value}}`` in module order.
@@ -135,19 +134,9 @@ def conditioning_table(results: Mapping[str, _HasMetrics]) -> LayerTable:
             row["input_units"] = float(result.input_units)
             for moment, summary in (("input", result.input), ("grad", result.grad)):
                 if summary is not None:
-                    row[dim_quantity(moment)] = float(summary.dim)
+                    row[schema.dim_quantity(moment)] = float(summary.dim)
             table[name] = row
     return table
-
-
-def dim_quantity(moment: str) -> str:
-    """Table-only (never logged) size of a moment's matrix: ``{moment}_dim``.
-
-    Example:
-        >>> dim_quantity("grad")
-        'grad_dim'
-    """
-    return f"{moment}_dim"
 
 
 def natural_key(name: str) -> tuple[object, ...]:
