@@ -151,6 +151,13 @@ class SecondMomentSum:
         self.resolution = 0.0
         self.gram_roundoff = 0.0
 
+    def to(self, device: torch.device) -> None:
+        """Move the sums to ``device`` (e.g. when the model moved after the hooks were set)."""
+        self.fold()
+        self.sum_outer = self.sum_outer.to(device)
+        self.sum_rows = self.sum_rows.to(device) if self.sum_rows is not None else None
+        self._pending = None
+
     def buffers(self) -> list[Tensor]:
         """The tensors a distributed reduction must sum (pending sums folded first)."""
         self.fold()
@@ -232,6 +239,18 @@ class LayerWindow:
         self.grad = SecondMomentSum(grad_dim, device)
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
         self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the window's sums live."""
+        return self.unit_max.device
+
+    def to(self, device: torch.device) -> None:
+        """Move every sum of the window to ``device`` (contents kept)."""
+        self.input.to(device)
+        self.grad.to(device)
+        self.unit_max = self.unit_max.to(device)
+        self.unit_min = self.unit_min.to(device)
 
     def add_units(self, unit_max: Tensor, unit_min: Tensor) -> None:
         """Fold in the per-unit maximum and minimum of new rows."""

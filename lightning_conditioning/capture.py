@@ -268,6 +268,8 @@ class LayerCapture:
         if not isinstance(x, Tensor) or not isinstance(output, Tensor):
             return
         window = self.windows[name]
+        if window.device != x.device:  # the model moved after attach(): follow it
+            window.to(x.device)
         adapter = self.layers[name][1]
         with torch.no_grad():
             unit_max, unit_min = adapter.accumulate_input(

@@ -255,3 +255,18 @@ def test_registering_an_adapter_is_enough_and_the_rest_is_reported() -> None:
             ConditioningMonitor(model, collectives=None, exclude=["rnn"]).close()
     finally:
         adapters._REGISTRY.pop()
+
+
+def test_windows_follow_a_model_moved_after_the_hooks() -> None:
+    # the meta device stands in for an accelerator: a model moved after the monitor was made
+    # (as Lightning's strategy does after `setup`) gets its sums where its activations are
+    net = mlp()
+    monitor = ConditioningMonitor(net, every_n_steps=1, collectives=None)
+    assert monitor.capture is not None
+    assert {w.device.type for w in monitor.capture.windows.values()} == {"cpu"}
+    net.to("meta")
+    assert monitor.begin(0)
+    with monitor.capture_pass():
+        net(torch.randn(4, 12, device="meta"))
+    assert {w.device.type for w in monitor.capture.windows.values()} == {"meta"}
+    monitor.close()

@@ -146,7 +146,7 @@ DISCUSSION = """## Discussion
   4.95e4 → 9.44e4, BN 1.71e3 → 2.78e3) and the Kronecker κ80 of some Plain layers is a lower
   bound or infinite (dead units): such layers are left out of the agreement medians, and a
   quantity with no layer left reads nan. The verdicts did not change: the full FIM still tells
-  the paper's story, and the factor-2 criterion still fails on κ (now by up to 1.23 decades for
+  the paper's story, and the factor-2 criterion still fails on κ (now by up to 1.15 decades for
   Plain, 0.89 for BN), not on λmax.
 
 - The full FIM tells the paper's story: at initialisation the Plain 8-layer net's λmax is

@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from example_projects.data import MNISTDataModule
 from example_projects.mnist_mlp.model import DeepMLP
 from lightning_conditioning.schema import kappa_reading, parse_quantity
+from lightning_conditioning.views.figures import kappa_marker_legend, plot_kappa
 from lightning_conditioning import ConditioningCallback
 
 CONFIGS = {
@@ -175,15 +176,23 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
     panels = [("input_lambda_max", "λmax(Σx)"), ("grad_lambda_max", "λmax(Σ∇h)"),
               ("input_kappa_80", "κ80%(Σx)"), ("grad_kappa_80", "κ80%(Σ∇h)")]
     for ax, (quantity, label) in zip(axes.flat, panels):
-        for config, run in firsts.items():
-            values = depth_profile(run, "0", quantity)
-            ax.semilogy(range(1, len(values) + 1), values, marker="o", ms=3, label=config)
+        parsed = parse_quantity(quantity)
+        drawn: set[str] = set()
+        for index, (config, run) in enumerate(firsts.items()):
+            x = range(1, len(run["layers"]) + 1)
+            if parsed is not None and parsed.kind == "kappa":
+                # lower bounds as ▵, ∞ (λ_p exactly zero: dead units) on the top edge
+                rows = [run["analyses"]["0"][name] for name in run["layers"]]
+                drawn |= plot_kappa(ax, x, rows, parsed.moment or "", parsed.percent or "",
+                                    colour=f"C{index}", label=config, index=index)
+            else:
+                ax.semilogy(x, depth_profile(run, "0", quantity), marker="o", ms=3, label=config)
         ax.set_xlabel("layer index (1 = first Linear)")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.set_title(f"{label} across depth at initialisation")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        kappa_marker_legend(ax, drawn, fontsize=8)
     fig.tight_layout()
     paths.append(out / "depth_profile_init.png")
     fig.savefig(paths[-1], dpi=110)

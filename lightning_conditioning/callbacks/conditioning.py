@@ -130,7 +130,7 @@ class ConditioningCallback(Callback):
 
     @property
     def layer_names(self) -> list[str]:
-        """Qualified names of the analysed layers (after ``setup``)."""
+        """Qualified names of the analysed layers (once fit has started)."""
         return self.monitor.layer_names if self.monitor is not None else []
 
     def should_analyse(self, step: int) -> bool:
@@ -143,21 +143,19 @@ class ConditioningCallback(Callback):
         return self.monitor.findings() if self.monitor is not None else []
 
     # ------------------------------------------------------------------ lifecycle
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or (self.monitor is not None and not self.monitor.closed):
-            return
-        if self.monitor is not None:  # a second fit: keep what the first one warned about
-            self._restored = self.monitor.state_dict()
-        self.monitor = ConditioningMonitor(
-            pl_module, collectives=Collectives.strategy(trainer.strategy), info=rank_zero_info,
-            warn=rank_zero_warn, **{n: getattr(self.options, n) for n in ConditioningOptions.names()})
-        self.monitor.load_state_dict(self._restored)
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            domination = getattr(callback, "domination_table", None)
-            if callable(domination):
-                self.monitor.domination_source = domination
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the model is on its device now (setup runs before the strategy moves it)
+        if self.monitor is None or self.monitor.closed:
+            if self.monitor is not None:  # a second fit: keep what the first one warned about
+                self._restored = self.monitor.state_dict()
+            self.monitor = ConditioningMonitor(
+                pl_module, collectives=Collectives.strategy(trainer.strategy), info=rank_zero_info,
+                warn=rank_zero_warn, **{n: getattr(self.options, n) for n in ConditioningOptions.names()})
+            self.monitor.load_state_dict(self._restored)
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                domination = getattr(callback, "domination_table", None)
+                if callable(domination):
+                    self.monitor.domination_source = domination
         if self.tensorboard_layout and trainer.is_global_zero:
             publish_tensorboard_layout(trainer.loggers, make_tensorboard_layout(
                 conditioning_prefix=self.prefix, kappa_percents=self.options.kappa_percents))

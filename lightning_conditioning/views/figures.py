@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "plot_kappa",
+    "kappa_marker_legend",
     "matplotlib_available",
     "depth_profile_figure",
     "training_figure",
@@ -128,6 +130,33 @@ def _draw_kappa(ax: Axes, x: Sequence[float], series: _KappaSeries, colour: Any,
                 color=colour, transform=transform, clip_on=False, zorder=5)
         drawn.add("infinite")
     return drawn
+
+
+def plot_kappa(ax: Axes, x: Sequence[float], rows: Sequence[Mapping[str, float] | None],
+               moment: str, percent: str, *, colour: Any = None, label: str | None = None,
+               index: int = 0) -> set[str]:
+    """κ_p of ``moment`` from layer-table rows, drawn the package's way on a log axis: exact
+    values as a line, lower bounds as open ▵ at the bound, ∞ on the top edge. Returns the kinds
+    of non-measurement drawn; pass their union to :func:`kappa_marker_legend`.
+
+    Example:
+        >>> import matplotlib; matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> figure, ax = plt.subplots()
+        >>> sorted(plot_kappa(ax, [1, 2], [{"input_kappa_80": 5.0},
+        ...                                {"input_kappa_80_infinite": 1.0}], "input", "80"))
+        ['infinite']
+        >>> plt.close(figure)
+    """
+    return _draw_kappa(ax, x, _kappa_series(rows, moment, percent), colour, "-o", label, index=index)
+
+
+def kappa_marker_legend(ax: Axes, drawn: set[str], **legend: Any) -> None:
+    """The axis legend with entries for the non-measurement markers that were drawn, and the
+    top of the axis raised above the ∞ row."""
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=[*handles, *_marker_legend(drawn)], **legend)
+    _finish_kappa_axis(ax, drawn)
 
 
 def _finish_kappa_axis(ax: Axes, drawn: set[str]) -> None:
