@@ -22,6 +22,19 @@ __all__ = ["PENDING_ADDS", "SecondMomentSum", "LayerWindow", "LayerMoments", "mo
 PENDING_ADDS = 16
 
 
+def _tf32_roundoff(dtype: torch.dtype, target: Tensor) -> float:
+    """The rounding of float32 GEMMs on CUDA when TF32 (or bf16) matmuls are allowed
+    (``torch.set_float32_matmul_precision("high" / "medium")``), else 0."""
+    if target.device.type != "cuda" or torch.float32 not in (dtype, target.dtype):
+        return 0.0
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return unit_roundoff("bfloat16")
+    if precision == "high" or torch.backends.cuda.matmul.allow_tf32:
+        return 2.0**-11  # TF32: 10 explicit mantissa bits
+    return 0.0
+
+
 class SecondMomentSum:
     """Running ``Σ_rows r rᵀ`` (float64), ``Σ_rows r`` and the row count of one window.
 
@@ -73,7 +86,8 @@ class SecondMomentSum:
             if self._pending is None:
                 self._pending = torch.zeros_like(self.sum_outer, dtype=torch.float32)
             target = self._pending
-        self.gram_roundoff = max(self.gram_roundoff, unit_roundoff(dtype), unit_roundoff(target.dtype))
+        self.gram_roundoff = max(self.gram_roundoff, unit_roundoff(dtype), unit_roundoff(target.dtype),
+                                 _tf32_roundoff(dtype, target))
         return target
 
     def _added_to(self, target: Tensor) -> None:

@@ -25,8 +25,8 @@ class AutoConditioningCallback(ConditioningCallback):
     """The ConditioningCallback added by the entry point; steps aside for a user's own.
 
     Example:
-        >>> AutoConditioningCallback().state_key.startswith("AutoConditioningCallback{")
-        True
+        >>> AutoConditioningCallback().state_key
+        "AutoConditioningCallback{'prefix': 'conditioning'}"
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -16,7 +16,9 @@ position is a row, as in the paper; both second moments are means over their row
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import re
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -33,6 +35,7 @@ __all__ = [
     "select_layers",
     "find_layers",
     "uncovered_modules",
+    "user_name",
     "last_linear_name",
     "LayerCapture",
 ]
@@ -77,11 +80,28 @@ def select_layers(
     kinds = tuple(layer_types) if layer_types is not None else registered_layer_types()
     layers: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
+        name = user_name(name)
         if not name or not isinstance(module, kinds):
             continue
-        if _selected(name, include, exclude):
+        if _selected(name, include, exclude) and name not in layers:
             layers[name] = module
     return layers
+
+
+_WRAPPERS = re.compile(r"(?:^|\.)(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def user_name(name: str) -> str:
+    """A module's qualified name without the fragments that wrappers insert (FSDP, activation
+    checkpointing, ``torch.compile``), so keys do not depend on the strategy.
+
+    Example:
+        >>> user_name("net.0._fsdp_wrapped_module._checkpoint_wrapped_module.fc")
+        'net.0.fc'
+        >>> user_name("_orig_mod.fc")
+        'fc'
+    """
+    return _WRAPPERS.sub("", name).lstrip(".")
 
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
@@ -137,6 +157,7 @@ def uncovered_modules(
     covered_kinds = registered_layer_types()
     out = []
     for name, module in model.named_modules():
+        name = user_name(name)
         if id(module) in inside or not _selected(name, include, exclude):
             continue
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -157,8 +178,15 @@ def last_linear_name(model: nn.Module) -> str | None:
         >>> last_linear_name(nn.Sequential(nn.ReLU())) is None
         True
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    names = [user_name(name) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     return names[-1] if names else None
+
+
+def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off on ``device`` (where autocast exists)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -209,6 +237,10 @@ class LayerCapture:
         self.grad_multiplier: float = 1.0
         self.windows: dict[str, LayerWindow] = {}
         self._handles: list[RemovableHandle] = []
+        #: bumped at every reset: an output gradient belongs to the window of its forward
+        self._generation = 0
+        #: output gradients that arrived after their window was finished (ignored)
+        self.late_gradients = 0
 
     @property
     def attached(self) -> bool:
@@ -237,9 +269,10 @@ class LayerCapture:
         self.active = False
 
     def reset(self) -> None:
-        """Empty every window."""
+        """Empty every window (gradients of forwards captured before are ignored from now)."""
         for window in self.windows.values():
             window.reset()
+        self._generation += 1
 
     def moments(self) -> dict[str, LayerMoments]:
         """The finished window of every layer (CPU, float64; one host copy per device)."""
@@ -271,7 +304,8 @@ class LayerCapture:
         if window.device != x.device:  # the model moved after attach(): follow it
             window.to(x.device)
         adapter = self.layers[name][1]
-        with torch.no_grad():
+        # autocast would run out-of-place GEMMs (bmm) in bf16/fp16: the Grams keep their dtype
+        with torch.no_grad(), _without_autocast(x.device):
             unit_max, unit_min = adapter.accumulate_input(
                 module, x.detach().to(self._dtype_for(x)), window.input
             )
@@ -279,12 +313,17 @@ class LayerCapture:
             window.add_units(unit_max, unit_min)
         if output.requires_grad:
             scale = adapter.batch_size(module, output) if self.loss_reduction == "mean" else 1
-            output.register_hook(functools.partial(self._grad_hook, name, module, scale))
+            output.register_hook(
+                functools.partial(self._grad_hook, name, module, scale, self._generation))
 
-    def _grad_hook(self, name: str, module: nn.Module, scale: int, grad: Tensor) -> None:
+    def _grad_hook(self, name: str, module: nn.Module, scale: int, generation: int,
+                   grad: Tensor) -> None:
+        if generation != self._generation:  # its window was finished or discarded meanwhile
+            self.late_gradients += 1
+            return
         adapter = self.layers[name][1]
         window = self.windows[name]
-        with torch.no_grad():
+        with torch.no_grad(), _without_autocast(grad.device):
             factor = scale * self.grad_multiplier
             adapter.accumulate_grad(
                 module, grad.detach().to(self._dtype_for(grad)), window.grad, factor * factor
@@ -295,8 +334,9 @@ class LayerCapture:
         """Combine every window over processes: two collectives on flat float64 buffers.
 
         ``reduce(tensor, op)`` takes a 1-D tensor and ``"sum"`` or ``"max"`` (e.g.
-        ``strategy.reduce``). Sums and row counts travel together, so uneven per-rank batches
-        weigh correctly; per-unit extremes are combined with a maximum (minima negated).
+        ``Collectives.all_reduce``). Sums and row counts travel together, so uneven per-rank
+        batches weigh correctly; per-unit extremes are combined with a maximum (minima negated),
+        and so are the precisions the rows and Grams had (the coarsest sets every rank's floor).
         """
         windows = list(self.windows.values())
         if not windows:
@@ -315,9 +355,18 @@ class LayerCapture:
             window.set_counts(totals[2 * index : 2 * index + 2])
         maxima = [window.unit_max for window in windows]
         minima = [window.unit_min for window in windows]
-        flat = reduce(torch.cat([*maxima, *[-m for m in minima]]), "max")
-        _unpack(flat, maxima)
-        _unpack(-flat[sum(m.numel() for m in maxima) :], minima)
+        # the coarsest precision any rank saw sets the floor everywhere (ranks agree)
+        precision = torch.tensor(
+            [v for w in windows for v in (w.input.resolution, w.input.gram_roundoff,
+                                          w.grad.resolution, w.grad.gram_roundoff)],
+            dtype=torch.float64, device=device)
+        flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision]), "max")
+        offset = _unpack(flat, maxima)
+        offset += _unpack(-flat[offset:offset + sum(m.numel() for m in minima)], minima)
+        values = flat[offset:].tolist()
+        for index, window in enumerate(windows):
+            (window.input.resolution, window.input.gram_roundoff,
+             window.grad.resolution, window.grad.gram_roundoff) = values[4 * index: 4 * index + 4]
 
 
 def _unpack(flat: Tensor, buffers: list[Tensor]) -> int:

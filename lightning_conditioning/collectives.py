@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch  # noqa: F401  (the doctests' namespace)
+import torch
 from torch import Tensor
 
 __all__ = ["ReduceFn", "Collectives", "auto_collectives"]
@@ -31,22 +31,31 @@ def _identity(tensor: Tensor, op: str) -> Tensor:
 
 @dataclass(frozen=True)
 class Collectives:
-    """``reduce``, ``world_size`` and ``rank`` of one process group.
+    """``reduce``, ``world_size`` and ``rank`` of one process group, and the ``device`` its
+    backend communicates from (NCCL takes CUDA tensors only; ``None``: any).
 
     Example:
         >>> group = Collectives(lambda tensor, op: tensor * 2, world_size=2, rank=1)
-        >>> group.reduce(torch.ones(1), "sum"), group.distributed
+        >>> group.all_reduce(torch.ones(1), "sum"), group.distributed
         (tensor([2.]), True)
     """
 
     reduce: ReduceFn = _identity
     world_size: int = 1
     rank: int = 0
+    device: torch.device | None = None
 
     @property
     def distributed(self) -> bool:
         """Whether there is more than one process."""
         return self.world_size > 1
+
+    def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """``reduce(tensor, op)`` from :attr:`device` (the tensor is copied there when it lives
+        elsewhere), returned on the tensor's own device. The caller's tensor is not changed."""
+        if self.device is None or tensor.device == self.device:
+            return self.reduce(tensor.clone(), op)
+        return self.reduce(tensor.to(self.device), op).to(tensor.device)
 
     @classmethod
     def local(cls) -> Collectives:
@@ -64,11 +73,12 @@ class Collectives:
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
         def reduce(tensor: Tensor, op: str) -> Tensor:
-            out = tensor.clone()
-            dist.all_reduce(out, op=ops[op], group=group)
-            return out
+            dist.all_reduce(tensor, op=ops[op], group=group)
+            return tensor
 
-        return cls(reduce, dist.get_world_size(group), dist.get_rank(group))
+        nccl = dist.get_backend(group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        return cls(reduce, dist.get_world_size(group), dist.get_rank(group), device)
 
     @classmethod
     def fabric(cls, fabric: Any) -> Collectives:
@@ -82,6 +92,7 @@ class Collectives:
             lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
             int(fabric.world_size),
             int(fabric.global_rank),
+            fabric.device,
         )
 
     @classmethod
@@ -91,6 +102,7 @@ class Collectives:
             lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
             int(strategy.world_size),
             int(strategy.global_rank),
+            strategy.root_device,
         )
 
 

@@ -81,8 +81,8 @@ def solve_layers(
         return {name: solve_layer(name, m, solver) for name, m in moments.items()}
     share = assign_layers({n: _cost(m) for n, m in moments.items()}, collectives.world_size)
     mine = {name: solve_layer(name, moments[name], solver) for name in share[collectives.rank]}
-    # one slot per moment: [count, exact, relative_error, eigenvalue_1 … eigenvalue_d]
-    header = 3
+    # one slot per moment: [count, exact, relative_error, zeros, eigenvalue_1 … eigenvalue_d]
+    header = 4
     slots: list[tuple[str, str, int]] = []
     for name, m in moments.items():
         for label, matrix in (("input", m.input_second_moment), ("grad", m.grad_second_moment)):
@@ -95,18 +95,19 @@ def solve_layers(
         if spectrum is not None:
             count = spectrum.eigenvalues.numel()
             flat[offset : offset + header] = torch.tensor(
-                [count, float(spectrum.exact), spectrum.relative_error], dtype=torch.float64)
+                [count, float(spectrum.exact), spectrum.relative_error, spectrum.structural_zeros],
+                dtype=torch.float64)
             flat[offset + header : offset + header + count] = spectrum.eigenvalues
         offset += dim + header
-    flat = collectives.reduce(flat, "sum").to("cpu", torch.float64)
+    flat = collectives.all_reduce(flat, "sum").to("cpu", torch.float64)
     out: dict[str, dict[str, SolvedSpectrum]] = {name: {} for name in moments}
     offset = 0
     for name, label, dim in slots:
-        found, exact, error = (float(v) for v in flat[offset : offset + header])
+        found, exact, error, zeros = (float(v) for v in flat[offset : offset + header])
         if found:  # solved somewhere (no_data / nonfinite windows are solved nowhere)
             values = flat[offset + header : offset + header + int(found)].clone()
             out[name][label] = SolvedSpectrum(
-                values, plan_solver(solver, name, dim).name, bool(exact), error)
+                values, plan_solver(solver, name, dim).name, bool(exact), error, int(zeros))
         offset += dim + header
     return out
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from lightning_conditioning.capture import LayerCapture, find_layers, last_linear_name, uncovered_modules
@@ -22,7 +23,7 @@ from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.views.diagnosis import Finding, diagnose
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
-from lightning_conditioning.precision import gram_dtype_for
+from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.views.tables import conditioning_table
 from lightning_conditioning.results import LayerConditioning, analyse_layer
 
@@ -103,7 +104,8 @@ class ConditioningMonitor:
         self._results: dict[str, LayerConditioning] = {}
         self._window_start: int | None = None
         self._current_step: int | None = None
-        self._warned_silent = False
+        self._next_step: int | None = None
+        self._warned_silent = self._warned_late = False
         self._fired_rules: set[str] = set()
         o = self.options
         layers = find_layers(model, o.layer_types, o.include, o.exclude, o.conv_mode)
@@ -118,9 +120,16 @@ class ConditioningMonitor:
                 f"{type(model).__name__}; nothing will be analysed."
             )
             return
+        group = self.collectives
+
+        def slowdown(device: torch.device) -> float:  # every rank takes the same decision
+            mine = torch.tensor([float64_slowdown(device)], dtype=torch.float64)
+            return float(group.all_reduce(mine, "max")[0]) if group.distributed else float(mine[0])
+
         self.capture = LayerCapture(
             layers,
-            statistics_dtype=gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()]),
+            statistics_dtype=gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()],
+                                            slowdown=slowdown),
             loss_reduction=o.loss_reduction,
             include_bias=o.include_bias,
         )
@@ -174,17 +183,21 @@ class ConditioningMonitor:
 
     # ------------------------------------------------------------------ the schedule
     def begin(self, step: int) -> bool:
-        """Start optimizer step ``step``: returns whether it is captured. An open window that
-        ``step`` does not belong to is discarded (its steps did not all run)."""
+        """Start optimizer step ``step``: returns whether it is captured. A window holds its
+        consecutive steps only: an open window that ``step`` does not continue (a step skipped,
+        repeated or out of its range) is discarded, and a window is only opened at its first
+        step (a run resumed mid-window waits for the next one)."""
         self.updated = False
-        if self._window_start is not None and not (
-            self._window_start <= step <= self._window_start + self.options.window_steps - 1
-        ):
+        if step == self._current_step:
+            return True  # another micro-batch of the step being captured
+        if self._window_start is not None and step != self._next_step:
             self.discard()
         if not self.should_analyse(step):
             return False
         if self._window_start is None:
-            self._window_start = self.options.window_start(step)
+            if step != self.options.window_start(step):
+                return False
+            self._window_start = step
         self._current_step = step
         return True
 
@@ -219,7 +232,7 @@ class ConditioningMonitor:
         self.pause()
         if self._current_step != step or self._window_start is None:
             return False
-        self._current_step = None
+        self._current_step, self._next_step = None, step + 1
         if step < self._window_start + self.options.window_steps - 1:
             return False
         self._window_start = None
@@ -232,7 +245,7 @@ class ConditioningMonitor:
         if self.capture is not None:
             self.capture.active = False
             self.capture.reset()
-        self._window_start = self._current_step = None
+        self._window_start = self._current_step = self._next_step = None
 
     @contextmanager
     def track(
@@ -242,7 +255,7 @@ class ConditioningMonitor:
         scheduled. With gradient accumulation, pass ``last_micro_batch=False`` for every
         micro-batch but the last, and ``grad_multiplier`` = the number of micro-batches when
         the loss is divided by it."""
-        if self.begin(step) or self._current_step == step:
+        if self.begin(step):
             with self.capture_pass(grad_multiplier):
                 yield
         else:
@@ -274,6 +287,11 @@ class ConditioningMonitor:
                         last_layer=self.last_linear)
 
     def _report_problems(self, step: int) -> None:
+        if self.capture is not None and self.capture.late_gradients and not self._warned_late:
+            self._warned_late = True
+            self._warn(f"{type(self).__name__}: {self.capture.late_gradients} output gradient(s) "
+                       "arrived after their window was finished and were ignored: run the "
+                       "backward inside `with monitor.track(step):` (or before `end(step)`).")
         nonfinite = [name for name, r in self._results.items() if r.status == "nonfinite"]
         if nonfinite:
             self._warn(f"{type(self).__name__}: step {step}: the statistics of {nonfinite} "
@@ -290,7 +308,7 @@ class ConditioningMonitor:
         """Remove every hook (idempotent); the latest results stay readable."""
         if self.capture is not None:
             self.capture.detach()
-        self._window_start = self._current_step = None
+        self._window_start = self._current_step = self._next_step = None
 
     def __enter__(self) -> ConditioningMonitor:
         return self
@@ -325,7 +343,7 @@ def analyse_capture(
     """
     group = collectives or Collectives.local()
     if group.distributed:
-        capture.all_reduce(group.reduce)
+        capture.all_reduce(group.all_reduce)
     moments = capture.moments()
     if reset:
         capture.reset()

@@ -175,13 +175,21 @@ def analyse_layer(
 
     def summary(label: str, rows: int, row_eps: float, roundoff: float) -> SpectrumSummary:
         spectrum = solved[label]
-        dim = int(spectrum.eigenvalues.numel())
+        matrix = moments.input_second_moment if label == "input" else moments.grad_second_moment
+        assert matrix is not None
+        dim = int(matrix.shape[0])
+        if not spectrum.exact or spectrum.eigenvalues.numel() != dim:
+            raise ValueError(
+                f"solver {spectrum.solver!r} returned {spectrum.eigenvalues.numel()} of {dim} "
+                f"eigenvalues of {name}'s {label} moment (exact={spectrum.exact}): the summaries "
+                "need every eigenvalue from an exact solver")
         rtol = floor_rtol(gram_roundoff=roundoff, rows=rows, dim=max(dim, 1), row_eps=row_eps)
         if rank_rtol is not None:
             rtol = max(rtol, rank_rtol)
         return summarize_spectrum(spectrum.eigenvalues, percents, rtol=rtol, max_rank=rows,
                                   definition=kappa_definition, solver=spectrum.solver,
-                                  solver_error=spectrum.relative_error)
+                                  solver_error=spectrum.relative_error,
+                                  structural_zeros=spectrum.structural_zeros)
 
     input_summary = summary("input", moments.input_rows, moments.input_resolution,
                             moments.input_gram_roundoff)

@@ -38,12 +38,19 @@ class SolvedSpectrum:
             is covered by the resolution floor); approximate solvers say ``False``.
         relative_error: a bound on the relative error of the reported eigenvalues beyond the
             floor's rounding (0 for exact solvers).
+        structural_zeros: how many of the eigenvalues are exact zeros known before the solve
+            (rows and columns with a zero diagonal, removed from it), not computed ones.
+
+    The analysis needs all ``d`` eigenvalues from an exact solver; approximate solvers (fewer
+    eigenvalues, ``exact=False``) are rejected with a clear error until the approximate
+    summaries exist.
     """
 
     eigenvalues: Tensor
     solver: str
     exact: bool = True
     relative_error: float = 0.0
+    structural_zeros: int = 0
 
 
 @runtime_checkable
@@ -72,7 +79,8 @@ class DenseSolver:
 
     def __call__(self, matrix: Tensor) -> SolvedSpectrum:
         values = symmetric_eigenvalues(matrix, drop_zero_diagonal=self.drop_zero_diagonal)
-        return SolvedSpectrum(values, self.name)
+        zeros = int((matrix.diagonal() == 0).sum()) if self.drop_zero_diagonal else 0
+        return SolvedSpectrum(values, self.name, structural_zeros=zeros)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(drop_zero_diagonal={self.drop_zero_diagonal})"

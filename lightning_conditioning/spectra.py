@@ -215,6 +215,7 @@ def summarize_spectrum(
     definition: KappaDefinition = "paper",
     solver: str = "dense-float64",
     solver_error: float = 0.0,
+    structural_zeros: int | None = None,
 ) -> SpectrumSummary:
     """λmax, numerical rank and κ_p from a descending spectrum.
 
@@ -228,6 +229,9 @@ def summarize_spectrum(
             the matrix was summed from): eigenvalues past it are structural zeros.
         definition: ``"paper"`` or ``"nonzero"`` (module docstring).
         solver / solver_error: recorded in the summary (which solver, how accurate).
+        structural_zeros: how many of the eigenvalues are known to be exact zeros (e.g. the
+            dead units a solver removed before the solve). Default: every eigenvalue that is
+            exactly ``0.0`` (for spectra given by hand).
 
     A zero matrix has ``rank == 0`` and ``κ_p = nan`` (status ``"undefined"``).
 
@@ -246,7 +250,8 @@ def summarize_spectrum(
         rtol = floor_rtol(dim=max(dim, 1))
     if not 0 <= rtol <= 1:
         raise ValueError(f"rtol must be in [0, 1], got {rtol}")
-    structural = dim - int((eigenvalues == 0).sum())
+    zeros = int((eigenvalues == 0).sum()) if structural_zeros is None else structural_zeros
+    structural = dim - zeros
     if max_rank is not None:
         structural = min(structural, max(max_rank, 0))
     lambda_max = float(eigenvalues[0]) if dim else float("nan")
@@ -258,6 +263,11 @@ def summarize_spectrum(
         )
     rank = min(int((eigenvalues > rtol * lambda_max).sum()), structural)
     floor = rtol * lambda_max
+    if rank == 0:  # even λmax is under the floor (a floor clamped at 1): nothing is measured
+        return SpectrumSummary(
+            eigenvalues, lambda_max, 0, {p: 1.0 / rtol for p in percents}, rtol,
+            {p: "lower_bound" for p in percents}, structural, definition, solver, solver_error,
+        )
     kappa: dict[float, float] = {}
     status: dict[float, KappaStatus] = {}
     for percent in percents:

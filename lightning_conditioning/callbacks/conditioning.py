@@ -117,11 +117,9 @@ class ConditioningCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            prefix=self.prefix, every_n_steps=self.options.every_n_steps,
-            window_steps=self.options.window_steps, conv_mode=self.options.conv_mode,
-            fisher=self.fisher, probe_batches=self.probe_batches,
-            include=self.options.include, exclude=self.options.exclude)
+        # the prefix names the callback's keys: one state per prefix, whatever the options
+        # (a resumed run may change its schedule and keep its held batches and warnings)
+        return self._generate_state_key(prefix=self.prefix)
 
     @property
     def results(self) -> dict[str, LayerConditioning]:

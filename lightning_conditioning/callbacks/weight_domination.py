@@ -89,8 +89,9 @@ class WeightDominationCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, every_n_steps=self.every_n_steps,
-                                        include=self.include, exclude=self.exclude)
+        # the prefix names the callback's keys: one state per prefix, whatever the options
+        # (a resumed run may change its schedule and keep its warnings)
+        return self._generate_state_key(prefix=self.prefix)
 
     @property
     def results(self) -> dict[str, WeightStatistics]:

@@ -20,7 +20,7 @@ the size less dead units and the zeros of fewer rows than dimensions); ``rank_rt
 input's floor) is kept for readers of the first files, which had one floor per record.
 
 Eigenvalues are the full spectra (descending, tiny negative round-off included) rounded to 9
-significant digits (the moments come from float32 GEMMs: ~7 digits are meaningful); ``null``
+significant digits (the eigenvalues above each moment's floor are accurate to ~3 digits or better); ``null``
 when missing (status ``no_grad`` / ``no_data`` / ``nonfinite``). Size: about 15 bytes per
 eigenvalue, i.e. ``(d_in + d_out) × 15`` bytes per layer per analysed step.
 """
