@@ -1,7 +1,7 @@
 """Layer-wise conditioning analysis (Huang et al., ECCV 2020) for PyTorch, Lightning and Fabric.
 
 The core (:class:`ConditioningMonitor`, :class:`WeightDominationMonitor`, the maths) imports
-neither Lightning nor TensorBoard; the Lightning callbacks are imported on first use.
+neither Lightning nor TensorBoard; every public name is imported on first use.
 
 Example::
 
@@ -16,32 +16,51 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lightning_conditioning.__about__ import __version__
-from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.adapters import LayerAdapter, register_adapter
-from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.domination import WeightStatistics, weight_statistics
-from lightning_conditioning.domination_monitor import WeightDominationMonitor
-from lightning_conditioning.monitor import ConditioningMonitor
-from lightning_conditioning.results import LayerConditioning, analyse_layer
-from lightning_conditioning.solvers import DenseSolver, SolvedSpectrum, SpectrumSolver
-from lightning_conditioning.spectra import (
-    KroneckerSummary,
-    SpectrumSummary,
-    summarize_kronecker,
-    summarize_spectrum,
-    symmetric_eigenvalues,
-)
 
 if TYPE_CHECKING:
+    from lightning_conditioning.accumulate import LayerMoments
+    from lightning_conditioning.adapters import LayerAdapter, register_adapter
     from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
+    from lightning_conditioning.collectives import Collectives
+    from lightning_conditioning.domination import WeightStatistics, weight_statistics
+    from lightning_conditioning.domination_monitor import WeightDominationMonitor
     from lightning_conditioning.models import LastBN, add_last_bn
+    from lightning_conditioning.monitor import ConditioningMonitor
+    from lightning_conditioning.results import LayerConditioning, analyse_layer
+    from lightning_conditioning.solvers import DenseSolver, SolvedSpectrum, SpectrumSolver
+    from lightning_conditioning.spectra import (
+        KroneckerSummary,
+        SpectrumSummary,
+        summarize_kronecker,
+        summarize_spectrum,
+        symmetric_eigenvalues,
+    )
 
-#: names imported on first use (the callbacks pull in Lightning; the models are optional)
+#: every public name is imported on first use, so that ``import lightning_conditioning`` (and
+#: ``python -m lightning_conditioning --version``) loads neither torch nor Lightning
 _LAZY = {
+    "LayerMoments": "lightning_conditioning.accumulate",
+    "LayerAdapter": "lightning_conditioning.adapters",
+    "register_adapter": "lightning_conditioning.adapters",
     "ConditioningCallback": "lightning_conditioning.callbacks",
     "WeightDominationCallback": "lightning_conditioning.callbacks",
+    "Collectives": "lightning_conditioning.collectives",
+    "WeightStatistics": "lightning_conditioning.domination",
+    "weight_statistics": "lightning_conditioning.domination",
+    "WeightDominationMonitor": "lightning_conditioning.domination_monitor",
     "LastBN": "lightning_conditioning.models",
     "add_last_bn": "lightning_conditioning.models",
+    "ConditioningMonitor": "lightning_conditioning.monitor",
+    "LayerConditioning": "lightning_conditioning.results",
+    "analyse_layer": "lightning_conditioning.results",
+    "DenseSolver": "lightning_conditioning.solvers",
+    "SolvedSpectrum": "lightning_conditioning.solvers",
+    "SpectrumSolver": "lightning_conditioning.solvers",
+    "KroneckerSummary": "lightning_conditioning.spectra",
+    "SpectrumSummary": "lightning_conditioning.spectra",
+    "summarize_kronecker": "lightning_conditioning.spectra",
+    "summarize_spectrum": "lightning_conditioning.spectra",
+    "symmetric_eigenvalues": "lightning_conditioning.spectra",
 }
 
 __all__ = [

@@ -48,6 +48,9 @@ class ConditioningMonitor:
     activation is kept). When a window's last step ends, the sums are reduced over processes,
     eigen-solved and summarised into :attr:`results`, and :attr:`updated` is ``True``.
 
+    Make the monitor after the model is on its device: ``statistics_dtype="auto"`` is decided
+    then, from the model's devices (the sums themselves follow a model that moves later).
+
     Args:
         model: the module whose layers are analysed (hooks are registered at construction).
         collectives: how to sum over processes: a :class:`Collectives` (e.g.

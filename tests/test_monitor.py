@@ -270,3 +270,16 @@ def test_windows_follow_a_model_moved_after_the_hooks() -> None:
         net(torch.randn(4, 12, device="meta"))
     assert {w.device.type for w in monitor.capture.windows.values()} == {"meta"}
     monitor.close()
+
+
+def test_importing_the_package_and_version_load_no_torch() -> None:
+    code = (
+        "import sys, contextlib, io\n"
+        "import lightning_conditioning\n"
+        "from lightning_conditioning.report.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    main(['--version'])\n"
+        "assert lightning_conditioning.__version__ in out.getvalue(), out.getvalue()\n"
+        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
