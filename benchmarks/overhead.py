@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from harness import Classifier, StepTimer, capture_steps, clock, sgd
 from lightning_conditioning import ConditioningCallback
 from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.options import REGULAR_PERIOD
 from lightning_conditioning.models import cifar_resnet
 
-DEFAULT_EVERY_N_STEPS = ConditioningCallback().every_n_steps
+DEFAULT_EVERY_N_STEPS = REGULAR_PERIOD  # the default schedule: every 100 steps after its early ones
 CPU = torch.device("cpu")
 
 

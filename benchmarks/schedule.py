@@ -12,7 +12,7 @@ Per round, on the same model and batch, in a random order (see ``harness.py``):
                float64 window (a non-final step of a ``window_steps`` window);
 ``analysed``   ``gathered`` + the callback's analysis of the window (moments, float64
                eigenvalues, κ_p, Kronecker statistics, metric dict), as in
-               ``ConditioningCallback._finish_window`` without loggers;
+               ``analyse_capture`` (the monitor's analysis) without loggers;
 ``analysis``   that analysis alone, of a window filled once;
 ``wd``         WeightDominationCallback's work at a checked step (float64 spectral and
                Frobenius norms of every weight, gradient and applied update, weight snapshot);
@@ -44,12 +44,12 @@ from harness import (
     train_step, workload,
 )
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.options import ConditioningOptions
+from lightning_conditioning.options import REGULAR_PERIOD
 from lightning_conditioning.adapters import ConvMode
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
 from lightning_conditioning.domination import frobenius_norm, weight_statistics
 
-DEFAULT_EVERY = ConditioningOptions().every_n_steps
+DEFAULT_EVERY = REGULAR_PERIOD  # the default schedule: every 100 steps after its early ones (0, 1, 2, …, 64)
 
 
 def weight_domination_work(net: nn.Module, lr: float = 0.01) -> Kind:

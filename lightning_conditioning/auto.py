@@ -50,7 +50,7 @@ def callbacks_factory() -> list[pl.Callback]:
         return []
     every = os.environ.get(ENV_EVERY_N_STEPS, "").strip()
     try:
-        every_n_steps = int(every) if every else 100
+        every_n_steps = int(every) if every else None
     except ValueError as error:
         raise ValueError(f"{ENV_EVERY_N_STEPS} must be an integer, got {every!r}") from error
     return [AutoConditioningCallback(every_n_steps=every_n_steps)]

@@ -8,6 +8,7 @@ Lightning shell over it; Fabric and plain PyTorch loops use it directly.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 import warnings
@@ -16,8 +17,9 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from lightning_conditioning.adapters import registered_layer_types
 from lightning_conditioning.capture import LayerCapture, find_layers, last_linear_name, uncovered_modules
 from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.views.diagnosis import Finding, diagnose
@@ -25,9 +27,9 @@ from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.views.tables import conditioning_table
-from lightning_conditioning.results import LayerConditioning, analyse_layer
+from lightning_conditioning.results import LayerConditioning, analyse_layer, with_stability_margin
 
-__all__ = ["ConditioningMonitor", "analyse_capture"]
+__all__ = ["ConditioningMonitor", "analyse_capture", "selection_problem", "step_size_limits"]
 
 _LOG = logging.getLogger("lightning_conditioning")
 
@@ -42,8 +44,8 @@ def _warn(message: str) -> None:
 class ConditioningMonitor:
     r"""λmax and κ_p of Σx, Σ∇h and the sub-FIM of every Linear/Conv layer of ``model``.
 
-    Every ``every_n_steps`` steps (0, n, 2n, …; with ``window_steps=w`` the ``w`` steps from
-    each) the forward and backward passes run inside :meth:`track` are captured: the layer
+    At the scheduled steps (by default 0, 1, 2, 4, …, 64, then every 100; with
+    ``every_n_steps=n``: 0, n, 2n, …, and with ``window_steps=w`` the ``w`` steps from each) the forward and backward passes run inside :meth:`track` are captured: the layer
     inputs and per-example output gradients are reduced at once to ``d × d`` sums (no
     activation is kept). When a window's last step ends, the sums are reduced over processes,
     eigen-solved and summarised into :attr:`results`, and :attr:`updated` is ``True``.
@@ -57,6 +59,9 @@ class ConditioningMonitor:
             ``Collectives.fabric(fabric)``), ``"auto"`` (``torch.distributed``'s default group
             when initialised with several processes, else none) or ``None`` (this process only).
         info: where announcements go (default: the ``lightning_conditioning`` logger).
+        optimizer: the training optimizer (or a list of them): with an SGD-family optimizer the
+            results carry each layer's stability margin ``lr·λmax(F_k)`` against 2(1+β)
+            (README "Stability margin"); adaptive optimizers (Adam, RMSprop, …) get none.
         warn: where warnings go (default: :func:`warnings.warn`).
         **options: the analysis options, checked on construction
             (:class:`~lightning_conditioning.options.ConditioningOptions`): ``every_n_steps``,
@@ -88,6 +93,7 @@ class ConditioningMonitor:
         collectives: Collectives | Literal["auto"] | None = "auto",
         info: Notify | None = None,
         warn: Notify | None = None,
+        optimizer: Any = None,
         **options: Any,
     ) -> None:
         unknown = set(options) - set(ConditioningOptions.names())
@@ -101,9 +107,14 @@ class ConditioningMonitor:
         self.collectives: Collectives = collectives or Collectives.local()
         self._info: Notify = info or _LOG.info
         self._warn: Notify = warn or _warn
+        #: the optimizer(s) whose learning rates give the stability margins (None: no margin)
+        self.optimizer = optimizer
         #: ``() -> {layer: {quantity: value}}`` of a weight-domination check, for the diagnosis
         self.domination_source: Callable[[], Mapping[str, Mapping[str, float]]] | None = None
         self.updated = False
+        #: how many windows were analysed, and the first (up to 16) of their steps
+        self.analyses = 0
+        self.analysed_steps: list[int] = []
         self._results: dict[str, LayerConditioning] = {}
         self._window_start: int | None = None
         self._current_step: int | None = None
@@ -117,11 +128,11 @@ class ConditioningMonitor:
         self.uncovered = uncovered_modules(model, layers, o.layer_types, o.include, o.exclude)
         self._announce_coverage(model, layers)
         self.capture: LayerCapture | None = None
+        if not layers or o.include:
+            problem = selection_problem(model, o, layers)
+            if problem:
+                self._warn(f"{type(self).__name__}: {problem}")
         if not layers:
-            self._warn(
-                f"{type(self).__name__}: no layer of the selected types matched in "
-                f"{type(model).__name__}; nothing will be analysed."
-            )
             return
         group = self.collectives
 
@@ -240,6 +251,9 @@ class ConditioningMonitor:
             return False
         self._window_start = None
         self.finish(step)
+        self.analyses += 1
+        if len(self.analysed_steps) < 16:  # bounded: a long run keeps only its first ones
+            self.analysed_steps.append(step)
         self.updated = True
         return True
 
@@ -274,14 +288,28 @@ class ConditioningMonitor:
             return {}
         self._results = analyse_capture(capture, step, self.options, self.collectives,
                                         info=self._info, who=type(self).__name__)
+        if self.optimizer is not None:
+            rates, limits = step_size_limits(capture.layers, self.optimizer)
+            self._results = with_stability_margin(self._results, rates, limits)
         self._report_problems(step)
         if self.options.warn_diagnosis:
             for finding in self.findings():
                 if finding.rule not in self._fired_rules:
                     self._fired_rules.add(finding.rule)
                     self._warn(f"{type(self).__name__}: step {step}: {finding.message}"
-                               + (f" Remedy: {finding.remedy}" if finding.remedy else ""))
+                               + (f"\nRemedy: {finding.remedy}" if finding.remedy else ""))
         return self.results
+
+    def schedule_note(self, minimum: int = 5) -> str | None:
+        """A note when fewer than ``minimum`` windows were analysed (call it at the end)."""
+        count = self.analyses
+        if self.capture is None or count >= minimum:
+            return None
+        o = self.options
+        where = f"every {o.every_n_steps} steps" if o.every_n_steps else "at steps 0, 1, 2, 4, …, 64, then every 100"
+        return (f"{type(self).__name__}: only {count} analyses in this run (steps {self.analysed_steps}; "
+                f"the schedule analyses {where}). For more points over training, set a smaller "
+                "`every_n_steps`.")
 
     def findings(self) -> list[Finding]:
         """The diagnosis of the latest analysis (with :attr:`domination_source`'s check)."""
@@ -368,3 +396,73 @@ def analyse_capture(
     if estimate > 1.0:
         info(f"{who}: step {step}: analysis done in {time.perf_counter() - started:.1f} s.")
     return results
+
+
+def selection_problem(model: nn.Module, options: ConditioningOptions,
+                      layers: Mapping[str, Any]) -> str | None:
+    """Why the selection analyses nothing, or which ``include`` pattern matched no layer; in
+    words that name the filter and the layers it could have matched.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> print(selection_problem(model, ConditioningOptions(include=["head"]), {}))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        include=['head'] matched none of the 2 analysable layers (patterns match the whole
+        qualified name, e.g. '*head'): 0, 2. Nothing will be analysed.
+    """
+    analysable = list(find_layers(model, options.layer_types, None, None, options.conv_mode))
+    kinds = options.layer_types or registered_layer_types()
+    kind_names = ", ".join(sorted({kind.__name__.lstrip("_") for kind in kinds}))
+    if not analysable:
+        return (f"{type(model).__name__} has no layer of the analysed kinds ({kind_names}). "
+                "Nothing will be analysed. Other kinds need an adapter (`register_adapter`).")
+    shown = ", ".join(analysable[:12]) + (f", … ({len(analysable) - 12} more)" if len(analysable) > 12 else "")
+    hint = "(patterns match the whole qualified name, e.g. '*head')"
+    unmatched = [p for p in options.include or ()
+                 if not any(fnmatch.fnmatchcase(name, p) for name in analysable)]
+    if unmatched and not layers:
+        return (f"include={list(unmatched)} matched none of the {len(analysable)} analysable layers "
+                f"{hint}: {shown}. Nothing will be analysed.")
+    if unmatched:
+        return (f"include pattern(s) {unmatched} matched none of the {len(analysable)} analysable "
+                f"layers {hint}: {shown}.")
+    if not layers:
+        return (f"exclude={list(options.exclude or ())} removed every layer that include kept; "
+                f"the analysable layers are: {shown}. Nothing will be analysed.")
+    return None
+
+
+def step_size_limits(
+    layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``({layer: lr}, {layer: limit})`` for the layers whose weight an SGD-family optimizer
+    (one with ``momentum`` and ``dampening``: plain, heavy-ball and Nesterov SGD) updates. The
+    limit is 2(1+β): gradient descent with heavy-ball momentum β is stable on a quadratic iff
+    ``lr·λ < 2(1+β)`` for every eigenvalue λ. Adaptive optimizers precondition the step, so
+    ``lr·λmax`` of the raw curvature says nothing about them: their layers are left out.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> sgd = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.5)
+        >>> step_size_limits({"fc": (layer, None)}, sgd)
+        ({'fc': 0.1}, {'fc': 3.0})
+        >>> step_size_limits({"fc": (layer, None)}, torch.optim.Adam(layer.parameters()))
+        ({}, {})
+    """
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    groups = {id(p): group for opt in optimizers for group in getattr(opt, "param_groups", [])
+              for p in group.get("params", [])}
+    rates: dict[str, float] = {}
+    limits: dict[str, float] = {}
+    for name, (module, _) in layers.items():
+        group = groups.get(id(getattr(module, "weight", None)))
+        if group is None or "dampening" not in group or "momentum" not in group:
+            continue
+        lr = group.get("lr")
+        if isinstance(lr, Tensor):
+            lr = float(lr)
+        if not isinstance(lr, (int, float)):
+            continue
+        rates[name] = float(lr)
+        limits[name] = 2.0 * (1.0 + float(group["momentum"]))
+    return rates, limits

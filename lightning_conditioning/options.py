@@ -24,7 +24,12 @@ from lightning_conditioning.precision import STATISTICS_DTYPES
 from lightning_conditioning.solvers import SolverPlan
 from lightning_conditioning.spectra import KAPPA_DEFINITIONS, KappaDefinition
 
-__all__ = ["ConditioningOptions"]
+__all__ = ["ConditioningOptions", "EARLY_STEPS", "REGULAR_PERIOD"]
+
+#: the default schedule's early analyses (powers of two, and step 0: the initialisation)
+EARLY_STEPS = frozenset({0, 1, 2, 4, 8, 16, 32, 64})
+#: the default schedule's regular period after them
+REGULAR_PERIOD = 100
 
 
 def _is_int(value: Any) -> bool:
@@ -39,7 +44,7 @@ class ConditioningOptions:
     naming the argument and the value given.
     """
 
-    every_n_steps: int = 100
+    every_n_steps: int | None = None
     kappa_percents: Sequence[float] = (50, 80, 100)
     conv_mode: Literal["channel", "patch"] = "channel"
     layer_types: Sequence[type[nn.Module]] | None = None
@@ -56,9 +61,9 @@ class ConditioningOptions:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        if not _is_int(self.every_n_steps):
-            raise TypeError(f"every_n_steps must be an int, got {self.every_n_steps!r}")
-        if self.every_n_steps < 1:
+        if self.every_n_steps is not None and not _is_int(self.every_n_steps):
+            raise TypeError(f"every_n_steps must be an int or None, got {self.every_n_steps!r}")
+        if self.every_n_steps is not None and self.every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
         percents = tuple(float(p) for p in self.kappa_percents)
         if not percents or not all(0 < p <= 100 and math.isfinite(p) for p in percents):
@@ -85,10 +90,12 @@ class ConditioningOptions:
             raise ValueError(
                 f"kappa_definition must be one of {KAPPA_DEFINITIONS}, got {self.kappa_definition!r}"
             )
-        if not _is_int(self.window_steps) or not 1 <= self.window_steps <= self.every_n_steps:
+        period = self.every_n_steps if self.every_n_steps is not None else 1
+        if not _is_int(self.window_steps) or not 1 <= self.window_steps <= period:
             raise ValueError(
                 f"window_steps must be an int in [1, every_n_steps={self.every_n_steps}], "
                 f"got {self.window_steps!r}"
+                + ("; windows need a regular schedule: set every_n_steps" if self.every_n_steps is None else "")
             )
         if self.solver is not None and not callable(self.solver):
             raise TypeError(f"solver must be a solver or a plan (a callable), got {self.solver!r}")
@@ -109,12 +116,23 @@ class ConditioningOptions:
     def should_analyse(self, step: int) -> bool:
         """Whether optimizer step ``step``'s batches are captured (it is in a window).
 
+        ``every_n_steps=None`` (the default) analyses often early, when the dynamics change
+        fastest, and regularly later: steps 0, 1, 2, 4, …, 64 (:data:`EARLY_STEPS`), then every
+        :data:`REGULAR_PERIOD` (100, 200, …), so a 100-step run gets 8 analyses and a
+        100,000-step run about a thousand.
+
         Example:
             >>> [ConditioningOptions(every_n_steps=4, window_steps=2).should_analyse(s) for s in range(6)]
             [True, True, False, False, True, True]
+            >>> [s for s in range(301) if ConditioningOptions().should_analyse(s)]
+            [0, 1, 2, 4, 8, 16, 32, 64, 100, 200, 300]
         """
+        if self.every_n_steps is None:
+            return step in EARLY_STEPS or step % REGULAR_PERIOD == 0
         return step % self.every_n_steps < self.window_steps
 
     def window_start(self, step: int) -> int:
         """The first step of the window that ``step`` belongs to."""
+        if self.every_n_steps is None:
+            return step
         return step - step % self.every_n_steps

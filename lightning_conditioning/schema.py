@@ -15,6 +15,8 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
   κ_p is at least the value.
 * ``{m}_kappa_{p}_infinite``: logged *instead* (value 1) when ``λ_p`` is a structural zero.
 * ``dead_input_units`` / ``full_input_units``.
+* ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
+  learning rate is known).
 
 Example:
     >>> key("conditioning", "fc", kappa_quantity("grad", 80, "lower_bound"))
@@ -35,6 +37,7 @@ __all__ = [
     "MOMENTS",
     "MOMENT_SYMBOLS",
     "UNIT_QUANTITIES",
+    "MARGIN_QUANTITIES",
     "DOMINATION_QUANTITIES",
     "DOMINATED_LAYERS",
     "KAPPA_MARKERS",
@@ -60,6 +63,10 @@ MOMENTS: tuple[str, ...] = ("input", "grad", "fim")
 #: how each matrix is written for people
 MOMENT_SYMBOLS: dict[str, str] = {"input": "Σx", "grad": "Σ∇h", "fim": "sub-FIM"}
 UNIT_QUANTITIES: tuple[str, ...] = ("dead_input_units", "full_input_units")
+#: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
+#: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
+#: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
+MARGIN_QUANTITIES: tuple[str, ...] = ("lr_lambda_max", "stability_limit", "lambda_max_share")
 #: per-layer quantities of the weight-domination check
 DOMINATION_QUANTITIES = frozenset({
     "grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm", "grad_weight_ratio_fro",
@@ -73,7 +80,7 @@ KAPPA_MARKERS: dict[str, str] = {"exact": "", "lower_bound": "_lower_bound", "in
 _KAPPA = re.compile(r"^(input|grad|fim)_kappa_([0-9_]+?)(_lower_bound|_infinite)?$")
 _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
 
-QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "domination"]
+QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "margin", "domination"]
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,8 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, match.group(2), match.group(1))  # type: ignore[arg-type]
     if name in UNIT_QUANTITIES:
         return Quantity(name, "units")
+    if name in MARGIN_QUANTITIES:
+        return Quantity(name, "margin")
     if name in DOMINATION_QUANTITIES:
         return Quantity(name, "domination")
     return None

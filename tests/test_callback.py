@@ -51,7 +51,9 @@ def test_schedule_logs_every_n_optimizer_steps() -> None:
         for layer in ("net.0", "net.2")
         for kind in ("input", "grad", "fim")
         for stat in ("lambda_max", "rank")
-    } | {f"conditioning/{layer}/{k}_input_units" for layer in ("net.0", "net.2") for k in ("dead", "full")}
+    } | {f"conditioning/{layer}/{k}_input_units" for layer in ("net.0", "net.2") for k in ("dead", "full")} | {
+        f"conditioning/{layer}/{q}" for layer in ("net.0", "net.2")  # SGD: the stability margin
+        for q in ("lr_lambda_max", "stability_limit", "lambda_max_share")}
     logged = set(logger.history[6])
     kappas = {k for k in logged if "_kappa_" in k}
     assert logged - kappas == expected_keys
@@ -76,7 +78,7 @@ def test_custom_percents_and_layer_selection() -> None:
     assert "conditioning/net.2/fim_kappa_90" in keys or "conditioning/net.2/fim_kappa_90_lower_bound" in keys
     assert not any("net.0" in k for k in keys)
     excluded = ConditioningCallback(every_n_steps=1, exclude=["net.*"])
-    with pytest.warns(UserWarning, match="no layer"):
+    with pytest.warns(UserWarning, match="removed every layer"):
         fit(SequentialClassifier(seeded(mlp)), loader(x, y, 64), [excluded])
 
 

@@ -54,6 +54,7 @@ def test_ddp_fork_with_batchnorm_logs_finite_numbers(tmp_path: Path) -> None:
     assert "conditioning/net.3/fim_kappa_100" in metrics
 
 
+@pytest.mark.slow
 def test_standalone_ddp_script(tmp_path: Path, single: dict[str, float]) -> None:
     out = tmp_path / "ddp"
     out.mkdir()

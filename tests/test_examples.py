@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pathlib import Path
 
 from example_projects import quickstart
@@ -17,6 +19,7 @@ def test_quickstart_runs_and_logs(tmp_path: Path) -> None:
     assert events and events[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_mnist_mlp_smoke(tmp_path: Path) -> None:
     from example_projects.mnist_mlp import main as mnist_mlp
 

@@ -16,6 +16,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
 
+@pytest.mark.slow
 def test_cifar_resnet_smoke_full_recipe_path(tmp_path: Path) -> None:
     """--smoke: four archs × 2 seeds on FakeData through the CIFAR pipeline, epochs, tables."""
     from example_projects.cifar_resnet import main as cifar, tables
@@ -58,6 +59,7 @@ def test_cifar_resnet_smoke_full_recipe_path(tmp_path: Path) -> None:
     assert "rebuilt from the run.json files" in (tmp_path / "rebuilt" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_cifar_resnet_cpu_scale_path(tmp_path: Path) -> None:
     """The default (offline MNIST sample, step-mode) path at a tiny size: analysis every step."""
     from example_projects.cifar_resnet import main as cifar
@@ -73,6 +75,7 @@ def test_cifar_resnet_cpu_scale_path(tmp_path: Path) -> None:
     assert "| ResNetLastBN-8 |" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_imagenet_resnet_smoke_last_bn(tmp_path: Path) -> None:
     """--smoke --last-bn: torchvision ResNet-18 + LastBN on 64×64 FakeData, both callbacks."""
     from example_projects.imagenet_resnet import main as imagenet

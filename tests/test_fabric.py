@@ -141,6 +141,7 @@ def _run_script(out: Path, timeout: float = 300) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_fabric_ddp_uneven_ranks_equal_one_process(tmp_path: Path) -> None:
     out = tmp_path / "fabric_ddp.json"
     _run_script(out)

@@ -40,7 +40,7 @@ def _plain_loop(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, ba
     conditioning: dict[int, dict[str, float]] = {}
     domination: dict[int, dict[str, float]] = {}
     named = nn.ModuleDict({"net": net})  # layer names as in SequentialClassifier: net.0, …
-    with ConditioningMonitor(named, collectives=None, **options) as monitor:  # type: ignore[arg-type]
+    with ConditioningMonitor(named, collectives=None, optimizer=optimizer, **options) as monitor:  # type: ignore[arg-type]
         checker = WeightDominationMonitor(named, every_n_steps=int(options.get("every_n_steps", 100)))  # type: ignore[call-overload]
         for step in range(steps):
             xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]

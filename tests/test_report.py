@@ -204,12 +204,16 @@ def _marked_table() -> dict[str, dict[str, float]]:
 def test_layer_table_prints_lower_bounds_infinities_and_ranks() -> None:
     from lightning_conditioning.report.tables import format_layer_table
 
-    lines = format_layer_table(_marked_table()).splitlines()
+    table = _marked_table()  # the table shows κ_50, the κ the diagnosis quotes: mark those
+    del table["net.2"]["input_kappa_50"], table["net.4"]["input_kappa_50"]
+    table["net.2"]["input_kappa_50_lower_bound"] = 1.23e6
+    table["net.4"]["input_kappa_50_infinite"] = 1.0
+    lines = format_layer_table(table).splitlines()
     header = lines[0].split()
-    assert header[2:6] == ["λmax(Σx)", "κ100(Σx)", "rank(Σx)", "λmax(Σ∇h)"] and "rank(Σ∇h)" in header
+    assert header[2:6] == ["λmax(Σx)", "κ50(Σx)", "rank(Σx)", "λmax(Σ∇h)"] and "rank(Σ∇h)" in header
     cells = {line.split()[1]: line.split() for line in lines[1:]}
-    column = header.index("κ100(Σx)")
-    assert [cells[n][column] for n in ("net.0", "net.2", "net.4")] == ["40", "≥1.23e+06", "∞"]
+    column = header.index("κ50(Σx)")
+    assert [cells[n][column] for n in ("net.0", "net.2", "net.4")] == ["3", "≥1.23e+06", "∞"]
     assert cells["net.2"][header.index("rank(Σx)")] == "5/8"
     assert cells["net.2"][header.index("rank(Σ∇h)")] == "4"  # size unknown: the rank alone
 

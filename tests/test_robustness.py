@@ -92,6 +92,7 @@ def _resident_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_thousand_analysed_steps_do_not_leak() -> None:
     samples: dict[int, tuple[int, int]] = {}

@@ -171,6 +171,7 @@ def test_csv_scalars_and_spectra_match_the_callback(tmp_path: Path, messages: li
     assert sum("CSVLogger stores no figures" in m for m in messages) == 1
 
 
+@pytest.mark.slow
 def test_mlflow_local_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mlflow", reason="mlflow (or mlflow-skinny) is a test/loggers extra")
     from lightning.pytorch.loggers import MLFlowLogger
@@ -230,6 +231,7 @@ def _wandb_history(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb", reason="wandb is a test/loggers extra")
     from lightning.pytorch.loggers import WandbLogger

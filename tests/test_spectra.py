@@ -86,6 +86,7 @@ def test_rank_bounded_by_rows_and_tolerance() -> None:
     assert zero.kappa_status[100] == "undefined"
 
 
+@pytest.mark.slow
 def test_kth_largest_product_is_exact_including_ties() -> None:
     generator = torch.Generator().manual_seed(3)
     for trial in range(40):

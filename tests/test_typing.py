@@ -14,6 +14,7 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.skipif(shutil.which("mypy") is None and not any(
     (Path(p) / "mypy").exists() for p in sys.path), reason="mypy is a test extra")
+@pytest.mark.slow
 def test_mypy_is_clean() -> None:
     result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

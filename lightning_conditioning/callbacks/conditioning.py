@@ -32,7 +32,8 @@ __all__ = ["ConditioningCallback"]
 class ConditioningCallback(Callback):
     r"""Log λmax, κ_p and the rank of Σx, Σ∇h and the sub-FIM Σx ⊗ Σ∇h of every weight layer.
 
-    Every ``every_n_steps`` optimizer steps (0, n, 2n, …) the training step's own forward and
+    At the scheduled optimizer steps (by default 0, 1, 2, 4, …, 64, then every 100; with
+    ``every_n_steps=n``: 0, n, 2n, …) the training step's own forward and
     backward are captured (the empirical Fisher; with accumulation all micro-batches are summed)
     and the results are logged at ``step = trainer.global_step`` under
     ``{prefix}/{layer}/{quantity}`` (README "Logged keys"), through every logger; the latest
@@ -64,7 +65,7 @@ class ConditioningCallback(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int | None = None,
         kappa_percents: Sequence[float] = (50, 80, 100),
         conv_mode: Literal["channel", "patch"] = "channel",
         layer_types: Sequence[type[nn.Module]] | None = None,
@@ -150,6 +151,7 @@ class ConditioningCallback(Callback):
                 pl_module, collectives=Collectives.strategy(trainer.strategy), info=rank_zero_info,
                 warn=rank_zero_warn, **{n: getattr(self.options, n) for n in ConditioningOptions.names()})
             self.monitor.load_state_dict(self._restored)
+            self.monitor.optimizer = list(trainer.optimizers) or None  # for the stability margin
             for callback in trainer.callbacks:  # type: ignore[attr-defined]
                 domination = getattr(callback, "domination_table", None)
                 if callable(domination):
@@ -159,6 +161,9 @@ class ConditioningCallback(Callback):
                 conditioning_prefix=self.prefix, kappa_percents=self.options.kappa_percents))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        note = self.monitor.schedule_note() if self.monitor is not None else None
+        if note:
+            rank_zero_info(note)
         if self.print_diagnosis and self.results and trainer.is_global_zero:
             findings = self.findings(trainer)
             print(f"Conditioning diagnosis at step {next(iter(self.results.values())).step}:")

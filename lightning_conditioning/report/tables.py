@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 
 from lightning_conditioning import schema
-from lightning_conditioning.views.tables import LayerTable, kappa_percents, percent_text
+from lightning_conditioning.views.tables import LayerTable, headline_percent, percent_text
 
 __all__ = ["format_layer_table", "kappa_cell"]
 
@@ -71,7 +71,8 @@ def _header(kappa: str, with_domination: bool) -> list[str]:
 
 
 def format_layer_table(conditioning: LayerTable, domination: LayerTable | None = None) -> str:
-    """One row per layer: λmax and κ (largest p logged) of Σx, Σ∇h and the sub-FIM, the
+    """One row per layer: λmax and κ (the p the diagnosis quotes, :func:`headline_percent`) of
+    Σx, Σ∇h and the sub-FIM, the
     numerical ranks of Σx and Σ∇h (``rank/size`` when the size is known), dead and full
     units, and the weight-domination ratios when given. κ cells: see :func:`kappa_cell`.
 
@@ -84,8 +85,7 @@ def format_layer_table(conditioning: LayerTable, domination: LayerTable | None =
         1  fc     2         40        7/8       -          ≥3e+09     -          -        -        1/8   -
     """
     domination = domination or {}
-    percents = kappa_percents(conditioning)
-    p = percents[-1] if percents else None
+    p = headline_percent(conditioning)
     with_domination = bool(domination)
     rows = [_header(f"κ{percent_text(p)}" if p else "κ", with_domination)]
     for index, (name, row) in enumerate(conditioning.items(), start=1):

@@ -71,6 +71,8 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
             for m, label in moments},
         f"{p}: units per layer": {
             quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.UNIT_QUANTITIES},
+        f"{p}: stability margin per layer": {
+            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.MARGIN_QUANTITIES},
     }
 
 

@@ -33,6 +33,9 @@ The rules (defaults in :class:`Thresholds`):
     floor or exactly zero, so at least ``100 − p`` % of the spectrum is lost. Not reported: the
     one direction the softmax takes from the last layer's Σ∇h (cross-entropy gradients with
     respect to the logits sum to zero), and the sub-FIM's loss that follows from it.
+``step_size`` (Sec. 2, linear models: training diverges when lr ≥ 2/λmax)
+    ``lr·λmax(F_k)`` of a layer ≥ its ``stability_limit`` (2 for gradient descent, 2(1+β) with
+    heavy-ball momentum β; logged when the learning rate of an SGD-family optimizer is known).
 ``last_layer_input`` (Figs. 6, 7, claim 5)
     λmax(Σx) of the last layer's input ≥ ``last_input_factor``× the median over the other
     layers: the residual sums piling up in deep ResNets; remedy ``add_last_bn``.
@@ -51,7 +54,7 @@ from typing import Literal
 
 from lightning_conditioning import schema
 from lightning_conditioning.views.deficiency import REMEDY, describe, unresolved_kappas
-from lightning_conditioning.views.tables import kappa_percents
+from lightning_conditioning.views.tables import headline_percent
 
 __all__ = ["Finding", "Thresholds", "diagnose", "format_findings"]
 
@@ -197,6 +200,26 @@ def _dead_units(table: Table, th: Thresholds) -> list[Finding]:
     )]
 
 
+def _step_size(table: Table) -> list[Finding]:
+    hits = [(name, row["lr_lambda_max"], row["stability_limit"]) for name, row in table.items()
+            if "lr_lambda_max" in row and "stability_limit" in row
+            and row["lr_lambda_max"] >= row["stability_limit"]]
+    if not hits:
+        return []
+    worst = max(hits, key=lambda h: h[1] / h[2])
+    listed = _listing([f"{n} (lr·λmax = {m:.3g} ≥ {lim:g})" for n, m, lim in hits])
+    return [Finding(
+        rule="step_size", layer=worst[0], layers=tuple(h[0] for h in hits),
+        message=(f"{len(hits)} layer(s) take steps past the stability limit of a quadratic: "
+                 f"{listed}. Along the top eigen-direction of their sub-FIM, gradient descent "
+                 "with this learning rate overshoots and grows (the paper's lr < 2/λmax reading; "
+                 "K-FAC λmax, an approximation of the layer's curvature)"),
+        evidence={f"lr_lambda_max[{n}]": m for n, m, _ in hits},
+        remedy=(f"lower the learning rate below {worst[2]:g}/λmax(F) of {worst[0]} (a factor "
+                f"{worst[1] / worst[2]:.2g} or more), warm it up, or normalise the layer's input"),
+    )]
+
+
 def _measured_kappa(row: Mapping[str, float], moment: str, percent: str) -> float | None:
     """κ_p when it is a positive measurement; None for a lower bound, ∞ or nothing."""
     reading = schema.kappa_reading(row, moment, percent)
@@ -206,8 +229,7 @@ def _measured_kappa(row: Mapping[str, float], moment: str, percent: str) -> floa
 
 
 def _smallest_percent(table: Table, label: str) -> str | None:
-    percents = kappa_percents(table, (label,))
-    return percents[0] if percents else None
+    return headline_percent(table, (label,))
 
 
 def _kappa_outliers(table: Table, th: Thresholds) -> list[Finding]:
@@ -371,6 +393,7 @@ def diagnose(
     findings += _dead_units(conditioning, th)
     findings += _kappa_outliers(conditioning, th)
     findings += _rank_deficient(conditioning, last_layer)
+    findings += _step_size(conditioning)
     last_input = _large_last_input(conditioning, last_layer, th)
     findings += _last_layer(last_input, domination, th)
     findings += _weight_domination(domination, last_input, dominated_layers, th)

@@ -20,6 +20,7 @@ from lightning_conditioning import schema
 from lightning_conditioning.schema import DOMINATION_QUANTITIES, is_conditioning_quantity, percent_text
 
 __all__ = [
+    "headline_percent",
     "LayerTable",
     "SplitMetrics",
     "DOMINATION_QUANTITIES",
@@ -162,3 +163,17 @@ def ordered(names: Iterable[str], known_order: Iterable[str] = ()) -> list[str]:
     first = sorted((n for n in names if n in rank), key=rank.__getitem__)
     rest = sorted((n for n in names if n not in rank), key=natural_key)
     return first + rest
+
+
+def headline_percent(
+    table: Mapping[str, Mapping[str, float]], labels: tuple[str, ...] = ("input", "grad", "fim")
+) -> str | None:
+    """The p of the κ_p that the report's table shows and the diagnosis quotes: the smallest
+    logged (κ_50 by default: the paper's Fig. 5 reading, defined for rank-deficient layers too).
+
+    Example:
+        >>> headline_percent({"fc": {"input_kappa_100": 1.0, "grad_kappa_50_infinite": 1.0}})
+        '50'
+    """
+    percents = kappa_percents(table, labels)
+    return percents[0] if percents else None
