@@ -183,7 +183,7 @@ def test_last_bn_rejects_non_pooled_input_at_call_time() -> None:
     assert model(torch.randn(2, 7, 4)).shape == (2, 7, 5)  # a plain Linear accepts 3-D input
     add_last_bn(model)
     assert model(torch.randn(2, 4)).shape == (2, 5)
-    with pytest.raises(ValueError, match=r"\(N, features\).*before_pool"):
+    with pytest.raises(ValueError, match=r"\(N, features\).*before_pool.*sequence model.*pool the tokens"):
         model(torch.randn(2, 7, 4))
 
 

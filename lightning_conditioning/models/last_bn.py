@@ -73,7 +73,9 @@ class LastBN(nn.Module):
             raise ValueError(
                 f"LastBN expects pooled (N, features) input, got shape {tuple(x.shape)}: "
                 "add_last_bn(position='before_linear') only applies to a final nn.Linear fed with "
-                "(N, features) tensors; for feature maps use position='before_pool'."
+                "(N, features) tensors; for feature maps use position='before_pool'. A sequence "
+                "model's (batch, tokens, features) head is not the paper's setting: pool the tokens "
+                "before the BatchNorm, or keep the model's LayerNorm."
             )
         return self.linear(self.bn(x))
 
@@ -161,7 +163,9 @@ def add_last_bn(
     Args:
         model: the network; modified in place and returned.
         position: ``"before_linear"`` wraps the Linear as ``LastBN(BatchNorm1d, linear)``
-            (its input must be ``(N, features)``, checked at call time);
+            (its input must be ``(N, features)``; a module cannot know the shape its forward
+            will receive without running it, so this is checked at the first call, with a
+            message that says what applies to sequence models);
             ``"before_pool"`` wraps the global ``avgpool`` that sits next to the
             Linear (CIFAR and torchvision ResNets) as ``PreBNPool(BatchNorm2d, avgpool)``.
         eps: BatchNorm epsilon.
