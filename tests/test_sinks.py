@@ -293,3 +293,25 @@ def test_switches_and_nonfinite_layers(tmp_path: Path) -> None:
     records = read_spectra(Path(logger.log_dir) / SPECTRA_FILENAME)
     assert [(r["layer"], r["status"], r["input_eigenvalues"]) for r in records][0] == ("net.0", "nonfinite", None)
     assert math.isclose(records[1]["input_eigenvalues"][0], results["net.2"].input.lambda_max, rel_tol=1e-8)
+
+
+def test_the_layout_is_written_by_default_and_a_users_own_is_kept(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def layouts(logger: TensorBoardLogger) -> list[bytes]:
+        logger.experiment.flush()
+        events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+        events.Reload()
+        if "custom_scalars__config__" not in events.Tags()["tensors"]:
+            return []
+        return [e.tensor_proto.string_val[0] for e in events.Tensors("custom_scalars__config__")]
+
+    ours = TensorBoardLogger(tmp_path, name="ours")
+    _run(ours)
+    assert len(layouts(ours)) == 1 and b"input_lambda_max" in layouts(ours)[0]
+    theirs = TensorBoardLogger(tmp_path, name="theirs")
+    theirs.experiment.add_custom_scalars({"mine": {"loss": ["Multiline", ["loss"]]}})
+    theirs.experiment.flush()
+    _run(theirs)
+    kept = layouts(theirs)
+    assert len(kept) == 1 and b"mine" in kept[0] and b"input_lambda_max" not in kept[0]

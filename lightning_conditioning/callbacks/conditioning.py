@@ -54,7 +54,8 @@ class ConditioningCallback(Callback):
         forward_fn / loss_fn / sample_fn / seed: the extra passes' forward, empirical loss,
             sampled loss and label generator seed.
         print_diagnosis: print the diagnosis of the latest analysis when fit ends.
-        tensorboard_layout: write TensorBoard's custom-scalars layout (opt-in: one per run).
+        tensorboard_layout: write TensorBoard's custom-scalars layout (one chart per quantity,
+            every layer a line), unless the run already has a layout of its own.
 
     Example::
 
@@ -88,7 +89,7 @@ class ConditioningCallback(Callback):
         window_steps: int = 1,
         warn_diagnosis: bool = True,
         print_diagnosis: bool = False,
-        tensorboard_layout: bool = False,
+        tensorboard_layout: bool = True,
         solver: SolverPlan | None = None,
     ) -> None:
         self.options = ConditioningOptions(

@@ -52,16 +52,19 @@ def _chart(pattern_prefix: str, *quantities: str) -> list[Any]:
 
 
 def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[str, list[Any]]]:
-    """λmax, rank, κ_p, κ_p lower bounds and infinities, units: names from :mod:`..schema`."""
+    """What to read first first: λmax, κ_p, dead/full units; then ranks, the κ_p that are not
+    measurements, the stability margin (names from :mod:`..schema`)."""
     moments = [(m, schema.MOMENT_SYMBOLS[m]) for m in schema.MOMENTS]
     return {
         f"{p}: λmax per layer": {
             f"{label} λmax": _chart(p, schema.lambda_max_quantity(m)) for m, label in moments},
-        f"{p}: rank per layer": {
-            f"{label} rank": _chart(p, schema.rank_quantity(m)) for m, label in moments},
         f"{p}: κ_p per layer": {
             f"{label} κ_{percent:g}%": _chart(p, schema.kappa_quantity(m, percent))
             for m, label in moments for percent in percents},
+        f"{p}: units per layer": {
+            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.UNIT_QUANTITIES},
+        f"{p}: rank per layer": {
+            f"{label} rank": _chart(p, schema.rank_quantity(m)) for m, label in moments},
         f"{p}: κ_p lower bounds per layer (λ_p under the resolution floor)": {
             f"{label} κ_{percent:g}% ≥": _chart(p, schema.kappa_quantity(m, percent, "lower_bound"))
             for m, label in moments for percent in percents},
@@ -69,8 +72,6 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
             f"{label} κ_p = ∞": _chart(p, *(schema.kappa_quantity(m, percent, "infinite")
                                             for percent in percents))
             for m, label in moments},
-        f"{p}: units per layer": {
-            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.UNIT_QUANTITIES},
         f"{p}: stability margin per layer": {
             quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.MARGIN_QUANTITIES},
     }
@@ -113,9 +114,10 @@ def tensorboard_layout(
 def publish_tensorboard_layout(
     loggers: Iterable[Logger], layout: dict[str, dict[str, list[Any]]] | None = None
 ) -> int:
-    """Write ``layout`` (default :func:`tensorboard_layout`) to every TensorBoard logger that
-    has none yet from this process; returns how many got it. Call on global rank zero, e.g. in
-    ``on_fit_start``. A run shows one layout, so the first call wins.
+    """Write ``layout`` (default :func:`tensorboard_layout`) to every TensorBoard logger whose
+    run has no custom-scalars layout yet (from this process, or already in its event files:
+    a user's own layout is never overwritten); returns how many got it. Call on global rank
+    zero, e.g. in ``on_fit_start``.
 
     Example::
 
@@ -127,9 +129,24 @@ def publish_tensorboard_layout(
         if not isinstance(logger, TensorBoardLogger):
             continue
         writer = logger.experiment
-        if writer in _WITH_LAYOUT:
+        if writer in _WITH_LAYOUT or _has_layout(Path(writer.log_dir)):
             continue
         writer.add_custom_scalars(layout)
         _WITH_LAYOUT.add(writer)
         written += 1
     return written
+
+
+#: the tag under which TensorBoard stores a custom-scalars layout
+_LAYOUT_TAG = b"custom_scalars__config__"
+
+
+def _has_layout(log_dir: Path) -> bool:
+    """Whether the run's event files already hold a custom-scalars layout (someone else's)."""
+    for event_file in log_dir.glob("events.out.tfevents.*"):
+        try:
+            if _LAYOUT_TAG in event_file.read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
