@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_conditioning.adapters import registered_layer_types
 from lightning_conditioning.capture import LayerCapture, find_layers, last_linear_name, uncovered_modules
 from lightning_conditioning.collectives import Collectives, auto_collectives
-from lightning_conditioning.views.diagnosis import Finding, diagnose
+from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
@@ -296,8 +296,8 @@ class ConditioningMonitor:
             for finding in self.findings():
                 if finding.rule not in self._fired_rules:
                     self._fired_rules.add(finding.rule)
-                    self._warn(f"{type(self).__name__}: step {step}: {finding.message}"
-                               + (f"\nRemedy: {finding.remedy}" if finding.remedy else ""))
+                    self._warn(f"{type(self).__name__}: step {step}: {short_warning(finding)}\n"
+                               "(The full diagnosis: `findings()`, or `print_diagnosis=True`.)")
         return self.results
 
     def schedule_note(self, minimum: int = 5) -> str | None:

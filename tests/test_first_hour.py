@@ -51,6 +51,9 @@ def test_diagnosis_warnings_put_the_remedy_on_its_own_line() -> None:
     assert dead and all("\nRemedy: " in text for text in dead)
     first_line = dead[0].split("\n")[0]
     assert not first_line.rstrip().endswith("Remedy:")
+    # short sentences: every line reads at a glance, the full text stays in findings()
+    assert all(len(line) <= 220 for text in dead for line in text.split("\n"))
+    assert any(len(f.message) > 0 for f in monitor.findings())
 
 
 def test_the_table_shows_the_kappa_the_diagnosis_quotes() -> None:

@@ -47,6 +47,7 @@ The rules (defaults in :class:`Thresholds`):
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from lightning_conditioning import schema
 from lightning_conditioning.views.deficiency import REMEDY, describe, unresolved_kappas
 from lightning_conditioning.views.tables import headline_percent
 
-__all__ = ["Finding", "Thresholds", "diagnose", "format_findings"]
+__all__ = ["Finding", "Thresholds", "diagnose", "format_findings", "short_warning"]
 
 Table = Mapping[str, Mapping[str, float]]
 _REMEDY_INIT = ("use He (Kaiming) initialisation or normalise the layers (BatchNorm), which "
@@ -398,6 +399,29 @@ def diagnose(
     findings += _last_layer(last_input, domination, th)
     findings += _weight_domination(domination, last_input, dominated_layers, th)
     return findings
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` up to its first sentence end, cut at a clause boundary before ``limit``."""
+    first = re.split(r"\.\s+(?=[A-Z](?!\.))", text, maxsplit=1)[0].rstrip(".")
+    if len(first) <= limit:
+        return first + "."
+    cut = max(first.rfind(sep, 0, limit) for sep in ("; ", ", ", ": "))
+    return (first[:cut] if cut > limit // 3 else first[:limit]).rstrip(" ;,:") + " …"
+
+
+def short_warning(finding: Finding, limit: int = 160) -> str:
+    """A warning that reads at a glance: the finding's first sentence and its remedy on a line
+    of its own, each cut to about ``limit`` characters; the full text stays in the findings.
+
+    Example:
+        >>> print(short_warning(Finding("dead_units", "l1", "2 layers have dead units: l1, l2. "
+        ...                             "A dead unit passes no signal", remedy="check the init")))
+        2 layers have dead units: l1, l2.
+        Remedy: check the init.
+    """
+    text = _clip(finding.message, limit)
+    return text + (f"\nRemedy: {_clip(finding.remedy, limit)}" if finding.remedy else "")
 
 
 def format_findings(findings: Sequence[Finding], *, evidence: bool = True) -> str:
