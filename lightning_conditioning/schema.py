@@ -17,6 +17,8 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
 * ``dead_input_units`` / ``full_input_units``.
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
   learning rate is known).
+* ``log10_{q}``: the decimal logarithm of λmax and measured κ_p (TensorBoard only, for its
+  charts, which have no log axis).
 
 Example:
     >>> key("conditioning", "fc", kappa_quantity("grad", 80, "lower_bound"))
@@ -49,6 +51,8 @@ __all__ = [
     "lambda_max_quantity",
     "rank_quantity",
     "dim_quantity",
+    "log10_quantity",
+    "log10_scalars",
     "histogram_quantity",
     "record_field",
     "kappa_quantity",
@@ -80,7 +84,7 @@ KAPPA_MARKERS: dict[str, str] = {"exact": "", "lower_bound": "_lower_bound", "in
 _KAPPA = re.compile(r"^(input|grad|fim)_kappa_([0-9_]+?)(_lower_bound|_infinite)?$")
 _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
 
-QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "margin", "domination"]
+QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "margin", "log10", "domination"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,43 @@ def dim_quantity(moment: str) -> str:
     return f"{moment}_dim"
 
 
+#: prefix of a quantity's decimal logarithm (TensorBoard charts of λmax and κ_p read on a
+#: linear axis: its custom scalars have no log-axis setting)
+LOG10_PREFIX = "log10_"
+
+
+def log10_quantity(name: str) -> str:
+    """``log10_{name}``: the decimal logarithm of a quantity, for dashboards without log axes.
+
+    Example:
+        >>> log10_quantity("input_lambda_max")
+        'log10_input_lambda_max'
+    """
+    return LOG10_PREFIX + name
+
+
+def log10_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``log10`` of every positive, finite λmax and measured κ_p in ``{prefix}/{layer}/{q}``
+    keys, under ``{prefix}/{layer}/log10_{q}``.
+
+    Example:
+        >>> log10_scalars({"c/fc/input_lambda_max": 1e-3, "c/fc/input_kappa_50": 100.0,
+        ...                "c/fc/input_kappa_80_lower_bound": 1e9, "c/fc/input_rank": 4.0})
+        {'c/fc/log10_input_lambda_max': -3.0, 'c/fc/log10_input_kappa_50': 2.0}
+    """
+    out: dict[str, float] = {}
+    for logged, value in metrics.items():
+        parts = split_key(logged)
+        if parts is None or not (math.isfinite(value) and value > 0):
+            continue
+        parsed = parse_quantity(parts[1])
+        if parsed is None or not (parsed.kind == "lambda_max" or
+                                  (parsed.kind == "kappa" and parsed.status == "exact")):
+            continue
+        out[logged.rsplit("/", 1)[0] + "/" + log10_quantity(parts[1])] = math.log10(value)
+    return out
+
+
 def histogram_quantity(moment: str) -> str:
     """``{moment}_log10_eigenvalues``: the tag of a moment's eigenvalue histogram (not a scalar).
 
@@ -207,6 +248,8 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, "kappa", match.group(1), match.group(2), status)
     if match := _SCALAR.match(name):
         return Quantity(name, match.group(2), match.group(1))  # type: ignore[arg-type]
+    if name.startswith(LOG10_PREFIX) and (base := parse_quantity(name[len(LOG10_PREFIX):])):
+        return Quantity(name, "log10", base.moment, base.percent, base.status)
     if name in UNIT_QUANTITIES:
         return Quantity(name, "units")
     if name in MARGIN_QUANTITIES:

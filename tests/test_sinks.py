@@ -112,8 +112,8 @@ def test_tensorboard_histograms_figure_layout_and_spectra(tmp_path: Path) -> Non
 def test_layout_charts_every_layer_per_quantity() -> None:
     layout = sinks.tensorboard_layout(kappa_percents=(50, 99.5))
     charts = {title: chart for section in layout.values() for title, chart in section.items()}
-    assert charts["Σ∇h λmax"] == ["Multiline", ["conditioning/[^/]+/grad_lambda_max$"]]
-    assert charts["sub-FIM κ_99.5%"][1] == ["conditioning/[^/]+/fim_kappa_99_5$"]
+    assert charts["Σ∇h log10 λmax"] == ["Multiline", ["conditioning/[^/]+/log10_grad_lambda_max$"]]
+    assert charts["sub-FIM log10 κ_99.5%"][1] == ["conditioning/[^/]+/log10_fim_kappa_99_5$"]
     assert charts["σmax(ΔW)/σmax(W)"][1] == ["weight_domination/[^/]+/update_weight_ratio$"]
     assert sinks.tensorboard_layout(domination_prefix=None).keys().isdisjoint({"weight_domination per layer"})
 
@@ -136,14 +136,21 @@ def test_layout_matches_every_logged_key_kind() -> None:
     quantities = [q for m in schema.MOMENTS for q in schema.summary_quantities(m, summary)]
     quantities += list(schema.UNIT_QUANTITIES)
     assert "grad_rank" in quantities and "fim_kappa_80_lower_bound" in quantities
-    for quantity in quantities:  # every per-layer scalar has exactly one chart
-        assert len(_charts_matching(layout, schema.key("cond", "blocks.0", quantity))) == 1, quantity
+    for quantity in quantities:  # every per-layer scalar has exactly one chart: λmax and
+        # measured κ_p through their log10 copies (the charts have no log axis)
+        parsed = schema.parse_quantity(quantity)
+        assert parsed is not None
+        charted = (schema.log10_quantity(quantity) if parsed.kind == "lambda_max"
+                   or (parsed.kind == "kappa" and parsed.status == "exact") else quantity)
+        assert len(_charts_matching(layout, schema.key("cond", "blocks.0", charted))) == 1, quantity
+        if charted != quantity:
+            assert _charts_matching(layout, schema.key("cond", "blocks.0", quantity)) == []
     assert _charts_matching(layout, "cond/net.0/grad_rank") == ["Σ∇h rank"]
     assert _charts_matching(layout, "cond/net.0/input_kappa_80_lower_bound") == ["Σx κ_80% ≥"]
-    assert _charts_matching(layout, "cond/net.0/input_kappa_80") == ["Σx κ_80%"]
+    assert _charts_matching(layout, "cond/net.0/log10_input_kappa_80") == ["Σx log10 κ_80%"]
     assert _charts_matching(layout, "cond/net.0/fim_kappa_99_5_infinite") == ["sub-FIM κ_p = ∞"]
     assert _charts_matching(layout, "weight_domination/dominated_layers") == ["dominated layers"]
-    assert _charts_matching(layout, "cond/net.0/input_kappa_100") == []  # p not in the layout
+    assert _charts_matching(layout, "cond/net.0/log10_input_kappa_100") == []  # p not in the layout
     domination = [q for q in schema.DOMINATION_QUANTITIES
                   if _charts_matching(layout, schema.key("weight_domination", "fc", q))]
     assert sorted(domination) == ["grad_weight_ratio", "grad_weight_ratio_fro", "update_weight_ratio"]
@@ -315,3 +322,21 @@ def test_the_layout_is_written_by_default_and_a_users_own_is_kept(tmp_path: Path
     _run(theirs)
     kept = layouts(theirs)
     assert len(kept) == 1 and b"mine" in kept[0] and b"input_lambda_max" not in kept[0]
+
+
+def test_tensorboard_gets_log10_copies_for_its_linear_charts(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="log10")
+    callback, _ = _run(logger, steps=1)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    result = callback.results["net.0"]
+    assert result.input is not None
+    stored = events.Scalars("conditioning/net.0/log10_input_lambda_max")[0].value
+    assert stored == pytest.approx(math.log10(result.input.lambda_max), rel=1e-6)
+    # lower bounds and infinities get no log10 copy: they are not values
+    tags = events.Tags()["scalars"]
+    assert not any(t.startswith("conditioning/") and "log10_" in t and t.endswith(("_lower_bound", "_infinite"))
+                   for t in tags)

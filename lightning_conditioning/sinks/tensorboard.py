@@ -21,10 +21,16 @@ _WITH_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class TensorBoardSink(Sink):
-    """Scalars; histograms of log10 eigenvalues (``{prefix}/{layer}/{input,grad}_log10_eigenvalues``);
+    """Scalars, with the decimal logarithms of λmax and κ_p beside them (the custom-scalars
+    charts have no log axis: the layout charts those); histograms of log10 eigenvalues (``{prefix}/{layer}/{input,grad}_log10_eigenvalues``);
     the depth-profile figure (``{prefix}/depth_profile``, images tab); and, with histograms on,
     the spectra file ``conditioning_spectra.jsonl`` in ``logger.log_dir`` for the report."""
 
+
+    def publish_conditioning(self, publication: Publication) -> None:
+        metrics = publication.metrics
+        self.log_scalars({**metrics, **schema.log10_scalars(metrics)}, publication.step)
+        self.conditioning_extras(publication)
 
     def add_histograms(self, publication: Publication) -> None:
         """The log10-eigenvalue histograms of every layer."""
@@ -56,10 +62,11 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
     measurements, the stability margin (names from :mod:`..schema`)."""
     moments = [(m, schema.MOMENT_SYMBOLS[m]) for m in schema.MOMENTS]
     return {
-        f"{p}: λmax per layer": {
-            f"{label} λmax": _chart(p, schema.lambda_max_quantity(m)) for m, label in moments},
-        f"{p}: κ_p per layer": {
-            f"{label} κ_{percent:g}%": _chart(p, schema.kappa_quantity(m, percent))
+        f"{p}: log10 λmax per layer": {
+            f"{label} log10 λmax": _chart(p, schema.log10_quantity(schema.lambda_max_quantity(m)))
+            for m, label in moments},
+        f"{p}: log10 κ_p per layer": {
+            f"{label} log10 κ_{percent:g}%": _chart(p, schema.log10_quantity(schema.kappa_quantity(m, percent)))
             for m, label in moments for percent in percents},
         f"{p}: units per layer": {
             quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.UNIT_QUANTITIES},
@@ -87,14 +94,15 @@ def tensorboard_layout(
 
     Charts match tags by regular expression, so the layout needs no layer names and can be
     written before training; every quantity name comes from :mod:`lightning_conditioning.schema`.
-    Sections: λmax, numerical rank and κ_p of Σx / Σ∇h / sub-FIM; the κ_p that are lower bounds
+    Sections: log10 λmax and log10 κ_p (charts have no log axis), dead and full units, then the
+    numerical rank of Σx / Σ∇h / sub-FIM; the κ_p that are lower bounds
     (``…_lower_bound``) and infinite (``…_infinite``); dead and full units; and (with
     ``domination_prefix``) the weight-domination ratios.
 
     Example:
         >>> layout = tensorboard_layout(kappa_percents=(100,))
-        >>> layout["conditioning: λmax per layer"]["Σx λmax"]
-        ['Multiline', ['conditioning/[^/]+/input_lambda_max$']]
+        >>> layout["conditioning: log10 λmax per layer"]["Σx log10 λmax"]
+        ['Multiline', ['conditioning/[^/]+/log10_input_lambda_max$']]
         >>> layout["conditioning: rank per layer"]["Σ∇h rank"]
         ['Multiline', ['conditioning/[^/]+/grad_rank$']]
     """

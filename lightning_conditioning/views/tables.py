@@ -91,8 +91,8 @@ def split_metrics(metrics: Mapping[str, float]) -> SplitMetrics:
             continue
         split = schema.split_key(logged)
         parsed = schema.parse_quantity(split[1]) if split is not None else None
-        if split is None or parsed is None:
-            continue
+        if split is None or parsed is None or parsed.kind == "log10":
+            continue  # log10_… are TensorBoard's chart copies of quantities read here anyway
         layer, quantity = split
         target = out.domination if parsed.kind == "domination" else out.conditioning
         target.setdefault(layer, {})[quantity] = float(value)
