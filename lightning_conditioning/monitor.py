@@ -8,7 +8,6 @@ Lightning shell over it; Fabric and plain PyTorch loops use it directly.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 import warnings
@@ -17,9 +16,8 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_conditioning.adapters import registered_layer_types
 from lightning_conditioning.capture import LayerCapture, find_layers, last_linear_name, uncovered_modules
 from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
@@ -27,9 +25,11 @@ from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.views.tables import conditioning_table
-from lightning_conditioning.results import LayerConditioning, analyse_layer, with_stability_margin
+from lightning_conditioning.margin import step_size_limits, with_stability_margin
+from lightning_conditioning.results import LayerConditioning, analyse_layer
+from lightning_conditioning.selection import selection_problem
 
-__all__ = ["ConditioningMonitor", "analyse_capture", "selection_problem", "step_size_limits"]
+__all__ = ["ConditioningMonitor", "analyse_capture"]
 
 _LOG = logging.getLogger("lightning_conditioning")
 
@@ -397,72 +397,3 @@ def analyse_capture(
         info(f"{who}: step {step}: analysis done in {time.perf_counter() - started:.1f} s.")
     return results
 
-
-def selection_problem(model: nn.Module, options: ConditioningOptions,
-                      layers: Mapping[str, Any]) -> str | None:
-    """Why the selection analyses nothing, or which ``include`` pattern matched no layer; in
-    words that name the filter and the layers it could have matched.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> print(selection_problem(model, ConditioningOptions(include=["head"]), {}))
-        ... # doctest: +NORMALIZE_WHITESPACE
-        include=['head'] matched none of the 2 analysable layers (patterns match the whole
-        qualified name, e.g. '*head'): 0, 2. Nothing will be analysed.
-    """
-    analysable = list(find_layers(model, options.layer_types, None, None, options.conv_mode))
-    kinds = options.layer_types or registered_layer_types()
-    kind_names = ", ".join(sorted({kind.__name__.lstrip("_") for kind in kinds}))
-    if not analysable:
-        return (f"{type(model).__name__} has no layer of the analysed kinds ({kind_names}). "
-                "Nothing will be analysed. Other kinds need an adapter (`register_adapter`).")
-    shown = ", ".join(analysable[:12]) + (f", … ({len(analysable) - 12} more)" if len(analysable) > 12 else "")
-    hint = "(patterns match the whole qualified name, e.g. '*head')"
-    unmatched = [p for p in options.include or ()
-                 if not any(fnmatch.fnmatchcase(name, p) for name in analysable)]
-    if unmatched and not layers:
-        return (f"include={list(unmatched)} matched none of the {len(analysable)} analysable layers "
-                f"{hint}: {shown}. Nothing will be analysed.")
-    if unmatched:
-        return (f"include pattern(s) {unmatched} matched none of the {len(analysable)} analysable "
-                f"layers {hint}: {shown}.")
-    if not layers:
-        return (f"exclude={list(options.exclude or ())} removed every layer that include kept; "
-                f"the analysable layers are: {shown}. Nothing will be analysed.")
-    return None
-
-
-def step_size_limits(
-    layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any
-) -> tuple[dict[str, float], dict[str, float]]:
-    """``({layer: lr}, {layer: limit})`` for the layers whose weight an SGD-family optimizer
-    (one with ``momentum`` and ``dampening``: plain, heavy-ball and Nesterov SGD) updates. The
-    limit is 2(1+β): gradient descent with heavy-ball momentum β is stable on a quadratic iff
-    ``lr·λ < 2(1+β)`` for every eigenvalue λ. Adaptive optimizers precondition the step, so
-    ``lr·λmax`` of the raw curvature says nothing about them: their layers are left out.
-
-    Example:
-        >>> layer = nn.Linear(2, 2)
-        >>> sgd = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.5)
-        >>> step_size_limits({"fc": (layer, None)}, sgd)
-        ({'fc': 0.1}, {'fc': 3.0})
-        >>> step_size_limits({"fc": (layer, None)}, torch.optim.Adam(layer.parameters()))
-        ({}, {})
-    """
-    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
-    groups = {id(p): group for opt in optimizers for group in getattr(opt, "param_groups", [])
-              for p in group.get("params", [])}
-    rates: dict[str, float] = {}
-    limits: dict[str, float] = {}
-    for name, (module, _) in layers.items():
-        group = groups.get(id(getattr(module, "weight", None)))
-        if group is None or "dampening" not in group or "momentum" not in group:
-            continue
-        lr = group.get("lr")
-        if isinstance(lr, Tensor):
-            lr = float(lr)
-        if not isinstance(lr, (int, float)):
-            continue
-        rates[name] = float(lr)
-        limits[name] = 2.0 * (1.0 + float(group["momentum"]))
-    return rates, limits

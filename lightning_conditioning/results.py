@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -27,10 +27,7 @@ from lightning_conditioning.spectra import (
     summarize_spectrum,
 )
 
-__all__ = [
-    "LayerStatus", "LayerConditioning", "layer_status", "solve_layer", "analyse_layer",
-    "with_stability_margin",
-]
+__all__ = ["LayerStatus", "LayerConditioning", "layer_status", "solve_layer", "analyse_layer"]
 
 #: ``"ok"``: everything computed; ``"no_grad"``: inputs seen but no output gradient arrived
 #: (Σ∇h and the sub-FIM are missing); ``"no_data"``: the layer never ran in the window;
@@ -75,7 +72,7 @@ class LayerConditioning:
     input_rows: int
     grad_rows: int
     #: ``{"lr_lambda_max": …, "stability_limit": …, "lambda_max_share": …}`` once the learning
-    #: rate is known (:func:`with_stability_margin`), else empty
+    #: rate is known (:func:`lightning_conditioning.margin.with_stability_margin`), else empty
     margin: Mapping[str, float] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "conditioning") -> dict[str, float]:
@@ -217,39 +214,3 @@ def analyse_layer(
         **common,  # type: ignore[arg-type]
     )
 
-
-def with_stability_margin(
-    results: Mapping[str, LayerConditioning],
-    learning_rates: Mapping[str, float],
-    limits: Mapping[str, float],
-) -> dict[str, LayerConditioning]:
-    """The results with each layer's stability margin: ``lr·λmax(F_k)`` against its step-size
-    limit (2 for gradient descent, 2(1+β) with heavy-ball momentum β; a quadratic diverges along
-    an eigen-direction whose ``lr·λ`` exceeds it), and ``λmax(F_k) / max_j λmax(F_j)``: with the
-    block-diagonal approximation the whole model's bound is set by the largest block.
-
-    Layers without a learning rate (frozen, or an optimizer without one) are left as they are.
-
-    Example:
-        >>> import torch
-        >>> from lightning_conditioning.accumulate import LayerMoments
-        >>> eye = torch.eye(2, dtype=torch.float64)
-        >>> result = analyse_layer("fc", 0, LayerMoments(4 * eye, eye, 8, 8, torch.ones(2), torch.ones(2)))
-        >>> with_stability_margin({"fc": result}, {"fc": 0.25}, {"fc": 2.0})["fc"].margin
-        {'lr_lambda_max': 1.0, 'stability_limit': 2.0, 'lambda_max_share': 1.0}
-    """
-    peaks = [r.fim.lambda_max for r in results.values()
-             if r.fim is not None and math.isfinite(r.fim.lambda_max)]
-    largest = max(peaks, default=math.nan)
-    out: dict[str, LayerConditioning] = {}
-    for name, result in results.items():
-        lr, limit = learning_rates.get(name), limits.get(name)
-        if result.fim is None or lr is None or limit is None or not math.isfinite(result.fim.lambda_max):
-            out[name] = result
-            continue
-        out[name] = replace(result, margin={
-            "lr_lambda_max": lr * result.fim.lambda_max,
-            "stability_limit": limit,
-            "lambda_max_share": result.fim.lambda_max / largest if largest > 0 else math.nan,
-        })
-    return out
