@@ -52,9 +52,10 @@ class Collectives:
 
     def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
         """``reduce(tensor, op)`` from :attr:`device` (the tensor is copied there when it lives
-        elsewhere), returned on the tensor's own device. The caller's tensor is not changed."""
+        elsewhere), returned on the tensor's own device. The tensor may be reduced in place:
+        pass a temporary (the package's flat buffers are; no extra copy of them is made)."""
         if self.device is None or tensor.device == self.device:
-            return self.reduce(tensor.clone(), op)
+            return self.reduce(tensor, op)
         return self.reduce(tensor.to(self.device), op).to(tensor.device)
 
     @classmethod

@@ -172,7 +172,10 @@ def analyse_layer(
         input_rows=moments.input_rows,
         grad_rows=moments.grad_rows,
     )
-    status = layer_status(moments)
+    # solved spectra already say what exists (solve_layer checked finiteness once): no second
+    # pass over the matrices unless nothing was solved
+    status: LayerStatus = (layer_status(moments) if not solved else
+                           "ok" if "grad" in solved else "no_grad")
     if status in ("no_data", "nonfinite"):
         return LayerConditioning(status=status, **common, **empty)  # type: ignore[arg-type]
     if solved is None or any(label not in solved for label in _labels(status)):
