@@ -19,7 +19,8 @@ from lightning_conditioning.__about__ import __version__
 
 if TYPE_CHECKING:
     from lightning_conditioning.accumulate import LayerMoments
-    from lightning_conditioning.adapters import LayerAdapter, register_adapter
+    from lightning_conditioning.adapters import LayerAdapter
+    from lightning_conditioning.registry import register_adapter
     from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
     from lightning_conditioning.collectives import Collectives
     from lightning_conditioning.domination import WeightStatistics, weight_statistics
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "LayerMoments": "lightning_conditioning.accumulate",
     "LayerAdapter": "lightning_conditioning.adapters",
-    "register_adapter": "lightning_conditioning.adapters",
+    "register_adapter": "lightning_conditioning.registry",
     "ConditioningCallback": "lightning_conditioning.callbacks",
     "WeightDominationCallback": "lightning_conditioning.callbacks",
     "Collectives": "lightning_conditioning.collectives",

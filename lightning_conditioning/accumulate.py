@@ -51,6 +51,9 @@ class SecondMomentSum:
         dim: length of a row.
         device: where the sums live (the layer's device: no host transfer in the hot path).
         track_row_sum: also keep ``Σ_rows r`` (needed for the homogeneous coordinate).
+        diagonal: the moment is known to be diagonal (one-hot rows: an embedding's token
+            counts): only its ``dim`` diagonal entries are kept (:meth:`add_diagonal`), and
+            :meth:`mean` returns them as a vector, never a ``dim × dim`` matrix.
 
     Example:
         >>> acc = SecondMomentSum(2, torch.device("cpu"))
@@ -61,9 +64,14 @@ class SecondMomentSum:
                 [1., 2.]], dtype=torch.float64)
     """
 
-    def __init__(self, dim: int, device: torch.device, *, track_row_sum: bool = False) -> None:
+    def __init__(self, dim: int, device: torch.device, *, track_row_sum: bool = False,
+                 diagonal: bool = False) -> None:
+        if diagonal and track_row_sum:
+            raise ValueError("a diagonal moment has no homogeneous coordinate (track_row_sum)")
         self.dim = dim
-        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.diagonal = diagonal
+        shape = (dim,) if diagonal else (dim, dim)
+        self.sum_outer = torch.zeros(shape, dtype=torch.float64, device=device)
         self.sum_rows = (
             torch.zeros(dim, dtype=torch.float64, device=device) if track_row_sum else None
         )
@@ -112,6 +120,21 @@ class SecondMomentSum:
             self.sum_rows.add_(row_sum)
         self.rows += rows
 
+    def add_diagonal(self, diagonal: Tensor, rows: int) -> None:
+        """Add the diagonal of a Gram of ``rows`` rows (a diagonal moment only), e.g. the token
+        counts of one-hot rows. Exact: counts are integers in float64.
+
+        Example:
+            >>> counts = SecondMomentSum(3, torch.device("cpu"), diagonal=True)
+            >>> counts.add_diagonal(torch.tensor([2.0, 0.0, 1.0]), rows=3)
+            >>> counts.mean()
+            tensor([0.6667, 0.0000, 0.3333], dtype=torch.float64)
+        """
+        if not self.diagonal:
+            raise RuntimeError("add_diagonal needs a diagonal moment (diagonal=True)")
+        self.sum_outer.add_(diagonal.to(self.sum_outer.dtype))
+        self.rows += rows
+
     def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
         """Add ``weight * rowsᵀ rows`` of an ``(n, dim)`` matrix in one fused GEMM.
 
@@ -138,7 +161,8 @@ class SecondMomentSum:
             self.resolution = max(self.resolution, torch.finfo(dtype).eps)
 
     def mean(self, *, homogeneous: bool = False) -> Tensor:
-        """``Σ r rᵀ / rows``; with ``homogeneous`` the ``[r; 1]`` second moment (dim + 1)."""
+        """``Σ r rᵀ / rows`` (its diagonal, a vector, for a diagonal moment); with
+        ``homogeneous`` the ``[r; 1]`` second moment (dim + 1)."""
         self.fold()
         rows = max(self.rows, 1)
         if not homogeneous:
@@ -183,7 +207,8 @@ class LayerMoments:
     """A finished window of one layer, as plain tensors on the CPU (float64).
 
     Attributes:
-        input_second_moment: ``Σx`` (mean over input rows), or ``None`` without input rows.
+        input_second_moment: ``Σx`` (mean over input rows), or ``None`` without input rows;
+            a 1-D tensor stands for a diagonal matrix (an embedding's token frequencies).
         grad_second_moment: ``Σ∇h`` (mean over output-gradient rows), or ``None``.
         input_rows / grad_rows: how many rows each mean was taken over.
         unit_max / unit_min: per input unit (feature, or channel for conv layers), the largest
@@ -247,9 +272,11 @@ class LayerWindow:
         device: torch.device,
         *,
         homogeneous: bool = False,
+        diagonal_input: bool = False,
     ) -> None:
         self.homogeneous = homogeneous
-        self.input = SecondMomentSum(input_dim, device, track_row_sum=homogeneous)
+        self.input = SecondMomentSum(input_dim, device, track_row_sum=homogeneous,
+                                     diagonal=diagonal_input)
         self.grad = SecondMomentSum(grad_dim, device)
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
         self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)

@@ -2,15 +2,14 @@
 
 An adapter is stateless: given a module and a detached tensor it adds the sum of row outer
 products to a :class:`~lightning_conditioning.accumulate.SecondMomentSum` and returns per-unit
-extremes. :func:`adapter_for` picks one by ``isinstance`` from a small
-registry that :func:`register_adapter` extends. The hooks that call adapters live in
+extremes. :func:`~lightning_conditioning.registry.adapter_for` picks one by ``isinstance``
+from a small registry that :func:`~lightning_conditioning.registry.register_adapter` extends. The hooks that call adapters live in
 :mod:`lightning_conditioning.capture`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -25,9 +24,6 @@ __all__ = [
     "LinearAdapter",
     "ConvChannelAdapter",
     "ConvPatchAdapter",
-    "register_adapter",
-    "registered_layer_types",
-    "adapter_for",
 ]
 
 ConvMode = Literal["channel", "patch"]
@@ -47,6 +43,7 @@ class LayerAdapter:
         >>> class BilinearInputAdapter(LinearAdapter):  # treat x1 of nn.Bilinear as the input
         ...     def dims(self, module):
         ...         return module.in1_features, module.out_features, module.in1_features
+        >>> from lightning_conditioning.registry import _REGISTRY, adapter_for, register_adapter
         >>> register_adapter(nn.Bilinear, lambda module, mode: BilinearInputAdapter())
         >>> type(adapter_for(nn.Bilinear(3, 4, 2))).__name__
         'BilinearInputAdapter'
@@ -73,6 +70,33 @@ class LayerAdapter:
     def batch_size(self, module: nn.Module, output: Tensor) -> int:
         """Number of examples the output holds (the ``B`` of a batch-mean loss)."""
         return int(output.shape[0]) if output.dim() > 1 else 1
+
+    def token_count(self, module: nn.Module, output: Tensor) -> int:
+        """Number of rows (tokens, positions) the output holds: the divisor of a loss that
+        averages over every row (``loss_reduction="token_mean"`` without an exact count)."""
+        return max(1, output.numel() // max(1, int(output.shape[-1]))) if output.dim() else 1
+
+    #: the layer's Σx is diagonal (one-hot rows): kept as a vector (:class:`SecondMomentSum`)
+    diagonal_input: bool = False
+    #: rows come from the module's own forward (a forward hook); ``False``: only from
+    #: functional calls with its weight (e.g. the projections inside ``nn.MultiheadAttention``)
+    module_hook: bool = True
+
+    def has_bias(self, module: nn.Module) -> bool:
+        """Whether the layer adds a bias (the homogeneous coordinate of ``include_bias``)."""
+        return getattr(module, "bias", None) is not None
+
+    def sublayers(self, module: nn.Module) -> dict[str, LayerAdapter] | None:
+        """Several analysable layers in one module (``{suffix: adapter}``, named
+        ``<module>.<suffix>``), or None when the module is one layer."""
+        return None
+
+    def functional_weight(self, module: nn.Module) -> tuple[Tensor, slice] | None:
+        """The parameter whose functional use (``F.linear``/``F.conv*``/``F.embedding`` with it,
+        or with a row slice of it) feeds this layer, and the rows (output units) that are this
+        layer's; None when the layer is only ever seen through its module."""
+        weight = getattr(module, "weight", None)
+        return (weight, slice(0, weight.shape[0])) if isinstance(weight, Tensor) else None
 
 
 class LinearAdapter(LayerAdapter):
@@ -131,6 +155,10 @@ class ConvChannelAdapter(LayerAdapter):
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
         assert isinstance(module, nn.modules.conv._ConvNd)
         return module.in_channels, module.out_channels, module.in_channels
+
+    def token_count(self, module: nn.Module, output: Tensor) -> int:
+        out = _batched(module, output)  # type: ignore[arg-type]
+        return max(1, out.numel() // max(1, int(out.shape[1])))
 
     def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
         assert isinstance(module, nn.modules.conv._ConvNd)
@@ -228,52 +256,3 @@ class ConvPatchAdapter(ConvChannelAdapter):
         dim = self.dims(module)[1]
         flat = grad.reshape(-1, dim, grad[0, 0].numel())  # (N·groups, C_out/groups, L)
         into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], weight=weight)
-
-
-AdapterFactory = Callable[[nn.Module, ConvMode], LayerAdapter]
-_REGISTRY: list[tuple[type[nn.Module], AdapterFactory]] = [
-    (nn.Linear, lambda module, mode: LinearAdapter()),
-    (
-        nn.modules.conv._ConvNd,
-        lambda module, mode: ConvPatchAdapter() if mode == "patch" else ConvChannelAdapter(),
-    ),
-]
-
-
-def register_adapter(module_type: type[nn.Module], factory: AdapterFactory) -> None:
-    """Teach the capture a new layer kind; later registrations win over earlier ones.
-
-    That is all it takes: the default layer selection is every registered kind
-    (:func:`registered_layer_types`).
-
-    Example:
-        >>> class MyLinear(nn.Linear): ...
-        >>> register_adapter(MyLinear, lambda module, mode: LinearAdapter())
-        >>> MyLinear in registered_layer_types()
-        True
-        >>> _ = _REGISTRY.pop()  # (undo, for this example only)
-    """
-    _REGISTRY.append((module_type, factory))
-
-
-def registered_layer_types() -> tuple[type[nn.Module], ...]:
-    """Every module type that has an adapter (the default set of analysed layers).
-
-    Example:
-        >>> [t.__name__ for t in registered_layer_types()][:2]
-        ['Linear', '_ConvNd']
-    """
-    return tuple(dict.fromkeys(module_type for module_type, _ in _REGISTRY))
-
-
-def adapter_for(module: nn.Module, conv_mode: ConvMode = "channel") -> LayerAdapter | None:
-    """The adapter for a module (``isinstance`` match, latest registration first), or None.
-
-    Example:
-        >>> type(adapter_for(nn.Conv2d(3, 4, 3), "patch")).__name__, adapter_for(nn.ReLU())
-        ('ConvPatchAdapter', None)
-    """
-    for module_type, factory in reversed(_REGISTRY):
-        if isinstance(module, module_type):
-            return factory(module, conv_mode)
-    return None

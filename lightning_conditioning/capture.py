@@ -24,17 +24,22 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
-from lightning_conditioning.adapters import ConvMode, LayerAdapter, adapter_for, registered_layer_types
+from lightning_conditioning.adapters import ConvMode, LayerAdapter
+from lightning_conditioning.registry import adapter_for, registered_layer_types
+from lightning_conditioning.functional_capture import FunctionalCapture, WeightUse, row_range, weight_uses
 
 __all__ = [
     "checked_layer_types",
     "select_layers",
     "find_layers",
     "uncovered_modules",
+    "uncovered_reason",
+    "coverage",
     "user_name",
     "last_linear_name",
     "LayerCapture",
@@ -127,8 +132,16 @@ def find_layers(
     layers: dict[str, tuple[nn.Module, LayerAdapter]] = {}
     for name, module in select_layers(model, layer_types, include, exclude).items():
         adapter = adapter_for(module, conv_mode)
-        if adapter is not None:
+        if adapter is None:
+            continue
+        parts = adapter.sublayers(module)
+        if parts is None:
             layers[name] = (module, adapter)
+            continue
+        for suffix, part in parts.items():  # e.g. an attention's q/k/v projections
+            full = f"{name}.{suffix}"
+            if exclude is None or not any(fnmatch.fnmatchcase(full, p) for p in exclude):
+                layers[full] = (module, part)
     return layers
 
 
@@ -138,8 +151,8 @@ def uncovered_modules(
     layer_types: Sequence[type[nn.Module]] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-) -> list[tuple[str, str, int]]:
-    """Weight-bearing modules that no adapter covers: ``(name, type name, parameters)``.
+) -> list[tuple[str, str, int, str]]:
+    """Weight-bearing modules that no adapter covers: ``(name, type name, parameters, why)``.
 
     A module bears weights when it owns a trainable parameter with two or more dimensions (a
     matrix or a kernel: normalisation scales and biases are vectors). Modules in ``layers``
@@ -149,7 +162,7 @@ def uncovered_modules(
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8), nn.LayerNorm(8))
-        >>> uncovered_modules(model, find_layers(model))
+        >>> [entry[:3] for entry in uncovered_modules(model, find_layers(model))]
         [('1', 'LSTM', 576)]
     """
     analysed = [entry[0] if isinstance(entry, tuple) else entry for entry in layers.values()]
@@ -165,8 +178,41 @@ def uncovered_modules(
             continue
         if layer_types is not None and isinstance(module, covered_kinds):
             continue  # a covered kind the user chose not to analyse
-        out.append((name, type(module).__name__, sum(p.numel() for p in own)))
+        out.append((name, type(module).__name__, sum(p.numel() for p in own), uncovered_reason(module)))
     return out
+
+
+def uncovered_reason(module: nn.Module) -> str:
+    """Why a weight-bearing module is not analysed, in a few words.
+
+    Example:
+        >>> uncovered_reason(nn.GRU(2, 2))
+        'a recurrent layer: no adapter (its weights act on every time step)'
+    """
+    if isinstance(module, nn.RNNBase):
+        return "a recurrent layer: no adapter (its weights act on every time step)"
+    if not any(True for _ in module.children()):
+        return "a layer kind with no adapter"
+    names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad and p.dim() >= 2]
+    return (f"its own parameter(s) {', '.join(names)} (e.g. a position embedding, a class token "
+            "or a bias table: no layer of their own)")
+
+
+def coverage(model: nn.Module, layers: Mapping[str, tuple[nn.Module, Any]]) -> tuple[int, int, int]:
+    """``(analysed, weights, total)``: trainable parameters in the weights of analysed layers,
+    in all weight matrices and kernels (two or more dimensions), and in all; shared (tied)
+    parameters count once.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.LSTM(8, 2))
+        >>> coverage(model, find_layers(model))
+        (32, 112, 152)
+    """
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    matrices = {key for key, p in trainable.items() if p.dim() >= 2}
+    analysed = {id(p) for module, _ in layers.values() for p in module.parameters()} & matrices
+    return (sum(trainable[k].numel() for k in analysed), sum(trainable[k].numel() for k in matrices),
+            sum(p.numel() for p in trainable.values()))
 
 
 def last_linear_name(model: nn.Module) -> str | None:
@@ -204,10 +250,15 @@ class LayerCapture:
         layers: ``{name: (module, adapter)}``, e.g. from :func:`find_layers`.
         statistics_dtype: dtype of the Gram GEMMs (float32 default; inputs in lower precision
             are upcast, float64 inputs stay float64). Sums are always accumulated in float64.
-        loss_reduction: ``"mean"`` multiplies output gradients by the batch size, ``"sum"``
+        loss_reduction: ``"mean"`` multiplies output gradients by the batch size (the
+            leading dimension), ``"token_mean"`` by the number of tokens the loss averages over
+            (:attr:`loss_tokens` when set, else the rows of the layer's output), ``"sum"``
             leaves them.
         include_bias: add the homogeneous coordinate (a trailing 1) to the inputs of layers
             that have a bias.
+        model: the model holding the layers: with it, weights used functionally inside other
+            modules' forwards are captured too
+            (:mod:`~lightning_conditioning.functional_capture`).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 2))
@@ -225,16 +276,29 @@ class LayerCapture:
         layers: dict[str, tuple[nn.Module, LayerAdapter]],
         *,
         statistics_dtype: torch.dtype = torch.float32,
-        loss_reduction: Literal["mean", "sum"] = "mean",
+        loss_reduction: Literal["mean", "token_mean", "sum"] = "mean",
         include_bias: bool = False,
+        model: nn.Module | None = None,
     ) -> None:
         self.layers = layers
         self.statistics_dtype = statistics_dtype
         self.loss_reduction = loss_reduction
         self.include_bias = include_bias
+        self.model = model
         self.active = False
         #: extra factor on every output-gradient row (e.g. accumulation steps / loss scale)
         self.grad_multiplier: float = 1.0
+        #: with ``loss_reduction="token_mean"``: how many tokens the loss of the pass being
+        #: captured averages over (None: each layer's output rows)
+        self.loss_tokens: int | None = None
+        #: rows that came in through functional calls, per layer (since attach)
+        self.functional_calls: dict[str, int] = {}
+        self._inside: dict[int, int] = {}  # id(layer module) -> its forwards running now
+        self._hosts: list[int] = []  # ids of the host modules whose forward entered the mode
+        self._batch_hints: list[int] = []  # examples in the attention module running now
+        self._mode: FunctionalCapture | None = None
+        self._uses: dict[int, list[WeightUse]] = {}
+        self._attention_parts: set[int] = set()
         self.windows: dict[str, LayerWindow] = {}
         self._handles: list[RemovableHandle] = []
         #: bumped at every reset: an output gradient belongs to the window of its forward
@@ -251,15 +315,71 @@ class LayerCapture:
         """Allocate the windows on each layer's device and register the forward hooks."""
         if self.attached:
             return
+        self._prepare_functional()
+        hooked: set[int] = set()
         for name, (module, adapter) in self.layers.items():
             if name not in self.windows:
                 input_dim, grad_dim, units = adapter.dims(module)
-                homogeneous = self.include_bias and getattr(module, "bias", None) is not None
+                homogeneous = self.include_bias and adapter.has_bias(module)
                 self.windows[name] = LayerWindow(
-                    input_dim, grad_dim, units, _module_device(module), homogeneous=homogeneous
+                    input_dim, grad_dim, units, _module_device(module), homogeneous=homogeneous,
+                    diagonal_input=adapter.diagonal_input,
                 )
+            if not adapter.module_hook:
+                continue
             hook = torch.compiler.disable(functools.partial(self._forward_hook, name, module))
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            # always called (also when the forward raises): it ends the layer's "inside" mark
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True, always_call=True))
+            if self._mode is not None and id(module) not in hooked:
+                hooked.add(id(module))  # its own forward runs: the functional path leaves it
+                self._handles.append(module.register_forward_pre_hook(
+                    torch.compiler.disable(self._enter_layer)))
+        if self._mode is None:
+            return
+        for host in _hosts(self.model, self.layers):  # type: ignore[arg-type]
+            self._handles.append(host.register_forward_pre_hook(
+                torch.compiler.disable(self._enter_host),
+                with_kwargs=True))
+            self._handles.append(host.register_forward_hook(
+                torch.compiler.disable(self._leave_host),
+                always_call=True))
+
+    def _prepare_functional(self) -> None:
+        """The functional mode, when a model is given and some layer weight can be used
+        functionally (see :mod:`~lightning_conditioning.functional_capture`)."""
+        self._uses = weight_uses(self.layers)
+        if self.model is None or not self._uses or _compiled(self.model):
+            self._mode = None
+            return
+        self._mode = FunctionalCapture(set(self._uses), self._functional_call)
+        # an attention module and its out_proj: the examples are the attention's batch
+        self._attention_parts = {id(m) for a in self.model.modules()
+                                 if isinstance(a, nn.MultiheadAttention) for m in (a, *a.children())}
+
+    def _enter_layer(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.active:
+            self._inside[id(module)] = self._inside.get(id(module), 0) + 1
+
+    def _enter_host(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if (not self.active or self._mode is None
+                or torch._C._current_graph_task_id() != -1):  # a checkpoint's recomputation
+            return
+        if not self._hosts:
+            self._mode.__enter__()
+        self._hosts.append(id(host))
+        if isinstance(host, nn.MultiheadAttention):
+            query = args[0] if args else kwargs.get("query")
+            batched = isinstance(query, Tensor) and query.dim() == 3
+            self._batch_hints.append(int(query.shape[0 if host.batch_first else 1]) if batched else 1)
+
+    def _leave_host(self, host: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._hosts or self._hosts[-1] != id(host):
+            return
+        self._hosts.pop()
+        if isinstance(host, nn.MultiheadAttention) and self._batch_hints:
+            self._batch_hints.pop()
+        if not self._hosts and self._mode is not None:
+            self._mode.__exit__(None, None, None)
 
     def detach(self) -> None:
         """Remove every hook (idempotent). The windows are kept."""
@@ -293,42 +413,94 @@ class LayerCapture:
     ) -> None:
         # a deep copy of the model carries this hook too: only our own module counts, and
         # activation checkpointing re-runs forwards inside backward: those are no new rows
-        if not self.active or module is not expected:
+        if module is not expected:
+            return
+        count = self._inside.get(id(module), 0)
+        if count:  # its own forward is over (see _enter_layer)
+            self._inside[id(module)] = count - 1
+        if not self.active:
             return
         if torch._C._current_graph_task_id() != -1:
             return
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, Tensor) or not isinstance(output, Tensor):
             return
+        self._record(name, module, x, output, None)
+
+    def _record(self, name: str, module: nn.Module, x: Tensor, output: Tensor,
+                columns: slice | None, batch: int | None = None) -> None:
+        """Add a layer's input rows now, and its output gradient (``output[..., columns]``)
+        when the backward pass reaches it."""
         window = self.windows[name]
         if window.device != x.device:  # the model moved after attach(): follow it
             window.to(x.device)
         adapter = self.layers[name][1]
         # autocast would run out-of-place GEMMs (bmm) in bf16/fp16: the Grams keep their dtype
         with torch.no_grad(), _without_autocast(x.device):
-            unit_max, unit_min = adapter.accumulate_input(
-                module, x.detach().to(self._dtype_for(x)), window.input
-            )
+            rows = x.detach()
+            if rows.is_floating_point():  # token ids stay integers
+                rows = rows.to(self._dtype_for(x))
+            unit_max, unit_min = adapter.accumulate_input(module, rows, window.input)
             window.input.note_precision(x.dtype)
             window.add_units(unit_max, unit_min)
         if output.requires_grad:
-            scale = adapter.batch_size(module, output) if self.loss_reduction == "mean" else 1
-            output.register_hook(
-                functools.partial(self._grad_hook, name, module, scale, self._generation))
+            scale = self._example_factor(adapter, module, output, batch)
+            output.register_hook(functools.partial(
+                self._grad_hook, name, module, scale, self._generation, columns))
+
+    def _example_factor(self, adapter: LayerAdapter, module: nn.Module, output: Tensor,
+                        batch: int | None) -> int:
+        """The factor undoing the loss's mean (see ``loss_reduction``)."""
+        if self.loss_reduction == "sum":
+            return 1
+        if self.loss_reduction == "token_mean":
+            return self.loss_tokens or adapter.token_count(module, output)
+        return batch if batch is not None else adapter.batch_size(module, output)
 
     def _grad_hook(self, name: str, module: nn.Module, scale: int, generation: int,
-                   grad: Tensor) -> None:
+                   columns: slice | None, grad: Tensor) -> None:
         if generation != self._generation:  # its window was finished or discarded meanwhile
             self.late_gradients += 1
             return
         adapter = self.layers[name][1]
         window = self.windows[name]
+        if columns is not None:
+            grad = grad[..., columns]
         with torch.no_grad(), _without_autocast(grad.device):
             factor = scale * self.grad_multiplier
             adapter.accumulate_grad(
                 module, grad.detach().to(self._dtype_for(grad)), window.grad, factor * factor
             )
             window.grad.note_precision(grad.dtype)
+
+    def _functional_call(self, function: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         output: Any) -> None:
+        """A weight of an analysed layer used through ``F.linear``/``F.embedding``/``conv``."""
+        if not self.active or torch._C._current_graph_task_id() != -1:
+            return
+        x = args[0] if args else kwargs.get("input")
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if not isinstance(x, Tensor) or not isinstance(output, Tensor) or not isinstance(weight, Tensor):
+            return
+        found = row_range(weight)
+        if found is None:
+            return
+        parameter, first, end = found
+        batch = self._batch_hints[-1] if self._batch_hints else None
+        for use in self._uses.get(parameter, []):
+            module, adapter = self.layers[use.layer]
+            if self._inside.get(id(module)) or not first <= use.rows.start < use.rows.stop <= end:
+                continue  # its own forward (the forward hook has it), or another slice
+            if function not in (F.linear, F.embedding) and not _same_conv(module, args, kwargs):
+                continue
+            columns = None
+            if (use.rows.start, use.rows.stop) != (first, end):
+                columns = slice(use.rows.start - first, use.rows.stop - first)
+            if function is F.embedding:  # an embedding's output has no row slices
+                columns = None
+            self.functional_calls[use.layer] = self.functional_calls.get(use.layer, 0) + 1
+            in_attention = id(module) in self._attention_parts  # its batch is the attention's
+            self._record(use.layer, module, x, output, columns, batch if in_attention else None)
 
     def all_reduce(self, reduce: Callable[[Tensor, str], Tensor]) -> None:
         """Combine every window over processes: two collectives on flat float64 buffers.
@@ -367,6 +539,44 @@ class LayerCapture:
         for index, window in enumerate(windows):
             (window.input.resolution, window.input.gram_roundoff,
              window.grad.resolution, window.grad.gram_roundoff) = values[4 * index: 4 * index + 4]
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps the model or a part of it (no functional path then: a
+    mode inside compiled code would recompile it)."""
+    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
+               is not None for m in model.modules())
+
+
+def _hosts(model: nn.Module, layers: Mapping[str, tuple[nn.Module, LayerAdapter]]) -> list[nn.Module]:
+    """The modules whose forward may use analysed weights functionally: each layer's parent,
+    and every module whose layers exist only functionally (an attention)."""
+    wanted = {id(module) for module, _ in layers.values()}
+    hosts: dict[int, nn.Module] = {}
+    for module, adapter in layers.values():
+        if not adapter.module_hook:
+            hosts[id(module)] = module
+    for parent in model.modules():
+        if any(id(child) in wanted for child in parent.children()):
+            hosts[id(parent)] = parent
+    return list(hosts.values())
+
+
+def _same_conv(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a functional conv call uses the module's own stride/padding/dilation/groups."""
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    names = ("stride", "padding", "dilation", "groups")
+    given = dict(zip(names, args[3:]), **{k: v for k, v in kwargs.items() if k in names})
+
+    def norm(value: Any) -> Any:
+        if isinstance(value, int):
+            return (value,) * len(module.kernel_size)
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    return all(norm(given.get(k, defaults[k])) == norm(getattr(module, k)) for k in names) and (
+        module.padding_mode == "zeros")
 
 
 def _unpack(flat: Tensor, buffers: list[Tensor]) -> int:

@@ -47,8 +47,8 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> list[list[str]
 def _cost(moments: LayerMoments) -> float:
     total = 0.0
     for matrix in (moments.input_second_moment, moments.grad_second_moment):
-        if matrix is not None:
-            total += float(matrix.shape[0]) ** 3
+        if matrix is not None:  # a diagonal moment (1-D) costs a sort
+            total += float(matrix.shape[0]) ** (3 if matrix.dim() == 2 else 1)
     return total + 1.0
 
 

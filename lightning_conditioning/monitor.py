@@ -18,8 +18,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_conditioning.capture import LayerCapture, find_layers, last_linear_name, uncovered_modules
+from lightning_conditioning.capture import (
+    LayerCapture,
+    coverage,
+    find_layers,
+    last_linear_name,
+    uncovered_modules,
+)
 from lightning_conditioning.collectives import Collectives, auto_collectives
+from lightning_conditioning.conventions import loss_tokens, resolve_loss_reduction
 from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
@@ -123,8 +130,11 @@ class ConditioningMonitor:
         self._fired_rules: set[str] = set()
         o = self.options
         layers = find_layers(model, o.layer_types, o.include, o.exclude, o.conv_mode)
+        #: the per-example convention in use (``loss_reduction`` with ``"auto"`` resolved)
+        self.loss_reduction, self._reduction_reason = resolve_loss_reduction(model, o.loss_reduction)
+        self._model_ref = model
         self.last_linear = last_linear_name(model)
-        #: weight-bearing modules no adapter covers: ``(name, type, parameters)``
+        #: weight-bearing modules no adapter covers: ``(name, type, parameters, why)``
         self.uncovered = uncovered_modules(model, layers, o.layer_types, o.include, o.exclude)
         self._announce_coverage(model, layers)
         self.capture: LayerCapture | None = None
@@ -144,26 +154,31 @@ class ConditioningMonitor:
             layers,
             statistics_dtype=gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()],
                                             slowdown=slowdown),
-            loss_reduction=o.loss_reduction,
+            loss_reduction=self.loss_reduction,  # type: ignore[arg-type]
             include_bias=o.include_bias,
+            model=model,
         )
         self.capture.attach()
 
     def _announce_coverage(self, model: nn.Module, layers: Mapping[str, Any]) -> None:
-        """One line on what is analysed; one warning naming what is not (and why)."""
-        analysed = sum(p.numel() for module, _ in layers.values() for p in module.parameters()
-                       if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        share = f"{100.0 * analysed / total:.0f}%" if total else "no"
-        self._info(f"{type(self).__name__}: analysing {len(layers)} layers holding {share} of "
-                   f"the {total:,} trainable parameters.")
+        """One line on what is analysed and how; one warning naming what is not (and why)."""
+        who = type(self).__name__
+        analysed, weights, total = coverage(model, layers)
+        share = f"{100.0 * analysed / weights:.0f}%" if weights else "none"
+        convention = {"mean": "× the batch size (a per-example mean loss)",
+                      "token_mean": "× the tokens the loss averages over, one row per token",
+                      "sum": "as they are (a summed loss)"}[self.loss_reduction]
+        why = f"; {self._reduction_reason}" if self._reduction_reason else ""
+        self._info(f"{who}: analysing {len(layers)} layers holding {share} of the {weights:,} "
+                   f"trainable weight-matrix parameters ({total:,} trainable in all: the rest are "
+                   f"biases and scales); output gradients {convention}{why}.")
         if self.uncovered:
-            listed = ", ".join(f"{name} ({kind}, {count:,} parameters)"
-                               for name, kind, count in self.uncovered[:8])
-            more = f" and {len(self.uncovered) - 8} more" if len(self.uncovered) > 8 else ""
-            self._warn(f"{type(self).__name__}: {len(self.uncovered)} weight-bearing module(s) "
-                       f"have no adapter and are not analysed: {listed}{more}. Teach the capture "
-                       "a layer kind with `lightning_conditioning.register_adapter`.")
+            listed = "; ".join(f"{name or '(the model)'} ({kind}, {count:,} parameters): {reason}"
+                               for name, kind, count, reason in self.uncovered[:8])
+            more = f"; and {len(self.uncovered) - 8} more" if len(self.uncovered) > 8 else ""
+            self._warn(f"{who}: {len(self.uncovered)} weight-bearing module(s) are not analysed: "
+                       f"{listed}{more}. Teach the capture a layer kind with "
+                       "`lightning_conditioning.register_adapter`.")
 
     # ------------------------------------------------------------------ public state
     @property

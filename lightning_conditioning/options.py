@@ -20,6 +20,7 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_conditioning.capture import checked_layer_types
+from lightning_conditioning.conventions import LOSS_REDUCTIONS, LossReduction
 from lightning_conditioning.precision import STATISTICS_DTYPES
 from lightning_conditioning.solvers import SolverPlan
 from lightning_conditioning.spectra import KAPPA_DEFINITIONS, KappaDefinition
@@ -50,7 +51,7 @@ class ConditioningOptions:
     layer_types: Sequence[type[nn.Module]] | None = None
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
-    loss_reduction: Literal["mean", "sum"] = "mean"
+    loss_reduction: LossReduction = "auto"
     include_bias: bool = False
     rank_rtol: float | None = None
     statistics_dtype: Literal["auto", "float32", "float64"] = "auto"
@@ -74,8 +75,9 @@ class ConditioningOptions:
         set_(self, "kappa_percents", tuple(int(p) if p.is_integer() else p for p in percents))
         if self.conv_mode not in ("channel", "patch"):
             raise ValueError(f"conv_mode must be 'channel' or 'patch', got {self.conv_mode!r}")
-        if self.loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.statistics_dtype not in STATISTICS_DTYPES:
             raise ValueError(
                 f"statistics_dtype must be one of {STATISTICS_DTYPES}, got {self.statistics_dtype!r}"

@@ -18,7 +18,7 @@ import torch
 from lightning_conditioning import schema
 from lightning_conditioning.accumulate import LayerMoments
 from lightning_conditioning.resolution import floor_rtol
-from lightning_conditioning.solvers import SolvedSpectrum, SolverPlan, plan_solver
+from lightning_conditioning.solvers import DIAGONAL, SolvedSpectrum, SolverPlan, plan_solver
 from lightning_conditioning.spectra import (
     KappaDefinition,
     KroneckerSummary,
@@ -133,7 +133,8 @@ def solve_layer(
     out: dict[str, SolvedSpectrum] = {}
     for label, matrix in (("input", moments.input_second_moment), ("grad", moments.grad_second_moment)):
         if matrix is not None:
-            out[label] = plan_solver(solver, name, int(matrix.shape[0]))(matrix)
+            chosen = DIAGONAL if matrix.dim() == 1 else plan_solver(solver, name, int(matrix.shape[0]))
+            out[label] = chosen(matrix)
     return out
 
 

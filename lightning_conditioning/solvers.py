@@ -24,7 +24,10 @@ from torch import Tensor
 
 from lightning_conditioning.spectra import symmetric_eigenvalues
 
-__all__ = ["SolvedSpectrum", "SpectrumSolver", "DenseSolver", "SolverPlan", "DENSE", "plan_solver"]
+__all__ = [
+    "SolvedSpectrum", "SpectrumSolver", "DenseSolver", "DiagonalSolver", "SolverPlan", "DENSE",
+    "DIAGONAL", "plan_solver",
+]
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,34 @@ class DenseSolver:
         return f"{type(self).__name__}(drop_zero_diagonal={self.drop_zero_diagonal})"
 
 
+class DiagonalSolver:
+    """The eigenvalues of a diagonal matrix given as the vector of its diagonal (exact; an
+    embedding's input moment: token frequencies). Zero entries are structural zeros.
+
+    Example:
+        >>> solved = DiagonalSolver()(torch.tensor([0.25, 0.0, 0.75], dtype=torch.float64))
+        >>> solved.eigenvalues.tolist(), solved.structural_zeros
+        ([0.75, 0.25, 0.0], 1)
+    """
+
+    name = "diagonal"
+
+    def __call__(self, matrix: Tensor) -> SolvedSpectrum:
+        if matrix.dim() != 1:
+            raise ValueError(f"expected the diagonal as a vector, got shape {tuple(matrix.shape)}")
+        values = matrix.detach().to(device="cpu", dtype=torch.float64)
+        zeros = int((values == 0).sum())
+        return SolvedSpectrum(torch.sort(values, descending=True).values, self.name,
+                              structural_zeros=zeros)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 #: the default solver
 DENSE = DenseSolver()
+#: the solver of every diagonal moment (whatever the plan: it is exact and costs O(d log d))
+DIAGONAL = DiagonalSolver()
 
 #: a solver for every layer, or a plan choosing one per layer: ``plan(layer_name, dim)``
 SolverPlan = Union[SpectrumSolver, Callable[[str, int], SpectrumSolver]]

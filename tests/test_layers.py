@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["__about__", "schema", "resolution"]),
     ("maths", ["spectra", "solvers", "precision", "accumulate", "domination", "collectives"]),
-    ("capture", ["adapters", "capture", "passes", "options", "results", "distributed", "exact",
-                 "margin", "selection"]),
+    ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "conventions",
+                 "passes", "options", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor"]),
     ("models", ["models", "models.*"]),
