@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_conditioning.adapters import registered_layer_types
+from lightning_conditioning.registry import registered_layer_types
 from lightning_conditioning.capture import find_layers
 from lightning_conditioning.options import ConditioningOptions
 
