@@ -31,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
 from lightning_conditioning.adapters import ConvMode, LayerAdapter
 from lightning_conditioning.registry import adapter_for, registered_layer_types
-from lightning_conditioning.functional_capture import FunctionalCapture, WeightUse, row_range, weight_uses
+from lightning_conditioning.functional_capture import KIND_OF, FunctionalCapture, WeightUse, row_range, weight_uses
 
 __all__ = [
     "checked_layer_types",
@@ -487,11 +487,13 @@ class LayerCapture:
             return
         parameter, first, end = found
         batch = self._batch_hints[-1] if self._batch_hints else None
+        kind = KIND_OF[function]
         for use in self._uses.get(parameter, []):
             module, adapter = self.layers[use.layer]
-            if self._inside.get(id(module)) or not first <= use.rows.start < use.rows.stop <= end:
-                continue  # its own forward (the forward hook has it), or another slice
-            if function not in (F.linear, F.embedding) and not _same_conv(module, args, kwargs):
+            if (use.kind != kind or self._inside.get(id(module))
+                    or not first <= use.rows.start < use.rows.stop <= end):
+                continue  # another kind (a tied weight), its own forward, or another slice
+            if kind == "conv" and not _same_conv(module, args, kwargs):
                 continue
             columns = None
             if (use.rows.start, use.rows.stop) != (first, end):

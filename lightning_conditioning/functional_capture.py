@@ -31,20 +31,33 @@ __all__ = ["WeightUse", "weight_uses", "FunctionalCapture", "FUNCTIONS"]
 
 #: the functions whose weight argument is looked up, and the weight's position in their args
 FUNCTIONS: dict[Callable[..., Any], int] = {
-    F.linear: 1,
-    F.embedding: 1,
-    torch.conv1d: 1,
-    torch.conv2d: 1,
-    torch.conv3d: 1,
+    F.linear: 1, F.embedding: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1,
+}
+
+
+#: the kind of layer each function computes (a tied weight serves both an embedding and a
+#: linear head: a call only feeds the layers of its kind)
+KIND_OF: dict[Callable[..., Any], str] = {
+    F.linear: "linear", F.embedding: "embedding",
+    torch.conv1d: "conv", torch.conv2d: "conv", torch.conv3d: "conv",
 }
 
 
 @dataclass(frozen=True)
 class WeightUse:
-    """An analysed layer's share of a parameter: its output rows ``rows``."""
+    """An analysed layer's share of a parameter: its output rows ``rows``, and the kind of
+    call (:data:`KIND_OF`) that computes it."""
 
     layer: str
     rows: slice
+    kind: str = "linear"
+
+
+def layer_kind(module: nn.Module, adapter: Any) -> str:
+    """``"embedding"``, ``"conv"`` or ``"linear"``: the function that computes the layer."""
+    if getattr(adapter, "diagonal_input", False):
+        return "embedding"
+    return "conv" if isinstance(module, nn.modules.conv._ConvNd) else "linear"
 
 
 def weight_uses(layers: Mapping[str, tuple[nn.Module, Any]]) -> dict[int, list[WeightUse]]:
@@ -63,7 +76,7 @@ def weight_uses(layers: Mapping[str, tuple[nn.Module, Any]]) -> dict[int, list[W
         found = adapter.functional_weight(module)
         if found is not None:
             parameter, rows = found
-            uses.setdefault(id(parameter), []).append(WeightUse(name, rows))
+            uses.setdefault(id(parameter), []).append(WeightUse(name, rows, layer_kind(module, adapter)))
     return uses
 
 

@@ -126,13 +126,14 @@ class ConditioningMonitor:
         self._window_start: int | None = None
         self._current_step: int | None = None
         self._next_step: int | None = None
-        self._warned_silent = self._warned_late = False
+        self._warned_late = False
+        self._noted: set[str] = set()  # "layer\nnote" already said
         self._fired_rules: set[str] = set()
         o = self.options
         layers = find_layers(model, o.layer_types, o.include, o.exclude, o.conv_mode)
         #: the per-example convention in use (``loss_reduction`` with ``"auto"`` resolved)
         self.loss_reduction, self._reduction_reason = resolve_loss_reduction(model, o.loss_reduction)
-        self._model_ref = model
+        self._model = model
         self.last_linear = last_linear_name(model)
         #: weight-bearing modules no adapter covers: ``(name, type, parameters, why)``
         self.uncovered = uncovered_modules(model, layers, o.layer_types, o.include, o.exclude)
@@ -250,6 +251,21 @@ class ConditioningMonitor:
         if self.capture is not None:
             self.capture.grad_multiplier = float(grad_multiplier)
 
+    def set_loss_tokens(self, tokens: int | None) -> None:
+        """With ``loss_reduction="token_mean"``: the number of tokens the loss of the pass
+        being captured averages over (None: each layer's output rows). See
+        :meth:`loss_tokens_for`."""
+        if self.capture is not None:
+            self.capture.loss_tokens = None if tokens is None else int(tokens)
+
+    def loss_tokens_for(self, batch: Any) -> int | None:
+        """The tokens a Hugging Face token-level loss averages over for ``batch`` (labels not
+        ``-100``, shifted for causal models), when the convention is ``"token_mean"``; else
+        None (:func:`~lightning_conditioning.conventions.loss_tokens`)."""
+        if self.loss_reduction != "token_mean":
+            return None
+        return loss_tokens(batch, self._model)
+
     def pause(self) -> None:
         """Stop recording (the window stays open)."""
         if self.capture is not None:
@@ -338,16 +354,16 @@ class ConditioningMonitor:
             self._warn(f"{type(self).__name__}: {self.capture.late_gradients} output gradient(s) "
                        "arrived after their window was finished and were ignored: run the "
                        "backward inside `with monitor.track(step):` (or before `end(step)`).")
-        nonfinite = [name for name, r in self._results.items() if r.status == "nonfinite"]
-        if nonfinite:
-            self._warn(f"{type(self).__name__}: step {step}: the statistics of {nonfinite} "
-                       "contain NaN/Inf; no numbers are logged for these layers at this step.")
-        silent = [name for name, r in self._results.items() if r.status == "no_data"]
-        if silent and not self._warned_silent:
-            self._warned_silent = True
-            self._warn(f"{type(self).__name__}: layers {silent} are registered but their forward "
-                       "hooks never fired in an analysed step (not called, or called functionally, "
-                       "e.g. nn.MultiheadAttention.out_proj); they are not analysed.")
+        # each layer's reason for missing or zero numbers, said once per layer and reason
+        fresh: dict[str, list[str]] = {}
+        for name, result in self._results.items():
+            if result.note and f"{name}\n{result.note}" not in self._noted:
+                self._noted.add(f"{name}\n{result.note}")
+                fresh.setdefault(result.note, []).append(name)
+        if fresh:
+            lines = [f"  {_listed(names)}: {note}." for note, names in fresh.items()]
+            self._warn(f"{type(self).__name__}: step {step}: some layers have no numbers or zero "
+                       "statistics (said once per layer):\n" + "\n".join(lines))
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -363,13 +379,19 @@ class ConditioningMonitor:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: which one-time warnings and diagnosis rules fired."""
-        return {"warned_silent": self._warned_silent, "fired_rules": sorted(self._fired_rules)}
+        """What a resumed run needs: which one-time notes and diagnosis rules fired."""
+        return {"noted": sorted(self._noted), "fired_rules": sorted(self._fired_rules)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self._warned_silent = bool(state.get("warned_silent", False))
+        self._noted = set(state.get("noted", []))
         self._fired_rules = set(state.get("fired_rules", []))
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    """``a, b, c and 4 more``."""
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def analyse_capture(

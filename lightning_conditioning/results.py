@@ -27,7 +27,8 @@ from lightning_conditioning.spectra import (
     summarize_spectrum,
 )
 
-__all__ = ["LayerStatus", "LayerConditioning", "layer_status", "solve_layer", "analyse_layer"]
+__all__ = ["LayerStatus", "LayerConditioning", "layer_status", "layer_note", "solve_layer",
+           "analyse_layer"]
 
 #: ``"ok"``: everything computed; ``"no_grad"``: inputs seen but no output gradient arrived
 #: (Σ∇h and the sub-FIM are missing); ``"no_data"``: the layer never ran in the window;
@@ -74,6 +75,9 @@ class LayerConditioning:
     #: ``{"lr_lambda_max": …, "stability_limit": …, "lambda_max_share": …}`` once the learning
     #: rate is known (:func:`lightning_conditioning.margin.with_stability_margin`), else empty
     margin: Mapping[str, float] = field(default_factory=dict)
+    #: why some numbers are missing or zero (no data, no gradient, NaN/Inf, exactly zero
+    #: statistics), in words; None when everything was measured (:func:`layer_note`)
+    note: str | None = None
 
     def metrics(self, prefix: str = "conditioning") -> dict[str, float]:
         """The logged scalars, ``{prefix}/{name}/{quantity}`` (names: :mod:`..schema`).
@@ -108,6 +112,44 @@ def layer_status(moments: LayerMoments) -> LayerStatus:
     if not all(bool(torch.isfinite(m).all()) for m in matrices):
         return "nonfinite"
     return "ok" if moments.grad_second_moment is not None else "no_grad"
+
+
+_NOTES = {
+    "no_data": "its forward hooks never fired in the analysed step (not called, or its weight "
+               "used in a way the capture cannot see); nothing is logged",
+    "no_grad": "inputs seen but no output gradient arrived (a frozen or detached path after "
+               "it); Σx only",
+    "zero_grad": "Σ∇h is exactly zero: no gradient reached its output (a zero-initialised "
+                 "layer or scale after it blocks it); λmax(Σ∇h) = λmax(F) = 0 are logged, κ of "
+                 "Σ∇h and F is undefined",
+    "zero_input": "Σx is exactly zero (every input is 0); λmax(Σx) = λmax(F) = 0 are logged, "
+                  "κ is undefined",
+}
+
+
+def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
+    """Why a layer's numbers are missing or zero, in words (None: nothing to say).
+
+    Example:
+        >>> from lightning_conditioning.accumulate import LayerMoments
+        >>> eye = torch.eye(2, dtype=torch.float64)
+        >>> layer_note("ok", LayerMoments(eye, 0 * eye, 4, 4, torch.ones(2), torch.ones(2)))[:27]
+        'Σ∇h is exactly zero: no gra'
+        >>> layer_note("nonfinite", LayerMoments(eye, eye * math.nan, 4, 4, torch.ones(2), torch.ones(2)))
+        'Σ∇h holds NaN/Inf (a diverged step, or float16 overflow in the rows); nothing is logged'
+    """
+    if status in ("no_data", "no_grad"):
+        return _NOTES[status]
+    pairs = (("Σx", moments.input_second_moment), ("Σ∇h", moments.grad_second_moment))
+    if status == "nonfinite":
+        bad = [label for label, m in pairs if m is not None and not bool(torch.isfinite(m).all())]
+        return (f"{' and '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN/Inf (a diverged step, "
+                "or float16 overflow in the rows); nothing is logged")
+    if moments.grad_second_moment is not None and not bool(moments.grad_second_moment.any()):
+        return _NOTES["zero_grad"]
+    if moments.input_second_moment is not None and not bool(moments.input_second_moment.any()):
+        return _NOTES["zero_input"]
+    return None
 
 
 def _labels(status: LayerStatus) -> tuple[str, ...]:
@@ -177,6 +219,7 @@ def analyse_layer(
     # pass over the matrices unless nothing was solved
     status: LayerStatus = (layer_status(moments) if not solved else
                            "ok" if "grad" in solved else "no_grad")
+    common["note"] = layer_note(status, moments)
     if status in ("no_data", "nonfinite"):
         return LayerConditioning(status=status, **common, **empty)  # type: ignore[arg-type]
     if solved is None or any(label not in solved for label in _labels(status)):

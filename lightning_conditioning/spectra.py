@@ -389,10 +389,11 @@ def summarize_kronecker(
     _check_definition(definition)
     rank = first.rank * second.rank
     structural = first.structural_rank * second.structural_rank
-    if rank == 0:
+    if rank == 0:  # λmax is still known when a factor is exactly zero: 0
+        zero = first.lambda_max == 0 or second.lambda_max == 0
         return KroneckerSummary(
-            math.nan, 0, {p: math.nan for p in percents}, {p: "undefined" for p in percents},
-            structural, definition,
+            0.0 if zero else math.nan, 0, {p: math.nan for p in percents},
+            {p: "undefined" for p in percents}, structural, definition,
         )
     top_first, top_second = first.nonzero_eigenvalues, second.nonzero_eigenvalues
     lambda_max = float(top_first[0] * top_second[0])

@@ -4,6 +4,7 @@ computed vs structural zeros, per-rank precisions, collective devices, RNG, stat
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -152,3 +153,22 @@ def test_state_keys_follow_the_prefix_only() -> None:
     assert ConditioningCallback(every_n_steps=5).state_key == ConditioningCallback(every_n_steps=7).state_key
     assert ConditioningCallback(prefix="a").state_key != ConditioningCallback(prefix="b").state_key
     assert WeightDominationCallback(prefix="a").state_key != WeightDominationCallback(prefix="b").state_key
+
+
+def test_zero_gradient_layers_log_true_zeros_and_are_explained_once() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    nn.init.zeros_(model[2].weight)  # a zero-initialised head: no gradient reaches layer 0
+    monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            with monitor.track(step):
+                nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+    notes = [str(w.message) for w in caught if "zero statistics" in str(w.message)]
+    assert len(notes) == 1 and "0: Σ∇h is exactly zero" in notes[0]  # once, with the reason
+    metrics = monitor.results["0"].metrics("c")
+    assert metrics["c/0/grad_lambda_max"] == 0.0 and metrics["c/0/fim_lambda_max"] == 0.0
+    assert not any("kappa" in k for k in metrics if k.startswith("c/0/grad") or k.startswith("c/0/fim"))
+    assert monitor.results["2"].note is None
+    assert monitor.state_dict()["noted"] and monitor.results["0"].note.startswith("Σ∇h is exactly zero")
