@@ -370,7 +370,8 @@ class LayerCapture:
         if isinstance(host, nn.MultiheadAttention):
             query = args[0] if args else kwargs.get("query")
             batched = isinstance(query, Tensor) and query.dim() == 3
-            self._batch_hints.append(int(query.shape[0 if host.batch_first else 1]) if batched else 1)
+            self._batch_hints.append(
+                int(query.shape[0 if host.batch_first else 1]) if batched else 1)  # type: ignore[union-attr]
 
     def _leave_host(self, host: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._hosts or self._hosts[-1] != id(host):

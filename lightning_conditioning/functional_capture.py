@@ -96,10 +96,10 @@ def row_range(weight: Tensor) -> tuple[int, int, int] | None:
     if (weight.dim() != base.dim() or weight.dim() == 0 or weight.stride() != base.stride()
             or weight.shape[1:] != base.shape[1:]):
         return None
-    offset = weight.storage_offset() - base.storage_offset()
-    if offset % base.stride(0):
+    offset = int(weight.storage_offset()) - int(base.storage_offset())
+    if offset % int(base.stride(0)):
         return None
-    first = offset // base.stride(0)
+    first = offset // int(base.stride(0))
     return id(base), first, first + int(weight.shape[0])
 
 

@@ -7,82 +7,61 @@ running statistics, ``num_batches_tracked``) and every module's train/eval flag 
 and :func:`backward_without_grad` computes gradients with ``torch.autograd.grad`` so no
 ``.grad`` is touched (the optimizer state never is). The capture hooks still see the layer
 inputs and output gradients of the pass.
+
+What a pass calls and which loss it takes (batches, outputs, labels) is read by
+:mod:`lightning_conditioning.batches`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_conditioning.batches import (  # re-exported: the passes' public names
+    ForwardFn,
+    LossFn,
+    SampleLossFn,
+    defines_forward,
+    forward_module_name,
+    default_forward,
+    forward_kwargs,
+    logits_of,
+    batch_labels,
+    default_loss,
+    class_dim_of,
+    sampled_cross_entropy,
+    position_mask,
+    shifts_labels,
+    sampled_loss,
+    sampled_positions,
+    label_generator,
+)
+
 __all__ = [
-    "ForwardFn",
-    "LossFn",
-    "SampleLossFn",
     "isolated_pass",
     "backward_without_grad",
     "cuda_devices",
+    "ForwardFn",
+    "LossFn",
+    "SampleLossFn",
+    "defines_forward",
+    "forward_module_name",
     "default_forward",
+    "forward_kwargs",
+    "logits_of",
+    "batch_labels",
     "default_loss",
+    "class_dim_of",
     "sampled_cross_entropy",
+    "position_mask",
+    "shifts_labels",
+    "sampled_loss",
+    "sampled_positions",
+    "label_generator",
 ]
-
-#: ``forward_fn(pl_module, batch) -> outputs``
-ForwardFn = Callable[[nn.Module, Any], Tensor]
-#: ``loss_fn(outputs, batch) -> loss`` with the batch's own labels (empirical Fisher)
-LossFn = Callable[[Tensor, Any], Tensor]
-#: ``sample_fn(outputs, generator) -> loss`` with labels drawn from the model (true Fisher)
-SampleLossFn = Callable[[Tensor, torch.Generator], Tensor]
-
-
-def default_forward(module: nn.Module, batch: Any) -> Tensor:
-    """``module(batch[0])`` for ``(inputs, targets, ...)`` batches.
-
-    Example:
-        >>> default_forward(nn.Identity(), (torch.ones(2), torch.zeros(2)))
-        tensor([1., 1.])
-    """
-    if isinstance(batch, (tuple, list)) and batch:
-        return module(batch[0])
-    raise TypeError(
-        f"cannot find the inputs in a batch of type {type(batch).__name__}: pass "
-        "forward_fn=lambda module, batch: module(...) to the callback"
-    )
-
-
-def default_loss(outputs: Tensor, batch: Any) -> Tensor:
-    """Mean cross-entropy against ``batch[1]`` (classification).
-
-    Example:
-        >>> float(default_loss(torch.zeros(2, 4), (None, torch.tensor([0, 3])))) == float(torch.log(torch.tensor(4.0)))
-        True
-    """
-    if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        return F.cross_entropy(outputs, batch[1])
-    raise TypeError("cannot find the targets in the batch: pass loss_fn to the callback")
-
-
-def sampled_cross_entropy(outputs: Tensor, generator: torch.Generator) -> Tensor:
-    """Mean cross-entropy against labels drawn from ``softmax(outputs)`` (the true Fisher).
-
-    ``outputs`` are ``(N, classes)`` logits (or ``(N, classes, *)``, sampled per position).
-    The draw uses ``generator`` only, never the global RNG.
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> float(sampled_cross_entropy(torch.zeros(3, 2), g)) == float(torch.log(torch.tensor(2.0)))
-        True
-    """
-    logits = outputs.detach().float().movedim(1, -1).reshape(-1, outputs.shape[1])
-    probabilities = torch.softmax(logits, dim=-1).cpu()
-    labels = torch.multinomial(probabilities, 1, generator=generator).reshape(
-        outputs.shape[:1] + outputs.shape[2:]
-    )
-    return F.cross_entropy(outputs, labels.to(outputs.device))
 
 
 def cuda_devices(module: nn.Module) -> list[torch.device]:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["__about__", "schema", "resolution"]),
     ("maths", ["spectra", "solvers", "precision", "accumulate", "domination", "collectives"]),
     ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "conventions",
-                 "passes", "options", "results", "distributed", "exact", "margin", "selection"]),
+                 "batches", "passes", "options", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor"]),
     ("models", ["models", "models.*"]),

@@ -18,7 +18,8 @@ from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.passes import (
     ForwardFn, LossFn, SampleLossFn, backward_without_grad, cuda_devices, default_forward,
-    default_loss, isolated_pass, sampled_cross_entropy,
+    default_loss, forward_module_name, isolated_pass, label_generator, sampled_loss,
+    sampled_positions, shifts_labels,
 )
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
@@ -51,8 +52,13 @@ class ConditioningCallback(Callback):
             model, in an isolated pass of its own).
         probe_batches: ``k > 0`` analyses the same ``k`` training batches (kept in
             checkpoints) at every analysed step, in isolated passes.
-        forward_fn / loss_fn / sample_fn / seed: the extra passes' forward, empirical loss,
-            sampled loss and label generator seed.
+        forward_fn / loss_fn / sample_fn / seed: the extra passes' forward
+            ``forward_fn(pl_module, batch) -> outputs``, empirical loss
+            ``loss_fn(outputs, batch)``, sampled loss ``sample_fn(outputs, generator)`` and
+            label generator seed. ``None`` (default): :mod:`lightning_conditioning.passes`'s
+            defaults, for tensor, tuple and dict (Hugging Face) batches and tensor, tuple or
+            ``.logits`` outputs; a LightningModule without ``forward`` is called through its
+            only sub-module holding parameters, or setup fails naming ``forward_fn=``.
         print_diagnosis: print the diagnosis of the latest analysis when fit ends.
         tensorboard_layout: write TensorBoard's custom-scalars layout (one chart per quantity,
             every layer a line), unless the run already has a layout of its own.
@@ -72,7 +78,7 @@ class ConditioningCallback(Callback):
         layer_types: Sequence[type[nn.Module]] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
-        loss_reduction: Literal["mean", "sum"] = "mean",
+        loss_reduction: Literal["auto", "mean", "token_mean", "sum"] = "auto",
         include_bias: bool = False,
         rank_rtol: float | None = None,
         statistics_dtype: Literal["auto", "float32", "float64"] = "auto",
@@ -106,9 +112,12 @@ class ConditioningCallback(Callback):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {fn!r}")
         self.fisher, self.probe_batches, self.seed = fisher, probe_batches, seed
-        self.forward_fn: ForwardFn = forward_fn or default_forward
-        self.loss_fn: LossFn = loss_fn or default_loss
-        self.sample_fn: SampleLossFn = sample_fn or sampled_cross_entropy
+        # None: the defaults of lightning_conditioning.passes (they read the batch too)
+        self.forward_fn: ForwardFn | None = forward_fn
+        self.loss_fn: LossFn | None = loss_fn
+        self.sample_fn: SampleLossFn | None = sample_fn
+        self._forward_module: str | None = None  # what the default forward calls ("": pl_module)
+        self._causal: bool | None = None  # the model shifts its labels (HF causal LM)
         self.log_histograms, self.log_figures, self.prefix = log_histograms, log_figures, prefix
         self.print_diagnosis, self.tensorboard_layout = print_diagnosis, tensorboard_layout
         self.monitor: ConditioningMonitor | None = None
@@ -143,6 +152,27 @@ class ConditioningCallback(Callback):
         return self.monitor.findings() if self.monitor is not None else []
 
     # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # an extra pass that cannot call the model fails now, not at the first analysed step
+        if stage == "fit" and self._extra_pass_option and self.forward_fn is None:
+            self._forward_module = self._default_forward_module(pl_module)
+
+    @property
+    def _extra_pass_option(self) -> str | None:
+        """The option that makes passes of the callback's own (None: it only listens)."""
+        if self.fisher == "true":
+            return "fisher='true'"
+        return f"probe_batches={self.probe_batches}" if self.probe_batches else None
+
+    def _default_forward_module(self, pl_module: pl.LightningModule) -> str:
+        option = f"{type(self).__name__}({self._extra_pass_option})"
+        name = forward_module_name(pl_module, needed_by=f"{option}'s passes")
+        if name:
+            rank_zero_info(f"{type(self).__name__}: {type(pl_module).__name__} has no forward; the "
+                           f"extra passes call its only sub-module with parameters, `{name}` "
+                           "(pass forward_fn= to call something else).")
+        return name
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the model is on its device now (setup runs before the strategy moves it)
         if self.monitor is None or self.monitor.closed:
@@ -200,6 +230,7 @@ class ConditioningCallback(Callback):
         elif self.fisher == "true":
             self._extra_pass(trainer, pl_module, batch, step)
         elif monitor.capture is not None:
+            monitor.set_loss_tokens(monitor.loss_tokens_for(batch))  # token-mean losses
             monitor.capture.active = True  # piggyback on the training step's own passes
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -237,15 +268,57 @@ class ConditioningCallback(Callback):
         """One isolated forward/backward with capture on (true Fisher or a probe batch)."""
         assert self.monitor is not None
         self._passes += 1
-        generator = torch.Generator().manual_seed(
-            hash((self.seed, trainer.global_rank, step, self._passes)) & 0x7FFF_FFFF_FFFF_FFFF)
+        generator = label_generator(self.seed, trainer.global_rank, step, self._passes)
         scale = _loss_scale(trainer)  # keep float16 gradients in range, as training does
+        counted_later = self._samples_here and self.monitor.loss_reduction == "token_mean"
+        # token_mean: the rows' factor is fixed at the forward, from the tokens the loss
+        # averages over; the sampled loss knows them only once it has the logits, so its rows
+        # get 1 there and the count through the output-gradient multiplier
+        self.monitor.set_loss_tokens(1 if counted_later else self._loss_tokens(batch))
         with isolated_pass(pl_module), self.monitor.capture_pass(1.0 / scale):
             with trainer.precision_plugin.forward_context():
-                outputs = self.forward_fn(pl_module, batch)
-                loss = (self.sample_fn(outputs, generator) if self.fisher == "true"
-                        else self.loss_fn(outputs, batch))
+                outputs = self._forward(pl_module, batch)
+                loss = self._loss(pl_module, outputs, batch, generator)
+            if counted_later:
+                tokens = sampled_positions(outputs, batch, self._shifts_labels(pl_module))
+                self.monitor.set_grad_multiplier(tokens / scale)
             backward_without_grad(pl_module, loss * scale if scale != 1.0 else loss)
+        self.monitor.set_loss_tokens(None)
+
+    def _forward(self, pl_module: pl.LightningModule, batch: Any) -> Any:
+        if self.forward_fn is not None:
+            return self.forward_fn(pl_module, batch)
+        if self._forward_module is None:  # hooks called without setup
+            self._forward_module = self._default_forward_module(pl_module)
+        # the true Fisher computes its loss from the logits: the data's labels stay out (but
+        # for encoder-decoder models, which make their decoder inputs from them)
+        return default_forward(pl_module.get_submodule(self._forward_module), batch,
+                               keep_labels=self.fisher != "true")
+
+    @property
+    def _samples_here(self) -> bool:
+        """The pass's loss is the default sampled loss (true Fisher, no ``sample_fn``)."""
+        return self.fisher == "true" and self.sample_fn is None
+
+    def _loss_tokens(self, batch: Any) -> int | None:
+        """token_mean: the tokens an empirical pass's loss averages over, read off the labels
+        as the training step's (None: unknown, each layer's output rows)."""
+        assert self.monitor is not None
+        return self.monitor.loss_tokens_for(batch) if self.fisher != "true" else None
+
+    def _shifts_labels(self, pl_module: pl.LightningModule) -> bool:
+        if self._causal is None:
+            self._causal = shifts_labels(pl_module)
+        return self._causal
+
+    def _loss(self, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+              generator: torch.Generator) -> Tensor:
+        if self.fisher != "true":
+            return (self.loss_fn or default_loss)(outputs, batch)
+        if self.sample_fn is not None:
+            return self.sample_fn(outputs, generator)
+        # the positions the model's own loss scores (its labels shifted, for a causal LM)
+        return sampled_loss(outputs, batch, generator, self._shifts_labels(pl_module))
 
     def _discard(self) -> None:
         if self.monitor is not None:
