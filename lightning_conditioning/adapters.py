@@ -91,6 +91,13 @@ class LayerAdapter:
         ``<module>.<suffix>``), or None when the module is one layer."""
         return None
 
+    def weight_of(self, module: nn.Module) -> tuple[Tensor, slice] | None:
+        """The layer's weight as ``(parameter, output rows)``: the rows of the parameter that
+        are this layer's (an attention projection owns a third of ``in_proj_weight``), for
+        the weight-domination check. None when the layer has no weight parameter."""
+        weight = getattr(module, "weight", None)
+        return (weight, slice(0, weight.shape[0])) if isinstance(weight, nn.Parameter) else None
+
     def functional_weight(self, module: nn.Module) -> tuple[Tensor, slice] | None:
         """The parameter whose functional use (``F.linear``/``F.conv*``/``F.embedding`` with it,
         or with a row slice of it) feeds this layer, and the rows (output units) that are this

@@ -1,12 +1,15 @@
 """``WeightDominationMonitor``: σmax(∇W)/σmax(W) per layer for any training loop.
 
 The core of :class:`~lightning_conditioning.WeightDominationCallback` (a thin Lightning shell
-over it); imports neither Lightning nor TensorBoard.
+over it); imports neither Lightning nor TensorBoard. The maths (statuses, the layer's ratio
+history, the rules) is :mod:`lightning_conditioning.domination`; the words are
+:mod:`lightning_conditioning.views.wording`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -15,26 +18,43 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_conditioning import schema
-from lightning_conditioning.capture import checked_layer_types, last_linear_name, select_layers
+from lightning_conditioning.capture import checked_layer_types, find_layers, last_linear_name
 from lightning_conditioning.domination import (
-    WeightStatistics, frobenius_norm, imbalance, is_dominated, weight_statistics,
+    DominationReason, DominationRules, RatioHistory, WeightStatistics, domination_reasons,
+    frobenius_norm, imbalance, is_dominated, ratio_fall, record_ratio, weight_statistics,
+)
+from lightning_conditioning.views.wording import (
+    domination_reason_text, domination_warning, zero_layers_text,
 )
 
-__all__ = ["WeightDominationMonitor"]
+__all__ = ["WeightDominationMonitor", "check_options"]
+
+_LOG = logging.getLogger("lightning_conditioning")
 
 
 def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def _usable_loss(loss: float | None) -> float | None:
+    return float(loss) if loss is not None and math.isfinite(loss) and loss > 0 else None
+
+
 class WeightDominationMonitor:
     r"""Definition 1 of the paper, checked every ``every_n_steps`` optimizer steps.
 
     Call :meth:`before_optimizer_step` after the backward (and after AMP unscaling and the DDP
-    gradient average), then :meth:`after_optimizer_step` once the optimizer has stepped: it
-    returns the scalars (``{prefix}/{layer}/grad_weight_ratio`` …, names from
-    :mod:`~lightning_conditioning.schema`) and warns once per layer dominated for ``patience``
-    checks. See :class:`~lightning_conditioning.WeightDominationCallback` for the options.
+    gradient average), with the step's training loss when you have it, then
+    :meth:`after_optimizer_step` once the optimizer has stepped: it returns the scalars
+    (``{prefix}/{layer}/grad_weight_ratio`` …, names from :mod:`~lightning_conditioning.schema`),
+    warns once per layer dominated for ``patience`` checks, and names once, through ``info``,
+    the layers whose weight or gradient is exactly zero (never dominated). See
+    :class:`~lightning_conditioning.WeightDominationCallback` for the options and the rules.
+
+    Each layer's ratio history (its running peak, :attr:`history`) is kept in
+    :meth:`state_dict`. Under DDP the ratios are the same on every rank (the gradients are
+    averaged before the check); pass the same ``loss`` on every rank (e.g. all-reduced) and
+    every rank holds the same history and verdicts.
 
     Example:
         >>> import torch
@@ -64,18 +84,24 @@ class WeightDominationMonitor:
         log_imbalance: bool = True,
         prefix: str = "weight_domination",
         warn: Callable[[str], None] | None = None,
+        fall_factor: float | None = 1000.0,
+        info: Callable[[str], None] | None = None,
     ) -> None:
-        check_options(every_n_steps, threshold, update_threshold, patience)
+        check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
         self.every_n_steps, self.threshold = every_n_steps, float(threshold)
         self.update_threshold, self.patience = float(update_threshold), patience
+        self.fall_factor = float(fall_factor) if fall_factor is not None else None
+        self.rules = DominationRules(self.threshold, self.update_threshold, self.fall_factor)
         self.log_imbalance, self.prefix = log_imbalance, prefix
         self._warn = warn or _warn
-        layers = select_layers(model, checked_layer_types(layer_types), include, exclude)
-        self._weights: dict[str, nn.Parameter] = {
-            name: weight
-            for name, weight in ((n, getattr(m, "weight", None)) for n, m in layers.items())
-            if isinstance(weight, nn.Parameter)
-        }
+        self._info = info or _LOG.info
+        layers = find_layers(model, checked_layer_types(layer_types), include, exclude)
+        #: ``{layer: (parameter, rows)}``: an attention projection's weight is a row slice
+        self._weights: dict[str, tuple[nn.Parameter, slice]] = {}
+        for name, (module, adapter) in layers.items():
+            found = adapter.weight_of(module)
+            if found is not None and isinstance(found[0], nn.Parameter):
+                self._weights[name] = (found[0], found[1])
         if not self._weights:
             self._warn(f"{type(self).__name__}: no layer with a weight matched; nothing to check.")
         self.last_linear = last_linear_name(model)
@@ -85,6 +111,10 @@ class WeightDominationMonitor:
         self._last_checked_step: int | None = None
         self._below: dict[str, int] = {}
         self._warned: set[str] = set()
+        self._loss: float | None = None
+        self._history: dict[str, RatioHistory] = {}
+        self._reasons: dict[str, tuple[DominationReason, ...]] = {}
+        self._zero_named: set[str] = set()
 
     @property
     def results(self) -> dict[str, WeightStatistics]:
@@ -103,31 +133,95 @@ class WeightDominationMonitor:
 
     @property
     def dominated(self) -> list[str]:
-        """Layers whose latest check counts as dominated (:meth:`is_dominated`)."""
-        return [name for name, stats in self._results.items() if self.is_dominated(stats)]
+        """Layers the latest check finds in weight domination (:attr:`reasons` not empty)."""
+        return [name for name, reasons in self._reasons.items() if reasons]
+
+    @property
+    def reasons(self) -> dict[str, tuple[DominationReason, ...]]:
+        """Latest check: ``{layer: the rules that find it dominated}`` (``()``: none), from
+        :func:`~lightning_conditioning.domination.domination_reasons` with the layer's history.
+        While a check waits for :meth:`after_optimizer_step`, the update rule is not applied yet."""
+        return dict(self._reasons)
+
+    @property
+    def history(self) -> dict[str, RatioHistory]:
+        """``{layer: RatioHistory}``: each layer's running peak ratio (checkpointed)."""
+        return dict(self._history)
+
+    @property
+    def zero_layers(self) -> dict[str, str]:
+        """Latest check: ``{layer: "zero_gradient" | "zero_weight"}`` (exactly zero, never dominated)."""
+        return {name: stats.status for name, stats in self._results.items()
+                if stats.status in ("zero_gradient", "zero_weight")}
 
     def is_dominated(self, stats: WeightStatistics) -> bool:
-        """Whether ``stats`` count as weight domination (:func:`~lightning_conditioning.domination.is_dominated`)."""
+        """Whether ``stats`` alone count as weight domination: the history-free rules
+        (:func:`~lightning_conditioning.domination.is_dominated`). :attr:`dominated` also
+        judges each layer against its own history."""
         return is_dominated(stats, self.threshold, self.update_threshold)
 
-    def domination_table(self) -> dict[str, dict[str, float]]:
-        """The latest check as ``{layer: {quantity: value}}`` (for the diagnosis)."""
-        return {name: {k: v for k, v in dataclasses.asdict(stats).items() if v is not None}
-                for name, stats in self._results.items()}
+    def is_due(self, step: int) -> bool:
+        """Whether :meth:`before_optimizer_step` would check ``step``."""
+        return step % self.every_n_steps == 0 and step != self._last_checked_step
 
-    def before_optimizer_step(self, step: int) -> bool:
+    def domination_table(self) -> dict[str, dict[str, float]]:
+        """The latest check as ``{layer: {quantity: value}}`` (for the diagnosis): the finite
+        numbers of :class:`~lightning_conditioning.domination.WeightStatistics` (a pending
+        check has no ``update_weight_ratio`` yet), the layer's history
+        (``grad_weight_ratio_peak``, ``grad_weight_ratio_peak_step``, ``grad_weight_ratio_fall``
+        net of the loss, ``loss_fall`` when a loss is known) and the verdict ``dominated``
+        (1.0 or 0.0).
+
+        Example:
+            >>> import torch
+            >>> model = nn.Sequential(nn.Linear(3, 3))
+            >>> monitor = WeightDominationMonitor(model, every_n_steps=1)
+            >>> model(torch.randn(4, 3)).sum().backward()
+            >>> monitor.before_optimizer_step(0)
+            True
+            >>> sorted(monitor.domination_table()["0"])[:4]
+            ['dominated', 'grad_fro', 'grad_spectral_norm', 'grad_weight_ratio']
+        """
+        table: dict[str, dict[str, float]] = {}
+        for name, stats in self._results.items():
+            row = {key: float(value) for key, value in dataclasses.asdict(stats).items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)}
+            history = self._history.get(name)
+            if history is not None and stats.status == "ok":
+                row["grad_weight_ratio_peak"] = history.peak_ratio
+                row["grad_weight_ratio_peak_step"] = float(history.peak_step)
+                row["grad_weight_ratio_fall"] = ratio_fall(history, stats.grad_weight_ratio, self._loss)
+                if history.peak_loss is not None and self._loss is not None:
+                    row["loss_fall"] = history.peak_loss / self._loss
+            row["dominated"] = 1.0 if self._reasons.get(name) else 0.0
+            table[name] = row
+        return table
+
+    def before_optimizer_step(self, step: int, loss: float | None = None) -> bool:
         """Check step ``step`` if it is scheduled (once, however many optimizers): the norms
-        of every weight and gradient, and a snapshot of the weight. Returns whether it did."""
-        if step % self.every_n_steps or step == self._last_checked_step:
+        of every weight and gradient, each layer's history, and a snapshot of the weight.
+        ``loss``: the step's training loss (optional; with it, a ratio that falls because the
+        loss falls is not taken for a fall into domination). Returns whether it checked."""
+        if not self.is_due(step):
             return False
         self._last_checked_step = self._pending_step = step
-        self._results, self._snapshot = {}, {}
-        for name, weight in self._weights.items():
-            if not weight.requires_grad or weight.grad is None:
+        self._loss = _usable_loss(loss)
+        self._results, self._snapshot, self._reasons = {}, {}, {}
+        for name, (parameter, rows) in self._weights.items():
+            if not parameter.requires_grad or parameter.grad is None:
                 continue  # frozen, or no gradient at this step
-            self._results[name] = weight_statistics(weight, weight.grad)
-            self._snapshot[name] = weight.detach().clone()
+            weight = parameter.detach()[rows]
+            stats = weight_statistics(weight, parameter.grad[rows])
+            self._results[name] = stats
+            self._snapshot[name] = weight.clone()
+            if stats.status == "ok":
+                self._history[name] = record_ratio(self._history.get(name), stats.grad_weight_ratio,
+                                                   step, self._loss)
+            self._reasons[name] = self._judge(name, stats)
         return True
+
+    def _judge(self, name: str, stats: WeightStatistics) -> tuple[DominationReason, ...]:
+        return domination_reasons(stats, self._history.get(name), self.rules, self._loss)
 
     def after_optimizer_step(self) -> dict[str, float]:
         """Complete the pending check with the update actually applied; returns the finite
@@ -136,8 +230,12 @@ class WeightDominationMonitor:
         if step is None:
             return {}
         for name, before in self._snapshot.items():
-            self._results[name] = self._results[name].with_update(self._weights[name].detach() - before)
+            parameter, rows = self._weights[name]
+            stats = self._results[name].with_update(parameter.detach()[rows] - before)
+            self._results[name] = stats
+            self._reasons[name] = self._judge(name, stats)
         self._snapshot = {}
+        self._name_zero_layers(step)
         self._update_warnings(step)
         return {k: v for k, v in self.metrics().items() if math.isfinite(v)}
 
@@ -149,9 +247,9 @@ class WeightDominationMonitor:
         """The scalars of the latest check, ``{prefix}/{layer}/{quantity}``."""
         metrics: dict[str, float] = {}
         previous_fro: float | None = None
-        for name, weight in self._weights.items():
+        for name, (parameter, rows) in self._weights.items():
             if self.log_imbalance:
-                current_fro = frobenius_norm(weight)
+                current_fro = frobenius_norm(parameter.detach()[rows])
                 if previous_fro is not None:
                     absolute, relative = imbalance(previous_fro, current_fro)
                     metrics[schema.key(self.prefix, name, "imbalance")] = absolute
@@ -165,46 +263,66 @@ class WeightDominationMonitor:
                 value = getattr(stats, quantity)
                 if value is not None:
                     metrics[schema.key(self.prefix, name, quantity)] = value
+            history = self._history.get(name)
+            if history is not None and stats.status == "ok":  # the layer against its own past
+                metrics[schema.key(self.prefix, name, "grad_weight_ratio_peak")] = history.peak_ratio
+                metrics[schema.key(self.prefix, name, "grad_weight_ratio_fall")] = ratio_fall(
+                    history, stats.grad_weight_ratio, self._loss)
+            metrics[schema.key(self.prefix, name, "dominated")] = 1.0 if self._reasons.get(name) else 0.0
         metrics[f"{self.prefix}/{schema.DOMINATED_LAYERS}"] = float(len(self.dominated))
         return metrics
 
+    def _name_zero_layers(self, step: int) -> None:
+        """One note for the layers newly found exactly zero (each layer named once per run)."""
+        new = {name: status for name, status in self.zero_layers.items() if name not in self._zero_named}
+        if not new:
+            return
+        self._zero_named.update(new)
+        text = zero_layers_text([n for n, s in new.items() if s == "zero_gradient"],
+                                [n for n, s in new.items() if s == "zero_weight"])
+        self._info(f"{type(self).__name__}: step {step}: {text}")
+
     def _update_warnings(self, step: int) -> None:
-        dominated = set(self.dominated)
-        for name, stats in self._results.items():
-            self._below[name] = self._below.get(name, 0) + 1 if name in dominated else 0
+        table: dict[str, dict[str, float]] | None = None
+        for name in self._results:
+            reasons = self._reasons.get(name, ())
+            self._below[name] = self._below.get(name, 0) + 1 if reasons else 0
             if self._below[name] < self.patience or name in self._warned:
                 continue
             self._warned.add(name)
-            if stats.grad_weight_ratio < self.threshold:
-                evidence = (f"σmax(∇W)/σmax(W) = {stats.grad_weight_ratio:.3g} has stayed below "
-                            f"{self.threshold:g}")
-            else:
-                evidence = (f"its optimizer update σmax(ΔW)/σmax(W) = {stats.update_weight_ratio:.3g} "
-                            f"has stayed at or below {self.update_threshold:g} (is it left out of the "
-                            "optimizer, or at learning rate 0?)")
-            message = (f"{type(self).__name__}: layer '{name}' is in weight domination at step {step}: "
-                       f"{evidence} for {self._below[name]} consecutive checks. Its update is feeble "
-                       "next to its weight, so the layer barely learns and the loss can sit on a "
-                       "false plateau (Huang et al. 2020, Definition 1).")
-            if name == self.last_linear:
-                message += (" This is the final linear layer: the paper's remedy is one BatchNorm "
-                            "before it, `lightning_conditioning.models.add_last_bn(model)`.")
-            self._warn(message)
+            table = table if table is not None else self.domination_table()
+            reason = domination_reason_text(reasons, table[name], self.threshold,
+                                            self.update_threshold, self.fall_factor)
+            self._warn(domination_warning(type(self).__name__, name, step, self._below[name],
+                                          reason, name == self.last_linear))
 
     def state_dict(self) -> dict[str, Any]:
-        """The warning state a resumed run needs."""
+        """What a resumed run needs: the warning state, each layer's ratio history and the
+        layers already named as exactly zero (plain Python values)."""
         return {"below": dict(self._below), "warned": sorted(self._warned),
-                "last_checked_step": self._last_checked_step}
+                "last_checked_step": self._last_checked_step,
+                "history": {name: history.state() for name, history in self._history.items()},
+                "zero_named": sorted(self._zero_named)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (a state from before the history was kept loads too)."""
         self._below = dict(state.get("below", {}))
         self._warned = set(state.get("warned", []))
         self._last_checked_step = state.get("last_checked_step")
+        self._history = {name: RatioHistory.from_state(h) for name, h in state.get("history", {}).items()}
+        self._zero_named = set(state.get("zero_named", []))
 
 
-def check_options(every_n_steps: Any, threshold: Any, update_threshold: Any, patience: Any) -> None:
-    """Raise a clear error for a bad weight-domination option."""
+def check_options(every_n_steps: Any, threshold: Any, update_threshold: Any, patience: Any,
+                  fall_factor: Any = 1000.0) -> None:
+    """Raise a clear error for a bad weight-domination option.
+
+    Example:
+        >>> check_options(100, 1e-4, 0.0, 3, fall_factor=0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: fall_factor must be None or a finite number > 1 (a fall of the ratio from its own peak, e.g. 1000), got 0.5
+    """
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
         raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
     if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
@@ -213,3 +331,7 @@ def check_options(every_n_steps: Any, threshold: Any, update_threshold: Any, pat
         raise ValueError(f"update_threshold must be a finite number >= 0, got {update_threshold!r}")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+    if fall_factor is not None and (isinstance(fall_factor, bool) or not isinstance(fall_factor, (int, float))
+                                    or not 1 < fall_factor < math.inf):
+        raise ValueError("fall_factor must be None or a finite number > 1 (a fall of the ratio from "
+                         f"its own peak, e.g. 1000), got {fall_factor!r}")

@@ -324,8 +324,8 @@ class ConditioningMonitor:
             self._results = with_stability_margin(self._results, rates, limits)
         self._report_problems(step)
         if self.options.warn_diagnosis:
-            for finding in self.findings():
-                if finding.rule not in self._fired_rules:
+            for finding in self.findings():  # info findings stay in findings() / the report
+                if finding.severity == "warning" and finding.rule not in self._fired_rules:
                     self._fired_rules.add(finding.rule)
                     self._warn(f"{type(self).__name__}: step {step}: {short_warning(finding)}\n"
                                "(The full diagnosis: `findings()`, or `print_diagnosis=True`.)")

@@ -75,6 +75,9 @@ MARGIN_QUANTITIES: tuple[str, ...] = ("lr_lambda_max", "stability_limit", "lambd
 DOMINATION_QUANTITIES = frozenset({
     "grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm", "grad_weight_ratio_fro",
     "update_weight_ratio", "imbalance", "relative_imbalance",
+    # the layer against its own history: its peak ratio, the fall from it (net of the loss)
+    # and the verdict (1 dominated, 0 not)
+    "grad_weight_ratio_peak", "grad_weight_ratio_fall", "dominated",
 })
 #: the per-run count of layers in weight domination: ``{prefix}/dominated_layers``
 DOMINATED_LAYERS = "dominated_layers"

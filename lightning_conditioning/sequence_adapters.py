@@ -123,6 +123,9 @@ class ProjectionAdapter(LinearAdapter):
         assert isinstance(weight, Tensor)
         return weight, self.rows
 
+    def weight_of(self, module: nn.Module) -> tuple[Tensor, slice] | None:
+        return self.functional_weight(module)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.parameter!r}, rows={self.rows.start}:{self.rows.stop})"
 
@@ -160,4 +163,7 @@ class AttentionAdapter(LayerAdapter):
         raise TypeError("nn.MultiheadAttention is analysed through its projections (sublayers)")
 
     def functional_weight(self, module: nn.Module) -> tuple[Tensor, slice] | None:
+        return None
+
+    def weight_of(self, module: nn.Module) -> tuple[Tensor, slice] | None:
         return None

@@ -45,8 +45,9 @@ def _plain_loop(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, ba
         for step in range(steps):
             xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
             with monitor.track(step):
-                nn.functional.cross_entropy(net(xb), yb).backward()
-            checker.before_optimizer_step(step)
+                loss = nn.functional.cross_entropy(net(xb), yb)
+                loss.backward()
+            checker.before_optimizer_step(step, loss=loss.item())  # as the callback reads it
             optimizer.step()
             optimizer.zero_grad()
             if checker.pending_step is not None:

@@ -196,6 +196,8 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
         alone = "is" if not _differing(baseline, again) else "is NOT"
         problems.append(f"training not bit-identical with the callbacks ({len(differing)} "
                         f"parameters differ; the run without callbacks {alone} deterministic)")
+    if dom.share < COVERAGE:
+        problems.append(f"weight-domination coverage {dom.share:.1%} < {COVERAGE:.0%}")
     if cov.share < COVERAGE:
         problems.append(f"coverage {cov.share:.1%} < {COVERAGE:.0%}")
     if unexplained:

@@ -82,16 +82,44 @@ def test_final_layer_warning_names_add_last_bn() -> None:
         fit(Blocked(seeded(bn_mlp), ("net.12",)), loader(x, y, 32), [callback], max_steps=3)
 
 
-def test_grown_weight_before_batchnorm_is_dominated_by_gradient_ratio() -> None:
-    # BN makes the layer scale-invariant: ∇W shrinks as W grows, the ratio by scale²
+class GrowAt(SequentialClassifier):
+    """Multiplies ``net[layer].weight`` by ``factor`` before optimizer step ``at``."""
+
+    def __init__(self, net: nn.Module, layer: int, at: int, factor: float = 1e3) -> None:
+        super().__init__(net)
+        self.layer, self.at, self.factor = layer, at, factor
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.trainer.global_step == self.at:
+            with torch.no_grad():
+                self.net[self.layer].weight.mul_(self.factor)
+
+
+def test_weight_grown_during_training_before_batchnorm_is_dominated_by_gradient_ratio() -> None:
+    # BN makes the layer scale-invariant: ∇W shrinks as W grows, the ratio by scale² (1e6×)
+    x, y = _data()
+    callback = WeightDominationCallback(every_n_steps=1, patience=2, threshold=1e-4)
+    with pytest.warns(UserWarning, match=r"'net.3'.*σmax\(∇W\)/σmax\(W\)"):
+        fit(GrowAt(seeded(bn_mlp), layer=3, at=2), loader(x, y, 32), [callback], max_steps=5)
+    assert callback.dominated == ["net.3"]
+    assert callback.reasons["net.3"] == ("fallen", "below_threshold")
+    assert callback.history["net.3"].peak_step < 2
+
+
+def test_weight_large_from_the_first_check_is_not_domination() -> None:
+    # the same layer grown before the first check: feeble from the start, not fallen into
+    # domination (as the Linear before a LayerScale at 1e-6); the absolute threshold alone
+    # would have flagged it
     x, y = _data()
     net = seeded(bn_mlp)
     with torch.no_grad():
         net[3].weight.mul_(1e3)
-    callback = WeightDominationCallback(every_n_steps=1, patience=2, threshold=1e-4)
-    with pytest.warns(UserWarning, match=r"'net.3'.*σmax\(∇W\)/σmax\(W\)"):
+    callback = WeightDominationCallback(every_n_steps=1, patience=1, threshold=1e-4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         fit(SequentialClassifier(net), loader(x, y, 32), [callback], max_steps=3)
-    assert callback.dominated == ["net.3"]
+    assert not [w for w in record if "weight domination" in str(w.message)]
+    assert callback.dominated == [] and callback.is_dominated(callback.results["net.3"])
 
 
 def test_frozen_layers_are_skipped() -> None:
@@ -165,13 +193,15 @@ def test_pure_helpers() -> None:
     assert spectral_norm(torch.zeros(0, 3)) == 0.0
     assert imbalance(0.0, 0.0) == (0.0, 0.0)
     stats = weight_statistics(torch.zeros(2, 2), torch.ones(2, 2))
-    assert stats.grad_weight_ratio == math.inf
+    assert stats.grad_weight_ratio == math.inf and stats.status == "zero_weight"
+    assert weight_statistics(torch.ones(2, 2), torch.zeros(2, 2)).status == "zero_gradient"
+    assert weight_statistics(torch.ones(2, 2), torch.full((2, 2), math.nan)).status == "nonfinite"
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [dict(every_n_steps=0), dict(threshold=0), dict(threshold=float("nan")), dict(patience=0),
-     dict(update_threshold=-1.0)],
+     dict(update_threshold=-1.0), dict(fall_factor=1.0), dict(fall_factor=float("inf"))],
 )
 def test_bad_arguments(kwargs) -> None:
     with pytest.raises(ValueError):
@@ -179,7 +209,9 @@ def test_bad_arguments(kwargs) -> None:
 
 
 def test_state_dict_roundtrip() -> None:
-    state = {"below": {"fc": 2}, "warned": ["fc"], "last_checked_step": 40}
+    state = {"below": {"fc": 2}, "warned": ["fc"], "last_checked_step": 40,
+             "history": {"fc": {"peak_ratio": 2.5, "peak_step": 3, "peak_loss": 2.3, "checks": 7}},
+             "zero_named": ["net.1"]}
     callback = WeightDominationCallback()
     callback.load_state_dict(state)
     other = WeightDominationCallback()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 
 from lightning_conditioning.capture import checked_layer_types
-from lightning_conditioning.domination import WeightStatistics, is_dominated
+from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics, is_dominated
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
 from lightning_conditioning.sinks import publish_weight_domination
 
@@ -40,25 +42,47 @@ class WeightDominationCallback(Callback):
       that divided by ‖W_k‖_F² + ‖W_{k−1}‖_F². Not meaningful across a BatchNorm (weights
       before a BN are scale-invariant).
 
-    A layer is *dominated* at a check when its gradient ratio is below ``threshold``, or when
-    the optimizer step moved its weight by at most ``update_threshold`` relative to it (by
-    default: not at all). The second rule catches the paper's Fig. 4 set-up, a layer whose
-    updates are blocked by leaving it out of the optimizer: ``zero_grad`` never clears such a
-    layer's ``.grad``, so its stale, accumulating gradient looks large while the layer learns
-    nothing. A layer dominated for ``patience`` consecutive checks gets one warning naming it
+    Weight domination is something a layer *falls into* while it trains (the paper's
+    ResNet-110: the last layer's ratio fell 30,000× from step 0 while the loss sat at ln 10),
+    so each layer's ratio is judged against its own history, kept in bounded memory (its
+    running peak, checkpointed). A layer is *dominated* at a check when
+
+    * ``"fallen"``: its ratio is ``fall_factor``× (default 1000) or more below its own peak,
+      net of the training loss (the ratio's fall divided by the loss's fall since the peak: a
+      ratio that falls because the loss falls, in a run converging to a small loss, does not
+      count; measured on MNIST MLPs trained to a loss of 1e-4, healthy layers' ratios fell
+      up to 4.8e4×, net of the loss at most 4×);
+    * ``"below_threshold"``: its ratio is below ``threshold`` *and* at least 10× below its own
+      peak: a ratio that has been small since the layer's first check (the Linear before a
+      LayerScale at 1e-6, a conv before a BatchNorm whose γ starts at 0 and grows) is how the
+      layer starts, not domination;
+    * ``"not_updated"``: the optimizer step moved its weight by at most ``update_threshold``
+      relative to it (by default: not at all). This catches the paper's Fig. 4 set-up, a layer
+      left out of the optimizer: ``zero_grad`` never clears such a layer's ``.grad``, so its
+      stale, accumulating gradient looks large while the layer learns nothing.
+
+    A layer whose gradient is exactly zero (status ``"zero_gradient"``: a zero-initialised
+    BatchNorm γ or head after it, dead units) or whose weight is exactly zero
+    (``"zero_weight"``: a zero-initialised head) is never dominated; it is named once, in an
+    info message with the likely reason, and has ``results[layer].status`` saying so. A layer
+    dominated for ``patience`` consecutive checks gets one warning naming it and the rule
     (and, for the model's final linear layer, the paper's remedy
     :func:`~lightning_conditioning.models.add_last_bn`). Frozen layers (``requires_grad`` off)
-    and layers without a gradient at that step are skipped.
+    and layers without a gradient at that step are skipped. The training loss of a checked
+    step is read in ``on_before_backward`` (summed over accumulated micro-batches, unscaled
+    from AMP) and averaged over the DDP ranks, so every rank keeps the same history.
 
     Args:
         every_n_steps: check optimizer steps ``0, n, 2n, …``.
-        threshold: a gradient ratio below this counts as weight domination.
+        threshold: a gradient ratio below this counts (once 10× below the layer's own peak).
         update_threshold: an applied update ratio at or below this counts as well.
-        patience: consecutive checks below ``threshold`` before the warning.
+        patience: consecutive dominated checks before the warning.
         layer_types: module types to check (default Linear and ConvNd).
         include / exclude: glob patterns of qualified layer names.
         log_imbalance: also log the layer imbalance.
         prefix: first part of every logged key.
+        fall_factor: a ratio this many times below the layer's own peak (net of the loss)
+            counts; None turns the history rule off.
 
     Example::
 
@@ -76,16 +100,20 @@ class WeightDominationCallback(Callback):
         exclude: Sequence[str] | None = None,
         log_imbalance: bool = True,
         prefix: str = "weight_domination",
+        fall_factor: float | None = 1000.0,
     ) -> None:
-        check_options(every_n_steps, threshold, update_threshold, patience)
+        check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
         self.every_n_steps, self.threshold = every_n_steps, float(threshold)
         self.update_threshold, self.patience = float(update_threshold), patience
+        self.fall_factor = float(fall_factor) if fall_factor is not None else None
         self.layer_types = checked_layer_types(layer_types)
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.log_imbalance, self.prefix = log_imbalance, prefix
         self.monitor: WeightDominationMonitor | None = None
         self._restored: dict[str, Any] = {}
+        self._loss_step: int | None = None  # the checked step whose loss is being summed
+        self._loss_sum = 0.0
 
     @property
     def state_key(self) -> str:
@@ -105,11 +133,28 @@ class WeightDominationCallback(Callback):
 
     @property
     def dominated(self) -> list[str]:
-        """Layers whose latest ratio is below the threshold."""
+        """Layers the latest check finds in weight domination (see the class docstring)."""
         return self.monitor.dominated if self.monitor is not None else []
 
+    @property
+    def reasons(self) -> dict[str, tuple[DominationReason, ...]]:
+        """Latest check: ``{layer: the rules that find it dominated}`` (``()``: none)."""
+        return self.monitor.reasons if self.monitor is not None else {}
+
+    @property
+    def history(self) -> dict[str, RatioHistory]:
+        """``{layer: RatioHistory}``: each layer's running peak ratio (checkpointed)."""
+        return self.monitor.history if self.monitor is not None else {}
+
+    @property
+    def zero_layers(self) -> dict[str, str]:
+        """Latest check: layers whose weight gradient or weight is exactly zero, with the status."""
+        return self.monitor.zero_layers if self.monitor is not None else {}
+
     def is_dominated(self, stats: WeightStatistics) -> bool:
-        """Whether ``stats`` count as weight domination (:func:`~lightning_conditioning.domination.is_dominated`)."""
+        """Whether ``stats`` alone count as weight domination: the history-free rules
+        (:func:`~lightning_conditioning.domination.is_dominated`); :attr:`dominated` also
+        judges each layer against its own history."""
         return is_dominated(stats, self.threshold, self.update_threshold)
 
     def domination_table(self) -> dict[str, dict[str, float]]:
@@ -125,14 +170,35 @@ class WeightDominationCallback(Callback):
             pl_module, every_n_steps=self.every_n_steps, threshold=self.threshold,
             update_threshold=self.update_threshold, patience=self.patience,
             layer_types=self.layer_types, include=self.include, exclude=self.exclude,
-            log_imbalance=self.log_imbalance, prefix=self.prefix, warn=rank_zero_warn)
+            log_imbalance=self.log_imbalance, prefix=self.prefix, warn=rank_zero_warn,
+            fall_factor=self.fall_factor, info=rank_zero_info)
         self.monitor.load_state_dict(self._restored)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        step = trainer.global_step
+        if self.monitor is None or not self.monitor.is_due(step):
+            return  # one host read per backward of a checked step only
+        if self._loss_step != step:
+            self._loss_step, self._loss_sum = step, 0.0
+        # Lightning divides the loss by the accumulated micro-batches (their sum is the mean);
+        # a GradScaler has multiplied it by its scale
+        self._loss_sum += float(loss.detach()) / _loss_scale(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
-        if self.monitor is not None:
-            self.monitor.before_optimizer_step(trainer.global_step)
+        step = trainer.global_step
+        if self.monitor is not None and self.monitor.is_due(step):
+            self.monitor.before_optimizer_step(step, loss=self._step_loss(trainer, pl_module, step))
+
+    def _step_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> float | None:
+        """The training loss of checked step ``step``, the mean over DDP ranks (every rank
+        calls this at the same steps: one scalar all-reduce per check)."""
+        loss = self._loss_sum if self._loss_step == step else None
+        if trainer.world_size > 1:
+            value = torch.tensor(math.nan if loss is None else loss, device=pl_module.device)
+            loss = float(trainer.strategy.reduce(value, reduce_op="mean"))
+        return loss
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -157,3 +223,8 @@ class WeightDominationCallback(Callback):
         self._restored = dict(state_dict)
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0

@@ -40,8 +40,17 @@ The rules (defaults in :class:`Thresholds`):
     λmax(Σx) of the last layer's input ≥ ``last_input_factor``× the median over the other
     layers: the residual sums piling up in deep ResNets; remedy ``add_last_bn``.
 ``weight_domination`` (Definition 1, Fig. 4)
-    σmax(∇W)/σmax(W) < ``grad_weight_ratio``, or an applied update σmax(ΔW)/σmax(W) ≤
-    ``update_weight_ratio`` (a layer the optimizer does not move).
+    A row that carries the checker's verdict ``dominated`` (what
+    :meth:`~lightning_conditioning.WeightDominationMonitor.domination_table` writes: it judged
+    the layer against its own history, with its own options) is taken as judged. Other rows
+    (tables read back from logged scalars, which have no history): σmax(∇W)/σmax(W) <
+    ``grad_weight_ratio``, or an applied update σmax(ΔW)/σmax(W) ≤ ``update_weight_ratio`` (a
+    layer the optimizer does not move). Never for a layer whose weight or gradient is exactly
+    zero. Only finite numbers are quoted (a pending check has no update ratio yet).
+``exactly_zero`` (info)
+    Layers whose weight gradient (σmax(∇W) = 0) or weight (σmax(W) = 0) is exactly zero, named
+    with the likely reason: a zero-initialised scale (BatchNorm γ, head) after them, or a
+    zero-initialised head itself. Not weight domination.
 """
 
 from __future__ import annotations
@@ -54,7 +63,10 @@ from dataclasses import dataclass
 from lightning_conditioning import schema
 from lightning_conditioning.views.deficiency import REMEDY, describe, unresolved_kappas
 from lightning_conditioning.views.tables import headline_percent
-from lightning_conditioning.views.wording import Finding, format_findings, short_warning
+from lightning_conditioning.views.wording import (
+    REMEDY_LAST_BN, Finding, domination_evidence, format_findings, listing, short_warning,
+    zero_layers_text,
+)
 
 __all__ = ["Finding", "Thresholds", "diagnose", "format_findings", "short_warning"]
 
@@ -63,8 +75,7 @@ _REMEDY_INIT = ("use He (Kaiming) initialisation or normalise the layers (BatchN
                 "keeps λmax constant across depth (paper, Fig. 3)")
 _REMEDY_EXPLODING = ("scale the initial weights down (He: variance 2/fan_in for ReLU) or normalise "
                       "the layers (BatchNorm)")
-_REMEDY_LAST_BN = ("put one BatchNorm before the last linear layer: "
-                   "`lightning_conditioning.models.add_last_bn(model)` (paper, Sec. 5)")
+_REMEDY_LAST_BN = REMEDY_LAST_BN
 
 
 @dataclass(frozen=True)
@@ -83,8 +94,9 @@ class Thresholds:
         last_input_factor: λmax(Σx) of the last layer ≥ this × the median of the others.
             (Measured at init on random images: ResNet-20 12×, ResNet-56 43×, with
             ``add_last_bn`` 1-2×.)
-        grad_weight_ratio: σmax(∇W)/σmax(W) below this is weight domination (as the callback).
-        update_weight_ratio: σmax(ΔW)/σmax(W) at or below this is weight domination.
+        grad_weight_ratio: σmax(∇W)/σmax(W) below this is weight domination, for rows
+            without the checker's verdict (``dominated``).
+        update_weight_ratio: σmax(ΔW)/σmax(W) at or below this is weight domination (same rows).
 
     Example:
         >>> Thresholds(dead_fraction=0.9).dead_fraction
@@ -258,7 +270,21 @@ def _rank_deficient(table: Table, last_layer: str | None) -> list[Finding]:
     )]
 
 
+def _zero_status(row: Mapping[str, float]) -> str | None:
+    """``"zero_weight"`` / ``"zero_gradient"`` when the row's weight or weight gradient is
+    exactly zero (as :func:`lightning_conditioning.domination.weight_status` says), else None."""
+    if row.get("weight_spectral_norm") == 0 or row.get("weight_fro") == 0:
+        return "zero_weight"
+    if row.get("grad_spectral_norm") == 0 or row.get("grad_weight_ratio") == 0:
+        return "zero_gradient"
+    return None
+
+
 def _dominated(th: Thresholds, row: Mapping[str, float]) -> bool:
+    if _zero_status(row) is not None:
+        return False
+    if "dominated" in row:  # the checker's verdict, with the layer's history
+        return bool(row["dominated"])
     ratio, update = row.get("grad_weight_ratio"), row.get("update_weight_ratio")
     return (ratio is not None and ratio < th.grad_weight_ratio) or (
         update is not None and update <= th.update_weight_ratio)
@@ -300,8 +326,7 @@ def _last_layer(last_input: tuple[str, float, float] | None, domination: Table,
 
 def _listing(parts: Sequence[str], limit: int = 5) -> str:
     """At most ``limit`` items, then how many more."""
-    shown = "; ".join(parts[:limit])
-    return shown + (f"; … and {len(parts) - limit} more" if len(parts) > limit else "")
+    return listing(parts, limit)
 
 
 def _weight_domination(domination: Table, last_input: tuple[str, float, float] | None,
@@ -310,16 +335,18 @@ def _weight_domination(domination: Table, last_input: tuple[str, float, float] |
     if not hits:
         return []
     evidence: dict[str, float] = {}
-    parts = []
     for name in hits:
-        row = domination[name]
-        for key in ("grad_weight_ratio", "update_weight_ratio"):
-            if key in row:
-                evidence[f"{key}[{name}]"] = row[key]
-        parts.append(f"{name} (σmax(∇W)/σmax(W) = {row.get('grad_weight_ratio', math.nan):.3g}, "
-                     f"σmax(ΔW)/σmax(W) = {row.get('update_weight_ratio', math.nan):.3g})")
-    if dominated_layers is not None:
+        for key in ("grad_weight_ratio", "update_weight_ratio", "grad_weight_ratio_fall"):
+            value = domination[name].get(key)
+            if value is not None and math.isfinite(value):
+                evidence[f"{key}[{name}]"] = value
+    if dominated_layers is not None and math.isfinite(dominated_layers):
         evidence["dominated_layers"] = dominated_layers
+    judged = all("dominated" in domination[n] for n in hits)
+    criterion = ("by the weight-domination check: a ratio fallen by orders of magnitude from its "
+                 "own peak or below its threshold, or a weight the optimizer does not move"
+                 if judged else f"ratio < {th.grad_weight_ratio:g} or update ratio ≤ "
+                 f"{th.update_weight_ratio:g}")
     remedy = ("a layer the optimizer does not move (left out of it, learning rate 0) or whose "
               "gradient is feeble next to its weight barely learns: check the optimizer's "
               "parameter groups, weight decay and the growth of the weight norm")
@@ -328,9 +355,26 @@ def _weight_domination(domination: Table, last_input: tuple[str, float, float] |
                    f"({last_input[1] / last_input[2]:.0f}× the median): " + _REMEDY_LAST_BN)
     return [Finding(
         rule="weight_domination", layer=hits[0], layers=tuple(hits), evidence=evidence,
-        message=(f"{len(hits)} layer(s) in weight domination (ratio < {th.grad_weight_ratio:g} "
-                 f"or update ratio ≤ {th.update_weight_ratio:g}): " + _listing(parts)),
+        message=(f"{len(hits)} layer(s) in weight domination ({criterion}): "
+                 + _listing([f"{n} ({domination_evidence(domination[n])})" for n in hits])),
         remedy=remedy,
+    )]
+
+
+def _exactly_zero(domination: Table) -> list[Finding]:
+    statuses = {name: status for name, row in domination.items() if (status := _zero_status(row))}
+    if not statuses:
+        return []
+    zero_gradient = [n for n, s in statuses.items() if s == "zero_gradient"]
+    zero_weight = [n for n, s in statuses.items() if s == "zero_weight"]
+    return [Finding(
+        rule="exactly_zero", layer=next(iter(statuses)), layers=tuple(statuses), severity="info",
+        message=zero_layers_text(zero_gradient, zero_weight),
+        evidence={f"{'weight' if s == 'zero_weight' else 'grad'}_spectral_norm[{n}]": 0.0
+                  for n, s in statuses.items()},
+        remedy=("nothing, when the zero initialisation is deliberate (timm's and torchvision's "
+                "zero_init_residual, a zero-initialised head); otherwise check what follows the "
+                "layer (dead units, a scale stuck at 0)"),
     )]
 
 
@@ -370,4 +414,5 @@ def diagnose(
     last_input = _large_last_input(conditioning, last_layer, th)
     findings += _last_layer(last_input, domination, th)
     findings += _weight_domination(domination, last_input, dominated_layers, th)
+    findings += _exactly_zero(domination)
     return findings
