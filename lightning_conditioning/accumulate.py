@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from lightning_conditioning.resolution import unit_roundoff
+from lightning_conditioning.sketch import SketchedMoment, SketchedMomentSum
 
-__all__ = ["PENDING_ADDS", "SecondMomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
+__all__ = ["PENDING_ADDS", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
 
 
 #: float32 additions summed in the pending buffer before it is folded into float64
@@ -202,6 +203,10 @@ class SecondMomentSum:
         return [t for t in (self.sum_outer, self.sum_rows) if t is not None]
 
 
+#: what a layer's window keeps per moment: a dense (or diagonal) sum, or a sketch
+MomentSum = Union[SecondMomentSum, SketchedMomentSum]
+
+
 @dataclass
 class LayerMoments:
     """A finished window of one layer, as plain tensors on the CPU (float64).
@@ -228,8 +233,8 @@ class LayerMoments:
         (1, 1)
     """
 
-    input_second_moment: Tensor | None
-    grad_second_moment: Tensor | None
+    input_second_moment: Tensor | SketchedMoment | None
+    grad_second_moment: Tensor | SketchedMoment | None
     input_rows: int
     grad_rows: int
     unit_max: Tensor
@@ -273,11 +278,16 @@ class LayerWindow:
         *,
         homogeneous: bool = False,
         diagonal_input: bool = False,
+        input_sketch: int | None = None,
+        grad_sketch: int | None = None,
     ) -> None:
-        self.homogeneous = homogeneous
-        self.input = SecondMomentSum(input_dim, device, track_row_sum=homogeneous,
-                                     diagonal=diagonal_input)
-        self.grad = SecondMomentSum(grad_dim, device)
+        self.homogeneous = homogeneous and input_sketch is None
+        self.input: MomentSum = (
+            SketchedMomentSum(input_dim, device, rank=input_sketch) if input_sketch else
+            SecondMomentSum(input_dim, device, track_row_sum=self.homogeneous, diagonal=diagonal_input))
+        self.grad: MomentSum = (
+            SketchedMomentSum(grad_dim, device, rank=grad_sketch) if grad_sketch else
+            SecondMomentSum(grad_dim, device))
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
         self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)
 
@@ -359,6 +369,10 @@ def moments_to_cpu(moments: dict[str, LayerMoments]) -> dict[str, LayerMoments]:
     for name, layer in moments.items():
         for field_name in _TENSOR_FIELDS:
             tensor = getattr(layer, field_name)
+            if isinstance(tensor, SketchedMoment):  # its sketch: a small copy of its own
+                layer = replace(layer, **{field_name: tensor.cpu()})  # type: ignore[arg-type]
+                moments = {**moments, name: layer}
+                continue
             if tensor is not None and not _on_host(tensor):
                 by_device.setdefault(tensor.device, []).append((name, field_name, tensor))
     updates: dict[str, dict[str, Any]] = {name: {} for name in moments}

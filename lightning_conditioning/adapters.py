@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_conditioning.accumulate import SecondMomentSum
+from lightning_conditioning.accumulate import MomentSum, SecondMomentSum
 
 __all__ = [
     "ConvMode",
@@ -54,7 +54,7 @@ class LayerAdapter:
         """``(input_dim, grad_dim, units)``: sizes of Σx, Σ∇h and of the unit counts."""
         raise NotImplementedError
 
-    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: MomentSum) -> UnitExtremes:
         """Add the rows of one input tensor to ``into``; return ``(unit_max, unit_min)``.
 
         ``unit_max`` / ``unit_min`` are the per-unit extremes over the rows (dead / full
@@ -63,7 +63,7 @@ class LayerAdapter:
         """
         raise NotImplementedError
 
-    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: MomentSum, weight: float) -> None:
         """Add ``weight`` × the outer products of one output-gradient tensor's rows to ``into``."""
         raise NotImplementedError
 
@@ -85,6 +85,11 @@ class LayerAdapter:
     def has_bias(self, module: nn.Module) -> bool:
         """Whether the layer adds a bias (the homogeneous coordinate of ``include_bias``)."""
         return getattr(module, "bias", None) is not None
+
+    def sketchable(self, module: nn.Module, moment: str) -> bool:
+        """Whether ``moment`` (``"input"`` / ``"grad"``) arrives as rows (``add_rows`` only),
+        so that a Frequent Directions sketch can keep it (:mod:`lightning_conditioning.plan`)."""
+        return False
 
     def sublayers(self, module: nn.Module) -> dict[str, LayerAdapter] | None:
         """Several analysable layers in one module (``{suffix: adapter}``, named
@@ -121,12 +126,15 @@ class LinearAdapter(LayerAdapter):
         assert isinstance(module, nn.Linear)
         return module.in_features, module.out_features, module.in_features
 
-    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
+    def sketchable(self, module: nn.Module, moment: str) -> bool:
+        return True
+
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: MomentSum) -> UnitExtremes:
         rows = x.reshape(-1, x.shape[-1])
         into.add_rows(rows)
         return rows.amax(0), rows.amin(0)
 
-    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: MomentSum, weight: float) -> None:
         into.add_rows(grad.reshape(-1, grad.shape[-1]), weight)
 
 
@@ -167,14 +175,14 @@ class ConvChannelAdapter(LayerAdapter):
         out = _batched(module, output)  # type: ignore[arg-type]
         return max(1, out.numel() // max(1, int(out.shape[1])))
 
-    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: MomentSum) -> UnitExtremes:
         assert isinstance(module, nn.modules.conv._ConvNd)
         flat = _channel_rows(module, x)
         total = flat.sum((0, 2)) if into.sum_rows is not None else None
         into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], total)
         return flat.amax((0, 2)), flat.amin((0, 2))
 
-    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: MomentSum, weight: float) -> None:
         assert isinstance(module, nn.modules.conv._ConvNd)
         flat = _channel_rows(module, grad)
         into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], weight=weight)
@@ -206,6 +214,9 @@ class ConvPatchAdapter(ConvChannelAdapter):
             kernel *= size
         groups = module.groups
         return module.in_channels // groups * kernel, module.out_channels // groups, module.in_channels
+
+    def sketchable(self, module: nn.Module, moment: str) -> bool:
+        return moment == "input" and getattr(module, "groups", 1) == 1
 
     @staticmethod
     def columns(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -239,7 +250,7 @@ class ConvPatchAdapter(ConvChannelAdapter):
             buffer[target] = x[(slice(None), slice(None), *window)].transpose(0, 1)
         return buffer.reshape(buffer.shape[: 1 + len(kernel)].numel(), -1)
 
-    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: MomentSum) -> UnitExtremes:
         assert isinstance(module, nn.modules.conv._ConvNd)
         x = _batched(module, x)
         flat = x.reshape(x.shape[0], x.shape[1], -1)
@@ -257,7 +268,7 @@ class ConvPatchAdapter(ConvChannelAdapter):
                 into.add(gram, groups * cols.shape[2], total)
         return flat.amax((0, 2)), flat.amin((0, 2))
 
-    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: MomentSum, weight: float) -> None:
         assert isinstance(module, nn.modules.conv._ConvNd)
         grad = _batched(module, grad)
         dim = self.dims(module)[1]

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
+from lightning_conditioning.plan import AnalysisPlan
+from lightning_conditioning.sketch import SketchedMomentSum
 from lightning_conditioning.adapters import ConvMode, LayerAdapter
 from lightning_conditioning.registry import adapter_for, registered_layer_types
 from lightning_conditioning.functional_capture import KIND_OF, FunctionalCapture, WeightUse, row_range, weight_uses
@@ -279,8 +281,11 @@ class LayerCapture:
         loss_reduction: Literal["mean", "token_mean", "sum"] = "mean",
         include_bias: bool = False,
         model: nn.Module | None = None,
+        plan: AnalysisPlan | None = None,
     ) -> None:
         self.layers = layers
+        #: how each moment is kept (None: every moment dense)
+        self.plan = plan
         self.statistics_dtype = statistics_dtype
         self.loss_reduction = loss_reduction
         self.include_bias = include_bias
@@ -323,7 +328,8 @@ class LayerCapture:
                 homogeneous = self.include_bias and adapter.has_bias(module)
                 self.windows[name] = LayerWindow(
                     input_dim, grad_dim, units, _module_device(module), homogeneous=homogeneous,
-                    diagonal_input=adapter.diagonal_input,
+                    diagonal_input=adapter.diagonal_input, input_sketch=self._sketch_rank(name, "input"),
+                    grad_sketch=self._sketch_rank(name, "grad"),
                 )
             if not adapter.module_hook:
                 continue
@@ -343,6 +349,11 @@ class LayerCapture:
             self._handles.append(host.register_forward_hook(
                 torch.compiler.disable(self._leave_host),
                 always_call=True))
+
+    def _sketch_rank(self, layer: str, moment: str) -> int | None:
+        """The sketch rows ℓ the plan gives a moment (None: kept dense)."""
+        planned = self.plan.of(layer, moment) if self.plan is not None else None
+        return planned.rank if planned is not None and planned.method == "sketch" else None
 
     def _prepare_functional(self) -> None:
         """The functional mode, when a model is given and some layer weight can be used
@@ -505,7 +516,29 @@ class LayerCapture:
             in_attention = id(module) in self._attention_parts  # its batch is the attention's
             self._record(use.layer, module, x, output, columns, batch if in_attention else None)
 
-    def all_reduce(self, reduce: Callable[[Tensor, str], Tensor]) -> None:
+    def _merge_sketches(self, reduce: Callable[[Tensor, str], Tensor], world_size: int, rank: int) -> None:
+        """Every rank's sketches, stacked (one sum over zero-padded slots) and folded into one
+        sketch per moment, the same on every rank; the shrinkages add up."""
+        sums = [acc for window in self.windows.values() for acc in (window.input, window.grad)
+                if isinstance(acc, SketchedMomentSum)]
+        for acc in sums:
+            sketcher = acc.sketcher
+            rows = sketcher.sketch()
+            if rows.shape[0] > sketcher.rank:  # at most ℓ rows travel
+                sketcher._shrink()
+                rows = sketcher.sketch()
+            slots = rows.new_zeros(world_size, sketcher.rank + 1, sketcher.dim)
+            slots[rank, : rows.shape[0]] = rows
+            slots[rank, sketcher.rank, 0] = sketcher.shrinkage
+            slots = reduce(slots.reshape(-1), "sum").view(world_size, sketcher.rank + 1, sketcher.dim)
+            count, shrinkage = sketcher.rows, float(slots[:, sketcher.rank, 0].sum())
+            stacked = slots[:, : sketcher.rank].reshape(-1, sketcher.dim)
+            sketcher.reset()
+            sketcher.add_rows(stacked[stacked.abs().sum(1) > 0])  # padding rows add nothing
+            sketcher.rows, sketcher.shrinkage = count, sketcher.shrinkage + shrinkage
+
+    def all_reduce(self, reduce: Callable[[Tensor, str], Tensor], world_size: int = 1,
+                   rank: int = 0) -> None:
         """Combine every window over processes: two collectives on flat float64 buffers.
 
         ``reduce(tensor, op)`` takes a 1-D tensor and ``"sum"`` or ``"max"`` (e.g.
@@ -516,8 +549,9 @@ class LayerCapture:
         windows = list(self.windows.values())
         if not windows:
             return
+        self._merge_sketches(reduce, world_size, rank)  # row counts are summed below
         sums = [buffer for window in windows for buffer in window.sum_buffers()]
-        device = sums[0].device
+        device = windows[0].device
         counts = torch.tensor(
             [count for window in windows for count in window.counts()],
             dtype=torch.float64,

@@ -16,11 +16,12 @@ import heapq
 from collections.abc import Callable, Mapping
 
 import torch
+from torch import Tensor
 
 from lightning_conditioning.accumulate import LayerMoments
 from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.results import LayerConditioning, solve_layer
-from lightning_conditioning.solvers import SolvedSpectrum, SolverPlan, plan_solver
+from lightning_conditioning.results import LayerConditioning, layer_status, solve_layer, solver_for
+from lightning_conditioning.solvers import SolvedSpectrum, SolverPlan, shareable
 
 __all__ = ["assign_layers", "analyse_layers", "estimated_seconds"]
 
@@ -47,7 +48,7 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> list[list[str]
 def _cost(moments: LayerMoments) -> float:
     total = 0.0
     for matrix in (moments.input_second_moment, moments.grad_second_moment):
-        if matrix is not None:  # a diagonal moment (1-D) costs a sort
+        if isinstance(matrix, Tensor):  # a diagonal moment (1-D) costs a sort; a sketch little
             total += float(matrix.shape[0]) ** (3 if matrix.dim() == 2 else 1)
     return total + 1.0
 
@@ -81,13 +82,22 @@ def solve_layers(
         return {name: solve_layer(name, m, solver) for name, m in moments.items()}
     share = assign_layers({n: _cost(m) for n, m in moments.items()}, collectives.world_size)
     mine = {name: solve_layer(name, moments[name], solver) for name in share[collectives.rank]}
-    # one slot per moment: [count, exact, relative_error, zeros, eigenvalue_1 … eigenvalue_d]
+    # one slot per exactly solved moment: [count, exact, relative_error, zeros, eigenvalues…];
+    # approximate spectra (intervals, estimators) are solved on every rank instead
     header = 4
     slots: list[tuple[str, str, int]] = []
+    local: dict[str, dict[str, SolvedSpectrum]] = {name: {} for name in moments}
     for name, m in moments.items():
+        if layer_status(m) in ("no_data", "nonfinite"):
+            continue
         for label, matrix in (("input", m.input_second_moment), ("grad", m.grad_second_moment)):
-            if matrix is not None:
+            if matrix is None:
+                continue
+            chosen = solver_for(solver, name, matrix)
+            if shareable(chosen):
                 slots.append((name, label, int(matrix.shape[0])))
+            else:
+                local[name][label] = chosen(matrix)
     flat = torch.zeros(sum(d + header for _, _, d in slots), dtype=torch.float64)
     offset = 0
     for name, label, dim in slots:
@@ -100,14 +110,15 @@ def solve_layers(
             flat[offset + header : offset + header + count] = spectrum.eigenvalues
         offset += dim + header
     flat = collectives.all_reduce(flat, "sum").to("cpu", torch.float64)
-    out: dict[str, dict[str, SolvedSpectrum]] = {name: {} for name in moments}
+    out = local
     offset = 0
     for name, label, dim in slots:
         found, exact, error, zeros = (float(v) for v in flat[offset : offset + header])
         if found:  # solved somewhere (no_data / nonfinite windows are solved nowhere)
             values = flat[offset + header : offset + header + int(found)].clone()
+            matrix = getattr(moments[name], f"{label}_second_moment")
             out[name][label] = SolvedSpectrum(
-                values, plan_solver(solver, name, dim).name, bool(exact), error, int(zeros))
+                values, solver_for(solver, name, matrix).name, bool(exact), error, int(zeros))
         offset += dim + header
     return out
 

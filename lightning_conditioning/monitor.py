@@ -30,6 +30,7 @@ from lightning_conditioning.conventions import loss_tokens, resolve_loss_reducti
 from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
+from lightning_conditioning.plan import AnalysisPlan, memory_budget, plan_analysis
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.views.tables import conditioning_table
 from lightning_conditioning.margin import step_size_limits, with_stability_margin
@@ -143,6 +144,8 @@ class ConditioningMonitor:
             problem = selection_problem(model, o, layers)
             if problem:
                 self._warn(f"{type(self).__name__}: {problem}")
+        #: how each moment is kept (dense, diagonal, sketched, skipped) within the memory budget
+        self.plan: AnalysisPlan | None = None
         if not layers:
             return
         group = self.collectives
@@ -151,15 +154,38 @@ class ConditioningMonitor:
             mine = torch.tensor([float64_slowdown(device)], dtype=torch.float64)
             return float(group.all_reduce(mine, "max")[0]) if group.distributed else float(mine[0])
 
+        dtype = gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()],
+                               slowdown=slowdown)
+        self.plan = plan_analysis(layers, memory_budget(model, o.memory_budget),
+                                  float32_grams=dtype == torch.float32)
+        self._announce_plan(self.plan)
+        layers = {name: entry for name, entry in layers.items()
+                  if name not in self.plan.skipped_layers}
+        if not layers:
+            return
         self.capture = LayerCapture(
             layers,
-            statistics_dtype=gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()],
-                                            slowdown=slowdown),
+            statistics_dtype=dtype,
             loss_reduction=self.loss_reduction,  # type: ignore[arg-type]
             include_bias=o.include_bias,
             model=model,
+            plan=self.plan,
         )
         self.capture.attach()
+
+    def _announce_plan(self, plan: AnalysisPlan) -> None:
+        """One line on the memory the sums hold; the moments that are not dense, named."""
+        who = type(self).__name__
+        self._info(f"{who}: memory plan: {plan.summary()}.")
+        details = plan.details()
+        if details:
+            more = f"\n  … and {len(details) - 12} more" if len(details) > 12 else ""
+            self._info(f"{who}: moments too large to keep dense (error bars in the results):\n  "
+                       + "\n  ".join(details[:12]) + more)
+        if plan.skipped_layers:
+            self._warn(f"{who}: layers {plan.skipped_layers} are not analysed: they do not fit "
+                       f"the memory budget ({plan.budget / (1 << 20):.0f} MiB); see `monitor.plan` "
+                       "and the `memory_budget` option.")
 
     def _announce_coverage(self, model: nn.Module, layers: Mapping[str, Any]) -> None:
         """One line on what is analysed and how; one warning naming what is not (and why)."""
@@ -411,7 +437,7 @@ def analyse_capture(
     """
     group = collectives or Collectives.local()
     if group.distributed:
-        capture.all_reduce(group.all_reduce)
+        capture.all_reduce(group.all_reduce, group.world_size, group.rank)
     moments = capture.moments()
     if reset:
         capture.reset()

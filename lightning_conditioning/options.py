@@ -59,6 +59,7 @@ class ConditioningOptions:
     window_steps: int = 1
     solver: SolverPlan | None = None
     warn_diagnosis: bool = True
+    memory_budget: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -99,6 +100,9 @@ class ConditioningOptions:
                 f"got {self.window_steps!r}"
                 + ("; windows need a regular schedule: set every_n_steps" if self.every_n_steps is None else "")
             )
+        budget = self.memory_budget
+        if budget != "auto" and (not _is_int(budget) or budget <= 0):
+            raise ValueError(f"memory_budget must be 'auto' or a positive number of bytes, got {budget!r}")
         if self.solver is not None and not callable(self.solver):
             raise TypeError(f"solver must be a solver or a plan (a callable), got {self.solver!r}")
         if self.layer_types is not None:

@@ -11,14 +11,16 @@ import math
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from lightning_conditioning import schema
 from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
 from lightning_conditioning.resolution import floor_rtol
-from lightning_conditioning.solvers import DIAGONAL, SolvedSpectrum, SolverPlan, plan_solver
+from lightning_conditioning.sketch import SketchedMoment
+from lightning_conditioning.solvers import DIAGONAL, SKETCH, SolvedSpectrum, SolverPlan, SpectrumSolver, plan_solver
 from lightning_conditioning.spectra import (
     KappaDefinition,
     KroneckerSummary,
@@ -54,6 +56,7 @@ class LayerConditioning:
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> moments = LayerMoments(eye, 4 * eye, 8, 8, torch.tensor([3.0, 0.0]), torch.zeros(2))
         >>> result = analyse_layer("fc", 0, moments, percents=(100,))
@@ -98,18 +101,38 @@ class LayerConditioning:
         return {schema.key(prefix, self.name, quantity): value for quantity, value in out.items()}
 
 
+def solver_for(plan: SolverPlan | None, name: str, matrix: Any) -> SpectrumSolver:
+    """The solver of one moment: diagonal and sketched moments have their own (exact, and
+    certified); dense ones follow the plan.
+
+    Example:
+        >>> solver_for(None, "emb", torch.ones(3)).name, solver_for(None, "fc", torch.eye(3)).name
+        ('diagonal', 'dense-float64')
+    """
+    if isinstance(matrix, SketchedMoment):
+        return SKETCH
+    if matrix.dim() == 1:
+        return DIAGONAL
+    return plan_solver(plan, name, int(matrix.shape[0]))
+
+
+def _finite(matrix: Any) -> bool:
+    return matrix.isfinite() if isinstance(matrix, SketchedMoment) else bool(torch.isfinite(matrix).all())
+
+
 def layer_status(moments: LayerMoments) -> LayerStatus:
     """What can be computed from a finished window (the same on every process).
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> layer_status(LayerMoments(None, None, 0, 0, torch.zeros(3), torch.zeros(3)))
         'no_data'
     """
     if moments.input_second_moment is None:
         return "no_data"
     matrices = [m for m in (moments.input_second_moment, moments.grad_second_moment) if m is not None]
-    if not all(bool(torch.isfinite(m).all()) for m in matrices):
+    if not all(_finite(m) for m in matrices):
         return "nonfinite"
     return "ok" if moments.grad_second_moment is not None else "no_grad"
 
@@ -132,6 +155,7 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> layer_note("ok", LayerMoments(eye, 0 * eye, 4, 4, torch.ones(2), torch.ones(2)))[:27]
         'Σ∇h is exactly zero: no gra'
@@ -142,7 +166,7 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
         return _NOTES[status]
     pairs = (("Σx", moments.input_second_moment), ("Σ∇h", moments.grad_second_moment))
     if status == "nonfinite":
-        bad = [label for label, m in pairs if m is not None and not bool(torch.isfinite(m).all())]
+        bad = [label for label, m in pairs if m is not None and not _finite(m)]
         return (f"{' and '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN/Inf (a diverged step, "
                 "or float16 overflow in the rows); nothing is logged")
     if moments.grad_second_moment is not None and not bool(moments.grad_second_moment.any()):
@@ -165,6 +189,7 @@ def solve_layer(
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> solved = solve_layer("fc", LayerMoments(eye, None, 4, 0, torch.ones(2), torch.ones(2)))
         >>> list(solved), solved["input"].eigenvalues.tolist()
@@ -175,8 +200,7 @@ def solve_layer(
     out: dict[str, SolvedSpectrum] = {}
     for label, matrix in (("input", moments.input_second_moment), ("grad", moments.grad_second_moment)):
         if matrix is not None:
-            chosen = DIAGONAL if matrix.dim() == 1 else plan_solver(solver, name, int(matrix.shape[0]))
-            out[label] = chosen(matrix)
+            out[label] = solver_for(solver, name, matrix)(matrix)
     return out
 
 
@@ -202,6 +226,7 @@ def analyse_layer(
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> moments = LayerMoments(None, None, 0, 0, torch.zeros(3), torch.zeros(3))
         >>> analyse_layer("fc", 0, moments).status
         'no_data'
@@ -231,14 +256,15 @@ def analyse_layer(
         matrix = moments.input_second_moment if label == "input" else moments.grad_second_moment
         assert matrix is not None
         dim = int(matrix.shape[0])
-        if not spectrum.exact or spectrum.eigenvalues.numel() != dim:
-            raise ValueError(
-                f"solver {spectrum.solver!r} returned {spectrum.eigenvalues.numel()} of {dim} "
-                f"eigenvalues of {name}'s {label} moment (exact={spectrum.exact}): the summaries "
-                "need every eigenvalue from an exact solver")
         rtol = floor_rtol(gram_roundoff=roundoff, rows=rows, dim=max(dim, 1), row_eps=row_eps)
         if rank_rtol is not None:
             rtol = max(rtol, rank_rtol)
+        if not spectrum.complete:  # estimates with error bars (lightning_conditioning.estimates)
+            if spectrum.size != dim:
+                raise ValueError(f"solver {spectrum.solver!r} solved a {spectrum.size}-dim "
+                                 f"moment for {name}'s {dim}-dim {label} moment")
+            return summarize_solved(spectrum, percents, rtol=rtol, max_rank=rows,
+                                    definition=kappa_definition)
         return summarize_spectrum(spectrum.eigenvalues, percents, rtol=rtol, max_rank=rows,
                                   definition=kappa_definition, solver=spectrum.solver,
                                   solver_error=spectrum.relative_error,
@@ -250,7 +276,9 @@ def analyse_layer(
     if status == "ok":
         grad_summary = summary("grad", moments.grad_rows, moments.grad_resolution,
                                moments.grad_gram_roundoff)
-        fim = summarize_kronecker(input_summary, grad_summary, percents)
+        fim = (summarize_kronecker(input_summary, grad_summary, percents)
+               if input_summary.exact and grad_summary.exact
+               else summarize_kronecker_bounds(input_summary, grad_summary, percents))
     return LayerConditioning(
         status=status,
         input=input_summary,

@@ -14,6 +14,10 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
 * ``{m}_kappa_{p}_lower_bound``: logged *instead* when ``λ_p`` is under the resolution floor:
   κ_p is at least the value.
 * ``{m}_kappa_{p}_infinite``: logged *instead* (value 1) when ``λ_p`` is a structural zero.
+* ``{m}_kappa_{p}_estimate``: logged *instead* for an approximate spectrum (a sketch, Lanczos):
+  an estimate, with its error bar ``{m}_kappa_{p}_estimate_low`` / ``_high``; λmax of an
+  approximate spectrum comes with ``{m}_lambda_max_low`` / ``_high``, and its rank is not
+  logged (not measured).
 * ``dead_input_units`` / ``full_input_units``.
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
   learning rate is known).
@@ -43,6 +47,8 @@ __all__ = [
     "DOMINATION_QUANTITIES",
     "DOMINATED_LAYERS",
     "KAPPA_MARKERS",
+    "KAPPA_VALUES",
+    "BOUND_SUFFIXES",
     "Quantity",
     "key",
     "split_key",
@@ -82,12 +88,19 @@ DOMINATION_QUANTITIES = frozenset({
 #: the per-run count of layers in weight domination: ``{prefix}/dominated_layers``
 DOMINATED_LAYERS = "dominated_layers"
 #: key suffix of a κ_p that is not a measurement, by status
-KAPPA_MARKERS: dict[str, str] = {"exact": "", "lower_bound": "_lower_bound", "infinite": "_infinite"}
+KAPPA_MARKERS: dict[str, str] = {"exact": "", "estimate": "_estimate", "lower_bound": "_lower_bound",
+                                 "infinite": "_infinite"}
+#: κ_p statuses that are values (a measurement, or an estimate with its error bar)
+KAPPA_VALUES: frozenset[str] = frozenset({"exact", "estimate"})
+#: suffixes of an approximate quantity's error bar: ``{q}_low`` / ``{q}_high``
+BOUND_SUFFIXES: tuple[str, ...] = ("_low", "_high")
 
-_KAPPA = re.compile(r"^(input|grad|fim)_kappa_([0-9_]+?)(_lower_bound|_infinite)?$")
+_KAPPA = re.compile(r"^(input|grad|fim)_kappa_([0-9_]+?)(_estimate|_lower_bound|_infinite)?$")
 _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
+_BOUND = re.compile(r"^(.+)_(low|high)$")
 
-QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "margin", "log10", "domination"]
+QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "margin", "log10", "domination",
+                       "bound"]
 
 
 @dataclass(frozen=True)
@@ -195,7 +208,7 @@ def log10_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
             continue
         parsed = parse_quantity(parts[1])
         if parsed is None or not (parsed.kind == "lambda_max" or
-                                  (parsed.kind == "kappa" and parsed.status == "exact")):
+                                  (parsed.kind == "kappa" and parsed.status in KAPPA_VALUES)):
             continue
         out[logged.rsplit("/", 1)[0] + "/" + log10_quantity(parts[1])] = math.log10(value)
     return out
@@ -245,6 +258,9 @@ def parse_quantity(name: str) -> Quantity | None:
         >>> parse_quantity("fim_rank").kind, parse_quantity("loss") is None
         ('rank', True)
     """
+    if (match := _BOUND.match(name)) and (base := parse_quantity(match.group(1))) and (
+            base.kind == "lambda_max" or (base.kind == "kappa" and base.status == "estimate")):
+        return Quantity(name, "bound", base.moment, base.percent, match.group(2))
     if match := _KAPPA.match(name):
         marker = match.group(3) or ""
         status = next(s for s, suffix in KAPPA_MARKERS.items() if suffix == marker)
@@ -315,11 +331,21 @@ def summary_quantities(moment: str, summary: _Summary) -> dict[str, float]:
     out: dict[str, float] = {}
     if math.isfinite(summary.lambda_max):
         out[lambda_max_quantity(moment)] = summary.lambda_max
-    out[rank_quantity(moment)] = float(summary.rank)
+    bounds = getattr(summary, "lambda_max_bounds", None)
+    if bounds is not None and all(math.isfinite(b) for b in bounds):  # an approximate λmax
+        for suffix, value in zip(BOUND_SUFFIXES, bounds):
+            out[lambda_max_quantity(moment) + suffix] = float(value)
+    if getattr(summary, "exact", True):  # an approximate spectrum's rank is not measured
+        out[rank_quantity(moment)] = float(summary.rank)
+    kappa_bounds = getattr(summary, "kappa_bounds", {})
     for percent, value in summary.kappa.items():
         status = summary.kappa_status.get(percent, "exact")
         if status == "infinite":
             out[kappa_quantity(moment, percent, status)] = 1.0
         elif status in KAPPA_MARKERS and math.isfinite(value):
             out[kappa_quantity(moment, percent, status)] = value
+            if status == "estimate" and percent in kappa_bounds:
+                for suffix, bound in zip(BOUND_SUFFIXES, kappa_bounds[percent]):
+                    if math.isfinite(bound):
+                        out[kappa_quantity(moment, percent, status) + suffix] = float(bound)
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_conditioning.accumulate import SecondMomentSum
+from lightning_conditioning.accumulate import MomentSum, SecondMomentSum
 from lightning_conditioning.adapters import LayerAdapter, LinearAdapter, UnitExtremes
 
 __all__ = ["EmbeddingAdapter", "Conv1DAdapter", "AttentionAdapter", "ProjectionAdapter"]
@@ -52,7 +52,7 @@ class EmbeddingAdapter(LinearAdapter):
     def has_bias(self, module: nn.Module) -> bool:
         return False
 
-    def accumulate_input(self, module: nn.Module, x: Tensor, into: SecondMomentSum) -> UnitExtremes:
+    def accumulate_input(self, module: nn.Module, x: Tensor, into: MomentSum) -> UnitExtremes:
         vocabulary = self.dims(module)[0]
         tokens = x.reshape(-1).long()
         counts = torch.bincount(tokens, minlength=vocabulary).to(torch.float64)
@@ -60,7 +60,7 @@ class EmbeddingAdapter(LinearAdapter):
         # per token: its largest / smallest one-hot value over the rows (1 when seen / always)
         return (counts > 0).double(), (counts == tokens.numel()).double()
 
-    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: SecondMomentSum, weight: float) -> None:
+    def accumulate_grad(self, module: nn.Module, grad: Tensor, into: MomentSum, weight: float) -> None:
         into.add_rows(grad.reshape(-1, grad.shape[-1]), weight)
 
 

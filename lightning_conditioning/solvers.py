@@ -17,17 +17,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, Union, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from lightning_conditioning.sketch import sketch_eigenvalues
 from lightning_conditioning.spectra import symmetric_eigenvalues
 
 __all__ = [
+    "Quantile",
     "SolvedSpectrum", "SpectrumSolver", "DenseSolver", "DiagonalSolver", "SolverPlan", "DENSE",
-    "DIAGONAL", "plan_solver",
+    "DIAGONAL", "SketchSolver", "SKETCH", "plan_solver", "shareable",
 ]
+
+
+#: ``quantile(k) -> (estimate, low, high)`` of the k-th largest eigenvalue (1-based): an
+#: estimate and its error bar, for indices beyond the eigenvalues a solver lists
+Quantile = Callable[[int], tuple[float, float, float]]
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,8 @@ class SolvedSpectrum:
     """What a solver found.
 
     Attributes:
-        eigenvalues: descending, float64, on the CPU; all ``d`` of them for an exact solver.
+        eigenvalues: descending, float64, on the CPU; all ``d`` of them for an exact solver,
+            the ``k`` largest (estimates) for an approximate one.
         solver: the solver's name (reported in the results).
         exact: ``True`` when every eigenvalue is computed to working precision (its rounding
             is covered by the resolution floor); approximate solvers say ``False``.
@@ -43,10 +51,22 @@ class SolvedSpectrum:
             floor's rounding (0 for exact solvers).
         structural_zeros: how many of the eigenvalues are exact zeros known before the solve
             (rows and columns with a zero diagonal, removed from it), not computed ones.
+        lower / upper: for an approximate solver, per listed eigenvalue, an interval holding
+            the true ``k``-th largest eigenvalue (certified, e.g. Frequent Directions or a
+            Lanczos Ritz value, or a residual-based bound: ``bounds`` says which).
+        dim: the moment's size when ``eigenvalues`` lists fewer than all of them.
+        tail_upper: every eigenvalue beyond those listed is at most this (None: unknown).
+        quantile: an estimate with its error bar of the ``k``-th largest eigenvalue for any
+            ``k`` (e.g. stochastic Lanczos quadrature with bootstrap intervals), or None.
+        bounds: ``"certified"`` (the intervals hold by construction) or ``"residual"`` /
+            ``"statistical"`` (they hold under the method's assumptions).
 
-    The analysis needs all ``d`` eigenvalues from an exact solver; approximate solvers (fewer
-    eigenvalues, ``exact=False``) are rejected with a clear error until the approximate
-    summaries exist.
+    Example:
+        >>> partial = SolvedSpectrum(torch.tensor([4.0, 2.0], dtype=torch.float64), "sketch",
+        ...                          exact=False, lower=torch.tensor([4.0, 2.0]),
+        ...                          upper=torch.tensor([4.5, 2.5]), dim=10, tail_upper=2.5)
+        >>> partial.size, partial.complete
+        (10, False)
     """
 
     eigenvalues: Tensor
@@ -54,6 +74,22 @@ class SolvedSpectrum:
     exact: bool = True
     relative_error: float = 0.0
     structural_zeros: int = 0
+    lower: Tensor | None = None
+    upper: Tensor | None = None
+    dim: int | None = None
+    tail_upper: float | None = None
+    quantile: Quantile | None = None
+    bounds: str = "certified"
+
+    @property
+    def size(self) -> int:
+        """The moment's dimension ``d``."""
+        return int(self.dim) if self.dim is not None else int(self.eigenvalues.numel())
+
+    @property
+    def complete(self) -> bool:
+        """Whether all ``d`` eigenvalues are computed exactly (the dense case)."""
+        return self.exact and int(self.eigenvalues.numel()) == self.size
 
 
 @runtime_checkable
@@ -62,7 +98,7 @@ class SpectrumSolver(Protocol):
 
     name: str
 
-    def __call__(self, matrix: Tensor) -> SolvedSpectrum: ...
+    def __call__(self, matrix: Any) -> SolvedSpectrum: ...
 
 
 class DenseSolver:
@@ -113,8 +149,44 @@ class DiagonalSolver:
         return f"{type(self).__name__}()"
 
 
+class SketchSolver:
+    """The spectrum of a Frequent Directions sketch
+    (:class:`~lightning_conditioning.sketch.SketchedMoment`) with certified intervals: the
+    ``i``-th largest eigenvalue of the moment lies in ``[λ_i(BᵀB), λ_i(BᵀB) + Δ]`` and every one
+    past the sketch in ``[0, Δ]``; exact (``Δ = 0``) while the window's rows fit the sketch.
+
+    Example:
+        >>> from lightning_conditioning.sketch import SketchedMoment
+        >>> sketch = SketchedMoment(torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64), 0.5, 3)
+        >>> solved = SketchSolver()(sketch)
+        >>> solved.eigenvalues.tolist(), solved.upper.tolist(), solved.tail_upper, solved.size
+        ([4.0], [4.5], 0.5, 3)
+        >>> SketchSolver()(SketchedMoment(sketch.sketch, 0.0, 3)).eigenvalues.tolist()  # exact
+        [4.0, 0.0, 0.0]
+    """
+
+    name = "frequent-directions"
+
+    def __call__(self, matrix: Any) -> SolvedSpectrum:
+        values = sketch_eigenvalues(matrix.sketch)
+        delta = float(matrix.shrinkage)
+        if delta == 0:  # nothing shrunk: the rows' span is the sketch's, the rest exact zeros
+            kept = values[: matrix.size]
+            zeros = matrix.size - int(kept.numel())
+            return SolvedSpectrum(torch.cat([kept, kept.new_zeros(zeros)]), self.name,
+                                  structural_zeros=zeros)
+        return SolvedSpectrum(values, self.name, exact=False, lower=values.clone(),
+                              upper=values + delta, dim=matrix.size, tail_upper=delta,
+                              bounds="certified")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 #: the default solver
 DENSE = DenseSolver()
+#: the solver of every sketched moment
+SKETCH = SketchSolver()
 #: the solver of every diagonal moment (whatever the plan: it is exact and costs O(d log d))
 DIAGONAL = DiagonalSolver()
 
@@ -152,3 +224,14 @@ def largest_eigenvalue(matrix: Tensor, solver: SpectrumSolver = DENSE) -> float:
     if matrix.numel() == 0:
         return 0.0
     return float(solver(matrix.to(torch.float64)).eigenvalues[0])
+
+
+def shareable(solver: SpectrumSolver) -> bool:
+    """Whether a solver's result is complete and exact, so that a distributed run can share
+    the solves out and sum the eigenvalues back (approximate spectra are solved on every rank).
+
+    Example:
+        >>> shareable(DENSE), shareable(SKETCH)
+        (True, False)
+    """
+    return isinstance(solver, (DenseSolver, DiagonalSolver))

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: bottom first; a module may import from its own layer and the layers below it only
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["__about__", "schema", "resolution"]),
-    ("maths", ["spectra", "solvers", "precision", "accumulate", "domination", "collectives"]),
-    ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "conventions",
+    ("maths", ["spectra", "sketch", "solvers", "krylov", "estimates", "precision", "accumulate", "domination",
+               "collectives"]),
+    ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "conventions",
                  "batches", "passes", "options", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor"]),

@@ -97,11 +97,12 @@ class ConditioningCallback(Callback):
         print_diagnosis: bool = False,
         tensorboard_layout: bool = True,
         solver: SolverPlan | None = None,
+        memory_budget: int | Literal["auto"] = "auto",
     ) -> None:
         self.options = ConditioningOptions(
             every_n_steps, kappa_percents, conv_mode, layer_types, include, exclude,
             loss_reduction, include_bias, rank_rtol, statistics_dtype, kappa_definition,
-            window_steps, solver, warn_diagnosis)
+            window_steps, solver, warn_diagnosis, memory_budget)
         for name in ConditioningOptions.names():
             setattr(self, name, getattr(self.options, name))
         if fisher not in ("empirical", "true"):

@@ -40,7 +40,7 @@ def kappa_cell(row: Mapping[str, float], moment: str, percent: str | None) -> st
     value, status = reading
     if status == "infinite":
         return "∞"
-    return ("≥" if status == "lower_bound" else "") + _number(value)
+    return {"lower_bound": "≥", "estimate": "≈"}.get(status, "") + _number(value)
 
 
 def _rank(row: Mapping[str, float], moment: str) -> str:

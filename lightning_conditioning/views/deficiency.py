@@ -66,7 +66,7 @@ def _non_measurements(row: Mapping[str, float], moment: str) -> tuple[tuple[str,
     out = []
     for percent in kappa_percents({"row": row}, (moment,)):
         reading = schema.kappa_reading(row, moment, percent)
-        if reading is not None and reading[1] != "exact":
+        if reading is not None and reading[1] not in schema.KAPPA_VALUES:
             out.append((percent, *reading))
     return tuple(out)
 

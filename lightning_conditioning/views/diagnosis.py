@@ -208,7 +208,7 @@ def _step_size(table: Table) -> list[Finding]:
 def _measured_kappa(row: Mapping[str, float], moment: str, percent: str) -> float | None:
     """κ_p when it is a positive measurement; None for a lower bound, ∞ or nothing."""
     reading = schema.kappa_reading(row, moment, percent)
-    if reading is None or reading[1] != "exact":
+    if reading is None or reading[1] not in schema.KAPPA_VALUES:
         return None
     return reading[0] if math.isfinite(reading[0]) and reading[0] > 0 else None
 

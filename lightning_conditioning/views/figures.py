@@ -104,7 +104,7 @@ def _kappa_series(rows: Sequence[Mapping[str, float] | None], moment: str, perce
         reading = schema.kappa_reading(row or {}, moment, percent)
         value, status = reading if reading is not None else (math.nan, "")
         positive = value if math.isfinite(value) and value > 0 else math.nan
-        series.exact.append(positive if status == "exact" else math.nan)
+        series.exact.append(positive if status in schema.KAPPA_VALUES else math.nan)
         series.lower.append(positive if status == "lower_bound" else math.nan)
         series.infinite.append(status == "infinite")
     return series

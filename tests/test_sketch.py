@@ -1,0 +1,185 @@
+"""Moments too large to keep dense: the memory plan, Frequent Directions sketches with
+certified error bars (against dense float64 eigenvalues), their merge over processes, and
+real fits of a Linear(65536, 10) and a GPT-2-sized vocabulary head with the default options."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_conditioning import ConditioningMonitor
+from lightning_conditioning.capture import find_layers
+from lightning_conditioning.plan import plan_analysis
+from lightning_conditioning.sketch import FrequentDirections, SketchedMomentSum
+
+SPECTRA = ("power_law", "flat", "outliers", "rank_deficient")
+
+
+def _rows(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
+    """Rows whose Gram has the named spectrum shape."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    index = torch.arange(1, d + 1, dtype=torch.float64)
+    scales = {"power_law": index ** -1.0, "flat": torch.ones(d, dtype=torch.float64),
+              "outliers": torch.cat([torch.tensor([30.0, 20.0, 10.0], dtype=torch.float64),
+                                     torch.ones(d - 3, dtype=torch.float64)]),
+              "rank_deficient": torch.cat([torch.ones(d // 4, dtype=torch.float64),
+                                           torch.zeros(d - d // 4, dtype=torch.float64)])}[kind]
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * scales.sqrt() @ basis.T
+
+
+@pytest.mark.parametrize("kind", SPECTRA)
+@pytest.mark.parametrize("d", [64, 512])
+def test_sketch_intervals_hold_every_true_eigenvalue(kind: str, d: int) -> None:
+    for seed in range(3):
+        rows = _rows(kind, 3 * d, d, seed)
+        sketch = FrequentDirections(d, rank=16, device=torch.device("cpu"))
+        for chunk in rows.split(37):  # uneven chunks, as micro-batches arrive
+            sketch.add_rows(chunk)
+        values, shrinkage = sketch.eigenvalues()
+        truth = torch.linalg.eigvalsh(rows.T @ rows).flip(0)
+        listed = values.numel()
+        assert shrinkage > 0 and listed <= 32
+        tolerance = 1e-9 * float(truth[0])
+        assert bool((truth[:listed] >= values - tolerance).all())  # certified lower ends
+        assert bool((truth[:listed] <= values + shrinkage + tolerance).all())  # upper ends
+        assert bool((truth[listed:] <= shrinkage + tolerance).all())  # the unlisted tail
+
+
+def test_sketch_is_exact_while_rows_fit_and_merges_over_processes() -> None:
+    rows = _rows("power_law", 20, 50, 0)
+    whole = FrequentDirections(50, rank=16, device=torch.device("cpu"))
+    whole.add_rows(rows)
+    values, shrinkage = whole.eigenvalues()
+    truth = torch.linalg.eigvalsh(rows.T @ rows).flip(0)
+    assert shrinkage == 0.0
+    torch.testing.assert_close(values, truth[:20], rtol=1e-10, atol=1e-12)
+    # two "ranks" sketch halves of 200 rows; the merge keeps the certified bound
+    rows = _rows("outliers", 200, 50, 1)
+    first, second = (FrequentDirections(50, rank=8, device=torch.device("cpu")) for _ in range(2))
+    first.add_rows(rows[:100])
+    second.add_rows(rows[100:])
+    first.merge(second.sketch(), second.shrinkage, second.rows)
+    merged, delta = first.eigenvalues()
+    truth = torch.linalg.eigvalsh(rows.T @ rows).flip(0)
+    assert first.rows == 200
+    assert bool((truth[: merged.numel()] >= merged - 1e-9).all())
+    assert bool((truth[: merged.numel()] <= merged + delta + 1e-9).all())
+
+
+def test_plan_keeps_small_moments_dense_and_sketches_or_skips_the_rest() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4096), nn.Conv2d(4096, 2, 1))
+    plan = plan_analysis(find_layers(model), budget=32 << 20)
+    methods = {(m.layer, m.moment): m.method for m in plan.moments}
+    assert methods[("0", "input")] == methods[("0", "grad")] == "dense"
+    assert methods[("1", "grad")] == "sketch"  # 4096² float64 = 128 MiB > 32 MiB
+    assert methods[("2", "input")] == "skipped"  # a conv in channel mode adds ready Grams
+    assert plan.nbytes <= plan.budget and plan.skipped_layers == ["2"]
+    with pytest.raises(ValueError, match="memory_budget"):
+        ConditioningMonitor(model, memory_budget=-1)
+
+
+def test_sketched_layer_results_carry_error_bars_that_hold_the_dense_truth() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 3))
+    data = [(torch.randn(96, 256) @ torch.diag(torch.linspace(3, 0.1, 256)), torch.randint(0, 3, (96,)))
+            for _ in range(4)]
+
+    def run(budget: int | str) -> ConditioningMonitor:
+        monitor = ConditioningMonitor(model, every_n_steps=4, window_steps=4, memory_budget=budget,
+                                      warn_diagnosis=False, kappa_percents=(1, 10, 50))
+        for step, (x, y) in enumerate(data):
+            with monitor.track(step):
+                nn.functional.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+        monitor.close()
+        return monitor
+
+    dense, sketched = run(1 << 30), run(1 << 21)  # 2 MiB: the 512² moments do not fit
+    assert sketched.plan.of("0", "grad").method == "sketch"
+    truth, approx = dense.results["0"].grad, sketched.results["0"].grad
+    low, high = approx.lambda_max_bounds
+    assert low <= truth.lambda_max * (1 + 1e-9) and truth.lambda_max <= high * (1 + 1e-9)
+    assert approx.kappa_status[1] == "estimate"
+    k_low, k_high = approx.kappa_bounds[1]
+    assert k_low * (1 - 1e-9) <= truth.kappa[1] <= k_high * (1 + 1e-9)
+    metrics = sketched.results["0"].metrics("c")
+    assert {"c/0/grad_lambda_max_low", "c/0/grad_lambda_max_high", "c/0/grad_kappa_1_estimate",
+            "c/0/grad_kappa_1_estimate_low"} <= set(metrics)
+    assert "c/0/grad_rank" not in metrics  # not measured for a sketch
+    fim_low, fim_high = sketched.results["0"].fim.lambda_max_bounds
+    assert fim_low * (1 - 1e-9) <= dense.results["0"].fim.lambda_max <= fim_high * (1 + 1e-9)
+
+
+_FIT = textwrap.dedent("""
+    import json, resource, sys, torch, lightning.pytorch as pl
+    from torch import nn
+    from lightning_conditioning import ConditioningCallback
+    kind, monitored = sys.argv[1], sys.argv[2] == "1"
+    torch.manual_seed(0)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            if kind == "wide":
+                self.net = nn.Sequential(nn.Linear(65536, 10))
+            else:  # a GPT-2-sized vocabulary head on a small body
+                self.net = nn.Sequential(nn.Embedding(50257, 32), nn.Linear(32, 50257))
+        def training_step(self, batch, _):
+            x, y = batch
+            out = self.net(x)
+            return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    from torch.utils.data import DataLoader, TensorDataset
+    if kind == "wide":
+        data = DataLoader(TensorDataset(torch.randn(96, 65536), torch.randint(0, 10, (96,))), batch_size=32)
+    else:
+        data = DataLoader(TensorDataset(torch.randint(0, 50257, (12, 64)), torch.randint(0, 50257, (12, 64))),
+                          batch_size=4)
+    callbacks = [ConditioningCallback(every_n_steps=1, log_histograms=False)] if monitored else []
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(Module(), data)
+    out = {"maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if monitored:
+        monitor = callbacks[0].monitor
+        out.update(plan=monitor.plan.nbytes, budget=monitor.plan.budget,
+                   methods=sorted({m.method for m in monitor.plan.moments}),
+                   statuses=sorted({r.status for r in callbacks[0].results.values()}),
+                   lambda_max=[r.grad.lambda_max for r in callbacks[0].results.values()])
+    print(json.dumps(out))
+""")
+
+
+def _fit(kind: str, monitored: bool) -> dict:
+    done = subprocess.run([sys.executable, "-c", _FIT, kind, "1" if monitored else "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # two fresh interpreters per case (~25 s)
+@pytest.mark.parametrize("kind", ["wide", "vocabulary"])
+def test_huge_moments_fit_with_default_options_in_bounded_memory(kind: str) -> None:
+    plain, monitored = _fit(kind, False), _fit(kind, True)
+    assert monitored["plan"] <= monitored["budget"]
+    assert "sketch" in monitored["methods"] and monitored["statuses"] == ["ok"]
+    assert all(math.isfinite(v) and v > 0 for v in monitored["lambda_max"])
+    # dense, Σx of the wide layer would be 32 GiB and Σ∇h of the head 18.8 GiB
+    extra = monitored["maxrss"] - plain["maxrss"]
+    assert extra < monitored["budget"] + (256 << 20), extra / 2**20
+
+
+def test_sketched_sum_refuses_ready_grams() -> None:
+    acc = SketchedMomentSum(4, torch.device("cpu"), rank=2)
+    with pytest.raises(RuntimeError, match="rows"):
+        acc.add(torch.eye(4), 4)
