@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_conditioning.monitor import analyse_capture
+from lightning_conditioning.analysis import analyse_capture
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.capture import LayerCapture
 from lightning_conditioning.models import cifar_resnet

@@ -28,13 +28,21 @@ from lightning_conditioning.capture import (
 from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.conventions import loss_tokens, resolve_loss_reduction
 from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
-from lightning_conditioning.distributed import analyse_layers, estimated_seconds
+from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.analysis import (
+    BACKGROUND_SECONDS,
+    BackgroundAnalysis,
+    analyse_capture,
+    analyse_moments,
+    gather_moments,
+)
+from lightning_conditioning.distributed import estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.plan import AnalysisPlan, memory_budget, plan_analysis
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.views.tables import conditioning_table
 from lightning_conditioning.margin import step_size_limits, with_stability_margin
-from lightning_conditioning.results import LayerConditioning, analyse_layer
+from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.selection import selection_problem
 
 __all__ = ["ConditioningMonitor", "analyse_capture"]
@@ -130,6 +138,9 @@ class ConditioningMonitor:
         self._warned_late = False
         self._noted: set[str] = set()  # "layer\nnote" already said
         self._fired_rules: set[str] = set()
+        #: the step the current :attr:`results` belong to (None before any)
+        self.results_step: int | None = None
+        self._background = BackgroundAnalysis()
         o = self.options
         layers = find_layers(model, o.layer_types, o.include, o.exclude, o.conv_mode)
         #: the per-example convention in use (``loss_reduction`` with ``"auto"`` resolved)
@@ -299,21 +310,59 @@ class ConditioningMonitor:
 
     def end(self, step: int) -> bool:
         """Optimizer step ``step`` is done: finish its window if ``step`` is the window's last
-        step. Returns (and sets :attr:`updated` to) whether new results were made."""
+        step. Returns (and sets :attr:`updated` to) whether new results are ready now: the
+        window's own when it was analysed at once, or an earlier window's whose background
+        analysis has finished (:attr:`results_step` says which step they belong to)."""
         self.pause()
+        ready = self.poll()
         if self._current_step != step or self._window_start is None:
-            return False
+            return ready
         self._current_step, self._next_step = None, step + 1
         if step < self._window_start + self.options.window_steps - 1:
-            return False
+            return ready
         self._window_start = None
-        self.finish(step)
-        self.analyses += 1
-        if len(self.analysed_steps) < 16:  # bounded: a long run keeps only its first ones
-            self.analysed_steps.append(step)
-        self.updated = True
+        if self._submit(step):
+            return ready  # in the background: its results come with a later poll()
         return True
 
+    def poll(self) -> bool:
+        """Collect a finished background analysis (without waiting): returns (and sets
+        :attr:`updated`) whether new results arrived."""
+        if not self._background.done():
+            return False
+        return self._collect(self._background.wait())
+
+    def wait(self) -> bool:
+        """Wait for the analysis in flight (if any) and collect it; whether results arrived."""
+        return self._collect(self._background.wait())
+
+    def _submit(self, step: int) -> bool:
+        """Analyse the finished window: in the background when that is the plan
+        (``analysis``): not in distributed runs (their solves are shared out with collectives,
+        in order), and with ``"auto"`` only when the analysis is expected to take over
+        :data:`~lightning_conditioning.analysis.BACKGROUND_SECONDS`; else here and now.
+        Returns whether it went to the background."""
+        mode, capture = self.options.analysis, self.capture
+        if capture is None or mode == "sync" or self.collectives.distributed:
+            self.finish(step)
+            return False
+        moments = gather_moments(capture)
+        if mode == "auto" and estimated_seconds(moments) < BACKGROUND_SECONDS:
+            self._finish_moments(step, moments)
+            return False
+        self.wait()  # at most one analysis in flight: memory stays bounded
+        rates = step_size_limits(capture.layers, self.optimizer) if self.optimizer is not None else None
+        options, info, who = self.options, self._info, type(self).__name__
+        self._background.submit(step, lambda: self._with_margin(
+            analyse_moments(moments, step, options, info=info, who=who), rates))
+        return True
+
+    def _collect(self, finished: tuple[int, dict[str, LayerConditioning]] | None) -> bool:
+        if finished is None:
+            return False
+        step, results = finished
+        self._publish(step, results)
+        return True
     def discard(self) -> None:
         """Drop the open window (e.g. a step whose float16 gradients overflowed)."""
         if self.capture is not None:
@@ -343,11 +392,28 @@ class ConditioningMonitor:
         capture = self.capture
         if capture is None:
             return {}
-        self._results = analyse_capture(capture, step, self.options, self.collectives,
-                                        info=self._info, who=type(self).__name__)
-        if self.optimizer is not None:
-            rates, limits = step_size_limits(capture.layers, self.optimizer)
-            self._results = with_stability_margin(self._results, rates, limits)
+        self._finish_moments(step, gather_moments(capture, self.collectives))
+        return self.results
+
+    def _finish_moments(self, step: int, moments: Mapping[str, LayerMoments]) -> None:
+        assert self.capture is not None
+        rates = (step_size_limits(self.capture.layers, self.optimizer)
+                 if self.optimizer is not None else None)
+        results = analyse_moments(moments, step, self.options, self.collectives,
+                                  info=self._info, who=type(self).__name__)
+        self._publish(step, self._with_margin(results, rates))
+
+    @staticmethod
+    def _with_margin(results: dict[str, LayerConditioning],
+                     rates: tuple[Any, Any] | None) -> dict[str, LayerConditioning]:
+        return with_stability_margin(results, *rates) if rates is not None else results
+
+    def _publish(self, step: int, results: dict[str, LayerConditioning]) -> None:
+        """New results of ``step``: kept, counted, checked, and the diagnosis warned once."""
+        self._results, self.results_step, self.updated = results, step, True
+        self.analyses += 1
+        if len(self.analysed_steps) < 16:  # bounded: a long run keeps only its first ones
+            self.analysed_steps.append(step)
         self._report_problems(step)
         if self.options.warn_diagnosis:
             for finding in self.findings():  # info findings stay in findings() / the report
@@ -355,7 +421,6 @@ class ConditioningMonitor:
                     self._fired_rules.add(finding.rule)
                     self._warn(f"{type(self).__name__}: step {step}: {short_warning(finding)}\n"
                                "(The full diagnosis: `findings()`, or `print_diagnosis=True`.)")
-        return self.results
 
     def schedule_note(self, minimum: int = 5) -> str | None:
         """A note when fewer than ``minimum`` windows were analysed (call it at the end)."""
@@ -393,7 +458,10 @@ class ConditioningMonitor:
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Remove every hook (idempotent); the latest results stay readable."""
+        """Remove every hook (idempotent), after collecting an analysis still in flight; the
+        latest results stay readable."""
+        self.wait()
+        self._background.close()
         if self.capture is not None:
             self.capture.detach()
         self._window_start = self._current_step = self._next_step = None
@@ -418,45 +486,3 @@ def _listed(names: list[str], most: int = 6) -> str:
     """``a, b, c and 4 more``."""
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def analyse_capture(
-    capture: LayerCapture,
-    step: int,
-    options: ConditioningOptions,
-    collectives: Collectives | None = None,
-    *,
-    info: Notify = _LOG.info,
-    who: str = "ConditioningMonitor",
-    reset: bool = True,
-) -> dict[str, LayerConditioning]:
-    """A filled capture's window, finished: summed over processes, eigen-solved (shared out),
-    summarised; the capture is reset (unless ``reset=False``). Analyses expected to take over a second are announced
-    through ``info`` (start and duration). The one implementation of the analysis, for the
-    monitor and for the benchmarks.
-    """
-    group = collectives or Collectives.local()
-    if group.distributed:
-        capture.all_reduce(group.all_reduce, group.world_size, group.rank)
-    moments = capture.moments()
-    if reset:
-        capture.reset()
-    estimate = estimated_seconds(moments, group.world_size)
-    if estimate > 1.0:  # never block without telling
-        largest = max((m.input_second_moment.shape[0] for m in moments.values()
-                       if m.input_second_moment is not None), default=0)
-        info(f"{who}: step {step}: eigen-analysis of {len(moments)} layers "
-             f"(largest Σx {largest}×{largest}), about {estimate:.0f} s per process...")
-    started = time.perf_counter()
-    results = analyse_layers(
-        moments,
-        lambda name, window, solved: analyse_layer(
-            name, step, window, percents=options.kappa_percents, rank_rtol=options.rank_rtol,
-            kappa_definition=options.kappa_definition, solved=solved),
-        solver=options.solver,
-        collectives=group,
-    )
-    if estimate > 1.0:
-        info(f"{who}: step {step}: analysis done in {time.perf_counter() - started:.1f} s.")
-    return results
-

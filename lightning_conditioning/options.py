@@ -60,6 +60,7 @@ class ConditioningOptions:
     solver: SolverPlan | None = None
     warn_diagnosis: bool = True
     memory_budget: int | Literal["auto"] = "auto"
+    analysis: Literal["auto", "sync", "background"] = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -103,6 +104,8 @@ class ConditioningOptions:
         budget = self.memory_budget
         if budget != "auto" and (not _is_int(budget) or budget <= 0):
             raise ValueError(f"memory_budget must be 'auto' or a positive number of bytes, got {budget!r}")
+        if self.analysis not in ("auto", "sync", "background"):
+            raise ValueError(f"analysis must be 'auto', 'sync' or 'background', got {self.analysis!r}")
         if self.solver is not None and not callable(self.solver):
             raise TypeError(f"solver must be a solver or a plan (a callable), got {self.solver!r}")
         if self.layer_types is not None:

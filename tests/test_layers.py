@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("maths", ["spectra", "sketch", "solvers", "krylov", "estimates", "precision", "accumulate", "domination",
                "collectives"]),
     ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "conventions",
-                 "batches", "passes", "options", "results", "distributed", "exact", "margin", "selection"]),
+                 "batches", "passes", "options", "analysis", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor"]),
     ("models", ["models", "models.*"]),

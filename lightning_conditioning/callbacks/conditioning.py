@@ -98,11 +98,12 @@ class ConditioningCallback(Callback):
         tensorboard_layout: bool = True,
         solver: SolverPlan | None = None,
         memory_budget: int | Literal["auto"] = "auto",
+        analysis: Literal["auto", "sync", "background"] = "auto",
     ) -> None:
         self.options = ConditioningOptions(
             every_n_steps, kappa_percents, conv_mode, layer_types, include, exclude,
             loss_reduction, include_bias, rank_rtol, statistics_dtype, kappa_definition,
-            window_steps, solver, warn_diagnosis, memory_budget)
+            window_steps, solver, warn_diagnosis, memory_budget, analysis)
         for name in ConditioningOptions.names():
             setattr(self, name, getattr(self.options, name))
         if fisher not in ("empirical", "true"):
@@ -247,7 +248,11 @@ class ConditioningCallback(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         monitor = self.monitor
-        if monitor is None or monitor.current_step is None:
+        if monitor is None:
+            return
+        if monitor.current_step is None:
+            if monitor.poll():  # a background analysis finished
+                self._publish(trainer)
             return
         monitor.pause()
         step = monitor.current_step
@@ -259,10 +264,17 @@ class ConditioningCallback(Callback):
             self._discard()
             return
         if monitor.end(step):
-            self._scale_at_backward = None
-            if trainer.is_global_zero:
-                publish_conditioning(trainer.loggers, monitor.results, step, prefix=self.prefix,
-                                     histograms=self.log_histograms, figures=self.log_figures)
+            self._publish(trainer)
+        self._scale_at_backward = None
+
+    def _publish(self, trainer: pl.Trainer) -> None:
+        """Log the monitor's new results at the step they belong to."""
+        monitor = self.monitor
+        assert monitor is not None and monitor.results_step is not None
+        if trainer.is_global_zero:
+            publish_conditioning(trainer.loggers, monitor.results, monitor.results_step,
+                                 prefix=self.prefix, histograms=self.log_histograms,
+                                 figures=self.log_figures)
 
     def _extra_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                     step: int) -> None:
@@ -327,6 +339,8 @@ class ConditioningCallback(Callback):
         self._scale_at_backward = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and self.monitor.wait():  # the last background analysis
+            self._publish(trainer)
         self._discard()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -1,0 +1,72 @@
+"""Analyses in a background thread: the same numbers as in the training thread, logged at the
+step they belong to, training untouched, the user's thread setting untouched."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from helpers import SequentialClassifier, fit, loader, seeded
+from lightning_conditioning import ConditioningCallback, ConditioningMonitor
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+
+
+def _run(net: nn.Module, analysis: str) -> tuple[dict[int, dict[str, float]], list[int], list[torch.Tensor]]:
+    torch.manual_seed(1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    seen: dict[int, dict[str, float]] = {}
+    updated_at: list[int] = []
+    with ConditioningMonitor(net, every_n_steps=2, analysis=analysis, warn_diagnosis=False) as monitor:
+        for step in range(6):
+            x, y = torch.randn(32, 12), torch.randint(0, 5, (32,))
+            with monitor.track(step):
+                nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if monitor.updated:
+                updated_at.append(step)
+                seen[monitor.results_step] = {k: v for r in monitor.results.values()
+                                              for k, v in r.metrics().items()}
+        monitor.wait()
+        if monitor.updated and monitor.results_step not in seen:
+            seen[monitor.results_step] = {k: v for r in monitor.results.values() for k, v in r.metrics().items()}
+    return seen, updated_at, [p.detach().clone() for p in net.parameters()]
+
+
+def test_background_analysis_gives_the_same_numbers_at_the_same_steps() -> None:
+    threads = torch.get_num_threads()
+    sync, sync_updates, sync_params = _run(seeded(mlp), "sync")
+    background, _, background_params = _run(seeded(mlp), "background")
+    assert sorted(sync) == sorted(background) == [0, 2, 4]
+    assert sync_updates == [0, 2, 4]
+    for step in sync:
+        assert set(sync[step]) == set(background[step])
+        for key, value in sync[step].items():
+            assert math.isclose(background[step][key], value, rel_tol=1e-12), key
+    for a, b in zip(sync_params, background_params):
+        assert torch.equal(a, b)  # training untouched
+    assert torch.get_num_threads() == threads  # the worker set only its own thread
+
+
+def test_callback_logs_background_results_at_their_own_step() -> None:
+    x, y = torch.randn(96, 12), torch.randint(0, 5, (96,))
+    initial = seeded(mlp)
+    logged = {}
+    for analysis in ("sync", "background"):
+        callback = ConditioningCallback(every_n_steps=2, analysis=analysis, log_histograms=False,
+                                        warn_diagnosis=False)
+        _, logger = fit(SequentialClassifier(copy.deepcopy(initial)), loader(x, y, 16), [callback],
+                        max_steps=6)
+        logged[analysis] = {step: {k: v for k, v in row.items() if k.startswith("conditioning/")}
+                            for step, row in logger.history.items()}
+        logged[analysis] = {s: row for s, row in logged[analysis].items() if row}
+    assert sorted(logged["sync"]) == sorted(logged["background"]) == [0, 2, 4]
+    for step, row in logged["sync"].items():
+        for key, value in row.items():
+            assert math.isclose(logged["background"][step][key], value, rel_tol=1e-12), key
