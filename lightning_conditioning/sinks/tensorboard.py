@@ -75,6 +75,10 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
         f"{p}: κ_p lower bounds per layer (λ_p under the resolution floor)": {
             f"{label} κ_{percent:g}% ≥": _chart(p, schema.kappa_quantity(m, percent, "lower_bound"))
             for m, label in moments for percent in percents},
+        f"{p}: log10 κ_p estimates per layer (approximate spectra; error bars: …_low / …_high)": {
+            f"{label} log10 κ_{percent:g}% ≈": _chart(
+                p, schema.log10_quantity(schema.kappa_quantity(m, percent, "estimate")))
+            for m, label in moments for percent in percents},
         f"{p}: κ_p infinite per layer (1 = λ_p is a structural zero)": {
             f"{label} κ_p = ∞": _chart(p, *(schema.kappa_quantity(m, percent, "infinite")
                                             for percent in percents))
