@@ -22,21 +22,22 @@ def full_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 12, generator=generator), torch.randint(0, 5, (n,), generator=generator)
 
 
-def make_net(batch_norm: bool = False) -> nn.Sequential:
+def make_net(batch_norm: bool = False, width: int = 16) -> nn.Sequential:
     torch.manual_seed(0)
-    middle: list[nn.Module] = [nn.BatchNorm1d(16)] if batch_norm else []
-    return nn.Sequential(nn.Linear(12, 16), *middle, nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
+    middle: list[nn.Module] = [nn.BatchNorm1d(width)] if batch_norm else []
+    return nn.Sequential(nn.Linear(12, width), *middle, nn.ReLU(), nn.Linear(width, 16), nn.Tanh(),
+                         nn.Linear(16, 5))
 
 
 class RankData(pl.LightningModule):
     """Rank r trains on its own slice of ``full_data()`` in one batch; 1 process: all of it."""
 
-    def __init__(self, batch_norm: bool = False) -> None:
+    def __init__(self, batch_norm: bool = False, width: int = 16) -> None:
         super().__init__()
         # float64 end to end: per-row arithmetic does not depend on the batch split, so the
         # comparison isolates how ranks are combined (float32 rounding differs by GEMM shape,
         # and κ_100 ~ 1e5 amplifies it to ~1e-3)
-        self.net = make_net(batch_norm).double()
+        self.net = make_net(batch_norm, width).double()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -68,8 +69,9 @@ class DumpResults(pl.Callback):
         path.write_text(json.dumps({"world_size": trainer.world_size, "metrics": metrics}))
 
 
-def run(out: Path, strategy: str, devices: int, batch_norm: bool = False) -> None:
-    conditioning = ConditioningCallback(every_n_steps=1)
+def run(out: Path, strategy: str, devices: int, batch_norm: bool = False, width: int = 16,
+        memory_budget: int | str = "auto") -> None:
+    conditioning = ConditioningCallback(every_n_steps=1, memory_budget=memory_budget)  # type: ignore[arg-type]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -82,4 +84,4 @@ def run(out: Path, strategy: str, devices: int, batch_norm: bool = False) -> Non
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(RankData(batch_norm))
+    trainer.fit(RankData(batch_norm, width))

@@ -47,6 +47,24 @@ def test_ddp_fork_uneven_ranks_equal_one_process(tmp_path: Path, single: dict[st
     _check_against_single(out, single)
 
 
+def test_ddp_fork_merges_sketched_moments_like_one_process(tmp_path: Path) -> None:
+    """A 600-wide layer's Σ∇h does not fit 512 KiB dense (2.9 MB): it is sketched on each
+    rank and the sketches are merged; 16 rows fit the sketch, so both are exact and equal."""
+    budget = 512 << 10
+    from ddp_common import make_net
+
+    from lightning_conditioning.capture import find_layers
+    from lightning_conditioning.plan import plan_analysis
+    plan = plan_analysis(find_layers(make_net(width=600)), budget)
+    assert plan.of("0", "grad").method == "sketch"  # (names inside RankData carry "net.")
+    alone, ddp = tmp_path / "single", tmp_path / "ddp"
+    alone.mkdir(), ddp.mkdir()
+    run(alone, strategy="auto", devices=1, width=600, memory_budget=budget)
+    run(ddp, strategy="ddp_fork", devices=2, width=600, memory_budget=budget)
+    _check_against_single(ddp, json.loads((alone / "rank0.json").read_text())["metrics"])
+    assert "conditioning/net.0/grad_lambda_max" in json.loads((ddp / "rank0.json").read_text())["metrics"]
+
+
 def test_ddp_fork_with_batchnorm_logs_finite_numbers(tmp_path: Path) -> None:
     run(tmp_path, strategy="ddp_fork", devices=2, batch_norm=True)
     metrics = json.loads((tmp_path / "rank0.json").read_text())["metrics"]
