@@ -34,7 +34,7 @@ from lightning_conditioning.spectra import smaller_gram
 
 __all__ = [
     "as_matrix", "spectral_norm", "frobenius_norm", "WeightStatus", "weight_status",
-    "WeightStatistics", "weight_statistics", "imbalance", "is_dominated", "RatioHistory",
+    "WeightStatistics", "weight_statistics", "statistics_from_norms", "imbalance", "is_dominated", "RatioHistory",
     "record_ratio", "ratio_fall", "DominationRules", "DominationReason", "domination_reasons",
     "THRESHOLD_MIN_FALL",
 ]
@@ -122,12 +122,12 @@ class WeightStatistics:
 
     def with_update(self, update: Tensor) -> WeightStatistics:
         """A copy with the applied update ΔW filled in."""
-        norm = spectral_norm(update)
-        return replace(
-            self,
-            update_spectral_norm=norm,
-            update_weight_ratio=_ratio(norm, self.weight_spectral_norm),
-        )
+        return self.with_update_norm(spectral_norm(update))
+
+    def with_update_norm(self, norm: float) -> WeightStatistics:
+        """A copy with σmax(ΔW) of the applied update filled in."""
+        return replace(self, update_spectral_norm=norm,
+                       update_weight_ratio=_ratio(norm, self.weight_spectral_norm))
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -160,8 +160,19 @@ def weight_statistics(weight: Tensor, grad: Tensor) -> WeightStatistics:
         >>> weight_statistics(torch.eye(2), torch.zeros(2, 2)).status
         'zero_gradient'
     """
-    weight_norm, grad_norm = spectral_norm(weight), spectral_norm(grad)
-    weight_fro, grad_fro = frobenius_norm(weight), frobenius_norm(grad)
+    return statistics_from_norms(spectral_norm(weight), spectral_norm(grad),
+                                 frobenius_norm(weight), frobenius_norm(grad))
+
+
+def statistics_from_norms(weight_norm: float, grad_norm: float, weight_fro: float,
+                          grad_fro: float) -> WeightStatistics:
+    """:class:`WeightStatistics` from the four norms (e.g. reduced over shards,
+    :mod:`lightning_conditioning.shards`).
+
+    Example:
+        >>> statistics_from_norms(2.0, 1.0, 3.0, 1.5).grad_weight_ratio_fro
+        0.5
+    """
     return WeightStatistics(
         weight_spectral_norm=weight_norm,
         grad_spectral_norm=grad_norm,

@@ -19,10 +19,13 @@ from torch import Tensor, nn
 
 from lightning_conditioning import schema
 from lightning_conditioning.capture import checked_layer_types, find_layers, last_linear_name
+from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import (
     DominationReason, DominationRules, RatioHistory, WeightStatistics, domination_reasons,
-    frobenius_norm, imbalance, is_dominated, ratio_fall, record_ratio, weight_statistics,
+    frobenius_norm, imbalance, is_dominated, ratio_fall, record_ratio, spectral_norm,
+    statistics_from_norms, weight_statistics,
 )
+from lightning_conditioning.shards import block_norms, is_sharded, local_rows
 from lightning_conditioning.views.wording import (
     domination_reason_text, domination_warning, zero_layers_text,
 )
@@ -86,6 +89,7 @@ class WeightDominationMonitor:
         warn: Callable[[str], None] | None = None,
         fall_factor: float | None = 1000.0,
         info: Callable[[str], None] | None = None,
+        collectives: Collectives | None = None,
     ) -> None:
         check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
         self.every_n_steps, self.threshold = every_n_steps, float(threshold)
@@ -104,6 +108,13 @@ class WeightDominationMonitor:
                 self._weights[name] = (found[0], found[1])
         if not self._weights:
             self._warn(f"{type(self).__name__}: no layer with a weight matched; nothing to check.")
+        #: weights sharded over processes (FSDP2 ``DTensor``): norms reduced over the shards
+        self.sharded = any(is_sharded(parameter) for parameter, _ in self._weights.values())
+        self._collectives = collectives or Collectives.local()
+        if self.sharded and not self._collectives.distributed:
+            self._warn(f"{type(self).__name__}: the weights are sharded DTensors but no collectives "
+                       "were given: pass collectives=Collectives.torch_distributed() (the "
+                       "callback does this itself).")
         self.last_linear = last_linear_name(model)
         self._results: dict[str, WeightStatistics] = {}
         self._snapshot: dict[str, Tensor] = {}
@@ -207,18 +218,35 @@ class WeightDominationMonitor:
         self._last_checked_step = self._pending_step = step
         self._loss = _usable_loss(loss)
         self._results, self._snapshot, self._reasons = {}, {}, {}
-        for name, (parameter, rows) in self._weights.items():
-            if not parameter.requires_grad or parameter.grad is None:
-                continue  # frozen, or no gradient at this step
-            weight = parameter.detach()[rows]
-            stats = weight_statistics(weight, parameter.grad[rows])
+        checked = [(name, parameter, rows) for name, (parameter, rows) in self._weights.items()
+                   if parameter.requires_grad and parameter.grad is not None]  # not frozen
+        for (name, parameter, rows), stats in zip(checked, self._statistics(checked)):
             self._results[name] = stats
-            self._snapshot[name] = weight.clone()
+            self._snapshot[name] = self._block(parameter.detach(), rows).clone()
             if stats.status == "ok":
                 self._history[name] = record_ratio(self._history.get(name), stats.grad_weight_ratio,
                                                    step, self._loss)
             self._reasons[name] = self._judge(name, stats)
         return True
+
+    def _block(self, tensor: Tensor, rows: slice) -> Tensor:
+        """This process's part of a layer's rows: all of them, or (sharded weights) the rows of
+        its shard; a replicated weight counts on rank 0 only, so that sums over ranks hold it once."""
+        block, sharded = local_rows(tensor, rows)
+        if self.sharded and not sharded and self._collectives.rank != 0:
+            return block[:0]
+        return block
+
+    def _statistics(self, checked: list[tuple[str, nn.Parameter, slice]]) -> list[WeightStatistics]:
+        """Norms of every checked layer: each weight on its own, or (sharded) reduced over ranks."""
+        if not self.sharded:
+            return [weight_statistics(parameter.detach()[rows], parameter.grad[rows])  # type: ignore[index]
+                    for _, parameter, rows in checked]
+        weights = [self._block(parameter.detach(), rows) for _, parameter, rows in checked]
+        grads = [self._block(parameter.grad, rows) for _, parameter, rows in checked]  # type: ignore[arg-type]
+        norms = block_norms(weights + grads, self._collectives.all_reduce)
+        return [statistics_from_norms(w[0], g[0], w[1], g[1])
+                for w, g in zip(norms[: len(checked)], norms[len(checked):])]
 
     def _judge(self, name: str, stats: WeightStatistics) -> tuple[DominationReason, ...]:
         return domination_reasons(stats, self._history.get(name), self.rules, self._loss)
@@ -229,9 +257,12 @@ class WeightDominationMonitor:
         step, self._pending_step = self._pending_step, None
         if step is None:
             return {}
-        for name, before in self._snapshot.items():
-            parameter, rows = self._weights[name]
-            stats = self._results[name].with_update(parameter.detach()[rows] - before)
+        changes = [self._block(self._weights[name][0].detach(), self._weights[name][1]) - before
+                   for name, before in self._snapshot.items()]
+        norms = (block_norms(changes, self._collectives.all_reduce) if self.sharded
+                 else [(spectral_norm(change), 0.0) for change in changes])
+        for name, (norm, _) in zip(list(self._snapshot), norms):
+            stats = self._results[name].with_update_norm(norm)
             self._results[name] = stats
             self._reasons[name] = self._judge(name, stats)
         self._snapshot = {}
@@ -248,8 +279,9 @@ class WeightDominationMonitor:
         metrics: dict[str, float] = {}
         previous_fro: float | None = None
         for name, (parameter, rows) in self._weights.items():
-            if self.log_imbalance:
-                current_fro = frobenius_norm(parameter.detach()[rows])
+            stats = self._results.get(name)
+            if self.log_imbalance and (stats is not None or not self.sharded):
+                current_fro = stats.weight_fro if stats is not None else frobenius_norm(parameter.detach()[rows])
                 if previous_fro is not None:
                     absolute, relative = imbalance(previous_fro, current_fro)
                     metrics[schema.key(self.prefix, name, "imbalance")] = absolute

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["__about__", "schema", "resolution"]),
     ("maths", ["spectra", "sketch", "solvers", "krylov", "estimates", "precision", "accumulate", "domination",
-               "collectives"]),
+               "collectives", "shards"]),
     ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "conventions",
                  "batches", "passes", "options", "analysis", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import checked_layer_types
+from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics, is_dominated
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
 from lightning_conditioning.sinks import publish_weight_domination
@@ -162,16 +163,19 @@ class WeightDominationCallback(Callback):
         return self.monitor.domination_table() if self.monitor is not None else {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.monitor is not None:
+        if stage == "fit" and self.monitor is not None:  # a second fit: keep what was learned
             self._restored = self.monitor.state_dict()
+            self.monitor = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model: FSDP2 has replaced the parameters by sharded DTensors
         self.monitor = WeightDominationMonitor(
             pl_module, every_n_steps=self.every_n_steps, threshold=self.threshold,
             update_threshold=self.update_threshold, patience=self.patience,
             layer_types=self.layer_types, include=self.include, exclude=self.exclude,
             log_imbalance=self.log_imbalance, prefix=self.prefix, warn=rank_zero_warn,
-            fall_factor=self.fall_factor, info=rank_zero_info)
+            fall_factor=self.fall_factor, info=rank_zero_info,
+            collectives=Collectives.strategy(trainer.strategy))
         self.monitor.load_state_dict(self._restored)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
