@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor"]),
     ("models", ["models", "models.*"]),
-    ("shells", ["sinks", "sinks.*", "callbacks", "callbacks.*", "auto"]),
+    ("shells", ["sinks", "sinks.*", "callbacks", "callbacks.*", "integrations", "integrations.*", "auto"]),
     ("report", ["report", "report.*", "__main__"]),
     ("package", [""]),
 ]

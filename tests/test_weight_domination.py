@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 import warnings
 
 import lightning.pytorch as pl
@@ -217,8 +218,12 @@ def test_state_dict_roundtrip() -> None:
     other = WeightDominationCallback()
     other.load_state_dict(callback.state_dict())
     assert other.state_dict() == state
-    # the monitor built at setup starts from the restored state
+    # the monitor built at fit start (after configure_model) starts from the restored state
+    strategy = SimpleNamespace(reduce=lambda t, reduce_op: t, world_size=1, global_rank=0,
+                               root_device=torch.device("cpu"))
     other.setup(None, SequentialClassifier(nn.Sequential(nn.Linear(3, 2))), "fit")  # type: ignore[arg-type]
+    other.on_fit_start(SimpleNamespace(strategy=strategy),  # type: ignore[arg-type]
+                       SequentialClassifier(nn.Sequential(nn.Linear(3, 2))))
     assert other.warned_layers == ["fc"] and other.state_dict() == state
 
 
