@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from lightning_conditioning.adapters import LayerAdapter
     from lightning_conditioning.registry import register_adapter
     from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
+    from lightning_conditioning.integrations.huggingface import (
+        ConditioningTrainerCallback,
+        WeightDominationTrainerCallback,
+    )
     from lightning_conditioning.collectives import Collectives
     from lightning_conditioning.domination import WeightStatistics, weight_statistics
     from lightning_conditioning.domination_monitor import WeightDominationMonitor
@@ -45,6 +49,8 @@ _LAZY = {
     "register_adapter": "lightning_conditioning.registry",
     "ConditioningCallback": "lightning_conditioning.callbacks",
     "WeightDominationCallback": "lightning_conditioning.callbacks",
+    "ConditioningTrainerCallback": "lightning_conditioning.integrations.huggingface",
+    "WeightDominationTrainerCallback": "lightning_conditioning.integrations.huggingface",
     "Collectives": "lightning_conditioning.collectives",
     "WeightStatistics": "lightning_conditioning.domination",
     "weight_statistics": "lightning_conditioning.domination",
@@ -88,6 +94,8 @@ __all__ = [
     "summarize_spectrum",
     "symmetric_eigenvalues",
     "weight_statistics",
+    "ConditioningTrainerCallback",
+    "WeightDominationTrainerCallback",
 ]
 
 

@@ -36,7 +36,7 @@ __all__ = [
     "as_matrix", "spectral_norm", "frobenius_norm", "WeightStatus", "weight_status",
     "WeightStatistics", "weight_statistics", "statistics_from_norms", "imbalance", "is_dominated", "RatioHistory",
     "record_ratio", "ratio_fall", "DominationRules", "DominationReason", "domination_reasons",
-    "THRESHOLD_MIN_FALL",
+    "THRESHOLD_MIN_FALL", "LEARNING_UPDATE",
 ]
 
 #: what a layer's norms allow: ``"ok"`` (both positive and finite), ``"zero_gradient"``
@@ -49,6 +49,10 @@ WeightStatus = Literal["ok", "zero_gradient", "zero_weight", "nonfinite"]
 DominationReason = Literal["fallen", "below_threshold", "not_updated"]
 #: the absolute threshold counts only for a ratio at least this far below its own peak
 THRESHOLD_MIN_FALL = 10.0
+#: an applied update σmax(ΔW)/σmax(W) at least this large means the layer is learning: the
+#: gradient-ratio rules do not count (measured: AdamW moves q/k projections whose gradient
+#: ratio is 1e-5..1e-4 by 2-7% per step, example_projects/tiny_lm)
+LEARNING_UPDATE = 1e-3
 
 
 def as_matrix(weight: Tensor) -> Tensor:
@@ -361,12 +365,15 @@ def domination_reasons(stats: WeightStatistics, history: RatioHistory | None,
         return ()
     reasons: list[DominationReason] = []
     ratio = stats.grad_weight_ratio
-    fall = ratio_fall(history, ratio, loss) if history is not None else 1.0
-    if rules.fall_factor is not None and fall >= rules.fall_factor:
-        reasons.append("fallen")
-    if ratio < rules.threshold and fall >= THRESHOLD_MIN_FALL:
-        reasons.append("below_threshold")
     update = stats.update_weight_ratio
+    fall = ratio_fall(history, ratio, loss) if history is not None else 1.0
+    # a weight the step visibly moved is learning, whatever its gradient ratio (adaptive
+    # optimizers such as AdamW rescale tiny gradients into full-size steps)
+    learning = update is not None and update >= LEARNING_UPDATE
+    if rules.fall_factor is not None and fall >= rules.fall_factor and not learning:
+        reasons.append("fallen")
+    if ratio < rules.threshold and fall >= THRESHOLD_MIN_FALL and not learning:
+        reasons.append("below_threshold")
     if update is not None and update <= rules.update_threshold:
         reasons.append("not_updated")
     return tuple(reasons)

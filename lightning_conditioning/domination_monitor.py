@@ -39,6 +39,20 @@ def _warn(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
+def _adaptive(optimizer: Any) -> bool:
+    """Whether any of the optimizer(s) is not of the SGD family (no ``momentum`` and
+    ``dampening`` in its defaults).
+
+    Example:
+        >>> import torch
+        >>> layer = nn.Linear(2, 2)
+        >>> _adaptive(torch.optim.SGD(layer.parameters(), lr=0.1)), _adaptive(torch.optim.AdamW(layer.parameters()))
+        (False, True)
+    """
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer] if optimizer else []
+    return any(not {"momentum", "dampening"} <= set(getattr(o, "defaults", {})) for o in optimizers)
+
+
 def _usable_loss(loss: float | None) -> float | None:
     return float(loss) if loss is not None and math.isfinite(loss) and loss > 0 else None
 
@@ -90,6 +104,7 @@ class WeightDominationMonitor:
         fall_factor: float | None = 1000.0,
         info: Callable[[str], None] | None = None,
         collectives: Collectives | None = None,
+        optimizer: Any = None,
     ) -> None:
         check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
         self.every_n_steps, self.threshold = every_n_steps, float(threshold)
@@ -108,6 +123,10 @@ class WeightDominationMonitor:
                 self._weights[name] = (found[0], found[1])
         if not self._weights:
             self._warn(f"{type(self).__name__}: no layer with a weight matched; nothing to check.")
+        #: whether the training optimizer rescales gradients per coordinate (Adam, RMSprop,
+        #: …: one without SGD's ``momentum`` / ``dampening``): a check is judged on the
+        #: gradient ratio only once the applied update is known
+        self.adaptive = _adaptive(optimizer)
         #: weights sharded over processes (FSDP2 ``DTensor``): norms reduced over the shards
         self.sharded = any(is_sharded(parameter) for parameter, _ in self._weights.values())
         self._collectives = collectives or Collectives.local()
@@ -249,7 +268,12 @@ class WeightDominationMonitor:
                 for w, g in zip(norms[: len(checked)], norms[len(checked):])]
 
     def _judge(self, name: str, stats: WeightStatistics) -> tuple[DominationReason, ...]:
-        return domination_reasons(stats, self._history.get(name), self.rules, self._loss)
+        reasons = domination_reasons(stats, self._history.get(name), self.rules, self._loss)
+        if stats.update_weight_ratio is None and self.adaptive:
+            # an adaptive optimizer rescales the gradient: its ratio alone says nothing about
+            # the step until the step is known (after_optimizer_step judges again)
+            return tuple(r for r in reasons if r == "not_updated")
+        return reasons
 
     def after_optimizer_step(self) -> dict[str, float]:
         """Complete the pending check with the update actually applied; returns the finite

@@ -56,7 +56,6 @@ class LayerConditioning:
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> moments = LayerMoments(eye, 4 * eye, 8, 8, torch.tensor([3.0, 0.0]), torch.zeros(2))
         >>> result = analyse_layer("fc", 0, moments, percents=(100,))
@@ -125,7 +124,6 @@ def layer_status(moments: LayerMoments) -> LayerStatus:
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> layer_status(LayerMoments(None, None, 0, 0, torch.zeros(3), torch.zeros(3)))
         'no_data'
     """
@@ -155,7 +153,6 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> layer_note("ok", LayerMoments(eye, 0 * eye, 4, 4, torch.ones(2), torch.ones(2)))[:27]
         'Σ∇h is exactly zero: no gra'
@@ -189,7 +186,6 @@ def solve_layer(
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> solved = solve_layer("fc", LayerMoments(eye, None, 4, 0, torch.ones(2), torch.ones(2)))
         >>> list(solved), solved["input"].eigenvalues.tolist()
@@ -226,7 +222,6 @@ def analyse_layer(
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.estimates import summarize_kronecker_bounds, summarize_solved
         >>> moments = LayerMoments(None, None, 0, 0, torch.zeros(3), torch.zeros(3))
         >>> analyse_layer("fc", 0, moments).status
         'no_data'

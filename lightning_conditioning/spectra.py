@@ -58,7 +58,7 @@ KAPPA_DEFINITIONS: tuple[str, ...] = ("paper", "nonzero")
 #: ``"exact"``: a measurement (λ_p resolved); ``"lower_bound"``: λ_p is under the resolution
 #: floor, the value is ``λmax / floor`` and κ_p is at least that; ``"infinite"``: λ_p is a
 #: structural zero; ``"undefined"``: the matrix is zero (λmax = 0), the value is ``nan``.
-KappaStatus = Literal["exact", "lower_bound", "infinite", "undefined"]
+KappaStatus = Literal["exact", "estimate", "lower_bound", "infinite", "undefined"]
 
 
 def percentile_index(percent: float, count: int) -> int:
@@ -110,6 +110,20 @@ class SpectrumSummary:
     definition: KappaDefinition = "paper"
     solver: str = "dense-float64"
     solver_error: float = 0.0
+    #: the matrix's size when ``eigenvalues`` lists only some (an approximate spectrum)
+    size: int | None = None
+    #: whether every eigenvalue was computed (False: estimates with error bars,
+    #: :mod:`lightning_conditioning.estimates`)
+    exact: bool = True
+    #: ``(low, high)`` holding the true λmax (approximate spectra only)
+    lambda_max_bounds: tuple[float, float] | None = None
+    #: ``{percent: (low, high)}`` of κ_p for the ``"estimate"`` statuses
+    kappa_bounds: dict[float, tuple[float, float]] = field(default_factory=dict)
+    #: per listed eigenvalue, the interval holding it (approximate spectra only)
+    lower_bounds: Tensor | None = None
+    upper_bounds: Tensor | None = None
+    #: every eigenvalue past the listed ones is at most this (approximate spectra only)
+    tail_upper: float | None = None
 
     @property
     def nonzero_eigenvalues(self) -> Tensor:
@@ -119,7 +133,7 @@ class SpectrumSummary:
     @property
     def dim(self) -> int:
         """Size of the matrix."""
-        return int(self.eigenvalues.numel())
+        return int(self.size) if self.size is not None else int(self.eigenvalues.numel())
 
     @property
     def floor(self) -> float:
@@ -158,6 +172,10 @@ class KroneckerSummary:
     kappa_status: dict[float, KappaStatus] = field(default_factory=dict)
     structural_rank: int = -1
     definition: KappaDefinition = "paper"
+    #: False when a factor is approximate (:func:`~lightning_conditioning.estimates.summarize_kronecker_bounds`)
+    exact: bool = True
+    lambda_max_bounds: tuple[float, float] | None = None
+    kappa_bounds: dict[float, tuple[float, float]] = field(default_factory=dict)
 
 
 def symmetric_eigenvalues(matrix: Tensor, *, drop_zero_diagonal: bool = True) -> Tensor:

@@ -188,8 +188,10 @@ def test_resnet110_fall_is_flagged_by_history_while_threshold_never_fires() -> N
     for step, ratio, loss in RESNET110_FC:
         feed(step, ratio, loss)
     assert len(record.warnings) == 1, record.warnings
-    assert "at step 20" in record.warnings[0] and "3 consecutive checks" in record.warnings[0]
-    assert ("3,538× below its own peak 21.5 at step 0 net of the loss (the ratio fell 6,287×, the loss 1.8×); "
+    # (SGD at lr 0.1 moves it by 0.1 × the ratio: at step 10 (1.2e-3) it still learns, so the
+    # three consecutive checks are 15, 20, 30)
+    assert "at step 30" in record.warnings[0] and "3 consecutive checks" in record.warnings[0]
+    assert ("12,490× below its own peak 21.5 at step 0 net of the loss (the ratio fell 22,580×, the loss 1.8×); "
             "it has stayed at least 1000× below its own peak") in record.warnings[0]
     assert "add_last_bn" in record.warnings[0] and "nan" not in record.warnings[0]
 
@@ -208,7 +210,7 @@ def _synthetic_monitor(
         weight.grad = torch.eye(2) * ratio
         assert monitor.before_optimizer_step(step, loss=loss)
         with torch.no_grad():
-            weight.mul_(1.01)  # an optimizer step that moves it
+            weight.sub_(0.1 * weight.grad)  # an SGD step (lr 0.1): it moves by 0.1 × the ratio
         monitor.after_optimizer_step()
 
     return monitor, record, feed
@@ -247,7 +249,7 @@ def test_ratio_that_falls_with_a_vanishing_loss_is_not_flagged() -> None:
 
 
 def test_history_survives_a_checkpoint() -> None:
-    series = RESNET110_FC[:8]
+    series = RESNET110_FC[:9]  # through step 30: the third check in a row that it no longer learns
     whole, whole_record, feed_whole = _synthetic_monitor()
     first, _, feed_first = _synthetic_monitor()
     for step, ratio, loss in series[:5]:
@@ -377,3 +379,15 @@ def test_trainer_diagnosis_reads_a_pending_check_without_nan() -> None:
     # the training loss reached the monitor: the histories are net of the loss
     assert all(h.peak_loss is not None and h.peak_loss > 0 for h in domination.history.values())
     assert logger.history[5]["weight_domination/dominated_layers"] == 1.0
+
+
+def test_a_layer_the_step_visibly_moves_is_learning_not_dominated() -> None:
+    """AdamW turns a tiny gradient ratio (1e-5) into a full-size step: the layer learns."""
+    history = record_ratio(record_ratio(None, 0.1, 0), 1e-5, step=20)
+    pending = _stats(1e-5)
+    assert domination_reasons(pending, history) == ("fallen", "below_threshold")  # provisional
+    moved = pending.with_update_norm(0.03)  # σmax(ΔW)/σmax(W) = 3%: it learns
+    assert domination_reasons(moved, history) == ()
+    still = pending.with_update_norm(1e-6)  # an SGD step with lr 0.1 barely moves it
+    assert domination_reasons(still, history) == ("fallen", "below_threshold")
+

@@ -52,3 +52,25 @@ def test_weight_domination_smoke(tmp_path: Path) -> None:
     assert len(result["a11"]["history"]) == 3
     for figure in ("fig4_masks.png", "a11_deep_bn.png"):
         assert (tmp_path / "figures" / figure).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_tiny_lm_smoke(tmp_path: Path) -> None:
+    from example_projects.tiny_lm import main as tiny_lm
+
+    result = tiny_lm.main(["--smoke", "--out", str(tmp_path)])
+    runs = result["runs"]
+    assert {run["variant"] for run in runs} == {"final_ln", "no_final_ln"}
+    # every weight layer (embeddings, q/k/v/out projections, MLP, head) is analysed at every
+    # analysed step, read back from the TensorBoard log, with finite positive numbers
+    for run in runs:
+        assert len(run["layers"]) == 2 + 6 * 2 + 1
+        for table in run["conditioning"].values():
+            for layer in run["layers"]:
+                for moment in ("input", "grad", "fim"):
+                    assert 0 < table[layer][f"{moment}_lambda_max"] < float("inf")
+    # the package's numbers equal the example's float64 reference (embeddings, head, token_mean)
+    assert all(ok for ok, _ in result["summary"]["checks"].values())
+    assert (tmp_path / "results.md").read_text().count(": holds.**") == 3
+    for figure in ("depth_profile.png", "lambda_max_training.png", "head_final_norm.png", "embedding.png"):
+        assert (tmp_path / "figures" / figure).stat().st_size > 10_000

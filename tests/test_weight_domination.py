@@ -222,7 +222,7 @@ def test_state_dict_roundtrip() -> None:
     strategy = SimpleNamespace(reduce=lambda t, reduce_op: t, world_size=1, global_rank=0,
                                root_device=torch.device("cpu"))
     other.setup(None, SequentialClassifier(nn.Sequential(nn.Linear(3, 2))), "fit")  # type: ignore[arg-type]
-    other.on_fit_start(SimpleNamespace(strategy=strategy),  # type: ignore[arg-type]
+    other.on_fit_start(SimpleNamespace(strategy=strategy, optimizers=[]),  # type: ignore[arg-type]
                        SequentialClassifier(nn.Sequential(nn.Linear(3, 2))))
     assert other.warned_layers == ["fc"] and other.state_dict() == state
 

@@ -22,6 +22,7 @@ from lightning_conditioning.passes import (
     sampled_positions, shifts_labels,
 )
 from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.callbacks.support import unsupported
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
 from lightning_conditioning.solvers import SolverPlan
@@ -176,6 +177,10 @@ class ConditioningCallback(Callback):
         return name
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        problem = unsupported("conditioning", trainer.strategy)
+        if problem:  # never silently empty, never a wrong number: step aside, and say why
+            rank_zero_warn(f"{type(self).__name__} does nothing in this run: {problem}")
+            return
         # the model is on its device now (setup runs before the strategy moves it)
         if self.monitor is None or self.monitor.closed:
             if self.monitor is not None:  # a second fit: keep what the first one warned about

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import checked_layer_types
+from lightning_conditioning.callbacks.support import unsupported
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics, is_dominated
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
@@ -168,6 +169,10 @@ class WeightDominationCallback(Callback):
             self.monitor = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        problem = unsupported("weight domination", trainer.strategy)
+        if problem:  # never silently empty, never a wrong number: step aside, and say why
+            rank_zero_warn(f"{type(self).__name__} does nothing in this run: {problem}")
+            return
         # after configure_model: FSDP2 has replaced the parameters by sharded DTensors
         self.monitor = WeightDominationMonitor(
             pl_module, every_n_steps=self.every_n_steps, threshold=self.threshold,
@@ -175,7 +180,8 @@ class WeightDominationCallback(Callback):
             layer_types=self.layer_types, include=self.include, exclude=self.exclude,
             log_imbalance=self.log_imbalance, prefix=self.prefix, warn=rank_zero_warn,
             fall_factor=self.fall_factor, info=rank_zero_info,
-            collectives=Collectives.strategy(trainer.strategy))
+            collectives=Collectives.strategy(trainer.strategy),
+            optimizer=list(trainer.optimizers) or None)
         self.monitor.load_state_dict(self._restored)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

@@ -24,7 +24,7 @@ REMEDY = ("∞ from fewer analysed rows than dimensions: analyse more rows (a la
           "`window_steps`, `probe_batches`); from dead units: see dead_units; a ≥ bound: the "
           "spectrum spans more decades than the arithmetic resolves: `statistics_dtype="
           "'float64'` lowers the floor, `kappa_definition='nonzero'` measures κ_p over the "
-          "resolved eigenvalues, normalisation (BatchNorm) improves the conditioning")
+          "resolved eigenvalues, normalisation (BatchNorm, LayerNorm) improves the conditioning")
 
 
 @dataclass(frozen=True)

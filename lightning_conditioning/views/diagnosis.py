@@ -177,8 +177,10 @@ def _dead_units(table: Table, th: Thresholds) -> list[Finding]:
     return [Finding(
         rule="dead_units", layer=hits[0][0], layers=tuple(h[0] for h in hits),
         message=(f"{len(hits)} layer(s) have more than {th.dead_fraction:.0%} dead input units "
-                 f"(never > 0 on the analysed batch): {listed}. A dead unit passes no signal "
-                 "forward and no gradient backward; plain nets gain more of them with depth"),
+                 f"(never > 0 on the analysed batch): {listed}. After a ReLU a dead unit passes "
+                 "no signal forward and no gradient backward, and plain nets gain more of them "
+                 "with depth; for inputs that take both signs (attention outputs, residual "
+                 "streams) it only means the unit stayed ≤ 0"),
         evidence={f"dead_fraction[{n}]": d / u for n, d, u in hits},
         remedy="check the initialisation, learning rate and biases of the layer before; "
                "BatchNorm nets have almost no dead units (paper, App. C.3)",
@@ -235,7 +237,8 @@ def _kappa_outliers(table: Table, th: Thresholds) -> list[Finding]:
             continue
         listed = _listing([f"{n} κ = {v:.3g} ({v / m:.0f}× the median {m:.3g} of the others)"
                            for n, v, m in hits])
-        remedy = "normalisation (BatchNorm) improves the conditioning of Σx and Σ∇h (paper, Fig. 5)"
+        remedy = ("normalisation (BatchNorm; LayerNorm in transformers) improves the conditioning "
+                  "of Σx and Σ∇h (paper, Fig. 5)")
         if label == "input" and hits[0][0] == names[0]:
             remedy += "; the first layer's input is the data itself: standardise or whiten it"
         findings.append(Finding(
