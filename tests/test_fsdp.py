@@ -71,3 +71,4 @@ def test_fsdp2_true_fisher_runs_with_finite_numbers(tmp_path: Path) -> None:
     history = _run(tmp_path, "fsdp2", True, "true")["history"]
     values = [v for row in history.values() for k, v in row.items() if k.startswith("conditioning/")]
     assert values and all(math.isfinite(v) for v in values)
+
