@@ -112,7 +112,11 @@ def summarize_solved(
         if index >= structural:
             kappa[percent], status[percent] = math.inf, "infinite"
             continue
-        value, p_low, p_high = eigenvalue_bounds(solved, index)
+        smallest = getattr(solved.quantile, "smallest_nonzero", None)
+        if percent == 100 and callable(smallest):  # SLQ: the smallest nonzero eigenvalue's bar
+            value, p_low, p_high = smallest()
+        else:
+            value, p_low, p_high = eigenvalue_bounds(solved, index)
         if percent == 100 and index >= int(solved.eigenvalues.numel()) and solved.quantile is None:
             p_high = max(p_high, 0.0)  # the smallest nonzero one: only bounded from above
         if p_high <= 0 and (solved.tail_upper == 0 or index >= structural):

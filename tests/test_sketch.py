@@ -183,3 +183,33 @@ def test_sketched_sum_refuses_ready_grams() -> None:
     acc = SketchedMomentSum(4, torch.device("cpu"), rank=2)
     with pytest.raises(RuntimeError, match="rows"):
         acc.add(torch.eye(4), 4)
+
+
+def test_lanczos_through_the_solver_plan_gives_error_bars_that_hold_the_dense_values() -> None:
+    from lightning_conditioning.krylov import LanczosSolver
+    from lightning_conditioning.solvers import DENSE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1200, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(3000, 1200) @ torch.diag(torch.linspace(2, 0.1, 1200))
+    y = torch.randint(0, 3, (3000,))
+    results = {}
+    for name, plan in (("dense", None), ("lanczos", lambda layer, d: LanczosSolver() if d > 1000 else DENSE)):
+        monitor = ConditioningMonitor(model, every_n_steps=1, solver=plan, warn_diagnosis=False,
+                                      analysis="sync")
+        with monitor.track(0):
+            nn.functional.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+        monitor.close()
+        results[name] = monitor.results["0"]
+    truth, approx = results["dense"].input, results["lanczos"].input
+    assert approx.solver == "lanczos-slq" and not approx.exact
+    low, high = approx.lambda_max_bounds
+    assert low <= truth.lambda_max * (1 + 1e-12) and truth.lambda_max <= high * (1 + 1e-12)
+    assert abs(approx.lambda_max / truth.lambda_max - 1) < 1e-3
+    for percent in (50, 80):
+        assert approx.kappa_status[percent] == "estimate"
+        k_low, k_high = approx.kappa_bounds[percent]
+        assert k_low <= truth.kappa[percent] <= k_high, percent
+    assert approx.kappa_status[100] == "lower_bound" and approx.kappa[100] <= truth.kappa[100]
+    assert results["lanczos"].fim.lambda_max_bounds is not None  # the sub-FIM bracketed too
