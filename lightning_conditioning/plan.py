@@ -130,13 +130,22 @@ def plan_analysis(
     planned: dict[tuple[str, str], MomentPlan] = {}
     left = budget
     rest = []
-    for name, moment, dim, module, adapter in sorted(entries, key=lambda e: e[2]):
+    ordered_entries = sorted(entries, key=lambda e: e[2])
+    # every sketchable moment keeps room for a sketch of MIN_SKETCH_RANK rows: covering every
+    # layer comes before making more moments dense (GPT-2's 50,257-token head)
+    reserve = [0] * (len(ordered_entries) + 1)
+    for index in range(len(ordered_entries) - 1, -1, -1):
+        _, moment, dim, module, adapter = ordered_entries[index]
+        sketchable = adapter.sketchable(module, moment) and not (
+            moment == "input" and adapter.diagonal_input)
+        reserve[index] = reserve[index + 1] + (_sketch_bytes(dim, MIN_SKETCH_RANK) if sketchable else 0)
+    for position, (name, moment, dim, module, adapter) in enumerate(ordered_entries):
         if moment == "input" and adapter.diagonal_input:
             planned[(name, moment)] = MomentPlan(name, moment, dim, "diagonal", 8 * dim)
             left -= 8 * dim
             continue
         dense = _dense_bytes(dim, float32_grams)
-        if dense <= left:  # smallest first: as many exact moments as the budget holds
+        if dense <= left - reserve[position + 1]:  # smallest first, the larger ones' sketches kept
             planned[(name, moment)] = MomentPlan(name, moment, dim, "dense", dense)
             left -= dense
         elif adapter.sketchable(module, moment):

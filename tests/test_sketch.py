@@ -213,3 +213,15 @@ def test_lanczos_through_the_solver_plan_gives_error_bars_that_hold_the_dense_va
         assert k_low <= truth.kappa[percent] <= k_high, percent
     assert approx.kappa_status[100] == "lower_bound" and approx.kappa[100] <= truth.kappa[100]
     assert results["lanczos"].fim.lambda_max_bounds is not None  # the sub-FIM bracketed too
+
+
+def test_plan_keeps_room_for_a_gpt2_sized_head_instead_of_more_dense_moments() -> None:
+    """The default budget of GPT-2 small (its parameter bytes) once went to dense 768/2304
+    moments first and left no room for the 50,257-token head, which was skipped."""
+    blocks = [nn.Linear(768, 2304), nn.Linear(768, 768), nn.Linear(768, 3072), nn.Linear(3072, 768)]
+    model = nn.Sequential(*[copy for _ in range(12) for copy in (nn.Linear(l.in_features, l.out_features)
+                                                                 for l in blocks)],
+                          nn.Linear(768, 50257))
+    plan = plan_analysis(find_layers(model), budget=475 << 20)
+    assert plan.skipped_layers == [] and plan.nbytes <= plan.budget
+    assert plan.of(str(len(model) - 1), "grad").method == "sketch"
