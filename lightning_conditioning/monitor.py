@@ -321,9 +321,7 @@ class ConditioningMonitor:
         if step < self._window_start + self.options.window_steps - 1:
             return ready
         self._window_start = None
-        if self._submit(step):
-            return ready  # in the background: its results come with a later poll()
-        return True
+        return self._submit(step, ready)
 
     def poll(self) -> bool:
         """Collect a finished background analysis (without waiting): returns (and sets
@@ -336,26 +334,32 @@ class ConditioningMonitor:
         """Wait for the analysis in flight (if any) and collect it; whether results arrived."""
         return self._collect(self._background.wait())
 
-    def _submit(self, step: int) -> bool:
+    def _submit(self, step: int, published: bool) -> bool:
         """Analyse the finished window: in the background when that is the plan
         (``analysis``): not in distributed runs (their solves are shared out with collectives,
         in order), and with ``"auto"`` only when the analysis is expected to take over
-        :data:`~lightning_conditioning.analysis.BACKGROUND_SECONDS`; else here and now.
-        Returns whether it went to the background."""
+        :data:`~lightning_conditioning.analysis.BACKGROUND_SECONDS`, or when an earlier
+        window's results were (``published``) or are about to be published in this call;
+        else here and now. At most one analysis is in flight (memory stays bounded) and at
+        most one result set is published per call, in step order, so a caller that logs
+        :attr:`results` whenever a call returns True loses none. Returns whether results
+        were published in this call (by ``end``'s poll, by waiting for the analysis in
+        flight, or this window's own, analysed at once)."""
         mode, capture = self.options.analysis, self.capture
         if capture is None or mode == "sync" or self.collectives.distributed:
-            self.finish(step)
-            return False
+            self.finish(step)  # nothing is ever in the background in these modes
+            return True
         moments = gather_moments(capture)
-        if mode == "auto" and estimated_seconds(moments) < BACKGROUND_SECONDS:
+        quick = mode == "auto" and estimated_seconds(moments) < BACKGROUND_SECONDS
+        if quick and not published and not self._background.pending:
             self._finish_moments(step, moments)
-            return False
-        self.wait()  # at most one analysis in flight: memory stays bounded
+            return True
+        published = self.wait() or published
         rates = step_size_limits(capture.layers, self.optimizer) if self.optimizer is not None else None
         options, info, who = self.options, self._info, type(self).__name__
         self._background.submit(step, lambda: self._with_margin(
             analyse_moments(moments, step, options, info=info, who=who), rates))
-        return True
+        return published  # this window's results come with a later poll() or wait()
 
     def _collect(self, finished: tuple[int, dict[str, LayerConditioning]] | None) -> bool:
         if finished is None:

@@ -3,9 +3,12 @@ step they belong to, training untouched, the user's thread setting untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import time
 
+import pytest
 import torch
 from torch import nn
 
@@ -70,3 +73,46 @@ def test_callback_logs_background_results_at_their_own_step() -> None:
     for step, row in logged["sync"].items():
         for key, value in row.items():
             assert math.isclose(logged["background"][step][key], value, rel_tol=1e-12), key
+
+
+def _published_steps(monkeypatch, analysis: str, slow: bool, quick_steps: set[int]) -> list[int]:
+    """Steps whose results a caller sees, logging :attr:`results` each time ``end``/``poll``/
+    ``wait`` returns True (as the callbacks do), with each background analysis made slow so
+    that it is still in flight when the next window ends."""
+    import lightning_conditioning.monitor as monitor_module
+
+    analyse = monitor_module.analyse_moments
+
+    def slow_analysis(moments, step, *args, **kwargs):
+        if slow:
+            time.sleep(0.3)
+        return analyse(moments, step, *args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "analyse_moments", slow_analysis)
+    estimate = iter([0.0 if step in quick_steps else 100.0 for step in range(6)])
+    monkeypatch.setattr(monitor_module, "estimated_seconds", lambda moments: next(estimate))
+    net = seeded(mlp)
+    published: list[int] = []
+    with ConditioningMonitor(net, every_n_steps=1, analysis=analysis, warn_diagnosis=False) as monitor:
+        for step in range(6):
+            if monitor.poll():
+                published.append(monitor.results_step)
+            x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+            with monitor.capture_pass() if monitor.begin(step) else contextlib.nullcontext():
+                nn.functional.cross_entropy(net(x), y).backward()
+            if monitor.end(step):
+                published.append(monitor.results_step)
+        if monitor.wait():
+            published.append(monitor.results_step)
+    return published
+
+
+@pytest.mark.parametrize("analysis,quick_steps", [
+    ("background", set()), ("auto", set()), ("auto", {1, 2, 4}), ("auto", {0, 3, 4, 5})])
+def test_no_result_is_lost_when_analyses_overlap(monkeypatch, analysis: str, quick_steps: set[int]) -> None:
+    """A window that ends while the previous analysis is still in flight waits for it and
+    reports it in the same call; an analysis quick enough for the training thread goes to the
+    background all the same while an earlier one is pending, so every window's results are
+    published exactly once, in step order (CI lost steps 0 and 2 under load before)."""
+    for slow in (True, False):
+        assert _published_steps(monkeypatch, analysis, slow, quick_steps) == list(range(6))
