@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_conditioning.resolution import unit_roundoff
 from lightning_conditioning.sketch import SketchedMoment, SketchedMomentSum
 
-__all__ = ["PENDING_ADDS", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
+__all__ = ["PENDING_ADDS", "symmetrize_", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
 
 
 #: float32 additions summed in the pending buffer before it is folded into float64
@@ -34,6 +34,25 @@ def _tf32_roundoff(dtype: torch.dtype, target: Tensor) -> float:
     if precision == "high" or torch.backends.cuda.matmul.allow_tf32:
         return 2.0**-11  # TF32: 10 explicit mantissa bits
     return 0.0
+
+
+def symmetrize_(matrix: Tensor, block: int = 256) -> Tensor:
+    """``matrix ← (matrix + matrixᵀ)/2`` in place, a block of rows at a time (no ``d²``
+    temporary), bit-identical to the out-of-place expression: an entry already averaged is
+    averaged with itself, which changes nothing.
+
+    Example:
+        >>> symmetrize_(torch.tensor([[1.0, 2.0], [4.0, 3.0]]))
+        tensor([[1., 3.],
+                [3., 3.]])
+    """
+    dim = matrix.shape[0]
+    for start in range(0, dim, block):
+        stop = min(start + block, dim)
+        average = (matrix[start:stop] + matrix[:, start:stop].T).mul_(0.5)
+        matrix[start:stop] = average
+        matrix[:, start:stop] = average.T
+    return matrix
 
 
 class SecondMomentSum:
@@ -71,8 +90,9 @@ class SecondMomentSum:
             raise ValueError("a diagonal moment has no homogeneous coordinate (track_row_sum)")
         self.dim = dim
         self.diagonal = diagonal
-        shape = (dim,) if diagonal else (dim, dim)
-        self.sum_outer = torch.zeros(shape, dtype=torch.float64, device=device)
+        self._shape = (dim,) if diagonal else (dim, dim)
+        self._device = device
+        self._sum_outer: Tensor | None = torch.zeros(self._shape, dtype=torch.float64, device=device)
         self.sum_rows = (
             torch.zeros(dim, dtype=torch.float64, device=device) if track_row_sum else None
         )
@@ -83,6 +103,19 @@ class SecondMomentSum:
         self.gram_roundoff = 0.0
         self._pending: Tensor | None = None  # float32 sum not yet folded (allocated lazily)
         self._pending_adds = 0
+
+    @property
+    def sum_outer(self) -> Tensor:
+        """``Σ r rᵀ`` of the window (float64; pending float32 sums not folded). Allocated
+        again (zeros) on first use after :meth:`take_mean` handed the last one over."""
+        if self._sum_outer is None:
+            self._sum_outer = torch.zeros(self._shape, dtype=torch.float64, device=self._device)
+        return self._sum_outer
+
+    @property
+    def allocated(self) -> bool:
+        """Whether the float64 sum is held now (not after :meth:`take_mean`, until next used)."""
+        return self._sum_outer is not None
 
     def _target(self, dtype: torch.dtype) -> Tensor:
         """Where a contribution of ``dtype`` is summed: float64 direct, others pending.
@@ -178,10 +211,36 @@ class SecondMomentSum:
         out[dim, dim] = self.rows
         return out / rows
 
+    def take_mean(self, *, homogeneous: bool = False) -> Tensor:
+        """:meth:`mean`, computed in the sum's own memory, which is handed over: no second
+        ``d²`` copy exists while the mean is analysed. The window is reset; its sum is
+        allocated again when next used.
+
+        Example:
+            >>> acc = SecondMomentSum(2, torch.device("cpu"))
+            >>> acc.add_rows(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
+            >>> acc.take_mean()
+            tensor([[1., 1.],
+                    [1., 2.]], dtype=torch.float64)
+            >>> acc.allocated, acc.rows
+            (False, 0)
+        """
+        if homogeneous:
+            mean = self.mean(homogeneous=True)  # a new (d+1)² tensor
+        else:
+            self.fold()
+            mean = self.sum_outer.div_(max(self.rows, 1))
+            if not self.diagonal:
+                symmetrize_(mean)
+        self._sum_outer = None
+        self.reset()
+        return mean
+
     def reset(self) -> None:
         """Zero the sums for the next window (the float64 buffers are reused; the float32
         pending buffer is released, so that it costs no memory between windows)."""
-        self.sum_outer.zero_()
+        if self._sum_outer is not None:
+            self._sum_outer.zero_()
         self._pending = None
         self._pending_adds = 0
         if self.sum_rows is not None:
@@ -193,7 +252,8 @@ class SecondMomentSum:
     def to(self, device: torch.device) -> None:
         """Move the sums to ``device`` (e.g. when the model moved after the hooks were set)."""
         self.fold()
-        self.sum_outer = self.sum_outer.to(device)
+        self._device = device
+        self._sum_outer = self._sum_outer.to(device) if self._sum_outer is not None else None
         self.sum_rows = self.sum_rows.to(device) if self.sum_rows is not None else None
         self._pending = None
 
@@ -327,14 +387,23 @@ class LayerWindow:
         """Overwrite the integer counts (after a distributed reduction)."""
         self.input.rows, self.grad.rows = counts
 
-    def moments(self) -> LayerMoments:
-        """Means of the window (float64, on the window's device; see :func:`moments_to_cpu`)."""
-        has_input, has_grad = self.input.rows > 0, self.grad.rows > 0
-        return LayerMoments(
-            input_second_moment=(
-                self.input.mean(homogeneous=self.homogeneous) if has_input else None
-            ),
-            grad_second_moment=self.grad.mean() if has_grad else None,
+    def moments(self, *, take: bool = False) -> LayerMoments:
+        """Means of the window (float64, on the window's device; see :func:`moments_to_cpu`).
+        With ``take``, the means are computed in the sums' own memory, which is handed over
+        (no ``d²`` copy), and the window is reset.
+
+        Example:
+            >>> window = LayerWindow(2, 1, 2, torch.device("cpu"))
+            >>> window.input.add_rows(torch.tensor([[1.0, 2.0]]))
+            >>> window.moments(take=True).input_second_moment
+            tensor([[1., 2.],
+                    [2., 4.]], dtype=torch.float64)
+            >>> window.input.rows
+            0
+        """
+        moments = LayerMoments(
+            input_second_moment=None,
+            grad_second_moment=None,
             input_rows=self.input.rows,
             grad_rows=self.grad.rows,
             unit_max=self.unit_max.clone(),
@@ -344,6 +413,14 @@ class LayerWindow:
             input_gram_roundoff=self.input.gram_roundoff,
             grad_gram_roundoff=self.grad.gram_roundoff,
         )
+        if self.input.rows > 0:
+            moments.input_second_moment = (self.input.take_mean(homogeneous=self.homogeneous) if take
+                                           else self.input.mean(homogeneous=self.homogeneous))
+        if self.grad.rows > 0:
+            moments.grad_second_moment = self.grad.take_mean() if take else self.grad.mean()
+        if take:
+            self.reset()
+        return moments
 
 
 _TENSOR_FIELDS = ("input_second_moment", "grad_second_moment", "unit_max", "unit_min")

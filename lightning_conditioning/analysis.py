@@ -12,10 +12,14 @@ for cores with spinning OpenMP teams.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import torch
 
@@ -27,7 +31,7 @@ from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.results import LayerConditioning, analyse_layer
 
 __all__ = ["analyse_capture", "gather_moments", "analyse_moments", "BackgroundAnalysis",
-           "BACKGROUND_SECONDS"]
+           "BACKGROUND_SECONDS", "background_helps"]
 
 _LOG = logging.getLogger("lightning_conditioning")
 Notify = Callable[[str], None]
@@ -42,10 +46,11 @@ def gather_moments(capture: LayerCapture, collectives: Collectives | None = None
     group = collectives or Collectives.local()
     if group.distributed:
         capture.all_reduce(group.all_reduce, group.world_size, group.rank)
-    moments = capture.moments()
-    if reset:
+    if reset:  # the sums themselves become the means: no d² copy while they are analysed
+        moments = capture.moments(take=True)
         capture.reset()
-    return moments
+        return moments
+    return capture.moments()
 
 
 def analyse_moments(
@@ -100,6 +105,45 @@ def analyse_capture(
 
 
 
+def background_helps(device: torch.device) -> bool:
+    """Whether an analysis in a worker thread can run beside training rather than against it:
+    the model trains on an accelerator (the host's cores are mostly idle), or the CPU has cores
+    that the training thread's intra-op threads leave free. On a CPU whose every core trains,
+    the worker only competes for them (measured on 2 cores, GPT-2 small: a background analysis
+    cost 12% more wall time than the same analysis in the training thread).
+
+    Example:
+        >>> background_helps(torch.device("meta"))
+        True
+    """
+    if device.type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
+def _glibc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _glibc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_heap() -> None:
+    """Hand the worker's freed heap memory back to the OS (glibc ``malloc_trim``; a no-op
+    elsewhere). A worker thread allocates in a malloc arena of its own, whose freed pages the
+    training thread never reuses: without this, every background analysis left its solves'
+    copies resident (measured +160 MiB of peak RSS on GPT-2 small, in half the runs)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class BackgroundAnalysis:
     """At most one analysis in flight, in a worker thread with one intra-op thread.
 
@@ -124,7 +168,10 @@ class BackgroundAnalysis:
 
     def _run(self, work: Callable[[], dict[str, LayerConditioning]]) -> dict[str, LayerConditioning]:
         torch.set_num_threads(self.threads)  # this worker thread's own setting only
-        return work()
+        try:
+            return work()
+        finally:
+            release_heap()
 
     def submit(self, step: int, work: Callable[[], dict[str, LayerConditioning]]) -> None:
         """Run ``work()`` (the analysis of ``step``) in the worker; call only when nothing is
@@ -135,9 +182,20 @@ class BackgroundAnalysis:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="lightning-conditioning")
         self._future, self._step = self._executor.submit(self._run, work), step
 
+    @property
+    def step(self) -> int | None:
+        """The step of the analysis in flight (None when none is)."""
+        return self._step
+
     def done(self) -> bool:
         """Whether the analysis in flight has finished (False when none is)."""
         return self._future is not None and self._future.done()
+
+    def join(self) -> None:
+        """Block until the analysis in flight (if any) has finished, without collecting it
+        (:meth:`wait` or a later :meth:`done` check does)."""
+        if self._future is not None:
+            futures_wait([self._future])
 
     def wait(self) -> tuple[int, dict[str, LayerConditioning]] | None:
         """``(step, results)`` of the analysis in flight, once finished (None when none is);

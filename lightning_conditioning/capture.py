@@ -406,9 +406,11 @@ class LayerCapture:
             window.reset()
         self._generation += 1
 
-    def moments(self) -> dict[str, LayerMoments]:
-        """The finished window of every layer (CPU, float64; one host copy per device)."""
-        return moments_to_cpu({name: window.moments() for name, window in self.windows.items()})
+    def moments(self, *, take: bool = False) -> dict[str, LayerMoments]:
+        """The finished window of every layer (CPU, float64; one host copy per device). With
+        ``take`` the windows hand their sums over (no copy on the host) and are reset; call
+        :meth:`reset` after it, so that gradients of earlier forwards are ignored."""
+        return moments_to_cpu({name: window.moments(take=take) for name, window in self.windows.items()})
 
     def _dtype_for(self, tensor: Tensor) -> torch.dtype:
         """The GEMM dtype: ``statistics_dtype``, or the tensor's own if wider (float64 runs)."""

@@ -33,6 +33,7 @@ from lightning_conditioning.analysis import (
     BACKGROUND_SECONDS,
     BackgroundAnalysis,
     analyse_capture,
+    background_helps,
     analyse_moments,
     gather_moments,
 )
@@ -141,6 +142,7 @@ class ConditioningMonitor:
         #: the step the current :attr:`results` belong to (None before any)
         self.results_step: int | None = None
         self._background = BackgroundAnalysis()
+        self._waited_for_room = False
         o = self.options
         layers = find_layers(model, o.layer_types, o.include, o.exclude, o.conv_mode)
         #: the per-example convention in use (``loss_reduction`` with ``"auto"`` resolved)
@@ -264,9 +266,29 @@ class ConditioningMonitor:
         if self._window_start is None:
             if step != self.options.window_start(step):
                 return False
+            self._make_room(step)
             self._window_start = step
         self._current_step = step
         return True
+
+    def _device(self) -> torch.device:
+        """Where the model's first parameter lives (the CPU for a model without any)."""
+        return next((p.device for p in self._model.parameters()), torch.device("cpu"))
+
+    def _make_room(self, step: int) -> None:
+        """A window opens while the previous window's analysis still runs in the background:
+        its sums would be allocated beside the ones being analysed. When the plan has no room
+        for both within ``memory_budget``, wait for the analysis first (said once)."""
+        plan = self.plan
+        if plan is None or plan.overlap_fits or not self._background.pending or self._background.done():
+            return
+        if not self._waited_for_room:
+            self._waited_for_room = True
+            self._info(f"{type(self).__name__}: step {step}: waiting for the analysis of step "
+                       f"{self._background.step} to finish before opening the next window: two "
+                       f"windows' sums ({2 * plan.nbytes / 2**20:.0f} MiB) do not fit in "
+                       f"memory_budget ({plan.budget / 2**20:.0f} MiB). Said once.")
+        self._background.join()
 
     @contextmanager
     def capture_pass(self, grad_multiplier: float = 1.0) -> Iterator[None]:
@@ -338,7 +360,8 @@ class ConditioningMonitor:
         """Analyse the finished window: in the background when that is the plan
         (``analysis``): not in distributed runs (their solves are shared out with collectives,
         in order), and with ``"auto"`` only when the analysis is expected to take over
-        :data:`~lightning_conditioning.analysis.BACKGROUND_SECONDS`, or when an earlier
+        :data:`~lightning_conditioning.analysis.BACKGROUND_SECONDS` and a worker can run beside
+        training (:func:`~lightning_conditioning.analysis.background_helps`), or when an earlier
         window's results were (``published``) or are about to be published in this call;
         else here and now. At most one analysis is in flight (memory stays bounded) and at
         most one result set is published per call, in step order, so a caller that logs
@@ -350,8 +373,9 @@ class ConditioningMonitor:
             self.finish(step)  # nothing is ever in the background in these modes
             return True
         moments = gather_moments(capture)
-        quick = mode == "auto" and estimated_seconds(moments) < BACKGROUND_SECONDS
-        if quick and not published and not self._background.pending:
+        here = mode == "auto" and (estimated_seconds(moments) < BACKGROUND_SECONDS
+                                   or not background_helps(self._device()))
+        if here and not published and not self._background.pending:
             self._finish_moments(step, moments)
             return True
         published = self.wait() or published

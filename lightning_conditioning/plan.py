@@ -13,9 +13,16 @@ budget:
 - ``"skipped"``: neither fits (or the adapter only produces ready Grams): the layer is not
   analysed, and the plan says so.
 
-The default budget (``memory_budget="auto"``) is the model's own parameter memory (a quarter of
-parameters + gradients + two Adam states), at least 64 MiB, and at most a quarter of the memory
-the device has free.
+The budget covers everything the analysis holds at its peak: the sums (which become the means
+when a window is finished: no copy), plus the working copies of the largest dense eigen-solve
+(:data:`SOLVE_COPIES` ``d × d`` float64 copies: the symmetrised matrix and LAPACK's own), the
+plan's :attr:`~AnalysisPlan.workspace`. A background analysis still running when the next
+window opens would hold a second set of sums: the monitor then waits for it unless the budget
+has room for both.
+
+The default budget (``memory_budget="auto"``) is three quarters of the model's parameter memory
+(a quarter of parameters + two Adam states; 19% with the gradients too), at least 64 MiB, and
+at most a quarter of the memory the device has free.
 
 Example:
     >>> from torch import nn
@@ -37,13 +44,15 @@ import torch
 from torch import nn
 
 __all__ = ["MomentPlan", "AnalysisPlan", "plan_analysis", "memory_budget", "SKETCH_RANK",
-           "MIN_SKETCH_RANK"]
+           "MIN_SKETCH_RANK", "SOLVE_COPIES"]
 
 Method = Literal["dense", "diagonal", "sketch", "skipped"]
 #: rows a sketch keeps (ℓ) when the budget allows; its buffer holds 2ℓ rows
 SKETCH_RANK = 256
 #: the fewest rows a sketch may keep before the moment is skipped instead
 MIN_SKETCH_RANK = 16
+#: ``d × d`` float64 copies a dense eigen-solve makes (the symmetrised matrix, LAPACK's input)
+SOLVE_COPIES = 2
 _MIB = 1 << 20
 
 
@@ -66,11 +75,23 @@ class AnalysisPlan:
 
     moments: tuple[MomentPlan, ...]
     budget: int
+    #: bytes an analysis allocates on top of the sums (the largest dense solve's copies)
+    workspace: int = 0
 
     @property
     def nbytes(self) -> int:
         """Bytes the planned sums hold on their devices."""
         return sum(m.nbytes for m in self.moments)
+
+    @property
+    def peak_nbytes(self) -> int:
+        """Bytes held while an analysis runs: the sums (become the means) and the workspace."""
+        return self.nbytes + self.workspace
+
+    @property
+    def overlap_fits(self) -> bool:
+        """Whether a second window's sums fit in the budget beside an analysis in flight."""
+        return self.nbytes + self.peak_nbytes <= self.budget
 
     def of(self, layer: str, moment: str) -> MomentPlan | None:
         """The plan of ``layer``'s ``moment`` (``"input"`` / ``"grad"``)."""
@@ -87,8 +108,8 @@ class AnalysisPlan:
         for m in self.moments:
             counts[m.method] = counts.get(m.method, 0) + 1
         kinds = ", ".join(f"{n} {method}" for method, n in counts.items())
-        return (f"{kinds} moments in {self.nbytes / _MIB:.1f} MiB "
-                f"(budget {self.budget / _MIB:.0f} MiB)")
+        return (f"{kinds} moments in {self.nbytes / _MIB:.1f} MiB, "
+                f"{self.peak_nbytes / _MIB:.1f} MiB while solving (budget {self.budget / _MIB:.0f} MiB)")
 
     def details(self) -> list[str]:
         """One line per moment that is not dense (sketched or skipped), largest first."""
@@ -107,6 +128,10 @@ def _sketch_bytes(dim: int, rank: int) -> int:
     return 16 * rank * dim
 
 
+def _solve_bytes(dim: int) -> int:
+    return 8 * SOLVE_COPIES * dim * dim
+
+
 def plan_analysis(
     layers: Mapping[str, tuple[nn.Module, Any]],
     budget: int,
@@ -116,7 +141,8 @@ def plan_analysis(
 ) -> AnalysisPlan:
     """Fit every moment of ``layers`` (``{name: (module, adapter)}``) into ``budget`` bytes.
 
-    Dense first, smallest moments first; the moments that do not fit share what is left as
+    Dense first, smallest moments first (each with the working copies of its solve, when it
+    is the largest dense one so far); the moments that do not fit share what is left as
     sketches of one ``ℓ`` (``sketch_rank``, fewer when the budget is short, never under
     :data:`MIN_SKETCH_RANK`: the largest are skipped until it is reached).
     """
@@ -129,6 +155,7 @@ def plan_analysis(
         entries.append((name, "grad", grad_dim, module, adapter))
     planned: dict[tuple[str, str], MomentPlan] = {}
     left = budget
+    workspace = 0  # the largest dense solve's copies so far
     rest = []
     ordered_entries = sorted(entries, key=lambda e: e[2])
     # every sketchable moment keeps room for a sketch of MIN_SKETCH_RANK rows: covering every
@@ -145,9 +172,11 @@ def plan_analysis(
             left -= 8 * dim
             continue
         dense = _dense_bytes(dim, float32_grams)
-        if dense <= left - reserve[position + 1]:  # smallest first, the larger ones' sketches kept
+        grown = max(_solve_bytes(dim) - workspace, 0)
+        if dense + grown <= left - reserve[position + 1]:  # smallest first, larger ones' sketches kept
             planned[(name, moment)] = MomentPlan(name, moment, dim, "dense", dense)
-            left -= dense
+            left -= dense + grown
+            workspace += grown
         elif adapter.sketchable(module, moment):
             rest.append((name, moment, dim))
         else:
@@ -170,7 +199,7 @@ def plan_analysis(
         planned[(name, moment)] = MomentPlan(name, moment, dim, "sketch", _sketch_bytes(dim, rank),
                                              rank=rank)
     ordered = tuple(planned[(name, moment)] for name, moment, *_ in entries)
-    return AnalysisPlan(ordered, budget)
+    return AnalysisPlan(ordered, budget, workspace)
 
 
 def _free_memory(device: torch.device) -> int | None:
@@ -187,8 +216,8 @@ def _free_memory(device: torch.device) -> int | None:
 
 def memory_budget(model: nn.Module, option: int | str = "auto") -> int:
     """The bytes the analysis may hold: ``option`` itself when it is a number of bytes; with
-    ``"auto"``, the model's parameter bytes (a quarter of parameters + gradients + two Adam
-    states), at least 64 MiB, at most a quarter of what the model's device has free.
+    ``"auto"``, three quarters of the model's parameter bytes (a quarter of parameters + two
+    Adam states), at least 64 MiB, at most a quarter of what the model's device has free.
 
     Example:
         >>> memory_budget(nn.Linear(2, 2), 1 << 30)
@@ -200,7 +229,7 @@ def memory_budget(model: nn.Module, option: int | str = "auto") -> int:
         return int(option)
     parameters = {id(p): p for p in model.parameters()}
     own = sum(p.numel() * p.element_size() for p in parameters.values())
-    budget = max(64 * _MIB, own)
+    budget = max(64 * _MIB, own * 3 // 4)
     device = next(iter(parameters.values())).device if parameters else torch.device("cpu")
     free = _free_memory(device)
     return min(budget, free // 4) if free else budget

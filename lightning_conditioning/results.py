@@ -116,7 +116,25 @@ def solver_for(plan: SolverPlan | None, name: str, matrix: Any) -> SpectrumSolve
 
 
 def _finite(matrix: Any) -> bool:
-    return matrix.isfinite() if isinstance(matrix, SketchedMoment) else bool(torch.isfinite(matrix).all())
+    """Whether a moment holds only finite values, without a ``d²`` temporary: a second moment
+    is a sum of ``r rᵀ``, so a NaN/Inf in any row shows on the diagonal, and finite diagonals
+    bound every entry (``|m_ij| ≤ (m_ii + m_jj)/2``); one sum (a reduction, no copy) catches
+    what rounding past that bound could still hide."""
+    if isinstance(matrix, SketchedMoment):
+        return matrix.isfinite()
+    if matrix.dim() == 2:
+        if not bool(torch.isfinite(matrix.diagonal()).all()):
+            return False
+        if math.isfinite(float(matrix.sum())):
+            return True
+    return bool(torch.isfinite(matrix).all())
+
+
+def _nonzero(matrix: Any) -> bool:
+    """Whether a moment has a nonzero entry: a PSD matrix is zero iff its diagonal is."""
+    if isinstance(matrix, SketchedMoment) or matrix.dim() != 2:
+        return bool(matrix.any())
+    return bool(matrix.diagonal().any())
 
 
 def layer_status(moments: LayerMoments) -> LayerStatus:
@@ -166,9 +184,9 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
         bad = [label for label, m in pairs if m is not None and not _finite(m)]
         return (f"{' and '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN/Inf (a diverged step, "
                 "or float16 overflow in the rows); nothing is logged")
-    if moments.grad_second_moment is not None and not bool(moments.grad_second_moment.any()):
+    if moments.grad_second_moment is not None and not _nonzero(moments.grad_second_moment):
         return _NOTES["zero_grad"]
-    if moments.input_second_moment is not None and not bool(moments.input_second_moment.any()):
+    if moments.input_second_moment is not None and not _nonzero(moments.input_second_moment):
         return _NOTES["zero_input"]
     return None
 

@@ -89,15 +89,32 @@ class FrequentDirections:
         if rank < 1 or dim < 1:
             raise ValueError(f"rank and dim must be positive, got rank={rank}, dim={dim}")
         self.dim, self.rank = dim, rank
-        self.buffer = torch.zeros(2 * rank, dim, dtype=torch.float64, device=device)
+        self._device = device
+        self._buffer: Tensor | None = torch.zeros(2 * rank, dim, dtype=torch.float64, device=device)
         self.filled = 0
         self.rows = 0
         self.shrinkage = 0.0
 
     @property
+    def buffer(self) -> Tensor:
+        """The ``2ℓ × dim`` rows (allocated again, zeros, on first use after :meth:`take`)."""
+        if self._buffer is None:
+            self._buffer = torch.zeros(2 * self.rank, self.dim, dtype=torch.float64, device=self._device)
+        return self._buffer
+
+    def take(self) -> tuple[Tensor, float, int]:
+        """``(sketch rows, Δ, rows added)``, the rows in the buffer's own memory, which is
+        handed over (no copy); the sketch is empty afterwards."""
+        taken = (self.sketch(), self.shrinkage, self.rows)
+        self._buffer = None
+        self.filled = self.rows = 0
+        self.shrinkage = 0.0
+        return taken
+
+    @property
     def nbytes(self) -> int:
         """Bytes the buffer holds."""
-        return self.buffer.numel() * self.buffer.element_size()
+        return 2 * self.rank * self.dim * 8  # float64, whether held now or not
 
     def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
         """Fold ``weight ×`` the outer products of an ``(n, dim)`` matrix's rows into the sketch."""
@@ -139,13 +156,15 @@ class FrequentDirections:
 
     def reset(self) -> None:
         """Empty the sketch for the next window (the buffer is reused)."""
-        self.buffer.zero_()
+        if self._buffer is not None:
+            self._buffer.zero_()
         self.filled = self.rows = 0
         self.shrinkage = 0.0
 
     def to(self, device: torch.device) -> None:
         """Move the buffer to ``device``."""
-        self.buffer = self.buffer.to(device)
+        self._device = device
+        self._buffer = self._buffer.to(device) if self._buffer is not None else None
 
 
 class SketchedMoment:
@@ -171,8 +190,11 @@ class SketchedMoment:
         return 2
 
     def isfinite(self) -> bool:
-        """Whether the sketch holds only finite values."""
-        return bool(torch.isfinite(self.sketch).all()) and math.isfinite(self.shrinkage)
+        """Whether the sketch holds only finite values (one sum, no copy of the sketch,
+        unless that sum overflows)."""
+        if not math.isfinite(self.shrinkage):
+            return False
+        return math.isfinite(float(self.sketch.sum())) or bool(torch.isfinite(self.sketch).all())
 
     def any(self) -> bool:
         """Whether the moment may be nonzero."""
@@ -241,6 +263,16 @@ class SketchedMomentSum:
         rows = max(self.rows, 1)
         return SketchedMoment(self.sketcher.sketch() / math.sqrt(rows),
                               self.sketcher.shrinkage / rows, self.dim)
+
+    def take_mean(self, *, homogeneous: bool = False) -> SketchedMoment:
+        """:meth:`mean` in the sketch's own memory, which is handed over (no copy); the
+        window is reset and its buffer allocated again when next used."""
+        if homogeneous:
+            raise RuntimeError("a sketched moment has no homogeneous coordinate")
+        sketch, shrinkage, count = self.sketcher.take()
+        rows = max(count, 1)
+        self.reset()
+        return SketchedMoment(sketch.div_(math.sqrt(rows)), shrinkage / rows, self.dim)
 
     def reset(self) -> None:
         """Empty the sketch for the next window."""

@@ -194,12 +194,14 @@ def symmetric_eigenvalues(matrix: Tensor, *, drop_zero_diagonal: bool = True) ->
         raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
     matrix = matrix.detach().to(device="cpu", dtype=torch.float64)
     dim = matrix.shape[0]
-    matrix = (matrix + matrix.T).mul_(0.5)  # one temporary, never the caller's tensor
+    if not torch.equal(matrix, matrix.T):  # the monitor's means are symmetric already
+        matrix = (matrix + matrix.T).mul_(0.5)  # one temporary, never the caller's tensor
     if drop_zero_diagonal:
         keep = matrix.diagonal() != 0
         kept = int(keep.sum())
-        if kept < dim:
-            matrix = matrix[keep][:, keep]
+        if kept < dim:  # one kept × kept copy (no kept × dim intermediate)
+            index = keep.nonzero()[:, 0]
+            matrix = matrix[index[:, None], index]
     else:
         kept = dim
     values = torch.linalg.eigvalsh(matrix) if kept else matrix.new_zeros(0)

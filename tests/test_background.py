@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 
 import pytest
@@ -91,6 +92,7 @@ def _published_steps(monkeypatch, analysis: str, slow: bool, quick_steps: set[in
     monkeypatch.setattr(monitor_module, "analyse_moments", slow_analysis)
     estimate = iter([0.0 if step in quick_steps else 100.0 for step in range(6)])
     monkeypatch.setattr(monitor_module, "estimated_seconds", lambda moments: next(estimate))
+    monkeypatch.setattr(monitor_module, "background_helps", lambda device: True)  # spare cores
     net = seeded(mlp)
     published: list[int] = []
     with ConditioningMonitor(net, every_n_steps=1, analysis=analysis, warn_diagnosis=False) as monitor:
@@ -116,3 +118,68 @@ def test_no_result_is_lost_when_analyses_overlap(monkeypatch, analysis: str, qui
     published exactly once, in step order (CI lost steps 0 and 2 under load before)."""
     for slow in (True, False):
         assert _published_steps(monkeypatch, analysis, slow, quick_steps) == list(range(6))
+
+
+@pytest.mark.parametrize("budget,overlap", [(250_000, False), (64 << 20, True)])
+def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
+        monkeypatch, budget: int, overlap: bool) -> None:
+    """The analysed sums are the window's own memory (handed over, no copy); a window opening
+    while they are analysed allocates new ones. When the plan has no room for both within
+    ``memory_budget``, the window waits for the analysis: no step is captured while it runs."""
+    import lightning_conditioning.monitor as monitor_module
+
+    analyse = monitor_module.analyse_moments
+    events: list[tuple[str, int]] = []
+
+    def slow_analysis(moments, step, *args, **kwargs):
+        time.sleep(0.4)  # the training thread runs the next step meanwhile (or waits)
+        events.append(("analysed", step))
+        return analyse(moments, step, *args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "analyse_moments", slow_analysis)
+    net = seeded(mlp)
+    monitor = ConditioningMonitor(net, every_n_steps=1, analysis="background", memory_budget=budget,
+                                  warn_diagnosis=False)
+    assert monitor.plan is not None and monitor.plan.overlap_fits is overlap
+    assert {m.method for m in monitor.plan.moments} == {"dense"}
+    published = []
+    with monitor:
+        for step in range(3):
+            x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+            with monitor.track(step):
+                events.append(("captured", step))
+                nn.functional.cross_entropy(net(x), y).backward()
+            if monitor.updated:
+                published.append(monitor.results_step)
+        if monitor.wait():
+            published.append(monitor.results_step)
+    assert published == [0, 1, 2]
+    waited = [("captured", 0), ("analysed", 0), ("captured", 1), ("analysed", 1), ("captured", 2),
+              ("analysed", 2)]
+    assert (events == waited) is not overlap
+
+
+def test_auto_analyses_in_the_training_thread_when_every_core_trains(monkeypatch) -> None:
+    """``"auto"`` sends a long analysis to the worker only when it can run beside training
+    (an accelerator, or cores the training thread's intra-op threads leave free)."""
+    import lightning_conditioning.monitor as monitor_module
+    from lightning_conditioning.analysis import background_helps
+
+    monkeypatch.setattr(monitor_module, "estimated_seconds", lambda moments: 100.0)
+    for spare, background in ((True, True), (False, False)):
+        monkeypatch.setattr(monitor_module, "background_helps", lambda device, spare=spare: spare)
+        net = seeded(mlp)
+        with ConditioningMonitor(net, every_n_steps=1, warn_diagnosis=False) as monitor:
+            with monitor.track(0):
+                nn.functional.cross_entropy(net(torch.randn(8, 12)), torch.randint(0, 5, (8,))).backward()
+            assert monitor.updated is not background  # analysed at once, or pending in the worker
+            assert monitor._background.pending is background
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert background_helps(torch.device("cpu")) is (len(os.sched_getaffinity(0)) > 1)
+        torch.set_num_threads(max(len(os.sched_getaffinity(0)), 1))
+        assert not background_helps(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert background_helps(torch.device("meta"))

@@ -322,7 +322,7 @@ def test_long_analyses_are_announced(caplog) -> None:
 
     x, y = torch.randn(8, 2700), torch.randint(0, 2, (8,))
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
-        fit(Wide(), loader(x, y, 8), [ConditioningCallback(every_n_steps=1)])
+        fit(Wide(), loader(x, y, 8), [ConditioningCallback(every_n_steps=1, memory_budget=1 << 30)])
     messages = [r.getMessage() for r in caplog.records]
     assert any("eigen-analysis of 1 layers (largest Σx 2700×2700)" in m for m in messages), messages
     assert any("analysis done in" in m for m in messages)
