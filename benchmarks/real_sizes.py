@@ -862,7 +862,8 @@ def gpt2_error(args: argparse.Namespace, model: torch.nn.Module, batches: list[t
     # small Gram of the rows gives its exact nonzero spectrum. A dense moment of the default plan
     # is caught the same way, to check the row convention against the package's dense result.
     huge = sorted({m.layer for m in plan.moments if m.method == "sketch" and m.dim > 4096 and m.moment == "grad"})
-    check = next((m.layer for m in plan.moments if m.method == "dense" and m.moment == "grad" and m.dim > 1024), None)
+    dense_grads = [m for m in plan.moments if m.method == "dense" and m.moment == "grad"]
+    check = max(dense_grads, key=lambda m: m.dim).layer if dense_grads else None
     caught: dict[str, list[torch.Tensor]] = {name: [] for name in [*huge, *([check] if check else [])]}
     modules = dict(model.named_modules())
     handles = []
@@ -1268,10 +1269,11 @@ def render(out: dict[str, Any]) -> str:
                 ["κ_p lower bounds reported below 1 (vacuous: κ ≥ 1)", s.get("kappa_lower_bounds_below_1", "n/a")]]
         extra = ""
         if e.get("rows_reference"):
-            c = e.get("rows_reference_check") or {}
+            c = e.get("rows_reference_check")
+            checked = (f" (convention checked on {c['layer']}: λmax from rows vs the package's dense sum, relative "
+                       f"difference {c['rel_diff']:.1e})" if c else "")
             extra = (f"\n\nReference for {', '.join(e['rows_reference'])} Σ∇h (too large for a dense sum): the small Gram of the "
-                     f"window's output-gradient rows (convention checked on {c.get('layer')}: λmax from rows vs the package's "
-                     f"dense sum, relative difference {c.get('rel_diff', float('nan')):.1e}). Per moment: "
+                     f"window's output-gradient rows{checked}. Per moment: "
                      + "; ".join(f"{r['layer']} {r['moment']} d={r['dim']} ℓ={r['rank']}: λmax error {r['lambda_rel_err']:.1e}, "
                                  f"interval width {r['interval_rel_width']:.2f}, inside {r['lambda_inside']}"
                                  for r in e["moments"] if r.get("dim", 0) > 4096))
@@ -1375,11 +1377,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "unsegmented whole runs, alternating, --pairs of them: drift-prone on a busy machine)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="steps of each whole run (default 130; quick 6)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of each whole run (default 105: analyses at 0, 1, 2, 4, …, 64, 100; quick 6)")
     parser.add_argument("--pairs", type=int, default=None, help="repetitions of the plain/monitored run pair "
-                        "(default 1: two 130-step GPT-2 runs take ~4-5 min on the quiet 2-core CPU)")
+                        "(default 1: two 105-step GPT-2 runs take ~4 min on the quiet 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=None, help="step-interleaved rounds (default 4; quick 1)")
-    parser.add_argument("--memory-steps", type=int, default=None, help="steps of each memory child (default 3)")
+    parser.add_argument("--memory-steps", type=int, default=None, help="steps of each memory child (default 2: both analysed)")
     parser.add_argument("--memory-pairs", type=int, default=2,
                         help="plain/monitored child pairs for peak memory (the worst pair is reported)")
     parser.add_argument("--error-microbatches", type=int, default=1,
@@ -1395,7 +1397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = {"steps": (130, 6), "pairs": (1, 1), "rounds": (4, 1), "memory_steps": (3, 2), "llama_plain_steps": (2, 2)}
+    defaults = {"steps": (105, 6), "pairs": (1, 1), "rounds": (4, 1), "memory_steps": (2, 2), "llama_plain_steps": (2, 2)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)

@@ -211,6 +211,10 @@ class SecondMomentSum:
         out[dim, dim] = self.rows
         return out / rows
 
+    def allocate(self) -> None:
+        """Hold the float64 sum now (zeros) if :meth:`take_mean` handed the last one over."""
+        self.sum_outer  # noqa: B018 (the property allocates)
+
     def take_mean(self, *, homogeneous: bool = False) -> Tensor:
         """:meth:`mean`, computed in the sum's own memory, which is handed over: no second
         ``d²`` copy exists while the mean is analysed. The window is reset; its sum is
@@ -374,6 +378,13 @@ class LayerWindow:
         self.grad.reset()
         self.unit_max.fill_(-math.inf)
         self.unit_min.fill_(math.inf)
+
+    def allocate(self) -> None:
+        """Hold every sum of the window now (the ones handed over by ``moments(take=True)``
+        are allocated again, zeros): allocated between steps, not among a step's activations,
+        where long-lived sums would fragment the heap."""
+        self.input.allocate()
+        self.grad.allocate()
 
     def sum_buffers(self) -> list[Tensor]:
         """Every tensor that a distributed reduction must sum."""

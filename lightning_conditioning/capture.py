@@ -406,6 +406,11 @@ class LayerCapture:
             window.reset()
         self._generation += 1
 
+    def allocate(self) -> None:
+        """Hold every window's sums now (see :meth:`LayerWindow.allocate`)."""
+        for window in self.windows.values():
+            window.allocate()
+
     def moments(self, *, take: bool = False) -> dict[str, LayerMoments]:
         """The finished window of every layer (CPU, float64; one host copy per device). With
         ``take`` the windows hand their sums over (no copy on the host) and are reset; call

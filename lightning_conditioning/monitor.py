@@ -267,6 +267,8 @@ class ConditioningMonitor:
             if step != self.options.window_start(step):
                 return False
             self._make_room(step)
+            if self.capture is not None:
+                self.capture.allocate()  # before the step's activations, not among them
             self._window_start = step
         self._current_step = step
         return True
@@ -382,7 +384,7 @@ class ConditioningMonitor:
         rates = step_size_limits(capture.layers, self.optimizer) if self.optimizer is not None else None
         options, info, who = self.options, self._info, type(self).__name__
         self._background.submit(step, lambda: self._with_margin(
-            analyse_moments(moments, step, options, info=info, who=who), rates))
+            _analyse_releasing(moments, step, options, info=info, who=who), rates))
         return published  # this window's results come with a later poll() or wait()
 
     def _collect(self, finished: tuple[int, dict[str, LayerConditioning]] | None) -> bool:
@@ -423,12 +425,13 @@ class ConditioningMonitor:
         self._finish_moments(step, gather_moments(capture, self.collectives))
         return self.results
 
-    def _finish_moments(self, step: int, moments: Mapping[str, LayerMoments]) -> None:
+    def _finish_moments(self, step: int, moments: dict[str, LayerMoments]) -> None:
         assert self.capture is not None
         rates = (step_size_limits(self.capture.layers, self.optimizer)
                  if self.optimizer is not None else None)
-        results = analyse_moments(moments, step, self.options, self.collectives,
-                                  info=self._info, who=type(self).__name__)
+        results = _analyse_releasing(moments, step, self.options, self.collectives,
+                                     info=self._info, who=type(self).__name__)
+        self.capture.allocate()  # in the memory the means just left
         self._publish(step, self._with_margin(results, rates))
 
     @staticmethod
@@ -508,6 +511,16 @@ class ConditioningMonitor:
         """Restore :meth:`state_dict`."""
         self._noted = set(state.get("noted", []))
         self._fired_rules = set(state.get("fired_rules", []))
+
+
+def _analyse_releasing(moments: dict[str, LayerMoments], step: int, options: ConditioningOptions,
+                       collectives: Collectives | None = None, **kwargs: Any) -> dict[str, LayerConditioning]:
+    """:func:`~lightning_conditioning.analysis.analyse_moments`, then the means released (the
+    dict emptied: every holder of it lets go), before the results are handed on."""
+    try:
+        return analyse_moments(moments, step, options, collectives, **kwargs)
+    finally:
+        moments.clear()
 
 
 def _listed(names: list[str], most: int = 6) -> str:

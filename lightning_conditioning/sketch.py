@@ -102,6 +102,10 @@ class FrequentDirections:
             self._buffer = torch.zeros(2 * self.rank, self.dim, dtype=torch.float64, device=self._device)
         return self._buffer
 
+    def allocate(self) -> None:
+        """Hold the buffer now (zeros) if :meth:`take` handed the last one over."""
+        self.buffer  # noqa: B018 (the property allocates)
+
     def take(self) -> tuple[Tensor, float, int]:
         """``(sketch rows, Δ, rows added)``, the rows in the buffer's own memory, which is
         handed over (no copy); the sketch is empty afterwards."""
@@ -263,6 +267,10 @@ class SketchedMomentSum:
         rows = max(self.rows, 1)
         return SketchedMoment(self.sketcher.sketch() / math.sqrt(rows),
                               self.sketcher.shrinkage / rows, self.dim)
+
+    def allocate(self) -> None:
+        """Hold the sketch's buffer now."""
+        self.sketcher.allocate()
 
     def take_mean(self, *, homogeneous: bool = False) -> SketchedMoment:
         """:meth:`mean` in the sketch's own memory, which is handed over (no copy); the
