@@ -1218,8 +1218,10 @@ def render(out: dict[str, Any]) -> str:
                      + table(["segment from step", "steps", "plain", "monitored", "ratio", "capture extra", "end() of the analysed step",
                               "extra of the other steps", "wait for the analysis at the segment's end",
                               "extra of the analysed and in-flight steps + wait (all: the ratio with idle steps at the plain median)"], rows)
-                     + "\n\nBackground analyses (wall time in the worker thread): "
-                     + ", ".join(f"step {b['step']}: {secs(b['seconds'])}" for b in background)
+                     + "\n\nAnalyses (wall time; the thread they ran in): "
+                     + ", ".join(f"step {b['step']}: {secs(b['seconds'])} "
+                                 f"({'worker' if str(b.get('thread', '')).startswith('lightning-conditioning') else 'training thread'})"
+                                 for b in background)
                      + (f".\n\nAn isolated analysis (segments from step ≥ 16) cost {secs(run['isolated_analysis_extra_s'])} "
                         f"of extra wall time (median of its captured and in-flight steps and final wait, each step against the "
                         f"plain median): one analysis per 100 steps, the default schedule after step 64, "
@@ -1377,12 +1379,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "unsegmented whole runs, alternating, --pairs of them: drift-prone on a busy machine)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="steps of each whole run (default 105: analyses at 0, 1, 2, 4, …, 64, 100; quick 6)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of each whole run (default 101: analyses at 0, 1, 2, 4, …, 64, 100; quick 6)")
     parser.add_argument("--pairs", type=int, default=None, help="repetitions of the plain/monitored run pair "
-                        "(default 1: two 105-step GPT-2 runs take ~4 min on the quiet 2-core CPU)")
+                        "(default 1: two 101-step GPT-2 runs take ~4-6 min on the 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=None, help="step-interleaved rounds (default 4; quick 1)")
     parser.add_argument("--memory-steps", type=int, default=None, help="steps of each memory child (default 2: both analysed)")
-    parser.add_argument("--memory-pairs", type=int, default=2,
+    parser.add_argument("--memory-pairs", type=int, default=1,
                         help="plain/monitored child pairs for peak memory (the worst pair is reported)")
     parser.add_argument("--error-microbatches", type=int, default=1,
                         help="micro-batches in the error window (rows = this × batch × length)")
@@ -1397,7 +1399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = {"steps": (105, 6), "pairs": (1, 1), "rounds": (4, 1), "memory_steps": (2, 2), "llama_plain_steps": (2, 2)}
+    defaults = {"steps": (101, 6), "pairs": (1, 1), "rounds": (4, 1), "memory_steps": (2, 2), "llama_plain_steps": (2, 2)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
