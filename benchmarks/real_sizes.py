@@ -1379,9 +1379,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "unsegmented whole runs, alternating, --pairs of them: drift-prone on a busy machine)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="steps of each whole run (default 101: analyses at 0, 1, 2, 4, …, 64, 100; quick 6)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of each whole run (default 65: analyses at 0, 1, 2, 4, …, 64; quick 6)")
     parser.add_argument("--pairs", type=int, default=None, help="repetitions of the plain/monitored run pair "
-                        "(default 1: two 101-step GPT-2 runs take ~4-6 min on the 2-core CPU)")
+                        "(default 1: two 65-step GPT-2 runs take ~2-4 min on the 2-core CPU)")
     parser.add_argument("--rounds", type=int, default=None, help="step-interleaved rounds (default 4; quick 1)")
     parser.add_argument("--memory-steps", type=int, default=None, help="steps of each memory child (default 2: both analysed)")
     parser.add_argument("--memory-pairs", type=int, default=1,
@@ -1399,7 +1399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = {"steps": (101, 6), "pairs": (1, 1), "rounds": (4, 1), "memory_steps": (2, 2), "llama_plain_steps": (2, 2)}
+    defaults = {"steps": (65, 6), "pairs": (1, 1), "rounds": (4, 1), "memory_steps": (2, 2), "llama_plain_steps": (2, 2)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)

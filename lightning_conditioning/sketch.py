@@ -123,9 +123,10 @@ class FrequentDirections:
     def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
         """Fold ``weight ×`` the outer products of an ``(n, dim)`` matrix's rows into the sketch."""
         self.rows += int(rows.shape[0])
+        given = rows
         rows = rows.to(self.buffer.dtype)
-        if weight != 1.0:
-            rows = rows * math.sqrt(weight)
+        if weight != 1.0:  # in place on our own copy: one (n, dim) temporary at most
+            rows = rows.mul_(math.sqrt(weight)) if rows is not given else rows * math.sqrt(weight)
         start = 0
         while start < rows.shape[0]:
             if self.filled == self.buffer.shape[0]:
