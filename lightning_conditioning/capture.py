@@ -458,7 +458,7 @@ class LayerCapture:
         with torch.no_grad(), _without_autocast(x.device):
             rows = x.detach()
             if rows.is_floating_point():  # token ids stay integers
-                rows = rows.to(self._dtype_for(x))
+                rows = _in_dtype(rows, self._dtype_for(x), window.input)
             unit_max, unit_min = adapter.accumulate_input(module, rows, window.input)
             window.input.note_precision(x.dtype)
             window.add_units(unit_max, unit_min)
@@ -488,7 +488,8 @@ class LayerCapture:
         with torch.no_grad(), _without_autocast(grad.device):
             factor = scale * self.grad_multiplier
             adapter.accumulate_grad(
-                module, grad.detach().to(self._dtype_for(grad)), window.grad, factor * factor
+                module, _in_dtype(grad.detach(), self._dtype_for(grad), window.grad), window.grad,
+                factor * factor
             )
             window.grad.note_precision(grad.dtype)
 
@@ -630,3 +631,10 @@ def _unpack(flat: Tensor, buffers: list[Tensor]) -> int:
         buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
         offset += buffer.numel()
     return offset
+
+
+def _in_dtype(rows: Tensor, dtype: torch.dtype, target: Any) -> Tensor:
+    """``rows`` in the statistics dtype, except for a sketch, which converts them block by
+    block into its own float64 buffer (no ``(n, d)`` float64 copy of, e.g., a 50,257-token
+    head's output gradient)."""
+    return rows if isinstance(target, SketchedMomentSum) else rows.to(dtype)

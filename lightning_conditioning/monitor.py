@@ -36,6 +36,7 @@ from lightning_conditioning.analysis import (
     background_helps,
     analyse_moments,
     gather_moments,
+    release_heap,
 )
 from lightning_conditioning.distributed import estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
@@ -432,6 +433,7 @@ class ConditioningMonitor:
         results = _analyse_releasing(moments, step, self.options, self.collectives,
                                      info=self._info, who=type(self).__name__)
         self.capture.allocate()  # in the memory the means just left
+        release_heap()  # what the solves freed goes back to the OS before the step goes on
         self._publish(step, self._with_margin(results, rates))
 
     @staticmethod

@@ -121,18 +121,21 @@ class FrequentDirections:
         return 2 * self.rank * self.dim * 8  # float64, whether held now or not
 
     def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
-        """Fold ``weight ×`` the outer products of an ``(n, dim)`` matrix's rows into the sketch."""
+        """Fold ``weight ×`` the outer products of an ``(n, dim)`` matrix's rows into the sketch.
+
+        The rows are copied into the float64 buffer a block at a time (converted and scaled
+        there): no ``(n, dim)`` float64 temporary, whatever the rows' dtype."""
         self.rows += int(rows.shape[0])
-        given = rows
-        rows = rows.to(self.buffer.dtype)
-        if weight != 1.0:  # in place on our own copy: one (n, dim) temporary at most
-            rows = rows.mul_(math.sqrt(weight)) if rows is not given else rows * math.sqrt(weight)
+        scale = math.sqrt(weight)
         start = 0
         while start < rows.shape[0]:
             if self.filled == self.buffer.shape[0]:
                 self._shrink()
             take = min(self.buffer.shape[0] - self.filled, rows.shape[0] - start)
-            self.buffer[self.filled:self.filled + take] = rows[start:start + take]
+            block = self.buffer[self.filled:self.filled + take]
+            block.copy_(rows[start:start + take])
+            if weight != 1.0:
+                block.mul_(scale)
             self.filled += take
             start += take
 
