@@ -183,3 +183,28 @@ def test_auto_analyses_in_the_training_thread_when_every_core_trains(monkeypatch
     finally:
         torch.set_num_threads(threads)
     assert background_helps(torch.device("meta"))
+
+
+def test_solves_in_the_training_thread_use_one_thread_and_restore_the_users(monkeypatch) -> None:
+    """An analysis in the training thread solves with one intra-op thread (an OpenMP team
+    spinning on a busy core stalls small solves) and gives the user's setting back."""
+    seen: list[int] = []
+    eigvalsh = torch.linalg.eigvalsh
+
+    def recording(matrix, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return eigvalsh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", recording)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        net = seeded(mlp)
+        with ConditioningMonitor(net, every_n_steps=1, analysis="sync", warn_diagnosis=False) as monitor:
+            with monitor.track(0):
+                nn.functional.cross_entropy(net(torch.randn(32, 12)), torch.randint(0, 5, (32,))).backward()
+            assert monitor.updated
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
