@@ -75,6 +75,7 @@ from harness import ForeignLoad, interleave, machine, medians, table  # noqa: E4
 import lightning_conditioning.monitor as monitor_module  # noqa: E402
 import lightning_conditioning.results as results_module  # noqa: E402
 from lightning_conditioning import ConditioningMonitor  # noqa: E402
+from lightning_conditioning.analysis import release_heap  # noqa: E402
 from lightning_conditioning.accumulate import moments_to_cpu  # noqa: E402
 from lightning_conditioning.results import analyse_layer  # noqa: E402
 from lightning_conditioning.sketch import FrequentDirections  # noqa: E402
@@ -115,16 +116,12 @@ def proc_status() -> dict[str, int]:
 
 
 def release_free_memory() -> None:
-    """Garbage-collect and hand freed heap memory back to the OS (glibc ``malloc_trim``), so
-    that the resident set before a phase counts live memory only (freed chunks kept in malloc's
-    arenas would otherwise be reused unseen by the next phase)."""
+    """Garbage-collect and hand freed heap memory back to the OS (the package's own
+    ``release_heap``: glibc ``malloc_trim``), so that the resident set before a phase counts
+    live memory only (freed chunks kept in malloc's arenas would otherwise be reused unseen by
+    the next phase)."""
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_heap()
 
 
 def reset_peak(device: torch.device) -> bool:

@@ -17,8 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
@@ -30,9 +29,10 @@ from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.results import LayerConditioning, analyse_layer
+from lightning_conditioning.solvers import limited_threads
 
 __all__ = ["analyse_capture", "gather_moments", "analyse_moments", "BackgroundAnalysis",
-           "BACKGROUND_SECONDS", "background_helps", "solve_threads"]
+           "BACKGROUND_SECONDS", "background_helps"]
 
 _LOG = logging.getLogger("lightning_conditioning")
 Notify = Callable[[str], None]
@@ -73,7 +73,7 @@ def analyse_moments(
         info(f"{who}: step {step}: eigen-analysis of {len(moments)} layers "
              f"(largest Σx {largest}×{largest}), about {estimate:.0f} s per process...")
     started = time.perf_counter()
-    with solve_threads():
+    with limited_threads(1):  # see limited_threads: small solves stall on spinning teams
         results = _analyse_layers(moments, step, options, group)
     if estimate > 1.0:
         info(f"{who}: step {step}: analysis done in {time.perf_counter() - started:.1f} s.")
@@ -92,31 +92,6 @@ def _analyse_layers(moments: Mapping[str, LayerMoments], step: int, options: Con
     )
 
 
-@contextmanager
-def solve_threads(threads: int = 1) -> Iterator[None]:
-    """Eigen-solves with ``threads`` intra-op threads in the calling thread, the caller's own
-    setting restored after (``torch.set_num_threads`` is per thread in PyTorch's OpenMP
-    backend). One thread: measured on 2 cores, float64 ``eigvalsh`` of 192² took 0.9 ms with
-    one thread against 2.5 ms with two, 768² 34 against 25 ms; with one core busy elsewhere
-    (a DataLoader worker), two threads took 11 ms, 108 ms and 902 ms (2304²) against 1.0, 33
-    and 424 ms: an OpenMP team spinning on a busy core stalls every small solve.
-
-    Example:
-        >>> before = torch.get_num_threads()
-        >>> with solve_threads():
-        ...     torch.get_num_threads()
-        1
-        >>> torch.get_num_threads() == before
-        True
-    """
-    previous = torch.get_num_threads()
-    if previous != threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
 
 
 def analyse_capture(

@@ -79,8 +79,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -88,7 +87,7 @@ import torch
 from torch import Tensor
 
 from lightning_conditioning.resolution import floor_rtol
-from lightning_conditioning.solvers import SolvedSpectrum
+from lightning_conditioning.solvers import SolvedSpectrum, limited_threads
 
 __all__ = [
     "MatVec",
@@ -113,28 +112,16 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def _threaded(method: _Method) -> _Method:
-    """Run a method of an object with a ``threads`` attribute under :func:`_limited_threads`."""
+    """Run a method of an object with a ``threads`` attribute under :func:`limited_threads`."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with _limited_threads(self.threads):
+        with limited_threads(self.threads):
             return method(self, *args, **kwargs)
 
     return cast(_Method, wrapper)
 
 
-@contextmanager
-def _limited_threads(threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the block, restored after; ``None``: no-op."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -978,7 +965,7 @@ class LanczosSolver:
         as ``DenseSolver`` does (two products per step)."""
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
-        with _limited_threads(self.threads):
+        with limited_threads(self.threads):
             return self._solve_dense(matrix.detach())
 
     def _solve_dense(self, matrix: Tensor) -> SolvedSpectrum:
@@ -1019,7 +1006,7 @@ class LanczosSolver:
             >>> solved.size, solved.quantile(7)
             (40, (0.0, 0.0, 0.0))
         """
-        with _limited_threads(self.threads):
+        with limited_threads(self.threads):
             return self._solve(matvec, dim, structural_zeros, device, perturbation)
 
     def _solve(self, matvec: MatVec, dim: int, structural_zeros: int,
