@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_conditioning.resolution import unit_roundoff
-from lightning_conditioning.sketch import SketchedMoment, SketchedMomentSum
+from lightning_conditioning.sketch import BLOCK_ROWS, SketchedMoment, SketchedMomentSum
 
 __all__ = ["PENDING_ADDS", "symmetrize_", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
 
@@ -269,6 +269,13 @@ class SecondMomentSum:
 
 #: what a layer's window keeps per moment: a dense (or diagonal) sum, or a sketch
 MomentSum = Union[SecondMomentSum, SketchedMomentSum]
+#: a sketch's shape: its rows ℓ, or ``(ℓ, block rows)`` (:class:`~lightning_conditioning.sketch.FrequentDirections`)
+SketchShape = Union[int, tuple[int, int]]
+
+
+def _sketched(dim: int, device: torch.device, shape: SketchShape) -> SketchedMomentSum:
+    rank, block = (shape, BLOCK_ROWS) if isinstance(shape, int) else shape
+    return SketchedMomentSum(dim, device, rank=rank, block_rows=block)
 
 
 @dataclass
@@ -342,15 +349,15 @@ class LayerWindow:
         *,
         homogeneous: bool = False,
         diagonal_input: bool = False,
-        input_sketch: int | None = None,
-        grad_sketch: int | None = None,
+        input_sketch: SketchShape | None = None,
+        grad_sketch: SketchShape | None = None,
     ) -> None:
         self.homogeneous = homogeneous and input_sketch is None
         self.input: MomentSum = (
-            SketchedMomentSum(input_dim, device, rank=input_sketch) if input_sketch else
+            _sketched(input_dim, device, input_sketch) if input_sketch else
             SecondMomentSum(input_dim, device, track_row_sum=self.homogeneous, diagonal=diagonal_input))
         self.grad: MomentSum = (
-            SketchedMomentSum(grad_dim, device, rank=grad_sketch) if grad_sketch else
+            _sketched(grad_dim, device, grad_sketch) if grad_sketch else
             SecondMomentSum(grad_dim, device))
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
         self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)

@@ -149,6 +149,16 @@ def _channel_rows(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
+def _add_positions(flat: Tensor, into: MomentSum, weight: float = 1.0,
+                   total: Tensor | None = None) -> None:
+    """Add the positions of ``(N, C, L)`` as rows of ``C`` values: one ready Gram for a dense
+    sum, the rows themselves (``(N·L, C)``) for a sketch, which cannot take a Gram."""
+    if isinstance(into, SecondMomentSum):
+        into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], total, weight=weight)
+    else:
+        into.add_rows(flat.transpose(1, 2).reshape(-1, flat.shape[1]), weight)
+
+
 def _channel_gram(x: Tensor) -> Tensor:
     """Gram over channels of ``(N, C, L)``, rows = the N·L positions.
 
@@ -175,17 +185,19 @@ class ConvChannelAdapter(LayerAdapter):
         out = _batched(module, output)  # type: ignore[arg-type]
         return max(1, out.numel() // max(1, int(out.shape[1])))
 
+    def sketchable(self, module: nn.Module, moment: str) -> bool:
+        return True  # positions become rows for a sketch (dense sums take one Gram)
+
     def accumulate_input(self, module: nn.Module, x: Tensor, into: MomentSum) -> UnitExtremes:
         assert isinstance(module, nn.modules.conv._ConvNd)
         flat = _channel_rows(module, x)
         total = flat.sum((0, 2)) if into.sum_rows is not None else None
-        into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], total)
+        _add_positions(flat, into, total=total)
         return flat.amax((0, 2)), flat.amin((0, 2))
 
     def accumulate_grad(self, module: nn.Module, grad: Tensor, into: MomentSum, weight: float) -> None:
         assert isinstance(module, nn.modules.conv._ConvNd)
-        flat = _channel_rows(module, grad)
-        into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], weight=weight)
+        _add_positions(_channel_rows(module, grad), into, weight)
 
     def batch_size(self, module: nn.Module, output: Tensor) -> int:
         assert isinstance(module, nn.modules.conv._ConvNd)
@@ -214,9 +226,6 @@ class ConvPatchAdapter(ConvChannelAdapter):
             kernel *= size
         groups = module.groups
         return module.in_channels // groups * kernel, module.out_channels // groups, module.in_channels
-
-    def sketchable(self, module: nn.Module, moment: str) -> bool:
-        return moment == "input" and getattr(module, "groups", 1) == 1
 
     @staticmethod
     def columns(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -264,8 +273,7 @@ class ConvPatchAdapter(ConvChannelAdapter):
                 into.add_rows(cols[0].T)
             else:
                 total = cols.sum((0, 2)) if into.sum_rows is not None else None
-                gram = torch.bmm(cols, cols.transpose(1, 2)).sum(0)
-                into.add(gram, groups * cols.shape[2], total)
+                _add_positions(cols, into, total=total)
         return flat.amax((0, 2)), flat.amin((0, 2))
 
     def accumulate_grad(self, module: nn.Module, grad: Tensor, into: MomentSum, weight: float) -> None:
@@ -273,4 +281,4 @@ class ConvPatchAdapter(ConvChannelAdapter):
         grad = _batched(module, grad)
         dim = self.dims(module)[1]
         flat = grad.reshape(-1, dim, grad[0, 0].numel())  # (N·groups, C_out/groups, L)
-        into.add(_channel_gram(flat), flat.shape[0] * flat.shape[2], weight=weight)
+        _add_positions(flat, into, weight)

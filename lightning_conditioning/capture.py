@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
 from lightning_conditioning.plan import AnalysisPlan
-from lightning_conditioning.sketch import SketchedMomentSum
+from lightning_conditioning.sketch import BLOCK_ROWS, SketchedMomentSum
 from lightning_conditioning.adapters import ConvMode, LayerAdapter
 from lightning_conditioning.registry import adapter_for, registered_layer_types
 from lightning_conditioning.functional_capture import KIND_OF, FunctionalCapture, WeightUse, row_range, weight_uses
@@ -350,10 +350,12 @@ class LayerCapture:
                 torch.compiler.disable(self._leave_host),
                 always_call=True))
 
-    def _sketch_rank(self, layer: str, moment: str) -> int | None:
-        """The sketch rows ℓ the plan gives a moment (None: kept dense)."""
+    def _sketch_rank(self, layer: str, moment: str) -> tuple[int, int] | None:
+        """The sketch rows ℓ and block rows the plan gives a moment (None: kept dense)."""
         planned = self.plan.of(layer, moment) if self.plan is not None else None
-        return planned.rank if planned is not None and planned.method == "sketch" else None
+        if planned is None or planned.method != "sketch" or planned.rank is None:
+            return None
+        return planned.rank, planned.block or BLOCK_ROWS
 
     def _prepare_functional(self) -> None:
         """The functional mode, when a model is given and some layer weight can be used

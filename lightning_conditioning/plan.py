@@ -8,29 +8,34 @@ budget:
 - ``"dense"``: the exact ``d × d`` sum (the smallest moments first, while the budget lasts);
 - ``"diagonal"``: an embedding's Σx (token frequencies), ``8·d`` bytes, always;
 - ``"sketch"``: a Frequent Directions sketch of ``2ℓ × d`` float64 values
-  (:mod:`lightning_conditioning.sketch`), with certified error bars, for moments whose rows
-  the adapter hands over one by one;
-- ``"skipped"``: neither fits (or the adapter only produces ready Grams): the layer is not
-  analysed, and the plan says so.
+  (:mod:`lightning_conditioning.sketch`): exact while a window's rows arrive in one block of at
+  most :data:`~lightning_conditioning.sketch.BLOCK_ROWS` (a step of a few thousand tokens),
+  certified error bars beyond; every built-in layer kind, conv layers included, hands its rows
+  to a sketch;
+- ``"skipped"``: not even a minimal sketch fits (or a custom adapter hands over only ready
+  Grams): the layer is not analysed, and the plan says so.
 
 The budget covers everything the analysis holds at its peak: the sums (which become the means
 when a window is finished: no copy), plus the working copies of the largest dense eigen-solve
 (:data:`SOLVE_COPIES` ``d × d`` float64 copies: the symmetrised matrix and LAPACK's own), the
-plan's :attr:`~AnalysisPlan.workspace`. A background analysis still running when the next
+plan's :attr:`~AnalysisPlan.workspace`, or, when larger, what one block of a sketch needs
+while it is shrunk (:func:`block_workspace`). A background analysis still running when the next
 window opens would hold a second set of sums: the monitor then waits for it unless the budget
 has room for both.
 
-The default budget (``memory_budget="auto"``) is three quarters of the model's parameter memory
-(a quarter of parameters + two Adam states; 19% with the gradients too), at least 64 MiB, and
-at most a quarter of the memory the device has free.
+The default budget (``memory_budget="auto"``) is set from the memory there is, not from the
+model alone: a fifth of the training state (parameters, gradients and two Adam states: 0.8× the
+parameter bytes), at least :data:`AUTO_FLOOR` (512 MiB: every moment of EfficientNet-B0,
+DenseNet-121, RegNet-Y-400MF or a ViT-tiny is dense in it), and at most a quarter of the memory
+the device has free when the plan is made.
 
 Example:
     >>> from torch import nn
     >>> from lightning_conditioning.capture import find_layers
     >>> model = nn.Sequential(nn.Linear(65536, 10))
     >>> plan = plan_analysis(find_layers(model), budget=64 << 20)
-    >>> [(m.moment, m.method, m.rank) for m in plan.moments]
-    [('input', 'sketch', 63), ('grad', 'dense', None)]
+    >>> [(m.moment, m.method, m.rank, m.block) for m in plan.moments]
+    [('input', 'sketch', 23, 1024), ('grad', 'dense', None, None)]
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_conditioning.sketch import BLOCK_ROWS, COLUMN_BLOCK_BYTES
+
 __all__ = ["MomentPlan", "AnalysisPlan", "plan_analysis", "memory_budget", "SKETCH_RANK",
-           "MIN_SKETCH_RANK", "SOLVE_COPIES"]
+           "MIN_SKETCH_RANK", "SOLVE_COPIES", "AUTO_FLOOR", "BLOCK_WORKSPACE", "block_workspace"]
 
 Method = Literal["dense", "diagonal", "sketch", "skipped"]
 #: rows a sketch keeps (ℓ) when the budget allows; its buffer holds 2ℓ rows
@@ -54,6 +61,25 @@ MIN_SKETCH_RANK = 16
 #: ``d × d`` float64 copies a dense eigen-solve makes (the symmetrised matrix, LAPACK's input)
 SOLVE_COPIES = 2
 _MIB = 1 << 20
+#: the least budget ``"auto"`` gives (unless a quarter of the free memory is less)
+AUTO_FLOOR = 512 * _MIB
+#: share of the training state (parameters, gradients, two Adam states) ``"auto"`` gives
+AUTO_SHARE = 0.2
+#: the most bytes a sketch's block shrink allocates (:func:`block_workspace` of a wide moment)
+BLOCK_WORKSPACE = 3 * 8 * BLOCK_ROWS * BLOCK_ROWS + 2 * COLUMN_BLOCK_BYTES
+
+
+def block_workspace(dim: int, rows: int = BLOCK_ROWS) -> int:
+    """Bytes a block shrink of a ``dim``-wide sketch allocates when it takes ``rows`` rows at
+    a time: the block's Gram, its symmetrised copy and LAPACK's (three ``m²`` float64,
+    ``m = min(rows, dim)``), and two float64 column blocks of the rows (at most 32 MiB each).
+
+    Example:
+        >>> block_workspace(50257) == BLOCK_WORKSPACE, block_workspace(12)
+        (True, 5760)
+    """
+    rows = min(rows, dim)
+    return 3 * 8 * rows * rows + 2 * min(COLUMN_BLOCK_BYTES, 8 * rows * dim)
 
 
 @dataclass(frozen=True)
@@ -67,6 +93,8 @@ class MomentPlan:
     nbytes: int
     rank: int | None = None
     reason: str = ""
+    #: a sketch's block: the most rows shrunk at once (a window of no more rows is exact)
+    block: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +144,8 @@ class AnalysisPlan:
         rows = sorted((m for m in self.moments if m.method in ("sketch", "skipped")),
                       key=lambda m: -m.dim)
         return [f"{m.layer} {'Σx' if m.moment == 'input' else 'Σ∇h'} ({m.dim}²): {m.method}"
-                + (f" ℓ={m.rank}, {m.nbytes / _MIB:.1f} MiB" if m.method == "sketch" else "")
+                + (f" ℓ={m.rank}, exact up to {m.block} rows a step, {m.nbytes / _MIB:.1f} MiB"
+                   if m.method == "sketch" else "")
                 + (f": {m.reason}" if m.reason else "") for m in rows]
 
 
@@ -130,6 +159,17 @@ def _sketch_bytes(dim: int, rank: int) -> int:
 
 def _solve_bytes(dim: int) -> int:
     return 8 * SOLVE_COPIES * dim * dim
+
+
+def _largest_block(dim: int, room: int) -> int:
+    """The most rows (a power of two times ``2·MIN_SKETCH_RANK``, at most :data:`BLOCK_ROWS`)
+    whose block shrink of a ``dim``-wide sketch fits in ``room`` bytes; 0 when none does."""
+    rows = 2 * MIN_SKETCH_RANK
+    if block_workspace(dim, rows) > room:
+        return 0
+    while rows * 2 <= BLOCK_ROWS and block_workspace(dim, rows * 2) <= room:
+        rows *= 2
+    return BLOCK_ROWS if block_workspace(dim, BLOCK_ROWS) <= room else rows
 
 
 def plan_analysis(
@@ -157,15 +197,22 @@ def plan_analysis(
     left = budget
     workspace = 0  # the largest dense solve's copies so far
     rest = []
+    committed = 0  # minimal sketch bytes of the moments sent to ``rest`` so far
     ordered_entries = sorted(entries, key=lambda e: e[2])
     # every sketchable moment keeps room for a sketch of MIN_SKETCH_RANK rows: covering every
     # layer comes before making more moments dense (GPT-2's 50,257-token head)
     reserve = [0] * (len(ordered_entries) + 1)
+    widest = [0] * (len(ordered_entries) + 1)  # the widest sketchable moment from here on
     for index in range(len(ordered_entries) - 1, -1, -1):
         _, moment, dim, module, adapter = ordered_entries[index]
         sketchable = adapter.sketchable(module, moment) and not (
             moment == "input" and adapter.diagonal_input)
         reserve[index] = reserve[index + 1] + (_sketch_bytes(dim, MIN_SKETCH_RANK) if sketchable else 0)
+        widest[index] = max(widest[index + 1], dim if sketchable else 0)
+    widest_sketched = 0
+    # a sketch's full block (a step of BLOCK_ROWS rows exact) is kept before more moments go
+    # dense, when it takes at most a quarter of the budget; else the smallest block
+    block_rows = BLOCK_ROWS if block_workspace(widest[0] or 1) <= budget // 4 else 2 * MIN_SKETCH_RANK
     for position, (name, moment, dim, module, adapter) in enumerate(ordered_entries):
         if moment == "input" and adapter.diagonal_input:
             planned[(name, moment)] = MomentPlan(name, moment, dim, "diagonal", 8 * dim)
@@ -173,31 +220,47 @@ def plan_analysis(
             continue
         dense = _dense_bytes(dim, float32_grams)
         grown = max(_solve_bytes(dim) - workspace, 0)
-        if dense + grown <= left - reserve[position + 1]:  # smallest first, larger ones' sketches kept
+        # room kept for the minimal sketches of the larger moments and of those already
+        # sketched, and for a block shrink beyond the solve copies when any may be sketched
+        later = reserve[position + 1] + committed
+        wide = max(widest[position + 1], widest_sketched)
+        block = max(block_workspace(wide, block_rows) - workspace - grown, 0) if wide else 0
+        if dense + grown + block <= left - later:  # smallest first
             planned[(name, moment)] = MomentPlan(name, moment, dim, "dense", dense)
             left -= dense + grown
             workspace += grown
         elif adapter.sketchable(module, moment):
             rest.append((name, moment, dim))
+            committed += _sketch_bytes(dim, MIN_SKETCH_RANK)
+            widest_sketched = max(widest_sketched, dim)
         else:
             planned[(name, moment)] = MomentPlan(
                 name, moment, dim, "skipped", 0,
-                reason=f"a dense {dim}² sum needs {dense / _MIB:.0f} MiB and this layer kind "
-                       "hands over ready Grams, which cannot be sketched")
-    # the rest share what is left: one ℓ for all, the largest skipped until ℓ is usable
+                reason=f"a dense {dim}² sum needs {dense / _MIB:.0f} MiB and this layer kind's "
+                       "adapter hands over ready Grams only (its `sketchable` is False)")
+    # the rest share what is left: rows shrunk in blocks as large as fit (up to BLOCK_ROWS:
+    # a step of that many rows stays exact) beside sketches of MIN_SKETCH_RANK rows, then one
+    # ℓ for all; the largest are skipped while not even the smallest block and ℓ fit
     rest.sort(key=lambda e: e[2])
+    block = 0
     while rest:
-        rank = min(sketch_rank, max(left, 0) // (16 * sum(dim for *_, dim in rest)))
-        if rank >= MIN_SKETCH_RANK:
+        widest, dims = rest[-1][2], sum(dim for *_, dim in rest)
+        room = left - 16 * MIN_SKETCH_RANK * dims
+        block = _largest_block(widest, room + workspace)
+        if block:
+            grown = max(block_workspace(widest, block) - workspace, 0)
+            rank = min(sketch_rank, max(left - grown, 0) // (16 * dims), block // 2)
+            workspace += grown
             break
         name, moment, dim = rest.pop()
         planned[(name, moment)] = MomentPlan(
             name, moment, dim, "skipped", 0,
             reason=f"the budget left no room for a sketch of {MIN_SKETCH_RANK} rows "
-                   f"({_sketch_bytes(dim, MIN_SKETCH_RANK) / _MIB:.1f} MiB); raise memory_budget")
+                   f"({_sketch_bytes(dim, MIN_SKETCH_RANK) / _MIB:.1f} MiB) and its block "
+                   f"workspace; raise memory_budget")
     for name, moment, dim in rest:
         planned[(name, moment)] = MomentPlan(name, moment, dim, "sketch", _sketch_bytes(dim, rank),
-                                             rank=rank)
+                                             rank=rank, block=min(block, dim))
     ordered = tuple(planned[(name, moment)] for name, moment, *_ in entries)
     return AnalysisPlan(ordered, budget, workspace)
 
@@ -216,20 +279,21 @@ def _free_memory(device: torch.device) -> int | None:
 
 def memory_budget(model: nn.Module, option: int | str = "auto") -> int:
     """The bytes the analysis may hold: ``option`` itself when it is a number of bytes; with
-    ``"auto"``, three quarters of the model's parameter bytes (a quarter of parameters + two
-    Adam states), at least 64 MiB, at most a quarter of what the model's device has free.
+    ``"auto"``, a fifth of the training state (:data:`AUTO_SHARE` of parameters, gradients and
+    two Adam states), at least :data:`AUTO_FLOOR`, at most a quarter of what the model's device
+    has free now.
 
     Example:
         >>> memory_budget(nn.Linear(2, 2), 1 << 30)
         1073741824
-        >>> memory_budget(nn.Linear(2, 2)) >= 64 << 20 or memory_budget(nn.Linear(2, 2)) > 0
+        >>> 0 < memory_budget(nn.Linear(2, 2)) <= AUTO_FLOOR
         True
     """
     if not isinstance(option, str):
         return int(option)
     parameters = {id(p): p for p in model.parameters()}
     own = sum(p.numel() * p.element_size() for p in parameters.values())
-    budget = max(64 * _MIB, own * 3 // 4)
+    budget = max(AUTO_FLOOR, int(AUTO_SHARE * 4 * own))
     device = next(iter(parameters.values())).device if parameters else torch.device("cpu")
     free = _free_memory(device)
     return min(budget, free // 4) if free else budget

@@ -13,6 +13,14 @@ past the sketch's rank is at most ``Δ``. With no more than ``2ℓ`` rows nothin
 the spectrum is exact. Sketches of different processes merge by stacking and shrinking again
 (the bound adds up).
 
+Rows that do not fit the buffer are shrunk together with it *in one block* (up to
+:data:`BLOCK_ROWS` rows at a time, through the block's ``m × m`` Gram), not ``ℓ`` rows at a
+time: a 2,048-token step is one Gram GEMM and one eigen-solve, not 2,048/ℓ small ones in the
+backward pass. The eigenvalues of a block shrunk before anything was lost (``Δ = 0`` so far)
+are the exact nonzero spectrum of every row added up to then; while no row follows, the sketch
+keeps them (:attr:`FrequentDirections.exact_eigenvalues`) and the moment is exact, whatever
+``ℓ``: a 50,257-token head's Σ∇h over 2,048 rows is exact in ``O(ℓ·d + m²)`` memory.
+
 Example:
     >>> sketch = FrequentDirections(dim=6, rank=2, device=torch.device("cpu"))
     >>> rows = torch.eye(6, dtype=torch.float64)[:3] * torch.tensor([[3.0], [2.0], [1.0]], dtype=torch.float64)
@@ -29,7 +37,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["FrequentDirections", "shrink", "sketch_eigenvalues"]
+__all__ = ["FrequentDirections", "shrink", "sketch_eigenvalues", "BLOCK_ROWS", "COLUMN_BLOCK_BYTES"]
+
+#: the most rows shrunk in one block (its ``m × m`` float64 Gram: 32 MiB at 2,048): an add of
+#: up to this many rows (minus those already in the buffer) keeps the window exact
+BLOCK_ROWS = 2048
+#: bytes of one column block of rows converted to float64 at a time
+COLUMN_BLOCK_BYTES = 1 << 23
 
 
 def shrink(rows: Tensor, rank: int) -> tuple[Tensor, float]:
@@ -79,16 +93,24 @@ class FrequentDirections:
         dim: length of a row.
         rank: ``ℓ``, the rows kept after each shrink (memory ``2ℓ·dim`` float64 values).
         device: where the buffer lives (the layer's device).
+        block_rows: the most rows shrunk in one block (its Gram is ``block_rows²`` float64);
+            at most ``dim`` (at least ``2·rank``).
 
     Attributes:
         rows: rows added (their count, for the mean).
         shrinkage: ``Δ``, the total of the shrinks (same units as the sum).
     """
 
-    def __init__(self, dim: int, rank: int, device: torch.device) -> None:
+    def __init__(self, dim: int, rank: int, device: torch.device, *,
+                 block_rows: int = BLOCK_ROWS) -> None:
         if rank < 1 or dim < 1:
             raise ValueError(f"rank and dim must be positive, got rank={rank}, dim={dim}")
         self.dim, self.rank = dim, rank
+        # a block of more rows than the dimension costs an m³ solve for a rank-d Gram
+        self.block_rows = max(min(int(block_rows), dim), 2 * rank)
+        #: the exact eigenvalues (descending) of every row added so far, when the last add was
+        #: shrunk in one block before anything was lost; None otherwise (see :meth:`eigenvalues`)
+        self.exact_eigenvalues: Tensor | None = None
         self._device = device
         self._buffer: Tensor | None = torch.zeros(2 * rank, dim, dtype=torch.float64, device=device)
         self.filled = 0
@@ -113,6 +135,7 @@ class FrequentDirections:
         self._buffer = None
         self.filled = self.rows = 0
         self.shrinkage = 0.0
+        self.exact_eigenvalues = None
         return taken
 
     @property
@@ -123,36 +146,85 @@ class FrequentDirections:
     def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
         """Fold ``weight ×`` the outer products of an ``(n, dim)`` matrix's rows into the sketch.
 
-        The rows are copied into the float64 buffer a block at a time (converted and scaled
-        there): no ``(n, dim)`` float64 temporary, whatever the rows' dtype."""
-        self.rows += int(rows.shape[0])
+        Rows that fit the buffer are copied into it (converted and scaled there: no ``(n, dim)``
+        float64 temporary, whatever the rows' dtype). Rows that do not are shrunk together with
+        the buffer, :data:`BLOCK_ROWS` at a time (:meth:`_shrink_with`)."""
+        count = int(rows.shape[0])
+        if count == 0:
+            return
+        self.rows += count
+        self.exact_eigenvalues = None  # new rows: a spectrum known before no longer holds
         scale = math.sqrt(weight)
-        start = 0
-        while start < rows.shape[0]:
-            if self.filled == self.buffer.shape[0]:
-                self._shrink()
-            take = min(self.buffer.shape[0] - self.filled, rows.shape[0] - start)
-            block = self.buffer[self.filled:self.filled + take]
-            block.copy_(rows[start:start + take])
+        if self.filled + count <= self.buffer.shape[0]:
+            block = self.buffer[self.filled:self.filled + count]
+            block.copy_(rows)
             if weight != 1.0:
                 block.mul_(scale)
-            self.filled += take
-            start += take
+            self.filled += count
+            return
+        start = 0
+        while start < count:
+            step = max(self.block_rows - self.filled, 1)
+            self._shrink_with(rows[start:start + step], scale)
+            start += step
+
+    def _shrink_with(self, rows: Tensor, scale: float) -> None:
+        """Shrink the buffer and ``scale ×`` ``rows`` together, in one block: the ``m × m``
+        Gram of the stacked rows (float64, a column block of ``rows`` converted at a time), its
+        eigen-solve, and the ``ℓ`` new rows. When nothing was shrunk before, the block's
+        eigenvalues are the exact spectrum of every row so far (kept until a row follows)."""
+        kept_rows = self.buffer[: self.filled]
+        stacked = self.filled + int(rows.shape[0])
+        gram = kept_rows.new_zeros(stacked, stacked)
+        width = max(1, COLUMN_BLOCK_BYTES // (8 * max(stacked, 1)))
+        for start in range(0, self.dim, width):
+            part = self._stack(kept_rows, rows, scale, start, width)
+            gram.addmm_(part, part.T)
+        values, vectors = torch.linalg.eigh((gram + gram.T) * 0.5)
+        values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+        exact = values.cpu() if self.shrinkage == 0 else None
+        delta = float(values[self.rank]) if stacked > self.rank else 0.0
+        kept = min(self.rank, stacked)
+        lowered = (values[:kept] - delta).clamp_min(0.0)
+        factor = torch.where(values[:kept] > 0, (lowered / values[:kept].clamp_min(1e-300)).sqrt(),
+                             torch.zeros_like(lowered))
+        combination = factor[:, None] * vectors[:, :kept].T  # (kept, stacked)
+        new_rows = kept_rows.new_empty(kept, self.dim)
+        for start in range(0, self.dim, width):
+            new_rows[:, start:start + width] = combination @ self._stack(kept_rows, rows, scale,
+                                                                         start, width)
+        self.buffer.zero_()
+        self.buffer[:kept] = new_rows
+        self.filled = kept
+        self.shrinkage += delta
+        self.exact_eigenvalues = exact
+
+    @staticmethod
+    def _stack(kept_rows: Tensor, rows: Tensor, scale: float, start: int, width: int) -> Tensor:
+        """Columns ``start:start + width`` of the buffer's rows above ``scale ×`` the new rows,
+        a new float64 tensor (the caller's rows are never written)."""
+        part = torch.cat([kept_rows[:, start:start + width],
+                          rows[:, start:start + width].to(kept_rows.dtype)])
+        if scale != 1.0:
+            part[kept_rows.shape[0]:].mul_(scale)
+        return part
 
     def _shrink(self) -> None:
-        kept, delta = shrink(self.buffer[: self.filled], self.rank)
-        self.buffer.zero_()
-        self.buffer[: kept.shape[0]] = kept
-        self.filled = int(kept.shape[0])
-        self.shrinkage += delta
+        """Shrink the buffer alone to ``ℓ`` rows (before a merge sends it)."""
+        exact = self.exact_eigenvalues
+        self._shrink_with(self.buffer[:0], 1.0)
+        self.exact_eigenvalues = exact if exact is not None else self.exact_eigenvalues
 
     def sketch(self) -> Tensor:
         """The current sketch rows (a view; at most ``2·rank``)."""
         return self.buffer[: self.filled]
 
     def eigenvalues(self) -> tuple[Tensor, float]:
-        """``(eigenvalues of BᵀB, Δ)``: the true sum's ``i``-th eigenvalue lies in
-        ``[values[i], values[i] + Δ]``, and every one past ``len(values)`` in ``[0, Δ]``."""
+        """``(eigenvalues, Δ)``: the true sum's ``i``-th eigenvalue lies in
+        ``[values[i], values[i] + Δ]``, and every one past ``len(values)`` in ``[0, Δ]``; the
+        exact nonzero spectrum and ``Δ = 0`` when it is known (:attr:`exact_eigenvalues`)."""
+        if self.exact_eigenvalues is not None:
+            return self.exact_eigenvalues.clone(), 0.0
         return sketch_eigenvalues(self.sketch()), self.shrinkage
 
     def merge(self, rows: Tensor, shrinkage: float, count: int) -> None:
@@ -168,6 +240,7 @@ class FrequentDirections:
             self._buffer.zero_()
         self.filled = self.rows = 0
         self.shrinkage = 0.0
+        self.exact_eigenvalues = None
 
     def to(self, device: torch.device) -> None:
         """Move the buffer to ``device``."""
@@ -178,15 +251,25 @@ class FrequentDirections:
 class SketchedMoment:
     """A finished sketched moment: ``M ≈ sketchᵀ sketch`` with ``0 ≼ M − sketchᵀ sketch ≼
     shrinkage·I`` (moment units: the window's mean), a ``dim × dim`` matrix never formed.
+    ``eigenvalues``, when given, is ``M``'s exact nonzero spectrum (descending, float64: the
+    window's rows were shrunk in one block before anything was lost); the sketch and its
+    shrinkage then serve only merges.
 
     Example:
         >>> m = SketchedMoment(torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64), 0.5, 3)
-        >>> m.shape, m.dim()
-        ((3, 3), 2)
+        >>> m.shape, m.dim(), m.exact
+        ((3, 3), 2, False)
     """
 
-    def __init__(self, sketch: Tensor, shrinkage: float, dim: int) -> None:
+    def __init__(self, sketch: Tensor, shrinkage: float, dim: int,
+                 eigenvalues: Tensor | None = None) -> None:
         self.sketch, self.shrinkage, self.size = sketch, float(shrinkage), int(dim)
+        self.eigenvalues = eigenvalues
+
+    @property
+    def exact(self) -> bool:
+        """Whether the moment's spectrum is known exactly (``eigenvalues``, or nothing shrunk)."""
+        return self.eigenvalues is not None or self.shrinkage == 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -202,15 +285,19 @@ class SketchedMoment:
         unless that sum overflows)."""
         if not math.isfinite(self.shrinkage):
             return False
+        if self.eigenvalues is not None and not bool(torch.isfinite(self.eigenvalues).all()):
+            return False
         return math.isfinite(float(self.sketch.sum())) or bool(torch.isfinite(self.sketch).all())
 
     def any(self) -> bool:
         """Whether the moment may be nonzero."""
+        if self.eigenvalues is not None:
+            return bool(self.eigenvalues.any())
         return bool(self.sketch.any()) or self.shrinkage > 0
 
     def cpu(self) -> SketchedMoment:
         """The same moment with its sketch on the CPU."""
-        return SketchedMoment(self.sketch.cpu(), self.shrinkage, self.size)
+        return SketchedMoment(self.sketch.cpu(), self.shrinkage, self.size, self.eigenvalues)
 
 
 class SketchedMomentSum:
@@ -230,9 +317,10 @@ class SketchedMomentSum:
     sum_rows = None
     diagonal = False
 
-    def __init__(self, dim: int, device: torch.device, *, rank: int) -> None:
+    def __init__(self, dim: int, device: torch.device, *, rank: int,
+                 block_rows: int = BLOCK_ROWS) -> None:
         self.dim = dim
-        self.sketcher = FrequentDirections(dim, rank, device)
+        self.sketcher = FrequentDirections(dim, rank, device, block_rows=block_rows)
         self.resolution = 0.0
         self.gram_roundoff = 0.0
 
@@ -269,8 +357,10 @@ class SketchedMomentSum:
         if homogeneous:
             raise RuntimeError("a sketched moment has no homogeneous coordinate")
         rows = max(self.rows, 1)
+        exact = self.sketcher.exact_eigenvalues
         return SketchedMoment(self.sketcher.sketch() / math.sqrt(rows),
-                              self.sketcher.shrinkage / rows, self.dim)
+                              self.sketcher.shrinkage / rows, self.dim,
+                              exact / rows if exact is not None else None)
 
     def allocate(self) -> None:
         """Hold the sketch's buffer now."""
@@ -281,10 +371,12 @@ class SketchedMomentSum:
         window is reset and its buffer allocated again when next used."""
         if homogeneous:
             raise RuntimeError("a sketched moment has no homogeneous coordinate")
+        exact = self.sketcher.exact_eigenvalues
         sketch, shrinkage, count = self.sketcher.take()
         rows = max(count, 1)
         self.reset()
-        return SketchedMoment(sketch.div_(math.sqrt(rows)), shrinkage / rows, self.dim)
+        return SketchedMoment(sketch.div_(math.sqrt(rows)), shrinkage / rows, self.dim,
+                              exact / rows if exact is not None else None)
 
     def reset(self) -> None:
         """Empty the sketch for the next window."""

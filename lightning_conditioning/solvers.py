@@ -30,6 +30,7 @@ __all__ = [
     "Quantile",
     "SolvedSpectrum", "SpectrumSolver", "DenseSolver", "DiagonalSolver", "SolverPlan", "DENSE",
     "DIAGONAL", "SketchSolver", "SKETCH", "plan_solver", "shareable", "limited_threads",
+    "SingularValue", "largest_singular_value",
 ]
 
 
@@ -185,7 +186,8 @@ class SketchSolver:
     """The spectrum of a Frequent Directions sketch
     (:class:`~lightning_conditioning.sketch.SketchedMoment`) with certified intervals: the
     ``i``-th largest eigenvalue of the moment lies in ``[λ_i(BᵀB), λ_i(BᵀB) + Δ]`` and every one
-    past the sketch in ``[0, Δ]``; exact (``Δ = 0``) while the window's rows fit the sketch.
+    past the sketch in ``[0, Δ]``; exact while the window's rows fit the sketch (``Δ = 0``) or
+    were shrunk in one block (the block's exact spectrum, ``SketchedMoment.eigenvalues``).
 
     Example:
         >>> from lightning_conditioning.sketch import SketchedMoment
@@ -200,9 +202,10 @@ class SketchSolver:
     name = "frequent-directions"
 
     def __call__(self, matrix: Any) -> SolvedSpectrum:
-        values = sketch_eigenvalues(matrix.sketch)
-        delta = float(matrix.shrinkage)
-        if delta == 0:  # nothing shrunk: the rows' span is the sketch's, the rest exact zeros
+        exact = getattr(matrix, "eigenvalues", None)
+        values = exact.to(torch.float64) if exact is not None else sketch_eigenvalues(matrix.sketch)
+        delta = 0.0 if exact is not None else float(matrix.shrinkage)
+        if delta == 0:  # nothing lost: the rows' spectrum, the rest exact zeros
             kept = values[: matrix.size]
             zeros = matrix.size - int(kept.numel())
             return SolvedSpectrum(torch.cat([kept, kept.new_zeros(zeros)]), self.name,
@@ -267,3 +270,126 @@ def shareable(solver: SpectrumSolver) -> bool:
         (True, False)
     """
     return isinstance(solver, (DenseSolver, DiagonalSolver))
+
+
+@dataclass(frozen=True)
+class SingularValue:
+    """σmax of a matrix with an interval: ``lower ≤ σmax ≤ upper``.
+
+    ``method`` is ``"exact"`` (float64 eigen-solve of the smaller Gram: the interval is the
+    value) or ``"lanczos"`` (the Ritz value of Lanczos on the smaller Gram is a lower bound;
+    the upper end adds its residual, which bounds the distance to an eigenvalue: a residual
+    bound, certain unless the random start missed the top direction, and the rounding of the
+    matrix's dtype). ``steps``: matrix products taken (pairs, for Lanczos).
+    """
+
+    value: float
+    lower: float
+    upper: float
+    method: str
+    steps: int = 0
+
+    @property
+    def relative_width(self) -> float:
+        """``(upper - lower) / value`` (0 for a zero matrix)."""
+        return (self.upper - self.lower) / self.value if self.value > 0 else 0.0
+
+
+#: a matrix whose smaller side is at most this is solved exactly (float64 Gram, eigvalsh)
+EXACT_SIDE = 256
+
+
+def _exact_singular_value(matrix: Tensor) -> float:
+    """σmax through the smaller Gram in float64 (converted a block of rows at a time)."""
+    rows, cols = matrix.shape
+    wide = rows < cols  # the Gram of the rows (rows × rows) is the smaller one
+    side = rows if wide else cols
+    gram = torch.zeros(side, side, dtype=torch.float64, device=matrix.device)
+    block = max(1, (1 << 24) // max(side, 1))
+    source = matrix.T if wide else matrix  # rows of ``source`` are summed as outer products
+    for start in range(0, source.shape[0], block):
+        part = source[start:start + block].to(torch.float64)
+        gram.addmm_(part.T, part)
+    values = torch.linalg.eigvalsh((gram + gram.T) * 0.5)
+    return float(values[-1].clamp_min(0.0).sqrt())
+
+
+def largest_singular_value(matrix: Tensor, *, rtol: float = 1e-4, max_steps: int = 64,
+                           exact_side: int = EXACT_SIDE, threads: int | None = 1) -> SingularValue:
+    """σmax of ``matrix`` (2-D; higher dimensions are read as ``rows × rest``) with a bound.
+
+    Small matrices (smaller side ≤ ``exact_side``) are solved exactly in float64. Larger ones
+    run Lanczos with full reorthogonalisation on the smaller Gram (``MᵀM`` or ``MMᵀ``, never
+    formed: two matrix-vector products a step) in the matrix's own dtype (float32 for half
+    precisions), on its own device, from a fixed seed (no global random state is touched),
+    until the interval is within ``rtol`` of the value; a run that does not get there within
+    ``max_steps`` is solved exactly. Everything runs on ``threads`` intra-op threads
+    (:func:`limited_threads`). Non-finite entries give ``nan``.
+
+    Example:
+        >>> found = largest_singular_value(torch.diag(torch.tensor([3.0, -4.0])))
+        >>> found.value, found.method
+        (4.0, 'exact')
+        >>> wide = torch.linspace(-1.0, 1.0, 600 * 400).reshape(600, 400)
+        >>> found = largest_singular_value(wide)
+        >>> found.method, found.lower <= float(torch.linalg.matrix_norm(wide.double(), 2)) <= found.upper
+        ('lanczos', True)
+    """
+    matrix = matrix.detach()
+    if matrix.dim() != 2:
+        matrix = matrix.reshape(matrix.shape[0], -1) if matrix.dim() > 2 else matrix.reshape(1, -1)
+    if matrix.numel() == 0:
+        return SingularValue(0.0, 0.0, 0.0, "exact")
+    with limited_threads(threads):
+        if not bool(torch.isfinite(matrix).all()):
+            nan = float("nan")
+            return SingularValue(nan, nan, nan, "exact")
+        if min(matrix.shape) <= exact_side:
+            value = _exact_singular_value(matrix)
+            return SingularValue(value, value, value, "exact")
+        found = _lanczos_singular_value(matrix, rtol, max_steps)
+        if found is None or found.relative_width > rtol:
+            value = _exact_singular_value(matrix)
+            return SingularValue(value, value, value, "exact")
+        return found
+
+
+def _lanczos_singular_value(matrix: Tensor, rtol: float, max_steps: int) -> SingularValue | None:
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    rows, cols = work.shape
+    tall = rows >= cols
+    size = cols if tall else rows
+
+    def gram_times(vector: Tensor) -> Tensor:
+        return work.T @ (work @ vector) if tall else work @ (work.T @ vector)
+
+    generator = torch.Generator(device=work.device).manual_seed(0)
+    start = torch.randn(size, generator=generator, device=work.device, dtype=work.dtype)
+    basis = [start / torch.linalg.vector_norm(start)]
+    alphas: list[float] = []
+    betas: list[float] = []
+    roundoff = torch.finfo(work.dtype).eps * 8
+    steps = min(max_steps, size)
+    for step in range(steps):
+        image = gram_times(basis[-1])
+        alphas.append(float(basis[-1] @ image))
+        stacked = torch.stack(basis)
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            image = image - stacked.T @ (stacked @ image)
+        beta = float(torch.linalg.vector_norm(image))
+        tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+        values, vectors = torch.linalg.eigh(tridiagonal)
+        ritz = max(float(values[-1]), 0.0)
+        residual = beta * abs(float(vectors[-1, -1]))
+        slack = roundoff * ritz
+        if ritz == 0.0:
+            return SingularValue(0.0, 0.0, 0.0, "lanczos", step + 1) if beta == 0.0 else None
+        lower, upper = (max(ritz - slack, 0.0)) ** 0.5, (ritz + residual + slack) ** 0.5
+        if (upper - lower) <= rtol * ritz**0.5 or beta <= roundoff * ritz:
+            return SingularValue(ritz**0.5, lower, upper, "lanczos", step + 1)
+        betas.append(beta)
+        basis.append(image / beta)
+    return None

@@ -235,6 +235,47 @@ def tv_resnet() -> pl.LightningModule:
                            optimizer="sgd", lr=0.05)
 
 
+# full-width vision models from their libraries' own builders (random init, 10 classes): the
+# memory plan at default options must analyse them whole (issue 21)
+
+
+def tv_efficientnet_b0() -> pl.LightningModule:
+    from torchvision.models import efficientnet_b0
+
+    return ImageClassifier(efficientnet_b0(num_classes=CLASSES))
+
+
+def tv_densenet121() -> pl.LightningModule:
+    from torchvision.models import densenet121
+
+    return ImageClassifier(densenet121(num_classes=CLASSES))
+
+
+def tv_regnet_y_400mf() -> pl.LightningModule:
+    from torchvision.models import regnet_y_400mf
+
+    return ImageClassifier(regnet_y_400mf(num_classes=CLASSES))
+
+
+def tv_convnext_tiny() -> pl.LightningModule:
+    from torchvision.models import convnext_tiny
+
+    return ImageClassifier(convnext_tiny(num_classes=CLASSES))
+
+
+def timm_convnext_atto() -> pl.LightningModule:
+    import timm
+
+    return ImageClassifier(timm.create_model("convnext_atto", pretrained=False, num_classes=CLASSES))
+
+
+def timm_vit_tiny() -> pl.LightningModule:
+    import timm
+
+    return ImageClassifier(timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                                             num_classes=CLASSES, img_size=IMAGE))
+
+
 def lightning_transformer() -> pl.LightningModule:
     from lightning.pytorch.demos import LightningTransformer, Transformer
 
@@ -258,6 +299,7 @@ class RealModel:
     build: Callable[[], pl.LightningModule]
     data: Callable[[], DataLoader]
     loss: str  # what the loss is a mean over (HF models: HF's own loss)
+    slow: bool = False  # a full-size model: in CI, out of `-m "not slow"`
 
 
 MODELS: tuple[RealModel, ...] = (
@@ -278,6 +320,18 @@ MODELS: tuple[RealModel, ...] = (
     RealModel("tv_resnet", "torchvision", tv_resnet, image_data, "cross-entropy, mean over B"),
     RealModel("lightning_transformer", "lightning", lightning_transformer, token_pair_data,
               "demo nll_loss: mean over B*T tokens"),
+    RealModel("tv_efficientnet_b0", "torchvision", tv_efficientnet_b0, image_data,
+              "cross-entropy, mean over B", slow=True),
+    RealModel("tv_densenet121", "torchvision", tv_densenet121, image_data,
+              "cross-entropy, mean over B", slow=True),
+    RealModel("tv_regnet_y_400mf", "torchvision", tv_regnet_y_400mf, image_data,
+              "cross-entropy, mean over B", slow=True),
+    RealModel("tv_convnext_tiny", "torchvision", tv_convnext_tiny, image_data,
+              "cross-entropy, mean over B", slow=True),
+    RealModel("timm_convnext_atto", "timm", timm_convnext_atto, image_data,
+              "cross-entropy, mean over B", slow=True),
+    RealModel("timm_vit_tiny", "timm", timm_vit_tiny, image_data,
+              "cross-entropy, mean over B", slow=True),
 )
 
 

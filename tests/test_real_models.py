@@ -121,7 +121,8 @@ def _domination_nonfinite(results: dict[str, Any]) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("spec", MODELS, ids=[m.id for m in MODELS])
+@pytest.mark.parametrize("spec", [pytest.param(m, id=m.id, marks=[pytest.mark.slow] if m.slow else [])
+                                  for m in MODELS])
 def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     pytest.importorskip(spec.library)
     start = time.perf_counter()

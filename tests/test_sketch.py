@@ -18,6 +18,7 @@ from lightning_conditioning import ConditioningMonitor
 from lightning_conditioning.capture import find_layers
 from lightning_conditioning.plan import plan_analysis
 from lightning_conditioning.sketch import FrequentDirections, SketchedMomentSum
+from lightning_conditioning.solvers import SketchSolver
 
 SPECTRA = ("power_law", "flat", "outliers", "rank_deficient")
 
@@ -74,14 +75,77 @@ def test_sketch_is_exact_while_rows_fit_and_merges_over_processes() -> None:
     assert bool((truth[: merged.numel()] <= merged + delta + 1e-9).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_block_of_rows_wider_than_the_sketch_is_exact(dtype: torch.dtype) -> None:
+    """A step's rows (fewer than the dimension, more than the sketch keeps) are shrunk in one
+    block: the moment's nonzero spectrum is exact (the n × n Gram of the rows, float64), the
+    sketch still holds its certified bound, and a later add falls back to the bound."""
+    d, n, weight = 3000, 700, 2.5
+    rows = _rows("power_law", n, d, 3).to(dtype)
+    before = rows.clone()
+    acc = SketchedMomentSum(d, torch.device("cpu"), rank=8)
+    acc.add_rows(rows, weight)
+    assert torch.equal(rows, before)  # the caller's rows are never written
+    moment = acc.mean()
+    wide = rows.to(torch.float64)
+    truth = torch.linalg.eigvalsh(weight * wide @ wide.T / n).flip(0)  # nonzero part, n values
+    assert moment.exact and moment.eigenvalues is not None
+    torch.testing.assert_close(moment.eigenvalues, truth, rtol=1e-10, atol=1e-13 * float(truth[0]))
+    solved = SketchSolver()(moment)
+    assert solved.exact and solved.eigenvalues.numel() == d and solved.structural_zeros == d - n
+    torch.testing.assert_close(solved.eigenvalues[:n], truth, rtol=1e-10, atol=1e-13 * float(truth[0]))
+    # the sketch itself keeps FD's guarantee (what a merge or a later add builds on)
+    sketched = torch.linalg.eigvalsh(moment.sketch @ moment.sketch.T).flip(0)
+    assert moment.shrinkage > 0
+    assert bool((truth[:8] >= sketched - 1e-9 * float(truth[0])).all())
+    assert bool((truth[:8] <= sketched + moment.shrinkage + 1e-9 * float(truth[0])).all())
+    # a second add of the same window: no longer exact, the certified interval still holds
+    more = _rows("flat", 50, d, 4).to(dtype)
+    acc.add_rows(more, weight)
+    moment = acc.mean()
+    assert moment.eigenvalues is None and not moment.exact
+    both = torch.cat([wide, more.to(torch.float64)])
+    truth = torch.linalg.eigvalsh(weight * both @ both.T / (n + 50)).flip(0)
+    values = torch.linalg.eigvalsh(moment.sketch @ moment.sketch.T).flip(0)
+    assert bool((truth[: values.numel()] >= values - 1e-9 * float(truth[0])).all())
+    assert bool((truth[: values.numel()] <= values + moment.shrinkage + 1e-9 * float(truth[0])).all())
+
+
+def test_rows_beyond_one_block_are_shrunk_block_by_block_with_the_bound() -> None:
+    d = 400
+    rows = _rows("outliers", 900, d, 5)
+    sketch = FrequentDirections(d, rank=16, device=torch.device("cpu"), block_rows=256)
+    sketch.add_rows(rows)
+    values, delta = sketch.eigenvalues()
+    truth = torch.linalg.eigvalsh(rows.T @ rows).flip(0)
+    assert sketch.exact_eigenvalues is None and delta > 0 and sketch.rows == 900
+    assert bool((truth[: values.numel()] >= values - 1e-9 * float(truth[0])).all())
+    assert bool((truth[: values.numel()] <= values + delta + 1e-9 * float(truth[0])).all())
+    assert bool((truth[values.numel():] <= delta + 1e-9 * float(truth[0])).all())
+
+
 def test_plan_keeps_small_moments_dense_and_sketches_or_skips_the_rest() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4096), nn.Conv2d(4096, 2, 1))
     plan = plan_analysis(find_layers(model), budget=32 << 20)
     methods = {(m.layer, m.moment): m.method for m in plan.moments}
     assert methods[("0", "input")] == methods[("0", "grad")] == "dense"
     assert methods[("1", "grad")] == "sketch"  # 4096² float64 = 128 MiB > 32 MiB
-    assert methods[("2", "input")] == "skipped"  # a conv in channel mode adds ready Grams
-    assert plan.nbytes <= plan.budget and plan.skipped_layers == ["2"]
+    assert methods[("2", "input")] == "sketch"  # a conv hands its positions over as rows
+    assert plan.nbytes <= plan.peak_nbytes <= plan.budget and plan.skipped_layers == []
+    # a layer kind whose adapter hands over ready Grams only is skipped, with the reason
+    from lightning_conditioning.adapters import ConvChannelAdapter
+
+    class GramsOnly(ConvChannelAdapter):
+        def sketchable(self, module: nn.Module, moment: str) -> bool:
+            return False
+
+    layers = {name: (module, GramsOnly() if name == "2" else adapter)
+              for name, (module, adapter) in find_layers(model).items()}
+    plan = plan_analysis(layers, budget=32 << 20)
+    assert plan.skipped_layers == ["2"] and "ready Grams" in plan.of("2", "input").reason
+    # a tiny budget: no room for even a minimal sketch and its block: skipped, never over budget
+    plan = plan_analysis(find_layers(model), budget=1 << 20)
+    assert plan.peak_nbytes <= plan.budget and "1" in plan.skipped_layers
     with pytest.raises(ValueError, match="memory_budget"):
         ConditioningMonitor(model, memory_budget=-1)
 

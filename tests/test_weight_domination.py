@@ -242,3 +242,66 @@ def test_nonfinite_gradients_do_not_crash_training() -> None:
     for metrics in logger.history.values():
         assert all(math.isfinite(v) for v in metrics.values())
     assert "net.0" not in callback.warned_layers
+
+
+@pytest.mark.parametrize("shape", [(2000, 300), (300, 2000), (64, 16, 3, 3)])
+def test_spectral_norms_of_large_matrices_are_within_1e4_of_float64_with_a_bound(shape) -> None:
+    """Issue 21: Lanczos in the tensor's own dtype (float32) against a float64 SVD, on a
+    Gaussian matrix (flat spectral edge: the hard case) and on a low-rank gradient."""
+    from lightning_conditioning.solvers import largest_singular_value
+
+    g = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(*shape, generator=g)
+    flat = gaussian.reshape(shape[0], -1)
+    low_rank = (torch.randn(flat.shape[0], 3, generator=g) @ torch.randn(3, flat.shape[1], generator=g)
+                + 1e-3 * torch.randn(*flat.shape, generator=g))
+    for matrix in (gaussian, low_rank):
+        truth = float(torch.linalg.matrix_norm(matrix.reshape(shape[0], -1).double(), ord=2))
+        found = largest_singular_value(matrix)
+        assert abs(spectral_norm(matrix) - truth) <= 1e-4 * truth
+        assert found.lower <= truth * (1 + 1e-9) and truth <= found.upper * (1 + 1e-9)
+        assert found.relative_width <= 1e-4
+        assert found.method == ("exact" if min(flat.shape) <= 256 else "lanczos")
+
+
+def test_tied_weights_are_copied_once_and_copies_take_turns_within_the_budget() -> None:
+    """ΔW needs a copy of each weight from before the step: a tied weight is copied once (its
+    layers share it), and a budget that holds only some copies makes the layers take turns."""
+    from lightning_conditioning import WeightDominationMonitor
+
+    torch.manual_seed(0)
+    embedding, head = nn.Embedding(50, 16), nn.Linear(16, 50, bias=False)
+    head.weight = embedding.weight  # tied, as GPT-2's wte / lm_head
+    model = nn.Sequential(embedding, nn.Linear(16, 16), nn.ReLU(), head)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def step(monitor: WeightDominationMonitor, index: int) -> dict[str, float]:
+        model(torch.randint(0, 50, (8,))).logsumexp(-1).mean().backward()
+        monitor.before_optimizer_step(index)
+        held = {name: copy.data_ptr() for name, copy in monitor._snapshot.items()}
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        optimizer.step()
+        metrics = monitor.after_optimizer_step()
+        optimizer.zero_grad()
+        step.held = held  # type: ignore[attr-defined]
+        step.before = before  # type: ignore[attr-defined]
+        return metrics
+
+    monitor = WeightDominationMonitor(model, every_n_steps=1)
+    metrics = step(monitor, 0)
+    held = step.held  # type: ignore[attr-defined]
+    assert held["0"] == held["3"] and len(set(held.values())) == 2  # the tied weight once
+    update = model[0].weight.detach() - step.before["0.weight"]  # type: ignore[attr-defined]
+    truth = float(torch.linalg.matrix_norm(update.double(), ord=2))
+    assert math.isclose(monitor.results["0"].update_spectral_norm, truth, rel_tol=1e-4)
+    assert math.isclose(monitor.results["3"].update_spectral_norm, truth, rel_tol=1e-4)
+    assert all(f"weight_domination/{n}/update_weight_ratio" in metrics for n in ("0", "1", "3"))
+
+    # room for one copy: the layers take turns (the tied pair shares its one copy)
+    one = 50 * 16 * 4
+    monitor = WeightDominationMonitor(model, every_n_steps=1, memory_budget=one)
+    measured = []
+    for index in range(1, 4):
+        step(monitor, index)
+        measured.append(sorted(n for n, r in monitor.results.items() if r.update_spectral_norm is not None))
+    assert measured == [["0"], ["1"], ["0", "3"]]  # in turn, the tied pair together
