@@ -314,3 +314,15 @@ def ratio(value: float) -> str:
 
 def ms(seconds: float) -> str:
     return f"{1e3 * seconds:.1f} ms" if seconds >= 1e-3 else f"{1e6 * seconds:.0f} µs"
+
+
+def write_results(out: dict[str, Any], text: str, path: str | None, log: Callable[[str], None]) -> None:
+    """Print the rendered tables, keep them in ``out["markdown"]`` and write ``out`` as JSON to
+    ``path`` (when given)."""
+    out["markdown"] = text
+    print(text)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(out, handle, indent=1, default=str)
+        log(f"wrote {path}")

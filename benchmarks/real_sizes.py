@@ -70,7 +70,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import ForeignLoad, interleave, machine, medians, table  # noqa: E402
+from harness import ForeignLoad, interleave, machine, medians, table, write_results  # noqa: E402
 
 import lightning_conditioning.monitor as monitor_module  # noqa: E402
 import lightning_conditioning.results as results_module  # noqa: E402
@@ -1414,14 +1414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(render(out))
         return out
     out = measure(args)
-    text = render(out)
-    out["markdown"] = text
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(out, handle, indent=1, default=str)
-        log(f"wrote {args.out}")
+    write_results(out, render(out), args.out, log)
     return out
 
 

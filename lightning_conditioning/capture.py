@@ -305,6 +305,8 @@ class LayerCapture:
         self._uses: dict[int, list[WeightUse]] = {}
         self._attention_parts: set[int] = set()
         self.windows: dict[str, LayerWindow] = {}
+        #: the layers this window captures (None: all; see :mod:`lightning_conditioning.turns`)
+        self.turn: frozenset[str] | None = None
         self._handles: list[RemovableHandle] = []
         #: bumped at every reset: an output gradient belongs to the window of its forward
         self._generation = 0
@@ -408,16 +410,23 @@ class LayerCapture:
             window.reset()
         self._generation += 1
 
+    @property
+    def turn_windows(self) -> dict[str, LayerWindow]:
+        """The windows of the layers this window captures (:attr:`turn`)."""
+        if self.turn is None:
+            return self.windows
+        return {name: window for name, window in self.windows.items() if name in self.turn}
+
     def allocate(self) -> None:
-        """Hold every window's sums now (see :meth:`LayerWindow.allocate`)."""
-        for window in self.windows.values():
+        """Hold the sums of this turn's windows now (see :meth:`LayerWindow.allocate`)."""
+        for window in self.turn_windows.values():
             window.allocate()
 
     def moments(self, *, take: bool = False) -> dict[str, LayerMoments]:
         """The finished window of every layer (CPU, float64; one host copy per device). With
         ``take`` the windows hand their sums over (no copy on the host) and are reset; call
         :meth:`reset` after it, so that gradients of earlier forwards are ignored."""
-        return moments_to_cpu({name: window.moments(take=take) for name, window in self.windows.items()})
+        return moments_to_cpu({name: window.moments(take=take) for name, window in self.turn_windows.items()})
 
     def _dtype_for(self, tensor: Tensor) -> torch.dtype:
         """The GEMM dtype: ``statistics_dtype``, or the tensor's own if wider (float64 runs)."""
@@ -452,6 +461,8 @@ class LayerCapture:
                 columns: slice | None, batch: int | None = None) -> None:
         """Add a layer's input rows now, and its output gradient (``output[..., columns]``)
         when the backward pass reaches it."""
+        if self.turn is not None and name not in self.turn:
+            return  # not this layer's turn
         window = self.windows[name]
         if window.device != x.device:  # the model moved after attach(): follow it
             window.to(x.device)
@@ -529,7 +540,7 @@ class LayerCapture:
     def _merge_sketches(self, reduce: Callable[[Tensor, str], Tensor], world_size: int, rank: int) -> None:
         """Every rank's sketches, stacked (one sum over zero-padded slots) and folded into one
         sketch per moment, the same on every rank; the shrinkages add up."""
-        sums = [acc for window in self.windows.values() for acc in (window.input, window.grad)
+        sums = [acc for window in self.turn_windows.values() for acc in (window.input, window.grad)
                 if isinstance(acc, SketchedMomentSum)]
         for acc in sums:
             sketcher = acc.sketcher
@@ -556,7 +567,7 @@ class LayerCapture:
         batches weigh correctly; per-unit extremes are combined with a maximum (minima negated),
         and so are the precisions the rows and Grams had (the coarsest sets every rank's floor).
         """
-        windows = list(self.windows.values())
+        windows = list(self.turn_windows.values())
         if not windows:
             return
         self._merge_sketches(reduce, world_size, rank)  # row counts are summed below

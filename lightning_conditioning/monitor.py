@@ -41,6 +41,7 @@ from lightning_conditioning.analysis import (
 from lightning_conditioning.distributed import estimated_seconds
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.plan import AnalysisPlan, memory_budget, plan_analysis
+from lightning_conditioning.turns import TurnTaker, parameter_count
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.views.tables import conditioning_table
 from lightning_conditioning.margin import step_size_limits, with_stability_margin
@@ -134,6 +135,11 @@ class ConditioningMonitor:
         self.analyses = 0
         self.analysed_steps: list[int] = []
         self._results: dict[str, LayerConditioning] = {}
+        self._window_results: dict[str, LayerConditioning] = {}
+        #: which layers each analysed step captures (:mod:`lightning_conditioning.turns`)
+        self.turns: TurnTaker | None = None
+        self._step_clock: tuple[int, float, bool] | None = None  # (step, when it began, captured)
+        self._turns_announced = False
         self._window_start: int | None = None
         self._current_step: int | None = None
         self._next_step: int | None = None
@@ -173,6 +179,7 @@ class ConditioningMonitor:
         self.plan = plan_analysis(layers, memory_budget(model, o.memory_budget),
                                   float32_grams=dtype == torch.float32)
         self._announce_plan(self.plan)
+        self.turns = TurnTaker(self.plan.moments, parameter_count(model.parameters()), o.step_overhead)
         layers = {name: entry for name, entry in layers.items()
                   if name not in self.plan.skipped_layers}
         if not layers:
@@ -224,8 +231,16 @@ class ConditioningMonitor:
     # ------------------------------------------------------------------ public state
     @property
     def results(self) -> dict[str, LayerConditioning]:
-        """Latest analysed window: ``{layer name: LayerConditioning}`` (empty before one)."""
+        """Every layer's latest analysis: ``{layer name: LayerConditioning}`` (empty before
+        one; each result's ``step`` says which window it comes from: when layers take turns,
+        not all of them come from the latest one, :attr:`window_results`)."""
         return dict(self._results)
+
+    @property
+    def window_results(self) -> dict[str, LayerConditioning]:
+        """The layers the latest published window analysed (what is logged at
+        :attr:`results_step`): all of them unless layers take turns (``step_overhead``)."""
+        return dict(self._window_results)
 
     @property
     def layer_names(self) -> list[str]:
@@ -262,6 +277,12 @@ class ConditioningMonitor:
             return True  # another micro-batch of the step being captured
         if self._window_start is not None and step != self._next_step:
             self.discard()
+        captured = self._open(step)
+        self._clock(step, captured)
+        return captured
+
+    def _open(self, step: int) -> bool:
+        """Whether ``step`` is captured; a window opens at its first step, with its turn."""
         if not self.should_analyse(step):
             return False
         if self._window_start is None:
@@ -269,10 +290,46 @@ class ConditioningMonitor:
                 return False
             self._make_room(step)
             if self.capture is not None:
+                self.capture.turn = self._next_turn()
                 self.capture.allocate()  # before the step's activations, not among them
             self._window_start = step
         self._current_step = step
         return True
+
+    def _clock(self, step: int, captured: bool) -> None:
+        """Time the step that just ended (from its begin to this one's): a plain step's
+        period, or an analysed one's, for the turns' cost model."""
+        now = time.perf_counter()
+        if self._step_clock is not None and self.turns is not None and step == self._step_clock[0] + 1:
+            seconds = now - self._step_clock[1]
+            if self._step_clock[2]:
+                self.turns.observe_analysed(seconds)
+            else:
+                self.turns.observe_plain(seconds)
+        self._step_clock = (step, now, captured)
+
+    def _next_turn(self) -> frozenset[str] | None:
+        """The layers the opening window captures: every rank takes the same (the largest
+        capacity any rank measured)."""
+        turns = self.turns
+        if turns is None:
+            return None
+        if turns.share is not None and turns.fits_anywhere():
+            turn = None  # the same on every rank, without a collective
+        elif self.collectives.distributed and turns.share is not None:
+            mine = torch.tensor([turns.capacity()], dtype=torch.float64)
+            turn = turns.next_turn(float(self.collectives.all_reduce(mine, "max")[0]))
+        else:
+            turn = turns.next_turn()
+        if turn is not None and not self._turns_announced:
+            self._turns_announced = True
+            whole = sum(turns.layer_seconds(name) for name in turns.layers) * turns.scale
+            self._info(f"{type(self).__name__}: analysing all {len(turns.layers)} layers at once would "
+                       f"add about {whole:.0f} s to a step, more than step_overhead="
+                       f"{turns.share:g} of a plain one (about {turns.plain_seconds():.1f} s): the "
+                       f"layers take turns, {len(turn)} in this window; each result's `step` says "
+                       "when it was analysed. Said once.")
+        return turn
 
     def _device(self) -> torch.device:
         """Where the model's first parameter lives (the CPU for a model without any)."""
@@ -375,7 +432,7 @@ class ConditioningMonitor:
         if capture is None or mode == "sync" or self.collectives.distributed:
             self.finish(step)  # nothing is ever in the background in these modes
             return True
-        moments = gather_moments(capture)
+        moments = self._gather(capture)
         here = mode == "auto" and (estimated_seconds(moments) < BACKGROUND_SECONDS
                                    or not background_helps(self._device()))
         if here and not published and not self._background.pending:
@@ -423,8 +480,17 @@ class ConditioningMonitor:
         capture = self.capture
         if capture is None:
             return {}
-        self._finish_moments(step, gather_moments(capture, self.collectives))
+        self._finish_moments(step, self._gather(capture, self.collectives))
         return self.results
+
+    def _gather(self, capture: LayerCapture, collectives: Collectives | None = None) -> dict[str, LayerMoments]:
+        """The finished window's moments (:func:`gather_moments`); their rows per step feed the
+        turns' cost model (the same on every rank: counted after the reduction)."""
+        moments = gather_moments(capture, collectives)
+        if self.turns is not None:
+            self.turns.observe_rows({name: max(m.input_rows, m.grad_rows) for name, m in moments.items()},
+                                    self.options.window_steps)
+        return moments
 
     def _finish_moments(self, step: int, moments: dict[str, LayerMoments]) -> None:
         assert self.capture is not None
@@ -443,7 +509,8 @@ class ConditioningMonitor:
 
     def _publish(self, step: int, results: dict[str, LayerConditioning]) -> None:
         """New results of ``step``: kept, counted, checked, and the diagnosis warned once."""
-        self._results, self.results_step, self.updated = results, step, True
+        self._window_results, self.results_step, self.updated = results, step, True
+        self._results = {**self._results, **results} if self.turns is not None and self.turns.share else results
         self.analyses += 1
         if len(self.analysed_steps) < 16:  # bounded: a long run keeps only its first ones
             self.analysed_steps.append(step)
@@ -480,7 +547,7 @@ class ConditioningMonitor:
                        "backward inside `with monitor.track(step):` (or before `end(step)`).")
         # each layer's reason for missing or zero numbers, said once per layer and reason
         fresh: dict[str, list[str]] = {}
-        for name, result in self._results.items():
+        for name, result in self._window_results.items():
             if result.note and f"{name}\n{result.note}" not in self._noted:
                 self._noted.add(f"{name}\n{result.note}")
                 fresh.setdefault(result.note, []).append(name)
@@ -507,12 +574,17 @@ class ConditioningMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: which one-time notes and diagnosis rules fired."""
-        return {"noted": sorted(self._noted), "fired_rules": sorted(self._fired_rules)}
+        state: dict[str, Any] = {"noted": sorted(self._noted), "fired_rules": sorted(self._fired_rules)}
+        if self.turns is not None:
+            state["turns"] = self.turns.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._noted = set(state.get("noted", []))
         self._fired_rules = set(state.get("fired_rules", []))
+        if self.turns is not None and "turns" in state:
+            self.turns.load_state_dict(state["turns"])
 
 
 def _analyse_releasing(moments: dict[str, LayerMoments], step: int, options: ConditioningOptions,

@@ -61,6 +61,7 @@ class ConditioningOptions:
     warn_diagnosis: bool = True
     memory_budget: int | Literal["auto"] = "auto"
     analysis: Literal["auto", "sync", "background"] = "auto"
+    step_overhead: float | None = 0.35
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -106,6 +107,11 @@ class ConditioningOptions:
             raise ValueError(f"memory_budget must be 'auto' or a positive number of bytes, got {budget!r}")
         if self.analysis not in ("auto", "sync", "background"):
             raise ValueError(f"analysis must be 'auto', 'sync' or 'background', got {self.analysis!r}")
+        overhead = self.step_overhead
+        if overhead is not None and (isinstance(overhead, bool) or not isinstance(overhead, (int, float))
+                                     or not 0 < overhead < math.inf):
+            raise ValueError(f"step_overhead must be None or a positive number (a share of a plain "
+                             f"step, e.g. 0.5), got {overhead!r}")
         if self.solver is not None and not callable(self.solver):
             raise TypeError(f"solver must be a solver or a plan (a callable), got {self.solver!r}")
         if self.layer_types is not None:

@@ -239,41 +239,19 @@ def tv_resnet() -> pl.LightningModule:
 # memory plan at default options must analyse them whole (issue 21)
 
 
-def tv_efficientnet_b0() -> pl.LightningModule:
-    from torchvision.models import efficientnet_b0
+def full_width(library: str, name: str, **kwargs: Any) -> Callable[[], pl.LightningModule]:
+    """A builder of torchvision's ``models.<name>`` or timm's ``create_model(name)``."""
 
-    return ImageClassifier(efficientnet_b0(num_classes=CLASSES))
+    def build() -> pl.LightningModule:
+        if library == "timm":
+            import timm
 
+            return ImageClassifier(timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs))
+        import torchvision.models
 
-def tv_densenet121() -> pl.LightningModule:
-    from torchvision.models import densenet121
+        return ImageClassifier(getattr(torchvision.models, name)(num_classes=CLASSES, **kwargs))
 
-    return ImageClassifier(densenet121(num_classes=CLASSES))
-
-
-def tv_regnet_y_400mf() -> pl.LightningModule:
-    from torchvision.models import regnet_y_400mf
-
-    return ImageClassifier(regnet_y_400mf(num_classes=CLASSES))
-
-
-def tv_convnext_tiny() -> pl.LightningModule:
-    from torchvision.models import convnext_tiny
-
-    return ImageClassifier(convnext_tiny(num_classes=CLASSES))
-
-
-def timm_convnext_atto() -> pl.LightningModule:
-    import timm
-
-    return ImageClassifier(timm.create_model("convnext_atto", pretrained=False, num_classes=CLASSES))
-
-
-def timm_vit_tiny() -> pl.LightningModule:
-    import timm
-
-    return ImageClassifier(timm.create_model("vit_tiny_patch16_224", pretrained=False,
-                                             num_classes=CLASSES, img_size=IMAGE))
+    return build
 
 
 def lightning_transformer() -> pl.LightningModule:
@@ -320,18 +298,12 @@ MODELS: tuple[RealModel, ...] = (
     RealModel("tv_resnet", "torchvision", tv_resnet, image_data, "cross-entropy, mean over B"),
     RealModel("lightning_transformer", "lightning", lightning_transformer, token_pair_data,
               "demo nll_loss: mean over B*T tokens"),
-    RealModel("tv_efficientnet_b0", "torchvision", tv_efficientnet_b0, image_data,
-              "cross-entropy, mean over B", slow=True),
-    RealModel("tv_densenet121", "torchvision", tv_densenet121, image_data,
-              "cross-entropy, mean over B", slow=True),
-    RealModel("tv_regnet_y_400mf", "torchvision", tv_regnet_y_400mf, image_data,
-              "cross-entropy, mean over B", slow=True),
-    RealModel("tv_convnext_tiny", "torchvision", tv_convnext_tiny, image_data,
-              "cross-entropy, mean over B", slow=True),
-    RealModel("timm_convnext_atto", "timm", timm_convnext_atto, image_data,
-              "cross-entropy, mean over B", slow=True),
-    RealModel("timm_vit_tiny", "timm", timm_vit_tiny, image_data,
-              "cross-entropy, mean over B", slow=True),
+    *(RealModel(f"{'tv' if library == 'torchvision' else library}_{name}", library,
+                full_width(library, name, **kwargs), image_data, "cross-entropy, mean over B", slow=True)
+      for library, name, kwargs in (("torchvision", "efficientnet_b0", {}), ("torchvision", "densenet121", {}),
+                                    ("torchvision", "regnet_y_400mf", {}), ("torchvision", "convnext_tiny", {}),
+                                    ("timm", "convnext_atto", {}),
+                                    ("timm", "vit_tiny_patch16_224", {"img_size": IMAGE}))),
 )
 
 

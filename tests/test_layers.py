@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["__about__", "schema", "resolution"]),
     ("maths", ["spectra", "sketch", "solvers", "krylov", "estimates", "precision", "accumulate", "domination",
                "collectives", "shards"]),
-    ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "conventions",
+    ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "turns", "conventions",
                  "batches", "passes", "options", "analysis", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor"]),

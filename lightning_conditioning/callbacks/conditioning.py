@@ -100,11 +100,12 @@ class ConditioningCallback(Callback):
         solver: SolverPlan | None = None,
         memory_budget: int | Literal["auto"] = "auto",
         analysis: Literal["auto", "sync", "background"] = "auto",
+        step_overhead: float | None = 0.35,
     ) -> None:
         self.options = ConditioningOptions(
             every_n_steps, kappa_percents, conv_mode, layer_types, include, exclude,
             loss_reduction, include_bias, rank_rtol, statistics_dtype, kappa_definition,
-            window_steps, solver, warn_diagnosis, memory_budget, analysis)
+            window_steps, solver, warn_diagnosis, memory_budget, analysis, step_overhead)
         for name in ConditioningOptions.names():
             setattr(self, name, getattr(self.options, name))
         if fisher not in ("empirical", "true"):
@@ -277,7 +278,7 @@ class ConditioningCallback(Callback):
         monitor = self.monitor
         assert monitor is not None and monitor.results_step is not None
         if trainer.is_global_zero:
-            publish_conditioning(trainer.loggers, monitor.results, monitor.results_step,
+            publish_conditioning(trainer.loggers, monitor.window_results, monitor.results_step,
                                  prefix=self.prefix, histograms=self.log_histograms,
                                  figures=self.log_figures)
 

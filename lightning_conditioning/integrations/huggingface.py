@@ -450,7 +450,7 @@ class ConditioningTrainerCallback(_TrainerShell):
         """The monitor's new results, at the step they belong to."""
         monitor = self.monitor
         assert monitor is not None and monitor.results_step is not None
-        step, results = monitor.results_step, monitor.results
+        step, results = monitor.results_step, monitor.window_results
         scalars = {k: v for result in results.values() for k, v in result.metrics(self.prefix).items()}
         self._report(args, state, control, step, scalars, hook_kwargs)
         if not (self.log_histograms and self._zero):

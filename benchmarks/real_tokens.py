@@ -1,0 +1,356 @@
+"""Real tokens per step (issue #21): GPT-2 small at the tokens a fine-tuning step uses, default
+options, against plain training, against the previous default options, and against float64.
+
+Usage (from the repository root)::
+
+    python benchmarks/real_tokens.py --out benchmarks/results/real_tokens.json   # ~10 min here
+    python benchmarks/real_tokens.py --only steps --steps 6      # one section
+    python benchmarks/real_tokens.py --device cuda --out benchmarks/results/real_tokens_cuda.json
+    python benchmarks/real_tokens.py --from-json benchmarks/results/real_tokens.json  # re-render
+
+Sections (GPT-2 small: ``transformers.GPT2Config()``, 124M parameters, vocabulary 50,257, random
+weights and tokens, AdamW; every section builds its model from the same seed):
+
+``steps``     steps alternate plain / analysed (``every_n_steps=2``, every other option at its
+              default) at ``--batch × --small-length`` and ``--batch × --length`` tokens: the
+              median plain step, every analysed step (the first included) as a ratio to it, and
+              how the analysed step's extra time grows with the tokens. The previous default
+              options (every layer in every window, ``memory_budget`` three quarters of the
+              parameter bytes) run at the small size beside them. The default schedule's cost
+              over a run follows from the measured steps (steps 0, 1, 2, 4, …, 64, then every 100).
+``accuracy``  one window at ``--batch × --length`` tokens seen by two monitors at once: the default
+              plan (all layers, ``step_overhead=None``: turns change which step a layer is
+              analysed at, not its numbers, ``tests/test_turns.py``) and a float64 reference that
+              keeps every moment dense (an 8 GiB budget); the head's 50,257-wide Σ∇h, too large
+              for a dense reference, from its output-gradient rows caught by a hook of our own
+              (the ``n × n`` Gram of the rows, float64 ``eigvalsh``). λmax relative error of every
+              moment, κ_50 agreement.
+``memory``    peak resident memory of a child process that trains ``--memory-steps`` steps (all
+              analysed) with the default monitor and weight-domination monitor, against one that
+              trains them without; the training process's own peak (parameters, gradients,
+              AdamW state and activations) is the plain child's peak over its resident set after
+              the imports.
+
+Ratios, not absolute times, mean something on a shared CPU: every section logs the CPU share
+other processes took while it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from harness import ForeignLoad, machine, table, write_results  # noqa: E402
+from real_sizes import adamw, gpt2, proc_status, release_free_memory, sync, token_batches  # noqa: E402
+
+from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor  # noqa: E402
+from lightning_conditioning.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
+
+MIB = 1 << 20
+
+
+def log(message: str) -> None:
+    print(f"[real_tokens] {message}", file=sys.stderr, flush=True)
+
+
+def monitor_for(model: torch.nn.Module, messages: list[str], **options: Any) -> ConditioningMonitor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ConditioningMonitor(model, info=messages.append, warn=messages.append,
+                                   warn_diagnosis=False, **options)
+
+
+def previous_budget(model: torch.nn.Module) -> int:
+    """The previous default ``memory_budget="auto"``: three quarters of the parameter bytes,
+    at least 64 MiB."""
+    own = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return max(64 * MIB, own * 3 // 4)
+
+
+def lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
+            device: torch.device, monitors: list[Any], step: int) -> float:
+    """One step (labels = inputs) inside every monitor's ``track``; its seconds."""
+    batch = {"input_ids": ids, "labels": ids}
+    sync(device)
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for monitor in monitors:
+            if isinstance(monitor, ConditioningMonitor):
+                stack.enter_context(monitor.track(step))
+                monitor.set_loss_tokens(monitor.loss_tokens_for(batch))
+        model(**batch).loss.backward()
+    for monitor in monitors:
+        if isinstance(monitor, WeightDominationMonitor):
+            monitor.before_optimizer_step(step)
+    optimizer.step()
+    for monitor in monitors:
+        if isinstance(monitor, WeightDominationMonitor):
+            monitor.after_optimizer_step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def schedule_count(steps: int) -> int:
+    return sum(1 for s in range(steps) if s in EARLY_STEPS or s % REGULAR_PERIOD == 0)
+
+
+def steps_at(args: argparse.Namespace, device: torch.device, length: int, previous: bool) -> dict[str, Any]:
+    model = gpt2(device, False)
+    optimizer = adamw(model)
+    batches = token_batches(model.config.vocab_size, args.batch, length, 4, device)
+    messages: list[str] = []
+    options: dict[str, Any] = {"every_n_steps": 2}
+    if previous:
+        options.update(step_overhead=None, memory_budget=previous_budget(model))
+    monitor = monitor_for(model, messages, **options)
+    times: dict[str, list[float]] = {"plain": [], "analysed": []}
+    layers: list[int] = []
+    count = args.previous_steps if previous else args.steps
+    for step in range(count):
+        seconds = lm_step(model, optimizer, batches[step % 4], device, [monitor], step)
+        analysed = step % 2 == 0
+        times["analysed" if analysed else "plain"].append(seconds)
+        if analysed:
+            layers.append(len(monitor.window_results))
+        log(f"{'previous' if previous else 'default'} {args.batch}x{length} step {step}: "
+            f"{'analysed' if analysed else 'plain'} {seconds:.1f} s")
+    plain = statistics.median(times["plain"])
+    extra = statistics.mean(t - plain for t in times["analysed"])
+    out = {"tokens": args.batch * length, "options": "previous" if previous else "default",
+           "plain_s": plain, "analysed_s": times["analysed"], "plain_all_s": times["plain"],
+           "ratios": [t / plain for t in times["analysed"]], "first_ratio": times["analysed"][0] / plain,
+           "max_ratio": max(times["analysed"]) / plain, "mean_extra_s": extra,
+           "layers_per_window": layers, "layers": len(monitor.layer_names),
+           "plan": monitor.plan.summary() if monitor.plan else None,
+           "turn_note": next((m for m in messages if "take turns" in m), None)}
+    for steps in (1000, 10000):
+        out[f"schedule_ratio_{steps}"] = 1 + schedule_count(steps) * extra / (steps * plain)
+    monitor.close()
+    return out
+
+
+def section_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    out = {"small": steps_at(args, device, args.small_length, False),
+           "full": steps_at(args, device, args.length, False)}
+    if args.previous_steps:
+        out["previous_small"] = steps_at(args, device, args.small_length, True)
+    small, full = out["small"], out["full"]
+    out["extra_growth"] = full["mean_extra_s"] / max(small["mean_extra_s"], 1e-9)
+    out["token_growth"] = full["tokens"] / small["tokens"]
+    return out
+
+
+def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = gpt2(device, False)
+    messages: list[str] = []
+    default = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None)
+    reference = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None,
+                            memory_budget=8 << 30)
+    assert default.plan is not None and reference.plan is not None
+    huge = [m.layer for m in reference.plan.moments if m.method == "sketch" and m.moment == "grad"]
+    caught: dict[str, list[torch.Tensor]] = {name: [] for name in huge}
+    modules = dict(model.named_modules())
+    handles = []
+    for name in huge:
+        def keep(module: Any, inputs: Any, output: torch.Tensor, name: str = name) -> None:
+            if output.requires_grad:
+                output.register_hook(lambda g: caught[name].append(g.detach().reshape(-1, g.shape[-1]).cpu()))
+        handles.append(modules[name].register_forward_hook(keep))
+    ids = token_batches(model.config.vocab_size, args.batch, args.length, 1, device)[0]
+    batch = {"input_ids": ids, "labels": ids}
+    tokens = default.loss_tokens_for(batch)
+    start = time.perf_counter()
+    with default.track(0), reference.track(0):
+        for monitor in (default, reference):
+            monitor.set_loss_tokens(tokens)
+        model(**batch).loss.backward()
+    seconds = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    rows: list[dict[str, Any]] = []
+    for name, result in default.window_results.items():
+        ref = reference.window_results[name]
+        for label in ("input", "grad"):
+            mine, truth = getattr(result, label), getattr(ref, label)
+            plan = default.plan.of(name, label)
+            ref_plan = reference.plan.of(name, label)
+            if name in caught and label == "grad":
+                grads = torch.cat(caught[name]).to(torch.float64) * float(tokens or 1)
+                gram = grads @ grads.T / grads.shape[0]
+                values = torch.linalg.eigvalsh((gram + gram.T) * 0.5).flip(0).clamp_min(0)
+                true_lambda, true_kappa, true_status = float(values[0]), math.inf, "infinite"
+                reference_kind = "rows Gram (float64)"
+            else:
+                true_lambda = truth.lambda_max
+                true_kappa, true_status = truth.kappa.get(50, math.nan), truth.kappa_status.get(50)
+                reference_kind = ref_plan.method if ref_plan else "?"
+            kappa, status = mine.kappa.get(50, math.nan), mine.kappa_status.get(50)
+            spans = (mine.eigenvalues is not None)
+            rows.append({
+                "layer": name, "moment": label, "dim": plan.dim if plan else None,
+                "method": plan.method if plan else None, "reference": reference_kind,
+                "lambda_max": mine.lambda_max, "reference_lambda_max": true_lambda,
+                "lambda_rel_error": abs(mine.lambda_max - true_lambda) / true_lambda if true_lambda else 0.0,
+                "kappa_50": kappa, "kappa_50_status": status,
+                "reference_kappa_50": true_kappa, "reference_kappa_50_status": true_status,
+                "kappa_agrees": (status == true_status and (
+                    kappa == true_kappa or (math.isfinite(kappa) and math.isfinite(true_kappa)
+                                            and max(kappa, true_kappa) / min(kappa, true_kappa) <= 1.1))),
+                "full_spectrum": spans})
+    default.close()
+    reference.close()
+    errors = [r["lambda_rel_error"] for r in rows]
+    return {"tokens": args.batch * args.length, "window_s": seconds, "moments": rows,
+            "max_lambda_rel_error": max(errors), "within_1e-3": sum(e <= 1e-3 for e in errors),
+            "count": len(rows), "kappa_agree": sum(bool(r["kappa_agrees"]) for r in rows),
+            "plan": default.plan.summary()}
+
+
+def memory_child(args: argparse.Namespace) -> dict[str, Any]:
+    base = proc_status().get("VmRSS", 0)  # after the imports: the interpreter, torch, transformers
+    device = torch.device(args.device)
+    model = gpt2(device, False)
+    optimizer = adamw(model)
+    batches = token_batches(model.config.vocab_size, args.batch, args.length, args.memory_steps, device)
+    monitors: list[Any] = []
+    messages: list[str] = []
+    if args.monitor:
+        monitors = [monitor_for(model, messages),
+                    WeightDominationMonitor(model, every_n_steps=1, warn=messages.append, info=messages.append,
+                                            optimizer=optimizer)]
+    times = [lm_step(model, optimizer, batches[s], device, monitors, s) for s in range(args.memory_steps)]
+    status = proc_status()
+    out = {"monitor": bool(args.monitor), "rss_base": base, "rss_peak": status.get("VmHWM", 0),
+           "steps_s": times}
+    if args.monitor:
+        conditioning = monitors[0]
+        out["plan"] = conditioning.plan.summary() if conditioning.plan else None
+        out["layers_analysed"] = len(conditioning.results)
+        out["snapshot_budget"] = monitors[1].snapshot_budget
+    if device.type == "cuda":
+        out["cuda_peak"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
+def section_memory(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    runs = {}
+    for monitored in (False, True):
+        command = [sys.executable, os.path.abspath(__file__), "--child-memory", "--monitor", str(int(monitored)),
+                   "--device", args.device, "--batch", str(args.batch), "--length", str(args.length),
+                   "--memory-steps", str(args.memory_steps)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        runs["monitored" if monitored else "plain"] = json.loads(done.stdout.strip().splitlines()[-1])
+    plain, mon = runs["plain"], runs["monitored"]
+    training_peak = plain["rss_peak"] - plain["rss_base"]
+    extra = (mon["rss_peak"] - mon["rss_base"]) - training_peak
+    return {"tokens": args.batch * args.length, "plain": plain, "monitored": mon,
+            "training_peak": training_peak, "extra_peak": extra, "extra_share": extra / training_peak}
+
+
+def render(out: dict[str, Any]) -> str:
+    lines = [f"Device {out['device']}, {out['machine'].get('cpu', '')}; total {out['total_s']:.0f} s; "
+             f"sections: " + ", ".join(f"{k} {v['seconds']:.0f} s (other processes {100 * (v['foreign'] or 0):.0f}% CPU)"
+                                       for k, v in out["durations"].items()), ""]
+    steps = out.get("steps")
+    if steps:
+        rows = []
+        for key in ("small", "full", "previous_small"):
+            if key in steps:
+                s = steps[key]
+                rows.append([f"{s['options']}, {s['tokens']} tokens", f"{s['plain_s']:.1f} s",
+                             ", ".join(f"{r:.2f}×" for r in s["ratios"]), f"{s['mean_extra_s']:.1f} s",
+                             f"{s['schedule_ratio_1000']:.4f}×", f"{s['schedule_ratio_10000']:.4f}×",
+                             f"{s['layers_per_window']} of {s['layers']}"])
+        lines += ["GPT-2 small, steps alternating plain / analysed:", "",
+                  table(["options, tokens per step", "plain step", "analysed steps (first first)", "mean extra",
+                         "default schedule, 1,000 steps", "10,000 steps", "layers per window"], rows), "",
+                  f"Extra time of an analysed step grew {steps['extra_growth']:.2f}× when the tokens grew "
+                  f"{steps['token_growth']:.0f}×.", ""]
+    accuracy = out.get("accuracy")
+    if accuracy:
+        worst = sorted(accuracy["moments"], key=lambda r: -r["lambda_rel_error"])[:5]
+        lines += [f"Accuracy, one window of {accuracy['tokens']} tokens (plan: {accuracy['plan']}): "
+                  f"λmax within 1e-3 of float64 for {accuracy['within_1e-3']} of {accuracy['count']} moments "
+                  f"(largest error {accuracy['max_lambda_rel_error']:.1e}); κ_50 agrees (status, and value "
+                  f"within 1.1×) for {accuracy['kappa_agree']} of {accuracy['count']}.", "",
+                  table(["layer", "moment", "d", "method", "reference", "λmax rel. error", "κ_50", "reference κ_50"],
+                        [[r["layer"], r["moment"], r["dim"], r["method"], r["reference"], f"{r['lambda_rel_error']:.1e}",
+                          f"{r['kappa_50']:.4g} ({r['kappa_50_status']})",
+                          f"{r['reference_kappa_50']:.4g} ({r['reference_kappa_50_status']})"] for r in worst]), ""]
+    memory = out.get("memory")
+    if memory:
+        lines += [f"Memory at {memory['tokens']} tokens: training process's own peak "
+                  f"{memory['training_peak'] / MIB:,.0f} MiB; extra peak with both monitors "
+                  f"{memory['extra_peak'] / MIB:,.0f} MiB = {100 * memory['extra_share']:.1f}% "
+                  f"(plan: {memory['monitored'].get('plan')}).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", nargs="+", default=["steps", "accuracy", "memory"],
+                        choices=["steps", "accuracy", "memory"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--small-length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6, help="alternating steps per size (half analysed)")
+    parser.add_argument("--previous-steps", type=int, default=2,
+                        help="steps with the previous default options at the small size (0: none)")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--out")
+    parser.add_argument("--from-json")
+    parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--monitor", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child_memory:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = memory_child(args)
+        print(json.dumps(result))
+        return result
+    if args.from_json:
+        with open(args.from_json) as handle:
+            out = json.load(handle)
+        print(render(out))
+        return out
+    device = torch.device(args.device)
+    out: dict[str, Any] = {"machine": machine(), "device": str(device), "args": vars(args), "durations": {}}
+    start = time.perf_counter()
+    sections = {"steps": section_steps, "accuracy": section_accuracy, "memory": section_memory}
+    for name in args.only:
+        log(f"{name} ...")
+        began = time.perf_counter()
+        release_free_memory()
+        with ForeignLoad() as foreign, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[name] = sections[name](args, device)
+        out["durations"][name] = {"seconds": time.perf_counter() - began, "foreign": foreign.share}
+        log(f"{name}: {out['durations'][name]['seconds']:.0f} s")
+    out["total_s"] = time.perf_counter() - start
+    write_results(out, render(out), args.out, log)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Issue 21: a bounded cost per analysed step. When analysing every layer at once would cost
+more than ``step_overhead`` of a plain step, layers take turns across analysed steps; each
+layer's numbers are those of a monitor analysing every layer at that step (exact, not
+approximated), and only the analysed layers are published at each step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_conditioning.turns as turns_module
+from lightning_conditioning import ConditioningMonitor
+from lightning_conditioning.plan import MomentPlan
+from lightning_conditioning.turns import TurnTaker, moment_seconds
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+
+
+def test_cost_model_grows_with_rows_and_width_and_a_block_is_cheaper_than_dense_when_rows_are_few() -> None:
+    dense = MomentPlan("fc", "grad", 3072, "dense", 0)
+    sketch = MomentPlan("fc", "grad", 3072, "sketch", 0, rank=32, block=2048)
+    assert moment_seconds(dense, 4096) > moment_seconds(dense, 2048) > moment_seconds(dense, 128)
+    assert moment_seconds(sketch, 2048) < moment_seconds(dense, 2048)
+    # beyond one block the rows are shrunk block by block: the cost grows linearly in rows
+    assert math.isclose(moment_seconds(sketch, 8192), 4 * moment_seconds(sketch, 2048))
+    assert moment_seconds(MomentPlan("emb", "input", 50257, "diagonal", 0), 2048) < 1e-3
+
+
+def test_turns_cycle_through_every_layer_within_the_capacity_and_adapt_to_measurements() -> None:
+    moments = [MomentPlan(f"l{i}", moment, 1024, "dense", 0) for i in range(6) for moment in ("input", "grad")]
+    taker = TurnTaker(moments, train_parameters=6 * 1024 * 1024, share=0.5)
+    one = taker.layer_seconds("l0")
+    seen: list[str] = []
+    for _ in range(3):
+        turn = taker.next_turn(capacity=2.5 * one)
+        assert turn is not None and len(turn) == 2
+        seen += sorted(turn)
+    assert seen == [f"l{i}" for i in range(6)]  # every layer once, in the model's order
+    assert taker.next_turn(capacity=100 * one) is None  # all fit: no turns
+    # measured plain steps set the capacity; an analysed step slower than modelled shrinks it
+    for _ in range(3):
+        taker.observe_plain(40.0)
+    assert taker.plain_seconds() == 40.0 and math.isclose(taker.capacity(), 20.0)
+    taker._plain = [1.0]
+    assert math.isclose(taker.capacity(), turns_module.MIN_TURN_SECONDS)  # never below the floor
+    taker._plain = [40.0]
+    taker.next_turn(capacity=2.5 * one)
+    taker.observe_analysed(40.0 + 2 * (2 * one))  # twice the modelled extra of its two layers
+    assert math.isclose(taker.scale, math.sqrt(2.0))
+    state = taker.state_dict()
+    again = TurnTaker(moments, train_parameters=1, share=0.5)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+
+
+def test_share_none_or_a_small_model_analyses_every_layer_every_time() -> None:
+    monitor = ConditioningMonitor(_mlp(), every_n_steps=1, warn_diagnosis=False)
+    assert monitor.turns is not None and monitor.turns.next_turn() is None  # under MIN_TURN_SECONDS
+    with pytest.raises(ValueError, match="step_overhead"):
+        ConditioningMonitor(_mlp(), step_overhead=0)
+    monitor.close()
+
+
+def test_layers_taking_turns_get_the_numbers_of_a_full_analysis_of_the_same_step(monkeypatch) -> None:
+    monkeypatch.setattr(turns_module, "MIN_TURN_SECONDS", 0.0)
+    model = _mlp()
+    messages: list[str] = []
+    turned = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
+                                 step_overhead=1e-9, info=messages.append)
+    full = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
+                               step_overhead=None)
+    g = torch.Generator().manual_seed(1)
+    windows = []
+    for step in range(4):
+        x, y = torch.randn(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
+        with turned.track(step), full.track(step):
+            nn.functional.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+        windows.append(sorted(turned.window_results))
+        assert sorted(full.window_results) == ["0", "2", "4"]
+        for name, result in turned.window_results.items():
+            reference = full.window_results[name]
+            assert result.step == reference.step == step
+            for label in ("input", "grad", "fim"):
+                assert getattr(result, label).lambda_max == getattr(reference, label).lambda_max
+                assert getattr(result, label).kappa == getattr(reference, label).kappa
+            torch.testing.assert_close(result.input.eigenvalues, reference.input.eigenvalues, rtol=0, atol=0)
+        metrics = {k for r in turned.window_results.values() for k in r.metrics()}
+        assert all(k.split("/")[1] in turned.window_results for k in metrics)
+    assert windows == [["0"], ["2"], ["4"], ["0"]]  # one layer a step, in turn
+    # results keep every layer's latest analysis, each with its own step
+    assert {name: r.step for name, r in turned.results.items()} == {"0": 3, "2": 1, "4": 2}
+    assert any("take turns" in m for m in messages)
+    assert turned.state_dict()["turns"]["position"] == 1
+    turned.close()
+    full.close()
