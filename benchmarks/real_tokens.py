@@ -61,6 +61,9 @@ from real_sizes import adamw, gpt2, proc_status, release_free_memory, sync, toke
 from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor  # noqa: E402
 from lightning_conditioning.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
 
+# benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE]
+
 MIB = 1 << 20
 
 
