@@ -244,11 +244,11 @@ def plan_analysis(
     rest.sort(key=lambda e: e[2])
     block = 0
     while rest:
-        widest, dims = rest[-1][2], sum(dim for *_, dim in rest)
+        largest, dims = rest[-1][2], sum(dim for *_, dim in rest)
         room = left - 16 * MIN_SKETCH_RANK * dims
-        block = _largest_block(widest, room + workspace)
+        block = _largest_block(largest, room + workspace)
         if block:
-            grown = max(block_workspace(widest, block) - workspace, 0)
+            grown = max(block_workspace(largest, block) - workspace, 0)
             rank = min(sketch_rank, max(left - grown, 0) // (16 * dims), block // 2)
             workspace += grown
             break

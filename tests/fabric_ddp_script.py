@@ -110,6 +110,11 @@ def train(fabric: Any, out: str) -> None:
     }
     path = Path(out) if fabric.global_rank == 0 else Path(f"{out}.rank{fabric.global_rank}")
     path.write_text(json.dumps(payload))
+    # a process group left to the interpreter's exit once aborted a rank in CI ("terminate
+    # called without an active exception", exit -6): end it here, both ranks together
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main(out: str, strategy: str = "ddp") -> None:

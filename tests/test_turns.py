@@ -44,6 +44,7 @@ def test_turns_cycle_through_every_layer_within_the_capacity_and_adapt_to_measur
     assert seen == [f"l{i}" for i in range(6)]  # every layer once, in the model's order
     assert taker.next_turn(capacity=100 * one) is None  # all fit: no turns
     # measured plain steps set the capacity; an analysed step slower than modelled shrinks it
+    taker.scale = 1.0
     for _ in range(3):
         taker.observe_plain(40.0)
     assert taker.plain_seconds() == 40.0 and math.isclose(taker.capacity(), 20.0)
