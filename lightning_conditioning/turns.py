@@ -110,8 +110,11 @@ class TurnTaker:
         self._predicted = 0.0
 
     def layer_seconds(self, layer: str) -> float:
-        """Modelled seconds of one layer's analysis at its last rows per step."""
-        rows = self.rows.get(layer, ROWS_GUESS)
+        """Modelled seconds of one layer's analysis at its last rows per step (a layer not
+        seen yet: the median of the others', :data:`ROWS_GUESS` before any)."""
+        rows = self.rows.get(layer)
+        if rows is None:
+            rows = int(statistics.median(self.rows.values())) if self.rows else ROWS_GUESS
         return sum(moment_seconds(m, rows) for m in self._moments[layer])
 
     def plain_seconds(self) -> float:
