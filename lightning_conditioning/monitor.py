@@ -300,6 +300,8 @@ class ConditioningMonitor:
         """Time the step that just ended (from its begin to this one's): a plain step's
         period, or an analysed one's, for the turns' cost model."""
         now = time.perf_counter()
+        if self._step_clock is not None and step == self._step_clock[0]:
+            return  # another micro-batch of the same step: its period runs from the first
         if self._step_clock is not None and self.turns is not None and step == self._step_clock[0] + 1:
             seconds = now - self._step_clock[1]
             if self._step_clock[2]:

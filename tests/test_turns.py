@@ -101,3 +101,22 @@ def test_layers_taking_turns_get_the_numbers_of_a_full_analysis_of_the_same_step
     assert turned.state_dict()["turns"]["position"] == 1
     turned.close()
     full.close()
+
+
+def test_a_plain_step_is_timed_from_its_first_micro_batch_to_the_next_step(monkeypatch) -> None:
+    """The turns' plain-step period spans every micro-batch of the step (gradient accumulation
+    calls ``begin`` once per micro-batch with the same step)."""
+    import lightning_conditioning.monitor as monitor_module
+
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: next(clock))
+    model = _mlp()
+    monitor = ConditioningMonitor(model, every_n_steps=10, warn_diagnosis=False)
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+    for step in (1, 2):  # not scheduled: plain steps of three micro-batches each
+        for micro in range(3):
+            with monitor.track(step, last_micro_batch=micro == 2):
+                nn.functional.cross_entropy(model(x), y).backward()
+    monitor.begin(3)
+    assert monitor.turns is not None and monitor.turns._plain == [3.0, 3.0]
+    monitor.close()
