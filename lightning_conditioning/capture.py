@@ -405,8 +405,9 @@ class LayerCapture:
         self.active = False
 
     def reset(self) -> None:
-        """Empty every window (gradients of forwards captured before are ignored from now)."""
-        for window in self.windows.values():
+        """Empty this turn's windows, the only ones that take rows (gradients of forwards
+        captured before are ignored from now)."""
+        for window in self.turn_windows.values():
             window.reset()
         self._generation += 1
 

@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["FrequentDirections", "shrink", "sketch_eigenvalues", "BLOCK_ROWS", "COLUMN_BLOCK_BYTES"]
+__all__ = ["FrequentDirections", "shrink", "shrink_gram", "sketch_eigenvalues", "BLOCK_ROWS", "COLUMN_BLOCK_BYTES"]
 
 #: the most rows shrunk in one block (its ``m × m`` float64 Gram: 32 MiB at 2,048): an add of
 #: up to this many rows (minus those already in the buffer) keeps the window exact
@@ -58,19 +58,32 @@ def shrink(rows: Tensor, rank: int) -> tuple[Tensor, float]:
         >>> [round(v, 12) for v in torch.linalg.svdvals(b).square().tolist()], delta
         ([8.0, 3.0], 1.0)
     """
-    count = rows.shape[0]
-    if count == 0:
+    if rows.shape[0] == 0:
         return rows, 0.0
-    gram = rows @ rows.T
+    _, combination, delta = shrink_gram(rows @ rows.T, rank)
+    return combination @ rows, delta
+
+
+def shrink_gram(gram: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """``(eigenvalues, combination, δ)`` of a shrink from the ``m × m`` Gram of ``m`` rows:
+    the Gram's eigenvalues (descending, clamped at 0), the ``(kept, m)`` matrix whose product
+    with the rows gives the shrunk rows ``diag(sqrt(λ' / λ)) Uᵀ rows`` (directions with λ = 0
+    dropped), and ``δ``, the ``(rank+1)``-th largest eigenvalue (0 when there are no more).
+
+    Example:
+        >>> values, combination, delta = shrink_gram(torch.diag(torch.tensor([9.0, 4.0, 1.0])), 2)
+        >>> values.tolist(), combination.shape, delta
+        ([9.0, 4.0, 1.0], torch.Size([2, 3]), 1.0)
+    """
+    count = gram.shape[0]
     values, vectors = torch.linalg.eigh((gram + gram.T) * 0.5)
     values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
     delta = float(values[rank]) if count > rank else 0.0
     kept = min(rank, count)
     lowered = (values[:kept] - delta).clamp_min(0.0)
-    # rows of Σ'Vᵀ = diag(sqrt(λ' / λ)) Uᵀ rows (directions with λ = 0 are dropped)
-    scale = torch.where(values[:kept] > 0, (lowered / values[:kept].clamp_min(1e-300)).sqrt(),
-                        torch.zeros_like(lowered))
-    return (scale[:, None] * vectors[:, :kept].T) @ rows, delta
+    factor = torch.where(values[:kept] > 0, (lowered / values[:kept].clamp_min(1e-300)).sqrt(),
+                         torch.zeros_like(lowered))
+    return values, factor[:, None] * vectors[:, :kept].T, delta
 
 
 def sketch_eigenvalues(rows: Tensor) -> Tensor:
@@ -180,15 +193,9 @@ class FrequentDirections:
         for start in range(0, self.dim, width):
             part = self._stack(kept_rows, rows, scale, start, width)
             gram.addmm_(part, part.T)
-        values, vectors = torch.linalg.eigh((gram + gram.T) * 0.5)
-        values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+        values, combination, delta = shrink_gram(gram, self.rank)  # combination: (kept, stacked)
         exact = values.cpu() if self.shrinkage == 0 else None
-        delta = float(values[self.rank]) if stacked > self.rank else 0.0
-        kept = min(self.rank, stacked)
-        lowered = (values[:kept] - delta).clamp_min(0.0)
-        factor = torch.where(values[:kept] > 0, (lowered / values[:kept].clamp_min(1e-300)).sqrt(),
-                             torch.zeros_like(lowered))
-        combination = factor[:, None] * vectors[:, :kept].T  # (kept, stacked)
+        kept = combination.shape[0]
         new_rows = kept_rows.new_empty(kept, self.dim)
         for start in range(0, self.dim, width):
             new_rows[:, start:start + width] = combination @ self._stack(kept_rows, rows, scale,
