@@ -6,7 +6,8 @@ training can see: the global RNG streams (CPU and CUDA) are forked, every buffer
 running statistics, ``num_batches_tracked``) and every module's train/eval flag is restored,
 and :func:`backward_without_grad` computes gradients with ``torch.autograd.grad`` so no
 ``.grad`` is touched (the optimizer state never is). The capture hooks still see the layer
-inputs and output gradients of the pass.
+inputs and output gradients of the pass. :func:`draw_probe_batches` takes probe batches from a
+training loader without moving its sampler, its generators or its workers.
 
 What a pass calls and which loss it takes (batches, outputs, labels) is read by
 :mod:`lightning_conditioning.batches`.
@@ -14,11 +15,17 @@ What a pass calls and which loss it takes (batches, outputs, labels) is read by
 
 from __future__ import annotations
 
+import itertools
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_conditioning.batches import (  # re-exported: the passes' public names
     ForwardFn,
@@ -42,6 +49,7 @@ from lightning_conditioning.batches import (  # re-exported: the passes' public 
 
 __all__ = [
     "isolated_pass",
+    "draw_probe_batches",
     "backward_without_grad",
     "cuda_devices",
     "ForwardFn",
@@ -113,3 +121,94 @@ def backward_without_grad(module: nn.Module, loss: Tensor) -> bool:
         return False
     torch.autograd.grad(loss, parameters, allow_unused=True)
     return True
+
+
+def draw_probe_batches(loader: DataLoader, count: int) -> list[Any]:
+    """The next ``count`` batches of ``loader``'s sampler, on the CPU, leaving ``loader`` as it was.
+
+    Training must not see that batches were drawn. The batches are made in this process the
+    way the loader's fetcher makes them (the batch sampler's indices, ``dataset[i]`` or the
+    dataset's ``__getitems__``, then the loader's ``collate_fn``); the loader's own iterator
+    and workers, persistent or not, are never touched. Every random stream the draw can move is
+    put back afterwards: torch's global CPU and CUDA streams, Python's and NumPy's, and every
+    ``torch.Generator`` the loader or its samplers hold (``DataLoader(generator=...)``,
+    ``RandomSampler(generator=...)``). A ``DistributedSampler`` yields the rank's own shard and
+    keeps no state between iterations. When the loader's iterator for the epoch exists already
+    (Lightning makes it before ``on_train_start``) and has not taken indices yet (it has no
+    workers, which take some ahead), the batches are the first ones training will get. Fewer than ``count`` come back when the loader has fewer.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> data = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=4, shuffle=True,
+        ...                   generator=torch.Generator().manual_seed(0))
+        >>> epoch = iter(data)  # what a training loop holds before its first batch
+        >>> probe = draw_probe_batches(data, 1)
+        >>> torch.equal(probe[0][0], next(epoch)[0])  # the batch training gets next
+        True
+    """
+    generators = _loader_generators(loader)
+    saved = [(generator, generator.get_state()) for generator in generators]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    batches: list[Any] = []
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices_in_use()):
+            for batch in _fetched_batches(loader):
+                if len(batches) == count:
+                    break
+                batches.append(_detached_cpu_copy(batch))
+    finally:
+        for generator, state in saved:
+            generator.set_state(state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return batches
+
+
+def _fetched_batches(loader: DataLoader) -> Iterator[Any]:
+    """The batches ``loader``'s single-process fetcher would make from its sampler's next indices."""
+    dataset, collate = loader.dataset, loader.collate_fn
+    if isinstance(dataset, IterableDataset):
+        items = iter(dataset)
+        if loader.batch_size is None:
+            yield from map(collate, items)
+            return
+        while chunk := list(itertools.islice(items, loader.batch_size)):
+            if len(chunk) < loader.batch_size and loader.drop_last:
+                return
+            yield collate(chunk)
+        return
+    if loader.batch_sampler is None:  # automatic batching off: one index, one batch
+        for index in loader.sampler:
+            yield collate(dataset[index])
+        return
+    many = getattr(dataset, "__getitems__", None)
+    for indices in loader.batch_sampler:
+        yield collate(many(indices) if many is not None else [dataset[i] for i in indices])
+
+
+def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
+    """Every ``torch.Generator`` held by ``loader``, its sampler and batch sampler (and the
+    samplers these wrap), each once."""
+    found: dict[int, torch.Generator] = {}
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if obj is None or id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Generator):
+            found[id(obj)] = obj
+            return
+        for name in ("generator", "sampler", "batch_sampler"):
+            visit(getattr(obj, name, None), depth + 1)
+
+    visit(loader, 0)
+    return list(found.values())
+
+
+def _cuda_devices_in_use() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def _detached_cpu_copy(batch: Any) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().to("cpu", copy=True))

@@ -85,3 +85,49 @@ def run(out: Path, strategy: str, devices: int, batch_norm: bool = False, width:
         enable_checkpointing=False,
     )
     trainer.fit(RankData(batch_norm, width))
+
+
+class ShuffledDropout(pl.LightningModule):
+    """Dropout, and a shuffled loader that Lightning gives a DistributedSampler under DDP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        x, y = full_data()
+        return DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True)
+
+
+class DumpParameters(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sampler = trainer.train_dataloader.sampler  # type: ignore[union-attr]
+        torch.save({"params": [p.detach().clone() for p in pl_module.parameters()],
+                    "sampler": type(sampler).__name__},
+                   self.out / f"params{trainer.global_rank}.pt")
+
+
+def run_shuffled(out: Path, probe_batches: int) -> None:
+    """Two epochs of 2-rank DDP on a DistributedSampler, with or without probe batches."""
+    callbacks: list[pl.Callback] = [DumpParameters(out)]
+    if probe_batches:
+        callbacks.insert(0, ConditioningCallback(every_n_steps=1, probe_batches=probe_batches))
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=2, callbacks=callbacks,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    trainer.fit(ShuffledDropout())

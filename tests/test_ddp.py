@@ -93,3 +93,18 @@ def test_standalone_ddp_script(tmp_path: Path, single: dict[str, float]) -> None
     _check_against_single(out, single)
     leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
     assert not leftovers.strip(), leftovers
+
+
+def test_ddp_probe_batches_leave_a_distributed_sampler_run_bit_identical(tmp_path: Path) -> None:
+    """Under 2-rank DDP with Lightning's DistributedSampler (shuffled) and Dropout, probe batches
+    change nothing: every rank's final parameters equal those of the run without the callback."""
+    import torch
+    from ddp_common import run_shuffled
+    plain, probed = tmp_path / "plain", tmp_path / "probed"
+    plain.mkdir(), probed.mkdir()
+    run_shuffled(plain, probe_batches=0)
+    run_shuffled(probed, probe_batches=2)
+    for rank in (0, 1):
+        a, b = (torch.load(folder / f"params{rank}.pt") for folder in (plain, probed))
+        assert a["sampler"] == b["sampler"] == "DistributedSampler"
+        assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))

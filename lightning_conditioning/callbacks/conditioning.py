@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.views.diagnosis import Finding, format_findings
@@ -18,7 +19,7 @@ from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.passes import (
     ForwardFn, LossFn, SampleLossFn, backward_without_grad, cuda_devices, default_forward,
-    default_loss, forward_module_name, isolated_pass, label_generator, sampled_loss,
+    default_loss, draw_probe_batches, forward_module_name, isolated_pass, label_generator, sampled_loss,
     sampled_positions, shifts_labels,
 )
 from lightning_conditioning.results import LayerConditioning
@@ -211,17 +212,13 @@ class ConditioningCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is None or not self.monitor.capture or not self.probe_batches or self._held_batches:
             return
-        with torch.random.fork_rng(devices=cuda_devices(pl_module)):  # leave the RNG streams be
-            iterator = iter(trainer.train_dataloader)  # type: ignore[arg-type]
-            for _ in range(self.probe_batches):
-                try:
-                    self._held_batches.append(_to_cpu(next(iterator)))
-                except StopIteration:
-                    break
-            del iterator
+        # drawn from a twin of the training loader: its sampler, generators and workers stay as
+        # they are, so training sees the batches it would have seen without the callback
+        self._held_batches = _probe_batches(trainer, self.probe_batches)
         if len(self._held_batches) < self.probe_batches:
             rank_zero_warn(f"{type(self).__name__}: asked for {self.probe_batches} probe batches, "
-                           f"the training data has {len(self._held_batches)}.")
+                           f"the training data has {len(self._held_batches)}; the analysis uses "
+                           f"those {len(self._held_batches)}.")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -372,8 +369,28 @@ class ConditioningCallback(Callback):
             self.monitor.load_state_dict(self._restored)
 
 
-def _to_cpu(batch: Any) -> Any:
-    return apply_to_collection(batch, Tensor, lambda t: t.detach().to("cpu", copy=True))
+def _probe_batches(trainer: pl.Trainer, count: int) -> list[Any]:
+    """The first ``count`` training batches, in the form ``training_step`` receives them."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, DataLoader):
+        return draw_probe_batches(loaders, count)
+    # several loaders (a dict or list): the i-th batch of each, combined as the fit loop does
+    drawn = apply_to_collection(loaders, DataLoader, lambda loader: _Drawn(draw_probe_batches(loader, count)))
+    parts: list[_Drawn] = []
+    apply_to_collection(drawn, _Drawn, parts.append)
+    if not parts:
+        return []
+    mode = getattr(getattr(trainer.fit_loop, "_combined_loader", None), "_mode", "max_size_cycle")
+    if mode == "sequential":
+        return [batch for part in parts for batch in part][:count]
+    size = min(map(len, parts)) if mode == "min_size" else max(map(len, parts))
+    if not all(parts):
+        return []
+    return [apply_to_collection(drawn, _Drawn, lambda part: part[i % len(part)]) for i in range(min(size, count))]
+
+
+class _Drawn(list):
+    """The batches drawn from one of several training loaders."""
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:
