@@ -316,6 +316,12 @@ class LayerMoments:
     grad_gram_roundoff: float = 0.0
 
     @property
+    def lookup_table(self) -> bool:
+        """Whether the layer is a lookup table (an embedding: one-hot input rows, a diagonal
+        Σx). Its "units" are the table's rows; one never > 0 was not looked up in the window."""
+        return isinstance(self.input_second_moment, Tensor) and self.input_second_moment.dim() == 1
+
+    @property
     def dead_units(self) -> int:
         """Units never > 0 in the window."""
         return int((self.unit_max <= 0).sum())

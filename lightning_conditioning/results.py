@@ -49,9 +49,11 @@ class LayerConditioning:
         input: spectrum summary of Σx (full spectrum in ``input.eigenvalues``).
         grad: spectrum summary of Σ∇h.
         fim: λmax, rank and κ_p of the sub-FIM ``Σx ⊗ Σ∇h``.
-        dead_input_units: input units (features / channels) never > 0 in the window.
-        full_input_units: input units > 0 on every row of the window.
-        input_units: number of input units.
+        dead_input_units: input units (features / channels) never > 0 in the window (``None``
+            for an embedding: its units are table rows, see ``unused_rows``).
+        full_input_units: input units > 0 on every row of the window (``None`` for an
+            embedding).
+        input_units: number of input units (an embedding's table rows: tokens, positions).
         input_rows / grad_rows: rows each second moment was averaged over.
 
     Example:
@@ -74,6 +76,9 @@ class LayerConditioning:
     input_units: int
     input_rows: int
     grad_rows: int
+    #: an embedding's table rows (tokens, positions) not looked up in the window: what the
+    #: batches did not use, not a fault of the layer (``None`` for other layers)
+    unused_rows: int | None = None
     #: ``{"lr_lambda_max": …, "stability_limit": …, "lambda_max_share": …}`` once the learning
     #: rate is known (:func:`lightning_conditioning.margin.with_stability_margin`), else empty
     margin: Mapping[str, float] = field(default_factory=dict)
@@ -96,6 +101,8 @@ class LayerConditioning:
         if self.dead_input_units is not None and self.full_input_units is not None:
             out["dead_input_units"] = float(self.dead_input_units)
             out["full_input_units"] = float(self.full_input_units)
+        if self.unused_rows is not None:
+            out["unused_rows"] = float(self.unused_rows)
         out.update({k: v for k, v in self.margin.items() if math.isfinite(v)})
         return {schema.key(prefix, self.name, quantity): value for quantity, value in out.items()}
 
@@ -297,8 +304,15 @@ def analyse_layer(
         input=input_summary,
         grad=grad_summary,
         fim=fim,
-        dead_input_units=moments.dead_units,
-        full_input_units=moments.full_units,
+        **_unit_counts(moments),
         **common,  # type: ignore[arg-type]
     )
 
+
+
+def _unit_counts(moments: LayerMoments) -> dict[str, int | None]:
+    """Dead and always-active input units; for an embedding, its unused table rows instead (a
+    token or position the window's batches did not hold is not a dead unit)."""
+    if moments.lookup_table:
+        return dict(dead_input_units=None, full_input_units=None, unused_rows=moments.dead_units)
+    return dict(dead_input_units=moments.dead_units, full_input_units=moments.full_units, unused_rows=None)

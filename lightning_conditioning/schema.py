@@ -18,7 +18,8 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
   an estimate, with its error bar ``{m}_kappa_{p}_estimate_low`` / ``_high``; λmax of an
   approximate spectrum comes with ``{m}_lambda_max_low`` / ``_high``, and its rank is not
   logged (not measured).
-* ``dead_input_units`` / ``full_input_units``.
+* ``dead_input_units`` / ``full_input_units``; for an embedding ``unused_rows`` instead (table
+  rows, tokens or positions, not looked up in the window).
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
   learning rate is known).
 * ``log10_{q}``: the decimal logarithm of λmax and measured κ_p (TensorBoard only, for its
@@ -72,7 +73,8 @@ __all__ = [
 MOMENTS: tuple[str, ...] = ("input", "grad", "fim")
 #: how each matrix is written for people
 MOMENT_SYMBOLS: dict[str, str] = {"input": "Σx", "grad": "Σ∇h", "fim": "sub-FIM"}
-UNIT_QUANTITIES: tuple[str, ...] = ("dead_input_units", "full_input_units")
+#: per-unit counts: dead / always-active input units; an embedding's unused table rows
+UNIT_QUANTITIES: tuple[str, ...] = ("dead_input_units", "full_input_units", "unused_rows")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound

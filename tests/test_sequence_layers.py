@@ -141,7 +141,7 @@ def test_embedding_input_moment_is_the_token_frequencies_and_stays_a_vector() ->
     torch.testing.assert_close(moments.grad_second_moment, _gram(out.grad * 8), rtol=1e-12, atol=0)
 
 
-def test_embedding_results_report_frequencies_and_unseen_tokens_as_structural_zeros() -> None:
+def test_embedding_results_report_frequencies_and_unseen_tokens_as_unused_rows() -> None:
     model = nn.Sequential(nn.Embedding(10, 3), nn.Linear(3, 2))
     monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False, kappa_percents=(10, 100))
     with monitor.track(0):
@@ -149,7 +149,12 @@ def test_embedding_results_report_frequencies_and_unseen_tokens_as_structural_ze
     result = monitor.results["0"]
     assert result.input.lambda_max == 0.75 and result.input.rank == 2
     assert result.input.kappa[100] == 3.0  # 0.75 / 0.25, the rarest seen token
-    assert result.dead_input_units == 8
+    # the 8 tokens the batch did not hold are unused table rows, not dead units
+    assert result.unused_rows == 8 and result.dead_input_units is None and result.full_input_units is None
+    metrics = result.metrics()
+    assert metrics["conditioning/0/unused_rows"] == 8.0
+    assert "conditioning/0/dead_input_units" not in metrics
+    assert monitor.results["1"].unused_rows is None and monitor.results["1"].dead_input_units is not None
     assert result.input.solver == "diagonal"
 
 
@@ -232,3 +237,56 @@ def test_coverage_counts_tied_weights_once_and_leaves_vectors_out() -> None:
     head.weight = embedding.weight  # tied
     model = nn.Sequential(embedding, nn.LayerNorm(4), head)
     assert coverage(model, find_layers(model)) == (40, 40, 40 + 8 + 10)
+
+
+# ------------------------------------------------------------ embeddings are not dead units
+def _kill_units(name: str, model: nn.Module) -> str:
+    """Make 60% of the first MLP's hidden units never > 0 (a real dead-unit fault); returns the
+    layer whose input they are."""
+    with torch.no_grad():
+        if name == "gpt2":  # GELU(-100) = -0: the units never turn on
+            bias = model.transformer.h[0].mlp.c_fc.bias
+            bias[: int(0.6 * bias.numel())] = -100.0
+            return "transformer.h.0.mlp.c_proj"
+        if name == "bert":
+            bias = model.bert.encoder.layer[0].intermediate.dense.bias
+            bias[: int(0.6 * bias.numel())] = -100.0
+            return "bert.encoder.layer.0.output.dense"
+        # Llama: act(gate) · up is 0 where up's weight rows are 0
+        weight = model.model.layers[0].mlp.up_proj.weight
+        weight[: int(0.6 * weight.shape[0])] = 0.0
+        return "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_embeddings_of_short_sequences_are_unused_rows_never_dead_units(name: str) -> None:
+    """Sequences of 8 tokens against 32 positions and 128 tokens: 75% of the position table and
+    most of the vocabulary unused at every step. No dead-unit finding on an embedding; the
+    embeddings log their unused rows; a real fault (60% of an MLP's units killed) is found."""
+    pytest.importorskip("transformers")
+    from real_models import hf_bert, hf_gpt2, hf_llama
+
+    torch.manual_seed(0)
+    model = {"gpt2": hf_gpt2, "llama": hf_llama, "bert": hf_bert}[name]().model
+    dead_layer = _kill_units(name, model)
+    monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False, loss_reduction="token_mean")
+    frozen = model.model.layers[0].mlp.up_proj.weight if name == "llama" else None  # its zero rows stay
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p is not frozen], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    assert embeddings
+    for step in range(3):
+        ids = torch.randint(2, 128, (4, 8), generator=generator)
+        with monitor.track(step):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        dead = [f for f in monitor.findings() if f.rule == "dead_units"]
+        assert len(dead) == 1 and dead[0].layers == (dead_layer,), [f.message for f in dead]
+        for embedding in embeddings:
+            result = monitor.results[embedding]
+            assert result.dead_input_units is None and result.unused_rows is not None
+            table = model.get_submodule(embedding).num_embeddings
+            if table == 32 and name != "llama":  # positions: 8 of 32 looked up
+                assert result.unused_rows == 24
+    monitor.close()

@@ -94,7 +94,10 @@ def format_layer_table(conditioning: LayerTable, domination: LayerTable | None =
             cells += [_number(row.get(schema.lambda_max_quantity(moment))), kappa_cell(row, moment, p)]
             if moment in _RANKED:
                 cells.append(_rank(row, moment))
-        cells += [_units(row, "dead_input_units"), _units(row, "full_input_units")]
+        if "unused_rows" in row:  # an embedding: table rows the window did not look up
+            cells += [_units(row, "unused_rows") + " unused", "-"]
+        else:
+            cells += [_units(row, "dead_input_units"), _units(row, "full_input_units")]
         if with_domination:
             dom = domination.get(name, {})
             cells += [_number(dom.get("grad_weight_ratio")), _number(dom.get("update_weight_ratio"))]

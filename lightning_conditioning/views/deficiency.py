@@ -39,6 +39,7 @@ class Unresolved:
         rank: the numerical rank, when logged.
         dim: the size of the matrix, when known (``{moment}_dim`` of the table).
         dead: dead input units (Σx only), when logged.
+        unused: an embedding's table rows not looked up in the window (Σx only), when logged.
     """
 
     layer: str
@@ -47,6 +48,7 @@ class Unresolved:
     rank: float | None = None
     dim: float | None = None
     dead: float | None = None
+    unused: float | None = None
 
     @property
     def infinite(self) -> bool:
@@ -97,7 +99,8 @@ def unresolved_kappas(table: Mapping[str, Mapping[str, float]], last_layer: str 
                 found.append(Unresolved(
                     name, moment, readings, row.get(schema.rank_quantity(moment)),
                     row.get(schema.dim_quantity(moment)),
-                    row.get("dead_input_units") if moment == "input" else None))
+                    row.get("dead_input_units") if moment == "input" else None,
+                    row.get("unused_rows") if moment == "input" else None))
     return found
 
 
@@ -121,6 +124,8 @@ def describe(item: Unresolved) -> str:
         notes.append(f"rank {item.rank:.0f}" + (f" of {item.dim:.0f}" if item.dim else ""))
     if item.dead:
         notes.append(f"{item.dead:.0f} dead input units")
+    elif item.unused:
+        notes.append(f"{item.unused:.0f} table rows (tokens, positions) not in the window's batches")
     elif item.moment == "fim":
         notes.append("a factor has a zero eigenvalue" if item.infinite
                      else "products of Σx and Σ∇h eigenvalues under the floor")

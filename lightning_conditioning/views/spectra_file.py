@@ -98,6 +98,7 @@ def spectrum_records(results: Mapping[str, Any], prefix: str = "conditioning") -
             "grad_rows": int(result.grad_rows),
             "dead_input_units": result.dead_input_units if ok else None,
             "full_input_units": result.full_input_units if ok else None,
+            "unused_rows": result.unused_rows if ok else None,
         }
         record["rank_rtol"] = summaries["input"].rtol if summaries["input"] is not None else None
         for label, summary in summaries.items():
