@@ -25,9 +25,11 @@ class AutoConditioningCallback(ConditioningCallback):
     """The ConditioningCallback added by the entry point; steps aside for a user's own.
 
     Example:
-        >>> AutoConditioningCallback().state_key
-        "AutoConditioningCallback{'prefix': 'conditioning'}"
+        >>> AutoConditioningCallback().yields_to_others
+        True
     """
+
+    yields_to_others = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         callbacks: list[pl.Callback] = getattr(trainer, "callbacks")  # noqa: B009

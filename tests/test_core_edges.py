@@ -4,7 +4,9 @@ computed vs structural zeros, per-rank precisions, collective devices, RNG, stat
 from __future__ import annotations
 
 import copy
+import types
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -149,10 +151,17 @@ def test_measuring_the_float64_slowdown_draws_no_random_numbers() -> None:
     assert torch.equal(before, torch.get_rng_state())
 
 
+def _set_up(callback: Any) -> Any:
+    callback.setup(types.SimpleNamespace(callbacks=[callback]), None, "validate")  # type: ignore[arg-type]
+    return callback
+
+
 def test_state_keys_follow_the_prefix_only() -> None:
-    assert ConditioningCallback(every_n_steps=5).state_key == ConditioningCallback(every_n_steps=7).state_key
-    assert ConditioningCallback(prefix="a").state_key != ConditioningCallback(prefix="b").state_key
-    assert WeightDominationCallback(prefix="a").state_key != WeightDominationCallback(prefix="b").state_key
+    first, second = _set_up(ConditioningCallback(every_n_steps=5)), _set_up(ConditioningCallback(every_n_steps=7))
+    assert first.state_key == second.state_key == "ConditioningCallback{'prefix': 'conditioning'}"
+    assert _set_up(ConditioningCallback(prefix="a")).state_key != _set_up(ConditioningCallback(prefix="b")).state_key
+    assert (_set_up(WeightDominationCallback(prefix="a")).state_key
+            != _set_up(WeightDominationCallback(prefix="b")).state_key)
 
 
 def test_zero_gradient_layers_log_true_zeros_and_are_explained_once() -> None:

@@ -8,7 +8,9 @@ import math
 import subprocess
 import sys
 import warnings
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import SequentialClassifier, fit, loader, seeded
@@ -285,3 +287,22 @@ def test_importing_the_package_and_version_load_no_torch() -> None:
         "assert 'torch' not in sys.modules and 'lightning' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("make", [lambda: ConditioningCallback(every_n_steps=1, conv_mode="channel"),
+                                  lambda: WeightDominationCallback(every_n_steps=1)],
+                         ids=["conditioning", "weight_domination"])
+def test_two_callbacks_with_one_prefix_fail_at_setup_naming_prefix(make: Any) -> None:
+    first, second = make(), make()
+    # Lightning's own check at Trainer(...) passes (it could not say what to change) ...
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, callbacks=[first, second], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    x, y = _data(16)
+    name = type(first).__name__
+    prefix = first.prefix
+    with pytest.raises(ValueError, match=rf"2 {name}s in this Trainer log under prefix='{prefix}'.*"
+                                         rf"Give each its own prefix=, e\.g\. {name}\(\.\.\., prefix='{prefix}_2'\)"):
+        trainer.fit(SequentialClassifier(seeded(mlp)), loader(x, y, 16))
+    # ... and with their own prefixes they train side by side
+    first.prefix, second.prefix = "a", "b"
+    fit(SequentialClassifier(seeded(mlp)), loader(x, y, 16), [first, second], max_steps=1)

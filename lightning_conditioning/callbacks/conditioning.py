@@ -23,7 +23,7 @@ from lightning_conditioning.passes import (
     sampled_positions, shifts_labels,
 )
 from lightning_conditioning.results import LayerConditioning
-from lightning_conditioning.callbacks.support import unsupported
+from lightning_conditioning.callbacks.support import check_one_per_prefix, prefix_state_key, unsupported
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
 from lightning_conditioning.solvers import SolverPlan
@@ -130,12 +130,12 @@ class ConditioningCallback(Callback):
         self._restored: dict[str, Any] = {}
         self._scale_at_backward: float | None = None
         self._passes = 0
+        self._set_up = False
 
     @property
     def state_key(self) -> str:
-        # the prefix names the callback's keys: one state per prefix, whatever the options
-        # (a resumed run may change its schedule and keep its held batches and warnings)
-        return self._generate_state_key(prefix=self.prefix)
+        # one state per prefix, whatever the options (see prefix_state_key)
+        return prefix_state_key(self, self._set_up)
 
     @property
     def results(self) -> dict[str, LayerConditioning]:
@@ -158,6 +158,8 @@ class ConditioningCallback(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_one_per_prefix(self, trainer.callbacks, ConditioningCallback)  # type: ignore[attr-defined]
+        self._set_up = True
         # an extra pass that cannot call the model fails now, not at the first analysed step
         if stage == "fit" and self._extra_pass_option and self.forward_fn is None:
             self._forward_module = self._default_forward_module(pl_module)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["unsupported"]
+__all__ = ["unsupported", "prefix_state_key", "check_one_per_prefix"]
 
 
 def unsupported(kind: str, strategy: Any) -> str | None:
@@ -42,3 +42,35 @@ def unsupported(kind: str, strategy: Any) -> str | None:
         return ("classic FSDP flattens parameters and was not tested (Lightning refuses it on the "
                 "CPU). Use FSDP2 (ModelParallelStrategy with tensor_parallel_size=1), which is tested.")
     return None
+
+
+def prefix_state_key(callback: Any, set_up: bool) -> str:
+    """The checkpoint key of a stateful callback: one state per prefix, whatever its options
+    (a resumed run may change its schedule and keep what it learned).
+
+    Lightning checks at ``Trainer(...)`` that no two stateful callbacks share a key, with a
+    message that does not say what to change. Until the Trainer sets the callback up its key
+    also carries the instance, so that check passes and :func:`check_one_per_prefix` (called
+    at setup, before any checkpoint is read or written) raises an error that names ``prefix=``.
+
+    Example:
+        >>> from lightning_conditioning import ConditioningCallback
+        >>> prefix_state_key(ConditioningCallback(prefix="a"), set_up=True)
+        "ConditioningCallback{'prefix': 'a'}"
+    """
+    key = callback._generate_state_key(prefix=callback.prefix)
+    return key if set_up else f"{key}@{id(callback):x}"
+
+
+def check_one_per_prefix(callback: Any, callbacks: Any, family: type) -> None:
+    """Raise when another ``family`` callback in ``callbacks`` logs under ``callback``'s prefix
+    (its keys and its checkpoint state would collide with this one's). A callback whose class
+    sets ``yields_to_others`` (the entry point's automatic one) is not counted: it steps aside."""
+    others = [other for other in callbacks if other is not callback and isinstance(other, family)
+              and not getattr(other, "yields_to_others", False) and other.prefix == callback.prefix]
+    if others:
+        name = family.__name__
+        raise ValueError(
+            f"{len(others) + 1} {name}s in this Trainer log under prefix={callback.prefix!r}: their "
+            f"logged keys and checkpointed states would collide. Give each its own prefix=, e.g. "
+            f"{name}(..., prefix={callback.prefix + '_2'!r}).")

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import checked_layer_types
-from lightning_conditioning.callbacks.support import unsupported
+from lightning_conditioning.callbacks.support import check_one_per_prefix, prefix_state_key, unsupported
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics, is_dominated
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
@@ -116,12 +116,12 @@ class WeightDominationCallback(Callback):
         self._restored: dict[str, Any] = {}
         self._loss_step: int | None = None  # the checked step whose loss is being summed
         self._loss_sum = 0.0
+        self._set_up = False
 
     @property
     def state_key(self) -> str:
-        # the prefix names the callback's keys: one state per prefix, whatever the options
-        # (a resumed run may change its schedule and keep its warnings)
-        return self._generate_state_key(prefix=self.prefix)
+        # one state per prefix, whatever the options (see prefix_state_key)
+        return prefix_state_key(self, self._set_up)
 
     @property
     def results(self) -> dict[str, WeightStatistics]:
@@ -164,6 +164,8 @@ class WeightDominationCallback(Callback):
         return self.monitor.domination_table() if self.monitor is not None else {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_one_per_prefix(self, trainer.callbacks, WeightDominationCallback)  # type: ignore[attr-defined]
+        self._set_up = True
         if stage == "fit" and self.monitor is not None:  # a second fit: keep what was learned
             self._restored = self.monitor.state_dict()
             self.monitor = None
