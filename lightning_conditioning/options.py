@@ -75,6 +75,13 @@ class ConditioningOptions:
                 f"kappa_percents must be a non-empty list of percents in (0, 100], "
                 f"got {list(self.kappa_percents)}"
             )
+        if max(percents) <= 1 and min(percents) < 1:
+            # [0.5, 0.8, 1.0] is κ_0.5, κ_0.8, κ_1 (ratios to the top 1% of the spectrum), never
+            # what was meant: fractions for percents
+            raise ValueError(
+                f"kappa_percents are percents of the spectrum (50 for κ_50, 100 for κ_100), got "
+                f"{list(self.kappa_percents)}: fractions? Use {[_as_percent(p) for p in percents]}. "
+                "(Percents at most 1 are taken as meant when the list also has one above 1.)")
         set_(self, "kappa_percents", tuple(int(p) if p.is_integer() else p for p in percents))
         if self.conv_mode not in ("channel", "patch"):
             raise ValueError(f"conv_mode must be 'channel' or 'patch', got {self.conv_mode!r}")
@@ -151,3 +158,8 @@ class ConditioningOptions:
         if self.every_n_steps is None:
             return step
         return step - step % self.every_n_steps
+
+
+def _as_percent(fraction: float) -> float | int:
+    value = round(fraction * 100, 6)
+    return int(value) if float(value).is_integer() else value

@@ -236,6 +236,16 @@ def test_bad_arguments_fail_early(kwargs, error) -> None:
     assert name in str(raised.value)
 
 
+def test_kappa_percents_given_as_fractions_fail_with_the_percents_meant() -> None:
+    with pytest.raises(ValueError, match=r"got \[0\.5, 0\.8, 1\.0\]: fractions\? Use \[50, 80, 100\]"):
+        ConditioningCallback(kappa_percents=[0.5, 0.8, 1.0])
+    with pytest.raises(ValueError, match=r"Use \[99\.5\]"):
+        ConditioningCallback(kappa_percents=[0.995])
+    # a small percent beside a larger one is meant
+    assert ConditioningCallback(kappa_percents=[0.5, 50]).options.kappa_percents == (0.5, 50)
+    assert ConditioningCallback(kappa_percents=[1]).options.kappa_percents == (1,)
+
+
 def test_precision_defaults_and_rank_rtol_only_raises_the_floor() -> None:
     x, y = _data()
     default = ConditioningCallback(every_n_steps=1)
