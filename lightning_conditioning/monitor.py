@@ -538,8 +538,10 @@ class ConditioningMonitor:
     def findings(self) -> list[Finding]:
         """The diagnosis of the latest analysis (with :attr:`domination_source`'s check)."""
         domination = dict(self.domination_source()) if self.domination_source else None
+        dtype = self.capture.statistics_dtype if self.capture is not None else None
         return diagnose(conditioning_table(self._results), domination or None,
-                        last_layer=self.last_linear)
+                        last_layer=self.last_linear,
+                        statistics_float64=None if dtype is None else dtype == torch.float64)
 
     def _report_problems(self, step: int) -> None:
         if self.capture is not None and self.capture.late_gradients and not self._warned_late:

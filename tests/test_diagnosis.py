@@ -197,3 +197,31 @@ def test_dead_layer_is_found() -> None:
 def test_healthy_small_net_has_no_findings() -> None:
     findings = _analyse(seeded(_small), steps=2)
     assert findings == [], format_findings(findings)
+
+
+def test_rank_deficiency_remedy_suggests_float64_only_where_it_was_not_used() -> None:
+    table = _kappa_table()
+    table["l1"]["input_kappa_50_lower_bound"] = table["l1"].pop("input_kappa_50") * 1e9
+
+    def remedy(**kwargs: object) -> str:
+        return _rules(diagnose(table, **kwargs))["rank_deficient"].remedy  # type: ignore[arg-type]
+
+    assert "statistics_dtype" not in remedy(statistics_float64=True)
+    assert "`statistics_dtype='float64'` lowers the floor," in remedy(statistics_float64=False)
+    assert "lowers the floor if the statistics were float32" in remedy()  # a report from logs
+
+
+def test_the_monitor_knows_its_statistics_were_float64() -> None:
+    import torch
+    from torch import nn
+
+    from lightning_conditioning import ConditioningMonitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 4), nn.Linear(4, 3))  # Σx of 64 dims from 8 rows: ∞ κ_p
+    monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False)
+    with monitor.track(0):
+        model(torch.randn(8, 64)).square().mean().backward()
+    (finding,) = [f for f in monitor.findings() if f.rule == "rank_deficient"]
+    assert monitor.capture is not None and monitor.capture.statistics_dtype == torch.float64  # CPU "auto"
+    assert "statistics_dtype" not in finding.remedy

@@ -17,14 +17,35 @@ from dataclasses import dataclass
 from lightning_conditioning import schema
 from lightning_conditioning.views.tables import kappa_percents, percent_text
 
-__all__ = ["REMEDY", "Unresolved", "unresolved_kappas", "describe"]
+__all__ = ["REMEDY", "remedy", "Unresolved", "unresolved_kappas", "describe"]
 
-#: what to do about κ_p that are not measurements (the diagnosis' remedy)
-REMEDY = ("∞ from fewer analysed rows than dimensions: analyse more rows (a larger batch, "
-          "`window_steps`, `probe_batches`); from dead units: see dead_units; a ≥ bound: the "
-          "spectrum spans more decades than the arithmetic resolves: `statistics_dtype="
-          "'float64'` lowers the floor, `kappa_definition='nonzero'` measures κ_p over the "
-          "resolved eigenvalues, normalisation (BatchNorm, LayerNorm) improves the conditioning")
+
+def remedy(statistics_float64: bool | None = None) -> str:
+    """What to do about κ_p that are not measurements (the diagnosis' remedy). Float64
+    statistics are suggested only where they were not in use (``None``: not known, e.g. a
+    report read from logs).
+
+    Example:
+        >>> "statistics_dtype" in remedy(True), "statistics_dtype='float64'` lowers" in remedy(False)
+        (False, True)
+    """
+    if statistics_float64:
+        arithmetic = ("the spectrum spans more decades than float64 statistics resolve: "
+                      "`kappa_definition='nonzero'` measures κ_p over the resolved eigenvalues")
+    else:
+        known = "" if statistics_float64 is False else (
+            " if the statistics were float32 (`statistics_dtype='auto'` is float64 but on GPUs "
+            "whose float64 is slow)")
+        arithmetic = ("the spectrum spans more decades than the arithmetic resolves: "
+                      f"`statistics_dtype='float64'` lowers the floor{known}, "
+                      "`kappa_definition='nonzero'` measures κ_p over the resolved eigenvalues")
+    return ("∞ from fewer analysed rows than dimensions: analyse more rows (a larger batch, "
+            "`window_steps`, `probe_batches`); from dead units: see dead_units; a ≥ bound: "
+            f"{arithmetic}; normalisation (BatchNorm, LayerNorm) improves the conditioning")
+
+
+#: the remedy when the statistics' precision is not known
+REMEDY = remedy(None)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lightning_conditioning import schema
-from lightning_conditioning.views.deficiency import REMEDY, describe, unresolved_kappas
+from lightning_conditioning.views.deficiency import describe, remedy, unresolved_kappas
 from lightning_conditioning.views.tables import headline_percent
 from lightning_conditioning.views.wording import (
     REMEDY_LAST_BN, Finding, domination_evidence, format_findings, listing, short_warning,
@@ -251,7 +251,7 @@ def _kappa_outliers(table: Table, th: Thresholds) -> list[Finding]:
     return findings
 
 
-def _rank_deficient(table: Table, last_layer: str | None) -> list[Finding]:
+def _rank_deficient(table: Table, last_layer: str | None, statistics_float64: bool | None) -> list[Finding]:
     items = unresolved_kappas(table, last_layer)
     if not items:
         return []
@@ -269,7 +269,7 @@ def _rank_deficient(table: Table, last_layer: str | None) -> list[Finding]:
                  + ". Its λ_p is under the resolution floor (≥: κ_p is at least that) or exactly "
                  "zero (∞): the matrix is rank-deficient, at least (100 − p)% of its eigenvalues "
                  "are lost, and the layer learns (almost) nothing along those directions"),
-        remedy=REMEDY,
+        remedy=remedy(statistics_float64),
     )]
 
 
@@ -388,6 +388,7 @@ def diagnose(
     dominated_layers: float | None = None,
     last_layer: str | None = None,
     thresholds: Thresholds = Thresholds(),
+    statistics_float64: bool | None = None,
 ) -> list[Finding]:
     """Apply every rule to one step's layer tables; an empty list means nothing fired.
 
@@ -397,6 +398,8 @@ def diagnose(
         dominated_layers: the logged ``weight_domination/dominated_layers`` (evidence only).
         last_layer: the final linear layer (default: the last layer of each table).
         thresholds: see :class:`Thresholds`.
+        statistics_float64: whether the statistics were float64 (None: not known); remedies
+            suggest float64 only where it was not in use.
 
     Example:
         >>> table = {f"l{i}": {"input_lambda_max": 10.0 ** -i} for i in range(6)}
@@ -412,7 +415,7 @@ def diagnose(
     findings += _depth_trend(conditioning, "grad_lambda_max", backward=True, th=th)
     findings += _dead_units(conditioning, th)
     findings += _kappa_outliers(conditioning, th)
-    findings += _rank_deficient(conditioning, last_layer)
+    findings += _rank_deficient(conditioning, last_layer, statistics_float64)
     findings += _step_size(conditioning)
     last_input = _large_last_input(conditioning, last_layer, th)
     findings += _last_layer(last_input, domination, th)

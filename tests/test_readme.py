@@ -1,0 +1,61 @@
+"""What README.md shows is what runs: the quick start executes as written, and the option
+lists name every argument of the callbacks with its real default."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import inspect
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from lightning_conditioning import ConditioningCallback, WeightDominationCallback
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start:end]
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_quick_start_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (code,) = _python_blocks(_section("Quick start"))
+    monkeypatch.chdir(tmp_path)  # its TensorBoard run folder lands here
+    printed = io.StringIO()
+    namespace: dict[str, object] = {"__name__": "readme_quick_start"}
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md#quick-start", "exec"), namespace)
+    conditioning = namespace["conditioning"]
+    assert isinstance(conditioning, ConditioningCallback)
+    assert conditioning.layer_names == ["hidden", "fc"]  # what the comment says
+    assert "['hidden', 'fc']" in printed.getvalue()
+    assert conditioning.results["fc"].step == 64  # 80 steps: the last scheduled one
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+
+
+def _documented_signature(name: str) -> dict[str, str]:
+    """``{argument: default source}`` of the ``Name(...)`` signature the README writes out."""
+    match = re.search(rf"`{name}\((.*?)\)`", README, flags=re.S)
+    assert match, name
+    call = ast.parse(f"f({' '.join(match.group(1).split())})", mode="eval").body
+    assert isinstance(call, ast.Call)
+    return {keyword.arg: ast.unparse(keyword.value) for keyword in call.keywords if keyword.arg}
+
+
+@pytest.mark.parametrize("callback", [ConditioningCallback, WeightDominationCallback])
+def test_option_lists_name_every_argument_with_its_default(callback: type) -> None:
+    documented = _documented_signature(callback.__name__)
+    real = {name: repr(p.default) for name, p in inspect.signature(callback).parameters.items()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    assert set(documented) == set(real), set(documented) ^ set(real)
+    for name, default in documented.items():
+        assert ast.literal_eval(default) == ast.literal_eval(real[name]), name
