@@ -13,7 +13,6 @@ for cores with spinning OpenMP teams.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from concurrent.futures import wait as futures_wait
 
 import torch
 
+from lightning_conditioning.notify import announce
 from lightning_conditioning.accumulate import LayerMoments
 from lightning_conditioning.capture import LayerCapture
 from lightning_conditioning.collectives import Collectives
@@ -34,7 +34,6 @@ from lightning_conditioning.solvers import limited_threads
 __all__ = ["analyse_capture", "gather_moments", "analyse_moments", "BackgroundAnalysis",
            "BACKGROUND_SECONDS", "background_helps"]
 
-_LOG = logging.getLogger("lightning_conditioning")
 Notify = Callable[[str], None]
 #: analyses estimated to take longer than this go to the background with ``analysis="auto"``
 BACKGROUND_SECONDS = 0.5
@@ -60,7 +59,7 @@ def analyse_moments(
     options: ConditioningOptions,
     collectives: Collectives | None = None,
     *,
-    info: Notify = _LOG.info,
+    info: Notify = announce,
     who: str = "ConditioningMonitor",
 ) -> dict[str, LayerConditioning]:
     """Eigen-solve (shared out over ``collectives``) and summarise finished moments. Analyses
@@ -100,7 +99,7 @@ def analyse_capture(
     options: ConditioningOptions,
     collectives: Collectives | None = None,
     *,
-    info: Notify = _LOG.info,
+    info: Notify = announce,
     who: str = "ConditioningMonitor",
     reset: bool = True,
 ) -> dict[str, LayerConditioning]:

@@ -9,14 +9,13 @@ history, the rules) is :mod:`lightning_conditioning.domination`; the words are
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_conditioning.notify import announce, warn as warn_at_user
 from lightning_conditioning import schema
 from lightning_conditioning.capture import checked_layer_types, find_layers, last_linear_name
 from lightning_conditioning.collectives import Collectives
@@ -33,11 +32,6 @@ from lightning_conditioning.views.wording import (
 
 __all__ = ["WeightDominationMonitor", "check_options"]
 
-_LOG = logging.getLogger("lightning_conditioning")
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _adaptive(optimizer: Any) -> bool:
@@ -121,8 +115,8 @@ class WeightDominationMonitor:
         self.fall_factor = float(fall_factor) if fall_factor is not None else None
         self.rules = DominationRules(self.threshold, self.update_threshold, self.fall_factor)
         self.log_imbalance, self.prefix = log_imbalance, prefix
-        self._warn = warn or _warn
-        self._info = info or _LOG.info
+        self._warn = warn or warn_at_user
+        self._info = info or announce
         layers = find_layers(model, checked_layer_types(layer_types), include, exclude)
         #: ``{layer: (parameter, rows)}``: an attention projection's weight is a row slice
         self._weights: dict[str, tuple[nn.Parameter, slice]] = {}

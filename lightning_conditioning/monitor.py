@@ -8,7 +8,6 @@ Lightning shell over it; Fabric and plain PyTorch loops use it directly.
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_conditioning.notify import announce, warn as warn_at_user
 from lightning_conditioning.capture import (
     LayerCapture,
     coverage,
@@ -50,14 +50,9 @@ from lightning_conditioning.selection import selection_problem
 
 __all__ = ["ConditioningMonitor", "analyse_capture"]
 
-_LOG = logging.getLogger("lightning_conditioning")
 
 #: ``message -> None``: where the monitor's notes and warnings go
 Notify = Callable[[str], None]
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 class ConditioningMonitor:
@@ -124,8 +119,8 @@ class ConditioningMonitor:
         if collectives == "auto":
             collectives = auto_collectives()
         self.collectives: Collectives = collectives or Collectives.local()
-        self._info: Notify = info or _LOG.info
-        self._warn: Notify = warn or _warn
+        self._info: Notify = info or announce
+        self._warn: Notify = warn or warn_at_user
         #: the optimizer(s) whose learning rates give the stability margins (None: no margin)
         self.optimizer = optimizer
         #: ``() -> {layer: {quantity: value}}`` of a weight-domination check, for the diagnosis

@@ -207,7 +207,9 @@ def test_documented_keys_reach_tensorboard_through_the_trainer(name: str, tmp_pa
                     found = [f"{key}/{moment}_kappa_{percent}{marker}" in scalars
                              for marker in ("", "_lower_bound", "_infinite")]
                     assert sum(found) == 1, (key, moment, percent)
-            for quantity in ("dead_input_units", "full_input_units", "lr_lambda_max",
+            table = conditioning.results[layer].unused_rows is not None  # an embedding
+            units = ("unused_rows",) if table else ("dead_input_units", "full_input_units")
+            for quantity in (*units, "lr_lambda_max",
                              "stability_limit", "lambda_max_share"):
                 assert f"{key}/{quantity}" in scalars, (key, quantity)
         for layer in domination.results:

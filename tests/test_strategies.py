@@ -27,4 +27,7 @@ def test_unsupported_strategies_are_named_at_fit_start_and_the_callbacks_step_as
                 callback.on_fit_start(trainer, nn.Sequential(nn.Linear(2, 2)))  # type: ignore[arg-type]
             texts = [str(w.message) for w in caught]
             assert any("does nothing in this run" in t and "FSDP2" in t for t in texts), texts
+            if isinstance(strategy, ModelParallelStrategy):  # how to ask for FSDP2 alone
+                assert any("ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)" in t
+                           for t in texts), texts
             assert callback.monitor is None

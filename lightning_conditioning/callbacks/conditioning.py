@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -23,7 +23,9 @@ from lightning_conditioning.passes import (
     sampled_positions, shifts_labels,
 )
 from lightning_conditioning.results import LayerConditioning
-from lightning_conditioning.callbacks.support import check_one_per_prefix, prefix_state_key, unsupported
+from lightning_conditioning.callbacks.support import (
+    check_one_per_prefix, prefix_state_key, rank_zero_warn, unsupported,
+)
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
 from lightning_conditioning.solvers import SolverPlan
@@ -158,7 +160,7 @@ class ConditioningCallback(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_one_per_prefix(self, trainer.callbacks, ConditioningCallback)  # type: ignore[attr-defined]
+        check_one_per_prefix(self, getattr(trainer, "callbacks", ()), ConditioningCallback)
         self._set_up = True
         # an extra pass that cannot call the model fails now, not at the first analysed step
         if stage == "fit" and self._extra_pass_option and self.forward_fn is None:

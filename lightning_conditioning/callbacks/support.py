@@ -22,7 +22,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["unsupported", "prefix_state_key", "check_one_per_prefix"]
+from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_conditioning.notify import warn
+
+__all__ = ["unsupported", "prefix_state_key", "check_one_per_prefix", "rank_zero_warn"]
+
+
+@rank_zero_only
+def rank_zero_warn(message: str) -> None:
+    """A warning from the world's process zero, at the user's line (``trainer.fit(...)``), not
+    inside Lightning or this package (:func:`lightning_conditioning.notify.warn`)."""
+    warn(message)
 
 
 def unsupported(kind: str, strategy: Any) -> str | None:
@@ -30,9 +41,14 @@ def unsupported(kind: str, strategy: Any) -> str | None:
     ``strategy`` (a Lightning strategy), with what to do; None when it can."""
     name = type(strategy).__name__
     if name == "ModelParallelStrategy" and int(getattr(strategy, "_tensor_parallel_size", 1) or 1) > 1:
-        return (f"tensor parallelism (tensor_parallel_size={strategy._tensor_parallel_size}) splits "
-                "a layer's inputs or outputs over ranks: its statistics would be those of a shard. "
-                "Use data parallelism only (tensor_parallel_size=1: FSDP2), or DDP.")
+        size = strategy._tensor_parallel_size
+        data = getattr(strategy, "_data_parallel_size", 1)
+        devices = size * data if isinstance(data, int) else "N"
+        return (f"tensor parallelism (tensor_parallel_size={size}) splits a layer's inputs or "
+                "outputs over ranks: its statistics would be those of a shard (ModelParallelStrategy() "
+                "with its defaults makes every device of the node tensor-parallel). For FSDP2 alone, "
+                "which is supported, pass ModelParallelStrategy(data_parallel_size="
+                f"{devices}, tensor_parallel_size=1); or use DDP.")
     if "DeepSpeed" in name:
         return ("DeepSpeed keeps gradients and weights in partitioned buffers of its own and scales "
                 f"float16 losses with its own scaler, so the {kind} numbers would be missing or "

@@ -9,11 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_conditioning.capture import checked_layer_types
-from lightning_conditioning.callbacks.support import check_one_per_prefix, prefix_state_key, unsupported
+from lightning_conditioning.callbacks.support import (
+    check_one_per_prefix, prefix_state_key, rank_zero_warn, unsupported,
+)
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics, is_dominated
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
@@ -164,7 +166,7 @@ class WeightDominationCallback(Callback):
         return self.monitor.domination_table() if self.monitor is not None else {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_one_per_prefix(self, trainer.callbacks, WeightDominationCallback)  # type: ignore[attr-defined]
+        check_one_per_prefix(self, getattr(trainer, "callbacks", ()), WeightDominationCallback)
         self._set_up = True
         if stage == "fit" and self.monitor is not None:  # a second fit: keep what was learned
             self._restored = self.monitor.state_dict()

@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import math
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
@@ -63,6 +61,7 @@ from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
 from lightning_conditioning.monitor import ConditioningMonitor
+from lightning_conditioning.notify import announce, warn as warn_at_user
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.views.diagnosis import Finding, format_findings
@@ -77,9 +76,6 @@ except ImportError as _error:  # the module stays importable (docs, doctest coll
     _MISSING = str(_error)
 
 __all__ = ["ConditioningTrainerCallback", "WeightDominationTrainerCallback"]
-
-_LOG = logging.getLogger("lightning_conditioning")
-
 
 def _require_transformers(who: str) -> None:
     if _MISSING is not None:
@@ -258,11 +254,11 @@ class _TrainerShell(TrainerCallback):
 
     def _info(self, message: str) -> None:
         if self._zero:
-            _LOG.info(message)
+            announce(message)
 
     def _warn(self, message: str) -> None:
         if self._zero:
-            warnings.warn(message, UserWarning, stacklevel=2)
+            warn_at_user(message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._said:

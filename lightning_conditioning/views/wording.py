@@ -47,27 +47,30 @@ class Finding:
         return f"[{self.severity}] {self.rule}{where}: {self.message}"
 
 
-def _clip(text: str, limit: int) -> str:
-    """``text`` up to its first sentence end, cut at a clause boundary before ``limit``."""
+def _headline(text: str, limit: int) -> str:
+    """``text``'s first sentence, whole; when it is longer than ``limit``, its headline (what
+    comes before the first colon, the list after it left to the findings), also whole."""
     first = re.split(r"\.\s+(?=[A-Z](?!\.))", text, maxsplit=1)[0].rstrip(".")
-    if len(first) <= limit:
-        return first + "."
-    cut = max(first.rfind(sep, 0, limit) for sep in ("; ", ", ", ": "))
-    return (first[:cut] if cut > limit // 3 else first[:limit]).rstrip(" ;,:") + " …"
+    if len(first) > limit and ": " in first:
+        first = first.split(": ", 1)[0]
+    return first + "."
 
 
 def short_warning(finding: Finding, limit: int = 160) -> str:
-    """A warning that reads at a glance: the finding's first sentence and its remedy on a line
-    of its own, each cut to about ``limit`` characters; the full text stays in the findings.
+    """A warning that reads at a glance, in whole sentences: the finding's first sentence (its
+    headline when that is longer than ``limit`` characters) and the whole remedy on a line of
+    its own; the full text stays in the findings.
 
     Example:
         >>> print(short_warning(Finding("dead_units", "l1", "2 layers have dead units: l1, l2. "
         ...                             "A dead unit passes no signal", remedy="check the init")))
         2 layers have dead units: l1, l2.
         Remedy: check the init.
+        >>> print(short_warning(Finding("x", "l1", "3 layers are odd: " + ", ".join(["layer"] * 40))))
+        3 layers are odd.
     """
-    text = _clip(finding.message, limit)
-    return text + (f"\nRemedy: {_clip(finding.remedy, limit)}" if finding.remedy else "")
+    text = _headline(finding.message, limit)
+    return text + (f"\nRemedy: {finding.remedy.rstrip('.')}." if finding.remedy else "")
 
 
 def format_findings(findings: Sequence[Finding], *, evidence: bool = True) -> str:
