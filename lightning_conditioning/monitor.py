@@ -9,7 +9,6 @@ Lightning shell over it; Fabric and plain PyTorch loops use it directly.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal

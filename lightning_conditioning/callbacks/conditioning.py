@@ -18,7 +18,7 @@ from lightning_conditioning.views.diagnosis import Finding, format_findings
 from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.passes import (
-    ForwardFn, LossFn, SampleLossFn, backward_without_grad, cuda_devices, default_forward,
+    ForwardFn, LossFn, SampleLossFn, backward_without_grad, default_forward,
     default_loss, draw_probe_batches, forward_module_name, isolated_pass, label_generator, sampled_loss,
     sampled_positions, shifts_labels,
 )

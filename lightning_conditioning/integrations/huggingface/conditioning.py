@@ -1,0 +1,250 @@
+"""``ConditioningTrainerCallback``: the conditioning analysis in a Hugging Face ``Trainer``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_conditioning import schema
+from lightning_conditioning.integrations.huggingface.shell import (
+    _count, _LossWatch, _TrainerShell, _unwrapped,
+)
+from lightning_conditioning.monitor import ConditioningMonitor
+from lightning_conditioning.options import ConditioningOptions
+from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.views.diagnosis import Finding, format_findings
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records, spectrum_records
+
+__all__ = ["ConditioningTrainerCallback"]
+
+
+class ConditioningTrainerCallback(_TrainerShell):
+    r"""λmax, κ_p and rank of Σx, Σ∇h and the sub-FIM of every weight layer, in a Hugging Face
+    ``Trainer``: a thin shell over :class:`~lightning_conditioning.ConditioningMonitor`.
+
+    At the scheduled optimizer steps (by default 0, 1, 2, 4, …, 64, then every 100; with
+    ``every_n_steps=n``: 0, n, 2n, …) the Trainer's own forward and backward passes of all the
+    step's micro-batches are captured (the empirical Fisher) and the results go to every
+    reporting integration of the Trainer (``report_to``) under ``{prefix}/{layer}/{quantity}``
+    (README "Logged keys"; the integrations prefix them as they prefix ``loss``: TensorBoard
+    shows ``train/conditioning/…``), at ``step = state.global_step`` when the step began (step 0
+    is the initialisation, as with the Lightning callback). With a TensorBoard integration
+    the log10-eigenvalue histograms go to its writer and the spectra file
+    ``conditioning_spectra.jsonl`` next to its event files, so ``python -m
+    lightning_conditioning report OUTPUT_DIR`` reads the run. :attr:`results` holds the latest
+    analysis with full spectra.
+
+    **The per-token factor.** For a token-level head (``loss_reduction="auto"`` picks
+    ``"token_mean"`` for ``…ForCausalLM`` and the like) each output-gradient row is
+    multiplied back to the gradient of the *summed* per-token losses. The Trainer passes the
+    model ``num_items_in_batch``, the label tokens of *all* the step's micro-batches (on all
+    processes when ``average_tokens_across_devices``), and the model's loss is its micro-batch's
+    summed token losses divided by that: the factor is ``num_items_in_batch`` itself (not the
+    micro-batch's own tokens, not times the accumulation), divided by what the Trainer
+    multiplied the loss by (``num_processes`` with tokens averaged across devices; the loss
+    scale with fp16), which is read off the gradient that reaches the model's loss. Without
+    ``num_items_in_batch`` (a model whose ``forward`` takes no ``**kwargs``), the loss is the
+    micro-batch's token mean and the Trainer divides it by the accumulation steps: the factor
+    is the micro-batch's label tokens times those steps, again read off that gradient. A head
+    that is passed ``num_items_in_batch`` but ignores it (in transformers 5, ``BertForMaskedLM``
+    and ``T5ForConditionalGeneration`` build a ``CrossEntropyLoss()`` of their own) makes the
+    Trainer sum its accumulated micro-batch means, and the factor here off by the ratio of the
+    step's tokens to the micro-batch's (both exact without accumulation, on one process); set
+    ``model.accepts_loss_kwargs = False`` before making the Trainer to put both right.
+
+    Args:
+        every_n_steps: analyse optimizer steps 0, n, 2n, … (None: the default schedule).
+        prefix: first part of every logged key.
+        log_histograms: with a TensorBoard integration, the log10-eigenvalue histograms and the
+            spectra file.
+        print_diagnosis: print the diagnosis of the latest analysis when training ends.
+        **options: the monitor's analysis options by name (``kappa_percents``, ``conv_mode``,
+            ``layer_types``, ``include``, ``exclude``, ``loss_reduction``, ``include_bias``,
+            ``rank_rtol``, ``statistics_dtype``, ``kappa_definition``, ``window_steps``,
+            ``solver``, ``warn_diagnosis``, …), checked here; the meaning is the Lightning
+            callback's.
+
+    The extra passes of the Lightning callback (``fisher="true"``, ``probe_batches``) are not
+    offered here. The callback's state (one-time notes) is not saved in the Trainer's
+    checkpoints.
+
+    Example::
+
+        conditioning = ConditioningTrainerCallback(every_n_steps=100, include=["model.layers.*"])
+        Trainer(model, args, train_dataset=data, callbacks=[conditioning]).train()
+        conditioning.results["model.layers.0.mlp.down_proj"].grad.kappa[50]
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        *,
+        prefix: str = "conditioning",
+        log_histograms: bool = True,
+        print_diagnosis: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        unknown = set(options) - set(ConditioningOptions.names())
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; options: "
+                            f"{[n for n in ConditioningOptions.names() if n != 'every_n_steps']}")
+        #: the analysis options, checked (the monitor's :class:`ConditioningOptions`)
+        self.options = ConditioningOptions(every_n_steps=every_n_steps, **options)
+        self.prefix, self.log_histograms, self.print_diagnosis = prefix, log_histograms, print_diagnosis
+        self.monitor: ConditioningMonitor | None = None
+        self._restored: dict[str, Any] = {}
+        self._watch = _LossWatch(self._capturing, self._before_forward, self._loss_gradient)
+        self._forwards = self._graded = 0  # micro-batches captured / whose loss gradient was seen
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def results(self) -> dict[str, LayerConditioning]:
+        """Latest analysed window: ``{layer name: LayerConditioning}`` (empty before one)."""
+        return self.monitor.results if self.monitor is not None else {}
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the analysed layers (once training has started)."""
+        return self.monitor.layer_names if self.monitor is not None else []
+
+    def should_analyse(self, step: int) -> bool:
+        """Whether optimizer step ``step``'s micro-batches are captured (it is in a window)."""
+        return self.options.should_analyse(step)
+
+    def findings(self) -> list[Finding]:
+        """The diagnosis of the latest analysis (with the latest check of a
+        :class:`WeightDominationTrainerCallback` in the same Trainer, if any)."""
+        return self.monitor.findings() if self.monitor is not None else []
+
+    # ------------------------------------------------------------------ the Trainer's hooks
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._bind(state)
+        model = kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            raise RuntimeError(f"{type(self).__name__}: the Trainer passed no model to on_train_begin")
+        if self.monitor is None or self.monitor.closed:
+            if self.monitor is not None:  # a second train(): keep what the first one said
+                self._restored = self.monitor.state_dict()
+            self.monitor = ConditioningMonitor(
+                model, collectives="auto", info=self._info, warn=self._warn,
+                **{name: getattr(self.options, name) for name in ConditioningOptions.names()})
+            self.monitor.load_state_dict(self._restored)
+        optimizer = _unwrapped(kwargs.get("optimizer"))
+        self.monitor.optimizer = optimizer  # SGD-family: the stability margin
+        for callback in self._callbacks():
+            domination = getattr(callback, "domination_table", None)  # a WeightDominationTrainerCallback
+            if callable(domination):
+                self.monitor.domination_source = domination
+        self._watch.attach(model)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        monitor = self.monitor
+        if monitor is None or monitor.capture is None or not monitor.begin(state.global_step):
+            return
+        self._forwards = self._graded = 0
+        monitor.capture.active = True  # the Trainer's own passes of every micro-batch
+
+    def _capturing(self) -> bool:
+        return self.monitor is not None and self.monitor.capturing
+
+    def _before_forward(self, kwargs: Mapping[str, Any]) -> None:
+        """A micro-batch of a captured step: the tokens its loss is divided by."""
+        assert self.monitor is not None
+        self._forwards += 1
+        tokens = _count(kwargs.get("num_items_in_batch"))
+        if tokens is None or self.monitor.loss_reduction != "token_mean":
+            tokens = self.monitor.loss_tokens_for(kwargs)  # its own labels (None: rows / batch)
+        self.monitor.set_loss_tokens(tokens)
+        self.monitor.set_grad_multiplier(1.0)  # until the loss gradient says otherwise
+
+    def _loss_gradient(self, loss: Tensor, grad: Tensor) -> None:
+        """What the Trainer multiplied the model's loss by: undone in every row."""
+        assert self.monitor is not None
+        factor = float(grad)
+        if factor != 0.0 and math.isfinite(factor):
+            self._graded += 1
+            self.monitor.set_grad_multiplier(1.0 / factor)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        monitor, step = self.monitor, state.global_step
+        if monitor is None:
+            return
+        if monitor.current_step != step:
+            if monitor.poll():  # an earlier window's background analysis finished
+                self._publish(args, state, control, kwargs)
+            return
+        if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
+            self._info(f"{type(self).__name__}: step {step} skipped: its gradients overflowed in "
+                       "float16 (the optimizer step was skipped); nothing is logged for its window.")
+            monitor.discard()
+            return
+        if self._graded < self._forwards:
+            self._warn_once("no-loss-gradient", (
+                f"{type(self).__name__}: step {step}: the backward of {self._forwards - self._graded} "
+                "captured micro-batch(es) did not pass through the model's own `loss` (labels "
+                "popped by `compute_loss_func` or label smoothing, a custom `compute_loss`), so what "
+                "the Trainer scaled the loss by is unknown: λmax(Σ∇h) may be off by a constant "
+                "factor (κ_p is not affected)."))
+        if monitor.end(step):
+            self._publish(args, state, control, kwargs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # the last background analysis, while the reporters are still open (they close in
+        # on_train_end, which reaches them before this callback)
+        if self.monitor is not None and self.monitor.wait():
+            self._publish(args, state, control, kwargs)
+
+    def _publish(self, args: Any, state: Any, control: Any, hook_kwargs: Mapping[str, Any]) -> None:
+        """The monitor's new results, at the step they belong to."""
+        monitor = self.monitor
+        assert monitor is not None and monitor.results_step is not None
+        step, results = monitor.results_step, monitor.window_results
+        scalars = {k: v for result in results.values() for k, v in result.metrics(self.prefix).items()}
+        self._report(args, state, control, step, scalars, hook_kwargs)
+        if not (self.log_histograms and self._zero):
+            return
+        from transformers.integrations.integration_utils import rewrite_logs
+
+        for writer in self._tensorboard_writers():
+            for key, values in _histogram_values(results, self.prefix).items():
+                tag = next(iter(rewrite_logs({key: 0.0})))  # named as the scalars beside it
+                writer.add_histogram(tag, values, global_step=step)
+            folder = getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
+            if folder is not None:
+                append_records(Path(folder) / SPECTRA_FILENAME, spectrum_records(results, self.prefix))
+            writer.flush()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        monitor = self.monitor
+        self._watch.detach()
+        if monitor is None:
+            return
+        if monitor.wait():  # an analysis still in flight (after on_epoch_end: rare)
+            self._publish(args, state, control, kwargs)
+        monitor.discard()
+        monitor.close()  # hooks go; the latest results stay readable
+        note = monitor.schedule_note()
+        if note:
+            self._info(note)
+        if self.print_diagnosis and self.results and self._zero:
+            findings = self.findings()
+            print(f"Conditioning diagnosis at step {monitor.results_step}:")
+            print(format_findings(findings) if findings else "  no findings: nothing looks wrong.")
+
+
+def _histogram_values(results: Mapping[str, LayerConditioning], prefix: str) -> dict[str, Any]:
+    """``{key: log10 of the resolved eigenvalues}`` of Σx and Σ∇h per layer (numpy arrays)."""
+    out: dict[str, Any] = {}
+    for name, result in results.items():
+        for moment, summary in (("input", result.input), ("grad", result.grad)):
+            if summary is None or summary.rank == 0:
+                continue
+            values = summary.nonzero_eigenvalues
+            out[schema.key(prefix, name, schema.histogram_quantity(moment))] = (
+                values[values > 0].log10().numpy())
+    return out

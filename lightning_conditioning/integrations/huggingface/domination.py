@@ -1,0 +1,176 @@
+"""``WeightDominationTrainerCallback``: the weight-domination check in a Hugging Face ``Trainer``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_conditioning.capture import checked_layer_types
+from lightning_conditioning.collectives import Collectives, auto_collectives
+from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics
+from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
+from lightning_conditioning.integrations.huggingface.shell import (
+    _LossWatch, _loss_scale, _TrainerShell, _unscale,
+)
+
+__all__ = ["WeightDominationTrainerCallback"]
+
+
+class WeightDominationTrainerCallback(_TrainerShell):
+    r"""σmax(∇W)/σmax(W) per layer and warnings about layers in weight domination, in a Hugging
+    Face ``Trainer``: a thin shell over :class:`~lightning_conditioning.WeightDominationMonitor`.
+
+    At every ``every_n_steps``-th optimizer step (``state.global_step`` when it began), in
+    ``on_pre_optimizer_step``, it checks every weight's gradient as the optimizer will apply it
+    (fp16 gradients unscaled first, averaged over DDP ranks, and clipped when the Trainer clips:
+    ``max_grad_norm > 0``, by default 1.0, scales every layer's gradient by the same factor on a
+    clipped step; ``max_grad_norm=0`` checks the raw gradient, as the Lightning callback does),
+    and after the optimizer step (``on_optimizer_step``) the update it applied. The scalars go to
+    every reporting integration of the Trainer under ``{prefix}/{layer}/{quantity}`` and
+    ``{prefix}/dominated_layers`` (README "Weight domination"), at the checked step. The step's
+    training loss (each layer's fall is judged net of it) is the Trainer's: the model's loss of
+    every micro-batch times what the Trainer scaled it by, summed, averaged over processes.
+
+    Args: those of :class:`~lightning_conditioning.WeightDominationCallback`, with the same
+    meaning and defaults (``every_n_steps=100``, ``threshold=1e-4``, ``update_threshold=0``,
+    ``patience=3``, ``layer_types``, ``include``, ``exclude``, ``log_imbalance``, ``prefix``,
+    ``fall_factor=1000``). The ratio histories are not saved in the Trainer's checkpoints.
+
+    Example::
+
+        domination = WeightDominationTrainerCallback(every_n_steps=50)
+        Trainer(model, args, train_dataset=data, callbacks=[domination]).train()
+        domination.dominated, domination.results["lm_head"].grad_weight_ratio
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        threshold: float = 1e-4,
+        update_threshold: float = 0.0,
+        patience: int = 3,
+        layer_types: Sequence[type[nn.Module]] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        log_imbalance: bool = True,
+        prefix: str = "weight_domination",
+        fall_factor: float | None = 1000.0,
+    ) -> None:
+        super().__init__()
+        check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
+        self.every_n_steps, self.threshold = every_n_steps, float(threshold)
+        self.update_threshold, self.patience = float(update_threshold), patience
+        self.fall_factor = float(fall_factor) if fall_factor is not None else None
+        self.layer_types = checked_layer_types(layer_types)
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        self.log_imbalance, self.prefix = log_imbalance, prefix
+        self.monitor: WeightDominationMonitor | None = None
+        self._restored: dict[str, Any] = {}
+        self._watch = _LossWatch(lambda: self._checking, lambda kwargs: None, self._add_loss)
+        self._checking = False  # the step under way is checked: its loss is summed
+        self._loss_sum, self._losses = 0.0, 0
+        self._scale = 1.0
+        self._collectives = Collectives.local()
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def results(self) -> dict[str, WeightStatistics]:
+        """Latest check: ``{layer name: WeightStatistics}`` (layers with a gradient only)."""
+        return self.monitor.results if self.monitor is not None else {}
+
+    @property
+    def warned_layers(self) -> list[str]:
+        """Layers warned about (dominated for ``patience`` checks), sorted."""
+        return self.monitor.warned_layers if self.monitor is not None else []
+
+    @property
+    def dominated(self) -> list[str]:
+        """Layers the latest check finds in weight domination."""
+        return self.monitor.dominated if self.monitor is not None else []
+
+    @property
+    def reasons(self) -> dict[str, tuple[DominationReason, ...]]:
+        """Latest check: ``{layer: the rules that find it dominated}`` (``()``: none)."""
+        return self.monitor.reasons if self.monitor is not None else {}
+
+    @property
+    def history(self) -> dict[str, RatioHistory]:
+        """``{layer: RatioHistory}``: each layer's running peak ratio."""
+        return self.monitor.history if self.monitor is not None else {}
+
+    @property
+    def zero_layers(self) -> dict[str, str]:
+        """Latest check: layers whose weight gradient or weight is exactly zero, with the status."""
+        return self.monitor.zero_layers if self.monitor is not None else {}
+
+    def domination_table(self) -> dict[str, dict[str, float]]:
+        """The latest check as ``{layer: {quantity: value}}`` (read by the conditioning diagnosis)."""
+        return self.monitor.domination_table() if self.monitor is not None else {}
+
+    # ------------------------------------------------------------------ the Trainer's hooks
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._bind(state)
+        model = kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            raise RuntimeError(f"{type(self).__name__}: the Trainer passed no model to on_train_begin")
+        if self.monitor is not None:
+            self._restored = self.monitor.state_dict()
+        self._collectives = auto_collectives()  # torch.distributed's group under DDP / FSDP
+        self.monitor = WeightDominationMonitor(
+            model, every_n_steps=self.every_n_steps, threshold=self.threshold,
+            update_threshold=self.update_threshold, patience=self.patience,
+            layer_types=self.layer_types, include=self.include, exclude=self.exclude,
+            log_imbalance=self.log_imbalance, prefix=self.prefix, warn=self._warn,
+            fall_factor=self.fall_factor, info=self._info, collectives=self._collectives)
+        self.monitor.load_state_dict(self._restored)
+        self._watch.attach(model)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._checking = self.monitor is not None and self.monitor.is_due(state.global_step)
+        if self._checking:
+            self._loss_sum, self._losses = 0.0, 0
+            self._scale = _loss_scale(kwargs.get("optimizer"))
+
+    def _add_loss(self, loss: Tensor, grad: Tensor) -> None:
+        """The model's loss times what the Trainer scaled it by (the fp16 scale taken out)."""
+        self._loss_sum += float(loss) * float(grad) / self._scale
+        self._losses += 1
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._checking = False
+        step = state.global_step
+        if self.monitor is None or not self.monitor.is_due(step):
+            return
+        _unscale(kwargs.get("optimizer"))
+        self.monitor.before_optimizer_step(step, loss=self._step_loss())
+
+    def _step_loss(self) -> float | None:
+        """The checked step's training loss, the mean over processes (every process checks the
+        same steps: one scalar all-reduce per check)."""
+        loss = self._loss_sum if self._losses else math.nan
+        group = self._collectives
+        if group.distributed:
+            import torch
+
+            total = group.all_reduce(torch.tensor([loss], dtype=torch.float64), "sum")
+            loss = float(total[0]) / group.world_size
+        return loss if math.isfinite(loss) else None
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        monitor, step = self.monitor, state.global_step
+        if monitor is None or monitor.pending_step != step:
+            return
+        if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
+            monitor.cancel()  # fp16 overflow: no update was applied
+            return
+        self._report(args, state, control, step, monitor.after_optimizer_step(), kwargs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._checking = False
+        self._watch.detach()
+        if self.monitor is not None:
+            self.monitor.cancel()
