@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ from lightning_conditioning.batches import (  # re-exported: the passes' public 
 __all__ = [
     "isolated_pass",
     "draw_probe_batches",
+    "ExtraPasses",
     "backward_without_grad",
     "cuda_devices",
     "ForwardFn",
@@ -212,3 +213,92 @@ def _cuda_devices_in_use() -> list[int]:
 
 def _detached_cpu_copy(batch: Any) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+class ExtraPasses:
+    """The callbacks' own passes, for any training loop: the true Fisher (labels sampled from
+    the model, ``fisher="true"``) and probe batches (``probe_batches=k``: the same ``k``
+    batches every analysed step, with the model's own loss or ``loss_fn``).
+
+    One pass is :meth:`run`: an isolated forward and backward (:func:`isolated_pass`,
+    :func:`backward_without_grad`: nothing training can see changes) with the monitor's
+    capture on, the per-example factor set as the training step's would be. The Lightning
+    and Hugging Face callbacks only say when, on which batch and with which forward.
+
+    Example:
+        >>> passes = ExtraPasses(fisher="empirical", probe_batches=2)
+        >>> passes.active, passes.samples_labels
+        (True, False)
+    """
+
+    def __init__(self, fisher: str = "empirical", probe_batches: int = 0, seed: int = 0,
+                 loss_fn: LossFn | None = None, sample_fn: SampleLossFn | None = None) -> None:
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 0:
+            raise ValueError(f"probe_batches must be an int >= 0, got {probe_batches!r}")
+        self.fisher, self.probe_batches, self.seed = fisher, probe_batches, seed
+        self.loss_fn, self.sample_fn = loss_fn, sample_fn
+        #: the probe batches, on the CPU (:func:`draw_probe_batches`)
+        self.held_batches: list[Any] = []
+        #: passes run so far (each draws its labels from its own generator)
+        self.count = 0
+        self._causal: bool | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the analysis comes from these passes (not from the training step's own)."""
+        return self.fisher == "true" or self.probe_batches > 0
+
+    @property
+    def samples_labels(self) -> bool:
+        """The pass's loss is the default sampled loss (true Fisher, no ``sample_fn``)."""
+        return self.fisher == "true" and self.sample_fn is None
+
+    @property
+    def option(self) -> str | None:
+        """The option that makes these passes, as the user wrote it (None: none)."""
+        if self.fisher == "true":
+            return "fisher='true'"
+        return f"probe_batches={self.probe_batches}" if self.probe_batches else None
+
+    def run(self, monitor: Any, module: nn.Module, forward: Callable[[], Any], batch: Any, *,
+            step: int, rank: int = 0, loss_scale: float = 1.0,
+            forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        """One isolated forward/backward of ``module`` with ``monitor``'s capture on.
+
+        ``forward()`` returns the model's outputs for ``batch`` (the labels left out for the
+        true Fisher, but for encoder-decoder models); ``loss_scale`` is a float16 loss scale
+        (the gradients stay in range as training's do, and the rows are divided by it);
+        ``forward_context`` the training's autocast.
+        """
+        self.count += 1
+        generator = label_generator(self.seed, rank, step, self.count)
+        counted_later = self.samples_labels and monitor.loss_reduction == "token_mean"
+        # token_mean: the rows' factor is fixed at the forward, from the tokens the loss
+        # averages over; the sampled loss knows them only once it has the logits, so its rows
+        # get 1 there and the count through the output-gradient multiplier
+        tokens = None if self.fisher == "true" else monitor.loss_tokens_for(batch)
+        monitor.set_loss_tokens(1 if counted_later else tokens)
+        with isolated_pass(module), monitor.capture_pass(1.0 / loss_scale):
+            with forward_context():
+                outputs = forward()
+                loss = self._loss(module, outputs, batch, generator)
+            if counted_later:
+                positions = sampled_positions(outputs, batch, self._shifts_labels(module))
+                monitor.set_grad_multiplier(positions / loss_scale)
+            backward_without_grad(module, loss * loss_scale if loss_scale != 1.0 else loss)
+        monitor.set_loss_tokens(None)
+
+    def _shifts_labels(self, module: nn.Module) -> bool:
+        if self._causal is None:
+            self._causal = shifts_labels(module)
+        return self._causal
+
+    def _loss(self, module: nn.Module, outputs: Any, batch: Any, generator: torch.Generator) -> Tensor:
+        if self.fisher != "true":
+            return (self.loss_fn or default_loss)(outputs, batch)
+        if self.sample_fn is not None:
+            return self.sample_fn(outputs, generator)
+        # the positions the model's own loss scores (its labels shifted, for a causal LM)
+        return sampled_loss(outputs, batch, generator, self._shifts_labels(module))

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -18,9 +17,7 @@ from lightning_conditioning.views.diagnosis import Finding, format_findings
 from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.passes import (
-    ForwardFn, LossFn, SampleLossFn, backward_without_grad, default_forward,
-    default_loss, draw_probe_batches, forward_module_name, isolated_pass, label_generator, sampled_loss,
-    sampled_positions, shifts_labels,
+    ExtraPasses, ForwardFn, LossFn, SampleLossFn, default_forward, draw_probe_batches, forward_module_name,
 )
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.callbacks.support import (
@@ -111,27 +108,21 @@ class ConditioningCallback(Callback):
             window_steps, solver, warn_diagnosis, memory_budget, analysis, step_overhead)
         for name in ConditioningOptions.names():
             setattr(self, name, getattr(self.options, name))
-        if fisher not in ("empirical", "true"):
-            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
-        if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 0:
-            raise ValueError(f"probe_batches must be an int >= 0, got {probe_batches!r}")
         for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {fn!r}")
+        #: the callback's own passes (true Fisher, probe batches); None functions: the defaults
+        #: of lightning_conditioning.passes (they read the batch too)
+        self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn)
         self.fisher, self.probe_batches, self.seed = fisher, probe_batches, seed
-        # None: the defaults of lightning_conditioning.passes (they read the batch too)
         self.forward_fn: ForwardFn | None = forward_fn
-        self.loss_fn: LossFn | None = loss_fn
-        self.sample_fn: SampleLossFn | None = sample_fn
+        self.loss_fn, self.sample_fn = loss_fn, sample_fn
         self._forward_module: str | None = None  # what the default forward calls ("": pl_module)
-        self._causal: bool | None = None  # the model shifts its labels (HF causal LM)
         self.log_histograms, self.log_figures, self.prefix = log_histograms, log_figures, prefix
         self.print_diagnosis, self.tensorboard_layout = print_diagnosis, tensorboard_layout
         self.monitor: ConditioningMonitor | None = None
-        self._held_batches: list[Any] = []
         self._restored: dict[str, Any] = {}
         self._scale_at_backward: float | None = None
-        self._passes = 0
         self._set_up = False
 
     @property
@@ -169,9 +160,7 @@ class ConditioningCallback(Callback):
     @property
     def _extra_pass_option(self) -> str | None:
         """The option that makes passes of the callback's own (None: it only listens)."""
-        if self.fisher == "true":
-            return "fisher='true'"
-        return f"probe_batches={self.probe_batches}" if self.probe_batches else None
+        return self.extra_passes.option
 
     def _default_forward_module(self, pl_module: pl.LightningModule) -> str:
         option = f"{type(self).__name__}({self._extra_pass_option})"
@@ -214,15 +203,16 @@ class ConditioningCallback(Callback):
             print(format_findings(findings) if findings else "  no findings: nothing looks wrong.")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is None or not self.monitor.capture or not self.probe_batches or self._held_batches:
+        passes = self.extra_passes
+        if self.monitor is None or not self.monitor.capture or not self.probe_batches or passes.held_batches:
             return
-        # drawn from a twin of the training loader: its sampler, generators and workers stay as
-        # they are, so training sees the batches it would have seen without the callback
-        self._held_batches = _probe_batches(trainer, self.probe_batches)
-        if len(self._held_batches) < self.probe_batches:
+        # drawn beside the training loader: its sampler, generators and workers stay as they
+        # are, so training sees the batches it would have seen without the callback
+        passes.held_batches = _probe_batches(trainer, self.probe_batches)
+        if len(passes.held_batches) < self.probe_batches:
             rank_zero_warn(f"{type(self).__name__}: asked for {self.probe_batches} probe batches, "
-                           f"the training data has {len(self._held_batches)}; the analysis uses "
-                           f"those {len(self._held_batches)}.")
+                           f"the training data has {len(passes.held_batches)}; the analysis uses "
+                           f"those {len(passes.held_batches)}.")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -234,7 +224,7 @@ class ConditioningCallback(Callback):
             return
         if self.probe_batches:
             if first_micro_batch:
-                for held in self._held_batches:
+                for held in self.extra_passes.held_batches:
                     self._extra_pass(trainer, pl_module, trainer.strategy.batch_to_device(held), step)
         elif self.fisher == "true":
             self._extra_pass(trainer, pl_module, batch, step)
@@ -287,23 +277,9 @@ class ConditioningCallback(Callback):
                     step: int) -> None:
         """One isolated forward/backward with capture on (true Fisher or a probe batch)."""
         assert self.monitor is not None
-        self._passes += 1
-        generator = label_generator(self.seed, trainer.global_rank, step, self._passes)
-        scale = _loss_scale(trainer)  # keep float16 gradients in range, as training does
-        counted_later = self._samples_here and self.monitor.loss_reduction == "token_mean"
-        # token_mean: the rows' factor is fixed at the forward, from the tokens the loss
-        # averages over; the sampled loss knows them only once it has the logits, so its rows
-        # get 1 there and the count through the output-gradient multiplier
-        self.monitor.set_loss_tokens(1 if counted_later else self._loss_tokens(batch))
-        with isolated_pass(pl_module), self.monitor.capture_pass(1.0 / scale):
-            with trainer.precision_plugin.forward_context():
-                outputs = self._forward(pl_module, batch)
-                loss = self._loss(pl_module, outputs, batch, generator)
-            if counted_later:
-                tokens = sampled_positions(outputs, batch, self._shifts_labels(pl_module))
-                self.monitor.set_grad_multiplier(tokens / scale)
-            backward_without_grad(pl_module, loss * scale if scale != 1.0 else loss)
-        self.monitor.set_loss_tokens(None)
+        self.extra_passes.run(self.monitor, pl_module, lambda: self._forward(pl_module, batch), batch,
+                              step=step, rank=trainer.global_rank, loss_scale=_loss_scale(trainer),
+                              forward_context=trainer.precision_plugin.forward_context)
 
     def _forward(self, pl_module: pl.LightningModule, batch: Any) -> Any:
         if self.forward_fn is not None:
@@ -314,31 +290,6 @@ class ConditioningCallback(Callback):
         # for encoder-decoder models, which make their decoder inputs from them)
         return default_forward(pl_module.get_submodule(self._forward_module), batch,
                                keep_labels=self.fisher != "true")
-
-    @property
-    def _samples_here(self) -> bool:
-        """The pass's loss is the default sampled loss (true Fisher, no ``sample_fn``)."""
-        return self.fisher == "true" and self.sample_fn is None
-
-    def _loss_tokens(self, batch: Any) -> int | None:
-        """token_mean: the tokens an empirical pass's loss averages over, read off the labels
-        as the training step's (None: unknown, each layer's output rows)."""
-        assert self.monitor is not None
-        return self.monitor.loss_tokens_for(batch) if self.fisher != "true" else None
-
-    def _shifts_labels(self, pl_module: pl.LightningModule) -> bool:
-        if self._causal is None:
-            self._causal = shifts_labels(pl_module)
-        return self._causal
-
-    def _loss(self, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-              generator: torch.Generator) -> Tensor:
-        if self.fisher != "true":
-            return (self.loss_fn or default_loss)(outputs, batch)
-        if self.sample_fn is not None:
-            return self.sample_fn(outputs, generator)
-        # the positions the model's own loss scores (its labels shifted, for a causal LM)
-        return sampled_loss(outputs, batch, generator, self._shifts_labels(pl_module))
 
     def _discard(self) -> None:
         if self.monitor is not None:
@@ -364,10 +315,10 @@ class ConditioningCallback(Callback):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         monitor_state = self.monitor.state_dict() if self.monitor is not None else self._restored
-        return {"held_batches": self._held_batches, **monitor_state}
+        return {"held_batches": self.extra_passes.held_batches, **monitor_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._held_batches = list(state_dict.get("held_batches", []))
+        self.extra_passes.held_batches = list(state_dict.get("held_batches", []))
         self._restored = {k: v for k, v in state_dict.items() if k != "held_batches"}
         if self.monitor is not None:
             self.monitor.load_state_dict(self._restored)
