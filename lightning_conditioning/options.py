@@ -25,7 +25,7 @@ from lightning_conditioning.precision import STATISTICS_DTYPES
 from lightning_conditioning.solvers import SolverPlan
 from lightning_conditioning.spectra import KAPPA_DEFINITIONS, KappaDefinition
 
-__all__ = ["ConditioningOptions", "EARLY_STEPS", "REGULAR_PERIOD"]
+__all__ = ["ConditioningOptions", "EARLY_STEPS", "REGULAR_PERIOD", "check_one_per_prefix"]
 
 #: the default schedule's early analyses (powers of two, and step 0: the initialisation)
 EARLY_STEPS = frozenset({0, 1, 2, 4, 8, 16, 32, 64})
@@ -163,3 +163,27 @@ class ConditioningOptions:
 def _as_percent(fraction: float) -> float | int:
     value = round(fraction * 100, 6)
     return int(value) if float(value).is_integer() else value
+
+
+def check_one_per_prefix(callback: Any, callbacks: Any, family: type) -> None:
+    """Raise when another ``family`` callback in ``callbacks`` (a Lightning or Hugging Face
+    Trainer's) logs under ``callback``'s prefix: its keys and its checkpointed state would
+    collide with this one's. A callback whose class sets ``yields_to_others`` (the entry
+    point's automatic one) is not counted: it steps aside.
+
+    Example:
+        >>> class Probe:
+        ...     prefix = "conditioning"
+        >>> check_one_per_prefix(Probe(), [Probe()], Probe)
+        Traceback (most recent call last):
+        ...
+        ValueError: 2 Probes in this Trainer log under prefix='conditioning': their logged keys and checkpointed states would collide. Give each its own prefix=, e.g. Probe(..., prefix='conditioning_2').
+    """
+    others = [other for other in callbacks if other is not callback and isinstance(other, family)
+              and not getattr(other, "yields_to_others", False) and other.prefix == callback.prefix]
+    if others:
+        name = family.__name__
+        raise ValueError(
+            f"{len(others) + 1} {name}s in this Trainer log under prefix={callback.prefix!r}: their "
+            f"logged keys and checkpointed states would collide. Give each its own prefix=, e.g. "
+            f"{name}(..., prefix={callback.prefix + '_2'!r}).")

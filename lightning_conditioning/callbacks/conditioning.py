@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.views.diagnosis import Finding, format_findings
 from lightning_conditioning.monitor import ConditioningMonitor
-from lightning_conditioning.options import ConditioningOptions
+from lightning_conditioning.options import ConditioningOptions, check_one_per_prefix
 from lightning_conditioning.passes import (
     ExtraPasses, ForwardFn, LossFn, SampleLossFn, default_forward, draw_probe_batches, forward_module_name,
 )
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.callbacks.support import (
-    check_one_per_prefix, prefix_state_key, rank_zero_warn, unsupported,
+    prefix_state_key, rank_zero_warn, unsupported,
 )
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_conditioning.notify import warn
 
-__all__ = ["unsupported", "prefix_state_key", "check_one_per_prefix", "rank_zero_warn"]
+__all__ = ["unsupported", "prefix_state_key", "rank_zero_warn"]
 
 
 @rank_zero_only
@@ -76,17 +76,3 @@ def prefix_state_key(callback: Any, set_up: bool) -> str:
     """
     key = callback._generate_state_key(prefix=callback.prefix)
     return key if set_up else f"{key}@{id(callback):x}"
-
-
-def check_one_per_prefix(callback: Any, callbacks: Any, family: type) -> None:
-    """Raise when another ``family`` callback in ``callbacks`` logs under ``callback``'s prefix
-    (its keys and its checkpoint state would collide with this one's). A callback whose class
-    sets ``yields_to_others`` (the entry point's automatic one) is not counted: it steps aside."""
-    others = [other for other in callbacks if other is not callback and isinstance(other, family)
-              and not getattr(other, "yields_to_others", False) and other.prefix == callback.prefix]
-    if others:
-        name = family.__name__
-        raise ValueError(
-            f"{len(others) + 1} {name}s in this Trainer log under prefix={callback.prefix!r}: their "
-            f"logged keys and checkpointed states would collide. Give each its own prefix=, e.g. "
-            f"{name}(..., prefix={callback.prefix + '_2'!r}).")

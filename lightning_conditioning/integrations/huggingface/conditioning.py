@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_conditioning import schema
 from lightning_conditioning.integrations.huggingface.shell import (
-    _count, _LossWatch, _TrainerShell, _unwrapped,
+    _count, _LossWatch, _loss_scale, _TrainerShell, _unwrapped, resumed_checkpoint,
 )
 from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
+from lightning_conditioning.passes import (
+    ExtraPasses, ForwardFn, LossFn, SampleLossFn, default_forward, draw_probe_batches,
+)
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.views.diagnosis import Finding, format_findings
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records, spectrum_records
@@ -68,9 +75,19 @@ class ConditioningTrainerCallback(_TrainerShell):
             ``solver``, ``warn_diagnosis``, …), checked here; the meaning is the Lightning
             callback's.
 
-    The extra passes of the Lightning callback (``fisher="true"``, ``probe_batches``) are not
-    offered here. The callback's state (one-time notes) is not saved in the Trainer's
-    checkpoints.
+    **Extra passes.** ``fisher="true"`` (labels sampled from the model, the true Fisher) and
+    ``probe_batches=k`` (the same ``k`` training batches every analysed step) work as in the
+    Lightning callback (README "Fisher, probe batches"): the true Fisher's pass runs on each
+    micro-batch of an analysed step, just before the Trainer's own forward of it; probe
+    batches are drawn at train begin beside the training loader (its sampler and generators
+    stay as they were) and each gets its pass at the start of an analysed step. Both are
+    isolated: training is bit-identical. ``forward_fn(model, batch)``, ``loss_fn(outputs,
+    batch)``, ``sample_fn(outputs, generator)`` and ``seed`` replace the defaults.
+
+    **Checkpoints.** The callback's state (the notes already given, the turn of the layers)
+    rides in the Trainer's checkpoints (``trainer_state.json``, entry
+    :attr:`checkpoint_key`) and comes back when a run resumes from one; probe batches are saved
+    beside it (``lightning_conditioning_<prefix>_probe_batches_rank<r>.pt``) and resumed.
 
     Example::
 
@@ -86,9 +103,21 @@ class ConditioningTrainerCallback(_TrainerShell):
         prefix: str = "conditioning",
         log_histograms: bool = True,
         print_diagnosis: bool = False,
+        fisher: Literal["empirical", "true"] = "empirical",
+        probe_batches: int = 0,
+        forward_fn: ForwardFn | None = None,
+        loss_fn: LossFn | None = None,
+        sample_fn: SampleLossFn | None = None,
+        seed: int = 0,
         **options: Any,
     ) -> None:
         super().__init__()
+        for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {fn!r}")
+        #: the callback's own passes (true Fisher, probe batches)
+        self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn)
+        self.forward_fn = forward_fn
         unknown = set(options) - set(ConditioningOptions.names())
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; options: "
@@ -100,6 +129,9 @@ class ConditioningTrainerCallback(_TrainerShell):
         self._restored: dict[str, Any] = {}
         self._watch = _LossWatch(self._capturing, self._before_forward, self._loss_gradient)
         self._forwards = self._graded = 0  # micro-batches captured / whose loss gradient was seen
+        self._in_pass = False  # an extra pass is running (its forward is not a training one)
+        self._rank, self._optimizer = 0, None
+        self._model: nn.Module | None = None
 
     # ------------------------------------------------------------------ public state
     @property
@@ -121,15 +153,35 @@ class ConditioningTrainerCallback(_TrainerShell):
         :class:`WeightDominationTrainerCallback` in the same Trainer, if any)."""
         return self.monitor.findings() if self.monitor is not None else []
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The notes already given and the layers' turn (plain values)."""
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._restored)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._restored = dict(state)
+        if self.monitor is not None:
+            self.monitor.load_state_dict(self._restored)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.extra_passes.held_batches and folder.is_dir():  # the Trainer has just written it
+            torch.save(self.extra_passes.held_batches, folder / self._probe_file())
+
+    def _probe_file(self) -> str:
+        return f"lightning_conditioning_{self.prefix}_probe_batches_rank{self._rank}.pt"
+
     # ------------------------------------------------------------------ the Trainer's hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._bind(state)
+        self._rank, self._optimizer = int(getattr(args, "process_index", 0)), kwargs.get("optimizer")
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
             raise RuntimeError(f"{type(self).__name__}: the Trainer passed no model to on_train_begin")
         if self.monitor is None or self.monitor.closed:
             if self.monitor is not None:  # a second train(): keep what the first one said
                 self._restored = self.monitor.state_dict()
+            self._restore(state)  # a resumed run: what its checkpoint holds
             self.monitor = ConditioningMonitor(
                 model, collectives="auto", info=self._info, warn=self._warn,
                 **{name: getattr(self.options, name) for name in ConditioningOptions.names()})
@@ -141,20 +193,71 @@ class ConditioningTrainerCallback(_TrainerShell):
             if callable(domination):
                 self.monitor.domination_source = domination
         self._watch.attach(model)
+        self._model = model
+        if self.extra_passes.probe_batches and not self.extra_passes.held_batches:
+            self._hold_probe_batches(kwargs.get("train_dataloader"))
+
+    def _hold_probe_batches(self, loader: Any) -> None:
+        """The probe batches of a resumed run's checkpoint, else drawn beside ``loader``."""
+        passes = self.extra_passes
+        folder = resumed_checkpoint(self._trainer)
+        if folder is not None and (Path(folder) / self._probe_file()).is_file():
+            passes.held_batches = torch.load(Path(folder) / self._probe_file(), weights_only=False)
+            return
+        if not isinstance(loader, DataLoader):
+            raise RuntimeError(f"{type(self).__name__}(probe_batches={passes.probe_batches}): the Trainer "
+                               "passed no training DataLoader to on_train_begin to draw them from")
+        passes.held_batches = draw_probe_batches(loader, passes.probe_batches)
+        if len(passes.held_batches) < passes.probe_batches:
+            self._warn(f"{type(self).__name__}: asked for {passes.probe_batches} probe batches, the "
+                       f"training data has {len(passes.held_batches)}; the analysis uses those "
+                       f"{len(passes.held_batches)}.")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor = self.monitor
         if monitor is None or monitor.capture is None or not monitor.begin(state.global_step):
             return
         self._forwards = self._graded = 0
-        monitor.capture.active = True  # the Trainer's own passes of every micro-batch
+        if not self.extra_passes.active:
+            monitor.capture.active = True  # the Trainer's own passes of every micro-batch
+        elif self.extra_passes.probe_batches:  # each held batch, once per analysed step
+            assert self._model is not None
+            device = next((p.device for p in self._model.parameters()), torch.device("cpu"))
+            autocast = getattr(self._trainer, "autocast_smart_context_manager", None)
+            for held in self.extra_passes.held_batches:
+                self._extra_pass(apply_to_collection(held, Tensor, lambda t: t.to(device)),
+                                 state.global_step, autocast or nullcontext)
+
+    def _extra_pass(self, batch: Any, step: int, context: Any = nullcontext) -> None:
+        assert self.monitor is not None
+        model, fisher = self._model, self.extra_passes.fisher
+        assert model is not None
+        self._in_pass = True
+        try:
+            self.extra_passes.run(
+                self.monitor, model, lambda: (self.forward_fn(model, batch) if self.forward_fn is not None
+                                              else default_forward(model, batch, keep_labels=fisher != "true")),
+                batch, step=step, rank=self._rank, loss_scale=_loss_scale(self._optimizer),
+                forward_context=context)
+        finally:
+            self._in_pass = False
 
     def _capturing(self) -> bool:
-        return self.monitor is not None and self.monitor.capturing
+        monitor = self.monitor
+        if monitor is None or self._in_pass:
+            return False
+        if self.extra_passes.fisher == "true" and not self.extra_passes.probe_batches:
+            return monitor.current_step is not None  # each micro-batch gets its sampled pass
+        return monitor.capturing
 
     def _before_forward(self, kwargs: Mapping[str, Any]) -> None:
-        """A micro-batch of a captured step: the tokens its loss is divided by."""
+        """A micro-batch of a captured step: the tokens its loss is divided by (the true
+        Fisher: the pass with sampled labels, before the Trainer's own forward)."""
         assert self.monitor is not None
+        if self.extra_passes.active:
+            assert self.monitor.current_step is not None
+            self._extra_pass(dict(kwargs), self.monitor.current_step)  # inside the Trainer's autocast
+            return
         self._forwards += 1
         tokens = _count(kwargs.get("num_items_in_batch"))
         if tokens is None or self.monitor.loss_reduction != "token_mean":
@@ -165,6 +268,8 @@ class ConditioningTrainerCallback(_TrainerShell):
     def _loss_gradient(self, loss: Tensor, grad: Tensor) -> None:
         """What the Trainer multiplied the model's loss by: undone in every row."""
         assert self.monitor is not None
+        if self.extra_passes.active:  # the analysis comes from the extra passes
+            return
         factor = float(grad)
         if factor != 0.0 and math.isfinite(factor):
             self._graded += 1
@@ -194,6 +299,7 @@ class ConditioningTrainerCallback(_TrainerShell):
             self._publish(args, state, control, kwargs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        super().on_epoch_end(args, state, control, **kwargs)
         # the last background analysis, while the reporters are still open (they close in
         # on_train_end, which reaches them before this callback)
         if self.monitor is not None and self.monitor.wait():

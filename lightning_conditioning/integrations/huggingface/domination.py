@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -111,6 +111,16 @@ class WeightDominationTrainerCallback(_TrainerShell):
         """The latest check as ``{layer: {quantity: value}}`` (read by the conditioning diagnosis)."""
         return self.monitor.domination_table() if self.monitor is not None else {}
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The warnings given and every layer's ratio history (plain values)."""
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._restored)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._restored = dict(state)
+        if self.monitor is not None:
+            self.monitor.load_state_dict(self._restored)
+
     # ------------------------------------------------------------------ the Trainer's hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._bind(state)
@@ -119,6 +129,7 @@ class WeightDominationTrainerCallback(_TrainerShell):
             raise RuntimeError(f"{type(self).__name__}: the Trainer passed no model to on_train_begin")
         if self.monitor is not None:
             self._restored = self.monitor.state_dict()
+        self._restore(state)  # a resumed run: what its checkpoint holds
         self._collectives = auto_collectives()  # torch.distributed's group under DDP / FSDP
         self.monitor = WeightDominationMonitor(
             model, every_n_steps=self.every_n_steps, threshold=self.threshold,

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.notify import announce, warn as warn_at_user
+from lightning_conditioning.options import check_one_per_prefix
 
 try:
     from transformers.trainer_callback import TrainerCallback
@@ -158,10 +159,49 @@ class _TrainerShell(TrainerCallback):
         stack (and replaces the one set)."""
         self._trainer = trainer
 
+    # ------------------------------------------------------------------ state in checkpoints
+    prefix: str
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the callback has learned (notes given, histories): plain JSON values."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (before training or at its start)."""
+        raise NotImplementedError
+
+    @property
+    def checkpoint_key(self) -> str:
+        """The callback's entry in the Trainer's ``state.stateful_callbacks``, which the
+        Trainer writes into every checkpoint's ``trainer_state.json`` and reads back when it
+        resumes (one per class and prefix)."""
+        return f"lightning_conditioning:{type(self).__name__}:{self.prefix}"
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # before the Trainer saves a checkpoint (it does so right after this hook): the state
+        # rides in trainer_state.json; a small dict, no I/O
+        self._store(state)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._store(state)
+
+    def _store(self, state: Any) -> None:
+        stored = getattr(state, "stateful_callbacks", None)
+        if isinstance(stored, dict):
+            stored[self.checkpoint_key] = self.state_dict()
+
+    def _restore(self, state: Any) -> None:
+        """At train begin: the state the resumed checkpoint holds, if any."""
+        stored = getattr(state, "stateful_callbacks", None)
+        if isinstance(stored, dict) and isinstance(stored.get(self.checkpoint_key), dict):
+            self.load_state_dict(stored[self.checkpoint_key])
+
     def _bind(self, state: Any) -> None:
-        """At train begin: who speaks, and the Trainer (the caller's, else the one set)."""
+        """At train begin: who speaks, and the Trainer (the caller's, else the one set); two
+        callbacks of one kind and prefix fail here, naming ``prefix=``."""
         self._zero = bool(getattr(state, "is_world_process_zero", True))
         self._trainer = _calling_trainer(self) or self._trainer
+        check_one_per_prefix(self, self._callbacks(), type(self))
         if self._trainer is None:
             self._warn_once("no-trainer", f"{type(self).__name__}: no Hugging Face Trainer calls this "
                             "callback, so its scalars reach no reporting integration (they are in "
@@ -213,3 +253,23 @@ class _TrainerShell(TrainerCallback):
         if key not in self._said:
             self._said.add(key)
             self._warn(message)
+
+
+def resumed_checkpoint(trainer: Any, depth: int = 48) -> str | None:
+    """The checkpoint folder ``trainer.train(resume_from_checkpoint=...)`` resumes from, read
+    off the call stack (the Trainer keeps it in no attribute); None when it is not resuming.
+
+    Example:
+        >>> resumed_checkpoint(object()) is None
+        True
+    """
+    frame: FrameType | None = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            break
+        if frame.f_locals.get("self") is trainer:
+            found = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(found, str) and found:
+                return found
+        frame = frame.f_back
+    return None
