@@ -296,6 +296,10 @@ class LayerMoments:
             the Gram sums were formed in (2⁻²⁴ float32, 2⁻⁵³ float64; 0 when unknown: taken
             as float64). With the row counts they set the resolution floor
             (:func:`lightning_conditioning.resolution.floor_rtol`).
+        shared_lookup: an embedding looked up once for the whole batch (indices of leading
+            dimension 1, e.g. GPT-2's ``position_ids``, its output broadcast over the
+            examples): the gradient at its output is a sum over the examples, not per-example,
+            so its Σ∇h is left out (``grad_second_moment`` None).
 
     Example:
         >>> moments = LayerMoments(torch.eye(2), None, 4, 0, torch.tensor([1.0, -1.0]),
@@ -314,6 +318,7 @@ class LayerMoments:
     grad_resolution: float = 0.0
     input_gram_roundoff: float = 0.0
     grad_gram_roundoff: float = 0.0
+    shared_lookup: bool = False
 
     @property
     def lookup_table(self) -> bool:
@@ -367,6 +372,9 @@ class LayerWindow:
             SecondMomentSum(grad_dim, device))
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
         self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)
+        #: the largest leading dimension of the lookup indices in the window (0: none seen):
+        #: 1 for a table looked up once for the whole batch (see ``LayerMoments.shared_lookup``)
+        self.lookup_leading = 0
 
     @property
     def device(self) -> torch.device:
@@ -391,6 +399,7 @@ class LayerWindow:
         self.grad.reset()
         self.unit_max.fill_(-math.inf)
         self.unit_min.fill_(math.inf)
+        self.lookup_leading = 0
 
     def allocate(self) -> None:
         """Hold every sum of the window now (the ones handed over by ``moments(take=True)``

@@ -310,6 +310,7 @@ class LayerCapture:
         self._handles: list[RemovableHandle] = []
         #: bumped at every reset: an output gradient belongs to the window of its forward
         self._generation = 0
+        self._widest = 0  # the widest leading dimension of an output in the window
         #: output gradients that arrived after their window was finished (ignored)
         self.late_gradients = 0
 
@@ -410,6 +411,7 @@ class LayerCapture:
         for window in self.turn_windows.values():
             window.reset()
         self._generation += 1
+        self._widest = 0
 
     @property
     def turn_windows(self) -> dict[str, LayerWindow]:
@@ -427,7 +429,13 @@ class LayerCapture:
         """The finished window of every layer (CPU, float64; one host copy per device). With
         ``take`` the windows hand their sums over (no copy on the host) and are reset; call
         :meth:`reset` after it, so that gradients of earlier forwards are ignored."""
-        return moments_to_cpu({name: window.moments(take=take) for name, window in self.turn_windows.items()})
+        shared = {name for name, window in self.turn_windows.items()  # (read before a take resets)
+                  if window.lookup_leading == 1 and self._widest > 1}
+        moments = {name: window.moments(take=take) for name, window in self.turn_windows.items()}
+        for name in shared:  # looked up once for all the examples: no per-example gradient
+            found = moments[name]
+            found.grad_second_moment, found.grad_rows, found.shared_lookup = None, 0, True
+        return moments_to_cpu(moments)
 
     def _dtype_for(self, tensor: Tensor) -> torch.dtype:
         """The GEMM dtype: ``statistics_dtype``, or the tensor's own if wider (float64 runs)."""
@@ -462,6 +470,8 @@ class LayerCapture:
                 columns: slice | None, batch: int | None = None) -> None:
         """Add a layer's input rows now, and its output gradient (``output[..., columns]``)
         when the backward pass reaches it."""
+        # the widest leading dimension of the window's outputs: its examples (see moments())
+        self._widest = max(self._widest, int(output.shape[0]) if output.dim() > 1 else 1)
         if self.turn is not None and name not in self.turn:
             return  # not this layer's turn
         window = self.windows[name]
@@ -474,6 +484,8 @@ class LayerCapture:
             if rows.is_floating_point():  # token ids stay integers
                 rows = _in_dtype(rows, self._dtype_for(x), window.input)
             unit_max, unit_min = adapter.accumulate_input(module, rows, window.input)
+            if adapter.diagonal_input and rows.dim() >= 2:  # a lookup: one batch of indices
+                window.lookup_leading = max(window.lookup_leading, int(rows.shape[0]))
             window.input.note_precision(x.dtype)
             window.add_units(unit_max, unit_min)
         if output.requires_grad:
@@ -589,15 +601,17 @@ class LayerCapture:
         # the coarsest precision any rank saw sets the floor everywhere (ranks agree)
         precision = torch.tensor(
             [v for w in windows for v in (w.input.resolution, w.input.gram_roundoff,
-                                          w.grad.resolution, w.grad.gram_roundoff)],
-            dtype=torch.float64, device=device)
+                                          w.grad.resolution, w.grad.gram_roundoff, w.lookup_leading)]
+            + [self._widest], dtype=torch.float64, device=device)
         flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision]), "max")
         offset = _unpack(flat, maxima)
         offset += _unpack(-flat[offset:offset + sum(m.numel() for m in minima)], minima)
         values = flat[offset:].tolist()
-        for index, window in enumerate(windows):
-            (window.input.resolution, window.input.gram_roundoff,
-             window.grad.resolution, window.grad.gram_roundoff) = values[4 * index: 4 * index + 4]
+        for index, window in enumerate(windows):  # and whether a lookup was shared: ranks agree
+            (window.input.resolution, window.input.gram_roundoff, window.grad.resolution,
+             window.grad.gram_roundoff, leading) = values[5 * index: 5 * index + 5]
+            window.lookup_leading = int(leading)
+        self._widest = int(values[-1])
 
 
 def _compiled(model: nn.Module) -> bool:

@@ -44,7 +44,7 @@ from lightning_conditioning.turns import TurnTaker, parameter_count
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.views.tables import conditioning_table
 from lightning_conditioning.margin import step_size_limits, with_stability_margin
-from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.results import SHARED_LOOKUP_NOTE, LayerConditioning
 from lightning_conditioning.selection import selection_problem
 
 __all__ = ["ConditioningMonitor", "analyse_capture"]
@@ -549,6 +549,9 @@ class ConditioningMonitor:
             if result.note and f"{name}\n{result.note}" not in self._noted:
                 self._noted.add(f"{name}\n{result.note}")
                 fresh.setdefault(result.note, []).append(name)
+        shared = fresh.pop(SHARED_LOOKUP_NOTE, None)
+        if shared:  # what the model does, not a fault: said, not warned
+            self._info(f"{type(self).__name__}: {_listed(shared)}: {SHARED_LOOKUP_NOTE}.")
         if fresh:
             lines = [f"  {_listed(names)}: {note}." for note, names in fresh.items()]
             self._warn(f"{type(self).__name__}: step {step}: some layers have no numbers or zero "

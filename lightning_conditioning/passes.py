@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -51,6 +50,7 @@ __all__ = [
     "isolated_pass",
     "draw_probe_batches",
     "ExtraPasses",
+    "map_tensors",
     "backward_without_grad",
     "cuda_devices",
     "ForwardFn",
@@ -212,7 +212,30 @@ def _cuda_devices_in_use() -> list[int]:
 
 
 def _detached_cpu_copy(batch: Any) -> Any:
-    return apply_to_collection(batch, Tensor, lambda t: t.detach().to("cpu", copy=True))
+    return map_tensors(batch, lambda t: t.detach().to("cpu", copy=True))
+
+
+def map_tensors(batch: Any, function: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with ``function`` applied to every tensor in it (nested mappings, lists,
+    tuples and named tuples keep their types where they can be rebuilt; other values stay).
+
+    Example:
+        >>> map_tensors({"x": [torch.ones(1), 2]}, lambda t: t * 3)
+        {'x': [tensor([3.]), 2]}
+    """
+    if isinstance(batch, Tensor):
+        return function(batch)
+    if isinstance(batch, Mapping):
+        items = {key: map_tensors(value, function) for key, value in batch.items()}
+        try:
+            return type(batch)(items)  # dict, OrderedDict, a BatchEncoding
+        except TypeError:
+            return items
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(map_tensors(value, function) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(value, function) for value in batch)
+    return batch
 
 
 class ExtraPasses:

@@ -168,9 +168,16 @@ _NOTES = {
     "zero_grad": "Σ∇h is exactly zero: no gradient reached its output (a zero-initialised "
                  "layer or scale after it blocks it); λmax(Σ∇h) = λmax(F) = 0 are logged, κ of "
                  "Σ∇h and F is undefined",
+    "shared_lookup": "its lookups are shared by the batch's examples (indices of leading dimension "
+                     "1, e.g. position ids broadcast over the batch), so the gradient at its output "
+                     "is a sum over the examples, not per-example; Σx only",
     "zero_input": "Σx is exactly zero (every input is 0); λmax(Σx) = λmax(F) = 0 are logged, "
                   "κ is undefined",
 }
+
+
+#: the note of an embedding looked up once for the whole batch (its Σ∇h is left out)
+SHARED_LOOKUP_NOTE = _NOTES["shared_lookup"]
 
 
 def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
@@ -184,6 +191,8 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
         >>> layer_note("nonfinite", LayerMoments(eye, eye * math.nan, 4, 4, torch.ones(2), torch.ones(2)))
         'Σ∇h holds NaN/Inf (a diverged step, or float16 overflow in the rows); nothing is logged'
     """
+    if status == "no_grad" and moments.shared_lookup:
+        return _NOTES["shared_lookup"]
     if status in ("no_data", "no_grad"):
         return _NOTES[status]
     pairs = (("Σx", moments.input_second_moment), ("Σ∇h", moments.grad_second_moment))

@@ -6,6 +6,7 @@ per-token convention of token-mean losses."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -289,4 +290,44 @@ def test_embeddings_of_short_sequences_are_unused_rows_never_dead_units(name: st
             table = model.get_submodule(embedding).num_embeddings
             if table == 32 and name != "llama":  # positions: 8 of 32 looked up
                 assert result.unused_rows == 24
+    monitor.close()
+
+
+def test_a_table_looked_up_once_for_the_batch_has_no_per_example_gradient(caplog: pytest.LogCaptureFixture) -> None:
+    """GPT-2's positions (``position_ids`` of shape (1, T), broadcast over the batch): the
+    gradient at the table's output is the sum over the examples, so its Σ∇h is left out
+    (said once, not warned); with one row of position ids per example it is measured, and
+    equals the per-example gradient of the hidden state at that position."""
+    pytest.importorskip("transformers")
+    import logging
+
+    from real_models import hf_gpt2
+
+    torch.manual_seed(0)
+    model = hf_gpt2().model
+    ids = torch.randint(0, 128, (4, 8))
+    monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False, loss_reduction="sum")
+    with caplog.at_level(logging.INFO, logger="lightning_conditioning"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is warned about it
+        with monitor.track(0):
+            model(input_ids=ids, labels=ids).loss.backward()
+    positions = monitor.results["transformer.wpe"]
+    assert positions.status == "no_grad" and positions.grad is None and "shared by the batch" in positions.note
+    assert positions.input.lambda_max == pytest.approx(1 / 8)  # 8 positions, each 1/8 of the rows
+    assert monitor.results["transformer.wte"].status == "ok"
+    assert sum("transformer.wpe: its lookups are shared" in r.message for r in caplog.records) == 1
+    # one row of position ids per example: per-example rows, measured
+    hidden: dict[str, Tensor] = {}
+    def keep(module: nn.Module, args: object, output: Tensor) -> None:
+        hidden["out"] = output
+
+    model.transformer.wpe.register_forward_hook(keep)
+    with monitor.track(1):
+        out = model(input_ids=ids, labels=ids, position_ids=torch.arange(8).expand(4, 8))
+        hidden["out"].retain_grad()
+        out.loss.backward()
+    measured = monitor.results["transformer.wpe"]
+    assert measured.status == "ok"
+    assert measured.grad.lambda_max == pytest.approx(
+        float(torch.linalg.eigvalsh(_gram(hidden["out"].grad))[-1]), rel=1e-9)
     monitor.close()

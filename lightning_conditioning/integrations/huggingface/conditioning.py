@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -20,7 +19,7 @@ from lightning_conditioning.integrations.huggingface.shell import (
 from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.passes import (
-    ExtraPasses, ForwardFn, LossFn, SampleLossFn, default_forward, draw_probe_batches,
+    ExtraPasses, ForwardFn, LossFn, SampleLossFn, default_forward, draw_probe_batches, map_tensors,
 )
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.views.diagnosis import Finding, format_findings
@@ -225,7 +224,7 @@ class ConditioningTrainerCallback(_TrainerShell):
             device = next((p.device for p in self._model.parameters()), torch.device("cpu"))
             autocast = getattr(self._trainer, "autocast_smart_context_manager", None)
             for held in self.extra_passes.held_batches:
-                self._extra_pass(apply_to_collection(held, Tensor, lambda t: t.to(device)),
+                self._extra_pass(map_tensors(held, lambda t: t.to(device)),
                                  state.global_step, autocast or nullcontext)
 
     def _extra_pass(self, batch: Any, step: int, context: Any = nullcontext) -> None:
