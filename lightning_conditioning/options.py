@@ -180,7 +180,8 @@ def check_one_per_prefix(callback: Any, callbacks: Any, family: type) -> None:
         ValueError: 2 Probes in this Trainer log under prefix='conditioning': their logged keys and checkpointed states would collide. Give each its own prefix=, e.g. Probe(..., prefix='conditioning_2').
     """
     others = [other for other in callbacks if other is not callback and isinstance(other, family)
-              and not getattr(other, "yields_to_others", False) and other.prefix == callback.prefix]
+              and not getattr(other, "yields_to_others", False)
+              and getattr(other, "prefix", None) == callback.prefix]
     if others:
         name = family.__name__
         raise ValueError(

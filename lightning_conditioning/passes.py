@@ -228,7 +228,7 @@ def map_tensors(batch: Any, function: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(batch, Mapping):
         items = {key: map_tensors(value, function) for key, value in batch.items()}
         try:
-            return type(batch)(items)  # dict, OrderedDict, a BatchEncoding
+            return type(batch)(items)  # type: ignore[call-arg]  # dict, OrderedDict, a BatchEncoding
         except TypeError:
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple

@@ -319,7 +319,7 @@ def analyse_layer(
 
 
 
-def _unit_counts(moments: LayerMoments) -> dict[str, int | None]:
+def _unit_counts(moments: LayerMoments) -> dict[str, Any]:
     """Dead and always-active input units; for an embedding, its unused table rows instead (a
     token or position the window's batches did not hold is not a dead unit)."""
     if moments.lookup_table:

@@ -83,6 +83,9 @@ def main(out: Path) -> None:
     trainer = SequentialTrainer(model=model, args=args, train_dataset=Items(),
                                 callbacks=[conditioning, domination, Dump(conditioning, domination, out, rank)])
     trainer.train()
+    if torch.distributed.is_initialized():  # end the group, or a rank may abort at exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

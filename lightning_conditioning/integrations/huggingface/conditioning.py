@@ -153,15 +153,6 @@ class ConditioningTrainerCallback(_TrainerShell):
         return self.monitor.findings() if self.monitor is not None else []
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The notes already given and the layers' turn (plain values)."""
-        return self.monitor.state_dict() if self.monitor is not None else dict(self._restored)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._restored = dict(state)
-        if self.monitor is not None:
-            self.monitor.load_state_dict(self._restored)
-
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.extra_passes.held_batches and folder.is_dir():  # the Trainer has just written it

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -110,16 +110,6 @@ class WeightDominationTrainerCallback(_TrainerShell):
     def domination_table(self) -> dict[str, dict[str, float]]:
         """The latest check as ``{layer: {quantity: value}}`` (read by the conditioning diagnosis)."""
         return self.monitor.domination_table() if self.monitor is not None else {}
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The warnings given and every layer's ratio history (plain values)."""
-        return self.monitor.state_dict() if self.monitor is not None else dict(self._restored)
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._restored = dict(state)
-        if self.monitor is not None:
-            self.monitor.load_state_dict(self._restored)
 
     # ------------------------------------------------------------------ the Trainer's hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

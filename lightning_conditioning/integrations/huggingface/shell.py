@@ -79,16 +79,22 @@ def _calling_trainer(callback: object, depth: int = 32) -> Any:
         >>> _calling_trainer(object()) is None
         True
     """
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            break
+    for frame in _callers(depth):
         candidate = frame.f_locals.get("self")
         handler = getattr(candidate, "callback_handler", None)
         if handler is not None and any(cb is callback for cb in getattr(handler, "callbacks", ())):
             return candidate
-        frame = frame.f_back
     return None
+
+
+def _callers(depth: int) -> Iterator[FrameType]:
+    """The frames of the call stack above the caller's caller, nearest first, at most ``depth``."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        yield frame
+        frame = frame.f_back
 
 
 def _is_tensorboard(reporter: object) -> bool:
@@ -161,14 +167,19 @@ class _TrainerShell(TrainerCallback):
 
     # ------------------------------------------------------------------ state in checkpoints
     prefix: str
+    monitor: Any  # the core monitor the callback drives (None before training)
+    _restored: dict[str, Any]  # its state while there is no monitor
 
     def state_dict(self) -> dict[str, Any]:
-        """What the callback has learned (notes given, histories): plain JSON values."""
-        raise NotImplementedError
+        """What the callback has learned (the notes and warnings given, the layers' turn,
+        every layer's ratio history): plain JSON values."""
+        return self.monitor.state_dict() if self.monitor is not None else dict(self._restored)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict` (before training or at its start)."""
-        raise NotImplementedError
+        self._restored = dict(state)
+        if self.monitor is not None:
+            self.monitor.load_state_dict(self._restored)
 
     @property
     def checkpoint_key(self) -> str:
@@ -263,13 +274,9 @@ def resumed_checkpoint(trainer: Any, depth: int = 48) -> str | None:
         >>> resumed_checkpoint(object()) is None
         True
     """
-    frame: FrameType | None = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            break
+    for frame in _callers(depth):
         if frame.f_locals.get("self") is trainer:
             found = frame.f_locals.get("resume_from_checkpoint")
             if isinstance(found, str) and found:
                 return found
-        frame = frame.f_back
     return None
