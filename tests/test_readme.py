@@ -59,3 +59,12 @@ def test_option_lists_name_every_argument_with_its_default(callback: type) -> No
     assert set(documented) == set(real), set(documented) ^ set(real)
     for name, default in documented.items():
         assert ast.literal_eval(default) == ast.literal_eval(real[name]), name
+
+
+def test_layout_names_every_module_of_the_package() -> None:
+    layout = _section("Layout")
+    package = Path(__file__).parent.parent / "lightning_conditioning"
+    names = [f"`{p.name}`" if p.suffix == ".py" else f"`{p.name}/`" for p in sorted(package.iterdir())
+             if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())]
+    missing = [name for name in names if name not in layout]
+    assert not missing, missing
