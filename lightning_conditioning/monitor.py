@@ -189,18 +189,12 @@ class ConditioningMonitor:
         self.capture.attach()
 
     def _announce_plan(self, plan: AnalysisPlan) -> None:
-        """One line on the memory the sums hold; the moments that are not dense, named."""
-        who = type(self).__name__
-        self._info(f"{who}: memory plan: {plan.summary()}.")
-        details = plan.details()
-        if details:
-            more = f"\n  … and {len(details) - 12} more" if len(details) > 12 else ""
-            self._info(f"{who}: moments too large to keep dense (error bars in the results):\n  "
-                       + "\n  ".join(details[:12]) + more)
-        if plan.skipped_layers:
-            self._warn(f"{who}: layers {plan.skipped_layers} are not analysed: they do not fit "
-                       f"the memory budget ({plan.budget / (1 << 20):.0f} MiB); see `monitor.plan` "
-                       "and the `memory_budget` option.")
+        """The memory the sums hold, the moments not kept dense; a warning for skipped layers."""
+        lines, warning = plan.announcements(type(self).__name__)
+        for line in lines:
+            self._info(line)
+        if warning:
+            self._warn(warning)
 
     def _announce_coverage(self, model: nn.Module, layers: Mapping[str, Any]) -> None:
         """One line on what is analysed and how; one warning naming what is not (and why)."""

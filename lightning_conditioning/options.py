@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_conditioning.capture import checked_layer_types
+from lightning_conditioning.selection import checked_layer_types
 from lightning_conditioning.conventions import LOSS_REDUCTIONS, LossReduction
 from lightning_conditioning.precision import STATISTICS_DTYPES
 from lightning_conditioning.solvers import SolverPlan

@@ -148,6 +148,27 @@ class AnalysisPlan:
                    if m.method == "sketch" else "")
                 + (f": {m.reason}" if m.reason else "") for m in rows]
 
+    def announcements(self, who: str) -> tuple[list[str], str | None]:
+        """What to tell the user at the start: the lines to say (the memory held; the moments
+        not kept dense, named) and the warning when layers are skipped (None: none).
+
+        Example:
+            >>> plan_analysis({}, 1 << 20).announcements("Monitor")[1] is None
+            True
+        """
+        details = self.details()
+        lines = [f"{who}: memory plan: {self.summary()}."]
+        if details:
+            more = f"\n  … and {len(details) - 12} more" if len(details) > 12 else ""
+            lines.append(f"{who}: moments too large to keep dense (error bars in the results):\n  "
+                         + "\n  ".join(details[:12]) + more)
+        warning = None
+        if self.skipped_layers:
+            warning = (f"{who}: layers {self.skipped_layers} are not analysed: they do not fit the "
+                       f"memory budget ({self.budget / _MIB:.0f} MiB); see `monitor.plan` and the "
+                       "`memory_budget` option.")
+        return lines, warning
+
 
 def _dense_bytes(dim: int, pending: bool) -> int:
     return (8 + (4 if pending else 0)) * dim * dim
