@@ -34,8 +34,8 @@ from typing import Any
 
 import scipy.linalg
 import torch
-
 from harness import Kind, interleave, medians, pick_device, random_psd, workload
+
 from lightning_conditioning import analyse_layer
 from lightning_conditioning.adapters import ConvMode
 from lightning_conditioning.capture import LayerCapture, find_layers

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from harness import PERCENTS, Kind, interleave, medians, section_main, sgd, train_step, workload
 from schedule import weight_domination_work
+from torch import Tensor, nn
+
 from lightning_conditioning.accumulate import SecondMomentSum
 from lightning_conditioning.adapters import ConvPatchAdapter
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers

@@ -27,8 +27,8 @@ import tempfile
 from typing import Any
 
 import torch
-
 from harness import Kind, interleave, medians, sgd, train_step, workload
+
 from lightning_conditioning import analyse_layer
 from lightning_conditioning.capture import LayerCapture, find_layers
 

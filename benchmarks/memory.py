@@ -49,9 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from harness import pick_device, sgd, sync, train_step, workload
 from torch.profiler import ProfilerActivity, profile
 
-from harness import pick_device, sgd, sync, train_step, workload
 from lightning_conditioning import analyse_layer
 from lightning_conditioning.adapters import ConvMode
 from lightning_conditioning.capture import LayerCapture, find_layers

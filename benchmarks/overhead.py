@@ -33,14 +33,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from harness import Classifier, StepTimer, capture_steps, clock, sgd
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness import Classifier, StepTimer, capture_steps, clock, sgd
 from lightning_conditioning import ConditioningCallback
 from lightning_conditioning.capture import LayerCapture, find_layers
-from lightning_conditioning.options import REGULAR_PERIOD
 from lightning_conditioning.models import cifar_resnet
+from lightning_conditioning.options import REGULAR_PERIOD
 
 DEFAULT_EVERY_N_STEPS = REGULAR_PERIOD  # the default schedule: every 100 steps after its early ones
 CPU = torch.device("cpu")

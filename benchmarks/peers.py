@@ -33,9 +33,9 @@ import copy
 from typing import Any
 
 import torch
+from harness import Kind, capture_steps, interleave, medians, section_main, sgd, train_step, workload
 from torch import Tensor, nn
 
-from harness import Kind, capture_steps, interleave, medians, section_main, sgd, train_step, workload
 from lightning_conditioning.capture import LayerCapture, find_layers
 
 WINDOW = 16

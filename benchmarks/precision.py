@@ -40,8 +40,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import schedule  # noqa: E402
 from harness import (  # noqa: E402
-    Classifier, ForeignLoad, Kind, StepTimer, capture_steps, interleave, medians, pick_device, sgd, table, train_step, workload,
+    Classifier,
+    ForeignLoad,
+    Kind,
+    StepTimer,
+    capture_steps,
+    interleave,
+    medians,
+    pick_device,
+    sgd,
+    table,
+    train_step,
+    workload,
 )
+
 from lightning_conditioning import ConditioningCallback  # noqa: E402
 from lightning_conditioning.capture import LayerCapture, find_layers  # noqa: E402
 

@@ -61,7 +61,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,8 +75,8 @@ from harness import ForeignLoad, interleave, machine, medians, table, write_resu
 import lightning_conditioning.monitor as monitor_module  # noqa: E402
 import lightning_conditioning.results as results_module  # noqa: E402
 from lightning_conditioning import ConditioningMonitor  # noqa: E402
-from lightning_conditioning.analysis import release_heap  # noqa: E402
 from lightning_conditioning.accumulate import moments_to_cpu  # noqa: E402
+from lightning_conditioning.analysis import release_heap  # noqa: E402
 from lightning_conditioning.results import analyse_layer  # noqa: E402
 from lightning_conditioning.sketch import FrequentDirections  # noqa: E402
 from lightning_conditioning.solvers import SolvedSpectrum  # noqa: E402

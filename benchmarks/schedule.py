@@ -37,17 +37,27 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from harness import (
+    Classifier,
+    Kind,
+    StepTimer,
+    analyse,
+    capture_steps,
+    interleave,
+    medians,
+    pick_device,
+    random_psd,
+    sgd,
+    train_step,
+    workload,
+)
 from torch import nn
 
-from harness import (
-    Classifier, Kind, StepTimer, analyse, capture_steps, interleave, medians, pick_device, random_psd, sgd,
-    train_step, workload,
-)
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.options import REGULAR_PERIOD
 from lightning_conditioning.adapters import ConvMode
 from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
 from lightning_conditioning.domination import frobenius_norm, weight_statistics
+from lightning_conditioning.options import REGULAR_PERIOD
 
 DEFAULT_EVERY = REGULAR_PERIOD  # the default schedule: every 100 steps after its early ones (0, 1, 2, …, 64)
 

@@ -20,17 +20,17 @@ from lightning_conditioning.__about__ import __version__
 if TYPE_CHECKING:
     from lightning_conditioning.accumulate import LayerMoments
     from lightning_conditioning.adapters import LayerAdapter
-    from lightning_conditioning.registry import register_adapter
     from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
+    from lightning_conditioning.collectives import Collectives
+    from lightning_conditioning.domination import WeightStatistics, weight_statistics
+    from lightning_conditioning.domination_monitor import WeightDominationMonitor
     from lightning_conditioning.integrations.huggingface import (
         ConditioningTrainerCallback,
         WeightDominationTrainerCallback,
     )
-    from lightning_conditioning.collectives import Collectives
-    from lightning_conditioning.domination import WeightStatistics, weight_statistics
-    from lightning_conditioning.domination_monitor import WeightDominationMonitor
     from lightning_conditioning.models import LastBN, add_last_bn
     from lightning_conditioning.monitor import ConditioningMonitor
+    from lightning_conditioning.registry import register_adapter
     from lightning_conditioning.results import LayerConditioning, analyse_layer
     from lightning_conditioning.solvers import DenseSolver, SolvedSpectrum, SpectrumSolver
     from lightning_conditioning.spectra import (

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,7 +16,8 @@ from torch import Tensor
 from lightning_conditioning.resolution import unit_roundoff
 from lightning_conditioning.sketch import BLOCK_ROWS, SketchedMoment, SketchedMomentSum
 
-__all__ = ["PENDING_ADDS", "symmetrize_", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments", "moments_to_cpu"]
+__all__ = ["PENDING_ADDS", "symmetrize_", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments",
+           "moments_to_cpu"]
 
 
 #: float32 additions summed in the pending buffer before it is folded into float64
@@ -268,9 +269,9 @@ class SecondMomentSum:
 
 
 #: what a layer's window keeps per moment: a dense (or diagonal) sum, or a sketch
-MomentSum = Union[SecondMomentSum, SketchedMomentSum]
+MomentSum = SecondMomentSum | SketchedMomentSum
 #: a sketch's shape: its rows ℓ, or ``(ℓ, block rows)`` (:class:`~lightning_conditioning.sketch.FrequentDirections`)
-SketchShape = Union[int, tuple[int, int]]
+SketchShape = int | tuple[int, int]
 
 
 def _sketched(dim: int, device: torch.device, shape: SketchShape) -> SketchedMomentSum:

@@ -3,7 +3,8 @@
 An adapter is stateless: given a module and a detached tensor it adds the sum of row outer
 products to a :class:`~lightning_conditioning.accumulate.SecondMomentSum` and returns per-unit
 extremes. :func:`~lightning_conditioning.registry.adapter_for` picks one by ``isinstance``
-from a small registry that :func:`~lightning_conditioning.registry.register_adapter` extends. The hooks that call adapters live in
+from a small registry that :func:`~lightning_conditioning.registry.register_adapter` extends. The hooks that
+call adapters live in
 :mod:`lightning_conditioning.capture`.
 """
 

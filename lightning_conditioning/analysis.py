@@ -22,11 +22,11 @@ from concurrent.futures import wait as futures_wait
 
 import torch
 
-from lightning_conditioning.notify import announce
 from lightning_conditioning.accumulate import LayerMoments
 from lightning_conditioning.capture import LayerCapture
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.distributed import analyse_layers, estimated_seconds
+from lightning_conditioning.notify import announce
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.results import LayerConditioning, analyse_layer
 from lightning_conditioning.solvers import limited_threads

@@ -1,6 +1,7 @@
 """Capture of layer inputs and output gradients: the one place that touches hooks.
 
-A :class:`~lightning_conditioning.adapters.LayerAdapter` turns one layer kind's input ``x`` and output gradient ``∂L/∂h`` into
+A :class:`~lightning_conditioning.adapters.LayerAdapter` turns one layer kind's input ``x`` and output
+gradient ``∂L/∂h`` into
 Gram matrices (sums of row outer products) and unit activity counts. :class:`LayerCapture`
 registers a forward hook per layer that, while capture is active, reduces the input to a
 ``d × d`` Gram at once (no activation is kept alive) and registers a tensor hook on the layer
@@ -27,14 +28,20 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments_to_cpu
-from lightning_conditioning.plan import AnalysisPlan
-from lightning_conditioning.sketch import BLOCK_ROWS, SketchedMomentSum
 from lightning_conditioning.adapters import LayerAdapter
 from lightning_conditioning.functional_capture import KIND_OF, FunctionalCapture, WeightUse, row_range, weight_uses
+from lightning_conditioning.plan import AnalysisPlan
 from lightning_conditioning.selection import (
-    checked_layer_types, coverage, find_layers, last_linear_name, select_layers, uncovered_modules,
-    uncovered_reason, user_name,
+    checked_layer_types,
+    coverage,
+    find_layers,
+    last_linear_name,
+    select_layers,
+    uncovered_modules,
+    uncovered_reason,
+    user_name,
 )
+from lightning_conditioning.sketch import BLOCK_ROWS, SketchedMomentSum
 
 __all__ = [
     "checked_layer_types",

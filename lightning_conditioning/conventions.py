@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
+import torch  # noqa: F401  (the examples)
 from torch import Tensor, nn
 
 __all__ = [

@@ -119,7 +119,8 @@ def fisher_rows(
             # B_i = diag(√p_i)(I − 1 p_iᵀ)
             b = torch.sqrt(p)[:, :, None] * (torch.eye(c, dtype=p.dtype) - p[:, None, :])
             return {
-                name: torch.einsum("nab,nbp->nap", b, jacobians[f"{name}.weight"].double().reshape(n, c, -1)).reshape(n * c, -1)
+                name: torch.einsum("nab,nbp->nap", b, jacobians[f"{name}.weight"].double().reshape(n, c, -1))
+                .reshape(n * c, -1)
                 for name in names
             }
         if targets is None:

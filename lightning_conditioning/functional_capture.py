@@ -17,8 +17,8 @@ captured steps, so other steps pay nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import torch
+import torch  # noqa: F401  (the examples)
 from torch import Tensor, nn
 
 from lightning_conditioning.results import LayerConditioning

@@ -16,7 +16,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_conditioning.notify import announce, warn as warn_at_user
+from lightning_conditioning.accumulate import LayerMoments
+from lightning_conditioning.analysis import (
+    BACKGROUND_SECONDS,
+    BackgroundAnalysis,
+    analyse_capture,
+    analyse_moments,
+    background_helps,
+    gather_moments,
+    release_heap,
+)
 from lightning_conditioning.capture import (
     LayerCapture,
     coverage,
@@ -26,26 +35,18 @@ from lightning_conditioning.capture import (
 )
 from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.conventions import loss_tokens, resolve_loss_reduction
-from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
-from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.analysis import (
-    BACKGROUND_SECONDS,
-    BackgroundAnalysis,
-    analyse_capture,
-    background_helps,
-    analyse_moments,
-    gather_moments,
-    release_heap,
-)
 from lightning_conditioning.distributed import estimated_seconds
+from lightning_conditioning.margin import step_size_limits, with_stability_margin
+from lightning_conditioning.notify import announce
+from lightning_conditioning.notify import warn as warn_at_user
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.plan import AnalysisPlan, memory_budget, plan_analysis
-from lightning_conditioning.turns import TurnTaker, parameter_count
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
-from lightning_conditioning.views.tables import conditioning_table
-from lightning_conditioning.margin import step_size_limits, with_stability_margin
 from lightning_conditioning.results import SHARED_LOOKUP_NOTE, LayerConditioning
 from lightning_conditioning.selection import selection_problem
+from lightning_conditioning.turns import TurnTaker, parameter_count
+from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
+from lightning_conditioning.views.tables import conditioning_table
 
 __all__ = ["ConditioningMonitor", "analyse_capture"]
 
@@ -58,7 +59,8 @@ class ConditioningMonitor:
     r"""λmax and κ_p of Σx, Σ∇h and the sub-FIM of every Linear/Conv layer of ``model``.
 
     At the scheduled steps (by default 0, 1, 2, 4, …, 64, then every 100; with
-    ``every_n_steps=n``: 0, n, 2n, …, and with ``window_steps=w`` the ``w`` steps from each) the forward and backward passes run inside :meth:`track` are captured: the layer
+    ``every_n_steps=n``: 0, n, 2n, …, and with ``window_steps=w`` the ``w`` steps from each) the forward and
+    backward passes run inside :meth:`track` are captured: the layer
     inputs and per-example output gradients are reduced at once to ``d × d`` sums (no
     activation is kept). When a window's last step ends, the sums are reduced over processes,
     eigen-solved and summarised into :attr:`results`, and :attr:`updated` is ``True``.

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_conditioning.selection import checked_layer_types
 from lightning_conditioning.conventions import LOSS_REDUCTIONS, LossReduction
 from lightning_conditioning.precision import STATISTICS_DTYPES
+from lightning_conditioning.selection import checked_layer_types
 from lightning_conditioning.solvers import SolverPlan
 from lightning_conditioning.spectra import KAPPA_DEFINITIONS, KappaDefinition
 
@@ -174,10 +174,10 @@ def check_one_per_prefix(callback: Any, callbacks: Any, family: type) -> None:
     Example:
         >>> class Probe:
         ...     prefix = "conditioning"
-        >>> check_one_per_prefix(Probe(), [Probe()], Probe)
+        >>> check_one_per_prefix(Probe(), [Probe()], Probe)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: 2 Probes in this Trainer log under prefix='conditioning': their logged keys and checkpointed states would collide. Give each its own prefix=, e.g. Probe(..., prefix='conditioning_2').
+        ValueError: 2 Probes in this Trainer log under prefix='conditioning': ... Probe(..., prefix='conditioning_2').
     """
     others = [other for other in callbacks if other is not callback and isinstance(other, family)
               and not getattr(other, "yields_to_others", False)

@@ -30,20 +30,20 @@ from lightning_conditioning.batches import (  # re-exported: the passes' public 
     ForwardFn,
     LossFn,
     SampleLossFn,
-    defines_forward,
-    forward_module_name,
-    default_forward,
-    forward_kwargs,
-    logits_of,
     batch_labels,
-    default_loss,
     class_dim_of,
-    sampled_cross_entropy,
+    default_forward,
+    default_loss,
+    defines_forward,
+    forward_kwargs,
+    forward_module_name,
+    label_generator,
+    logits_of,
     position_mask,
-    shifts_labels,
+    sampled_cross_entropy,
     sampled_loss,
     sampled_positions,
-    label_generator,
+    shifts_labels,
 )
 
 __all__ = [
@@ -136,7 +136,8 @@ def draw_probe_batches(loader: DataLoader, count: int) -> list[Any]:
     ``RandomSampler(generator=...)``). A ``DistributedSampler`` yields the rank's own shard and
     keeps no state between iterations. When the loader's iterator for the epoch exists already
     (Lightning makes it before ``on_train_start``) and has not taken indices yet (it has no
-    workers, which take some ahead), the batches are the first ones training will get. Fewer than ``count`` come back when the loader has fewer.
+    workers, which take some ahead), the batches are the first ones training will get. Fewer than ``count``
+    come back when the loader has fewer.
 
     Example:
         >>> from torch.utils.data import TensorDataset

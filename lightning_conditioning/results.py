@@ -8,7 +8,6 @@ which knows how to name its scalars (:meth:`LayerConditioning.metrics`).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal

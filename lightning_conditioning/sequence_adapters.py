@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_conditioning.accumulate import MomentSum, SecondMomentSum
+from lightning_conditioning.accumulate import MomentSum, SecondMomentSum  # noqa: F401  (the examples)
 from lightning_conditioning.adapters import LayerAdapter, LinearAdapter, UnitExtremes
 
 __all__ = ["EmbeddingAdapter", "Conv1DAdapter", "AttentionAdapter", "ProjectionAdapter"]
@@ -30,7 +30,8 @@ class EmbeddingAdapter(LinearAdapter):
     A token's input row is one-hot, so ``Σx = diag(f)`` with ``f_v`` the share of positions
     that hold token ``v``: its eigenvalues are the frequencies themselves (exact, no solve),
     λmax is the most frequent token's share, a token never seen is a structural zero (an
-    unused table row, ``unused_rows``; never a dead unit), and ``κ_p`` compares frequencies. The sub-FIM block of token ``v`` is
+    unused table row, ``unused_rows``; never a dead unit), and ``κ_p`` compares frequencies. The sub-FIM
+    block of token ``v`` is
     ``f_v · Σ∇h`` restricted to its positions; the Kronecker approximation ``Σx ⊗ Σ∇h`` pairs
     every frequency with the spectrum of the gradient over all positions (docs: README
     "Embeddings").

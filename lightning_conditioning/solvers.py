@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -226,7 +226,7 @@ SKETCH = SketchSolver()
 DIAGONAL = DiagonalSolver()
 
 #: a solver for every layer, or a plan choosing one per layer: ``plan(layer_name, dim)``
-SolverPlan = Union[SpectrumSolver, Callable[[str, int], SpectrumSolver]]
+SolverPlan = SpectrumSolver | Callable[[str, int], SpectrumSolver]
 
 
 def plan_solver(plan: SolverPlan | None, layer: str, dim: int) -> SpectrumSolver:

@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
+from helpers import SequentialClassifier, fit, loader, seeded
 from torch import nn
 
-from helpers import SequentialClassifier, fit, loader, seeded
 from lightning_conditioning import ConditioningCallback, ConditioningMonitor
 
 

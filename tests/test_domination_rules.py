@@ -22,7 +22,12 @@ from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback, WeightDominationMonitor
 from lightning_conditioning.domination import (
-    DominationRules, RatioHistory, WeightStatistics, domination_reasons, is_dominated, ratio_fall,
+    DominationRules,
+    RatioHistory,
+    WeightStatistics,
+    domination_reasons,
+    is_dominated,
+    ratio_fall,
     record_ratio,
 )
 from lightning_conditioning.views.diagnosis import diagnose, format_findings, short_warning
@@ -365,7 +370,8 @@ def test_trainer_diagnosis_reads_a_pending_check_without_nan() -> None:
     domination_warnings = [t for t in texts if "in weight domination at step" in t]
     assert len(domination_warnings) == 1 and "'net.3'" in domination_warnings[0]
     assert "at least 1000× below its own peak and below 0.0001" in domination_warnings[0]
-    diagnosis_warnings = [t for t in texts if t.startswith("ConditioningMonitor: step 3: 1 layer(s) in weight domination")]
+    headline = "ConditioningMonitor: step 3: 1 layer(s) in weight domination"
+    diagnosis_warnings = [t for t in texts if t.startswith(headline)]
     assert len(diagnosis_warnings) == 1, texts
     findings, table = snapshot.seen[3]  # the step the weight grew: pending, no update ratio yet
     assert "update_weight_ratio" not in table["net.3"] and table["net.3"]["dominated"] == 1.0

@@ -24,12 +24,12 @@ def _explicit(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, kind: str)
     for i in range(n):
         terms = []
         if kind == "empirical":
-            terms.append((1.0, lambda logits: nn.functional.cross_entropy(logits[i : i + 1], y[i : i + 1])))
+            terms.append((1.0, lambda logits, i=i: nn.functional.cross_entropy(logits[i : i + 1], y[i : i + 1])))
         else:
             with torch.no_grad():
                 p = torch.softmax(model(x), dim=1)[i]
             for c in range(p.shape[0]):
-                terms.append((float(p[c]), lambda logits, c=c: torch.log_softmax(logits, dim=1)[i, c]))
+                terms.append((float(p[c]), lambda logits, c=c, i=i: torch.log_softmax(logits, dim=1)[i, c]))
         for weight, loss in terms:
             grads = torch.autograd.grad(loss(model(x)), list(weights.values()))
             rows.append(np.sqrt(weight) * np.concatenate([g.reshape(-1).numpy() for g in grads]))

@@ -19,7 +19,8 @@ pytest.importorskip("mlxtend")
 @pytest.mark.slow
 def test_cifar_resnet_smoke_full_recipe_path(tmp_path: Path) -> None:
     """--smoke: four archs × 2 seeds on FakeData through the CIFAR pipeline, epochs, tables."""
-    from example_projects.cifar_resnet import main as cifar, tables
+    from example_projects.cifar_resnet import main as cifar
+    from example_projects.cifar_resnet import tables
 
     result = cifar.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
     runs = result["runs"]

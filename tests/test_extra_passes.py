@@ -25,8 +25,15 @@ from torch.utils.data import DataLoader
 
 from lightning_conditioning import ConditioningCallback
 from lightning_conditioning.passes import (
-    class_dim_of, default_forward, default_loss, forward_kwargs, forward_module_name, label_generator,
-    logits_of, sampled_cross_entropy, sampled_loss,
+    class_dim_of,
+    default_forward,
+    default_loss,
+    forward_kwargs,
+    forward_module_name,
+    label_generator,
+    logits_of,
+    sampled_cross_entropy,
+    sampled_loss,
 )
 
 VOCAB, WIDTH, LENGTH = 11, 6, 5

@@ -224,7 +224,7 @@ def test_documented_keys_reach_tensorboard_through_the_trainer(name: str, tmp_pa
 
     # the values are the callback's (TensorBoard stores float32), at the analysed step
     last = STEPS - 1
-    for layer, result in conditioning.results.items():
+    for result in conditioning.results.values():
         for key, value in result.metrics().items():
             assert math.isclose(run.scalars[last][f"train/{key}"], value, rel_tol=1e-6), key
     # the Trainer's own logs are untouched: its loss per step, none of our keys in log_history

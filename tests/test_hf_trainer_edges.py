@@ -15,13 +15,24 @@ pytest.importorskip("accelerate")
 
 import torch  # noqa: E402
 from test_hf_trainer import (  # noqa: E402
-    BATCH, STEPS, Items, RecordingReporter, SequentialTrainer, hf_fit, lightning_fit,
-    max_relative_difference, ours, seeded, tiny_gpt2, token_data,
+    BATCH,
+    STEPS,
+    Items,
+    RecordingReporter,
+    SequentialTrainer,
+    hf_fit,
+    lightning_fit,
+    max_relative_difference,
+    ours,
+    seeded,
+    tiny_gpt2,
+    token_data,
 )
 
 from lightning_conditioning import ConditioningCallback  # noqa: E402
 from lightning_conditioning.integrations import (  # noqa: E402
-    ConditioningTrainerCallback, WeightDominationTrainerCallback,
+    ConditioningTrainerCallback,
+    WeightDominationTrainerCallback,
 )
 
 EXTRA = {"true_fisher": dict(fisher="true"), "probe": dict(probe_batches=2)}

@@ -83,7 +83,7 @@ def interval(solved_quantile: SpectralQuantiles, percent: int, k: int) -> tuple[
 
 
 def quantiles_of(solved: object) -> SpectralQuantiles:
-    quantile = getattr(solved, "quantile")
+    quantile = solved.quantile
     assert isinstance(quantile, SpectralQuantiles)
     return quantile
 

@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 #: bottom first; a module may import from its own layer and the layers below it only
 LAYERS: list[tuple[str, list[str]]] = [
     ("base", ["__about__", "schema", "resolution", "notify"]),
-    ("maths", ["spectra", "sketch", "solvers", "krylov", "krylov.*", "estimates", "precision", "accumulate", "domination",
+    ("maths", ["spectra", "sketch", "solvers", "krylov", "krylov.*", "estimates", "precision", "accumulate",
+               "domination",
                "collectives", "shards"]),
-    ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "turns", "conventions",
+    ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "turns",
+                 "conventions",
                  "batches", "passes", "options", "analysis", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor"]),

@@ -66,7 +66,8 @@ def test_start_lines_reach_a_user_who_configured_no_logging(tmp_path: Path) -> N
     assert "memory plan" in done.stderr
     # and a user who silences the package's logger is obeyed
     silenced = script.read_text().replace(
-        "import torch\n", "import logging, torch\nlogging.getLogger('lightning_conditioning').setLevel(logging.WARNING)\n", 1)
+        "import torch\n",
+        "import logging, torch\nlogging.getLogger('lightning_conditioning').setLevel(logging.WARNING)\n", 1)
     script.write_text(silenced)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "analysing" not in done.stderr, done.stderr

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import SequentialClassifier, fit, loader
 import torchvision
+from helpers import SequentialClassifier, fit, loader
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, SpectrumSummary

@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from helpers import RecordingLogger, SequentialClassifier, fit, loader, seeded

@@ -238,7 +238,8 @@ def test_registering_an_adapter_is_enough_and_the_rest_is_reported() -> None:
     from lightning_conditioning import register_adapter, registry
 
     model = _Pair()
-    with pytest.warns(UserWarning, match=r"both \(Bilinear, 51 parameters\): a layer kind with no adapter; rnn \(GRU, 150 parameters\): a recurrent"):
+    with pytest.warns(UserWarning, match=r"both \(Bilinear, 51 parameters\): a layer kind with no adapter; "
+                                         r"rnn \(GRU, 150 parameters\): a recurrent"):
         before = ConditioningMonitor(model, collectives=None)
     assert before.layer_names == ["first"]
     before.close()

@@ -353,7 +353,7 @@ def evaluate(case: Case) -> Outcome:
     return Outcome(case, ref_input, ref_grad, result)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def evaluated(case: Case) -> Outcome:
     return evaluate(case)
 

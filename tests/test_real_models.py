@@ -30,9 +30,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from real_models import MODELS, RealModel, counted_parameters, coverage
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from real_models import MODELS, RealModel, counted_parameters, coverage
 
 COVERAGE = 0.95
 #: non-ok layer statuses that say why a layer has no numbers (besides a ``reason`` attribute)

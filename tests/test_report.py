@@ -161,7 +161,7 @@ def test_split_metrics_round_trips_every_key_kind() -> None:
 
     statuses = {50: "exact", 80: "lower_bound", 99.5: "infinite", 100: "undefined"}
     rows = {"net.0": {}, "net.2": {}}
-    for layer, row in rows.items():
+    for row in rows.values():
         for moment in schema.MOMENTS:
             row.update(schema.summary_quantities(moment, _summary(statuses)))
         row.update({"dead_input_units": 1.0, "full_input_units": 2.0})

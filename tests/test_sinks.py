@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import glob
 import json
-import time
 import logging
 import math
 import re
 import struct
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +23,8 @@ from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback, sinks
 from lightning_conditioning.report.reader import load_run
-from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, read_spectra
 from lightning_conditioning.sinks import base as sinks_base
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, read_spectra
 
 
 class _Messages(logging.Handler):
@@ -69,7 +69,8 @@ def _net(odd_name: str | None = None) -> nn.Sequential:
 def _run(logger: Logger | list[Logger], steps: int = 2, net: nn.Module | None = None,
          callbacks: list[pl.Callback] | None = None) -> tuple[ConditioningCallback, WeightDominationCallback]:
     x, y = torch.randn(32, 12, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 5
-    conditioning, domination = ConditioningCallback(every_n_steps=1, log_figures=True), WeightDominationCallback(every_n_steps=1)
+    conditioning = ConditioningCallback(every_n_steps=1, log_figures=True)
+    domination = WeightDominationCallback(every_n_steps=1)
     trainer = pl.Trainer(
         max_steps=steps, logger=logger, callbacks=[conditioning, domination, *(callbacks or [])],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -283,8 +283,8 @@ def test_plan_keeps_room_for_a_gpt2_sized_head_instead_of_more_dense_moments() -
     """The default budget of GPT-2 small (its parameter bytes) once went to dense 768/2304
     moments first and left no room for the 50,257-token head, which was skipped."""
     blocks = [nn.Linear(768, 2304), nn.Linear(768, 768), nn.Linear(768, 3072), nn.Linear(3072, 768)]
-    model = nn.Sequential(*[copy for _ in range(12) for copy in (nn.Linear(l.in_features, l.out_features)
-                                                                 for l in blocks)],
+    model = nn.Sequential(*[copy for _ in range(12) for copy in (nn.Linear(b.in_features, b.out_features)
+                                                                 for b in blocks)],
                           nn.Linear(768, 50257))
     plan = plan_analysis(find_layers(model), budget=475 << 20)
     assert plan.skipped_layers == [] and plan.nbytes <= plan.budget

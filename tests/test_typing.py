@@ -1,7 +1,9 @@
-"""The package type-checks with mypy (configuration in pyproject.toml)."""
+"""The package type-checks with mypy and the tree lints clean with ruff (configuration of both in
+pyproject.toml)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -30,3 +32,11 @@ def test_version_in_one_place() -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and __version__ in result.stdout
     assert (ROOT / "lightning_conditioning" / "py.typed").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is a test extra")
+def test_ruff_is_clean() -> None:
+    """The lint configured in pyproject.toml ([tool.ruff]) holds over the whole tree."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest

@@ -32,10 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from example_projects.data import mnist_5k, mnist_images
-from lightning_conditioning.schema import format_percent, kappa_reading
 from lightning_conditioning import ConditioningCallback
 from lightning_conditioning.exact import exact_fisher_spectra
 from lightning_conditioning.report import conditioning_table
+from lightning_conditioning.schema import format_percent, kappa_reading
 
 PERCENTS = (50, 80)
 

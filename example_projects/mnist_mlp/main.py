@@ -27,9 +27,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from example_projects.data import MNISTDataModule
 from example_projects.mnist_mlp.model import DeepMLP
+from lightning_conditioning import ConditioningCallback
 from lightning_conditioning.schema import kappa_reading, parse_quantity
 from lightning_conditioning.views.figures import kappa_marker_legend, plot_kappa
-from lightning_conditioning import ConditioningCallback
 
 CONFIGS = {
     "plain-default": ("plain", "default"),

@@ -31,7 +31,6 @@ from torch import nn
 from example_projects.data import MNISTDataModule
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
 
-
 DISCUSSION = """## Discussion
 
 - **Blocked layers still let the loss fall: reproduced.** Every mask ends below 5% of its
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.smoke and args.masks == ["11111", "01111", "11011", "11110"] and args.epochs == 4:
         lines.append(DISCUSSION)  # written for the documented full-size run
     Path(args.results or out / "results.md").write_text("\n".join(lines))
-    for claim, (ok, evidence) in checks.items():
+    for claim, (ok, _evidence) in checks.items():
         print(f"{claim}: {'reproduced' if ok else 'NOT reproduced'}")
     return {"fig4": fig4_runs, "a11": a11_run, "checks": checks}
 

@@ -12,21 +12,29 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_conditioning.callbacks.support import (
+    prefix_state_key,
+    rank_zero_warn,
+    unsupported,
+)
 from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.views.diagnosis import Finding, format_findings
 from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions, check_one_per_prefix
 from lightning_conditioning.passes import (
-    ExtraPasses, ForwardFn, LossFn, SampleLossFn, default_forward, draw_probe_batches, forward_module_name,
+    ExtraPasses,
+    ForwardFn,
+    LossFn,
+    SampleLossFn,
+    default_forward,
+    draw_probe_batches,
+    forward_module_name,
 )
 from lightning_conditioning.results import LayerConditioning
-from lightning_conditioning.callbacks.support import (
-    prefix_state_key, rank_zero_warn, unsupported,
-)
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
 from lightning_conditioning.solvers import SolverPlan
 from lightning_conditioning.spectra import KappaDefinition
+from lightning_conditioning.views.diagnosis import Finding, format_findings
 
 __all__ = ["ConditioningCallback"]
 
@@ -341,7 +349,7 @@ def _probe_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     size = min(map(len, parts)) if mode == "min_size" else max(map(len, parts))
     if not all(parts):
         return []
-    return [apply_to_collection(drawn, _Drawn, lambda part: part[i % len(part)]) for i in range(min(size, count))]
+    return [apply_to_collection(drawn, _Drawn, lambda part, i=i: part[i % len(part)]) for i in range(min(size, count))]
 
 
 class _Drawn(list):

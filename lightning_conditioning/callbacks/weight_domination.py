@@ -12,14 +12,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_conditioning.options import check_one_per_prefix
-from lightning_conditioning.capture import checked_layer_types
 from lightning_conditioning.callbacks.support import (
-    prefix_state_key, rank_zero_warn, unsupported,
+    prefix_state_key,
+    rank_zero_warn,
+    unsupported,
 )
+from lightning_conditioning.capture import checked_layer_types
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics, is_dominated
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
+from lightning_conditioning.options import check_one_per_prefix
 from lightning_conditioning.sinks import publish_weight_domination
 
 __all__ = ["WeightDominationCallback"]

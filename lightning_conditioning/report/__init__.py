@@ -16,7 +16,7 @@ Example::
     print(format_findings(diagnose(run.conditioning(step), run.domination(step)[0])))
 """
 
-from lightning_conditioning.views.tables import LayerTable, conditioning_table, split_metrics
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, read_spectra
+from lightning_conditioning.views.tables import LayerTable, conditioning_table, split_metrics
 
 __all__ = ["LayerTable", "SPECTRA_FILENAME", "conditioning_table", "read_spectra", "split_metrics"]

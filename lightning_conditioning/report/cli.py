@@ -92,9 +92,9 @@ def _write_figures(args: argparse.Namespace, run: RunData, step: int) -> list[Pa
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_conditioning.views.diagnosis import diagnose, format_findings
     from lightning_conditioning.report.reader import RunError, load_run
     from lightning_conditioning.report.tables import format_layer_table
+    from lightning_conditioning.views.diagnosis import diagnose, format_findings
 
     started = time.perf_counter()
     _progress(args, f"reading {args.run_dir}")

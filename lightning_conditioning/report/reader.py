@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning_conditioning import schema
-from lightning_conditioning.views.tables import LayerTable, ordered, split_metrics
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, SpectraFormatError, read_spectra
+from lightning_conditioning.views.tables import LayerTable, ordered, split_metrics
 
 __all__ = ["RunError", "RunData", "find_run", "load_run"]
 

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Mapping
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.sinks.base import ANNOUNCER, Publication, Sink
 from lightning_conditioning.sinks.files import CSVSink, MLflowSink, mlflow_metric_name
@@ -31,6 +30,7 @@ from lightning_conditioning.sinks.tensorboard import (
     tensorboard_layout,
 )
 from lightning_conditioning.sinks.wandb import WandbSink
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME
 
 __all__ = [
     "ANNOUNCER",

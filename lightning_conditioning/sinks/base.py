@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.loggers import Logger
 
 from lightning_conditioning import schema
-from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
-from lightning_conditioning.views.tables import LayerTable, conditioning_table
-from lightning_conditioning.views.spectra_file import spectrum_records
 from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
+from lightning_conditioning.views.spectra_file import spectrum_records
+from lightning_conditioning.views.tables import LayerTable, conditioning_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

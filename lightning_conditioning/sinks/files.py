@@ -8,9 +8,9 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_conditioning.sinks.base import ANNOUNCER, Publication, Sink
 from lightning_conditioning.views.figures import save_png
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records
-from lightning_conditioning.sinks.base import ANNOUNCER, Publication, Sink
 
 __all__ = ["CSVSink", "MLflowSink", "mlflow_metric_name"]
 

@@ -11,8 +11,8 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_conditioning import schema
-from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records
 from lightning_conditioning.sinks.base import Publication, Sink
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records
 
 __all__ = ["TensorBoardSink", "tensorboard_layout", "publish_tensorboard_layout"]
 
@@ -22,7 +22,8 @@ _WITH_LAYOUT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 class TensorBoardSink(Sink):
     """Scalars, with the decimal logarithms of λmax and κ_p beside them (the custom-scalars
-    charts have no log axis: the layout charts those); histograms of log10 eigenvalues (``{prefix}/{layer}/{input,grad}_log10_eigenvalues``);
+    charts have no log axis: the layout charts those); histograms of log10 eigenvalues
+    (``{prefix}/{layer}/{input,grad}_log10_eigenvalues``);
     the depth-profile figure (``{prefix}/depth_profile``, images tab); and, with histograms on,
     the spectra file ``conditioning_spectra.jsonl`` in ``logger.log_dir`` for the report."""
 

@@ -64,7 +64,12 @@ from lightning_conditioning import schema
 from lightning_conditioning.views.deficiency import describe, remedy, unresolved_kappas
 from lightning_conditioning.views.tables import headline_percent
 from lightning_conditioning.views.wording import (
-    REMEDY_LAST_BN, Finding, domination_evidence, format_findings, listing, short_warning,
+    REMEDY_LAST_BN,
+    Finding,
+    domination_evidence,
+    format_findings,
+    listing,
+    short_warning,
     zero_layers_text,
 )
 

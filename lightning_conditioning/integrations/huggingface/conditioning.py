@@ -14,12 +14,23 @@ from torch.utils.data import DataLoader
 
 from lightning_conditioning import schema
 from lightning_conditioning.integrations.huggingface.shell import (
-    _count, _LossWatch, _loss_scale, _TrainerShell, _unwrapped, resumed_checkpoint,
+    _count,
+    _loss_scale,
+    _LossWatch,
+    _TrainerShell,
+    _unwrapped,
+    resumed_checkpoint,
 )
 from lightning_conditioning.monitor import ConditioningMonitor
 from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.passes import (
-    ExtraPasses, ForwardFn, LossFn, SampleLossFn, default_forward, draw_probe_batches, map_tensors,
+    ExtraPasses,
+    ForwardFn,
+    LossFn,
+    SampleLossFn,
+    default_forward,
+    draw_probe_batches,
+    map_tensors,
 )
 from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.views.diagnosis import Finding, format_findings

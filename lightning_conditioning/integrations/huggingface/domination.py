@@ -13,7 +13,10 @@ from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
 from lightning_conditioning.integrations.huggingface.shell import (
-    _LossWatch, _loss_scale, _TrainerShell, _unscale,
+    _loss_scale,
+    _LossWatch,
+    _TrainerShell,
+    _unscale,
 )
 
 __all__ = ["WeightDominationTrainerCallback"]
