@@ -31,30 +31,20 @@ from lightning_conditioning.accumulate import LayerMoments, LayerWindow, moments
 from lightning_conditioning.adapters import LayerAdapter
 from lightning_conditioning.functional_capture import KIND_OF, FunctionalCapture, WeightUse, row_range, weight_uses
 from lightning_conditioning.plan import AnalysisPlan
-from lightning_conditioning.selection import (
-    checked_layer_types,
-    coverage,
-    find_layers,
-    last_linear_name,
-    select_layers,
-    uncovered_modules,
-    uncovered_reason,
-    user_name,
-)
+
+# which layers are analysed: lightning_conditioning.selection (its names import from here too)
+from lightning_conditioning.selection import checked_layer_types as checked_layer_types
+from lightning_conditioning.selection import coverage as coverage
+from lightning_conditioning.selection import find_layers as find_layers
+from lightning_conditioning.selection import last_linear_name as last_linear_name
+from lightning_conditioning.selection import select_layers as select_layers
+from lightning_conditioning.selection import uncovered_modules as uncovered_modules
+from lightning_conditioning.selection import uncovered_reason as uncovered_reason
+from lightning_conditioning.selection import user_name as user_name
 from lightning_conditioning.sketch import BLOCK_ROWS, SketchedMomentSum
 
-__all__ = [
-    "checked_layer_types",
-    "select_layers",
-    "find_layers",
-    "uncovered_modules",
-    "uncovered_reason",
-    "coverage",
-    "user_name",
-    "last_linear_name",
-    "LayerCapture",
-]
-# which layers are analysed: lightning_conditioning.selection (imported from here as before)
+__all__ = ["LayerCapture"]
+
 
 def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """Autocast off on ``device`` (where autocast exists)."""

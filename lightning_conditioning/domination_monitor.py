@@ -16,7 +16,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_conditioning import schema
-from lightning_conditioning.capture import checked_layer_types, find_layers, last_linear_name
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import (
     DominationReason,
@@ -36,6 +35,7 @@ from lightning_conditioning.domination import (
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
 from lightning_conditioning.plan import memory_budget as _memory_budget
+from lightning_conditioning.selection import checked_layer_types, find_layers, last_linear_name
 from lightning_conditioning.shards import block_norms, is_sharded, local_rows
 from lightning_conditioning.views.wording import (
     domination_reason_text,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_conditioning.capture import select_layers
+from lightning_conditioning.selection import select_layers
 from lightning_conditioning.solvers import DenseSolver
 from lightning_conditioning.spectra import (
     SpectrumSummary,

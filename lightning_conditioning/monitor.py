@@ -26,13 +26,7 @@ from lightning_conditioning.analysis import (
     gather_moments,
     release_heap,
 )
-from lightning_conditioning.capture import (
-    LayerCapture,
-    coverage,
-    find_layers,
-    last_linear_name,
-    uncovered_modules,
-)
+from lightning_conditioning.capture import LayerCapture
 from lightning_conditioning.collectives import Collectives, auto_collectives
 from lightning_conditioning.conventions import loss_tokens, resolve_loss_reduction
 from lightning_conditioning.distributed import estimated_seconds
@@ -43,7 +37,13 @@ from lightning_conditioning.options import ConditioningOptions
 from lightning_conditioning.plan import AnalysisPlan, memory_budget, plan_analysis
 from lightning_conditioning.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.results import SHARED_LOOKUP_NOTE, LayerConditioning
-from lightning_conditioning.selection import selection_problem
+from lightning_conditioning.selection import (
+    coverage,
+    find_layers,
+    last_linear_name,
+    selection_problem,
+    uncovered_modules,
+)
 from lightning_conditioning.turns import TurnTaker, parameter_count
 from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
 from lightning_conditioning.views.tables import conditioning_table

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                  "conventions",
                  "batches", "passes", "options", "analysis", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
-    ("monitor", ["monitor", "domination_monitor"]),
+    ("monitor", ["monitor", "domination_monitor", "readouts"]),
     ("models", ["models", "models.*"]),
     ("shells", ["sinks", "sinks.*", "callbacks", "callbacks.*", "integrations", "integrations.*", "auto"]),
     ("report", ["report", "report.*", "__main__"]),

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_conditioning.callbacks.support import (
+    loss_scale,
     prefix_state_key,
     rank_zero_warn,
     unsupported,
@@ -29,17 +30,17 @@ from lightning_conditioning.passes import (
     draw_probe_batches,
     forward_module_name,
 )
-from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.readouts import ConditioningReadout
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
 from lightning_conditioning.solvers import SolverPlan
 from lightning_conditioning.spectra import KappaDefinition
-from lightning_conditioning.views.diagnosis import Finding, format_findings
+from lightning_conditioning.views.diagnosis import format_findings
 
 __all__ = ["ConditioningCallback"]
 
 
-class ConditioningCallback(Callback):
+class ConditioningCallback(ConditioningReadout, Callback):
     r"""Log λmax, κ_p and the rank of Σx, Σ∇h and the sub-FIM Σx ⊗ Σ∇h of every weight layer.
 
     At the scheduled optimizer steps (by default 0, 1, 2, 4, …, 64, then every 100; with
@@ -138,25 +139,6 @@ class ConditioningCallback(Callback):
         # one state per prefix, whatever the options (see prefix_state_key)
         return prefix_state_key(self, self._set_up)
 
-    @property
-    def results(self) -> dict[str, LayerConditioning]:
-        """Latest analysed window: ``{layer name: LayerConditioning}`` (empty before one)."""
-        return self.monitor.results if self.monitor is not None else {}
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Qualified names of the analysed layers (once fit has started)."""
-        return self.monitor.layer_names if self.monitor is not None else []
-
-    def should_analyse(self, step: int) -> bool:
-        """Whether optimizer step ``step``'s batches are captured (it is in a window)."""
-        return self.options.should_analyse(step)
-
-    def findings(self, trainer: pl.Trainer | None = None) -> list[Finding]:
-        """The diagnosis of the latest analysis (with the latest weight-domination check of a
-        WeightDominationCallback in the Trainer, if any)."""
-        return self.monitor.findings() if self.monitor is not None else []
-
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_one_per_prefix(self, getattr(trainer, "callbacks", ()), ConditioningCallback)
@@ -246,7 +228,7 @@ class ConditioningCallback(Callback):
             return
         # Lightning divides the loss by the accumulated micro-batches; a GradScaler multiplies
         # it by its scale (one host read per analysed backward)
-        self._scale_at_backward = scale = _loss_scale(trainer)
+        self._scale_at_backward = scale = loss_scale(trainer)
         accumulation = float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0
         self.monitor.set_grad_multiplier(accumulation / scale)
 
@@ -263,7 +245,7 @@ class ConditioningCallback(Callback):
         step = monitor.current_step
         if trainer.global_step == step:
             return  # this step's optimizer step has not run yet (accumulation)
-        if self._scale_at_backward is not None and _loss_scale(trainer) < self._scale_at_backward:
+        if self._scale_at_backward is not None and loss_scale(trainer) < self._scale_at_backward:
             rank_zero_info(f"{type(self).__name__}: step {step} skipped: its gradients overflowed "
                            "in float16 (the GradScaler lowered its scale); nothing is logged for its window.")
             self._discard()
@@ -286,7 +268,7 @@ class ConditioningCallback(Callback):
         """One isolated forward/backward with capture on (true Fisher or a probe batch)."""
         assert self.monitor is not None
         self.extra_passes.run(self.monitor, pl_module, lambda: self._forward(pl_module, batch), batch,
-                              step=step, rank=trainer.global_rank, loss_scale=_loss_scale(trainer),
+                              step=step, rank=trainer.global_rank, loss_scale=loss_scale(trainer),
                               forward_context=trainer.precision_plugin.forward_context)
 
     def _forward(self, pl_module: pl.LightningModule, batch: Any) -> Any:
@@ -354,8 +336,3 @@ def _probe_batches(trainer: pl.Trainer, count: int) -> list[Any]:
 
 class _Drawn(list):
     """The batches drawn from one of several training loaders."""
-
-
-def _loss_scale(trainer: pl.Trainer) -> float:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None else 1.0

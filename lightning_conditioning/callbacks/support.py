@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_conditioning.notify import warn
 
-__all__ = ["unsupported", "prefix_state_key", "rank_zero_warn"]
+__all__ = ["unsupported", "prefix_state_key", "rank_zero_warn", "loss_scale"]
 
 
 @rank_zero_only
@@ -76,3 +76,15 @@ def prefix_state_key(callback: Any, set_up: bool) -> str:
     """
     key = callback._generate_state_key(prefix=callback.prefix)
     return key if set_up else f"{key}@{id(callback):x}"
+
+
+def loss_scale(trainer: Any) -> float:
+    """The float16 ``GradScaler``'s current scale of a Lightning Trainer (1 without one).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> loss_scale(SimpleNamespace(precision_plugin=SimpleNamespace()))
+        1.0
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0

@@ -13,21 +13,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_conditioning.callbacks.support import (
+    loss_scale,
     prefix_state_key,
     rank_zero_warn,
     unsupported,
 )
-from lightning_conditioning.capture import checked_layer_types
 from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics, is_dominated
+from lightning_conditioning.domination import WeightStatistics, is_dominated
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
 from lightning_conditioning.options import check_one_per_prefix
+from lightning_conditioning.readouts import DominationReadout
+from lightning_conditioning.selection import checked_layer_types
 from lightning_conditioning.sinks import publish_weight_domination
 
 __all__ = ["WeightDominationCallback"]
 
 
-class WeightDominationCallback(Callback):
+class WeightDominationCallback(DominationReadout, Callback):
     r"""Log σmax(∇W)/σmax(W) per layer and warn about layers in weight domination.
 
     A thin Lightning shell over :class:`~lightning_conditioning.WeightDominationMonitor`.
@@ -128,45 +130,11 @@ class WeightDominationCallback(Callback):
         # one state per prefix, whatever the options (see prefix_state_key)
         return prefix_state_key(self, self._set_up)
 
-    @property
-    def results(self) -> dict[str, WeightStatistics]:
-        """Latest check: ``{layer name: WeightStatistics}`` (layers with a gradient only)."""
-        return self.monitor.results if self.monitor is not None else {}
-
-    @property
-    def warned_layers(self) -> list[str]:
-        """Layers the callback has warned about (dominated for ``patience`` checks), sorted."""
-        return self.monitor.warned_layers if self.monitor is not None else []
-
-    @property
-    def dominated(self) -> list[str]:
-        """Layers the latest check finds in weight domination (see the class docstring)."""
-        return self.monitor.dominated if self.monitor is not None else []
-
-    @property
-    def reasons(self) -> dict[str, tuple[DominationReason, ...]]:
-        """Latest check: ``{layer: the rules that find it dominated}`` (``()``: none)."""
-        return self.monitor.reasons if self.monitor is not None else {}
-
-    @property
-    def history(self) -> dict[str, RatioHistory]:
-        """``{layer: RatioHistory}``: each layer's running peak ratio (checkpointed)."""
-        return self.monitor.history if self.monitor is not None else {}
-
-    @property
-    def zero_layers(self) -> dict[str, str]:
-        """Latest check: layers whose weight gradient or weight is exactly zero, with the status."""
-        return self.monitor.zero_layers if self.monitor is not None else {}
-
     def is_dominated(self, stats: WeightStatistics) -> bool:
         """Whether ``stats`` alone count as weight domination: the history-free rules
         (:func:`~lightning_conditioning.domination.is_dominated`); :attr:`dominated` also
         judges each layer against its own history."""
         return is_dominated(stats, self.threshold, self.update_threshold)
-
-    def domination_table(self) -> dict[str, dict[str, float]]:
-        """The latest check as ``{layer: {quantity: value}}`` (read by the conditioning diagnosis)."""
-        return self.monitor.domination_table() if self.monitor is not None else {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_one_per_prefix(self, getattr(trainer, "callbacks", ()), WeightDominationCallback)
@@ -199,7 +167,7 @@ class WeightDominationCallback(Callback):
             self._loss_step, self._loss_sum = step, 0.0
         # Lightning divides the loss by the accumulated micro-batches (their sum is the mean);
         # a GradScaler has multiplied it by its scale
-        self._loss_sum += float(loss.detach()) / _loss_scale(trainer)
+        self._loss_sum += float(loss.detach()) / loss_scale(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
@@ -240,8 +208,3 @@ class WeightDominationCallback(Callback):
         self._restored = dict(state_dict)
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
-
-
-def _loss_scale(trainer: pl.Trainer) -> float:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None else 1.0

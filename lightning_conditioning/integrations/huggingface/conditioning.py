@@ -32,14 +32,15 @@ from lightning_conditioning.passes import (
     draw_probe_batches,
     map_tensors,
 )
+from lightning_conditioning.readouts import ConditioningReadout
 from lightning_conditioning.results import LayerConditioning
-from lightning_conditioning.views.diagnosis import Finding, format_findings
+from lightning_conditioning.views.diagnosis import format_findings
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records, spectrum_records
 
 __all__ = ["ConditioningTrainerCallback"]
 
 
-class ConditioningTrainerCallback(_TrainerShell):
+class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
     r"""λmax, κ_p and rank of Σx, Σ∇h and the sub-FIM of every weight layer, in a Hugging Face
     ``Trainer``: a thin shell over :class:`~lightning_conditioning.ConditioningMonitor`.
 
@@ -142,26 +143,6 @@ class ConditioningTrainerCallback(_TrainerShell):
         self._in_pass = False  # an extra pass is running (its forward is not a training one)
         self._rank, self._optimizer = 0, None
         self._model: nn.Module | None = None
-
-    # ------------------------------------------------------------------ public state
-    @property
-    def results(self) -> dict[str, LayerConditioning]:
-        """Latest analysed window: ``{layer name: LayerConditioning}`` (empty before one)."""
-        return self.monitor.results if self.monitor is not None else {}
-
-    @property
-    def layer_names(self) -> list[str]:
-        """Qualified names of the analysed layers (once training has started)."""
-        return self.monitor.layer_names if self.monitor is not None else []
-
-    def should_analyse(self, step: int) -> bool:
-        """Whether optimizer step ``step``'s micro-batches are captured (it is in a window)."""
-        return self.options.should_analyse(step)
-
-    def findings(self) -> list[Finding]:
-        """The diagnosis of the latest analysis (with the latest check of a
-        :class:`WeightDominationTrainerCallback` in the same Trainer, if any)."""
-        return self.monitor.findings() if self.monitor is not None else []
 
     # ------------------------------------------------------------------ checkpoints
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -8,9 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_conditioning.capture import checked_layer_types
 from lightning_conditioning.collectives import Collectives, auto_collectives
-from lightning_conditioning.domination import DominationReason, RatioHistory, WeightStatistics
 from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
 from lightning_conditioning.integrations.huggingface.shell import (
     _loss_scale,
@@ -18,11 +16,13 @@ from lightning_conditioning.integrations.huggingface.shell import (
     _TrainerShell,
     _unscale,
 )
+from lightning_conditioning.readouts import DominationReadout
+from lightning_conditioning.selection import checked_layer_types
 
 __all__ = ["WeightDominationTrainerCallback"]
 
 
-class WeightDominationTrainerCallback(_TrainerShell):
+class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
     r"""σmax(∇W)/σmax(W) per layer and warnings about layers in weight domination, in a Hugging
     Face ``Trainer``: a thin shell over :class:`~lightning_conditioning.WeightDominationMonitor`.
 
@@ -80,40 +80,6 @@ class WeightDominationTrainerCallback(_TrainerShell):
         self._collectives = Collectives.local()
 
     # ------------------------------------------------------------------ public state
-    @property
-    def results(self) -> dict[str, WeightStatistics]:
-        """Latest check: ``{layer name: WeightStatistics}`` (layers with a gradient only)."""
-        return self.monitor.results if self.monitor is not None else {}
-
-    @property
-    def warned_layers(self) -> list[str]:
-        """Layers warned about (dominated for ``patience`` checks), sorted."""
-        return self.monitor.warned_layers if self.monitor is not None else []
-
-    @property
-    def dominated(self) -> list[str]:
-        """Layers the latest check finds in weight domination."""
-        return self.monitor.dominated if self.monitor is not None else []
-
-    @property
-    def reasons(self) -> dict[str, tuple[DominationReason, ...]]:
-        """Latest check: ``{layer: the rules that find it dominated}`` (``()``: none)."""
-        return self.monitor.reasons if self.monitor is not None else {}
-
-    @property
-    def history(self) -> dict[str, RatioHistory]:
-        """``{layer: RatioHistory}``: each layer's running peak ratio."""
-        return self.monitor.history if self.monitor is not None else {}
-
-    @property
-    def zero_layers(self) -> dict[str, str]:
-        """Latest check: layers whose weight gradient or weight is exactly zero, with the status."""
-        return self.monitor.zero_layers if self.monitor is not None else {}
-
-    def domination_table(self) -> dict[str, dict[str, float]]:
-        """The latest check as ``{layer: {quantity: value}}`` (read by the conditioning diagnosis)."""
-        return self.monitor.domination_table() if self.monitor is not None else {}
-
     # ------------------------------------------------------------------ the Trainer's hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._bind(state)
