@@ -68,3 +68,32 @@ def test_layout_names_every_module_of_the_package() -> None:
              if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())]
     missing = [name for name in names if name not in layout]
     assert not missing, missing
+
+
+def test_every_dotted_path_the_docs_cite_exists() -> None:
+    """``lightning_conditioning.x.y`` in README, CHANGELOG, docs and the example projects: a
+    module, or a name a module holds (the CHANGELOG's history of removed names aside)."""
+    import importlib
+
+    root = Path(__file__).parent.parent
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md")),
+             *sorted((root / "example_projects").rglob("*.py"))]
+    cited = {m for path in texts for m in re.findall(r"lightning_conditioning(?:\.[A-Za-z_]\w*)+", path.read_text())}
+    assert cited
+    missing = []
+    for dotted in sorted(cited):
+        parts = dotted.split(".")
+        for split in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                found: object = importlib.import_module(".".join(parts[:split]))
+            except ImportError:
+                continue
+            try:
+                for name in parts[split:]:
+                    found = getattr(found, name)
+            except AttributeError:
+                missing.append(dotted)
+            break
+        else:
+            missing.append(dotted)
+    assert not missing, missing
