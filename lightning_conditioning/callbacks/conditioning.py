@@ -111,10 +111,8 @@ class ConditioningCallback(ConditioningReadout, Callback):
         analysis: Literal["auto", "sync", "background"] = "auto",
         step_overhead: float | None = 0.35,
     ) -> None:
-        self.options = ConditioningOptions(
-            every_n_steps, kappa_percents, conv_mode, layer_types, include, exclude,
-            loss_reduction, include_bias, rank_rtol, statistics_dtype, kappa_definition,
-            window_steps, solver, warn_diagnosis, memory_budget, analysis, step_overhead)
+        given = locals()  # the analysis options by name (never by their order in the dataclass)
+        self.options = ConditioningOptions(**{name: given[name] for name in ConditioningOptions.names()})
         for name in ConditioningOptions.names():
             setattr(self, name, getattr(self.options, name))
         for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
