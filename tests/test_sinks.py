@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback, sinks
 from lightning_conditioning.report.reader import load_run
-from lightning_conditioning.sinks import base as sinks_base
+from lightning_conditioning.views import publication as views_publication
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, read_spectra
 
 
@@ -280,7 +280,7 @@ def test_figures_skipped_once_without_matplotlib(
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setattr(sinks_base, "matplotlib_available", lambda: False)
+    monkeypatch.setattr(views_publication, "matplotlib_available", lambda: False)
     logger = TensorBoardLogger(tmp_path, name="tb")
     _run(logger)
     logger.experiment.flush()

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_conditioning import schema
 from lightning_conditioning.integrations.huggingface.shell import (
     _count,
     _loss_scale,
@@ -33,9 +32,9 @@ from lightning_conditioning.passes import (
     map_tensors,
 )
 from lightning_conditioning.readouts import ConditioningReadout
-from lightning_conditioning.results import LayerConditioning
 from lightning_conditioning.views.diagnosis import format_findings
-from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records, spectrum_records
+from lightning_conditioning.views.publication import Publication
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records
 
 __all__ = ["ConditioningTrainerCallback"]
 
@@ -291,20 +290,20 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         """The monitor's new results, at the step they belong to."""
         monitor = self.monitor
         assert monitor is not None and monitor.results_step is not None
-        step, results = monitor.results_step, monitor.window_results
-        scalars = {k: v for result in results.values() for k, v in result.metrics(self.prefix).items()}
-        self._report(args, state, control, step, scalars, hook_kwargs)
+        step = monitor.results_step
+        publication = Publication(monitor.window_results, step, prefix=self.prefix)
+        self._report(args, state, control, step, publication.metrics, hook_kwargs)
         if not (self.log_histograms and self._zero):
             return
         from transformers.integrations.integration_utils import rewrite_logs
 
         for writer in self._tensorboard_writers():
-            for key, values in _histogram_values(results, self.prefix).items():
+            for key, values in publication.histogram_values.items():
                 tag = next(iter(rewrite_logs({key: 0.0})))  # named as the scalars beside it
                 writer.add_histogram(tag, values, global_step=step)
             folder = getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
             if folder is not None:
-                append_records(Path(folder) / SPECTRA_FILENAME, spectrum_records(results, self.prefix))
+                append_records(Path(folder) / SPECTRA_FILENAME, publication.records)
             writer.flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -323,16 +322,3 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
             findings = self.findings()
             print(f"Conditioning diagnosis at step {monitor.results_step}:")
             print(format_findings(findings) if findings else "  no findings: nothing looks wrong.")
-
-
-def _histogram_values(results: Mapping[str, LayerConditioning], prefix: str) -> dict[str, Any]:
-    """``{key: log10 of the resolved eigenvalues}`` of Σx and Σ∇h per layer (numpy arrays)."""
-    out: dict[str, Any] = {}
-    for name, result in results.items():
-        for moment, summary in (("input", result.input), ("grad", result.grad)):
-            if summary is None or summary.rank == 0:
-                continue
-            values = summary.nonzero_eigenvalues
-            out[schema.key(prefix, name, schema.histogram_quantity(moment))] = (
-                values[values > 0].log10().numpy())
-    return out

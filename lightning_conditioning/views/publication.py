@@ -1,0 +1,121 @@
+"""One analysed window prepared for publication, whatever publishes it: Lightning loggers
+(:mod:`lightning_conditioning.sinks`), the Hugging Face Trainer's reporters
+(:mod:`lightning_conditioning.integrations.huggingface`) or a plain ``SummaryWriter``. Pure:
+no Lightning, no TensorBoard; each shell only maps these onto its own writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from lightning_conditioning import schema
+from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
+from lightning_conditioning.views.spectra_file import spectrum_records
+from lightning_conditioning.views.tables import LayerTable, conditioning_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["Announcer", "ANNOUNCER", "Publication", "log"]
+
+log = logging.getLogger("lightning_conditioning.sinks")
+
+
+class Announcer:
+    """Logs each informational message once per process (keyed by a short id).
+
+    Example:
+        >>> announcer = Announcer()
+        >>> announcer.once("k", "hello"), announcer.once("k", "hello")
+        (True, False)
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def once(self, key: str, message: str) -> bool:
+        """Log ``message`` at INFO level unless ``key`` was announced before."""
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        log.info(message)
+        return True
+
+
+#: the process-wide announcer used by the sinks (tests may clear ``ANNOUNCER.seen``).
+ANNOUNCER = Announcer()
+
+
+class Publication:
+    """One analysed window, prepared once and shared by every logger's sink.
+
+    Everything derived (scalars, layer table, spectra records, depth-profile figure) is built
+    lazily, at most once, and only if some sink asks for it.
+
+    Example::
+
+        publication = Publication(callback.results, step=0)
+        publication.metrics["conditioning/fc/input_lambda_max"]
+    """
+
+    def __init__(
+        self,
+        results: Mapping[str, LayerConditioning],
+        step: int,
+        *,
+        prefix: str = "conditioning",
+        histograms: bool = True,
+        figures: bool = True,
+    ) -> None:
+        self.results = results
+        self.step = int(step)
+        self.prefix = prefix
+        self.histograms = histograms
+        self.figures = figures
+
+    @cached_property
+    def metrics(self) -> dict[str, float]:
+        """Flat scalars ``{prefix}/{layer}/{quantity}`` of every layer."""
+        out: dict[str, float] = {}
+        for result in self.results.values():
+            out.update(result.metrics(self.prefix))
+        return out
+
+    @cached_property
+    def table(self) -> LayerTable:
+        """``{layer: {quantity: value}}`` (with ``input_units``), module order."""
+        return conditioning_table(self.results)
+
+    @cached_property
+    def records(self) -> list[dict[str, Any]]:
+        """Spectra-file records of this window (see :mod:`~lightning_conditioning.views.spectra_file`)."""
+        return spectrum_records(self.results, self.prefix)
+
+    @cached_property
+    def figure(self) -> Figure | None:
+        """The depth-profile figure, or None when figures are off, matplotlib is missing or
+        there is nothing to draw."""
+        if not self.figures or not self.table:
+            return None
+        if not matplotlib_available():
+            ANNOUNCER.once("matplotlib", "lightning_conditioning: matplotlib is not installed, "
+                           "so no figures are logged (pip install matplotlib).")
+            return None
+        return depth_profile_figure(self.table, step=self.step)
+
+    @cached_property
+    def histogram_values(self) -> dict[str, Any]:
+        """``{tag: log10 of the nonzero eigenvalues}`` of Σx and Σ∇h per layer (numpy arrays)."""
+        out: dict[str, Any] = {}
+        for name, result in self.results.items():
+            for label, summary in (("input", result.input), ("grad", result.grad)):
+                if summary is None or summary.rank == 0:
+                    continue
+                values = summary.nonzero_eigenvalues
+                out[schema.key(self.prefix, name, schema.histogram_quantity(label))] = (
+                    values[values > 0].log10().numpy())
+        return out
