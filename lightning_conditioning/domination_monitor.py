@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from torch import Tensor, nn
@@ -43,7 +44,7 @@ from lightning_conditioning.views.wording import (
     zero_layers_text,
 )
 
-__all__ = ["WeightDominationMonitor", "check_options"]
+__all__ = ["WeightDominationMonitor", "DominationOptions", "check_options"]
 
 
 
@@ -106,31 +107,25 @@ class WeightDominationMonitor:
         self,
         model: nn.Module,
         *,
-        every_n_steps: int = 100,
-        threshold: float = 1e-4,
-        update_threshold: float = 0.0,
-        patience: int = 3,
-        layer_types: Sequence[type[nn.Module]] | None = None,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        log_imbalance: bool = True,
         prefix: str = "weight_domination",
         warn: Callable[[str], None] | None = None,
-        fall_factor: float | None = 1000.0,
         info: Callable[[str], None] | None = None,
         collectives: Collectives | None = None,
         optimizer: Any = None,
         memory_budget: int | str = "auto",
+        **options: Any,
     ) -> None:
-        check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
-        self.every_n_steps, self.threshold = every_n_steps, float(threshold)
-        self.update_threshold, self.patience = float(update_threshold), patience
-        self.fall_factor = float(fall_factor) if fall_factor is not None else None
+        #: the check's options, validated (:class:`DominationOptions`: ``every_n_steps``,
+        #: ``threshold``, ``update_threshold``, ``patience``, ``layer_types``, ``include``,
+        #: ``exclude``, ``log_imbalance``, ``fall_factor``)
+        self.options = o = DominationOptions(**options)
+        self.every_n_steps, self.threshold, self.update_threshold = o.every_n_steps, o.threshold, o.update_threshold
+        self.patience, self.fall_factor, self.log_imbalance = o.patience, o.fall_factor, o.log_imbalance
         self.rules = DominationRules(self.threshold, self.update_threshold, self.fall_factor)
-        self.log_imbalance, self.prefix = log_imbalance, prefix
+        self.prefix = prefix
         self._warn = warn or warn_at_user
         self._info = info or announce
-        layers = find_layers(model, checked_layer_types(layer_types), include, exclude)
+        layers = find_layers(model, o.layer_types, o.include, o.exclude)
         #: ``{layer: (parameter, rows)}``: an attention projection's weight is a row slice
         self._weights: dict[str, tuple[nn.Parameter, slice]] = {}
         for name, (module, adapter) in layers.items():
@@ -413,6 +408,47 @@ class WeightDominationMonitor:
         self._last_checked_step = state.get("last_checked_step")
         self._history = {name: RatioHistory.from_state(h) for name, h in state.get("history", {}).items()}
         self._zero_named = set(state.get("zero_named", []))
+
+
+@dataclass(frozen=True)
+class DominationOptions:
+    """The weight-domination check's options, validated and normalised once for every shell
+    (their meaning: :class:`~lightning_conditioning.WeightDominationCallback`).
+
+    Example:
+        >>> DominationOptions(every_n_steps=10, threshold=1).threshold
+        1.0
+    """
+
+    every_n_steps: int = 100
+    threshold: float = 1e-4
+    update_threshold: float = 0.0
+    patience: int = 3
+    layer_types: Sequence[type[nn.Module]] | None = None
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    log_imbalance: bool = True
+    fall_factor: float | None = 1000.0
+
+    def __post_init__(self) -> None:
+        check_options(self.every_n_steps, self.threshold, self.update_threshold, self.patience,
+                      self.fall_factor)
+        set_ = object.__setattr__
+        set_(self, "threshold", float(self.threshold))
+        set_(self, "update_threshold", float(self.update_threshold))
+        set_(self, "fall_factor", float(self.fall_factor) if self.fall_factor is not None else None)
+        set_(self, "layer_types", checked_layer_types(self.layer_types))
+        set_(self, "include", list(self.include) if self.include is not None else None)
+        set_(self, "exclude", list(self.exclude) if self.exclude is not None else None)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The options' names, in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """``{name: value}`` of every option (to hand them on by name)."""
+        return {name: getattr(self, name) for name in self.names()}
 
 
 def check_options(every_n_steps: Any, threshold: Any, update_threshold: Any, patience: Any,

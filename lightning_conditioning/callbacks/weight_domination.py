@@ -20,10 +20,9 @@ from lightning_conditioning.callbacks.support import (
 )
 from lightning_conditioning.collectives import Collectives
 from lightning_conditioning.domination import WeightStatistics, is_dominated
-from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
+from lightning_conditioning.domination_monitor import DominationOptions, WeightDominationMonitor
 from lightning_conditioning.options import check_one_per_prefix
 from lightning_conditioning.readouts import DominationReadout
-from lightning_conditioning.selection import checked_layer_types
 from lightning_conditioning.sinks import publish_weight_domination
 
 __all__ = ["WeightDominationCallback"]
@@ -111,14 +110,12 @@ class WeightDominationCallback(DominationReadout, Callback):
         prefix: str = "weight_domination",
         fall_factor: float | None = 1000.0,
     ) -> None:
-        check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
-        self.every_n_steps, self.threshold = every_n_steps, float(threshold)
-        self.update_threshold, self.patience = float(update_threshold), patience
-        self.fall_factor = float(fall_factor) if fall_factor is not None else None
-        self.layer_types = checked_layer_types(layer_types)
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
-        self.log_imbalance, self.prefix = log_imbalance, prefix
+        given = locals()  # the check's options by name, validated once
+        #: the check's options (:class:`~lightning_conditioning.domination_monitor.DominationOptions`)
+        self.options = DominationOptions(**{name: given[name] for name in DominationOptions.names()})
+        for name, value in self.options.as_kwargs().items():
+            setattr(self, name, value)
+        self.prefix = prefix
         self.monitor: WeightDominationMonitor | None = None
         self._restored: dict[str, Any] = {}
         self._loss_step: int | None = None  # the checked step whose loss is being summed
@@ -134,7 +131,7 @@ class WeightDominationCallback(DominationReadout, Callback):
         """Whether ``stats`` alone count as weight domination: the history-free rules
         (:func:`~lightning_conditioning.domination.is_dominated`); :attr:`dominated` also
         judges each layer against its own history."""
-        return is_dominated(stats, self.threshold, self.update_threshold)
+        return is_dominated(stats, self.options.threshold, self.options.update_threshold)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_one_per_prefix(self, getattr(trainer, "callbacks", ()), WeightDominationCallback)
@@ -150,13 +147,9 @@ class WeightDominationCallback(DominationReadout, Callback):
             return
         # after configure_model: FSDP2 has replaced the parameters by sharded DTensors
         self.monitor = WeightDominationMonitor(
-            pl_module, every_n_steps=self.every_n_steps, threshold=self.threshold,
-            update_threshold=self.update_threshold, patience=self.patience,
-            layer_types=self.layer_types, include=self.include, exclude=self.exclude,
-            log_imbalance=self.log_imbalance, prefix=self.prefix, warn=rank_zero_warn,
-            fall_factor=self.fall_factor, info=rank_zero_info,
-            collectives=Collectives.strategy(trainer.strategy),
-            optimizer=list(trainer.optimizers) or None)
+            pl_module, prefix=self.prefix, warn=rank_zero_warn, info=rank_zero_info,
+            collectives=Collectives.strategy(trainer.strategy), optimizer=list(trainer.optimizers) or None,
+            **self.options.as_kwargs())
         self.monitor.load_state_dict(self._restored)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_conditioning.collectives import Collectives, auto_collectives
-from lightning_conditioning.domination_monitor import WeightDominationMonitor, check_options
+from lightning_conditioning.domination_monitor import DominationOptions, WeightDominationMonitor
 from lightning_conditioning.integrations.huggingface.shell import (
     _loss_scale,
     _LossWatch,
@@ -17,7 +16,6 @@ from lightning_conditioning.integrations.huggingface.shell import (
     _unscale,
 )
 from lightning_conditioning.readouts import DominationReadout
-from lightning_conditioning.selection import checked_layer_types
 
 __all__ = ["WeightDominationTrainerCallback"]
 
@@ -37,10 +35,17 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
     training loss (each layer's fall is judged net of it) is the Trainer's: the model's loss of
     every micro-batch times what the Trainer scaled it by, summed, averaged over processes.
 
-    Args: those of :class:`~lightning_conditioning.WeightDominationCallback`, with the same
-    meaning and defaults (``every_n_steps=100``, ``threshold=1e-4``, ``update_threshold=0``,
-    ``patience=3``, ``layer_types``, ``include``, ``exclude``, ``log_imbalance``, ``prefix``,
-    ``fall_factor=1000``). The ratio histories are not saved in the Trainer's checkpoints.
+    Args:
+        every_n_steps: check optimizer steps 0, n, 2n, …
+        prefix: first part of every logged key.
+        **options: the check's other options by name (``threshold=1e-4``,
+            ``update_threshold=0``, ``patience=3``, ``layer_types``, ``include``, ``exclude``,
+            ``log_imbalance``, ``fall_factor=1000``), checked here
+            (:class:`~lightning_conditioning.domination_monitor.DominationOptions`); the
+            meaning is the Lightning callback's.
+
+    The warnings given and every layer's ratio history ride in the Trainer's checkpoints and
+    come back when a run resumes (README "Hugging Face Trainer").
 
     Example::
 
@@ -49,28 +54,17 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
         domination.dominated, domination.results["lm_head"].grad_weight_ratio
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 100,
-        threshold: float = 1e-4,
-        update_threshold: float = 0.0,
-        patience: int = 3,
-        layer_types: Sequence[type[nn.Module]] | None = None,
-        include: Sequence[str] | None = None,
-        exclude: Sequence[str] | None = None,
-        log_imbalance: bool = True,
-        prefix: str = "weight_domination",
-        fall_factor: float | None = 1000.0,
-    ) -> None:
+    def __init__(self, every_n_steps: int = 100, *, prefix: str = "weight_domination", **options: Any) -> None:
         super().__init__()
-        check_options(every_n_steps, threshold, update_threshold, patience, fall_factor)
-        self.every_n_steps, self.threshold = every_n_steps, float(threshold)
-        self.update_threshold, self.patience = float(update_threshold), patience
-        self.fall_factor = float(fall_factor) if fall_factor is not None else None
-        self.layer_types = checked_layer_types(layer_types)
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
-        self.log_imbalance, self.prefix = log_imbalance, prefix
+        unknown = set(options) - set(DominationOptions.names())
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; options: "
+                            f"{[n for n in DominationOptions.names() if n != 'every_n_steps']}")
+        #: the check's options, validated
+        self.options = DominationOptions(every_n_steps=every_n_steps, **options)
+        for name, value in self.options.as_kwargs().items():
+            setattr(self, name, value)
+        self.prefix = prefix
         self.monitor: WeightDominationMonitor | None = None
         self._restored: dict[str, Any] = {}
         self._watch = _LossWatch(lambda: self._checking, lambda kwargs: None, self._add_loss)
@@ -91,11 +85,8 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
         self._restore(state)  # a resumed run: what its checkpoint holds
         self._collectives = auto_collectives()  # torch.distributed's group under DDP / FSDP
         self.monitor = WeightDominationMonitor(
-            model, every_n_steps=self.every_n_steps, threshold=self.threshold,
-            update_threshold=self.update_threshold, patience=self.patience,
-            layer_types=self.layer_types, include=self.include, exclude=self.exclude,
-            log_imbalance=self.log_imbalance, prefix=self.prefix, warn=self._warn,
-            fall_factor=self.fall_factor, info=self._info, collectives=self._collectives)
+            model, prefix=self.prefix, warn=self._warn, info=self._info, collectives=self._collectives,
+            **self.options.as_kwargs())
         self.monitor.load_state_dict(self._restored)
         self._watch.attach(model)
 
