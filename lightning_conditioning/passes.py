@@ -256,13 +256,17 @@ class ExtraPasses:
     """
 
     def __init__(self, fisher: str = "empirical", probe_batches: int = 0, seed: int = 0,
-                 loss_fn: LossFn | None = None, sample_fn: SampleLossFn | None = None) -> None:
+                 loss_fn: LossFn | None = None, sample_fn: SampleLossFn | None = None,
+                 forward_fn: ForwardFn | None = None) -> None:
+        for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable, got {fn!r}")
         if fisher not in ("empirical", "true"):
             raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
         if isinstance(probe_batches, bool) or not isinstance(probe_batches, int) or probe_batches < 0:
             raise ValueError(f"probe_batches must be an int >= 0, got {probe_batches!r}")
         self.fisher, self.probe_batches, self.seed = fisher, probe_batches, seed
-        self.loss_fn, self.sample_fn = loss_fn, sample_fn
+        self.loss_fn, self.sample_fn, self.forward_fn = loss_fn, sample_fn, forward_fn
         #: the probe batches, on the CPU (:func:`draw_probe_batches`)
         self.held_batches: list[Any] = []
         #: passes run so far (each draws its labels from its own generator)

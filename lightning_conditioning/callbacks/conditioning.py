@@ -115,12 +115,9 @@ class ConditioningCallback(ConditioningReadout, Callback):
         self.options = ConditioningOptions(**{name: given[name] for name in ConditioningOptions.names()})
         for name in ConditioningOptions.names():
             setattr(self, name, getattr(self.options, name))
-        for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable, got {fn!r}")
         #: the callback's own passes (true Fisher, probe batches); None functions: the defaults
         #: of lightning_conditioning.passes (they read the batch too)
-        self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn)
+        self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn, forward_fn)
         self.fisher, self.probe_batches, self.seed = fisher, probe_batches, seed
         self.forward_fn: ForwardFn | None = forward_fn
         self.loss_fn, self.sample_fn = loss_fn, sample_fn

@@ -122,11 +122,8 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         **options: Any,
     ) -> None:
         super().__init__()
-        for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable, got {fn!r}")
         #: the callback's own passes (true Fisher, probe batches)
-        self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn)
+        self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn, forward_fn)
         self.forward_fn = forward_fn
         unknown = set(options) - set(ConditioningOptions.names())
         if unknown:
