@@ -256,3 +256,15 @@ def test_training_figure_marks_non_measurements() -> None:
     assert list(markers["^"].get_xdata()) == [10] and list(markers["^"].get_ydata()) == [1e9]
     assert list(markers[r"$\infty$"].get_xdata()) == [100]
     assert ax.get_legend() is not None
+
+
+def test_units_figure_shows_an_embeddings_unused_rows() -> None:
+    from lightning_conditioning.views.figures import units_figure
+
+    table = {"emb": {"unused_rows": 28.0, "input_units": 50.0},
+             "fc": {"dead_input_units": 1.0, "full_input_units": 0.0, "input_units": 32.0}}
+    ax = units_figure(table, step=0).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[-1] == "unused table rows (embeddings)"
+    grey = [p.get_height() for p in ax.containers[-1].patches]
+    assert grey[0] == pytest.approx(28 / 50) and math.isnan(grey[1])

@@ -326,7 +326,8 @@ def training_figure(history: Mapping[int, LayerTable], *, max_layers: int = 8) -
 
 
 def units_figure(table: LayerTable, *, step: int | None = None) -> Figure:
-    """Dead and full (always active) input units per layer, as fractions when sizes are known.
+    """Dead and full (always active) input units per layer, as fractions when sizes are known;
+    an embedding's unused table rows (tokens, positions) in grey.
 
     Example:
         >>> figure = units_figure({"a": {"dead_input_units": 1.0, "full_input_units": 2.0,
@@ -339,8 +340,11 @@ def units_figure(table: LayerTable, *, step: int | None = None) -> Figure:
     figure, axes = _new_figure(1, 1, (max(6.0, 0.35 * len(names) + 3), 4.0))
     ax = axes[0][0]
     x = list(range(1, len(names) + 1))
-    for offset, key, colour, label in ((-0.2, "dead_input_units", "tab:red", "dead (never > 0)"),
-                                       (0.2, "full_input_units", "tab:blue", "full (always > 0)")):
+    series = [(-0.2, "dead_input_units", "tab:red", "dead (never > 0)"),
+              (0.2, "full_input_units", "tab:blue", "full (always > 0)")]
+    if any("unused_rows" in table[n] for n in names):  # embeddings: rows the batches did not use
+        series.append((0.0, "unused_rows", "tab:gray", "unused table rows (embeddings)"))
+    for offset, key, colour, label in series:
         values = [table[n].get(key, math.nan) for n in names]
         if fractions:
             values = [v / table[n]["input_units"] for v, n in zip(values, names)]
