@@ -183,6 +183,25 @@ class SecondMomentSum:
             self.sum_rows.add_(rows.sum(0))
         self.rows += rows.shape[0]
 
+    def copy_from(self, other: SecondMomentSum) -> None:
+        """Become a copy of ``other``'s window so far (a dense sum of the same shape).
+
+        Example:
+            >>> first, second = SecondMomentSum(2, torch.device("cpu")), SecondMomentSum(2, torch.device("cpu"))
+            >>> first.add_rows(torch.tensor([[1.0, 2.0]]))
+            >>> second.copy_from(first)
+            >>> second.rows, second.mean().tolist()
+            (1, [[1.0, 2.0], [2.0, 4.0]])
+        """
+        other.fold()
+        self.fold()
+        self.sum_outer.copy_(other.sum_outer)
+        if self.sum_rows is not None and other.sum_rows is not None:
+            self.sum_rows.copy_(other.sum_rows)
+        self.rows = other.rows
+        self.resolution = max(self.resolution, other.resolution)
+        self.gram_roundoff = max(self.gram_roundoff, other.gram_roundoff)
+
     def fold(self) -> None:
         """Fold the float32 pending sum into the float64 sum (no-op when nothing is pending)."""
         if self._pending is not None and self._pending_adds:
@@ -215,6 +234,11 @@ class SecondMomentSum:
     def allocate(self) -> None:
         """Hold the float64 sum now (zeros) if :meth:`take_mean` handed the last one over."""
         self.sum_outer  # noqa: B018 (the property allocates)
+
+    def release(self) -> None:
+        """Let go of the float64 sum (allocated again, zeros, when next used)."""
+        self._sum_outer = None
+        self.reset()
 
     def take_mean(self, *, homogeneous: bool = False) -> Tensor:
         """:meth:`mean`, computed in the sum's own memory, which is handed over: no second
@@ -301,6 +325,10 @@ class LayerMoments:
             dimension 1, e.g. GPT-2's ``position_ids``, its output broadcast over the
             examples): the gradient at its output is a sum over the examples, not per-example,
             so its Σ∇h is left out (``grad_second_moment`` None).
+        shared_input: the layer whose input tensor this one read, so that its Σx is that
+            layer's (the same tensor object: :mod:`~lightning_conditioning.shared_inputs`).
+        shared_input_lost: the sharing with ``shared_input`` broke within the window after
+            that layer took rows this one never saw: its Σx cannot be told apart, and is None.
 
     Example:
         >>> moments = LayerMoments(torch.eye(2), None, 4, 0, torch.tensor([1.0, -1.0]),
@@ -320,6 +348,8 @@ class LayerMoments:
     input_gram_roundoff: float = 0.0
     grad_gram_roundoff: float = 0.0
     shared_lookup: bool = False
+    shared_input: str | None = None
+    shared_input_lost: bool = False
 
     @property
     def lookup_table(self) -> bool:
@@ -402,16 +432,39 @@ class LayerWindow:
         self.unit_min.fill_(math.inf)
         self.lookup_leading = 0
 
-    def allocate(self) -> None:
+    def allocate(self, *, with_input: bool = True) -> None:
         """Hold every sum of the window now (the ones handed over by ``moments(take=True)``
         are allocated again, zeros): allocated between steps, not among a step's activations,
-        where long-lived sums would fragment the heap."""
-        self.input.allocate()
+        where long-lived sums would fragment the heap. ``with_input=False`` leaves Σx's sum to
+        be allocated when first used (a layer that shares another's Σx never uses it)."""
+        if with_input:
+            self.input.allocate()
         self.grad.allocate()
 
-    def sum_buffers(self) -> list[Tensor]:
-        """Every tensor that a distributed reduction must sum."""
-        return [*self.input.buffers(), *self.grad.buffers()]
+    def sum_buffers(self, *, with_input: bool = True) -> list[Tensor]:
+        """Every tensor that a distributed reduction must sum (without Σx's when another
+        layer's sum stands for it: :mod:`~lightning_conditioning.shared_inputs`)."""
+        return [*(self.input.buffers() if with_input else ()), *self.grad.buffers()]
+
+    def shares_rows_with(self, other: LayerWindow) -> bool:
+        """Whether the same input rows make the same Σx sum here and in ``other``: two dense,
+        non-diagonal sums of one width, both with or both without the homogeneous coordinate,
+        or two sketches of one shape (a sketch is a deterministic function of its rows)."""
+        mine, theirs = self.input, other.input
+        if isinstance(mine, SketchedMomentSum) and isinstance(theirs, SketchedMomentSum):
+            ours, their = mine.sketcher, theirs.sketcher
+            return (ours.dim, ours.rank, ours.block_rows) == (their.dim, their.rank, their.block_rows)
+        return (isinstance(mine, SecondMomentSum) and isinstance(theirs, SecondMomentSum)
+                and not mine.diagonal and not theirs.diagonal and mine.dim == theirs.dim
+                and self.homogeneous == other.homogeneous)
+
+    def copy_input_from(self, other: LayerWindow) -> None:
+        """Take ``other``'s Σx sum so far (see :meth:`shares_rows_with`)."""
+        if isinstance(self.input, SketchedMomentSum) and isinstance(other.input, SketchedMomentSum):
+            self.input.copy_from(other.input)
+        else:
+            assert isinstance(self.input, SecondMomentSum) and isinstance(other.input, SecondMomentSum)
+            self.input.copy_from(other.input)
 
     def counts(self) -> list[int]:
         """The integer counts that a distributed reduction must sum."""

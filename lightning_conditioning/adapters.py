@@ -51,6 +51,10 @@ class LayerAdapter:
         >>> _ = _REGISTRY.pop()  # (undo, for this example only)
     """
 
+    #: whether the input rows are the input tensor's last dimension and nothing else, so that
+    #: two such layers reading one tensor have one Σx (:mod:`~lightning_conditioning.shared_inputs`)
+    rows_are_last_dimension: bool = False
+
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
         """``(input_dim, grad_dim, units)``: sizes of Σx, Σ∇h and of the unit counts."""
         raise NotImplementedError
@@ -122,6 +126,8 @@ class LinearAdapter(LayerAdapter):
         >>> (into.mean() * into.rows).tolist(), into.rows, unit_max.tolist()
         ([[5.0, -1.0], [-1.0, 1.0]], 2, [2.0, 0.0])
     """
+
+    rows_are_last_dimension = True
 
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
         assert isinstance(module, nn.Linear)

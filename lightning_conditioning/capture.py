@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -41,6 +42,7 @@ from lightning_conditioning.selection import select_layers as select_layers
 from lightning_conditioning.selection import uncovered_modules as uncovered_modules
 from lightning_conditioning.selection import uncovered_reason as uncovered_reason
 from lightning_conditioning.selection import user_name as user_name
+from lightning_conditioning.shared_inputs import InputSharing
 from lightning_conditioning.sketch import BLOCK_ROWS, SketchedMomentSum
 
 __all__ = ["LayerCapture"]
@@ -129,6 +131,8 @@ class LayerCapture:
         self._widest = 0  # the widest leading dimension of an output in the window
         #: output gradients that arrived after their window was finished (ignored)
         self.late_gradients = 0
+        #: layers whose Σx is another layer's, read from the same input tensor
+        self.sharing = InputSharing()
 
     @property
     def attached(self) -> bool:
@@ -226,6 +230,7 @@ class LayerCapture:
         captured before are ignored from now)."""
         for window in self.turn_windows.values():
             window.reset()
+        self.sharing.reset()
         self._generation += 1
         self._widest = 0
 
@@ -238,8 +243,9 @@ class LayerCapture:
 
     def allocate(self) -> None:
         """Hold the sums of this turn's windows now (see :meth:`LayerWindow.allocate`)."""
-        for window in self.turn_windows.values():
-            window.allocate()
+        sharing = self.sharing
+        for name, window in self.turn_windows.items():
+            window.allocate(with_input=name not in sharing.known or name in sharing.unshared)
 
     def moments(self, *, take: bool = False) -> dict[str, LayerMoments]:
         """The finished window of every layer (CPU, float64; one host copy per device). With
@@ -247,11 +253,24 @@ class LayerCapture:
         :meth:`reset` after it, so that gradients of earlier forwards are ignored."""
         shared = {name for name, window in self.turn_windows.items()  # (read before a take resets)
                   if window.lookup_leading == 1 and self._widest > 1}
+        self.sharing.finish()
+        followers, lost = dict(self.sharing.followers), dict(self.sharing.lost)
         moments = {name: window.moments(take=take) for name, window in self.turn_windows.items()}
+        for name in followers if take else ():  # its Σx is the leader's: no sum of its own
+            self.windows[name].input.release()
         for name in shared:  # looked up once for all the examples: no per-example gradient
             found = moments[name]
             found.grad_second_moment, found.grad_rows, found.shared_lookup = None, 0, True
-        return moments_to_cpu(moments)
+        moments = moments_to_cpu(moments)
+        for name, leader in followers.items():  # one Σx (the same tensor) for both
+            lead = moments[leader]
+            moments[name] = replace(
+                moments[name], input_second_moment=lead.input_second_moment, input_rows=lead.input_rows,
+                input_gram_roundoff=lead.input_gram_roundoff, shared_input=leader)
+        for name, leader in lost.items():
+            moments[name] = replace(moments[name], input_second_moment=None, input_rows=0,
+                                    shared_input=leader or None, shared_input_lost=True)
+        return moments
 
     def _dtype_for(self, tensor: Tensor) -> torch.dtype:
         """The GEMM dtype: ``statistics_dtype``, or the tensor's own if wider (float64 runs)."""
@@ -294,6 +313,18 @@ class LayerCapture:
         if window.device != x.device:  # the model moved after attach(): follow it
             window.to(x.device)
         adapter = self.layers[name][1]
+        if adapter.rows_are_last_dimension:  # another layer's Σx may hold these rows already
+            action = self.sharing.on_input(name, x, functools.partial(self._same_rows, name))
+            if action == "copy":
+                assert self.sharing.copy_from is not None
+                window.copy_input_from(self.windows[self.sharing.copy_from])
+            if action in ("shared", "lost"):  # only the cheap per-unit extremes of its own
+                with torch.no_grad():
+                    rows = x.detach().reshape(-1, x.shape[-1])
+                    window.add_units(rows.amax(0).to(torch.float64), rows.amin(0).to(torch.float64))
+                window.input.note_precision(x.dtype)
+                self._follow_output(name, module, output, columns, batch)
+                return
         # autocast would run out-of-place GEMMs (bmm) in bf16/fp16: the Grams keep their dtype
         with torch.no_grad(), _without_autocast(x.device):
             rows = x.detach()
@@ -304,10 +335,21 @@ class LayerCapture:
                 window.lookup_leading = max(window.lookup_leading, int(rows.shape[0]))
             window.input.note_precision(x.dtype)
             window.add_units(unit_max, unit_min)
+        self._follow_output(name, module, output, columns, batch)
+
+    def _follow_output(self, name: str, module: nn.Module, output: Tensor, columns: slice | None,
+                       batch: int | None) -> None:
+        """Catch the output gradient (``output[..., columns]``) when the backward reaches it."""
         if output.requires_grad:
-            scale = self._example_factor(adapter, module, output, batch)
+            scale = self._example_factor(self.layers[name][1], module, output, batch)
             output.register_hook(functools.partial(
                 self._grad_hook, name, module, scale, self._generation, columns))
+
+    def _same_rows(self, name: str, leader: str) -> bool:
+        """Whether ``leader``'s Σx of a tensor is ``name``'s Σx of the same tensor."""
+        window, theirs = self.windows[name], self.windows[leader]
+        return (type(self.layers[name][1]) is type(self.layers[leader][1])
+                and window.device == theirs.device and window.shares_rows_with(theirs))
 
     def _example_factor(self, adapter: LayerAdapter, module: nn.Module, output: Tensor,
                         batch: int | None) -> int:
@@ -366,10 +408,13 @@ class LayerCapture:
             in_attention = id(module) in self._attention_parts  # its batch is the attention's
             self._record(use.layer, module, x, output, columns, batch if in_attention else None)
 
-    def _merge_sketches(self, reduce: Callable[[Tensor, str], Tensor], world_size: int, rank: int) -> None:
+    def _merge_sketches(self, reduce: Callable[[Tensor, str], Tensor], world_size: int, rank: int,
+                        apart: set[str]) -> None:
         """Every rank's sketches, stacked (one sum over zero-padded slots) and folded into one
-        sketch per moment, the same on every rank; the shrinkages add up."""
-        sums = [acc for window in self.turn_windows.values() for acc in (window.input, window.grad)
+        sketch per moment, the same on every rank; the shrinkages add up. Σx sketches of the
+        layers in ``apart`` (another layer's stands for them, or none is reported) stay out."""
+        sums = [acc for name, window in self.turn_windows.items()
+                for acc in ((window.grad,) if name in apart else (window.input, window.grad))
                 if isinstance(acc, SketchedMomentSum)]
         for acc in sums:
             sketcher = acc.sketcher
@@ -392,33 +437,24 @@ class LayerCapture:
         """Combine every window over processes: two collectives on flat float64 buffers.
 
         ``reduce(tensor, op)`` takes a 1-D tensor and ``"sum"`` or ``"max"`` (e.g.
-        ``Collectives.all_reduce``). Sums and row counts travel together, so uneven per-rank
-        batches weigh correctly; per-unit extremes are combined with a maximum (minima negated),
-        and so are the precisions the rows and Grams had (the coarsest sets every rank's floor).
+        ``Collectives.all_reduce``). First a maximum: per-unit extremes (minima negated), the
+        precisions the rows and Grams had (the coarsest sets every rank's floor), and which
+        layers share another's Σx (a layer shares only if it does on every rank). Then the
+        sums and row counts travel together, so uneven per-rank batches weigh correctly.
         """
-        windows = list(self.turn_windows.values())
+        turn = self.turn_windows
+        windows = list(turn.values())
         if not windows:
             return
-        self._merge_sketches(reduce, world_size, rank)  # row counts are summed below
-        sums = [buffer for window in windows for buffer in window.sum_buffers()]
         device = windows[0].device
-        counts = torch.tensor(
-            [count for window in windows for count in window.counts()],
-            dtype=torch.float64,
-            device=device,
-        )
-        flat = reduce(torch.cat([b.reshape(-1) for b in sums] + [counts]), "sum")
-        offset = _unpack(flat, sums)
-        totals = [int(round(v)) for v in flat[offset:].tolist()]
-        for index, window in enumerate(windows):
-            window.set_counts(totals[2 * index : 2 * index + 2])
+        names = list(turn)
+        self.sharing.finish()
         maxima = [window.unit_max for window in windows]
         minima = [window.unit_min for window in windows]
-        # the coarsest precision any rank saw sets the floor everywhere (ranks agree)
         precision = torch.tensor(
             [v for w in windows for v in (w.input.resolution, w.input.gram_roundoff,
                                           w.grad.resolution, w.grad.gram_roundoff, w.lookup_leading)]
-            + [self._widest], dtype=torch.float64, device=device)
+            + [self._widest] + self.sharing.states(names), dtype=torch.float64, device=device)
         flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision]), "max")
         offset = _unpack(flat, maxima)
         offset += _unpack(-flat[offset:offset + sum(m.numel() for m in minima)], minima)
@@ -427,7 +463,21 @@ class LayerCapture:
             (window.input.resolution, window.input.gram_roundoff, window.grad.resolution,
              window.grad.gram_roundoff, leading) = values[5 * index: 5 * index + 5]
             window.lookup_leading = int(leading)
-        self._widest = int(values[-1])
+        self._widest = int(values[5 * len(windows)])
+        for follower, leader in self.sharing.agree(names, values[5 * len(windows) + 1:]):
+            self.windows[follower].copy_input_from(self.windows[leader])
+        apart = set(self.sharing.followers) | set(self.sharing.lost)
+
+        self._merge_sketches(reduce, world_size, rank, apart)  # row counts are summed below
+        sums = [buffer for name, window in turn.items()
+                for buffer in window.sum_buffers(with_input=name not in apart)]
+        counts = torch.tensor([count for window in windows for count in window.counts()],
+                              dtype=torch.float64, device=device)
+        flat = reduce(torch.cat([b.reshape(-1) for b in sums] + [counts]), "sum")
+        offset = _unpack(flat, sums)
+        totals = [int(round(v)) for v in flat[offset:].tolist()]
+        for index, window in enumerate(windows):
+            window.set_counts(totals[2 * index : 2 * index + 2])
 
 
 def _compiled(model: nn.Module) -> bool:

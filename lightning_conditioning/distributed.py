@@ -48,6 +48,8 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> list[list[str]
 def _cost(moments: LayerMoments) -> float:
     total = 0.0
     for matrix in (moments.input_second_moment, moments.grad_second_moment):
+        if matrix is moments.input_second_moment and moments.shared_input is not None:
+            continue  # another layer's Σx, solved with it
         if isinstance(matrix, Tensor):  # a diagonal moment (1-D) costs a sort; a sketch little
             total += float(matrix.shape[0]) ** (3 if matrix.dim() == 2 else 1)
     return total + 1.0
@@ -78,21 +80,34 @@ def solve_layers(
         {}
     """
     collectives = collectives or Collectives.local()
+    once: dict[int, SolvedSpectrum] = {}  # a matrix several layers share is solved once
     if not collectives.distributed:
-        return {name: solve_layer(name, m, solver) for name, m in moments.items()}
-    share = assign_layers({n: _cost(m) for n, m in moments.items()}, collectives.world_size)
-    mine = {name: solve_layer(name, moments[name], solver) for name in share[collectives.rank]}
+        return {name: solve_layer(name, m, solver, once) for name, m in moments.items()}
+    # a layer and those that share its Σx are solved on one rank (the matrix once)
+    groups: dict[str, list[str]] = {}
+    for name, m in moments.items():
+        shared = m.shared_input is not None and m.shared_input in moments and m.input_second_moment is not None
+        groups.setdefault(m.shared_input if shared and m.shared_input else name, []).append(name)
+    heads = assign_layers({head: sum(_cost(moments[n]) for n in members) for head, members in groups.items()},
+                          collectives.world_size)[collectives.rank]
+    mine = {name: solve_layer(name, moments[name], solver, once) for head in heads for name in groups[head]}
     # one slot per exactly solved moment: [count, exact, relative_error, zeros, eigenvalues…];
     # approximate spectra (intervals, estimators) are solved on every rank instead
     header = 4
     slots: list[tuple[str, str, int]] = []
     local: dict[str, dict[str, SolvedSpectrum]] = {name: {} for name in moments}
+    copies: dict[int, tuple[str, str]] = {}  # a shared matrix: its one slot
+    repeats: list[tuple[str, str, str, str]] = []
     for name, m in moments.items():
         if layer_status(m) in ("no_data", "nonfinite"):
             continue
         for label, matrix in (("input", m.input_second_moment), ("grad", m.grad_second_moment)):
             if matrix is None:
                 continue
+            if id(matrix) in copies:
+                repeats.append((name, label, *copies[id(matrix)]))
+                continue
+            copies[id(matrix)] = (name, label)
             chosen = solver_for(solver, name, matrix)
             if shareable(chosen):
                 slots.append((name, label, int(matrix.shape[0])))
@@ -120,6 +135,9 @@ def solve_layers(
             out[name][label] = SolvedSpectrum(
                 values, solver_for(solver, name, matrix).name, bool(exact), error, int(zeros))
         offset += dim + header
+    for name, label, first, first_label in repeats:
+        if first_label in out[first]:
+            out[name][label] = out[first][first_label]
     return out
 
 

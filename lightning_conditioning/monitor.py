@@ -47,6 +47,7 @@ from lightning_conditioning.selection import (
 from lightning_conditioning.turns import TurnTaker, parameter_count
 from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
 from lightning_conditioning.views.tables import conditioning_table
+from lightning_conditioning.views.wording import listing
 
 __all__ = ["ConditioningMonitor", "analyse_capture"]
 
@@ -433,7 +434,7 @@ class ConditioningMonitor:
         published = self.wait() or published
         rates = step_size_limits(capture.layers, self.optimizer) if self.optimizer is not None else None
         options, info, who = self.options, self._info, type(self).__name__
-        self._background.submit(step, lambda: self._with_margin(
+        self._background.submit(step, lambda: _with_margin(
             _analyse_releasing(moments, step, options, info=info, who=who), rates))
         return published  # this window's results come with a later poll() or wait()
 
@@ -479,6 +480,8 @@ class ConditioningMonitor:
         """The finished window's moments (:func:`gather_moments`); their rows per step feed the
         turns' cost model (the same on every rank: counted after the reduction)."""
         moments = gather_moments(capture, collectives)
+        if (shared := capture.sharing.news()) is not None:
+            self._info(f"{type(self).__name__}: {shared}.")
         if self.turns is not None:
             self.turns.observe_rows({name: max(m.input_rows, m.grad_rows) for name, m in moments.items()},
                                     self.options.window_steps)
@@ -492,12 +495,7 @@ class ConditioningMonitor:
                                      info=self._info, who=type(self).__name__)
         self.capture.allocate()  # in the memory the means just left
         release_heap()  # what the solves freed goes back to the OS before the step goes on
-        self._publish(step, self._with_margin(results, rates))
-
-    @staticmethod
-    def _with_margin(results: dict[str, LayerConditioning],
-                     rates: tuple[Any, Any] | None) -> dict[str, LayerConditioning]:
-        return with_stability_margin(results, *rates) if rates is not None else results
+        self._publish(step, _with_margin(results, rates))
 
     def _publish(self, step: int, results: dict[str, LayerConditioning]) -> None:
         """New results of ``step``: kept, counted, checked, and the diagnosis warned once."""
@@ -547,9 +545,9 @@ class ConditioningMonitor:
                 fresh.setdefault(result.note, []).append(name)
         shared = fresh.pop(SHARED_LOOKUP_NOTE, None)
         if shared:  # what the model does, not a fault: said, not warned
-            self._info(f"{type(self).__name__}: {_listed(shared)}: {SHARED_LOOKUP_NOTE}.")
+            self._info(f"{type(self).__name__}: {listing(shared)}: {SHARED_LOOKUP_NOTE}.")
         if fresh:
-            lines = [f"  {_listed(names)}: {note}." for note, names in fresh.items()]
+            lines = [f"  {listing(names)}: {note}." for note, names in fresh.items()]
             self._warn(f"{type(self).__name__}: step {step}: some layers have no numbers or zero "
                        "statistics (said once per layer):\n" + "\n".join(lines))
 
@@ -584,6 +582,10 @@ class ConditioningMonitor:
             self.turns.load_state_dict(state["turns"])
 
 
+def _with_margin(results: dict[str, LayerConditioning], rates: tuple[Any, Any] | None) -> dict[str, LayerConditioning]:
+    return with_stability_margin(results, *rates) if rates is not None else results
+
+
 def _analyse_releasing(moments: dict[str, LayerMoments], step: int, options: ConditioningOptions,
                        collectives: Collectives | None = None, **kwargs: Any) -> dict[str, LayerConditioning]:
     """:func:`~lightning_conditioning.analysis.analyse_moments`, then the means released (the
@@ -592,9 +594,3 @@ def _analyse_releasing(moments: dict[str, LayerMoments], step: int, options: Con
         return analyse_moments(moments, step, options, collectives, **kwargs)
     finally:
         moments.clear()
-
-
-def _listed(names: list[str], most: int = 6) -> str:
-    """``a, b, c and 4 more``."""
-    shown = ", ".join(names[:most])
-    return shown + (f" and {len(names) - most} more" if len(names) > most else "")

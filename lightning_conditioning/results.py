@@ -190,6 +190,10 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
         >>> layer_note("nonfinite", LayerMoments(eye, eye * math.nan, 4, 4, torch.ones(2), torch.ones(2)))
         'Σ∇h holds NaN/Inf (a diverged step, or float16 overflow in the rows); nothing is logged'
     """
+    if moments.shared_input_lost:
+        return (f"it read the same input tensor as {moments.shared_input or 'another layer'} until a "
+                "call one of them took alone, within the window, so its Σx cannot be told apart from "
+                "that layer's; nothing is logged this window (it keeps a Σx of its own from now on)")
     if status == "no_grad" and moments.shared_lookup:
         return _NOTES["shared_lookup"]
     if status in ("no_data", "no_grad"):
@@ -211,11 +215,13 @@ def _labels(status: LayerStatus) -> tuple[str, ...]:
 
 
 def solve_layer(
-    name: str, moments: LayerMoments, solver: SolverPlan | None = None
+    name: str, moments: LayerMoments, solver: SolverPlan | None = None,
+    solved: dict[int, SolvedSpectrum] | None = None,
 ) -> dict[str, SolvedSpectrum]:
     """The eigen-solves of one layer's window: ``{"input": …, "grad": …}`` for the moments
     that exist (none for ``no_data`` / ``nonfinite`` windows). The expensive half of
-    :func:`analyse_layer`, the part a distributed run shares out.
+    :func:`analyse_layer`, the part a distributed run shares out. ``solved`` (by ``id`` of the
+    matrix) lets layers that share one matrix (``LayerMoments.shared_input``) solve it once.
 
     Example:
         >>> from lightning_conditioning.accumulate import LayerMoments
@@ -228,8 +234,14 @@ def solve_layer(
         return {}
     out: dict[str, SolvedSpectrum] = {}
     for label, matrix in (("input", moments.input_second_moment), ("grad", moments.grad_second_moment)):
-        if matrix is not None:
-            out[label] = solver_for(solver, name, matrix)(matrix)
+        if matrix is None:
+            continue
+        if solved is not None and id(matrix) in solved:  # one matrix of several layers
+            out[label] = solved[id(matrix)]
+            continue
+        out[label] = solver_for(solver, name, matrix)(matrix)
+        if solved is not None:
+            solved[id(matrix)] = out[label]
     return out
 
 

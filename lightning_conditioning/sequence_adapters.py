@@ -45,6 +45,7 @@ class EmbeddingAdapter(LinearAdapter):
     """
 
     diagonal_input = True
+    rows_are_last_dimension = False  # one-hot rows of the indices
 
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
         assert isinstance(module, nn.Embedding)

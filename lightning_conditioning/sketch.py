@@ -151,6 +151,13 @@ class FrequentDirections:
         self.exact_eigenvalues = None
         return taken
 
+    def copy_from(self, other: FrequentDirections) -> None:
+        """Become a copy of ``other`` (a sketch of the same shape)."""
+        self.buffer.copy_(other.buffer)
+        self.filled, self.rows, self.shrinkage = other.filled, other.rows, other.shrinkage
+        found = other.exact_eigenvalues
+        self.exact_eigenvalues = found.clone() if found is not None else None
+
     @property
     def nbytes(self) -> int:
         """Bytes the buffer holds."""
@@ -372,6 +379,17 @@ class SketchedMomentSum:
     def allocate(self) -> None:
         """Hold the sketch's buffer now."""
         self.sketcher.allocate()
+
+    def copy_from(self, other: SketchedMomentSum) -> None:
+        """Become a copy of ``other``'s window so far (a sketch of the same shape)."""
+        self.sketcher.copy_from(other.sketcher)
+        self.resolution = max(self.resolution, other.resolution)
+        self.gram_roundoff = max(self.gram_roundoff, other.gram_roundoff)
+
+    def release(self) -> None:
+        """Let go of the sketch's buffer (allocated again, zeros, when next used)."""
+        self.sketcher.take()
+        self.reset()
 
     def take_mean(self, *, homogeneous: bool = False) -> SketchedMoment:
         """:meth:`mean` in the sketch's own memory, which is handed over (no copy); the

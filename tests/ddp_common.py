@@ -29,15 +29,29 @@ def make_net(batch_norm: bool = False, width: int = 16) -> nn.Sequential:
                          nn.Linear(16, 5))
 
 
+class SharedReaders(nn.Module):
+    """Two layers that read one tensor (as q/k/v do), except on rank 1, where ``b`` reads a
+    copy: rank 0 shares one Σx and rank 1 keeps two, which the ranks must reconcile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(12, 16), nn.Linear(12, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        apart = torch.distributed.is_initialized() and torch.distributed.get_rank() == 1
+        return self.head(torch.relu(self.a(x) + self.b(x.clone() if apart else x)))
+
+
 class RankData(pl.LightningModule):
     """Rank r trains on its own slice of ``full_data()`` in one batch; 1 process: all of it."""
 
-    def __init__(self, batch_norm: bool = False, width: int = 16) -> None:
+    def __init__(self, batch_norm: bool = False, width: int = 16, shared: bool = False) -> None:
         super().__init__()
         # float64 end to end: per-row arithmetic does not depend on the batch split, so the
         # comparison isolates how ranks are combined (float32 rounding differs by GEMM shape,
         # and κ_100 ~ 1e5 amplifies it to ~1e-3)
-        self.net = make_net(batch_norm, width).double()
+        self.net = (SharedReaders() if shared else make_net(batch_norm, width)).double()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -70,7 +84,7 @@ class DumpResults(pl.Callback):
 
 
 def run(out: Path, strategy: str, devices: int, batch_norm: bool = False, width: int = 16,
-        memory_budget: int | str = "auto") -> None:
+        memory_budget: int | str = "auto", shared: bool = False) -> None:
     conditioning = ConditioningCallback(every_n_steps=1, memory_budget=memory_budget)  # type: ignore[arg-type]
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -84,7 +98,7 @@ def run(out: Path, strategy: str, devices: int, batch_norm: bool = False, width:
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(RankData(batch_norm, width))
+    trainer.fit(RankData(batch_norm, width, shared))
 
 
 class ShuffledDropout(pl.LightningModule):

@@ -65,6 +65,19 @@ def test_ddp_fork_merges_sketched_moments_like_one_process(tmp_path: Path) -> No
     assert "conditioning/net.0/grad_lambda_max" in json.loads((ddp / "rank0.json").read_text())["metrics"]
 
 
+def test_ddp_fork_layers_that_share_an_input_on_one_rank_only_equal_one_process(tmp_path: Path) -> None:
+    """Rank 0's two layers read one tensor (one Σx), rank 1's read a copy each: the ranks agree
+    to keep two sums (rank 0 copies the shared one), and the numbers are one process's."""
+    alone, ddp = tmp_path / "single", tmp_path / "ddp"
+    alone.mkdir()
+    ddp.mkdir()
+    run(alone, strategy="auto", devices=1, shared=True)
+    run(ddp, strategy="ddp_fork", devices=2, shared=True)
+    single = json.loads((alone / "rank0.json").read_text())["metrics"]
+    assert single["conditioning/net.b/input_lambda_max"] == single["conditioning/net.a/input_lambda_max"]
+    _check_against_single(ddp, single)
+
+
 def test_ddp_fork_with_batchnorm_logs_finite_numbers(tmp_path: Path) -> None:
     run(tmp_path, strategy="ddp_fork", devices=2, batch_norm=True)
     metrics = json.loads((tmp_path / "rank0.json").read_text())["metrics"]

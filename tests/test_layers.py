@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                "domination",
                "collectives", "shards"]),
     ("capture", ["adapters", "sequence_adapters", "registry", "functional_capture", "capture", "plan", "turns",
-                 "conventions",
+                 "conventions", "shared_inputs",
                  "batches", "passes", "options", "analysis", "results", "distributed", "exact", "margin", "selection"]),
     ("views", ["views", "views.*"]),
     ("monitor", ["monitor", "domination_monitor", "readouts"]),

@@ -198,8 +198,9 @@ def test_collectives_reduce_through_a_given_callable() -> None:
                                   collectives=Collectives(reduce, world_size=2, rank=0))
     with monitor.track(0):
         nn.functional.cross_entropy(net(x), y).backward()
-    # the sums, the per-unit maxima, then the shared-out eigenvalues: three collectives
-    assert calls == ["sum", "max", "sum"]
+    # the per-unit maxima (and precisions, shared inputs), the sums, then the shared-out
+    # eigenvalues: three collectives
+    assert calls == ["max", "sum", "sum"]
     reference = ConditioningMonitor(reference_net, every_n_steps=1, collectives=None, warn_diagnosis=False)
     with reference.track(0):
         nn.functional.cross_entropy(reference_net(x), y).backward()
