@@ -458,6 +458,14 @@ class LayerWindow:
                 and not mine.diagonal and not theirs.diagonal and mine.dim == theirs.dim
                 and self.homogeneous == other.homogeneous)
 
+    def reads_rows_like(self, other: LayerWindow) -> bool:
+        """Whether one input tensor gives the same Σx here and in ``other``, however each
+        keeps it (dense or sketched): one width, neither diagonal, and both with or both
+        without the homogeneous coordinate."""
+        mine, theirs = self.input, other.input
+        return (mine.dim == theirs.dim and not mine.diagonal and not theirs.diagonal
+                and self.homogeneous == other.homogeneous)
+
     def copy_input_from(self, other: LayerWindow) -> None:
         """Take ``other``'s Σx sum so far (see :meth:`shares_rows_with`)."""
         if isinstance(self.input, SketchedMomentSum) and isinstance(other.input, SketchedMomentSum):

@@ -314,7 +314,8 @@ class LayerCapture:
             window.to(x.device)
         adapter = self.layers[name][1]
         if adapter.rows_are_last_dimension:  # another layer's Σx may hold these rows already
-            action = self.sharing.on_input(name, x, functools.partial(self._same_rows, name))
+            action = self.sharing.on_input(name, x, functools.partial(self._same_rows, name),
+                                           functools.partial(self._copyable, name))
             if action == "copy":
                 assert self.sharing.copy_from is not None
                 window.copy_input_from(self.windows[self.sharing.copy_from])
@@ -346,10 +347,15 @@ class LayerCapture:
                 self._grad_hook, name, module, scale, self._generation, columns))
 
     def _same_rows(self, name: str, leader: str) -> bool:
-        """Whether ``leader``'s Σx of a tensor is ``name``'s Σx of the same tensor."""
+        """Whether ``leader``'s Σx of a tensor is ``name``'s Σx of the same tensor (kept
+        dense or sketched, whichever the leader's is: a follower reports the leader's)."""
         window, theirs = self.windows[name], self.windows[leader]
         return (type(self.layers[name][1]) is type(self.layers[leader][1])
-                and window.device == theirs.device and window.shares_rows_with(theirs))
+                and window.device == theirs.device and window.reads_rows_like(theirs))
+
+    def _copyable(self, name: str, leader: str) -> bool:
+        """Whether ``leader``'s Σx sum can become ``name``'s (the same kind and shape)."""
+        return self.windows[name].shares_rows_with(self.windows[leader])
 
     def _example_factor(self, adapter: LayerAdapter, module: nn.Module, output: Tensor,
                         batch: int | None) -> int:
@@ -454,7 +460,7 @@ class LayerCapture:
         precision = torch.tensor(
             [v for w in windows for v in (w.input.resolution, w.input.gram_roundoff,
                                           w.grad.resolution, w.grad.gram_roundoff, w.lookup_leading)]
-            + [self._widest] + self.sharing.states(names), dtype=torch.float64, device=device)
+            + [self._widest] + self.sharing.states(names, self._copyable), dtype=torch.float64, device=device)
         flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision]), "max")
         offset = _unpack(flat, maxima)
         offset += _unpack(-flat[offset:offset + sum(m.numel() for m in minima)], minima)

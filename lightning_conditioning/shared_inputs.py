@@ -111,9 +111,13 @@ class InputSharing:
         self._last.clear()
         self._first_reader.clear()
 
-    def on_input(self, name: str, x: Tensor, compatible: Callable[[str], bool]) -> Action:
+    def on_input(self, name: str, x: Tensor, compatible: Callable[[str], bool],
+                 copyable: Callable[[str], bool] | None = None) -> Action:
         """What to do with layer ``name``'s input ``x``; ``compatible(leader)`` says whether
-        the two layers turn the same tensor into the same rows (same adapter, same sum kind)."""
+        the two layers turn the same tensor into the same rows (same adapter, same width),
+        ``copyable(leader)`` whether the leader's sum can become this layer's (the same kind
+        and shape: dense and dense, or two sketches of one shape; default: yes). A follower
+        whose sum cannot be copied where the sharing breaks is lost for the window."""
         if name in self.lost:
             return "lost"
         calls = self._calls.get(name, 0)
@@ -133,6 +137,9 @@ class InputSharing:
             if leader_calls != calls:  # the leader took rows this layer never saw
                 self.lost[name] = leader
                 return "lost"
+            if copyable is not None and not copyable(leader):
+                self.lost[name] = leader
+                return "lost"
             self.copy_from, action = leader, "copy"
         self._calls[name] = calls + 1
         self._last[name] = seen_now = _Seen(x)
@@ -150,17 +157,28 @@ class InputSharing:
             self.lost[name] = leader
         return newly
 
-    def states(self, names: list[str]) -> list[float]:
-        """Each layer's state (:data:`SHARED`, :data:`OWN`, :data:`LOST`), to agree on over
-        processes with a maximum: a layer some rank could not share is nowhere shared."""
-        return [LOST if n in self.lost else SHARED if n in self.followers else OWN for n in names]
+    def states(self, names: list[str], copyable: Callable[[str, str], bool]) -> list[float]:
+        """Three flags per layer, to agree on over processes with a maximum: lost here, kept
+        apart (its own sum) here, shared here with a leader whose sum it could not copy
+        (``copyable(follower, leader)``). See :meth:`agree`."""
+        flags: list[float] = []
+        for name in names:
+            leader = self.followers.get(name)
+            flags += [float(name in self.lost), float(leader is None and name not in self.lost),
+                      float(leader is not None and not copyable(name, leader))]
+        return flags
 
-    def agree(self, names: list[str], agreed: list[float]) -> list[tuple[str, str]]:
-        """Take the states agreed over processes; returns the ``(follower, leader)`` pairs
-        this process shared but must now hold apart (copy the leader's sum into the follower's:
-        their calls were in lockstep, so the leader's sum is exactly the follower's rows)."""
+    def agree(self, names: list[str], flags: list[float]) -> list[tuple[str, str]]:
+        """Take the flags of :meth:`states` maximised over processes: a layer lost on some
+        rank, or kept apart on one while another shares a sum it cannot copy, is lost
+        everywhere; kept apart on some rank, it is kept apart everywhere; else it shares.
+        Returns the ``(follower, leader)`` pairs this process shared but must now hold apart
+        (copy the leader's sum into the follower's: their calls were in lockstep, so the
+        leader's sum is exactly the follower's rows)."""
         apart: list[tuple[str, str]] = []
-        for name, state in zip(names, agreed):
+        for index, name in enumerate(names):
+            lost, own, uncopyable = flags[3 * index: 3 * index + 3]
+            state = LOST if lost or (own and uncopyable) else OWN if own else SHARED
             leader = self.followers.get(name)
             if state == LOST:
                 if leader is not None:

@@ -223,3 +223,58 @@ def test_sketched_input_moments_share_like_dense_ones(pattern: list[str]) -> Non
     torch.testing.assert_close(second.input_second_moment.sketch, expected.sketch, rtol=0, atol=0)  # type: ignore[attr-defined]
     assert second.input_second_moment.shrinkage == expected.shrinkage  # type: ignore[attr-defined]
     assert second.input_rows == sum(x.shape[0] for x in model.seen["second"])  # type: ignore[attr-defined]
+
+
+def _mixed_capture(model: nn.Module) -> LayerCapture:
+    """``first``'s Σx dense, ``second``'s a 16-row sketch (as a Llama plan keeps q_proj's Σx dense
+    and k_proj's sketched)."""
+    from lightning_conditioning.plan import AnalysisPlan, MomentPlan
+
+    plan = AnalysisPlan((MomentPlan("first", "input", 300, "dense", 300 * 300 * 8),
+                         MomentPlan("first", "grad", 3, "dense", 72),
+                         MomentPlan("second", "input", 300, "sketch", 2 * 16 * 300 * 8, rank=16, block=32),
+                         MomentPlan("second", "grad", 3, "dense", 72)), budget=1 << 30)
+    capture = LayerCapture(find_layers(model), statistics_dtype=torch.float64, model=model, plan=plan)
+    capture.attach()
+    capture.active = True
+    return capture
+
+
+@pytest.mark.parametrize("pattern", [["both", "both"], ["both", "second"]])
+def test_a_sketched_follower_of_a_dense_leader_reports_the_exact_moment_or_none(pattern: list[str]) -> None:
+    torch.manual_seed(4)
+    model = _WideReaders()
+    model.pattern = pattern
+    capture = _mixed_capture(model)
+    model([torch.randn(40, 300, dtype=torch.float64) for _ in pattern]).backward()
+    moments = capture.moments()
+    second = moments["second"]
+    if pattern == ["both", "both"]:  # the leader's exact Σx stands for it
+        assert second.input_second_moment is moments["first"].input_second_moment  # type: ignore[attr-defined]
+        torch.testing.assert_close(second.input_second_moment, _reference_gram(model.seen["second"]),  # type: ignore[attr-defined]
+                                   rtol=1e-12, atol=1e-14)
+    else:  # a dense sum cannot become a sketch: no Σx this window rather than a wrong one
+        assert second.shared_input_lost and second.input_second_moment is None  # type: ignore[attr-defined]
+
+
+def test_ranks_agree_on_sharing_from_three_flags() -> None:
+    """lost anywhere, or apart on one rank while another shares a sum it cannot copy: lost;
+    apart anywhere: apart (copied where shared); shared everywhere: shared."""
+    from lightning_conditioning.shared_inputs import InputSharing
+
+    def agreed(flags_by_rank: list[list[float]], shared_here: bool) -> tuple[str, list[tuple[str, str]]]:
+        sharing = InputSharing()
+        if shared_here:
+            sharing.followers["b"] = "a"
+        flags = [max(values) for values in zip(*flags_by_rank)]
+        apart = sharing.agree(["b"], flags)
+        state = "lost" if "b" in sharing.lost else "shared" if "b" in sharing.followers else "apart"
+        return state, apart
+
+    shared, apart_flags, uncopyable, lost = [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]
+    assert agreed([shared, shared], True) == ("shared", [])
+    assert agreed([shared, apart_flags], True) == ("apart", [("b", "a")])
+    assert agreed([uncopyable, apart_flags], True) == ("lost", [])
+    assert agreed([uncopyable, shared], True) == ("shared", [])
+    assert agreed([shared, lost], True) == ("lost", [])
+    assert agreed([apart_flags, apart_flags], False) == ("apart", [])
