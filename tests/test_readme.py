@@ -62,10 +62,17 @@ def test_option_lists_name_every_argument_with_its_default(callback: type) -> No
 
 
 def test_layout_names_every_module_of_the_package() -> None:
+    """Every folder (`` `maths/` ``), every module of a folder (`` `spectra` ``) and every module
+    of the root (`` `schema.py` ``)."""
     layout = _section("Layout")
     package = Path(__file__).parent.parent / "lightning_conditioning"
-    names = [f"`{p.name}`" if p.suffix == ".py" else f"`{p.name}/`" for p in sorted(package.iterdir())
-             if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())]
+    names = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py":
+            if path.parent != package:
+                names.append(f"`{path.parent.name}/`")
+        else:
+            names.append(f"`{path.name}`" if path.parent == package else f"`{path.stem}`")
     missing = [name for name in names if name not in layout]
     assert not missing, missing
 
