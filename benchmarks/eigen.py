@@ -37,9 +37,9 @@ import torch
 from harness import Kind, interleave, medians, pick_device, random_psd, workload
 
 from lightning_conditioning import analyse_layer
-from lightning_conditioning.adapters import ConvMode
-from lightning_conditioning.capture import LayerCapture, find_layers
-from lightning_conditioning.spectra import symmetric_eigenvalues
+from lightning_conditioning.capture.adapters import ConvMode
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
+from lightning_conditioning.maths.spectra import symmetric_eigenvalues
 
 BATCH = 4
 SIZES = (64, 128, 256, 512, 1024, 2048)

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
 from lightning_conditioning.models import cifar_resnet
 
 

@@ -31,10 +31,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_conditioning.analysis import analyse_capture
-from lightning_conditioning.capture import LayerCapture
+from lightning_conditioning.analysis.options import ConditioningOptions
+from lightning_conditioning.analysis.window import analyse_capture
+from lightning_conditioning.capture.hooks import LayerCapture
 from lightning_conditioning.models import cifar_resnet
-from lightning_conditioning.options import ConditioningOptions
 
 Kind = Callable[[], Any]
 MLP_WIDTHS = (784, 256, 256, 256, 256, 10)

@@ -42,11 +42,11 @@ from harness import PERCENTS, Kind, interleave, medians, section_main, sgd, trai
 from schedule import weight_domination_work
 from torch import Tensor, nn
 
-from lightning_conditioning.accumulate import SecondMomentSum
-from lightning_conditioning.adapters import ConvPatchAdapter
-from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
-from lightning_conditioning.domination import frobenius_norm, spectral_norm
-from lightning_conditioning.spectra import summarize_spectrum, symmetric_eigenvalues
+from lightning_conditioning.capture.adapters import ConvPatchAdapter
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers, select_layers
+from lightning_conditioning.maths.accumulate import SecondMomentSum
+from lightning_conditioning.maths.domination import frobenius_norm, spectral_norm
+from lightning_conditioning.maths.spectra import summarize_spectrum, symmetric_eigenvalues
 
 
 def spectral_norm_svd(matrix: Tensor) -> float:

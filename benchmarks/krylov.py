@@ -1,4 +1,4 @@
-"""The approximate solver (``lightning_conditioning.krylov.LanczosSolver``) against dense float64.
+"""The approximate solver (``lightning_conditioning.maths.krylov.LanczosSolver``) against dense float64.
 
 One command (about 5-8 minutes on the 2-core CPU with the defaults)::
 
@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_conditioning.krylov import LanczosSolver
-from lightning_conditioning.resolution import floor_rtol
+from lightning_conditioning.maths.krylov import LanczosSolver
+from lightning_conditioning.maths.resolution import floor_rtol
 
 PERCENTS = (50, 80, 90, 99, 100)
 SPECTRA = ("power", "power2", "flat", "outliers", "clusters", "rank_gauss", "rank_decay")

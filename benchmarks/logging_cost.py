@@ -30,7 +30,7 @@ import torch
 from harness import Kind, interleave, medians, sgd, train_step, workload
 
 from lightning_conditioning import analyse_layer
-from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
 
 
 def analysed_results(name: str) -> dict[str, Any]:

@@ -53,8 +53,8 @@ from harness import pick_device, sgd, sync, train_step, workload
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_conditioning import analyse_layer
-from lightning_conditioning.adapters import ConvMode
-from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.capture.adapters import ConvMode
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
 
 MIB = float(1 << 20)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}

@@ -38,9 +38,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_conditioning import ConditioningCallback
-from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.analysis.options import REGULAR_PERIOD
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
 from lightning_conditioning.models import cifar_resnet
-from lightning_conditioning.options import REGULAR_PERIOD
 
 DEFAULT_EVERY_N_STEPS = REGULAR_PERIOD  # the default schedule: every 100 steps after its early ones
 CPU = torch.device("cpu")

@@ -36,7 +36,7 @@ import torch
 from harness import Kind, capture_steps, interleave, medians, section_main, sgd, train_step, workload
 from torch import Tensor, nn
 
-from lightning_conditioning.capture import LayerCapture, find_layers
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
 
 WINDOW = 16
 

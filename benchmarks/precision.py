@@ -55,7 +55,7 @@ from harness import (  # noqa: E402
 )
 
 from lightning_conditioning import ConditioningCallback  # noqa: E402
-from lightning_conditioning.capture import LayerCapture, find_layers  # noqa: E402
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SCHEDULES = ("every step", "every 16", f"default (every {schedule.DEFAULT_EVERY})")

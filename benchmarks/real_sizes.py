@@ -72,14 +72,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from harness import ForeignLoad, interleave, machine, medians, table, write_results  # noqa: E402
 
-import lightning_conditioning.monitor as monitor_module  # noqa: E402
-import lightning_conditioning.results as results_module  # noqa: E402
+import lightning_conditioning.analysis.results as results_module  # noqa: E402
+import lightning_conditioning.monitors.conditioning as monitor_module  # noqa: E402
 from lightning_conditioning import ConditioningMonitor  # noqa: E402
-from lightning_conditioning.accumulate import moments_to_cpu  # noqa: E402
-from lightning_conditioning.analysis import release_heap  # noqa: E402
-from lightning_conditioning.results import analyse_layer  # noqa: E402
-from lightning_conditioning.sketch import FrequentDirections  # noqa: E402
-from lightning_conditioning.solvers import SolvedSpectrum  # noqa: E402
+from lightning_conditioning.analysis.results import analyse_layer  # noqa: E402
+from lightning_conditioning.analysis.window import release_heap  # noqa: E402
+from lightning_conditioning.maths.accumulate import moments_to_cpu  # noqa: E402
+from lightning_conditioning.maths.sketch import FrequentDirections  # noqa: E402
+from lightning_conditioning.maths.solvers import SolvedSpectrum  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -608,7 +608,7 @@ def gpt2_runs(args: argparse.Namespace, model: torch.nn.Module, batches: list[to
 def schedule_segments(steps: int) -> list[list[int]]:
     """Steps ``0 … steps-1`` cut before every step the default schedule analyses: each segment
     is one analysed step and the skipped steps after it (``[0], [1], [2, 3], [4 … 7], …``)."""
-    from lightning_conditioning.options import ConditioningOptions
+    from lightning_conditioning.analysis.options import ConditioningOptions
 
     options = ConditioningOptions()
     marks = [s for s in range(steps) if options.should_analyse(s)] + [steps]

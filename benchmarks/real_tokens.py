@@ -29,7 +29,9 @@ weights and tokens, AdamW; every section builds its model from the same seed):
               analysed) with the default monitor and weight-domination monitor, against one that
               trains them without; the training process's own peak (parameters, gradients,
               AdamW state and activations) is the plain child's peak over its resident set after
-              the imports.
+              the imports. GPT-2 small at ``--batch × --length`` tokens, then a Llama-7B-shaped
+              block (``real_sizes.llama``: hidden 4096, intermediate 11008, vocabulary 1024) at
+              ``--llama-batch × --llama-length``.
 
 Ratios, not absolute times, mean something on a shared CPU: every section logs the CPU share
 other processes took while it ran.
@@ -56,10 +58,10 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from harness import ForeignLoad, machine, table, write_results  # noqa: E402
-from real_sizes import adamw, gpt2, proc_status, release_free_memory, sync, token_batches  # noqa: E402
+from real_sizes import adamw, gpt2, llama, proc_status, release_free_memory, sync, token_batches  # noqa: E402
 
 from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor  # noqa: E402
-from lightning_conditioning.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
+from lightning_conditioning.analysis.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE]
@@ -228,9 +230,10 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
 def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     base = proc_status().get("VmRSS", 0)  # after the imports: the interpreter, torch, transformers
     device = torch.device(args.device)
-    model = gpt2(device, False)
+    model = llama(device, False) if args.model == "llama" else gpt2(device, False)
     optimizer = adamw(model)
-    batches = token_batches(model.config.vocab_size, args.batch, args.length, args.memory_steps, device)
+    batch, length = (args.llama_batch, args.llama_length) if args.model == "llama" else (args.batch, args.length)
+    batches = token_batches(model.config.vocab_size, batch, length, args.memory_steps, device)
     monitors: list[Any] = []
     messages: list[str] = []
     if args.monitor:
@@ -251,12 +254,15 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def section_memory(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def memory_pair(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Peak resident memory of a child that trains ``model`` with both monitors, against one
+    that trains it without."""
     runs = {}
     for monitored in (False, True):
         command = [sys.executable, os.path.abspath(__file__), "--child-memory", "--monitor", str(int(monitored)),
                    "--device", args.device, "--batch", str(args.batch), "--length", str(args.length),
-                   "--memory-steps", str(args.memory_steps)]
+                   "--memory-steps", str(args.memory_steps), "--model", model,
+                   "--llama-batch", str(args.llama_batch), "--llama-length", str(args.llama_length)]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -264,8 +270,18 @@ def section_memory(args: argparse.Namespace, device: torch.device) -> dict[str, 
     plain, mon = runs["plain"], runs["monitored"]
     training_peak = plain["rss_peak"] - plain["rss_base"]
     extra = (mon["rss_peak"] - mon["rss_base"]) - training_peak
-    return {"tokens": args.batch * args.length, "plain": plain, "monitored": mon,
+    tokens = args.llama_batch * args.llama_length if model == "llama" else args.batch * args.length
+    return {"tokens": tokens, "plain": plain, "monitored": mon,
             "training_peak": training_peak, "extra_peak": extra, "extra_share": extra / training_peak}
+
+
+def section_memory(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """GPT-2 small at ``--batch × --length`` tokens, then (``out["llama"]``) a Llama-7B-shaped
+    block (``real_sizes.llama``) at ``--llama-batch × --llama-length``."""
+    out = memory_pair(args, "gpt2")
+    if args.llama_length:
+        out["llama"] = memory_pair(args, "llama")
+    return out
 
 
 def render(out: dict[str, Any]) -> str:
@@ -299,11 +315,12 @@ def render(out: dict[str, Any]) -> str:
                           f"{r['kappa_50']:.4g} ({r['kappa_50_status']})",
                           f"{r['reference_kappa_50']:.4g} ({r['reference_kappa_50_status']})"] for r in worst]), ""]
     memory = out.get("memory")
-    if memory:
-        lines += [f"Memory at {memory['tokens']} tokens: training process's own peak "
-                  f"{memory['training_peak'] / MIB:,.0f} MiB; extra peak with both monitors "
-                  f"{memory['extra_peak'] / MIB:,.0f} MiB = {100 * memory['extra_share']:.1f}% "
-                  f"(plan: {memory['monitored'].get('plan')}).", ""]
+    for title, found in (("GPT-2 small", memory), ("Llama-7B-shaped block", (memory or {}).get("llama"))):
+        if found:
+            lines += [f"Memory, {title} at {found['tokens']} tokens: training process's own peak "
+                      f"{found['training_peak'] / MIB:,.0f} MiB; extra peak with both monitors "
+                      f"{found['extra_peak'] / MIB:,.0f} MiB = {100 * found['extra_share']:.1f}% "
+                      f"(plan: {found['monitored'].get('plan')}).", ""]
     return "\n".join(lines)
 
 
@@ -315,10 +332,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--small-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=6, help="alternating steps per size (half analysed)")
+    parser.add_argument("--steps", type=int, default=4, help="alternating steps per size (half analysed)")
     parser.add_argument("--previous-steps", type=int, default=2,
                         help="steps with the previous default options at the small size (0: none)")
     parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--llama-batch", type=int, default=2)
+    parser.add_argument("--llama-length", type=int, default=512,
+                        help="tokens per sequence of the Llama-7B-shaped block in the memory section (0: none)")
+    parser.add_argument("--model", default="gpt2", choices=["gpt2", "llama"], help=argparse.SUPPRESS)
     parser.add_argument("--out")
     parser.add_argument("--from-json")
     parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)

@@ -54,10 +54,10 @@ from harness import (
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.adapters import ConvMode
-from lightning_conditioning.capture import LayerCapture, find_layers, select_layers
-from lightning_conditioning.domination import frobenius_norm, weight_statistics
-from lightning_conditioning.options import REGULAR_PERIOD
+from lightning_conditioning.analysis.options import REGULAR_PERIOD
+from lightning_conditioning.capture.adapters import ConvMode
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers, select_layers
+from lightning_conditioning.maths.domination import frobenius_norm, weight_statistics
 
 DEFAULT_EVERY = REGULAR_PERIOD  # the default schedule: every 100 steps after its early ones (0, 1, 2, …, 64)
 

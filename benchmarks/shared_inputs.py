@@ -42,8 +42,8 @@ from harness import ForeignLoad, machine, table, write_results  # noqa: E402
 from real_sizes import adamw, llama, lm_step, token_batches  # noqa: E402
 
 from lightning_conditioning import ConditioningMonitor  # noqa: E402
-from lightning_conditioning.accumulate import SecondMomentSum  # noqa: E402
-from lightning_conditioning.sketch import SketchedMomentSum  # noqa: E402
+from lightning_conditioning.maths.accumulate import SecondMomentSum  # noqa: E402
+from lightning_conditioning.maths.sketch import SketchedMomentSum  # noqa: E402
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE]

@@ -18,56 +18,56 @@ from typing import TYPE_CHECKING, Any
 from lightning_conditioning.__about__ import __version__
 
 if TYPE_CHECKING:
-    from lightning_conditioning.accumulate import LayerMoments
-    from lightning_conditioning.adapters import LayerAdapter
+    from lightning_conditioning.analysis.results import LayerConditioning, analyse_layer
     from lightning_conditioning.callbacks import ConditioningCallback, WeightDominationCallback
-    from lightning_conditioning.collectives import Collectives
-    from lightning_conditioning.domination import WeightStatistics, weight_statistics
-    from lightning_conditioning.domination_monitor import WeightDominationMonitor
+    from lightning_conditioning.capture.adapters import LayerAdapter
+    from lightning_conditioning.capture.registry import register_adapter
+    from lightning_conditioning.distributed.collectives import Collectives
     from lightning_conditioning.integrations.huggingface import (
         ConditioningTrainerCallback,
         WeightDominationTrainerCallback,
     )
-    from lightning_conditioning.models import LastBN, add_last_bn
-    from lightning_conditioning.monitor import ConditioningMonitor
-    from lightning_conditioning.registry import register_adapter
-    from lightning_conditioning.results import LayerConditioning, analyse_layer
-    from lightning_conditioning.solvers import DenseSolver, SolvedSpectrum, SpectrumSolver
-    from lightning_conditioning.spectra import (
+    from lightning_conditioning.maths.accumulate import LayerMoments
+    from lightning_conditioning.maths.domination import WeightStatistics, weight_statistics
+    from lightning_conditioning.maths.solvers import DenseSolver, SolvedSpectrum, SpectrumSolver
+    from lightning_conditioning.maths.spectra import (
         KroneckerSummary,
         SpectrumSummary,
         summarize_kronecker,
         summarize_spectrum,
         symmetric_eigenvalues,
     )
+    from lightning_conditioning.models import LastBN, add_last_bn
+    from lightning_conditioning.monitors.conditioning import ConditioningMonitor
+    from lightning_conditioning.monitors.domination import WeightDominationMonitor
 
 #: every public name is imported on first use, so that ``import lightning_conditioning`` (and
 #: ``python -m lightning_conditioning --version``) loads neither torch nor Lightning
 _LAZY = {
-    "LayerMoments": "lightning_conditioning.accumulate",
-    "LayerAdapter": "lightning_conditioning.adapters",
-    "register_adapter": "lightning_conditioning.registry",
+    "LayerMoments": "lightning_conditioning.maths.accumulate",
+    "LayerAdapter": "lightning_conditioning.capture.adapters",
+    "register_adapter": "lightning_conditioning.capture.registry",
     "ConditioningCallback": "lightning_conditioning.callbacks",
     "WeightDominationCallback": "lightning_conditioning.callbacks",
     "ConditioningTrainerCallback": "lightning_conditioning.integrations.huggingface",
     "WeightDominationTrainerCallback": "lightning_conditioning.integrations.huggingface",
-    "Collectives": "lightning_conditioning.collectives",
-    "WeightStatistics": "lightning_conditioning.domination",
-    "weight_statistics": "lightning_conditioning.domination",
-    "WeightDominationMonitor": "lightning_conditioning.domination_monitor",
+    "Collectives": "lightning_conditioning.distributed.collectives",
+    "WeightStatistics": "lightning_conditioning.maths.domination",
+    "weight_statistics": "lightning_conditioning.maths.domination",
+    "WeightDominationMonitor": "lightning_conditioning.monitors.domination",
     "LastBN": "lightning_conditioning.models",
     "add_last_bn": "lightning_conditioning.models",
-    "ConditioningMonitor": "lightning_conditioning.monitor",
-    "LayerConditioning": "lightning_conditioning.results",
-    "analyse_layer": "lightning_conditioning.results",
-    "DenseSolver": "lightning_conditioning.solvers",
-    "SolvedSpectrum": "lightning_conditioning.solvers",
-    "SpectrumSolver": "lightning_conditioning.solvers",
-    "KroneckerSummary": "lightning_conditioning.spectra",
-    "SpectrumSummary": "lightning_conditioning.spectra",
-    "summarize_kronecker": "lightning_conditioning.spectra",
-    "summarize_spectrum": "lightning_conditioning.spectra",
-    "symmetric_eigenvalues": "lightning_conditioning.spectra",
+    "ConditioningMonitor": "lightning_conditioning.monitors.conditioning",
+    "LayerConditioning": "lightning_conditioning.analysis.results",
+    "analyse_layer": "lightning_conditioning.analysis.results",
+    "DenseSolver": "lightning_conditioning.maths.solvers",
+    "SolvedSpectrum": "lightning_conditioning.maths.solvers",
+    "SpectrumSolver": "lightning_conditioning.maths.solvers",
+    "KroneckerSummary": "lightning_conditioning.maths.spectra",
+    "SpectrumSummary": "lightning_conditioning.maths.spectra",
+    "summarize_kronecker": "lightning_conditioning.maths.spectra",
+    "summarize_spectrum": "lightning_conditioning.maths.spectra",
+    "symmetric_eigenvalues": "lightning_conditioning.maths.spectra",
 }
 
 __all__ = [

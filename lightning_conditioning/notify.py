@@ -6,7 +6,7 @@ Face Trainer, and the Lightning callbacks for their warnings):
 * :func:`warn` issues a :class:`UserWarning` attributed to the first frame of the call stack
   outside this package and the frameworks that call it (torch, Lightning, transformers,
   accelerate, ``contextlib``): the user's ``trainer.fit(...)``, ``trainer.train()`` or
-  ``with monitor.track(step):`` line, not ``monitor.py``.
+  ``with monitor.track(step):`` line, not ``monitors/conditioning.py``.
 * :func:`announce` sends the start lines (which layers are analysed, the memory plan) to the
   ``lightning_conditioning`` logger when logging is configured (the logger has a level, or
   the root logger has handlers), and to stderr otherwise, so that a user who configured

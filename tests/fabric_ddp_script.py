@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.monitor import ConditioningMonitor
-from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.analysis.results import LayerConditioning
+from lightning_conditioning.distributed.collectives import Collectives
+from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 
 #: rows of rank 0 and rank 1 at each step: uneven, and a different split every step
 SIZES = ((10, 6), (5, 11), (13, 3))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_conditioning.accumulate import PENDING_ADDS, SecondMomentSum
+from lightning_conditioning.maths.accumulate import PENDING_ADDS, SecondMomentSum
 
 CPU = torch.device("cpu")
 
@@ -96,7 +96,7 @@ def test_homogeneous_mean_from_rows() -> None:
 
 
 def test_moments_to_cpu_one_copy_keeps_every_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightning_conditioning.accumulate as accumulate
+    import lightning_conditioning.maths.accumulate as accumulate
 
     windows = {}
     for name, (input_dim, grad_dim) in {"a": (3, 2), "b": (4, 1), "silent": (2, 2)}.items():

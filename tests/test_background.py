@@ -80,7 +80,7 @@ def _published_steps(monkeypatch, analysis: str, slow: bool, quick_steps: set[in
     """Steps whose results a caller sees, logging :attr:`results` each time ``end``/``poll``/
     ``wait`` returns True (as the callbacks do), with each background analysis made slow so
     that it is still in flight when the next window ends."""
-    import lightning_conditioning.monitor as monitor_module
+    import lightning_conditioning.monitors.conditioning as monitor_module
 
     analyse = monitor_module.analyse_moments
 
@@ -126,7 +126,7 @@ def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
     """The analysed sums are the window's own memory (handed over, no copy); a window opening
     while they are analysed allocates new ones. When the plan has no room for both within
     ``memory_budget``, the window waits for the analysis: no step is captured while it runs."""
-    import lightning_conditioning.monitor as monitor_module
+    import lightning_conditioning.monitors.conditioning as monitor_module
 
     analyse = monitor_module.analyse_moments
     events: list[tuple[str, int]] = []
@@ -162,8 +162,8 @@ def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
 def test_auto_analyses_in_the_training_thread_when_every_core_trains(monkeypatch) -> None:
     """``"auto"`` sends a long analysis to the worker only when it can run beside training
     (an accelerator, or cores the training thread's intra-op threads leave free)."""
-    import lightning_conditioning.monitor as monitor_module
-    from lightning_conditioning.analysis import background_helps
+    import lightning_conditioning.monitors.conditioning as monitor_module
+    from lightning_conditioning.analysis.window import background_helps
 
     monkeypatch.setattr(monitor_module, "estimated_seconds", lambda moments: 100.0)
     for spare, background in ((True, True), (False, False)):

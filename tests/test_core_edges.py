@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, ConditioningMonitor, WeightDominationCallback
-from lightning_conditioning.accumulate import LayerMoments
-from lightning_conditioning.capture import LayerCapture, find_layers
-from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.precision import float64_slowdown
-from lightning_conditioning.results import analyse_layer
-from lightning_conditioning.spectra import summarize_spectrum
+from lightning_conditioning.analysis.results import analyse_layer
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
+from lightning_conditioning.distributed.collectives import Collectives
+from lightning_conditioning.maths.accumulate import LayerMoments
+from lightning_conditioning.maths.precision import float64_slowdown
+from lightning_conditioning.maths.spectra import summarize_spectrum
 
 
 def mlp() -> nn.Sequential:

@@ -53,8 +53,8 @@ def test_ddp_fork_merges_sketched_moments_like_one_process(tmp_path: Path) -> No
     budget = 512 << 10
     from ddp_common import make_net
 
-    from lightning_conditioning.capture import find_layers
-    from lightning_conditioning.plan import plan_analysis
+    from lightning_conditioning.capture.hooks import find_layers
+    from lightning_conditioning.capture.plan import plan_analysis
     plan = plan_analysis(find_layers(make_net(width=600)), budget)
     assert plan.of("0", "grad").method == "sketch"  # (names inside RankData carry "net.")
     alone, ddp = tmp_path / "single", tmp_path / "ddp"

@@ -21,7 +21,7 @@ from helpers import SequentialClassifier, fit, loader, seeded
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback, WeightDominationMonitor
-from lightning_conditioning.domination import (
+from lightning_conditioning.maths.domination import (
     DominationRules,
     RatioHistory,
     WeightStatistics,

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.auto import ENV_AUTO, ENV_EVERY_N_STEPS, AutoConditioningCallback
+from lightning_conditioning.callbacks.auto import ENV_AUTO, ENV_EVERY_N_STEPS, AutoConditioningCallback
 
 pytest.importorskip("jsonargparse")
 from example_projects.cli.main import main  # noqa: E402

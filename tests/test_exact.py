@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_conditioning.exact import exact_fisher_spectra
+from lightning_conditioning.analysis.exact import exact_fisher_spectra
 
 
 def _model(batch_norm: bool) -> nn.Sequential:

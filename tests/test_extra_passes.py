@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_conditioning import ConditioningCallback
-from lightning_conditioning.passes import (
+from lightning_conditioning.capture.passes import (
     class_dim_of,
     default_forward,
     default_loss,

@@ -26,8 +26,8 @@ from fabric_ddp_script import (
 )
 from torch import nn
 
-from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.monitor import ConditioningMonitor
+from lightning_conditioning.distributed.collectives import Collectives
+from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "fabric_ddp_script.py"

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from lightning_conditioning.krylov import (
+from lightning_conditioning.maths.krylov import (
     LanczosSolver,
     SpectralQuantiles,
     ZeroQuantiles,
@@ -18,9 +18,9 @@ from lightning_conditioning.krylov import (
     krylov_runs,
     student_t_quantile,
 )
-from lightning_conditioning.resolution import floor_rtol
-from lightning_conditioning.solvers import DenseSolver, SpectrumSolver, plan_solver
-from lightning_conditioning.spectra import kronecker_kth_largest
+from lightning_conditioning.maths.resolution import floor_rtol
+from lightning_conditioning.maths.solvers import DenseSolver, SpectrumSolver, plan_solver
+from lightning_conditioning.maths.spectra import kronecker_kth_largest
 
 PERCENTS = (50, 80, 90, 99, 100)
 

@@ -22,7 +22,7 @@ from lightning_conditioning import (
     WeightDominationCallback,
     WeightDominationMonitor,
 )
-from lightning_conditioning.collectives import Collectives
+from lightning_conditioning.distributed.collectives import Collectives
 
 
 def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +126,7 @@ def test_core_imports_neither_lightning_nor_tensorboard() -> None:
     code = (
         "import sys\n"
         "from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor\n"
-        "import lightning_conditioning.monitor, lightning_conditioning.domination_monitor\n"
+        "import lightning_conditioning.monitors.conditioning, lightning_conditioning.monitors.domination\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'tensorboard'))\n"
         "assert not bad, bad\n"
     )
@@ -214,7 +214,7 @@ class _FirstInputOfBilinear:
     """Analyse nn.Bilinear through its first input, as a Linear would be."""
 
     def __new__(cls) -> object:
-        from lightning_conditioning.adapters import LinearAdapter
+        from lightning_conditioning.capture.adapters import LinearAdapter
 
         class Adapter(LinearAdapter):
             def dims(self, module: nn.Module) -> tuple[int, int, int]:
@@ -236,7 +236,8 @@ class _Pair(nn.Module):
 
 
 def test_registering_an_adapter_is_enough_and_the_rest_is_reported() -> None:
-    from lightning_conditioning import register_adapter, registry
+    from lightning_conditioning import register_adapter
+    from lightning_conditioning.capture import registry
 
     model = _Pair()
     with pytest.warns(UserWarning, match=r"both \(Bilinear, 51 parameters\): a layer kind with no adapter; "

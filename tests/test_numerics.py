@@ -3,9 +3,9 @@ references computed with numpy on the explicit rows.
 
 For each case, rows with a designed spectrum (``√n · U diag(√λ) Vᵀ``: λ geometric from 1 to
 1/κ, so the true κ_100 is known) or softmax logit gradients are cast to the input dtype, fed to
-:class:`~lightning_conditioning.accumulate.LayerWindow` in mini-batches of 256 rows (upcast to
+:class:`~lightning_conditioning.maths.accumulate.LayerWindow` in mini-batches of 256 rows (upcast to
 the Gram dtype the package would use, ``note_precision`` with the input dtype) and analysed by
-:func:`~lightning_conditioning.results.analyse_layer`. The reference takes the very same rows
+:func:`~lightning_conditioning.analysis.results.analyse_layer`. The reference takes the very same rows
 (upcast to float64): eigenvalues ``σ²/n`` from an SVD (accurate down to ``u·σmax``, unlike a
 Gram), the documented resolution floor (``helpers.documented_floor_rtol``, not imported from the
 package) and structural zeros (all-zero columns, and ``d − rows`` when ``rows < d``).
@@ -27,10 +27,10 @@ import pytest
 import torch
 from helpers import documented_floor_rtol, paper_kappa_reference
 
-from lightning_conditioning import resolution
-from lightning_conditioning.accumulate import LayerWindow
-from lightning_conditioning.precision import gram_dtype_for
-from lightning_conditioning.results import LayerConditioning, analyse_layer
+from lightning_conditioning.analysis.results import LayerConditioning, analyse_layer
+from lightning_conditioning.maths import resolution
+from lightning_conditioning.maths.accumulate import LayerWindow
+from lightning_conditioning.maths.precision import gram_dtype_for
 from lightning_conditioning.schema import kappa_quantity, parse_quantity
 
 #: the κ_p checked (paper definition): a spread that meets exact, lower-bound and infinite λ_p

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_conditioning import ConditioningCallback
-from lightning_conditioning.passes import draw_probe_batches
+from lightning_conditioning.capture.passes import draw_probe_batches
 
 N, FEATURES, CLASSES, BATCH = 48, 10, 3, 16
 

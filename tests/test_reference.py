@@ -24,7 +24,7 @@ from helpers import (
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback
-from lightning_conditioning.accumulate import SecondMomentSum
+from lightning_conditioning.maths.accumulate import SecondMomentSum
 
 PERCENTS = (50, 80, 100)
 
@@ -171,7 +171,7 @@ def test_include_bias_adds_homogeneous_coordinate() -> None:
          "conv3d"],
 )
 def test_patch_gram_matches_explicit_loops(conv: nn.modules.conv._ConvNd, shape) -> None:
-    from lightning_conditioning.adapters import ConvPatchAdapter
+    from lightning_conditioning.capture.adapters import ConvPatchAdapter
 
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
     adapter = ConvPatchAdapter()

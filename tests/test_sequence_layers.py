@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_conditioning import ConditioningMonitor
-from lightning_conditioning.capture import LayerCapture, coverage, find_layers
+from lightning_conditioning.capture.hooks import LayerCapture, coverage, find_layers
 
 torch.set_default_dtype(torch.float32)
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lightning_conditioning import ConditioningMonitor
-from lightning_conditioning.capture import LayerCapture, find_layers
-from lightning_conditioning.distributed import solve_layers
+from lightning_conditioning.analysis.assignment import solve_layers
+from lightning_conditioning.capture.hooks import LayerCapture, find_layers
 
 transformers = pytest.importorskip("transformers")
 
@@ -194,8 +194,8 @@ class _WideReaders(_TwoReaders):
 def test_sketched_input_moments_share_like_dense_ones(pattern: list[str]) -> None:
     """A 300-wide Σx over a 500 KiB budget is sketched: a follower's sketch is its leader's (the
     same object), and after a break it goes on from a copy: equal to a sketch of its own rows."""
-    from lightning_conditioning.plan import plan_analysis
-    from lightning_conditioning.sketch import SketchedMomentSum
+    from lightning_conditioning.capture.plan import plan_analysis
+    from lightning_conditioning.maths.sketch import SketchedMomentSum
 
     torch.manual_seed(3)
     model = _WideReaders()
@@ -228,7 +228,7 @@ def test_sketched_input_moments_share_like_dense_ones(pattern: list[str]) -> Non
 def _mixed_capture(model: nn.Module) -> LayerCapture:
     """``first``'s Σx dense, ``second``'s a 16-row sketch (as a Llama plan keeps q_proj's Σx dense
     and k_proj's sketched)."""
-    from lightning_conditioning.plan import AnalysisPlan, MomentPlan
+    from lightning_conditioning.capture.plan import AnalysisPlan, MomentPlan
 
     plan = AnalysisPlan((MomentPlan("first", "input", 300, "dense", 300 * 300 * 8),
                          MomentPlan("first", "grad", 3, "dense", 72),
@@ -260,7 +260,7 @@ def test_a_sketched_follower_of_a_dense_leader_reports_the_exact_moment_or_none(
 def test_ranks_agree_on_sharing_from_three_flags() -> None:
     """lost anywhere, or apart on one rank while another shares a sum it cannot copy: lost;
     apart anywhere: apart (copied where shared); shared everywhere: shared."""
-    from lightning_conditioning.shared_inputs import InputSharing
+    from lightning_conditioning.capture.shared_inputs import InputSharing
 
     def agreed(flags_by_rank: list[list[float]], shared_here: bool) -> tuple[str, list[tuple[str, str]]]:
         sharing = InputSharing()

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from lightning_conditioning import ConditioningMonitor
-from lightning_conditioning.capture import find_layers
-from lightning_conditioning.plan import plan_analysis
-from lightning_conditioning.sketch import FrequentDirections, SketchedMomentSum
-from lightning_conditioning.solvers import SketchSolver
+from lightning_conditioning.capture.hooks import find_layers
+from lightning_conditioning.capture.plan import plan_analysis
+from lightning_conditioning.maths.sketch import FrequentDirections, SketchedMomentSum
+from lightning_conditioning.maths.solvers import SketchSolver
 
 SPECTRA = ("power_law", "flat", "outliers", "rank_deficient")
 
@@ -133,7 +133,7 @@ def test_plan_keeps_small_moments_dense_and_sketches_or_skips_the_rest() -> None
     assert methods[("2", "input")] == "sketch"  # a conv hands its positions over as rows
     assert plan.nbytes <= plan.peak_nbytes <= plan.budget and plan.skipped_layers == []
     # a layer kind whose adapter hands over ready Grams only is skipped, with the reason
-    from lightning_conditioning.adapters import ConvChannelAdapter
+    from lightning_conditioning.capture.adapters import ConvChannelAdapter
 
     class GramsOnly(ConvChannelAdapter):
         def sketchable(self, module: nn.Module, moment: str) -> bool:
@@ -250,8 +250,8 @@ def test_sketched_sum_refuses_ready_grams() -> None:
 
 
 def test_lanczos_through_the_solver_plan_gives_error_bars_that_hold_the_dense_values() -> None:
-    from lightning_conditioning.krylov import LanczosSolver
-    from lightning_conditioning.solvers import DENSE
+    from lightning_conditioning.maths.krylov import LanczosSolver
+    from lightning_conditioning.maths.solvers import DENSE
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1200, 8), nn.Tanh(), nn.Linear(8, 3))

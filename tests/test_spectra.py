@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import kappa_reference, kronecker_kappa_reference, paper_kappa_reference
 
-from lightning_conditioning.spectra import (
+from lightning_conditioning.maths.spectra import (
     kronecker_kth_largest,
     percentile_index,
     summarize_kronecker,

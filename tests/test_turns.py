@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import lightning_conditioning.turns as turns_module
+import lightning_conditioning.capture.turns as turns_module
 from lightning_conditioning import ConditioningMonitor
-from lightning_conditioning.plan import MomentPlan
-from lightning_conditioning.turns import TurnTaker, moment_seconds
+from lightning_conditioning.capture.plan import MomentPlan
+from lightning_conditioning.capture.turns import TurnTaker, moment_seconds
 
 
 def _mlp() -> nn.Module:
@@ -106,7 +106,7 @@ def test_layers_taking_turns_get_the_numbers_of_a_full_analysis_of_the_same_step
 def test_a_plain_step_is_timed_from_its_first_micro_batch_to_the_next_step(monkeypatch) -> None:
     """The turns' plain-step period spans every micro-batch of the step (gradient accumulation
     calls ``begin`` once per micro-batch with the same step)."""
-    import lightning_conditioning.monitor as monitor_module
+    import lightning_conditioning.monitors.conditioning as monitor_module
 
     clock = iter(float(t) for t in range(100))
     monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: next(clock))

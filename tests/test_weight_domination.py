@@ -14,7 +14,7 @@ from helpers import Blocked, SequentialClassifier, fit, loader, seeded
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.domination import imbalance, spectral_norm, weight_statistics
+from lightning_conditioning.maths.domination import imbalance, spectral_norm, weight_statistics
 
 
 def _data(n: int = 128, shape: tuple[int, ...] = (20,), classes: int = 4, seed: int = 5):
@@ -248,7 +248,7 @@ def test_nonfinite_gradients_do_not_crash_training() -> None:
 def test_spectral_norms_of_large_matrices_are_within_1e4_of_float64_with_a_bound(shape) -> None:
     """Issue 21: Lanczos in the tensor's own dtype (float32) against a float64 SVD, on a
     Gaussian matrix (flat spectral edge: the hard case) and on a low-rank gradient."""
-    from lightning_conditioning.solvers import largest_singular_value
+    from lightning_conditioning.maths.solvers import largest_singular_value
 
     g = torch.Generator().manual_seed(0)
     gaussian = torch.randn(*shape, generator=g)

@@ -8,7 +8,7 @@ An 8-layer (and a 4-layer), 24-wide MLP without biases on 12×12 MNIST (centre c
 calls random initialization), Plain vs BN. For the true Fisher F and the empirical M it
 computes, on the same N examples:
 
-* the exact full FIM and each layer's exact sub-FIM (``lightning_conditioning.exact``), and
+* the exact full FIM and each layer's exact sub-FIM (``lightning_conditioning.analysis.exact``), and
 * the Kronecker approximation Σx ⊗ Σ∇h from ConditioningCallback (for F: labels sampled from
   the model, averaged over ``--samples`` draws by a ``window_steps`` window at lr 0),
 
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from example_projects.data import mnist_5k, mnist_images
 from lightning_conditioning import ConditioningCallback
-from lightning_conditioning.exact import exact_fisher_spectra
+from lightning_conditioning.analysis.exact import exact_fisher_spectra
 from lightning_conditioning.report import conditioning_table
 from lightning_conditioning.schema import format_percent, kappa_reading
 

@@ -12,16 +12,14 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_conditioning.analysis.options import ConditioningOptions, check_one_per_prefix
 from lightning_conditioning.callbacks.support import (
     loss_scale,
     prefix_state_key,
     rank_zero_warn,
     unsupported,
 )
-from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.monitor import ConditioningMonitor
-from lightning_conditioning.options import ConditioningOptions, check_one_per_prefix
-from lightning_conditioning.passes import (
+from lightning_conditioning.capture.passes import (
     ExtraPasses,
     ForwardFn,
     LossFn,
@@ -30,11 +28,13 @@ from lightning_conditioning.passes import (
     draw_probe_batches,
     forward_module_name,
 )
-from lightning_conditioning.readouts import ConditioningReadout
+from lightning_conditioning.distributed.collectives import Collectives
+from lightning_conditioning.maths.solvers import SolverPlan
+from lightning_conditioning.maths.spectra import KappaDefinition
+from lightning_conditioning.monitors.conditioning import ConditioningMonitor
+from lightning_conditioning.monitors.readouts import ConditioningReadout
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
-from lightning_conditioning.solvers import SolverPlan
-from lightning_conditioning.spectra import KappaDefinition
 from lightning_conditioning.views.diagnosis import format_findings
 
 __all__ = ["ConditioningCallback"]
@@ -65,7 +65,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
         forward_fn / loss_fn / sample_fn / seed: the extra passes' forward
             ``forward_fn(pl_module, batch) -> outputs``, empirical loss
             ``loss_fn(outputs, batch)``, sampled loss ``sample_fn(outputs, generator)`` and
-            label generator seed. ``None`` (default): :mod:`lightning_conditioning.passes`'s
+            label generator seed. ``None`` (default): :mod:`lightning_conditioning.capture.passes`'s
             defaults, for tensor, tuple and dict (Hugging Face) batches and tensor, tuple or
             ``.logits`` outputs; a LightningModule without ``forward`` is called through its
             only sub-module holding parameters, or setup fails naming ``forward_fn=``.
@@ -116,7 +116,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
         for name in ConditioningOptions.names():
             setattr(self, name, getattr(self.options, name))
         #: the callback's own passes (true Fisher, probe batches); None functions: the defaults
-        #: of lightning_conditioning.passes (they read the batch too)
+        #: of lightning_conditioning.capture.passes (they read the batch too)
         self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn, forward_fn)
         self.fisher, self.probe_batches, self.seed = fisher, probe_batches, seed
         self.forward_fn: ForwardFn | None = forward_fn

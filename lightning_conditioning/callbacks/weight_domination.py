@@ -12,17 +12,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_conditioning.analysis.options import check_one_per_prefix
 from lightning_conditioning.callbacks.support import (
     loss_scale,
     prefix_state_key,
     rank_zero_warn,
     unsupported,
 )
-from lightning_conditioning.collectives import Collectives
-from lightning_conditioning.domination import WeightStatistics, is_dominated
-from lightning_conditioning.domination_monitor import DominationOptions, WeightDominationMonitor
-from lightning_conditioning.options import check_one_per_prefix
-from lightning_conditioning.readouts import DominationReadout
+from lightning_conditioning.distributed.collectives import Collectives
+from lightning_conditioning.maths.domination import WeightStatistics, is_dominated
+from lightning_conditioning.monitors.domination import DominationOptions, WeightDominationMonitor
+from lightning_conditioning.monitors.readouts import DominationReadout
 from lightning_conditioning.sinks import publish_weight_domination
 
 __all__ = ["WeightDominationCallback"]
@@ -111,7 +111,7 @@ class WeightDominationCallback(DominationReadout, Callback):
         fall_factor: float | None = 1000.0,
     ) -> None:
         given = locals()  # the check's options by name, validated once
-        #: the check's options (:class:`~lightning_conditioning.domination_monitor.DominationOptions`)
+        #: the check's options (:class:`~lightning_conditioning.monitors.domination.DominationOptions`)
         self.options = DominationOptions(**{name: given[name] for name in DominationOptions.names()})
         for name, value in self.options.as_kwargs().items():
             setattr(self, name, value)
@@ -129,7 +129,7 @@ class WeightDominationCallback(DominationReadout, Callback):
 
     def is_dominated(self, stats: WeightStatistics) -> bool:
         """Whether ``stats`` alone count as weight domination: the history-free rules
-        (:func:`~lightning_conditioning.domination.is_dominated`); :attr:`dominated` also
+        (:func:`~lightning_conditioning.maths.domination.is_dominated`); :attr:`dominated` also
         judges each layer against its own history."""
         return is_dominated(stats, self.options.threshold, self.options.update_threshold)
 

@@ -28,7 +28,7 @@ from typing import Literal
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from lightning_conditioning.selection import last_linear_name
+from lightning_conditioning.capture.selection import last_linear_name
 
 __all__ = [
     "LastBN", "Position", "PreBNPool", "add_last_bn", "find_last_linear", "last_linear_name",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.analysis.results import LayerConditioning
 from lightning_conditioning.sinks.base import ANNOUNCER, Publication, Sink
 from lightning_conditioning.sinks.files import CSVSink, MLflowSink, mlflow_metric_name
 from lightning_conditioning.sinks.tensorboard import (

@@ -280,7 +280,7 @@ def _rank_deficient(table: Table, last_layer: str | None, statistics_float64: bo
 
 def _zero_status(row: Mapping[str, float]) -> str | None:
     """``"zero_weight"`` / ``"zero_gradient"`` when the row's weight or weight gradient is
-    exactly zero (as :func:`lightning_conditioning.domination.weight_status` says), else None."""
+    exactly zero (as :func:`lightning_conditioning.maths.domination.weight_status` says), else None."""
     if row.get("weight_spectral_norm") == 0 or row.get("weight_fro") == 0:
         return "zero_weight"
     if row.get("grad_spectral_norm") == 0 or row.get("grad_weight_ratio") == 0:

@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from lightning_conditioning import schema
-from lightning_conditioning.results import LayerConditioning
+from lightning_conditioning.analysis.results import LayerConditioning
 from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
 from lightning_conditioning.views.spectra_file import spectrum_records
 from lightning_conditioning.views.tables import LayerTable, conditioning_table

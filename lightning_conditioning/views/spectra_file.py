@@ -77,8 +77,8 @@ def spectrum_records(results: Mapping[str, Any], prefix: str = "conditioning") -
 
     Example:
         >>> import torch
-        >>> from lightning_conditioning.accumulate import LayerMoments
-        >>> from lightning_conditioning.results import analyse_layer
+        >>> from lightning_conditioning.maths.accumulate import LayerMoments
+        >>> from lightning_conditioning.analysis.results import analyse_layer
         >>> eye = torch.eye(2, dtype=torch.float64)
         >>> result = analyse_layer("fc", 0, LayerMoments(eye, 4 * eye, 8, 8,
         ...                        torch.tensor([3.0, 0.0]), torch.zeros(2)))

@@ -165,7 +165,7 @@ def domination_evidence(row: Mapping[str, float]) -> str:
 def domination_reason_text(reasons: Sequence[str], row: Mapping[str, float], threshold: float,
                            update_threshold: float, fall_factor: float | None = None) -> str:
     """Why a layer counts as dominated (``reasons`` from
-    :func:`lightning_conditioning.domination.domination_reasons`), with its numbers.
+    :func:`lightning_conditioning.maths.domination.domination_reasons`), with its numbers.
 
     Example:
         >>> domination_reason_text(["fallen", "below_threshold"], {"grad_weight_ratio": 3e-5,

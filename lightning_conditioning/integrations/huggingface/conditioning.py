@@ -12,17 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_conditioning.integrations.huggingface.shell import (
-    _count,
-    _loss_scale,
-    _LossWatch,
-    _TrainerShell,
-    _unwrapped,
-    resumed_checkpoint,
-)
-from lightning_conditioning.monitor import ConditioningMonitor
-from lightning_conditioning.options import ConditioningOptions
-from lightning_conditioning.passes import (
+from lightning_conditioning.analysis.options import ConditioningOptions
+from lightning_conditioning.capture.passes import (
     ExtraPasses,
     ForwardFn,
     LossFn,
@@ -31,7 +22,16 @@ from lightning_conditioning.passes import (
     draw_probe_batches,
     map_tensors,
 )
-from lightning_conditioning.readouts import ConditioningReadout
+from lightning_conditioning.integrations.huggingface.shell import (
+    _count,
+    _loss_scale,
+    _LossWatch,
+    _TrainerShell,
+    _unwrapped,
+    resumed_checkpoint,
+)
+from lightning_conditioning.monitors.conditioning import ConditioningMonitor
+from lightning_conditioning.monitors.readouts import ConditioningReadout
 from lightning_conditioning.views.diagnosis import format_findings
 from lightning_conditioning.views.publication import Publication
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records

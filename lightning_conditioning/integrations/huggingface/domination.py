@@ -7,15 +7,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_conditioning.collectives import Collectives, auto_collectives
-from lightning_conditioning.domination_monitor import DominationOptions, WeightDominationMonitor
+from lightning_conditioning.distributed.collectives import Collectives, auto_collectives
 from lightning_conditioning.integrations.huggingface.shell import (
     _loss_scale,
     _LossWatch,
     _TrainerShell,
     _unscale,
 )
-from lightning_conditioning.readouts import DominationReadout
+from lightning_conditioning.monitors.domination import DominationOptions, WeightDominationMonitor
+from lightning_conditioning.monitors.readouts import DominationReadout
 
 __all__ = ["WeightDominationTrainerCallback"]
 
@@ -41,7 +41,7 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
         **options: the check's other options by name (``threshold=1e-4``,
             ``update_threshold=0``, ``patience=3``, ``layer_types``, ``include``, ``exclude``,
             ``log_imbalance``, ``fall_factor=1000``), checked here
-            (:class:`~lightning_conditioning.domination_monitor.DominationOptions`); the
+            (:class:`~lightning_conditioning.monitors.domination.DominationOptions`); the
             meaning is the Lightning callback's.
 
     The warnings given and every layer's ratio history ride in the Trainer's checkpoints and

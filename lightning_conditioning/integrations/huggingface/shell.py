@@ -15,9 +15,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_conditioning.analysis.options import check_one_per_prefix
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
-from lightning_conditioning.options import check_one_per_prefix
 
 try:
     from transformers.trainer_callback import TrainerCallback

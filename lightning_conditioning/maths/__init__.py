@@ -1,0 +1,12 @@
+"""Pure maths on tensors: no hooks, no Lightning, no trainer.
+
+- ``resolution``: the floor below which an eigenvalue is rounding noise.
+- ``spectra``: κ_p, ranks and Kronecker (sub-FIM) spectra from eigenvalues.
+- ``solvers``: the solver seam (dense float64 ``eigvalsh``, sketches) and thread limits.
+- ``krylov``: block Lanczos with certified error bars (``LanczosSolver``).
+- ``sketch``: Frequent Directions sketches of second moments.
+- ``estimates``: summaries of approximate spectra (bounds, estimates with intervals).
+- ``accumulate``: windowed float64 second-moment sums and finished ``LayerMoments``.
+- ``domination``: weight-domination norms (σmax of weights, gradients, updates).
+- ``precision``: the Gram dtype for a device.
+"""
