@@ -20,6 +20,8 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
   logged (not measured).
 * ``dead_input_units`` / ``full_input_units``; for an embedding ``unused_rows`` instead (table
   rows, tokens or positions, not looked up in the window).
+* ``input_outlier_ratio`` / ``input_outlier_feature``: the largest mean square of an input
+  feature over the median one (``max_i Σx_ii / median_i Σx_ii``) and which feature it is.
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
   learning rate is known).
 * ``log10_{q}``: the decimal logarithm of λmax and measured κ_p (TensorBoard only, for its
@@ -44,6 +46,7 @@ __all__ = [
     "MOMENTS",
     "MOMENT_SYMBOLS",
     "UNIT_QUANTITIES",
+    "FEATURE_QUANTITIES",
     "MARGIN_QUANTITIES",
     "DOMINATION_QUANTITIES",
     "DOMINATED_LAYERS",
@@ -75,6 +78,8 @@ MOMENTS: tuple[str, ...] = ("input", "grad", "fim")
 MOMENT_SYMBOLS: dict[str, str] = {"input": "Σx", "grad": "Σ∇h", "fim": "sub-FIM"}
 #: per-unit counts: dead / always-active input units; an embedding's unused table rows
 UNIT_QUANTITIES: tuple[str, ...] = ("dead_input_units", "full_input_units", "unused_rows")
+#: outlier features of Σx: ``max_i Σx_ii / median_i Σx_ii`` and the feature ``i``
+FEATURE_QUANTITIES: tuple[str, ...] = ("input_outlier_ratio", "input_outlier_feature")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
@@ -101,7 +106,7 @@ _KAPPA = re.compile(r"^(input|grad|fim)_kappa_([0-9_]+?)(_estimate|_lower_bound|
 _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
 _BOUND = re.compile(r"^(.+)_(low|high)$")
 
-QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "margin", "log10", "domination",
+QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "features", "margin", "log10", "domination",
                        "bound"]
 
 
@@ -273,6 +278,8 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, "log10", base.moment, base.percent, base.status)
     if name in UNIT_QUANTITIES:
         return Quantity(name, "units")
+    if name in FEATURE_QUANTITIES:
+        return Quantity(name, "features", "input")
     if name in MARGIN_QUANTITIES:
         return Quantity(name, "margin")
     if name in DOMINATION_QUANTITIES:

@@ -33,6 +33,7 @@ import torch
 from real_models import MODELS, RealModel, counted_parameters, coverage
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
+from lightning_conditioning.views.diagnosis import Thresholds
 
 COVERAGE = 0.95
 #: non-ok layer statuses that say why a layer has no numbers (besides a ``reason`` attribute)
@@ -156,6 +157,13 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
             if explained:
                 zero_moments[f"{name}@{step}"] = explained
         dom_nonfinite += [f"{b}@{step}" for b in _domination_nonfinite(step_domination)]
+    # at init (each layer's first result) no layer reads an outlier feature: nothing is planted
+    first: dict[str, Any] = {}
+    for _, step_results, _ in snapshots.steps:
+        for name, r in step_results.items():
+            first.setdefault(name, r)
+    ratios = {name: r.input_outlier_ratio for name, r in first.items() if r.input_outlier_ratio is not None}
+    outliers = {name: ratio for name, ratio in ratios.items() if ratio >= Thresholds().outlier_ratio}
     differing = _differing(baseline, monitored)
     counted = {name for name, _ in counted_parameters(module).values()}
     changed = [n for n in _differing(initial, baseline) if n in counted]
@@ -181,6 +189,9 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
         print(f"    non-finite weight domination: {bad}")
     if differing:
         print(f"    parameters differing from the run without callbacks: {differing}")
+    if ratios:
+        widest = max(ratios, key=ratios.__getitem__)
+        print(f"    largest outlier-feature ratio at init: {ratios[widest]:.3g} ({widest})")
     messages = [str(w.message) for w in caught if "lightning_conditioning" in w.filename
                 or "Monitor" in str(w.message) or "Callback" in str(w.message)]
     messages += [r.getMessage() for r in caplog.records if "Monitor" in r.getMessage()]
@@ -203,6 +214,8 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
         problems.append(f"coverage {cov.share:.1%} < {COVERAGE:.0%}")
     if unexplained:
         problems.append(f"statuses without explanation: {unexplained}")
+    if outliers:
+        problems.append(f"outlier features at init, where none is planted: {outliers}")
     if nonfinite or dom_nonfinite:
         problems.append(f"non-finite numbers: {nonfinite} {dom_nonfinite}")
     assert not problems, f"{spec.id}: " + "; ".join(problems)

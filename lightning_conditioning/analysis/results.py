@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from lightning_conditioning import schema
 from lightning_conditioning.maths.accumulate import LayerMoments
 from lightning_conditioning.maths.estimates import summarize_kronecker_bounds, summarize_solved
+from lightning_conditioning.maths.features import outlier_feature
 from lightning_conditioning.maths.resolution import floor_rtol
 from lightning_conditioning.maths.sketch import SketchedMoment
 from lightning_conditioning.maths.solvers import (
@@ -85,6 +87,11 @@ class LayerConditioning:
     #: an embedding's table rows (tokens, positions) not looked up in the window: what the
     #: batches did not use, not a fault of the layer (``None`` for other layers)
     unused_rows: int | None = None
+    #: outlier features: the largest mean square of an input feature over the median one,
+    #: ``max_i Σx_ii / median_i Σx_ii`` (None: an embedding, no Σx, or a median of 0), and the
+    #: feature ``i`` (:mod:`lightning_conditioning.maths.features`)
+    input_outlier_ratio: float | None = None
+    input_outlier_feature: int | None = None
     #: ``{"lr_lambda_max": …, "stability_limit": …, "lambda_max_share": …}`` once the learning
     #: rate is known (:func:`lightning_conditioning.analysis.margin.with_stability_margin`), else empty
     margin: Mapping[str, float] = field(default_factory=dict)
@@ -109,6 +116,9 @@ class LayerConditioning:
             out["full_input_units"] = float(self.full_input_units)
         if self.unused_rows is not None:
             out["unused_rows"] = float(self.unused_rows)
+        if self.input_outlier_ratio is not None and self.input_outlier_feature is not None:
+            out["input_outlier_ratio"] = self.input_outlier_ratio
+            out["input_outlier_feature"] = float(self.input_outlier_feature)
         out.update({k: v for k, v in self.margin.items() if math.isfinite(v)})
         return {schema.key(prefix, self.name, quantity): value for quantity, value in out.items()}
 
@@ -332,8 +342,23 @@ def analyse_layer(
         grad=grad_summary,
         fim=fim,
         **_unit_counts(moments),
+        **_outliers(moments),
         **common,  # type: ignore[arg-type]
     )
+
+
+def _outliers(moments: LayerMoments) -> dict[str, Any]:
+    """The outlier-feature reading of Σx's diagonal (dense, or the exact diagonal a sketch
+    keeps); none for an embedding (its diagonal is token frequencies) or without a diagonal."""
+    matrix = moments.input_second_moment
+    diagonal = (matrix.diagonal if isinstance(matrix, SketchedMoment)
+                else matrix.diagonal() if isinstance(matrix, Tensor) and matrix.dim() == 2 else None)
+    if diagonal is None or diagonal.numel() < 2:
+        return {}
+    if moments.input_homogeneous:  # the constant 1 of the rows is no feature
+        diagonal = diagonal[:-1]
+    found = outlier_feature(diagonal)
+    return dict(input_outlier_ratio=found.ratio, input_outlier_feature=found.feature if found.ratio else None)
 
 
 

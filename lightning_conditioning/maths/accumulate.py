@@ -299,9 +299,9 @@ MomentSum = SecondMomentSum | SketchedMomentSum
 SketchShape = int | tuple[int, int]
 
 
-def _sketched(dim: int, device: torch.device, shape: SketchShape) -> SketchedMomentSum:
+def _sketched(dim: int, device: torch.device, shape: SketchShape, *, track_diagonal: bool = False) -> SketchedMomentSum:
     rank, block = (shape, BLOCK_ROWS) if isinstance(shape, int) else shape
-    return SketchedMomentSum(dim, device, rank=rank, block_rows=block)
+    return SketchedMomentSum(dim, device, rank=rank, block_rows=block, track_diagonal=track_diagonal)
 
 
 @dataclass
@@ -330,6 +330,8 @@ class LayerMoments:
             layer's (the same tensor object: :mod:`~lightning_conditioning.capture.shared_inputs`).
         shared_input_lost: the sharing with ``shared_input`` broke within the window after
             that layer took rows this one never saw: its Σx cannot be told apart, and is None.
+        input_homogeneous: Σx carries the homogeneous coordinate (a trailing constant 1 of the
+            rows, ``include_bias``) as its last row and column.
 
     Example:
         >>> moments = LayerMoments(torch.eye(2), None, 4, 0, torch.tensor([1.0, -1.0]),
@@ -351,6 +353,7 @@ class LayerMoments:
     shared_lookup: bool = False
     shared_input: str | None = None
     shared_input_lost: bool = False
+    input_homogeneous: bool = False
 
     @property
     def lookup_table(self) -> bool:
@@ -397,7 +400,7 @@ class LayerWindow:
     ) -> None:
         self.homogeneous = homogeneous and input_sketch is None
         self.input: MomentSum = (
-            _sketched(input_dim, device, input_sketch) if input_sketch else
+            _sketched(input_dim, device, input_sketch, track_diagonal=True) if input_sketch else
             SecondMomentSum(input_dim, device, track_row_sum=self.homogeneous, diagonal=diagonal_input))
         self.grad: MomentSum = (
             _sketched(grad_dim, device, grad_sketch) if grad_sketch else
@@ -508,6 +511,7 @@ class LayerWindow:
             grad_resolution=self.grad.resolution,
             input_gram_roundoff=self.input.gram_roundoff,
             grad_gram_roundoff=self.grad.gram_roundoff,
+            input_homogeneous=self.homogeneous,
         )
         if self.input.rows > 0:
             moments.input_second_moment = (self.input.take_mean(homogeneous=self.homogeneous) if take

@@ -276,9 +276,11 @@ class SketchedMoment:
     """
 
     def __init__(self, sketch: Tensor, shrinkage: float, dim: int,
-                 eigenvalues: Tensor | None = None) -> None:
+                 eigenvalues: Tensor | None = None, diagonal: Tensor | None = None) -> None:
         self.sketch, self.shrinkage, self.size = sketch, float(shrinkage), int(dim)
         self.eigenvalues = eigenvalues
+        #: ``M``'s exact diagonal (float64), when the sum tracked it (``track_diagonal``)
+        self.diagonal = diagonal
 
     @property
     def exact(self) -> bool:
@@ -311,7 +313,12 @@ class SketchedMoment:
 
     def cpu(self) -> SketchedMoment:
         """The same moment with its sketch on the CPU."""
-        return SketchedMoment(self.sketch.cpu(), self.shrinkage, self.size, self.eigenvalues)
+        return SketchedMoment(self.sketch.cpu(), self.shrinkage, self.size, self.eigenvalues,
+                              self.diagonal.cpu() if self.diagonal is not None else None)
+
+
+#: rows converted to float64 at once for a sketch's exact diagonal
+DIAGONAL_ROWS = 1024
 
 
 class SketchedMomentSum:
@@ -332,11 +339,13 @@ class SketchedMomentSum:
     diagonal = False
 
     def __init__(self, dim: int, device: torch.device, *, rank: int,
-                 block_rows: int = BLOCK_ROWS) -> None:
+                 block_rows: int = BLOCK_ROWS, track_diagonal: bool = False) -> None:
         self.dim = dim
         self.sketcher = FrequentDirections(dim, rank, device, block_rows=block_rows)
         self.resolution = 0.0
         self.gram_roundoff = 0.0
+        #: ``Σ weight·r_i²`` per coordinate (float64), exact: the diagonal the sketch blurs
+        self.diagonal_sum = torch.zeros(dim, dtype=torch.float64, device=device) if track_diagonal else None
 
     @property
     def rows(self) -> int:
@@ -351,6 +360,10 @@ class SketchedMomentSum:
         """Fold ``weight ×`` the rows' outer products in (float64)."""
         self.gram_roundoff = max(self.gram_roundoff, 2.0**-53)
         self.sketcher.add_rows(rows, weight)
+        if self.diagonal_sum is not None:  # in float64, DIAGONAL_ROWS rows at a time (no n × d copy)
+            for start in range(0, int(rows.shape[0]), DIAGONAL_ROWS):
+                block = rows[start:start + DIAGONAL_ROWS].to(torch.float64)  # may be rows themselves
+                self.diagonal_sum.add_(block.square().sum(0), alpha=weight)
 
     def add(self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0) -> None:
         raise RuntimeError("a sketched moment takes rows (add_rows), not ready Gram matrices")
@@ -374,7 +387,10 @@ class SketchedMomentSum:
         exact = self.sketcher.exact_eigenvalues
         return SketchedMoment(self.sketcher.sketch() / math.sqrt(rows),
                               self.sketcher.shrinkage / rows, self.dim,
-                              exact / rows if exact is not None else None)
+                              exact / rows if exact is not None else None, self._diagonal(rows))
+
+    def _diagonal(self, rows: int) -> Tensor | None:
+        return self.diagonal_sum / rows if self.diagonal_sum is not None else None
 
     def allocate(self) -> None:
         """Hold the sketch's buffer now."""
@@ -383,6 +399,8 @@ class SketchedMomentSum:
     def copy_from(self, other: SketchedMomentSum) -> None:
         """Become a copy of ``other``'s window so far (a sketch of the same shape)."""
         self.sketcher.copy_from(other.sketcher)
+        if self.diagonal_sum is not None and other.diagonal_sum is not None:
+            self.diagonal_sum.copy_(other.diagonal_sum)
         self.resolution = max(self.resolution, other.resolution)
         self.gram_roundoff = max(self.gram_roundoff, other.gram_roundoff)
 
@@ -399,20 +417,26 @@ class SketchedMomentSum:
         exact = self.sketcher.exact_eigenvalues
         sketch, shrinkage, count = self.sketcher.take()
         rows = max(count, 1)
+        diagonal = self._diagonal(rows)
         self.reset()
         return SketchedMoment(sketch.div_(math.sqrt(rows)), shrinkage / rows, self.dim,
-                              exact / rows if exact is not None else None)
+                              exact / rows if exact is not None else None, diagonal)
 
     def reset(self) -> None:
         """Empty the sketch for the next window."""
         self.sketcher.reset()
         self.resolution = self.gram_roundoff = 0.0
+        if self.diagonal_sum is not None:
+            self.diagonal_sum.zero_()
 
     def to(self, device: torch.device) -> None:
         """Move the sketch to ``device``."""
         self.sketcher.to(device)
+        if self.diagonal_sum is not None:
+            self.diagonal_sum = self.diagonal_sum.to(device)
 
     def buffers(self) -> list[Tensor]:
-        """Nothing to sum: sketches merge (:meth:`FrequentDirections.merge`), see
+        """What a distributed reduction sums: the tracked diagonal. The sketches themselves
+        merge (:meth:`FrequentDirections.merge`), see
         :meth:`~lightning_conditioning.capture.hooks.LayerCapture.all_reduce`."""
-        return []
+        return [self.diagonal_sum] if self.diagonal_sum is not None else []

@@ -66,7 +66,7 @@ def _header(kappa: str, with_domination: bool) -> list[str]:
         header += [f"λmax({label})", f"{kappa}({label})"]
         if moment in _RANKED:
             header.append(f"rank({label})")
-    header += ["dead", "full"]
+    header += ["dead", "full", "outlier"]
     return header + (["∇W/W", "ΔW/W"] if with_domination else [])
 
 
@@ -74,15 +74,17 @@ def format_layer_table(conditioning: LayerTable, domination: LayerTable | None =
     """One row per layer: λmax and κ (the p the diagnosis quotes, :func:`headline_percent`) of
     Σx, Σ∇h and the sub-FIM, the
     numerical ranks of Σx and Σ∇h (``rank/size`` when the size is known), dead and full
-    units, and the weight-domination ratios when given. κ cells: see :func:`kappa_cell`.
+    units, the outlier-feature ratio of Σx (``max_i Σx_ii / median_i Σx_ii``), and the
+    weight-domination ratios when given. κ cells: see :func:`kappa_cell`.
 
     Example:
         >>> print(format_layer_table({"fc": {"input_lambda_max": 2.0, "input_kappa_100": 40.0,
         ...                                  "input_rank": 7.0, "input_dim": 8.0,
         ...                                  "grad_kappa_100_lower_bound": 3e9,
-        ...                                  "dead_input_units": 1.0, "input_units": 8.0}}))
-        #  layer  λmax(Σx)  κ100(Σx)  rank(Σx)  λmax(Σ∇h)  κ100(Σ∇h)  rank(Σ∇h)  λmax(F)  κ100(F)  dead  full
-        1  fc     2         40        7/8       -          ≥3e+09     -          -        -        1/8   -
+        ...                                  "dead_input_units": 1.0, "input_units": 8.0,
+        ...                                  "input_outlier_ratio": 3.5}}))
+        #  layer  λmax(Σx)  κ100(Σx)  rank(Σx)  λmax(Σ∇h)  κ100(Σ∇h)  rank(Σ∇h)  λmax(F)  κ100(F)  dead  full  outlier
+        1  fc     2         40        7/8       -          ≥3e+09     -          -        -        1/8   -     3.5
     """
     domination = domination or {}
     p = headline_percent(conditioning)
@@ -98,6 +100,7 @@ def format_layer_table(conditioning: LayerTable, domination: LayerTable | None =
             cells += [_units(row, "unused_rows") + " unused", "-"]
         else:
             cells += [_units(row, "dead_input_units"), _units(row, "full_input_units")]
+        cells.append(_number(row.get("input_outlier_ratio")))
         if with_domination:
             dom = domination.get(name, {})
             cells += [_number(dom.get("grad_weight_ratio")), _number(dom.get("update_weight_ratio"))]

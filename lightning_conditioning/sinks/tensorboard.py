@@ -71,6 +71,8 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
             for m, label in moments for percent in percents},
         f"{p}: units per layer": {
             quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.UNIT_QUANTITIES},
+        f"{p}: outlier features per layer (max / median mean square of Σx's features)": {
+            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.FEATURE_QUANTITIES},
         f"{p}: rank per layer": {
             f"{label} rank": _chart(p, schema.rank_quantity(m)) for m, label in moments},
         f"{p}: κ_p lower bounds per layer (λ_p under the resolution floor)": {

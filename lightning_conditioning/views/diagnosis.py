@@ -33,6 +33,13 @@ The rules (defaults in :class:`Thresholds`):
     floor or exactly zero, so at least ``100 − p`` % of the spectrum is lost. Not reported: the
     one direction the softmax takes from the last layer's Σ∇h (cross-entropy gradients with
     respect to the logits sum to zero), and the sub-FIM's loss that follows from it.
+``outlier_features`` (beyond the paper: Sun et al. 2024, "Massive activations in large language
+    models"; Dettmers et al. 2022, LLM.int8)
+    One input feature's mean square ≥ ``outlier_ratio``× the median feature's (its RMS ≥ 10×
+    at the default 100), ``max_i Σx_ii / median_i Σx_ii`` (:mod:`lightning_conditioning.maths.features`):
+    that feature then dominates Σx, λmax(Σx) and κ_p describe it alone, and a step along it
+    moves the layer's output far more than along the others. Not for embeddings (their Σx
+    diagonal is token frequencies).
 ``step_size`` (Sec. 2, linear models: training diverges when lr ≥ 2/λmax)
     ``lr·λmax(F_k)`` of a layer ≥ its ``stability_limit`` (2 for gradient descent, 2(1+β) with
     heavy-ball momentum β; logged when the learning rate of an SGD-family optimizer is known).
@@ -102,6 +109,9 @@ class Thresholds:
         grad_weight_ratio: σmax(∇W)/σmax(W) below this is weight domination, for rows
             without the checker's verdict (``dominated``).
         update_weight_ratio: σmax(ΔW)/σmax(W) at or below this is weight domination (same rows).
+        outlier_ratio: an input feature whose mean square is at least this × the median
+            feature's is an outlier feature (100: an RMS 10× the median's; measured at init, the
+            largest ratio over the project's real-model tests is well below it).
 
     Example:
         >>> Thresholds(dead_fraction=0.9).dead_fraction
@@ -117,6 +127,7 @@ class Thresholds:
     last_input_factor: float = 20.0
     grad_weight_ratio: float = 1e-4
     update_weight_ratio: float = 0.0
+    outlier_ratio: float = 100.0
 
 
 def _positive(row: Mapping[str, float] | None, key: str) -> float | None:
@@ -189,6 +200,26 @@ def _dead_units(table: Table, th: Thresholds) -> list[Finding]:
         evidence={f"dead_fraction[{n}]": d / u for n, d, u in hits},
         remedy="check the initialisation, learning rate and biases of the layer before; "
                "BatchNorm nets have almost no dead units (paper, App. C.3)",
+    )]
+
+
+def _outlier_features(table: Table, th: Thresholds) -> list[Finding]:
+    hits = [(name, row["input_outlier_ratio"], int(row.get("input_outlier_feature", -1)))
+            for name, row in table.items()
+            if row.get("input_outlier_ratio", 0.0) >= th.outlier_ratio]
+    if not hits:
+        return []
+    listed = listing([f"{n} (feature {i}: {r:.3g}× the median mean square)" for n, r, i in hits])
+    return [Finding(
+        rule="outlier_features", layer=hits[0][0], layers=tuple(h[0] for h in hits),
+        message=(f"{len(hits)} layer(s) read an input feature whose mean square is at least "
+                 f"{th.outlier_ratio:g}× the median feature's: {listed}. That feature dominates "
+                 "Σx: λmax(Σx) and κ_p describe it alone, and in transformers such massive "
+                 "activations come before loss spikes and break low-precision arithmetic"),
+        evidence={f"input_outlier_ratio[{n}]": r for n, r, _ in hits},
+        remedy="normalise the inputs of the first layer (a feature on its own scale); in a "
+               "transformer, watch the feature over training and check the layers that write it "
+               "(normalisation before them, weight decay, a lower learning rate)",
     )]
 
 
@@ -419,6 +450,7 @@ def diagnose(
     findings += _depth_trend(conditioning, "input_lambda_max", backward=False, th=th)
     findings += _depth_trend(conditioning, "grad_lambda_max", backward=True, th=th)
     findings += _dead_units(conditioning, th)
+    findings += _outlier_features(conditioning, th)
     findings += _kappa_outliers(conditioning, th)
     findings += _rank_deficient(conditioning, last_layer, statistics_float64)
     findings += _step_size(conditioning)
