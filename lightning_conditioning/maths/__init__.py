@@ -8,5 +8,6 @@
 - ``estimates``: summaries of approximate spectra (bounds, estimates with intervals).
 - ``accumulate``: windowed float64 second-moment sums and finished ``LayerMoments``.
 - ``domination``: weight-domination norms (σmax of weights, gradients, updates).
+- ``features``: outlier features, read off Σx's diagonal.
 - ``precision``: the Gram dtype for a device.
 """
