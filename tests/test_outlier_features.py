@@ -13,16 +13,16 @@ from lightning_conditioning.analysis.results import analyse_layer
 from lightning_conditioning.capture.hooks import LayerCapture, find_layers
 from lightning_conditioning.capture.plan import plan_analysis
 from lightning_conditioning.maths.features import outlier_feature
-from lightning_conditioning.views.diagnosis import Thresholds
+from lightning_conditioning.views.diagnosis import Thresholds, diagnose
 from lightning_conditioning.views.tables import split_metrics
 
 
-def _net(width: int = 6) -> nn.Sequential:
+def _net(width: int = 64) -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(width, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-def _inputs(width: int = 6, planted: float = 1.0, rows: int = 64) -> torch.Tensor:
+def _inputs(width: int = 64, planted: float = 1.0, rows: int = 256) -> torch.Tensor:
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x[:, 2] *= planted
     return x
@@ -69,6 +69,10 @@ def test_the_ratio_is_the_float64_diagonal_and_a_planted_feature_fires_the_rule(
     # the logged keys read back: the rule fires from a table of logged scalars too
     table = split_metrics(result.metrics()).conditioning
     assert table["0"]["input_outlier_feature"] == feature
+    assert [f.rule for f in diagnose(table) if f.rule == "outlier_features"] == (["outlier_features"] if fired else [])
+    # a layer of fewer features than outlier_min_features (a squeeze-excitation bottleneck) is left alone
+    narrow = {"0": {**table["0"], "input_units": 8.0}}
+    assert not [f for f in diagnose(narrow) if f.rule == "outlier_features"]
     monitor.close()
 
 

@@ -33,7 +33,8 @@ import torch
 from real_models import MODELS, RealModel, counted_parameters, coverage
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
-from lightning_conditioning.views.diagnosis import Thresholds
+from lightning_conditioning.views.diagnosis import Thresholds, diagnose
+from lightning_conditioning.views.tables import conditioning_table
 
 COVERAGE = 0.95
 #: non-ok layer statuses that say why a layer has no numbers (besides a ``reason`` attribute)
@@ -162,8 +163,9 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     for _, step_results, _ in snapshots.steps:
         for name, r in step_results.items():
             first.setdefault(name, r)
-    ratios = {name: r.input_outlier_ratio for name, r in first.items() if r.input_outlier_ratio is not None}
-    outliers = {name: ratio for name, ratio in ratios.items() if ratio >= Thresholds().outlier_ratio}
+    ratios = {name: r.input_outlier_ratio for name, r in first.items() if r.input_outlier_ratio is not None
+              and r.input_units >= Thresholds().outlier_min_features}
+    outliers = [f.message for f in diagnose(conditioning_table(first)) if f.rule == "outlier_features"]
     differing = _differing(baseline, monitored)
     counted = {name for name, _ in counted_parameters(module).values()}
     changed = [n for n in _differing(initial, baseline) if n in counted]
@@ -191,7 +193,7 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
         print(f"    parameters differing from the run without callbacks: {differing}")
     if ratios:
         widest = max(ratios, key=ratios.__getitem__)
-        print(f"    largest outlier-feature ratio at init: {ratios[widest]:.3g} ({widest})")
+        print(f"    largest outlier-feature ratio at init (layers of ≥ 32 features): {ratios[widest]:.3g} ({widest})")
     messages = [str(w.message) for w in caught if "lightning_conditioning" in w.filename
                 or "Monitor" in str(w.message) or "Callback" in str(w.message)]
     messages += [r.getMessage() for r in caplog.records if "Monitor" in r.getMessage()]
