@@ -49,15 +49,39 @@ def test_turns_cycle_through_every_layer_within_the_capacity_and_adapt_to_measur
         taker.observe_plain(40.0)
     assert taker.plain_seconds() == 40.0 and math.isclose(taker.capacity(), 20.0)
     taker._plain = [1.0]
-    assert math.isclose(taker.capacity(), turns_module.MIN_TURN_SECONDS)  # never below the floor
+    assert math.isclose(taker.capacity(), 0.5)  # the share of a short step: no floor
     taker._plain = [40.0]
     taker.next_turn(capacity=2.5 * one)
     taker.observe_analysed(40.0 + 2 * (2 * one))  # twice the modelled extra of its two layers
     assert math.isclose(taker.scale, math.sqrt(2.0))
+    # the turn's model is re-read at the rows its window held: a quarter of the rows guessed
+    taker.next_turn(capacity=2.5 * one)
+    turn = sorted(taker._turn or ())
+    taker.observe_rows({name: turns_module.ROWS_GUESS // 4 for name in taker.layers})
+    at_rows = sum(taker.layer_seconds(name) for name in turn)
+    assert at_rows < 2 * one
+    before = taker.scale
+    taker.observe_analysed(40.0 + 2 * at_rows)
+    assert math.isclose(taker.scale, math.sqrt(before * 2.0))
     state = taker.state_dict()
     again = TurnTaker(moments, train_parameters=1, share=0.5)
     again.load_state_dict(state)
     assert again.state_dict() == state
+
+
+def test_a_model_over_the_floor_takes_turns_sized_by_the_share_of_a_short_step() -> None:
+    """GPT-2 small at 512 tokens a step: the whole analysis is over MIN_TURN_SECONDS, the plain
+    step short; the floor must not size the turns (it let one window take 47 of 51 layers)."""
+    moments = [MomentPlan(f"l{i}", moment, 1024, "dense", 0) for i in range(40) for moment in ("input", "grad")]
+    taker = TurnTaker(moments, train_parameters=10**6, share=0.35)
+    assert not taker.fits_anywhere()
+    for _ in range(3):
+        taker.observe_plain(5.0)
+    turn = taker.next_turn()
+    assert turn is not None
+    spent = sum(taker.layer_seconds(name) for name in turn)
+    assert spent <= taker.capacity() or len(turn) == 1
+    assert spent < turns_module.MIN_TURN_SECONDS / 2
 
 
 def test_share_none_or_a_small_model_analyses_every_layer_every_time() -> None:

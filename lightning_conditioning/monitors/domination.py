@@ -81,7 +81,7 @@ class WeightDominationMonitor:
     (:func:`~lightning_conditioning.maths.solvers.largest_singular_value`: exact for small layers,
     Lanczos in the tensors' own dtype for large ones, one intra-op thread). The update ΔW is
     measured against copies of the weights taken before the step, a tied weight once, within
-    ``memory_budget`` bytes (``"auto"``: as the conditioning's); when they do not all fit,
+    ``memory_budget`` bytes (``"auto"``: half the conditioning's); when they do not all fit,
     layers take turns from check to check and the others have no ``update_weight_ratio`` then.
 
     Each layer's ratio history (its running peak, :attr:`history`) is kept in
@@ -150,9 +150,10 @@ class WeightDominationMonitor:
         self._snapshot: dict[str, Tensor] = {}
         self._snapshot_keys: dict[str, tuple[int, int, int]] = {}
         self._snapshot_turn = 0
-        #: bytes the copies of the weights (for ΔW) may hold: ``memory_budget`` (``"auto"``:
-        #: :func:`~lightning_conditioning.capture.plan.memory_budget`); beyond it, layers take turns
-        self.snapshot_budget = _memory_budget(model, memory_budget)
+        #: bytes the copies of the weights (for ΔW) may hold: ``memory_budget`` (``"auto"``: half
+        #: of :func:`~lightning_conditioning.capture.plan.memory_budget`, so that both monitors
+        #: together hold at most 3/10 of the training state); beyond it, layers take turns
+        self.snapshot_budget = _memory_budget(model, memory_budget) // (2 if memory_budget == "auto" else 1)
         self._pending_step: int | None = None
         self._last_checked_step: int | None = None
         self._below: dict[str, int] = {}
