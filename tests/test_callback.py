@@ -52,7 +52,9 @@ def test_schedule_logs_every_n_optimizer_steps() -> None:
         for stat in ("lambda_max", "rank")
     } | {f"conditioning/{layer}/{k}_input_units" for layer in ("net.0", "net.2") for k in ("dead", "full")} | {
         f"conditioning/{layer}/{q}" for layer in ("net.0", "net.2")  # SGD: the stability margin
-        for q in ("lr_lambda_max", "stability_limit", "lambda_max_share")}
+        for q in ("lr_lambda_max", "stability_limit", "lambda_max_share")} | {
+        f"conditioning/{layer}/{q}" for layer in ("net.0", "net.2")  # outlier features of Σx
+        for q in ("input_outlier_ratio", "input_outlier_feature")}
     logged = set(logger.history[6])
     kappas = {k for k in logged if "_kappa_" in k}
     assert logged - kappas == expected_keys

@@ -224,6 +224,7 @@ class Reference:
     structural: int  # eigenvalues that can be nonzero at all
     rtol: float  # the documented floor relative to λmax
     dead: int  # all-zero columns
+    mean_squares: np.ndarray  # the diagonal, weight·Σ_rows r_i² / n (outlier features)
 
     @property
     def lambda_max(self) -> float:
@@ -258,7 +259,7 @@ def reference(rows: torch.Tensor, weight: float, rtol: float) -> Reference:
     singular = np.linalg.svd(triangular, compute_uv=False)
     values = np.zeros(dim)
     values[: singular.size] = np.sort(weight * singular**2 / count)[::-1]
-    return Reference(values, int(singular.size), rtol, dim - live.size)
+    return Reference(values, int(singular.size), rtol, dim - live.size, weight * (data**2).mean(0))
 
 
 def kronecker_reference(a: Reference, b: Reference, percent: float) -> tuple[float, str]:
@@ -386,6 +387,10 @@ def compare(outcome: Outcome, percents: tuple[float, ...] = PERCENTS) -> list[st
         **expected_metrics("grad", b.lambda_max, b.rank, {p: b.kappa(p) for p in percents}),
         **expected_metrics("fim", a.lambda_max * b.lambda_max, a.rank * b.rank, fim_kappas),
     }
+    median = float(np.sort(a.mean_squares)[(a.mean_squares.size - 1) // 2])  # the lower middle value
+    if median > 0:  # outlier features: max / median of Σx's diagonal, and which feature
+        expected["input_outlier_ratio"] = float(a.mean_squares.max()) / median
+        expected["input_outlier_feature"] = float(np.argmax(a.mean_squares))
     if set(logged) != set(expected):
         problems.append(
             f"logged keys differ: only logged {sorted(set(logged) - set(expected))}, "
@@ -397,7 +402,7 @@ def compare(outcome: Outcome, percents: tuple[float, ...] = PERCENTS) -> list[st
         got = logged[quantity]
         parsed = parse_quantity(quantity)
         assert parsed is not None
-        if parsed.kind == "rank" or parsed.status == "infinite":
+        if parsed.kind == "rank" or parsed.status == "infinite" or quantity == "input_outlier_feature":
             ok = got == want
         elif parsed.status == "lower_bound" and parsed.moment != "fim":
             ok = math.isclose(got, want, rel_tol=1e-6)  # λmax / floor = 1 / rtol
