@@ -201,7 +201,9 @@ def test_kappa_eigenvalues_inside_their_error_bars(kind: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", SPECTRA)
 def test_kappa_coverage_at_least_95_percent_over_40_seeds(kind: str) -> None:
-    hits = coverage(kind, 1024, 40)
+    # 512-wide: 57 s for the five spectra against about 180 s at 1024, with the same coverage
+    # (measured 2026-12-07: 38-40 of 40 for every κ_p); the 4096-wide case is the test below
+    hits = coverage(kind, 512, 40)
     assert all(count >= 38 for count in hits.values()), hits
 
 
