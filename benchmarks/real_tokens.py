@@ -57,6 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import owner_ranks  # noqa: E402
 from harness import ForeignLoad, machine, table, write_results  # noqa: E402
 from real_sizes import adamw, gpt2, llama, proc_status, release_free_memory, sync, token_batches  # noqa: E402
 
@@ -165,7 +166,9 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     model = gpt2(device, False)
     messages: list[str] = []
     default = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None)
-    reference = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None,
+    # the reference analyses in a worker thread (one intra-op thread) while the default one
+    # analyses in this thread: both cores solve, the section takes about half as long
+    reference = monitor_for(model, messages, every_n_steps=1, analysis="background", step_overhead=None,
                             memory_budget=8 << 30)
     assert default.plan is not None and reference.plan is not None
     huge = [m.layer for m in reference.plan.moments if m.method == "sketch" and m.moment == "grad"]
@@ -185,6 +188,7 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
         for monitor in (default, reference):
             monitor.set_loss_tokens(tokens)
         model(**batch).loss.backward()
+    reference.wait()
     seconds = time.perf_counter() - start
     for handle in handles:
         handle.remove()
@@ -288,6 +292,13 @@ def section_memory(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return out
 
 
+def section_ranks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """:mod:`owner_ranks`: GPT-2 at full width with ``--rank-layers`` blocks, 1 process against
+    2 (gloo on the CPU), ``--rank-batch × --rank-length`` tokens in all."""
+    return owner_ranks.section_ranks(argparse.Namespace(
+        device=args.device, world=2, layers=args.rank_layers, batch=args.rank_batch, length=args.rank_length))
+
+
 def render(out: dict[str, Any]) -> str:
     lines = [f"Device {out['device']}, {out['machine'].get('cpu', '')}; total {out['total_s']:.0f} s; "
              f"sections: " + ", ".join(f"{k} {v['seconds']:.0f} s (other processes {100 * (v['foreign'] or 0):.0f}% CPU)"
@@ -325,14 +336,26 @@ def render(out: dict[str, Any]) -> str:
                       f"{found['training_peak'] / MIB:,.0f} MiB; extra peak with both monitors "
                       f"{found['extra_peak'] / MIB:,.0f} MiB = {100 * found['extra_share']:.1f}% "
                       f"(plan: {found['monitored'].get('plan')}).", ""]
+    ranks = out.get("ranks")
+    if ranks:
+        lines += [f"Moments by owner, GPT-2 at full width with {ranks['layers']} blocks, {ranks['tokens']} tokens: "
+                  f"one process held {ranks['single_bytes'] / MIB:,.1f} MiB of finished moments, each of "
+                  f"{ranks['world']} ranks " + ", ".join(f"{b / MIB:,.1f}" for b in ranks["rank_bytes"])
+                  + " MiB (" + ", ".join(f"{100 * r:.0f}%" for r in ranks["rank_share"]) + "); the ranks' numbers "
+                  + ("equal each other" if ranks["ranks_equal"] else "DIFFER between ranks")
+                  + f", λmax within {ranks['lambda_max_rel_diff']:.1e} and κ_50 within "
+                  f"{ranks['kappa_50_rel_diff']:.1e} of one process ({ranks['compared']} exact λmax compared). "
+                  f"{len(ranks['intervals'])} λmax of sketched moments are intervals on the ranks (a sketch merged "
+                  "over ranks is no longer one exact block); they hold one process's value: "
+                  f"{ranks['intervals_hold_reference']}. Sketches are merged on every rank, not sharded.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", nargs="+", default=["steps", "accuracy", "memory"],
-                        choices=["steps", "accuracy", "memory"])
+    parser.add_argument("--only", nargs="+", default=["steps", "accuracy", "memory", "ranks"],
+                        choices=["steps", "accuracy", "memory", "ranks"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--small-length", type=int, default=64)
@@ -343,6 +366,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--llama-batch", type=int, default=2)
     parser.add_argument("--llama-length", type=int, default=512,
                         help="tokens per sequence of the Llama-7B-shaped block in the memory section (0: none)")
+    parser.add_argument("--rank-layers", type=int, default=2, help="GPT-2 blocks in the ranks section")
+    parser.add_argument("--rank-batch", type=int, default=4)
+    parser.add_argument("--rank-length", type=int, default=128)
     parser.add_argument("--model", default="gpt2", choices=["gpt2", "llama"], help=argparse.SUPPRESS)
     parser.add_argument("--out")
     parser.add_argument("--from-json")
@@ -365,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     out: dict[str, Any] = {"machine": machine(), "device": str(device), "args": vars(args), "durations": {}}
     start = time.perf_counter()
-    sections = {"steps": section_steps, "accuracy": section_accuracy, "memory": section_memory}
+    sections = {"steps": section_steps, "accuracy": section_accuracy, "memory": section_memory,
+                "ranks": section_ranks}
     for name in args.only:
         log(f"{name} ...")
         began = time.perf_counter()

@@ -80,7 +80,10 @@ class DumpResults(pl.Callback):
         for result in self.conditioning.results.values():
             metrics.update(result.metrics())
         path = self.out / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps({"world_size": trainer.world_size, "metrics": metrics}))
+        monitor = self.conditioning.monitor
+        assert monitor is not None
+        path.write_text(json.dumps({"world_size": trainer.world_size, "metrics": metrics,
+                                    "moment_bytes": monitor.moment_bytes}))
 
 
 def run(out: Path, strategy: str, devices: int, batch_norm: bool = False, width: int = 16,

@@ -47,6 +47,20 @@ def test_ddp_fork_uneven_ranks_equal_one_process(tmp_path: Path, single: dict[st
     _check_against_single(out, single)
 
 
+def test_ddp_fork_each_dense_moment_is_held_by_its_owner_only(tmp_path: Path) -> None:
+    """The dense moments are reduced to one owner each (not all-reduced): each of the two
+    ranks holds about half the moment bytes of one process, and the numbers are one process's."""
+    alone, ddp = tmp_path / "single", tmp_path / "ddp"
+    alone.mkdir(), ddp.mkdir()
+    run(alone, strategy="auto", devices=1, width=64)
+    run(ddp, strategy="ddp_fork", devices=2, width=64)
+    single = json.loads((alone / "rank0.json").read_text())
+    _check_against_single(ddp, single["metrics"])
+    held = [json.loads((ddp / f"rank{r}.json").read_text())["moment_bytes"] for r in (0, 1)]
+    assert all(b < 0.6 * single["moment_bytes"] for b in held), (held, single["moment_bytes"])
+    assert sum(held) == pytest.approx(single["moment_bytes"], rel=0.05)  # the others' diagonals
+
+
 def test_ddp_fork_merges_sketched_moments_like_one_process(tmp_path: Path) -> None:
     """A 600-wide layer's Σ∇h does not fit 512 KiB dense (2.9 MB): it is sketched on each
     rank and the sketches are merged; 16 rows fit the sketch, so both are exact and equal."""

@@ -1,26 +1,36 @@
 """Spread the eigen-analysis of layers over processes, through :class:`Collectives`.
 
 The second moments are summed over ranks first (see
-:meth:`~lightning_conditioning.capture.hooks.LayerCapture.all_reduce`), so every rank holds the same
-moments; each rank then solves only its share of the layers (balanced by the O(d³) cost of
-the two eigen-solves). The eigenvalues travel back in one flat float64 sum (each rank fills its
-own slots, zeros elsewhere: ``x + 0 = x`` exactly), and every rank builds all summaries from
-them (cheap), so a 4-process job does about a quarter of the eigen work per process and every
-rank ends with all results. One ``reduce`` is all it needs: Lightning strategies, Fabric and
+:meth:`~lightning_conditioning.capture.hooks.LayerCapture.all_reduce`): each layer's dense
+moments to its owner only where the collectives can (:mod:`~lightning_conditioning.distributed.owners`;
+the other ranks hold a :class:`~lightning_conditioning.maths.remote.RemoteMoment`), else to
+every rank. Each rank then solves only its share of the layers: those it owns, and a share of
+the rest balanced by the O(d³) cost of the two eigen-solves. The eigenvalues travel back in one
+flat float64 sum (each rank fills its own slots, zeros elsewhere: ``x + 0 = x`` exactly), and
+every rank builds all summaries from them (cheap), so a 4-process job holds and solves about a
+quarter of the dense moments per process and every rank ends with all results. One ``reduce``
+(and, for owners, one ``reduce_to``) is all it needs: Lightning strategies, Fabric and
 ``torch.distributed`` plug in alike.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from lightning_conditioning.analysis.results import LayerConditioning, layer_status, solve_layer, solver_for
+from lightning_conditioning.analysis.results import (
+    LayerConditioning,
+    layer_status,
+    moment_is_finite,
+    solve_layer,
+    solver_for,
+)
 from lightning_conditioning.distributed.collectives import Collectives
+from lightning_conditioning.distributed.owners import assign_layers
 from lightning_conditioning.maths.accumulate import LayerMoments
+from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.solvers import SolvedSpectrum, SolverPlan, shareable
 
 __all__ = ["assign_layers", "analyse_layers", "estimated_seconds"]
@@ -29,28 +39,14 @@ __all__ = ["assign_layers", "analyse_layers", "estimated_seconds"]
 _SECONDS_PER_CUBE = 0.75 / 2304.0**3
 
 
-def assign_layers(costs: Mapping[str, float], world_size: int) -> list[list[str]]:
-    """Greedy longest-processing-time assignment of layers to ``world_size`` ranks.
-
-    Example:
-        >>> assign_layers({"a": 8.0, "b": 1.0, "c": 1.0, "d": 6.0}, 2)
-        [['a'], ['d', 'b', 'c']]
-    """
-    heap = [(0.0, rank) for rank in range(world_size)]
-    shares: list[list[str]] = [[] for _ in range(world_size)]
-    for name in sorted(costs, key=lambda n: -costs[n]):
-        load, rank = heapq.heappop(heap)
-        shares[rank].append(name)
-        heapq.heappush(heap, (load + costs[name], rank))
-    return shares
-
-
 def _cost(moments: LayerMoments) -> float:
     total = 0.0
     for matrix in (moments.input_second_moment, moments.grad_second_moment):
         if matrix is moments.input_second_moment and moments.shared_input is not None:
             continue  # another layer's Σx, solved with it
-        if isinstance(matrix, Tensor):  # a diagonal moment (1-D) costs a sort; a sketch little
+        if isinstance(matrix, RemoteMoment):  # solved by its owner
+            total += float(matrix.size) ** 3
+        elif isinstance(matrix, Tensor):  # a diagonal moment (1-D) costs a sort; a sketch little
             total += float(matrix.shape[0]) ** (3 if matrix.dim() == 2 else 1)
     return total + 1.0
 
@@ -83,23 +79,27 @@ def solve_layers(
     once: dict[int, SolvedSpectrum] = {}  # a matrix several layers share is solved once
     if not collectives.distributed:
         return {name: solve_layer(name, m, solver, once) for name, m in moments.items()}
-    # a layer and those that share its Σx are solved on one rank (the matrix once)
+    # a layer and those that share its Σx are solved on one rank (the matrix once): the owner
+    # of their dense moments (distributed.owners), or a share of the others by cost
     groups: dict[str, list[str]] = {}
     for name, m in moments.items():
         shared = m.shared_input is not None and m.shared_input in moments and m.input_second_moment is not None
         groups.setdefault(m.shared_input if shared and m.shared_input else name, []).append(name)
-    heads = assign_layers({head: sum(_cost(moments[n]) for n in members) for head, members in groups.items()},
-                          collectives.world_size)[collectives.rank]
+    unowned = {head: sum(_cost(moments[n]) for n in members) for head, members in groups.items()
+               if moments[head].owner is None}
+    heads = [*assign_layers(unowned, collectives.world_size)[collectives.rank],
+             *(head for head in groups if moments[head].owner == collectives.rank)]
     mine = {name: solve_layer(name, moments[name], solver, once) for head in heads for name in groups[head]}
-    # one slot per exactly solved moment: [count, exact, relative_error, zeros, eigenvalues…];
-    # approximate spectra (intervals, estimators) are solved on every rank instead
-    header = 4
+    # one slot per exactly solved moment: [count, exact, relative_error, zeros, nonfinite,
+    # eigenvalues…], laid out alike on every rank (from shapes only: a remote moment's
+    # finiteness is its owner's word); approximate spectra are solved on every rank instead
+    header = 5
     slots: list[tuple[str, str, int]] = []
     local: dict[str, dict[str, SolvedSpectrum]] = {name: {} for name in moments}
     copies: dict[int, tuple[str, str]] = {}  # a shared matrix: its one slot
     repeats: list[tuple[str, str, str, str]] = []
     for name, m in moments.items():
-        if layer_status(m) in ("no_data", "nonfinite"):
+        if m.input_second_moment is None:  # no_data: solved nowhere
             continue
         for label, matrix in (("input", m.input_second_moment), ("grad", m.grad_second_moment)):
             if matrix is None:
@@ -111,7 +111,7 @@ def solve_layers(
             chosen = solver_for(solver, name, matrix)
             if shareable(chosen):
                 slots.append((name, label, int(matrix.shape[0])))
-            else:
+            elif layer_status(m) != "nonfinite":
                 local[name][label] = chosen(matrix)
     flat = torch.zeros(sum(d + header for _, _, d in slots), dtype=torch.float64)
     offset = 0
@@ -119,19 +119,23 @@ def solve_layers(
         spectrum = mine.get(name, {}).get(label)
         if spectrum is not None:
             count = spectrum.eigenvalues.numel()
-            flat[offset : offset + header] = torch.tensor(
+            flat[offset : offset + header - 1] = torch.tensor(
                 [count, float(spectrum.exact), spectrum.relative_error, spectrum.structural_zeros],
                 dtype=torch.float64)
             flat[offset + header : offset + header + count] = spectrum.eigenvalues
+        elif name in mine and not moment_is_finite(getattr(moments[name], f"{label}_second_moment")):
+            flat[offset + header - 1] = 1.0  # the owner's word for those that hold no matrix
         offset += dim + header
     flat = collectives.all_reduce(flat, "sum").to("cpu", torch.float64)
     out = local
     offset = 0
     for name, label, dim in slots:
-        found, exact, error, zeros = (float(v) for v in flat[offset : offset + header])
+        found, exact, error, zeros, nonfinite = (float(v) for v in flat[offset : offset + header])
+        matrix = getattr(moments[name], f"{label}_second_moment")
+        if isinstance(matrix, RemoteMoment):
+            matrix.finite = not nonfinite
         if found:  # solved somewhere (no_data / nonfinite windows are solved nowhere)
             values = flat[offset + header : offset + header + int(found)].clone()
-            matrix = getattr(moments[name], f"{label}_second_moment")
             out[name][label] = SolvedSpectrum(
                 values, solver_for(solver, name, matrix).name, bool(exact), error, int(zeros))
         offset += dim + header

@@ -19,6 +19,7 @@ from lightning_conditioning import schema
 from lightning_conditioning.maths.accumulate import LayerMoments
 from lightning_conditioning.maths.estimates import summarize_kronecker_bounds, summarize_solved
 from lightning_conditioning.maths.features import outlier_feature
+from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.resolution import floor_rtol
 from lightning_conditioning.maths.sketch import SketchedMoment
 from lightning_conditioning.maths.solvers import (
@@ -138,12 +139,12 @@ def solver_for(plan: SolverPlan | None, name: str, matrix: Any) -> SpectrumSolve
     return plan_solver(plan, name, int(matrix.shape[0]))
 
 
-def _finite(matrix: Any) -> bool:
+def moment_is_finite(matrix: Any) -> bool:
     """Whether a moment holds only finite values, without a ``d²`` temporary: a second moment
     is a sum of ``r rᵀ``, so a NaN/Inf in any row shows on the diagonal, and finite diagonals
     bound every entry (``|m_ij| ≤ (m_ii + m_jj)/2``); one sum (a reduction, no copy) catches
     what rounding past that bound could still hide."""
-    if isinstance(matrix, SketchedMoment):
+    if isinstance(matrix, (SketchedMoment, RemoteMoment)):
         return matrix.isfinite()
     if matrix.dim() == 2:
         if not bool(torch.isfinite(matrix.diagonal()).all()):
@@ -155,7 +156,7 @@ def _finite(matrix: Any) -> bool:
 
 def _nonzero(matrix: Any) -> bool:
     """Whether a moment has a nonzero entry: a PSD matrix is zero iff its diagonal is."""
-    if isinstance(matrix, SketchedMoment) or matrix.dim() != 2:
+    if isinstance(matrix, (SketchedMoment, RemoteMoment)) or matrix.dim() != 2:
         return bool(matrix.any())
     return bool(matrix.diagonal().any())
 
@@ -171,7 +172,7 @@ def layer_status(moments: LayerMoments) -> LayerStatus:
     if moments.input_second_moment is None:
         return "no_data"
     matrices = [m for m in (moments.input_second_moment, moments.grad_second_moment) if m is not None]
-    if not all(_finite(m) for m in matrices):
+    if not all(moment_is_finite(m) for m in matrices):
         return "nonfinite"
     return "ok" if moments.grad_second_moment is not None else "no_grad"
 
@@ -217,7 +218,7 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
         return _NOTES[status]
     pairs = (("Σx", moments.input_second_moment), ("Σ∇h", moments.grad_second_moment))
     if status == "nonfinite":
-        bad = [label for label, m in pairs if m is not None and not _finite(m)]
+        bad = [label for label, m in pairs if m is not None and not moment_is_finite(m)]
         return (f"{' and '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN/Inf (a diverged step, "
                 "or float16 overflow in the rows); nothing is logged")
     if moments.grad_second_moment is not None and not _nonzero(moments.grad_second_moment):
@@ -351,7 +352,7 @@ def _outliers(moments: LayerMoments) -> dict[str, Any]:
     """The outlier-feature reading of Σx's diagonal (dense, or the exact diagonal a sketch
     keeps); none for an embedding (its diagonal is token frequencies) or without a diagonal."""
     matrix = moments.input_second_moment
-    diagonal = (matrix.diagonal if isinstance(matrix, SketchedMoment)
+    diagonal = (matrix.diagonal if isinstance(matrix, (SketchedMoment, RemoteMoment))
                 else matrix.diagonal() if isinstance(matrix, Tensor) and matrix.dim() == 2 else None)
     if diagonal is None or diagonal.numel() < 2:
         return {}

@@ -28,7 +28,7 @@ from lightning_conditioning.analysis.results import LayerConditioning, analyse_l
 from lightning_conditioning.capture.hooks import LayerCapture
 from lightning_conditioning.distributed.collectives import Collectives
 from lightning_conditioning.maths.accumulate import LayerMoments
-from lightning_conditioning.maths.solvers import limited_threads
+from lightning_conditioning.maths.solvers import SolverPlan, limited_threads, plan_solver, shareable
 from lightning_conditioning.notify import announce
 
 __all__ = ["analyse_capture", "gather_moments", "analyse_moments", "BackgroundAnalysis",
@@ -40,12 +40,21 @@ BACKGROUND_SECONDS = 0.5
 
 
 def gather_moments(capture: LayerCapture, collectives: Collectives | None = None, *,
-                   reset: bool = True) -> dict[str, LayerMoments]:
+                   reset: bool = True, solver: SolverPlan | None = None) -> dict[str, LayerMoments]:
     """A filled capture's window summed over processes, as host copies (float64); the capture
-    is reset (unless ``reset=False``). Every rank must call it (collectives)."""
+    is reset (unless ``reset=False``). Every rank must call it (collectives).
+
+    Where the collectives can reduce to one process (:attr:`Collectives.shards_by_owner`),
+    each layer's dense moments are summed to its owner only
+    (:mod:`~lightning_conditioning.distributed.owners`), unless ``solver`` picks for them a
+    solver whose result cannot travel back (an approximate spectrum: solved on every rank).
+    """
     group = collectives or Collectives.local()
     if group.distributed:
-        capture.all_reduce(group.all_reduce, group.world_size, group.rank)
+        capture.all_reduce(
+            group.all_reduce, group.world_size, group.rank,
+            reduce_to=group.reduce_to if group.shards_by_owner else None,
+            shardable=lambda layer, dim: shareable(plan_solver(solver, layer, dim)))
     if reset:  # the sums themselves become the means: no d² copy while they are analysed
         moments = capture.moments(take=True)
         capture.reset()

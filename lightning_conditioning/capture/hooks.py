@@ -42,6 +42,7 @@ from lightning_conditioning.capture.selection import uncovered_modules as uncove
 from lightning_conditioning.capture.selection import uncovered_reason as uncovered_reason
 from lightning_conditioning.capture.selection import user_name as user_name
 from lightning_conditioning.capture.shared_inputs import InputSharing
+from lightning_conditioning.distributed.owners import ReduceTo, Shardable, owners_of, sum_windows
 from lightning_conditioning.maths.accumulate import LayerMoments, LayerWindow, moments_to_cpu
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
 
@@ -129,6 +130,9 @@ class LayerCapture:
         #: bumped at every reset: an output gradient belongs to the window of its forward
         self._generation = 0
         self._widest = 0  # the widest leading dimension of an output in the window
+        #: the process that holds each layer's dense sums after :meth:`all_reduce` (sharded by
+        #: owner; empty: every process holds all, or one process)
+        self.owners: dict[str, int] = {}
         #: output gradients that arrived after their window was finished (ignored)
         self.late_gradients = 0
         #: layers whose Σx is another layer's, read from the same input tensor
@@ -233,6 +237,7 @@ class LayerCapture:
         self.sharing.reset()
         self._generation += 1
         self._widest = 0
+        self.owners = {}
 
     @property
     def turn_windows(self) -> dict[str, LayerWindow]:
@@ -255,7 +260,8 @@ class LayerCapture:
                   if window.lookup_leading == 1 and self._widest > 1}
         self.sharing.finish()
         followers, lost = dict(self.sharing.followers), dict(self.sharing.lost)
-        moments = {name: window.moments(take=take) for name, window in self.turn_windows.items()}
+        moments = {name: replace(window.moments(take=take), owner=self.owners.get(name))
+                   for name, window in self.turn_windows.items()}
         for name in followers if take else ():  # its Σx is the leader's: no sum of its own
             self.windows[name].input.release()
         for name in shared:  # looked up once for all the examples: no per-example gradient
@@ -439,17 +445,22 @@ class LayerCapture:
             sketcher.rows, sketcher.shrinkage = count, sketcher.shrinkage + shrinkage
 
     def all_reduce(self, reduce: Callable[[Tensor, str], Tensor], world_size: int = 1,
-                   rank: int = 0) -> None:
-        """Combine every window over processes: two collectives on flat float64 buffers.
+                   rank: int = 0, *, reduce_to: ReduceTo | None = None,
+                   shardable: Shardable | None = None) -> None:
+        """Combine every window over processes.
 
         ``reduce(tensor, op)`` takes a 1-D tensor and ``"sum"`` or ``"max"`` (e.g.
         ``Collectives.all_reduce``). First a maximum: per-unit extremes (minima negated), the
         precisions the rows and Grams had (the coarsest sets every rank's floor), and which
         layers share another's Σx (a layer shares only if it does on every rank). Then the
-        sums and row counts travel together, so uneven per-rank batches weigh correctly.
+        sums and row counts (:func:`~lightning_conditioning.distributed.owners.sum_windows`), so
+        uneven per-rank batches weigh correctly. With ``reduce_to(tensor, owner)`` (an in-place
+        sum into one process) each layer's dense sums go to its owner only
+        (:attr:`owners`; ``shardable(layer, dim)`` may keep a moment on every rank).
         """
         turn = self.turn_windows
         windows = list(turn.values())
+        self.owners = {}
         if not windows:
             return
         device = windows[0].device
@@ -475,15 +486,9 @@ class LayerCapture:
         apart = set(self.sharing.followers) | set(self.sharing.lost)
 
         self._merge_sketches(reduce, world_size, rank, apart)  # row counts are summed below
-        sums = [buffer for name, window in turn.items()
-                for buffer in window.sum_buffers(with_input=name not in apart)]
-        counts = torch.tensor([count for window in windows for count in window.counts()],
-                              dtype=torch.float64, device=device)
-        flat = reduce(torch.cat([b.reshape(-1) for b in sums] + [counts]), "sum")
-        offset = _unpack(flat, sums)
-        totals = [int(round(v)) for v in flat[offset:].tolist()]
-        for index, window in enumerate(windows):
-            window.set_counts(totals[2 * index : 2 * index + 2])
+        if reduce_to is not None and world_size > 1:
+            self.owners = owners_of(turn, dict(self.sharing.followers), apart, world_size, shardable)
+        sum_windows(turn, apart, self.owners, reduce, reduce_to, rank)
 
 
 def _compiled(model: nn.Module) -> bool:

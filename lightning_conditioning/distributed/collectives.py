@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ReduceFn", "Collectives", "auto_collectives"]
+__all__ = ["ReduceFn", "ReduceToFn", "Collectives", "auto_collectives"]
 
 #: ``reduce(tensor, op) -> tensor`` with ``op`` in ``"sum"``, ``"max"``: the reduced tensor,
 #: the same on every process
 ReduceFn = Callable[[Tensor, str], Tensor]
+#: ``reduce_to_owner(tensor, owner)``: the sum over processes, in place in ``owner``'s tensor
+ReduceToFn = Callable[[Tensor, int], None]
 
 
 def _identity(tensor: Tensor, op: str) -> Tensor:
@@ -44,6 +46,10 @@ class Collectives:
     world_size: int = 1
     rank: int = 0
     device: torch.device | None = None
+    #: ``reduce_to_owner(tensor, owner)``: the sum over processes, in place in ``owner``'s
+    #: tensor only (others' are left undefined); ``None``: not available, moments are
+    #: all-reduced to every process (see :mod:`~lightning_conditioning.distributed.owners`)
+    reduce_to_owner: ReduceToFn | None = None
 
     @property
     def distributed(self) -> bool:
@@ -57,6 +63,33 @@ class Collectives:
         if self.device is None or tensor.device == self.device:
             return self.reduce(tensor, op)
         return self.reduce(tensor.to(self.device), op).to(tensor.device)
+
+    @property
+    def shards_by_owner(self) -> bool:
+        """Whether dense moments can be summed to one owner each (several processes, and a
+        ``reduce_to_owner``)."""
+        return self.distributed and self.reduce_to_owner is not None
+
+    def reduce_to(self, tensor: Tensor, owner: int) -> None:
+        """Sum ``tensor`` over processes into ``owner``'s ``tensor``, in place (from
+        :attr:`device`; the other processes' tensors are left undefined). Without
+        :attr:`reduce_to_owner` an all-reduce stands in.
+
+        Example:
+            >>> total = torch.ones(2)
+            >>> Collectives(lambda tensor, op: tensor * 2, world_size=2).reduce_to(total, 0)
+            >>> total
+            tensor([2., 2.])
+        """
+        if self.reduce_to_owner is None:
+            tensor.copy_(self.all_reduce(tensor.clone(), "sum"))
+        elif self.device is None or tensor.device == self.device:
+            self.reduce_to_owner(tensor, owner)
+        else:
+            moved = tensor.to(self.device)
+            self.reduce_to_owner(moved, owner)
+            if self.rank == owner:
+                tensor.copy_(moved)
 
     @classmethod
     def local(cls) -> Collectives:
@@ -77,9 +110,13 @@ class Collectives:
             dist.all_reduce(tensor, op=ops[op], group=group)
             return tensor
 
+        def reduce_to_owner(tensor: Tensor, owner: int) -> None:
+            dst = owner if group is None else dist.get_global_rank(group, owner)
+            dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM, group=group)
+
         nccl = dist.get_backend(group) == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        return cls(reduce, dist.get_world_size(group), dist.get_rank(group), device)
+        return cls(reduce, dist.get_world_size(group), dist.get_rank(group), device, reduce_to_owner)
 
     @classmethod
     def fabric(cls, fabric: Any) -> Collectives:
@@ -89,22 +126,42 @@ class Collectives:
 
             monitor = ConditioningMonitor(model, collectives=Collectives.fabric(fabric))
         """
+        world_size, rank = int(fabric.world_size), int(fabric.global_rank)
         return cls(
             lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
-            int(fabric.world_size),
-            int(fabric.global_rank),
+            world_size,
+            rank,
             fabric.device,
+            _default_group_reduce_to(world_size, rank),
         )
 
     @classmethod
     def strategy(cls, strategy: Any) -> Collectives:
         """A Lightning ``Strategy`` (``trainer.strategy``): ``strategy.reduce``."""
+        world_size, rank = int(strategy.world_size), int(strategy.global_rank)
         return cls(
             lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
-            int(strategy.world_size),
-            int(strategy.global_rank),
+            world_size,
+            rank,
             strategy.root_device,
+            _default_group_reduce_to(world_size, rank),
         )
+
+
+def _default_group_reduce_to(world_size: int, rank: int) -> ReduceToFn | None:
+    """``torch.distributed.reduce`` on the default group when it is the launcher's own (the
+    same world size and rank: Lightning's DDP and FSDP2 strategies, Fabric), else None."""
+    import torch.distributed as dist
+
+    if world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        return None
+
+    def reduce_to_owner(tensor: Tensor, owner: int) -> None:
+        dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM)
+
+    return reduce_to_owner
 
 
 def auto_collectives() -> Collectives:

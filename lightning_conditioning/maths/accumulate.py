@@ -7,17 +7,19 @@ ranks compose by plain addition; the mean is taken once, when a window is finish
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.resolution import unit_roundoff
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMoment, SketchedMomentSum
 
 __all__ = ["PENDING_ADDS", "symmetrize_", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments",
-           "moments_to_cpu"]
+           "moments_to_cpu", "held_bytes"]
 
 
 #: float32 additions summed in the pending buffer before it is folded into float64
@@ -104,6 +106,8 @@ class SecondMomentSum:
         self.gram_roundoff = 0.0
         self._pending: Tensor | None = None  # float32 sum not yet folded (allocated lazily)
         self._pending_adds = 0
+        #: ``(owner, Σ r_i² over every process)`` once the sum went to its owner (another rank)
+        self._remote: tuple[int, Tensor] | None = None
 
     @property
     def sum_outer(self) -> Tensor:
@@ -214,9 +218,33 @@ class SecondMomentSum:
         if dtype.is_floating_point:
             self.resolution = max(self.resolution, torch.finfo(dtype).eps)
 
-    def mean(self, *, homogeneous: bool = False) -> Tensor:
+    def hand_over(self, owner: int, diagonal: Tensor) -> None:
+        """The window's sum went to process ``owner`` (``diagonal``: the summed ``Σ r_i²``):
+        let go of it here; :meth:`mean` gives a :class:`RemoteMoment` until the next window.
+
+        Example:
+            >>> acc = SecondMomentSum(2, torch.device("cpu"))
+            >>> acc.add_rows(torch.tensor([[1.0, 2.0]]))
+            >>> acc.hand_over(1, acc.sum_outer.diagonal().clone())
+            >>> acc.allocated, acc.take_mean()
+            (False, RemoteMoment(size=2, owner=1))
+        """
+        self._sum_outer, self._pending, self._pending_adds = None, None, 0
+        self._remote = (int(owner), diagonal.to(torch.float64))
+
+    def _remote_mean(self, homogeneous: bool) -> RemoteMoment:
+        assert self._remote is not None
+        owner, diagonal = self._remote
+        if homogeneous:
+            diagonal = torch.cat([diagonal, diagonal.new_tensor([float(self.rows)])])
+        return RemoteMoment(diagonal / max(self.rows, 1), owner)
+
+    def mean(self, *, homogeneous: bool = False) -> Tensor | RemoteMoment:
         """``Σ r rᵀ / rows`` (its diagonal, a vector, for a diagonal moment); with
-        ``homogeneous`` the ``[r; 1]`` second moment (dim + 1)."""
+        ``homogeneous`` the ``[r; 1]`` second moment (dim + 1). A :class:`RemoteMoment`
+        when the sum went to another process (:meth:`hand_over`)."""
+        if self._remote is not None:
+            return self._remote_mean(homogeneous)
         self.fold()
         rows = max(self.rows, 1)
         if not homogeneous:
@@ -240,7 +268,7 @@ class SecondMomentSum:
         self._sum_outer = None
         self.reset()
 
-    def take_mean(self, *, homogeneous: bool = False) -> Tensor:
+    def take_mean(self, *, homogeneous: bool = False) -> Tensor | RemoteMoment:
         """:meth:`mean`, computed in the sum's own memory, which is handed over: no second
         ``d²`` copy exists while the mean is analysed. The window is reset; its sum is
         allocated again when next used.
@@ -254,7 +282,9 @@ class SecondMomentSum:
             >>> acc.allocated, acc.rows
             (False, 0)
         """
-        if homogeneous:
+        if self._remote is not None:
+            mean: Tensor | RemoteMoment = self._remote_mean(homogeneous)
+        elif homogeneous:
             mean = self.mean(homogeneous=True)  # a new (d+1)² tensor
         else:
             self.fold()
@@ -272,6 +302,7 @@ class SecondMomentSum:
             self._sum_outer.zero_()
         self._pending = None
         self._pending_adds = 0
+        self._remote = None
         if self.sum_rows is not None:
             self.sum_rows.zero_()
         self.rows = 0
@@ -332,6 +363,10 @@ class LayerMoments:
             that layer took rows this one never saw: its Σx cannot be told apart, and is None.
         input_homogeneous: Σx carries the homogeneous coordinate (a trailing constant 1 of the
             rows, ``include_bias``) as its last row and column.
+        owner: under data parallelism, the process that holds this layer's dense moments and
+            solves them (:mod:`~lightning_conditioning.distributed.owners`); elsewhere they are
+            :class:`~lightning_conditioning.maths.remote.RemoteMoment`. ``None``: every
+            process holds them (one process, or an all-reduce).
 
     Example:
         >>> moments = LayerMoments(torch.eye(2), None, 4, 0, torch.tensor([1.0, -1.0]),
@@ -340,8 +375,8 @@ class LayerMoments:
         (1, 1)
     """
 
-    input_second_moment: Tensor | SketchedMoment | None
-    grad_second_moment: Tensor | SketchedMoment | None
+    input_second_moment: Tensor | SketchedMoment | RemoteMoment | None
+    grad_second_moment: Tensor | SketchedMoment | RemoteMoment | None
     input_rows: int
     grad_rows: int
     unit_max: Tensor
@@ -354,6 +389,7 @@ class LayerMoments:
     shared_input: str | None = None
     shared_input_lost: bool = False
     input_homogeneous: bool = False
+    owner: int | None = None
 
     @property
     def lookup_table(self) -> bool:
@@ -523,6 +559,28 @@ class LayerWindow:
         return moments
 
 
+def held_bytes(moments: Mapping[str, LayerMoments]) -> int:
+    """Bytes of the finished moments this process holds: dense matrices and diagonals whole,
+    a sketch's rows, a remote moment's diagonal; a matrix several layers share counted once.
+
+    Example:
+        >>> eye = torch.eye(2, dtype=torch.float64)
+        >>> held_bytes({"a": LayerMoments(eye, 2 * eye, 1, 1, torch.ones(2), torch.ones(2)),
+        ...             "b": LayerMoments(eye, None, 1, 0, torch.ones(2), torch.ones(2))})  # Σx shared
+        64
+    """
+    sizes: dict[int, int] = {}
+    for layer in moments.values():
+        for moment in (layer.input_second_moment, layer.grad_second_moment):
+            if isinstance(moment, Tensor):
+                sizes[id(moment)] = moment.numel() * moment.element_size()
+            elif isinstance(moment, RemoteMoment):
+                sizes[id(moment)] = moment.nbytes
+            elif isinstance(moment, SketchedMoment):
+                sizes[id(moment)] = moment.sketch.numel() * moment.sketch.element_size()
+    return sum(sizes.values())
+
+
 _TENSOR_FIELDS = ("input_second_moment", "grad_second_moment", "unit_max", "unit_min")
 
 
@@ -546,7 +604,7 @@ def moments_to_cpu(moments: dict[str, LayerMoments]) -> dict[str, LayerMoments]:
     for name, layer in moments.items():
         for field_name in _TENSOR_FIELDS:
             tensor = getattr(layer, field_name)
-            if isinstance(tensor, SketchedMoment):  # its sketch: a small copy of its own
+            if isinstance(tensor, (SketchedMoment, RemoteMoment)):  # small: a copy of its own
                 layer = replace(layer, **{field_name: tensor.cpu()})  # type: ignore[arg-type]
                 moments = {**moments, name: layer}
                 continue

@@ -41,7 +41,7 @@ from lightning_conditioning.capture.selection import (
 )
 from lightning_conditioning.capture.turns import TurnTaker, parameter_count
 from lightning_conditioning.distributed.collectives import Collectives, auto_collectives
-from lightning_conditioning.maths.accumulate import LayerMoments
+from lightning_conditioning.maths.accumulate import LayerMoments, held_bytes
 from lightning_conditioning.maths.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
@@ -131,6 +131,9 @@ class ConditioningMonitor:
         #: how many windows were analysed, and the first (up to 16) of their steps
         self.analyses = 0
         self.analysed_steps: list[int] = []
+        #: bytes of the last finished window's moments held by this process for its analysis
+        #: (under data parallelism about ``1/W`` of the dense ones: each has one owner)
+        self.moment_bytes = 0
         self._results: dict[str, LayerConditioning] = {}
         self._window_results: dict[str, LayerConditioning] = {}
         #: which layers each analysed step captures (:mod:`lightning_conditioning.capture.turns`)
@@ -479,7 +482,8 @@ class ConditioningMonitor:
     def _gather(self, capture: LayerCapture, collectives: Collectives | None = None) -> dict[str, LayerMoments]:
         """The finished window's moments (:func:`gather_moments`); their rows per step feed the
         turns' cost model (the same on every rank: counted after the reduction)."""
-        moments = gather_moments(capture, collectives)
+        moments = gather_moments(capture, collectives, solver=self.options.solver)
+        self.moment_bytes = held_bytes(moments)
         if (shared := capture.sharing.news()) is not None:
             self._info(f"{type(self).__name__}: {shared}.")
         if self.turns is not None:
