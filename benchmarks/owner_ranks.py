@@ -31,10 +31,6 @@ from typing import Any
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE]
-if os.path.dirname(HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(HERE))
 
 __all__ = ["section_ranks"]
 
@@ -153,4 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE]
+    if os.path.dirname(HERE) not in sys.path:
+        sys.path.insert(0, os.path.dirname(HERE))
     main()

@@ -25,13 +25,17 @@ weights and tokens, AdamW; every section builds its model from the same seed):
               for a dense reference, from its output-gradient rows caught by a hook of our own
               (the ``n × n`` Gram of the rows, float64 ``eigvalsh``). λmax relative error of every
               moment, κ_50 agreement.
-``memory``    peak resident memory of a child process that trains ``--memory-steps`` steps (all
-              analysed) with the default monitor and weight-domination monitor, against one that
+``memory``    peak resident memory of a child process that trains ``--memory-steps`` steps with the
+              default monitor and weight-domination monitor (default schedules: both check step
+              0; the conditioning analyses steps 0, 1, 2), against one that
               trains them without; the training process's own peak (parameters, gradients,
               AdamW state and activations) is the plain child's peak over its resident set after
               the imports. GPT-2 small at ``--batch × --length`` tokens, then a Llama-7B-shaped
               block (``real_sizes.llama``: hidden 4096, intermediate 11008, vocabulary 1024) at
               ``--llama-batch × --llama-length``.
+``ranks``     moments sharded by owner (:mod:`owner_ranks`): GPT-2 at full width with
+              ``--rank-layers`` blocks, 1 process against 2 (gloo), the finished-moment bytes each
+              holds and the numbers against one process.
 
 Ratios, not absolute times, mean something on a shared CPU: every section logs the CPU share
 other processes took while it ran.
@@ -245,9 +249,9 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     monitors: list[Any] = []
     messages: list[str] = []
     if args.monitor:
+        # both at their default schedules: each checks step 0, so the peak holds one check of each
         monitors = [monitor_for(model, messages),
-                    WeightDominationMonitor(model, every_n_steps=1, warn=messages.append, info=messages.append,
-                                            optimizer=optimizer)]
+                    WeightDominationMonitor(model, warn=messages.append, info=messages.append, optimizer=optimizer)]
     times = [lm_step(model, optimizer, batches[s], device, monitors, s) for s in range(args.memory_steps)]
     status = proc_status()
     out = {"monitor": bool(args.monitor), "rss_base": base, "rss_peak": status.get("VmHWM", 0),
@@ -335,7 +339,9 @@ def render(out: dict[str, Any]) -> str:
             lines += [f"Memory, {title} at {found['tokens']} tokens: training process's own peak "
                       f"{found['training_peak'] / MIB:,.0f} MiB; extra peak with both monitors "
                       f"{found['extra_peak'] / MIB:,.0f} MiB = {100 * found['extra_share']:.1f}% "
-                      f"(plan: {found['monitored'].get('plan')}).", ""]
+                      f"(plan: {found['monitored'].get('plan')}). Steps (step 0 checked by both monitors): "
+                      + ", ".join(f"{t:.1f} s" for t in found["monitored"]["steps_s"]) + " against "
+                      + ", ".join(f"{t:.1f} s" for t in found["plain"]["steps_s"]) + " plain.", ""]
     ranks = out.get("ranks")
     if ranks:
         lines += [f"Moments by owner, GPT-2 at full width with {ranks['layers']} blocks, {ranks['tokens']} tokens: "
@@ -347,7 +353,7 @@ def render(out: dict[str, Any]) -> str:
                   f"{ranks['kappa_50_rel_diff']:.1e} of one process ({ranks['compared']} exact λmax compared). "
                   f"{len(ranks['intervals'])} λmax of sketched moments are intervals on the ranks (a sketch merged "
                   "over ranks is no longer one exact block); they hold one process's value: "
-                  f"{ranks['intervals_hold_reference']}. Sketches are merged on every rank, not sharded.", ""]
+                  f"{ranks['intervals_hold_reference']}.", ""]
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ order; ``tests/test_ddp.py`` runs the same under 2-process gloo DDP.
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -58,10 +60,17 @@ class ThreadWorld:
         return Collectives(reduce, self.size, rank, None, reduce_to if owners else None)
 
 
-def _net() -> nn.Sequential:
+def _net(width: int = WIDTH) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 32), nn.Tanh(),
+    return nn.Sequential(nn.Linear(12, width), nn.ReLU(), nn.Linear(width, 32), nn.Tanh(),
                          nn.Linear(32, 5)).double()
+
+
+@functools.cache
+def _template(width: int) -> nn.Sequential:
+    """Built once, in the test's thread: threads building their own would draw their weights
+    from the one global generator at once (each rank would get other weights)."""
+    return _net(width)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +80,17 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run(x: torch.Tensor, y: torch.Tensor, collectives: Collectives | None,
-         solver: SolverPlan | None = None) -> tuple[dict[str, LayerConditioning], int]:
-    net = _net()
+         solver: SolverPlan | None = None, width: int = WIDTH,
+         budget: int | str = "auto") -> tuple[dict[str, LayerConditioning], int]:
+    net = copy.deepcopy(_template(width))
     monitor = ConditioningMonitor(net, every_n_steps=1, collectives=collectives, warn_diagnosis=False,
-                                  analysis="sync", step_overhead=None, solver=solver, loss_reduction="sum")
+                                  analysis="sync", step_overhead=None, solver=solver, loss_reduction="sum",
+                                  memory_budget=budget)  # type: ignore[arg-type]
     with monitor.track(0):
         nn.functional.cross_entropy(net(x), y, reduction="sum").backward()
     monitor.close()
+    if width != WIDTH:  # a 600-wide Σ∇h (2.9 MB) does not fit 512 KiB: it is sketched
+        assert monitor.plan is not None and monitor.plan.of("0", "grad").method == "sketch"
     return monitor.results, monitor.moment_bytes
 
 
@@ -102,14 +115,15 @@ def _in_threads(world: ThreadWorld, work: Callable[[int], object]) -> list[objec
     return out
 
 
-def _two_ranks(x: torch.Tensor, y: torch.Tensor, owners: bool = True, solver: SolverPlan | None = None,
+def _two_ranks(x: torch.Tensor, y: torch.Tensor, owners: bool = True, **options: object,
                ) -> tuple[list[tuple[dict[str, LayerConditioning], int]], ThreadWorld]:
     world = ThreadWorld(2)
     split = 10  # uneven on purpose
+    _template(int(options.get("width", WIDTH)))  # type: ignore[call-overload]
 
     def work(rank: int) -> tuple[dict[str, LayerConditioning], int]:
         part = slice(0, split) if rank == 0 else slice(split, None)
-        return _run(x[part], y[part], world.collectives(rank, owners), solver)
+        return _run(x[part], y[part], world.collectives(rank, owners), **options)  # type: ignore[arg-type]
 
     return _in_threads(world, work), world  # type: ignore[return-value]
 
@@ -135,6 +149,21 @@ def test_each_dense_moment_lives_on_its_owner_and_the_numbers_are_one_process() 
     # diagonals of the others' moments aside
     assert all(b < 0.65 * alone_bytes for b in held), (held, alone_bytes)
     assert sum(held) == pytest.approx(alone_bytes, rel=0.05)
+
+
+def test_a_sketched_moment_is_merged_and_solved_on_its_owner_only() -> None:
+    """The first layer's 600-wide Σ∇h is sketched (a 512 KiB budget): every rank's sketch is
+    reduced to the layer's owner, which merges and solves it; the other rank gets its
+    eigenvalues back. 24 rows fit the sketch: exact, and equal to one process."""
+    x, y = _data()
+    budget = 512 << 10
+    alone, alone_bytes = _run(x, y, None, width=600, budget=budget)
+    ranks, world = _two_ranks(x, y, width=600, budget=budget)
+    for results, _ in ranks:
+        _assert_same(results, alone)
+        assert results["0"].grad is not None and results["0"].grad.exact
+    held = [bytes_ for _, bytes_ in ranks]
+    assert min(held) < 0.5 * alone_bytes and sum(held) == pytest.approx(alone_bytes, rel=0.05), (held, alone_bytes)
 
 
 def test_without_a_reduce_to_owner_every_rank_holds_every_moment() -> None:
@@ -171,5 +200,5 @@ def test_a_moment_whose_solver_cannot_share_stays_on_every_rank() -> None:
                for name, (i, g) in {"0": (12, WIDTH), "2": (WIDTH, 32), "4": (32, 5)}.items()}
     shardable = lambda layer, dim: plan_solver(plan, layer, dim) is not SKETCH  # noqa: E731
     assert owners_of(windows, {}, set(), 2, shardable) == {"4": 0}
-    # by the d³ of the solves: "2" (64³ + 32³) to rank 0, "0" (12³ + 64³) and "4" to rank 1
+    # by the values held: "2" (64² + 32²) to rank 0, "0" (12² + 64²) and "4" (32² + 5²) to rank 1
     assert owners_of(windows, {}, set(), 2) == {"0": 1, "2": 0, "4": 1}

@@ -31,7 +31,7 @@ from lightning_conditioning.distributed.collectives import Collectives
 from lightning_conditioning.distributed.owners import assign_layers
 from lightning_conditioning.maths.accumulate import LayerMoments
 from lightning_conditioning.maths.remote import RemoteMoment
-from lightning_conditioning.maths.solvers import SolvedSpectrum, SolverPlan, shareable
+from lightning_conditioning.maths.solvers import SKETCH, SolvedSpectrum, SolverPlan, shareable
 
 __all__ = ["assign_layers", "analyse_layers", "estimated_seconds"]
 
@@ -90,10 +90,11 @@ def solve_layers(
     heads = [*assign_layers(unowned, collectives.world_size)[collectives.rank],
              *(head for head in groups if moments[head].owner == collectives.rank)]
     mine = {name: solve_layer(name, moments[name], solver, once) for head in heads for name in groups[head]}
-    # one slot per exactly solved moment: [count, exact, relative_error, zeros, nonfinite,
-    # eigenvalues…], laid out alike on every rank (from shapes only: a remote moment's
-    # finiteness is its owner's word); approximate spectra are solved on every rank instead
-    header = 5
+    # one slot per exactly solved moment, and per sketch that has an owner: [count, exact,
+    # relative_error, zeros, nonfinite, Δ, eigenvalues…], laid out alike on every rank (from
+    # shapes only: a remote moment's finiteness is its owner's word); other approximate
+    # spectra are solved on every rank instead
+    header = 6
     slots: list[tuple[str, str, int]] = []
     local: dict[str, dict[str, SolvedSpectrum]] = {name: {} for name in moments}
     copies: dict[int, tuple[str, str]] = {}  # a shared matrix: its one slot
@@ -109,7 +110,7 @@ def solve_layers(
                 continue
             copies[id(matrix)] = (name, label)
             chosen = solver_for(solver, name, matrix)
-            if shareable(chosen):
+            if shareable(chosen) or (chosen is SKETCH and m.owner is not None):
                 slots.append((name, label, int(matrix.shape[0])))
             elif layer_status(m) != "nonfinite":
                 local[name][label] = chosen(matrix)
@@ -119,25 +120,28 @@ def solve_layers(
         spectrum = mine.get(name, {}).get(label)
         if spectrum is not None:
             count = spectrum.eigenvalues.numel()
-            flat[offset : offset + header - 1] = torch.tensor(
-                [count, float(spectrum.exact), spectrum.relative_error, spectrum.structural_zeros],
-                dtype=torch.float64)
+            flat[offset : offset + header] = torch.tensor(
+                [count, float(spectrum.exact), spectrum.relative_error, spectrum.structural_zeros, 0.0,
+                 spectrum.tail_upper or 0.0], dtype=torch.float64)
             flat[offset + header : offset + header + count] = spectrum.eigenvalues
         elif name in mine and not moment_is_finite(getattr(moments[name], f"{label}_second_moment")):
-            flat[offset + header - 1] = 1.0  # the owner's word for those that hold no matrix
+            flat[offset + 4] = 1.0  # the owner's word for those that hold no matrix
         offset += dim + header
     flat = collectives.all_reduce(flat, "sum").to("cpu", torch.float64)
     out = local
     offset = 0
     for name, label, dim in slots:
-        found, exact, error, zeros, nonfinite = (float(v) for v in flat[offset : offset + header])
+        found, exact, error, zeros, nonfinite, delta = (float(v) for v in flat[offset : offset + header])
         matrix = getattr(moments[name], f"{label}_second_moment")
-        if isinstance(matrix, RemoteMoment):
-            matrix.finite = not nonfinite
         if found:  # solved somewhere (no_data / nonfinite windows are solved nowhere)
             values = flat[offset + header : offset + header + int(found)].clone()
-            out[name][label] = SolvedSpectrum(
-                values, solver_for(solver, name, matrix).name, bool(exact), error, int(zeros))
+            chosen = solver_for(solver, name, matrix)
+            out[name][label] = (SKETCH.spectrum(values, delta, dim) if chosen is SKETCH and delta > 0 else
+                                SolvedSpectrum(values, chosen.name, bool(exact), error, int(zeros)))
+            if isinstance(matrix, RemoteMoment):
+                matrix.nonzero = bool(values.any())
+        if isinstance(matrix, RemoteMoment):  # the owner's word on what this rank cannot see
+            matrix.finite = not nonfinite
         offset += dim + header
     for name, label, first, first_label in repeats:
         if first_label in out[first]:

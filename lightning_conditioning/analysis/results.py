@@ -132,7 +132,7 @@ def solver_for(plan: SolverPlan | None, name: str, matrix: Any) -> SpectrumSolve
         >>> solver_for(None, "emb", torch.ones(3)).name, solver_for(None, "fc", torch.eye(3)).name
         ('diagonal', 'dense-float64')
     """
-    if isinstance(matrix, SketchedMoment):
+    if isinstance(matrix, SketchedMoment) or (isinstance(matrix, RemoteMoment) and matrix.kind == "sketch"):
         return SKETCH
     if matrix.dim() == 1:
         return DIAGONAL

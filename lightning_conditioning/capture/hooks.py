@@ -42,7 +42,7 @@ from lightning_conditioning.capture.selection import uncovered_modules as uncove
 from lightning_conditioning.capture.selection import uncovered_reason as uncovered_reason
 from lightning_conditioning.capture.selection import user_name as user_name
 from lightning_conditioning.capture.shared_inputs import InputSharing
-from lightning_conditioning.distributed.owners import ReduceTo, Shardable, owners_of, sum_windows
+from lightning_conditioning.distributed.owners import ReduceTo, Shardable, merge_sketches, owners_of, sum_windows
 from lightning_conditioning.maths.accumulate import LayerMoments, LayerWindow, moments_to_cpu
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
 
@@ -420,30 +420,6 @@ class LayerCapture:
             in_attention = id(module) in self._attention_parts  # its batch is the attention's
             self._record(use.layer, module, x, output, columns, batch if in_attention else None)
 
-    def _merge_sketches(self, reduce: Callable[[Tensor, str], Tensor], world_size: int, rank: int,
-                        apart: set[str]) -> None:
-        """Every rank's sketches, stacked (one sum over zero-padded slots) and folded into one
-        sketch per moment, the same on every rank; the shrinkages add up. Σx sketches of the
-        layers in ``apart`` (another layer's stands for them, or none is reported) stay out."""
-        sums = [acc for name, window in self.turn_windows.items()
-                for acc in ((window.grad,) if name in apart else (window.input, window.grad))
-                if isinstance(acc, SketchedMomentSum)]
-        for acc in sums:
-            sketcher = acc.sketcher
-            rows = sketcher.sketch()
-            if rows.shape[0] > sketcher.rank:  # at most ℓ rows travel
-                sketcher._shrink()
-                rows = sketcher.sketch()
-            slots = rows.new_zeros(world_size, sketcher.rank + 1, sketcher.dim)
-            slots[rank, : rows.shape[0]] = rows
-            slots[rank, sketcher.rank, 0] = sketcher.shrinkage
-            slots = reduce(slots.reshape(-1), "sum").view(world_size, sketcher.rank + 1, sketcher.dim)
-            count, shrinkage = sketcher.rows, float(slots[:, sketcher.rank, 0].sum())
-            stacked = slots[:, : sketcher.rank].reshape(-1, sketcher.dim)
-            sketcher.reset()
-            sketcher.add_rows(stacked[stacked.abs().sum(1) > 0])  # padding rows add nothing
-            sketcher.rows, sketcher.shrinkage = count, sketcher.shrinkage + shrinkage
-
     def all_reduce(self, reduce: Callable[[Tensor, str], Tensor], world_size: int = 1,
                    rank: int = 0, *, reduce_to: ReduceTo | None = None,
                    shardable: Shardable | None = None) -> None:
@@ -485,10 +461,10 @@ class LayerCapture:
             self.windows[follower].copy_input_from(self.windows[leader])
         apart = set(self.sharing.followers) | set(self.sharing.lost)
 
-        self._merge_sketches(reduce, world_size, rank, apart)  # row counts are summed below
         if reduce_to is not None and world_size > 1:
             self.owners = owners_of(turn, dict(self.sharing.followers), apart, world_size, shardable)
-        sum_windows(turn, apart, self.owners, reduce, reduce_to, rank)
+        merge_sketches(turn, apart, self.owners, reduce, reduce_to, world_size, rank)
+        sum_windows(turn, apart, self.owners, reduce, reduce_to, rank)  # and the row counts
 
 
 def _compiled(model: nn.Module) -> bool:

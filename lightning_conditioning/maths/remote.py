@@ -24,22 +24,31 @@ __all__ = ["RemoteMoment"]
 
 
 class RemoteMoment:
-    """A ``d × d`` moment held by process ``owner``: its diagonal here, never the matrix.
+    """A ``d × d`` moment held by process ``owner``: here its diagonal at most, never the matrix.
 
     Args:
-        diagonal: the moment's exact diagonal (float64, ``d`` values: the window's mean).
+        diagonal: the moment's exact diagonal (float64, ``d`` values: the window's mean), or
+            ``None`` where the sum kept none (a sketched Σ∇h).
         owner: the rank that holds the matrix and solves it.
-        finite: set by the owner's answer when it found the matrix non-finite (``None``:
-            judged from the diagonal, which every NaN/Inf row reaches).
+        size: ``d`` (needed only without a diagonal).
+        kind: ``"dense"``, or ``"sketch"`` for a Frequent Directions sketch (solved as one).
+        finite / nonzero: the owner's word, set when its answer arrives (``None``: judged
+            from the diagonal, which every NaN/Inf or nonzero row reaches; without one,
+            taken as finite and nonzero until the owner says).
     """
 
-    def __init__(self, diagonal: Tensor, owner: int, finite: bool | None = None) -> None:
-        self.diagonal, self.owner, self.finite = diagonal, int(owner), finite
+    def __init__(self, diagonal: Tensor | None, owner: int, *, size: int | None = None,
+                 kind: str = "dense", finite: bool | None = None, nonzero: bool | None = None) -> None:
+        if diagonal is None and size is None:
+            raise ValueError("a remote moment needs its diagonal or its size")
+        self.diagonal, self.owner, self.kind = diagonal, int(owner), kind
+        self._size = int(size) if size is not None else int(diagonal.numel())  # type: ignore[union-attr]
+        self.finite, self.nonzero = finite, nonzero
 
     @property
     def size(self) -> int:
         """``d``: the matrix is ``d × d``."""
-        return int(self.diagonal.numel())
+        return self._size
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,20 +63,23 @@ class RemoteMoment:
         """Whether the matrix holds only finite values (the owner's word when given)."""
         if self.finite is not None:
             return self.finite
-        return bool(torch.isfinite(self.diagonal).all())
+        return self.diagonal is None or bool(torch.isfinite(self.diagonal).all())
 
     def any(self) -> bool:
         """Whether the matrix has a nonzero entry (a PSD matrix is zero iff its diagonal is)."""
-        return bool(self.diagonal.any())
+        if self.nonzero is not None:
+            return self.nonzero
+        return self.diagonal is None or bool(self.diagonal.any())
 
     def cpu(self) -> RemoteMoment:
         """The same moment with its diagonal on the host."""
-        return RemoteMoment(self.diagonal.cpu(), self.owner, self.finite)
+        return RemoteMoment(self.diagonal.cpu() if self.diagonal is not None else None, self.owner,
+                            size=self.size, kind=self.kind, finite=self.finite, nonzero=self.nonzero)
 
     @property
     def nbytes(self) -> int:
         """Bytes held here: the diagonal only."""
-        return self.diagonal.numel() * self.diagonal.element_size()
+        return 0 if self.diagonal is None else self.diagonal.numel() * self.diagonal.element_size()
 
     def __repr__(self) -> str:
-        return f"RemoteMoment(size={self.size}, owner={self.owner})"
+        return f"RemoteMoment(size={self.size}, owner={self.owner}{', sketch' if self.kind == 'sketch' else ''})"

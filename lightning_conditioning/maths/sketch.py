@@ -37,6 +37,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_conditioning.maths.remote import RemoteMoment
+
 __all__ = ["FrequentDirections", "shrink", "shrink_gram", "sketch_eigenvalues", "BLOCK_ROWS", "COLUMN_BLOCK_BYTES"]
 
 #: the most rows shrunk in one block (its ``m × m`` float64 Gram: 32 MiB at 2,048): an add of
@@ -346,6 +348,8 @@ class SketchedMomentSum:
         self.gram_roundoff = 0.0
         #: ``Σ weight·r_i²`` per coordinate (float64), exact: the diagonal the sketch blurs
         self.diagonal_sum = torch.zeros(dim, dtype=torch.float64, device=device) if track_diagonal else None
+        #: the process the merged sketch went to, when another (see :meth:`hand_over`)
+        self.owner: int | None = None
 
     @property
     def rows(self) -> int:
@@ -379,10 +383,24 @@ class SketchedMomentSum:
     def fold(self) -> None:
         """Nothing is pending in a sketch."""
 
-    def mean(self, *, homogeneous: bool = False) -> SketchedMoment:
-        """The window's mean as a :class:`SketchedMoment`."""
+    def hand_over(self, owner: int) -> None:
+        """The window's sketch went to process ``owner`` (merged there): let go of it here,
+        keeping the row count; :meth:`mean` gives a ``RemoteMoment`` until the next window."""
+        rows = self.sketcher.rows
+        self.sketcher.take()
+        self.sketcher.rows, self.owner = rows, int(owner)
+
+    def _remote(self) -> RemoteMoment:
+        assert self.owner is not None
+        return RemoteMoment(self._diagonal(max(self.rows, 1)), self.owner, size=self.dim, kind="sketch")
+
+    def mean(self, *, homogeneous: bool = False) -> SketchedMoment | RemoteMoment:
+        """The window's mean as a :class:`SketchedMoment` (a ``RemoteMoment`` when the
+        sketch went to another process)."""
         if homogeneous:
             raise RuntimeError("a sketched moment has no homogeneous coordinate")
+        if self.owner is not None:
+            return self._remote()
         rows = max(self.rows, 1)
         exact = self.sketcher.exact_eigenvalues
         return SketchedMoment(self.sketcher.sketch() / math.sqrt(rows),
@@ -409,11 +427,15 @@ class SketchedMomentSum:
         self.sketcher.take()
         self.reset()
 
-    def take_mean(self, *, homogeneous: bool = False) -> SketchedMoment:
+    def take_mean(self, *, homogeneous: bool = False) -> SketchedMoment | RemoteMoment:
         """:meth:`mean` in the sketch's own memory, which is handed over (no copy); the
         window is reset and its buffer allocated again when next used."""
         if homogeneous:
             raise RuntimeError("a sketched moment has no homogeneous coordinate")
+        if self.owner is not None:
+            remote = self._remote()
+            self.reset()
+            return remote
         exact = self.sketcher.exact_eigenvalues
         sketch, shrinkage, count = self.sketcher.take()
         rows = max(count, 1)
@@ -425,6 +447,7 @@ class SketchedMomentSum:
     def reset(self) -> None:
         """Empty the sketch for the next window."""
         self.sketcher.reset()
+        self.owner = None
         self.resolution = self.gram_roundoff = 0.0
         if self.diagonal_sum is not None:
             self.diagonal_sum.zero_()
