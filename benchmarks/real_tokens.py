@@ -18,13 +18,12 @@ weights and tokens, AdamW; every section builds its model from the same seed):
               options (every layer in every window, ``memory_budget`` three quarters of the
               parameter bytes) run at the small size beside them. The default schedule's cost
               over a run follows from the measured steps (steps 0, 1, 2, 4, …, 64, then every 100).
-``accuracy``  one window at ``--batch × --length`` tokens seen by two monitors at once: the default
-              plan (all layers, ``step_overhead=None``: turns change which step a layer is
-              analysed at, not its numbers, ``tests/test_turns.py``) and a float64 reference that
-              keeps every moment dense (an 8 GiB budget); the head's 50,257-wide Σ∇h, too large
-              for a dense reference, from its output-gradient rows caught by a hook of our own
-              (the ``n × n`` Gram of the rows, float64 ``eigvalsh``). λmax relative error of every
-              moment, κ_50 agreement.
+``accuracy``  one window at ``--batch × --length`` tokens: the default plan (all layers,
+              ``step_overhead=None``: turns change which step a layer is analysed at, not its
+              numbers, ``tests/test_turns.py``) against float64 references built from the
+              window's own rows, caught by hooks of our own (the smaller Gram of the rows, float64
+              ``eigvalsh``; the embeddings through a float64 monitor of their own). λmax relative
+              error of every moment, κ_50 agreement.
 ``memory``    peak resident memory of a child process that trains ``--memory-steps`` steps with the
               default monitor and weight-domination monitor (default schedules: both check step
               0; the conditioning analyses steps 0, 1, 2), against one that
@@ -67,6 +66,9 @@ from real_sizes import adamw, gpt2, llama, proc_status, release_free_memory, syn
 
 from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor  # noqa: E402
 from lightning_conditioning.analysis.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
+from lightning_conditioning.maths.resolution import floor_rtol  # noqa: E402
+from lightning_conditioning.maths.solvers import limited_threads  # noqa: E402
+from lightning_conditioning.maths.spectra import summarize_spectrum  # noqa: E402
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
 sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != HERE]
@@ -166,23 +168,48 @@ def section_steps(args: argparse.Namespace, device: torch.device) -> dict[str, A
     return out
 
 
+def reference_from_rows(rows: torch.Tensor) -> tuple[float, float, str]:
+    """``(λmax, κ_50, κ_50 status)`` of the mean ``rowsᵀ rows / n`` in float64, from the smaller
+    Gram (``n × n`` when the rows are fewer than the width: the same nonzero spectrum), the rest
+    exact zeros; summarised by the package's own rule at the floor of float64 Grams of float32
+    rows (what the default plan's moments are held at on the CPU)."""
+    count, dim = rows.shape
+    work = rows.to(torch.float64)
+    gram = work @ work.T if count < dim else work.T @ work
+    values = torch.linalg.eigvalsh((gram + gram.T) * 0.5).flip(0).clamp_min(0) / count
+    values = torch.cat([values, values.new_zeros(dim - values.numel())]) if values.numel() < dim else values
+    summary = summarize_spectrum(values, (50,), rtol=floor_rtol(rows=count, dim=dim,
+                                                                 row_eps=torch.finfo(torch.float32).eps),
+                                 max_rank=count)
+    return summary.lambda_max, summary.kappa.get(50, math.nan), str(summary.kappa_status.get(50))
+
+
 def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The default plan's numbers against float64 references built from the window's own rows:
+    every analysed layer's input rows and output-gradient rows are caught by hooks of our own
+    (gradients scaled by the loss's tokens, as the monitor's per-example convention does) and
+    solved through the smaller Gram; the embeddings (token counts, a lookup shared by the batch)
+    through a float64 monitor of their own. The default monitor analyses in its worker thread
+    while this thread solves the references: both cores work."""
     model = gpt2(device, False)
     messages: list[str] = []
-    default = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None)
-    # the reference analyses in a worker thread (one intra-op thread) while the default one
-    # analyses in this thread: both cores solve, the section takes about half as long
-    reference = monitor_for(model, messages, every_n_steps=1, analysis="background", step_overhead=None,
-                            memory_budget=8 << 30)
-    assert default.plan is not None and reference.plan is not None
-    huge = [m.layer for m in reference.plan.moments if m.method == "sketch" and m.moment == "grad"]
-    caught: dict[str, list[torch.Tensor]] = {name: [] for name in huge}
+    default = monitor_for(model, messages, every_n_steps=1, analysis="background", step_overhead=None)
+    tables = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)]
+    reference = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None,
+                            statistics_dtype="float64", include=tables)
+    assert default.plan is not None and default.capture is not None
+    caught: dict[tuple[str, str], list[torch.Tensor]] = {}
     modules = dict(model.named_modules())
     handles = []
-    for name in huge:
+    for name in default.capture.layers:
+        if name in tables:
+            continue
+
         def keep(module: Any, inputs: Any, output: torch.Tensor, name: str = name) -> None:
+            caught.setdefault((name, "input"), []).append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu())
             if output.requires_grad:
-                output.register_hook(lambda g: caught[name].append(g.detach().reshape(-1, g.shape[-1]).cpu()))
+                output.register_hook(lambda g: caught.setdefault((name, "grad"), []).append(
+                    g.detach().reshape(-1, g.shape[-1]).float().cpu()))
         handles.append(modules[name].register_forward_hook(keep))
     ids = token_batches(model.config.vocab_size, args.batch, args.length, 1, device)[0]
     batch = {"input_ids": ids, "labels": ids}
@@ -192,34 +219,35 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
         for monitor in (default, reference):
             monitor.set_loss_tokens(tokens)
         model(**batch).loss.backward()
-    reference.wait()
-    seconds = time.perf_counter() - start
     for handle in handles:
         handle.remove()
-    rows: list[dict[str, Any]] = []
+    references: dict[tuple[str, str], tuple[float, float, str]] = {}
+    with limited_threads(1):  # the worker has the other core
+        for (name, label), parts in caught.items():
+            rows = torch.cat(parts)
+            references[(name, label)] = reference_from_rows(rows * float(tokens or 1) if label == "grad" else rows)
+            parts.clear()
+    default.wait()
+    seconds = time.perf_counter() - start
+    rows_out: list[dict[str, Any]] = []
     for name, result in default.window_results.items():
-        ref = reference.window_results[name]
         for label in ("input", "grad"):
-            mine, truth = getattr(result, label), getattr(ref, label)
-            if mine is None and truth is None:  # not measured by either (a lookup shared by the batch)
-                continue
-            if mine is None or (truth is None and not (name in caught and label == "grad")):
-                raise RuntimeError(f"{name} {label}: measured by one monitor only")
-            plan = default.plan.of(name, label)
-            ref_plan = reference.plan.of(name, label)
-            if name in caught and label == "grad":
-                grads = torch.cat(caught[name]).to(torch.float64) * float(tokens or 1)
-                gram = grads @ grads.T / grads.shape[0]
-                values = torch.linalg.eigvalsh((gram + gram.T) * 0.5).flip(0).clamp_min(0)
-                true_lambda, true_kappa, true_status = float(values[0]), math.inf, "infinite"
-                reference_kind = "rows Gram (float64)"
+            mine = getattr(result, label)
+            if name in tables:
+                truth = getattr(reference.window_results[name], label)
+                known = (truth.lambda_max, truth.kappa.get(50, math.nan), truth.kappa_status.get(50)) if truth else None
+                reference_kind = "float64 monitor"
             else:
-                true_lambda = truth.lambda_max
-                true_kappa, true_status = truth.kappa.get(50, math.nan), truth.kappa_status.get(50)
-                reference_kind = ref_plan.method if ref_plan else "?"
+                known = references.get((name, label))
+                reference_kind = "float64 rows Gram"
+            if mine is None and known is None:  # measured by neither (a lookup shared by the batch)
+                continue
+            if mine is None or known is None:
+                raise RuntimeError(f"{name} {label}: measured on one side only")
+            true_lambda, true_kappa, true_status = known
+            plan = default.plan.of(name, label)
             kappa, status = mine.kappa.get(50, math.nan), mine.kappa_status.get(50)
-            spans = (mine.eigenvalues is not None)
-            rows.append({
+            rows_out.append({
                 "layer": name, "moment": label, "dim": plan.dim if plan else None,
                 "method": plan.method if plan else None, "reference": reference_kind,
                 "lambda_max": mine.lambda_max, "reference_lambda_max": true_lambda,
@@ -229,13 +257,13 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
                 "kappa_agrees": (status == true_status and (
                     kappa == true_kappa or (math.isfinite(kappa) and math.isfinite(true_kappa)
                                             and max(kappa, true_kappa) / min(kappa, true_kappa) <= 1.1))),
-                "full_spectrum": spans})
+                "full_spectrum": mine.eigenvalues is not None})
     default.close()
     reference.close()
-    errors = [r["lambda_rel_error"] for r in rows]
-    return {"tokens": args.batch * args.length, "window_s": seconds, "moments": rows,
+    errors = [r["lambda_rel_error"] for r in rows_out]
+    return {"tokens": args.batch * args.length, "window_s": seconds, "moments": rows_out,
             "max_lambda_rel_error": max(errors), "within_1e-3": sum(e <= 1e-3 for e in errors),
-            "count": len(rows), "kappa_agree": sum(bool(r["kappa_agrees"]) for r in rows),
+            "count": len(rows_out), "kappa_agree": sum(bool(r["kappa_agrees"]) for r in rows_out),
             "plan": default.plan.summary()}
 
 

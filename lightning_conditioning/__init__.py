@@ -27,8 +27,8 @@ if TYPE_CHECKING:
         ConditioningTrainerCallback,
         WeightDominationTrainerCallback,
     )
-    from lightning_conditioning.maths.accumulate import LayerMoments
     from lightning_conditioning.maths.domination import WeightStatistics, weight_statistics
+    from lightning_conditioning.maths.moments import LayerMoments
     from lightning_conditioning.maths.solvers import DenseSolver, SolvedSpectrum, SpectrumSolver
     from lightning_conditioning.maths.spectra import (
         KroneckerSummary,
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 #: every public name is imported on first use, so that ``import lightning_conditioning`` (and
 #: ``python -m lightning_conditioning --version``) loads neither torch nor Lightning
 _LAZY = {
-    "LayerMoments": "lightning_conditioning.maths.accumulate",
+    "LayerMoments": "lightning_conditioning.maths.moments",
     "LayerAdapter": "lightning_conditioning.capture.adapters",
     "register_adapter": "lightning_conditioning.capture.registry",
     "ConditioningCallback": "lightning_conditioning.callbacks",

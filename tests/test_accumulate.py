@@ -97,6 +97,7 @@ def test_homogeneous_mean_from_rows() -> None:
 
 def test_moments_to_cpu_one_copy_keeps_every_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_conditioning.maths.accumulate as accumulate
+    import lightning_conditioning.maths.moments as moments
 
     windows = {}
     for name, (input_dim, grad_dim) in {"a": (3, 2), "b": (4, 1), "silent": (2, 2)}.items():
@@ -111,9 +112,9 @@ def test_moments_to_cpu_one_copy_keeps_every_tensor(monkeypatch: pytest.MonkeyPa
     copies: list[torch.Tensor] = []
     real_cat = torch.cat
     # CPU tensors stand in for device tensors: the gather/split path runs for real
-    monkeypatch.setattr(accumulate, "_on_host", lambda tensor: False)
-    monkeypatch.setattr(accumulate.torch, "cat", lambda *a, **k: copies.append(real_cat(*a, **k)) or copies[-1])
-    moved = accumulate.moments_to_cpu(direct)
+    monkeypatch.setattr(moments, "_on_host", lambda tensor: False)
+    monkeypatch.setattr(moments.torch, "cat", lambda *a, **k: copies.append(real_cat(*a, **k)) or copies[-1])
+    moved = moments.moments_to_cpu(direct)
     assert len(copies) == 1  # one transfer for all layers
     for name, layer in direct.items():
         for field in ("input_second_moment", "grad_second_moment", "unit_max", "unit_min"):

@@ -29,7 +29,7 @@ from lightning_conditioning.analysis.results import (
 )
 from lightning_conditioning.distributed.collectives import Collectives
 from lightning_conditioning.distributed.owners import assign_layers
-from lightning_conditioning.maths.accumulate import LayerMoments
+from lightning_conditioning.maths.moments import LayerMoments
 from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.solvers import SKETCH, SolvedSpectrum, SolverPlan, shareable
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from lightning_conditioning import schema
-from lightning_conditioning.maths.accumulate import LayerMoments
 from lightning_conditioning.maths.estimates import summarize_kronecker_bounds, summarize_solved
 from lightning_conditioning.maths.features import outlier_feature
+from lightning_conditioning.maths.moments import LayerMoments
 from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.resolution import floor_rtol
 from lightning_conditioning.maths.sketch import SketchedMoment

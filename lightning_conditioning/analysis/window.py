@@ -27,7 +27,7 @@ from lightning_conditioning.analysis.options import ConditioningOptions
 from lightning_conditioning.analysis.results import LayerConditioning, analyse_layer
 from lightning_conditioning.capture.hooks import LayerCapture
 from lightning_conditioning.distributed.collectives import Collectives
-from lightning_conditioning.maths.accumulate import LayerMoments
+from lightning_conditioning.maths.moments import LayerMoments
 from lightning_conditioning.maths.solvers import SolverPlan, limited_threads, plan_solver, shareable
 from lightning_conditioning.notify import announce
 

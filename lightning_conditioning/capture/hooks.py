@@ -43,7 +43,8 @@ from lightning_conditioning.capture.selection import uncovered_reason as uncover
 from lightning_conditioning.capture.selection import user_name as user_name
 from lightning_conditioning.capture.shared_inputs import InputSharing
 from lightning_conditioning.distributed.owners import ReduceTo, Shardable, merge_sketches, owners_of, sum_windows
-from lightning_conditioning.maths.accumulate import LayerMoments, LayerWindow, moments_to_cpu
+from lightning_conditioning.maths.accumulate import LayerWindow
+from lightning_conditioning.maths.moments import LayerMoments, moments_to_cpu
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
 
 __all__ = ["LayerCapture"]

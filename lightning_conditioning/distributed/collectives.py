@@ -126,26 +126,21 @@ class Collectives:
 
             monitor = ConditioningMonitor(model, collectives=Collectives.fabric(fabric))
         """
-        world_size, rank = int(fabric.world_size), int(fabric.global_rank)
-        return cls(
-            lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
-            world_size,
-            rank,
-            fabric.device,
-            _default_group_reduce_to(world_size, rank),
-        )
+        return cls._launched(lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
+                             fabric.world_size, fabric.global_rank, fabric.device)
 
     @classmethod
     def strategy(cls, strategy: Any) -> Collectives:
         """A Lightning ``Strategy`` (``trainer.strategy``): ``strategy.reduce``."""
-        world_size, rank = int(strategy.world_size), int(strategy.global_rank)
-        return cls(
-            lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
-            world_size,
-            rank,
-            strategy.root_device,
-            _default_group_reduce_to(world_size, rank),
-        )
+        return cls._launched(lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
+                             strategy.world_size, strategy.global_rank, strategy.root_device)
+
+    @classmethod
+    def _launched(cls, reduce: ReduceFn, world_size: int, rank: int, device: torch.device) -> Collectives:
+        """A launcher's collectives, with ``torch.distributed``'s reduce to one rank when the
+        default group is the launcher's own."""
+        world_size, rank = int(world_size), int(rank)
+        return cls(reduce, world_size, rank, device, _default_group_reduce_to(world_size, rank))
 
 
 def _default_group_reduce_to(world_size: int, rank: int) -> ReduceToFn | None:

@@ -7,6 +7,7 @@
 - ``sketch``: Frequent Directions sketches of second moments.
 - ``estimates``: summaries of approximate spectra (bounds, estimates with intervals).
 - ``accumulate``: windowed float64 second-moment sums and finished ``LayerMoments``.
+- ``moments``: finished windows (``LayerMoments``), their host copies and bytes held.
 - ``remote``: a finished moment whose matrix another process holds (its owner).
 - ``domination``: weight-domination norms (σmax of weights, gradients, updates).
 - ``features``: outlier features, read off Σx's diagonal.

@@ -20,10 +20,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RemoteMoment"]
+__all__ = ["MatrixStandIn", "RemoteMoment"]
 
 
-class RemoteMoment:
+class MatrixStandIn:
+    """What stands for a ``size × size`` moment never formed here (a sketch, a remote moment):
+    the shape and ``dim()`` a ``Tensor`` would have.
+
+    Example:
+        >>> stand_in = MatrixStandIn()
+        >>> stand_in.size = 3
+        >>> stand_in.shape, stand_in.dim()
+        ((3, 3), 2)
+    """
+
+    size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the matrix it stands for."""
+        return (self.size, self.size)
+
+    def dim(self) -> int:
+        """2: it stands for a matrix (as ``Tensor.dim``)."""
+        return 2
+
+
+class RemoteMoment(MatrixStandIn):
     """A ``d × d`` moment held by process ``owner``: here its diagonal at most, never the matrix.
 
     Args:
@@ -42,22 +65,9 @@ class RemoteMoment:
         if diagonal is None and size is None:
             raise ValueError("a remote moment needs its diagonal or its size")
         self.diagonal, self.owner, self.kind = diagonal, int(owner), kind
-        self._size = int(size) if size is not None else int(diagonal.numel())  # type: ignore[union-attr]
+        #: ``d``: the matrix is ``d × d``
+        self.size = int(size) if size is not None else int(diagonal.numel())  # type: ignore[union-attr]
         self.finite, self.nonzero = finite, nonzero
-
-    @property
-    def size(self) -> int:
-        """``d``: the matrix is ``d × d``."""
-        return self._size
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The shape of the matrix it stands for."""
-        return (self.size, self.size)
-
-    def dim(self) -> int:
-        """2: it stands for a matrix (as ``Tensor.dim``)."""
-        return 2
 
     def isfinite(self) -> bool:
         """Whether the matrix holds only finite values (the owner's word when given)."""

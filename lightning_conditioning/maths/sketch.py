@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_conditioning.maths.remote import RemoteMoment
+from lightning_conditioning.maths.remote import MatrixStandIn, RemoteMoment
 
 __all__ = ["FrequentDirections", "shrink", "shrink_gram", "sketch_eigenvalues", "BLOCK_ROWS", "COLUMN_BLOCK_BYTES"]
 
@@ -264,7 +264,7 @@ class FrequentDirections:
         self._buffer = self._buffer.to(device) if self._buffer is not None else None
 
 
-class SketchedMoment:
+class SketchedMoment(MatrixStandIn):
     """A finished sketched moment: ``M ≈ sketchᵀ sketch`` with ``0 ≼ M − sketchᵀ sketch ≼
     shrinkage·I`` (moment units: the window's mean), a ``dim × dim`` matrix never formed.
     ``eigenvalues``, when given, is ``M``'s exact nonzero spectrum (descending, float64: the
@@ -288,15 +288,6 @@ class SketchedMoment:
     def exact(self) -> bool:
         """Whether the moment's spectrum is known exactly (``eigenvalues``, or nothing shrunk)."""
         return self.eigenvalues is not None or self.shrinkage == 0
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The shape of the matrix it stands for."""
-        return (self.size, self.size)
-
-    def dim(self) -> int:
-        """2: it stands for a matrix (as ``Tensor.dim``)."""
-        return 2
 
     def isfinite(self) -> bool:
         """Whether the sketch holds only finite values (one sum, no copy of the sketch,

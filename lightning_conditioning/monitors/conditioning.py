@@ -41,7 +41,7 @@ from lightning_conditioning.capture.selection import (
 )
 from lightning_conditioning.capture.turns import TurnTaker, parameter_count
 from lightning_conditioning.distributed.collectives import Collectives, auto_collectives
-from lightning_conditioning.maths.accumulate import LayerMoments, held_bytes
+from lightning_conditioning.maths.moments import LayerMoments, held_bytes
 from lightning_conditioning.maths.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
