@@ -24,7 +24,7 @@ try:
 
     _MISSING: str | None = None
 except ImportError as _error:  # the module stays importable (docs, doctest collection)
-    TrainerCallback = object  # type: ignore[misc,assignment]
+    TrainerCallback = object
     _MISSING = str(_error)
 
 
