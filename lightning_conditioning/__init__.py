@@ -13,9 +13,10 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lightning_conditioning.__about__ import __version__
+from lightning_conditioning.lazy import lazy_names
 
 if TYPE_CHECKING:
     from lightning_conditioning.analysis.results import LayerConditioning, analyse_layer
@@ -99,12 +100,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_conditioning' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY, globals())

@@ -26,51 +26,61 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_conditioning.capture import batches
 from lightning_conditioning.capture.batches import (  # re-exported: the passes' public names
-    ForwardFn,
-    LossFn,
-    SampleLossFn,
-    batch_labels,
-    class_dim_of,
-    default_forward,
-    default_loss,
-    defines_forward,
-    forward_kwargs,
-    forward_module_name,
-    label_generator,
-    logits_of,
-    position_mask,
-    sampled_cross_entropy,
-    sampled_loss,
-    sampled_positions,
-    shifts_labels,
+    ForwardFn as ForwardFn,
+)
+from lightning_conditioning.capture.batches import (
+    LossFn as LossFn,
+)
+from lightning_conditioning.capture.batches import (
+    SampleLossFn as SampleLossFn,
+)
+from lightning_conditioning.capture.batches import (
+    batch_labels as batch_labels,
+)
+from lightning_conditioning.capture.batches import (
+    class_dim_of as class_dim_of,
+)
+from lightning_conditioning.capture.batches import (
+    default_forward as default_forward,
+)
+from lightning_conditioning.capture.batches import (
+    default_loss as default_loss,
+)
+from lightning_conditioning.capture.batches import (
+    defines_forward as defines_forward,
+)
+from lightning_conditioning.capture.batches import (
+    forward_kwargs as forward_kwargs,
+)
+from lightning_conditioning.capture.batches import (
+    forward_module_name as forward_module_name,
+)
+from lightning_conditioning.capture.batches import (
+    label_generator as label_generator,
+)
+from lightning_conditioning.capture.batches import (
+    logits_of as logits_of,
+)
+from lightning_conditioning.capture.batches import (
+    position_mask as position_mask,
+)
+from lightning_conditioning.capture.batches import (
+    sampled_cross_entropy as sampled_cross_entropy,
+)
+from lightning_conditioning.capture.batches import (
+    sampled_loss as sampled_loss,
+)
+from lightning_conditioning.capture.batches import (
+    sampled_positions as sampled_positions,
+)
+from lightning_conditioning.capture.batches import (
+    shifts_labels as shifts_labels,
 )
 
-__all__ = [
-    "isolated_pass",
-    "draw_probe_batches",
-    "ExtraPasses",
-    "map_tensors",
-    "backward_without_grad",
-    "cuda_devices",
-    "ForwardFn",
-    "LossFn",
-    "SampleLossFn",
-    "defines_forward",
-    "forward_module_name",
-    "default_forward",
-    "forward_kwargs",
-    "logits_of",
-    "batch_labels",
-    "default_loss",
-    "class_dim_of",
-    "sampled_cross_entropy",
-    "position_mask",
-    "shifts_labels",
-    "sampled_loss",
-    "sampled_positions",
-    "label_generator",
-]
+__all__ = ["isolated_pass", "draw_probe_batches", "ExtraPasses", "map_tensors", "backward_without_grad",
+           "cuda_devices", *batches.__all__]
 
 
 def cuda_devices(module: nn.Module) -> list[torch.device]:

@@ -12,7 +12,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_conditioning.lazy import lazy_names
 
 if TYPE_CHECKING:
     from lightning_conditioning.integrations.huggingface import (
@@ -28,12 +30,4 @@ _LAZY = {
 __all__ = ["ConditioningTrainerCallback", "WeightDominationTrainerCallback"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lightning_conditioning.integrations' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY, globals())

@@ -67,6 +67,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lightning_conditioning import schema
 from lightning_conditioning.views.deficiency import describe, remedy, unresolved_kappas
@@ -193,20 +194,26 @@ def _dead_units(table: Table, th: Thresholds) -> list[Finding]:
         units, dead = row.get("input_units"), row.get("dead_input_units")
         if units and dead is not None and units > 0 and dead / units > th.dead_fraction:
             hits.append((name, dead, units))
+    listed = _listing([f"{n} ({d:.0f}/{u:.0f} = {d / u:.0%})" for n, d, u in hits])
+    return _over_layers(
+        "dead_units", hits,
+        f"{len(hits)} layer(s) have more than {th.dead_fraction:.0%} dead input units (never > 0 "
+        f"on the analysed batch): {listed}. After a ReLU a dead unit passes no signal forward and "
+        "no gradient backward, and plain nets gain more of them with depth; for inputs that take "
+        "both signs (attention outputs, residual streams) it only means the unit stayed ≤ 0",
+        {f"dead_fraction[{n}]": d / u for n, d, u in hits},
+        "check the initialisation, learning rate and biases of the layer before; BatchNorm nets "
+        "have almost no dead units (paper, App. C.3)")
+
+
+def _over_layers(rule: str, hits: Sequence[tuple[Any, ...]], message: str, evidence: dict[str, float],
+                 remedy: str) -> list[Finding]:
+    """One finding naming every layer of ``hits`` (tuples led by the layer's name); none
+    without hits."""
     if not hits:
         return []
-    listed = _listing([f"{n} ({d:.0f}/{u:.0f} = {d / u:.0%})" for n, d, u in hits])
-    return [Finding(
-        rule="dead_units", layer=hits[0][0], layers=tuple(h[0] for h in hits),
-        message=(f"{len(hits)} layer(s) have more than {th.dead_fraction:.0%} dead input units "
-                 f"(never > 0 on the analysed batch): {listed}. After a ReLU a dead unit passes "
-                 "no signal forward and no gradient backward, and plain nets gain more of them "
-                 "with depth; for inputs that take both signs (attention outputs, residual "
-                 "streams) it only means the unit stayed ≤ 0"),
-        evidence={f"dead_fraction[{n}]": d / u for n, d, u in hits},
-        remedy="check the initialisation, learning rate and biases of the layer before; "
-               "BatchNorm nets have almost no dead units (paper, App. C.3)",
-    )]
+    return [Finding(rule=rule, layer=hits[0][0], layers=tuple(h[0] for h in hits), message=message,
+                    evidence=evidence, remedy=remedy)]
 
 
 def _outlier_features(table: Table, th: Thresholds) -> list[Finding]:
@@ -214,20 +221,17 @@ def _outlier_features(table: Table, th: Thresholds) -> list[Finding]:
             for name, row in table.items()
             if row.get("input_outlier_ratio", 0.0) >= th.outlier_ratio
             and row.get("input_units", th.outlier_min_features) >= th.outlier_min_features]
-    if not hits:
-        return []
     listed = listing([f"{n} (feature {i}: {r:.3g}× the median mean square)" for n, r, i in hits])
-    return [Finding(
-        rule="outlier_features", layer=hits[0][0], layers=tuple(h[0] for h in hits),
-        message=(f"{len(hits)} layer(s) read an input feature whose mean square is at least "
-                 f"{th.outlier_ratio:g}× the median feature's: {listed}. That feature dominates "
-                 "Σx: λmax(Σx) and κ_p describe it alone, and in transformers such massive "
-                 "activations come before loss spikes and break low-precision arithmetic"),
-        evidence={f"input_outlier_ratio[{n}]": r for n, r, _ in hits},
-        remedy="normalise the inputs of the first layer (a feature on its own scale); in a "
-               "transformer, watch the feature over training and check the layers that write it "
-               "(normalisation before them, weight decay, a lower learning rate)",
-    )]
+    return _over_layers(
+        "outlier_features", hits,
+        f"{len(hits)} layer(s) read an input feature whose mean square is at least "
+        f"{th.outlier_ratio:g}× the median feature's: {listed}. That feature dominates Σx: "
+        "λmax(Σx) and κ_p describe it alone, and in transformers such massive activations come "
+        "before loss spikes and break low-precision arithmetic",
+        {f"input_outlier_ratio[{n}]": r for n, r, _ in hits},
+        "normalise the inputs of the first layer (a feature on its own scale); in a transformer, "
+        "watch the feature over training and check the layers that write it (normalisation "
+        "before them, weight decay, a lower learning rate)")
 
 
 def _step_size(table: Table) -> list[Finding]:
