@@ -42,7 +42,14 @@ from lightning_conditioning.capture.selection import uncovered_modules as uncove
 from lightning_conditioning.capture.selection import uncovered_reason as uncovered_reason
 from lightning_conditioning.capture.selection import user_name as user_name
 from lightning_conditioning.capture.shared_inputs import InputSharing
-from lightning_conditioning.distributed.owners import ReduceTo, Shardable, merge_sketches, owners_of, sum_windows
+from lightning_conditioning.distributed.owners import (
+    ReduceTo,
+    Shardable,
+    merge_sketches,
+    owners_of,
+    sum_windows,
+    unpack,
+)
 from lightning_conditioning.maths.accumulate import LayerWindow
 from lightning_conditioning.maths.moments import LayerMoments, moments_to_cpu
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
@@ -450,8 +457,8 @@ class LayerCapture:
                                           w.grad.resolution, w.grad.gram_roundoff, w.lookup_leading)]
             + [self._widest] + self.sharing.states(names, self._copyable), dtype=torch.float64, device=device)
         flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision]), "max")
-        offset = _unpack(flat, maxima)
-        offset += _unpack(-flat[offset:offset + sum(m.numel() for m in minima)], minima)
+        offset = unpack(flat, maxima)
+        offset += unpack(-flat[offset:offset + sum(m.numel() for m in minima)], minima)
         values = flat[offset:].tolist()
         for index, window in enumerate(windows):  # and whether a lookup was shared: ranks agree
             (window.input.resolution, window.input.gram_roundoff, window.grad.resolution,
@@ -504,15 +511,6 @@ def _same_conv(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     return all(norm(given.get(k, defaults[k])) == norm(getattr(module, k)) for k in names) and (
         module.padding_mode == "zeros")
-
-
-def _unpack(flat: Tensor, buffers: list[Tensor]) -> int:
-    """Copy consecutive slices of ``flat`` into ``buffers``; returns the offset reached."""
-    offset = 0
-    for buffer in buffers:
-        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
-        offset += buffer.numel()
-    return offset
 
 
 def _in_dtype(rows: Tensor, dtype: torch.dtype, target: Any) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 from lightning_conditioning.maths.accumulate import LayerWindow, MomentSum, SecondMomentSum
 from lightning_conditioning.maths.sketch import SketchedMomentSum
 
-__all__ = ["assign_layers", "owners_of", "merge_sketches", "sum_windows"]
+__all__ = ["assign_layers", "owners_of", "merge_sketches", "sum_windows", "unpack"]
 
 Reduce = Callable[[Tensor, str], Tensor]
 #: ``reduce_to(tensor, owner)``: the sum over processes, in place in ``owner``'s tensor
@@ -58,6 +58,22 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> list[list[str]
         shares[rank].append(name)
         heapq.heappush(heap, (load + costs[name], rank))
     return shares
+
+
+def unpack(flat: Tensor, buffers: list[Tensor]) -> int:
+    """Copy consecutive slices of ``flat`` (a reduced flat buffer) into ``buffers``; returns
+    the offset reached.
+
+    Example:
+        >>> parts = [torch.zeros(2), torch.zeros(1)]
+        >>> unpack(torch.tensor([1.0, 2.0, 3.0, 4.0]), parts), parts
+        (3, [tensor([1., 2.]), tensor([3.])])
+    """
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+    return offset
 
 
 def _dense(sum_: MomentSum) -> bool:
@@ -165,10 +181,7 @@ def sum_windows(windows: Mapping[str, LayerWindow], apart: set[str], owners: Map
     device = next(iter(windows.values())).device
     flat = reduce(torch.cat([t.reshape(-1) for t in parts]
                             + [torch.tensor(counts, dtype=torch.float64, device=device)]), "sum")
-    offset = 0
-    for tensor in parts:
-        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
+    offset = unpack(flat, parts)
     totals = [int(round(v)) for v in flat[offset:].tolist()]
     for index, window in enumerate(windows.values()):
         window.set_counts(totals[2 * index: 2 * index + 2])

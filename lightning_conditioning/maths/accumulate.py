@@ -406,11 +406,6 @@ class LayerWindow:
             self.input.allocate()
         self.grad.allocate()
 
-    def sum_buffers(self, *, with_input: bool = True) -> list[Tensor]:
-        """Every tensor that a distributed reduction must sum (without Σx's when another
-        layer's sum stands for it: :mod:`~lightning_conditioning.capture.shared_inputs`)."""
-        return [*(self.input.buffers() if with_input else ()), *self.grad.buffers()]
-
     def shares_rows_with(self, other: LayerWindow) -> bool:
         """Whether the same input rows make the same Σx sum here and in ``other``: two dense,
         non-diagonal sums of one width, both with or both without the homogeneous coordinate,
