@@ -260,7 +260,7 @@ class Probe:
 
 
 # ----------------------------------------------------------------------------- models and steps
-def gpt2(device: torch.device, quick: bool, seed: int = 0) -> torch.nn.Module:
+def gpt2(device: torch.device, quick: bool, seed: int = 0, blocks: int | None = None) -> torch.nn.Module:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -268,7 +268,7 @@ def gpt2(device: torch.device, quick: bool, seed: int = 0) -> torch.nn.Module:
     # quick: a shrunken GPT-2 (2 blocks, width 512, vocab 8192) that still plans dense, sketched
     # and diagonal moments; the full run uses the library defaults (124M, vocab 50257)
     config = (transformers.GPT2Config(n_layer=2, n_embd=512, n_head=8, vocab_size=8192, n_positions=256)
-              if quick else transformers.GPT2Config())
+              if quick else transformers.GPT2Config(**({"n_layer": blocks} if blocks else {})))
     return transformers.GPT2LMHeadModel(config).to(device)
 
 

@@ -3,7 +3,7 @@ options, against plain training, against the previous default options, and again
 
 Usage (from the repository root)::
 
-    python benchmarks/real_tokens.py --out benchmarks/results/real_tokens.json   # ~12.5 min here
+    python benchmarks/real_tokens.py --out benchmarks/results/real_tokens.json   # ~10 min here
     python benchmarks/real_tokens.py --only steps --steps 6      # one section
     python benchmarks/real_tokens.py --device cuda --out benchmarks/results/real_tokens_cuda.json
     python benchmarks/real_tokens.py --from-json benchmarks/results/real_tokens.json  # re-render
@@ -12,12 +12,15 @@ Sections (GPT-2 small: ``transformers.GPT2Config()``, 124M parameters, vocabular
 weights and tokens, AdamW; every section builds its model from the same seed):
 
 ``steps``     steps alternate plain / analysed (``every_n_steps=2``, every other option at its
-              default) at ``--batch × --small-length`` and ``--batch × --length`` tokens: the
-              median plain step, every analysed step (the first included) as a ratio to it, and
-              how the analysed step's extra time grows with the tokens. The previous default
+              default) at ``--batch × --length`` tokens: the median plain step and every
+              analysed step (the first included) as a ratio to it. The previous default
               options (every layer in every window, ``memory_budget`` three quarters of the
-              parameter bytes) run at the small size beside them. The default schedule's cost
-              over a run follows from the measured steps (steps 0, 1, 2, 4, …, 64, then every 100).
+              parameter bytes, every row) run beside them at ``--batch × --small-length``.
+              Then how the analysed step's extra time grows with the tokens: GPT-2 at full
+              width and vocabulary with ``--growth-blocks`` blocks at ``--batch`` and
+              ``4 × --batch`` sequences (passes past ``max_rows`` are sampled). The default
+              schedule's cost over a run follows from the measured steps (steps 0, 1, 2, 4, …,
+              64, then every 100).
 ``accuracy``  one window at ``--batch × --length`` tokens: the default plan (all layers,
               ``step_overhead=None``: turns change which step a layer is analysed at, not its
               numbers, ``tests/test_turns.py``) against float64 references built from the
@@ -122,29 +125,32 @@ def schedule_count(steps: int) -> int:
     return sum(1 for s in range(steps) if s in EARLY_STEPS or s % REGULAR_PERIOD == 0)
 
 
-def steps_at(args: argparse.Namespace, device: torch.device, length: int, previous: bool) -> dict[str, Any]:
-    model = gpt2(device, False)
+def steps_at(args: argparse.Namespace, device: torch.device, length: int, previous: bool,
+             batch: int | None = None, blocks: int | None = None, steps: int | None = None) -> dict[str, Any]:
+    model = gpt2(device, False, blocks=blocks)
     optimizer = adamw(model)
-    batches = token_batches(model.config.vocab_size, args.batch, length, 4, device)
+    batch = batch or args.batch
+    batches = token_batches(model.config.vocab_size, batch, length, 4, device)
     messages: list[str] = []
     options: dict[str, Any] = {"every_n_steps": 2}
     if previous:
-        options.update(step_overhead=None, memory_budget=previous_budget(model))
+        options.update(step_overhead=None, memory_budget=previous_budget(model), max_rows=None)
     monitor = monitor_for(model, messages, **options)
     times: dict[str, list[float]] = {"plain": [], "analysed": []}
     layers: list[int] = []
-    count = args.previous_steps if previous else args.steps
+    count = steps or (args.previous_steps if previous else args.steps)
     for step in range(count):
         seconds = lm_step(model, optimizer, batches[step % 4], device, [monitor], step)
         analysed = step % 2 == 0
         times["analysed" if analysed else "plain"].append(seconds)
         if analysed:
             layers.append(len(monitor.window_results))
-        log(f"{'previous' if previous else 'default'} {args.batch}x{length} step {step}: "
+        log(f"{'previous' if previous else 'default'} {batch}x{length} step {step}: "
             f"{'analysed' if analysed else 'plain'} {seconds:.1f} s")
     plain = statistics.median(times["plain"])
     extra = statistics.mean(t - plain for t in times["analysed"])
-    out = {"tokens": args.batch * length, "options": "previous" if previous else "default",
+    out = {"tokens": batch * length, "options": "previous" if previous else "default",
+           "blocks": model.config.n_layer, "sampling_note": next((m for m in messages if "max_rows=" in m), None),
            "plain_s": plain, "analysed_s": times["analysed"], "plain_all_s": times["plain"],
            "ratios": [t / plain for t in times["analysed"]], "first_ratio": times["analysed"][0] / plain,
            "max_ratio": max(times["analysed"]) / plain, "mean_extra_s": extra,
@@ -158,13 +164,25 @@ def steps_at(args: argparse.Namespace, device: torch.device, length: int, previo
 
 
 def section_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    out = {"small": steps_at(args, device, args.small_length, False),
-           "full": steps_at(args, device, args.length, False)}
+    """The full model at ``--batch × --length`` tokens; the previous default options at
+    ``--batch × --small-length``; then the growth of the extra time: GPT-2 at full width and
+    vocabulary with ``--growth-blocks`` blocks (the activations of 12 blocks at 4 × 2,048 tokens
+    do not fit this machine) at ``--batch`` and ``4 × --batch`` sequences of ``--length``."""
+    out = {"full": steps_at(args, device, args.length, False)}
+    if args.small_default:
+        out["small"] = steps_at(args, device, args.small_length, False)
     if args.previous_steps:
-        out["previous_small"] = steps_at(args, device, args.small_length, True)
-    small, full = out["small"], out["full"]
-    out["extra_growth"] = full["mean_extra_s"] / max(small["mean_extra_s"], 1e-9)
-    out["token_growth"] = full["tokens"] / small["tokens"]
+        out["previous_small"] = steps_at(args, device, args.small_length or args.length, True)
+    if args.growth_blocks:
+        low = steps_at(args, device, args.length, False, blocks=args.growth_blocks, steps=args.growth_steps)
+        high = steps_at(args, device, args.length, False, batch=4 * args.batch, blocks=args.growth_blocks,
+                        steps=args.growth_steps)
+        out["growth_low"], out["growth_high"] = low, high
+        out["extra_growth"] = high["mean_extra_s"] / max(low["mean_extra_s"], 1e-9)
+        out["token_growth"] = high["tokens"] / low["tokens"]
+    if "small" in out:  # under the sampling limit every row enters: the extra grows with them
+        out["extra_growth_small"] = out["full"]["mean_extra_s"] / max(out["small"]["mean_extra_s"], 1e-9)
+        out["token_growth_small"] = out["full"]["tokens"] / out["small"]["tokens"]
     return out
 
 
@@ -338,18 +356,25 @@ def render(out: dict[str, Any]) -> str:
     steps = out.get("steps")
     if steps:
         rows = []
-        for key in ("small", "full", "previous_small"):
+        for key in ("full", "small", "previous_small", "growth_low", "growth_high"):
             if key in steps:
                 s = steps[key]
-                rows.append([f"{s['options']}, {s['tokens']} tokens", f"{s['plain_s']:.1f} s",
+                rows.append([f"{s['options']}, {s.get('blocks', 12)} blocks, {s['tokens']} tokens", f"{s['plain_s']:.1f} s",
                              ", ".join(f"{r:.2f}×" for r in s["ratios"]), f"{s['mean_extra_s']:.1f} s",
                              f"{s['schedule_ratio_1000']:.4f}×", f"{s['schedule_ratio_10000']:.4f}×",
                              f"{s['layers_per_window']} of {s['layers']}"])
         lines += ["GPT-2 small, steps alternating plain / analysed:", "",
                   table(["options, tokens per step", "plain step", "analysed steps (first first)", "mean extra",
                          "default schedule, 1,000 steps", "10,000 steps", "layers per window"], rows), "",
-                  f"Extra time of an analysed step grew {steps['extra_growth']:.2f}× when the tokens grew "
-                  f"{steps['token_growth']:.0f}×.", ""]
+                  f"Extra time of an analysed step grew {steps.get('extra_growth', math.nan):.2f}× when the tokens "
+                  f"grew {steps.get('token_growth', math.nan):.0f}× ({steps.get('growth_low', {}).get('blocks')} blocks, "
+                  f"{steps.get('growth_low', {}).get('tokens')} → {steps.get('growth_high', {}).get('tokens')} tokens: "
+                  f"passes past max_rows are sampled)"
+                  + (f"; {steps['extra_growth_small']:.2f}× from {steps['small']['tokens']} to "
+                     f"{steps['full']['tokens']} tokens (12 blocks, under the limit: every row enters)"
+                     if "extra_growth_small" in steps else "") + ".",
+                  *([f"Sampling: {steps['growth_high']['sampling_note']}", ""]
+                    if steps.get("growth_high", {}).get("sampling_note") else [""])]
     accuracy = out.get("accuracy")
     if accuracy:
         worst = sorted(accuracy["moments"], key=lambda r: -r["lambda_rel_error"])[:5]
@@ -392,11 +417,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         choices=["steps", "accuracy", "memory", "ranks"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--small-length", type=int, default=64)
+    parser.add_argument("--small-length", type=int, default=64,
+                        help="sequence length of the previous-default row (and of the default row --small-default)")
+    parser.add_argument("--small-default", action="store_true",
+                        help="also the default options at --batch × --small-length (12 blocks, under the limit)")
+    parser.add_argument("--growth-blocks", type=int, default=2,
+                        help="GPT-2 blocks of the growth pair (0: none)")
+    parser.add_argument("--growth-steps", type=int, default=3, help="alternating steps per growth size")
     parser.add_argument("--steps", type=int, default=4, help="alternating steps per size (half analysed)")
     parser.add_argument("--previous-steps", type=int, default=2,
                         help="steps with the previous default options at the small size (0: none)")
-    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--memory-steps", type=int, default=1,
+                        help="steps per memory child (step 0, the peak: both monitors check it)")
     parser.add_argument("--llama-batch", type=int, default=2)
     parser.add_argument("--llama-length", type=int, default=512,
                         help="tokens per sequence of the Llama-7B-shaped block in the memory section (0: none)")

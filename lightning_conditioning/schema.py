@@ -22,6 +22,10 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
   rows, tokens or positions, not looked up in the window).
 * ``input_outlier_ratio`` / ``input_outlier_feature``: the largest mean square of an input
   feature over the median one (``max_i Σx_ii / median_i Σx_ii``) and which feature it is.
+* ``{m}_kept_rows`` / ``{m}_sampling_error`` (``input``, ``grad``; ``fim`` the error only):
+  logged only when row sampling (``max_rows``) left rows of the window's passes out: the rows
+  that entered the moment, and the relative standard error of its λmax from the sampling
+  (measured on the sample; the sub-FIM's is the root sum of squares of the two).
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
   learning rate is known).
 * ``log10_{q}``: the decimal logarithm of λmax and measured κ_p (TensorBoard only, for its
@@ -47,6 +51,8 @@ __all__ = [
     "MOMENT_SYMBOLS",
     "UNIT_QUANTITIES",
     "FEATURE_QUANTITIES",
+    "SAMPLING_QUANTITIES",
+    "sampling_quantity",
     "MARGIN_QUANTITIES",
     "DOMINATION_QUANTITIES",
     "DOMINATED_LAYERS",
@@ -80,6 +86,10 @@ MOMENT_SYMBOLS: dict[str, str] = {"input": "Σx", "grad": "Σ∇h", "fim": "sub-
 UNIT_QUANTITIES: tuple[str, ...] = ("dead_input_units", "full_input_units", "unused_rows")
 #: outlier features of Σx: ``max_i Σx_ii / median_i Σx_ii`` and the feature ``i``
 FEATURE_QUANTITIES: tuple[str, ...] = ("input_outlier_ratio", "input_outlier_feature")
+#: row sampling of a moment: the rows kept and the relative standard error of λmax
+SAMPLING_QUANTITIES: tuple[str, ...] = (
+    "input_kept_rows", "grad_kept_rows", "input_sampling_error", "grad_sampling_error",
+    "fim_sampling_error")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
@@ -107,7 +117,7 @@ _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
 _BOUND = re.compile(r"^(.+)_(low|high)$")
 
 QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "features", "margin", "log10", "domination",
-                       "bound"]
+                       "bound", "sampling"]
 
 
 @dataclass(frozen=True)
@@ -280,11 +290,26 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, "units")
     if name in FEATURE_QUANTITIES:
         return Quantity(name, "features", "input")
+    if name in SAMPLING_QUANTITIES:
+        return Quantity(name, "sampling", name.split("_", 1)[0])
     if name in MARGIN_QUANTITIES:
         return Quantity(name, "margin")
     if name in DOMINATION_QUANTITIES:
         return Quantity(name, "domination")
     return None
+
+
+def sampling_quantity(moment: str, what: Literal["kept_rows", "sampling_error"]) -> str:
+    """The name of a moment's row-sampling quantity.
+
+    Example:
+        >>> sampling_quantity("grad", "sampling_error"), parse_quantity("grad_kept_rows").kind
+        ('grad_sampling_error', 'sampling')
+    """
+    name = f"{moment}_{what}"
+    if name not in SAMPLING_QUANTITIES:
+        raise ValueError(f"no sampling quantity {name!r}; known: {SAMPLING_QUANTITIES}")
+    return name
 
 
 def is_conditioning_quantity(name: str) -> bool:

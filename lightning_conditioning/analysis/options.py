@@ -22,6 +22,7 @@ from torch import nn
 from lightning_conditioning.capture.conventions import LOSS_REDUCTIONS, LossReduction
 from lightning_conditioning.capture.selection import checked_layer_types
 from lightning_conditioning.maths.precision import STATISTICS_DTYPES
+from lightning_conditioning.maths.sampling import DEFAULT_ROW_LIMIT
 from lightning_conditioning.maths.solvers import SolverPlan
 from lightning_conditioning.maths.spectra import KAPPA_DEFINITIONS, KappaDefinition
 
@@ -62,6 +63,7 @@ class ConditioningOptions:
     memory_budget: int | Literal["auto"] = "auto"
     analysis: Literal["auto", "sync", "background"] = "auto"
     step_overhead: float | None = 0.35
+    max_rows: int | None = DEFAULT_ROW_LIMIT
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -119,6 +121,10 @@ class ConditioningOptions:
                                      or not 0 < overhead < math.inf):
             raise ValueError(f"step_overhead must be None or a positive number (a share of a plain "
                              f"step, e.g. 0.5), got {overhead!r}")
+        rows = self.max_rows
+        if rows is not None and (not _is_int(rows) or rows < 1):
+            raise ValueError(f"max_rows must be None or a positive int (rows of one pass kept in a "
+                             f"moment, e.g. 2048), got {rows!r}")
         if self.solver is not None and not callable(self.solver):
             raise TypeError(f"solver must be a solver or a plan (a callable), got {self.solver!r}")
         if self.layer_types is not None:

@@ -21,6 +21,7 @@ from lightning_conditioning.maths.features import outlier_feature
 from lightning_conditioning.maths.moments import LayerMoments
 from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.resolution import floor_rtol
+from lightning_conditioning.maths.sampling import SampleTally
 from lightning_conditioning.maths.sketch import SketchedMoment
 from lightning_conditioning.maths.solvers import (
     DIAGONAL,
@@ -93,6 +94,10 @@ class LayerConditioning:
     #: feature ``i`` (:mod:`lightning_conditioning.maths.features`)
     input_outlier_ratio: float | None = None
     input_outlier_feature: int | None = None
+    #: row sampling (``max_rows``; :mod:`lightning_conditioning.maths.sampling`): ``{moment:
+    #: (rows kept, relative standard error of its λmax)}`` for the moments whose passes were
+    #: sampled ("fim": the two errors' root sum of squares); empty when every row entered
+    sampling: Mapping[str, tuple[int, float]] = field(default_factory=dict)
     #: ``{"lr_lambda_max": …, "stability_limit": …, "lambda_max_share": …}`` once the learning
     #: rate is known (:func:`lightning_conditioning.analysis.margin.with_stability_margin`), else empty
     margin: Mapping[str, float] = field(default_factory=dict)
@@ -120,6 +125,11 @@ class LayerConditioning:
         if self.input_outlier_ratio is not None and self.input_outlier_feature is not None:
             out["input_outlier_ratio"] = self.input_outlier_ratio
             out["input_outlier_feature"] = float(self.input_outlier_feature)
+        for moment, (kept, error) in self.sampling.items():
+            if moment != "fim":
+                out[schema.sampling_quantity(moment, "kept_rows")] = float(kept)
+            if math.isfinite(error):
+                out[schema.sampling_quantity(moment, "sampling_error")] = error
         out.update({k: v for k, v in self.margin.items() if math.isfinite(v)})
         return {schema.key(prefix, self.name, quantity): value for quantity, value in out.items()}
 
@@ -328,12 +338,12 @@ def analyse_layer(
                                   solver_error=spectrum.relative_error,
                                   structural_zeros=spectrum.structural_zeros)
 
-    input_summary = summary("input", moments.input_rows, moments.input_resolution,
-                            moments.input_gram_roundoff)
+    input_summary = summary("input", _kept(moments.input_rows, moments.input_sampling),
+                            moments.input_resolution, moments.input_gram_roundoff)
     grad_summary = fim = None
     if status == "ok":
-        grad_summary = summary("grad", moments.grad_rows, moments.grad_resolution,
-                               moments.grad_gram_roundoff)
+        grad_summary = summary("grad", _kept(moments.grad_rows, moments.grad_sampling),
+                               moments.grad_resolution, moments.grad_gram_roundoff)
         fim = (summarize_kronecker(input_summary, grad_summary, percents)
                if input_summary.exact and grad_summary.exact
                else summarize_kronecker_bounds(input_summary, grad_summary, percents))
@@ -344,8 +354,28 @@ def analyse_layer(
         fim=fim,
         **_unit_counts(moments),
         **_outliers(moments),
+        sampling=_sampling(moments, with_grad=status == "ok"),
         **common,  # type: ignore[arg-type]
     )
+
+
+def _kept(rows: int, tally: SampleTally | None) -> int:
+    """The rows that entered a moment (its rank can be no more): row sampling left
+    ``tally.rows − tally.kept`` out."""
+    return rows - (tally.rows - tally.kept) if tally is not None else rows
+
+
+def _sampling(moments: LayerMoments, with_grad: bool) -> dict[str, tuple[int, float]]:
+    """``{moment: (rows kept, relative error of λmax)}`` of the sampled moments."""
+    found: dict[str, tuple[int, float]] = {}
+    for moment, rows, tally in (("input", moments.input_rows, moments.input_sampling),
+                                ("grad", moments.grad_rows, moments.grad_sampling)):
+        if tally is not None and (moment == "input" or with_grad):
+            found[moment] = (_kept(rows, tally), tally.relative_error())
+    if found and with_grad and moments.input_second_moment is not None:
+        errors = [found[m][1] if m in found else 0.0 for m in ("input", "grad")]
+        found["fim"] = (0, math.hypot(*errors))
+    return found
 
 
 def _outliers(moments: LayerMoments) -> dict[str, Any]:

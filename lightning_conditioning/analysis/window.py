@@ -32,7 +32,7 @@ from lightning_conditioning.maths.solvers import SolverPlan, limited_threads, pl
 from lightning_conditioning.notify import announce
 
 __all__ = ["analyse_capture", "gather_moments", "analyse_moments", "BackgroundAnalysis",
-           "BACKGROUND_SECONDS", "background_helps"]
+           "BACKGROUND_SECONDS", "background_helps", "sampling_note"]
 
 Notify = Callable[[str], None]
 #: analyses estimated to take longer than this go to the background with ``analysis="auto"``
@@ -229,3 +229,30 @@ class BackgroundAnalysis:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def sampling_note(moments: Mapping[str, LayerMoments], limit: int | None) -> str | None:
+    """What row sampling did in a finished window, in words (None: every row entered).
+
+    Example:
+        >>> from lightning_conditioning.maths.sampling import SampleTally
+        >>> found = LayerMoments(None, None, 8192, 8192, torch.zeros(1), torch.zeros(1),
+        ...                      grad_sampling=SampleTally(8192, 2048, 1e-6, 0.01))
+        >>> print(sampling_note({"fc": found}, 2048))  # doctest: +NORMALIZE_WHITESPACE
+        passes of up to 8192 rows: 1 moment of 1 layer kept a uniform sample of max_rows=2048 rows
+        per pass, weighted to stand for every row; the relative standard error of λmax from the
+        sampling is 10.0% at most (median 10.0%), logged as `…_sampling_error`; max_rows=None
+        keeps every row
+    """
+    tallies = [tally for found in moments.values()
+               for tally in (found.input_sampling, found.grad_sampling) if tally is not None]
+    if not tallies:
+        return None
+    errors = sorted(tally.relative_error() for tally in tallies)
+    count = len(tallies)
+    return (f"passes of up to {max(t.rows for t in tallies)} rows: {count} moment{'s' * (count != 1)} "
+            f"of {len(moments)} layer{'s' * (len(moments) != 1)} kept a uniform sample of "
+            f"max_rows={limit} rows per pass, weighted to stand for every row; the relative standard "
+            f"error of λmax from the sampling is {errors[-1]:.1%} at most (median "
+            f"{errors[len(errors) // 2]:.1%}), logged as `…_sampling_error`; max_rows=None keeps "
+            "every row")

@@ -29,6 +29,7 @@ from lightning_conditioning.capture.passes import (
     forward_module_name,
 )
 from lightning_conditioning.distributed.collectives import Collectives
+from lightning_conditioning.maths.sampling import DEFAULT_ROW_LIMIT
 from lightning_conditioning.maths.solvers import SolverPlan
 from lightning_conditioning.maths.spectra import KappaDefinition
 from lightning_conditioning.monitors.conditioning import ConditioningMonitor
@@ -110,6 +111,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
         memory_budget: int | Literal["auto"] = "auto",
         analysis: Literal["auto", "sync", "background"] = "auto",
         step_overhead: float | None = 0.35,
+        max_rows: int | None = DEFAULT_ROW_LIMIT,
     ) -> None:
         given = locals()  # the analysis options by name (never by their order in the dataclass)
         self.options = ConditioningOptions(**{name: given[name] for name in ConditioningOptions.names()})

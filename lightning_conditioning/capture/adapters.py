@@ -51,6 +51,12 @@ class LayerAdapter:
         >>> _ = _REGISTRY.pop()  # (undo, for this example only)
     """
 
+    #: whether row sampling (``max_rows``, :mod:`~lightning_conditioning.maths.sampling`) may
+    #: thin this layer's passes: rows that scale with the tokens of a step. Conv layers keep
+    #: every row (their Grams of ``C`` channels are cheap next to the convolution itself, and
+    #: channel-mode Σx arrives as a ready Gram, which cannot be sampled)
+    samples_rows: bool = True
+
     #: whether the input rows are the input tensor's last dimension and nothing else, so that
     #: two such layers reading one tensor have one Σx (:mod:`~lightning_conditioning.capture.shared_inputs`)
     rows_are_last_dimension: bool = False
@@ -183,6 +189,8 @@ class ConvChannelAdapter(LayerAdapter):
         >>> ConvChannelAdapter().dims(conv)
         (3, 4, 3)
     """
+
+    samples_rows = False
 
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
         assert isinstance(module, nn.modules.conv._ConvNd)

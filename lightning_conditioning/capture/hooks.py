@@ -52,6 +52,7 @@ from lightning_conditioning.distributed.owners import (
 )
 from lightning_conditioning.maths.accumulate import LayerWindow
 from lightning_conditioning.maths.moments import LayerMoments, moments_to_cpu
+from lightning_conditioning.maths.sampling import RowSampler
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
 
 __all__ = ["LayerCapture"]
@@ -88,6 +89,10 @@ class LayerCapture:
         model: the model holding the layers: with it, weights used functionally inside other
             modules' forwards are captured too
             (:mod:`~lightning_conditioning.capture.functional`).
+        max_rows: the most rows of one pass (a layer's forward, or its output's gradient) that
+            enter a moment: a uniform sample, scaled to stand for every row (None: every row;
+            :mod:`~lightning_conditioning.maths.sampling`). Conv layers
+            (``LayerAdapter.samples_rows``) and lookups are not sampled.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 2))
@@ -109,8 +114,12 @@ class LayerCapture:
         include_bias: bool = False,
         model: nn.Module | None = None,
         plan: AnalysisPlan | None = None,
+        max_rows: int | None = None,
     ) -> None:
         self.layers = layers
+        #: draws at most ``max_rows`` rows of each pass into each moment (None: every row;
+        #: :mod:`~lightning_conditioning.maths.sampling`)
+        self.sampler = RowSampler(max_rows) if max_rows is not None else None
         #: how each moment is kept (None: every moment dense)
         self.plan = plan
         self.statistics_dtype = statistics_dtype
@@ -165,6 +174,7 @@ class LayerCapture:
                     input_dim, grad_dim, units, _module_device(module), homogeneous=homogeneous,
                     diagonal_input=adapter.diagonal_input, input_sketch=self._sketch_rank(name, "input"),
                     grad_sketch=self._sketch_rank(name, "grad"),
+                    sampler=self.sampler if adapter.samples_rows else None,
                 )
             if not adapter.module_hook:
                 continue

@@ -100,8 +100,10 @@ class TurnTaker:
                 self._moments.setdefault(moment.layer, []).append(moment)
         self.layers = list(self._moments)
         self.train_parameters = max(int(train_parameters), 1)
-        #: rows each layer's window held last time (per step); ROWS_GUESS before
+        #: rows each layer's window kept last time (per step, after row sampling); ROWS_GUESS before
         self.rows: dict[str, int] = {}
+        #: rows each layer's window had last time (per step, before row sampling)
+        self.seen: dict[str, int] = {}
         #: measured seconds over modelled seconds of the analysed work (:data:`FIRST_SCALE`
         #: until measured)
         self.scale = FIRST_SCALE
@@ -132,7 +134,14 @@ class TurnTaker:
         As a floor it let GPT-2 small at 512 tokens a step take 47 of 51 layers in one
         window, 2.47× a plain step.)"""
         assert self.share is not None
-        return self.share * self.plain_seconds() / self.scale
+        return self.share * self.plain_seconds() * self.kept_share() / self.scale
+
+    def kept_share(self) -> float:
+        """The share of the rows that row sampling kept (1 before any window): the capacity is
+        a share of a plain step *at the rows analysed*, so that an analysed step's extra time
+        stops growing with the tokens per step once they pass the sampling limit."""
+        seen = sum(self.seen.values())
+        return min(1.0, sum(self.rows[name] for name in self.seen) / seen) if seen else 1.0
 
     def fits_anywhere(self) -> bool:
         """Whether every layer fits in any capacity this taker can have (the floor): a
@@ -164,11 +173,16 @@ class TurnTaker:
         self._turn, self._predicted = tuple(chosen), spent
         return frozenset(chosen)
 
-    def observe_rows(self, rows: Mapping[str, int], steps: int = 1) -> None:
-        """The rows per step each layer's finished window held (after any reduction)."""
+    def observe_rows(self, rows: Mapping[str, int], steps: int = 1,
+                     kept: Mapping[str, int] | None = None) -> None:
+        """The rows per step each layer's finished window held (after any reduction), and of
+        them the ones ``kept`` by row sampling (default: all): the cost model follows the kept
+        rows, and :meth:`capacity` the share of a plain step at them."""
         for name, count in rows.items():
             if name in self._moments and count > 0:
-                self.rows[name] = max(1, count // max(steps, 1))
+                self.seen[name] = max(1, count // max(steps, 1))
+                taken = count if kept is None else min(kept.get(name, count), count)
+                self.rows[name] = max(1, taken // max(steps, 1))
 
     def observe_plain(self, seconds: float) -> None:
         """The period of a step that was not captured (the last 16 are kept)."""
@@ -190,13 +204,15 @@ class TurnTaker:
 
     def state_dict(self) -> dict[str, Any]:
         """The position in the order, the measured scale and rows (plain values)."""
-        return {"position": self.position, "scale": self.scale, "rows": dict(self.rows)}
+        return {"position": self.position, "scale": self.scale, "rows": dict(self.rows),
+                "seen": dict(self.seen)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.position = int(state.get("position", 0)) % max(len(self.layers), 1)
         self.scale = float(state.get("scale", FIRST_SCALE))
         self.rows = {k: int(v) for k, v in state.get("rows", {}).items() if k in self._moments}
+        self.seen = {k: int(v) for k, v in state.get("seen", self.rows).items() if k in self._moments}
 
 
 def parameter_count(parameters: Iterable[Any]) -> int:

@@ -182,9 +182,11 @@ def sum_windows(windows: Mapping[str, LayerWindow], apart: set[str], owners: Map
     flat = reduce(torch.cat([t.reshape(-1) for t in parts]
                             + [torch.tensor(counts, dtype=torch.float64, device=device)]), "sum")
     offset = unpack(flat, parts)
-    totals = [int(round(v)) for v in flat[offset:].tolist()]
-    for index, window in enumerate(windows.values()):
-        window.set_counts(totals[2 * index: 2 * index + 2])
+    totals, start = flat[offset:].tolist(), 0
+    for window in windows.values():
+        width = len(window.counts())
+        window.set_counts(totals[start:start + width])
+        start += width
     if reduce_to is None:
         return
     for (sum_, owner), diagonal in zip(owned, diagonals):

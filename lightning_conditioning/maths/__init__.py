@@ -9,6 +9,7 @@
 - ``accumulate``: windowed float64 second-moment sums and finished ``LayerMoments``.
 - ``moments``: finished windows (``LayerMoments``), their host copies and bytes held.
 - ``remote``: a finished moment whose matrix another process holds (its owner).
+- ``sampling``: at most ``max_rows`` rows of a pass enter a moment, with the error measured.
 - ``domination``: weight-domination norms (σmax of weights, gradients, updates).
 - ``features``: outlier features, read off Σx's diagonal.
 - ``precision``: the Gram dtype for a device.

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_conditioning.maths.moments import LayerMoments, held_bytes, moments_to_cpu
 from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.resolution import unit_roundoff
+from lightning_conditioning.maths.sampling import RowSampler, SampleTally
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
 
 __all__ = ["PENDING_ADDS", "symmetrize_", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments",
@@ -86,7 +87,7 @@ class SecondMomentSum:
     """
 
     def __init__(self, dim: int, device: torch.device, *, track_row_sum: bool = False,
-                 diagonal: bool = False) -> None:
+                 diagonal: bool = False, sampler: RowSampler | None = None) -> None:
         if diagonal and track_row_sum:
             raise ValueError("a diagonal moment has no homogeneous coordinate (track_row_sum)")
         self.dim = dim
@@ -106,6 +107,10 @@ class SecondMomentSum:
         self._pending_adds = 0
         #: ``(owner, Σ r_i² over every process)`` once the sum went to its owner (another rank)
         self._remote: tuple[int, Tensor] | None = None
+        #: draws at most its limit of the rows of each :meth:`add_rows` (None: every row)
+        self.sampler = sampler
+        #: what the sampler did in this window (:mod:`~lightning_conditioning.maths.sampling`)
+        self.tally = SampleTally()
 
     @property
     def sum_outer(self) -> Tensor:
@@ -173,17 +178,22 @@ class SecondMomentSum:
         self.rows += rows
 
     def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
-        """Add ``weight * rowsᵀ rows`` of an ``(n, dim)`` matrix in one fused GEMM.
+        """Add ``weight * rowsᵀ rows`` of an ``(n, dim)`` matrix in one fused GEMM (with a
+        :attr:`sampler`, of a uniform sample of the rows, scaled to stand for all ``n``).
 
         Tracks ``Σ r`` (unweighted) when the sum was created with ``track_row_sum``.
         """
+        count = int(rows.shape[0])
+        factor = 1.0
+        if self.sampler is not None:
+            rows, factor = self.sampler.sample(rows, weight, self.tally)
         target = self._target(rows.dtype)
         rows = rows.to(target.dtype)
-        target.addmm_(rows.T, rows, alpha=weight)
+        target.addmm_(rows.T, rows, alpha=weight * factor)
         self._added_to(target)
         if self.sum_rows is not None:
-            self.sum_rows.add_(rows.sum(0))
-        self.rows += rows.shape[0]
+            self.sum_rows.add_(rows.sum(0), alpha=factor)
+        self.rows += count
 
     def copy_from(self, other: SecondMomentSum) -> None:
         """Become a copy of ``other``'s window so far (a dense sum of the same shape).
@@ -201,6 +211,7 @@ class SecondMomentSum:
         if self.sum_rows is not None and other.sum_rows is not None:
             self.sum_rows.copy_(other.sum_rows)
         self.rows = other.rows
+        self.tally.copy_from(other.tally)
         self.resolution = max(self.resolution, other.resolution)
         self.gram_roundoff = max(self.gram_roundoff, other.gram_roundoff)
 
@@ -304,6 +315,7 @@ class SecondMomentSum:
         if self.sum_rows is not None:
             self.sum_rows.zero_()
         self.rows = 0
+        self.tally.reset()
         self.resolution = 0.0
         self.gram_roundoff = 0.0
 
@@ -328,9 +340,20 @@ MomentSum = SecondMomentSum | SketchedMomentSum
 SketchShape = int | tuple[int, int]
 
 
-def _sketched(dim: int, device: torch.device, shape: SketchShape, *, track_diagonal: bool = False) -> SketchedMomentSum:
+def _sampled(tally: SampleTally) -> SampleTally | None:
+    """A copy of a tally that left rows out (None when every row entered)."""
+    if not tally.sampled:
+        return None
+    found = SampleTally()
+    found.copy_from(tally)
+    return found
+
+
+def _sketched(dim: int, device: torch.device, shape: SketchShape, *, track_diagonal: bool = False,
+              sampler: RowSampler | None = None) -> SketchedMomentSum:
     rank, block = (shape, BLOCK_ROWS) if isinstance(shape, int) else shape
-    return SketchedMomentSum(dim, device, rank=rank, block_rows=block, track_diagonal=track_diagonal)
+    return SketchedMomentSum(dim, device, rank=rank, block_rows=block, track_diagonal=track_diagonal,
+                             sampler=sampler)
 
 
 class LayerWindow:
@@ -358,14 +381,16 @@ class LayerWindow:
         diagonal_input: bool = False,
         input_sketch: SketchShape | None = None,
         grad_sketch: SketchShape | None = None,
+        sampler: RowSampler | None = None,
     ) -> None:
         self.homogeneous = homogeneous and input_sketch is None
         self.input: MomentSum = (
-            _sketched(input_dim, device, input_sketch, track_diagonal=True) if input_sketch else
-            SecondMomentSum(input_dim, device, track_row_sum=self.homogeneous, diagonal=diagonal_input))
+            _sketched(input_dim, device, input_sketch, track_diagonal=True, sampler=sampler) if input_sketch else
+            SecondMomentSum(input_dim, device, track_row_sum=self.homogeneous, diagonal=diagonal_input,
+                            sampler=sampler))
         self.grad: MomentSum = (
-            _sketched(grad_dim, device, grad_sketch) if grad_sketch else
-            SecondMomentSum(grad_dim, device))
+            _sketched(grad_dim, device, grad_sketch, sampler=sampler) if grad_sketch else
+            SecondMomentSum(grad_dim, device, sampler=sampler))
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
         self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)
         #: the largest leading dimension of the lookup indices in the window (0: none seen):
@@ -434,13 +459,16 @@ class LayerWindow:
             assert isinstance(self.input, SecondMomentSum) and isinstance(other.input, SecondMomentSum)
             self.input.copy_from(other.input)
 
-    def counts(self) -> list[int]:
-        """The integer counts that a distributed reduction must sum."""
-        return [self.input.rows, self.grad.rows]
+    def counts(self) -> list[float]:
+        """The counts a distributed reduction must sum (rows, and what sampling did)."""
+        return [float(self.input.rows), float(self.grad.rows),
+                *self.input.tally.values(), *self.grad.tally.values()]
 
-    def set_counts(self, counts: list[int]) -> None:
-        """Overwrite the integer counts (after a distributed reduction)."""
-        self.input.rows, self.grad.rows = counts
+    def set_counts(self, counts: list[float]) -> None:
+        """Overwrite the counts (after a distributed reduction)."""
+        self.input.rows, self.grad.rows = int(round(counts[0])), int(round(counts[1]))
+        self.input.tally.set_values(list(counts[2:6]))
+        self.grad.tally.set_values(list(counts[6:10]))
 
     def moments(self, *, take: bool = False) -> LayerMoments:
         """Means of the window (float64, on the window's device; see :func:`moments_to_cpu`).
@@ -468,6 +496,8 @@ class LayerWindow:
             input_gram_roundoff=self.input.gram_roundoff,
             grad_gram_roundoff=self.grad.gram_roundoff,
             input_homogeneous=self.homogeneous,
+            input_sampling=_sampled(self.input.tally),
+            grad_sampling=_sampled(self.grad.tally),
         )
         if self.input.rows > 0:
             moments.input_second_moment = (self.input.take_mean(homogeneous=self.homogeneous) if take

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from lightning_conditioning.maths.remote import RemoteMoment
+from lightning_conditioning.maths.sampling import SampleTally
 from lightning_conditioning.maths.sketch import SketchedMoment
 
-__all__ = ["LayerMoments", "moments_to_cpu", "held_bytes"]
+__all__ = ["LayerMoments", "moments_to_cpu", "held_bytes", "kept_rows"]
 
 
 @dataclass
@@ -52,6 +53,9 @@ class LayerMoments:
             solves them (:mod:`~lightning_conditioning.distributed.owners`); elsewhere they are
             :class:`~lightning_conditioning.maths.remote.RemoteMoment`. ``None``: every
             process holds them (one process, or an all-reduce).
+        input_sampling / grad_sampling: what row sampling left out of each moment and the
+            relative standard error of its λmax (:mod:`~lightning_conditioning.maths.sampling`);
+            ``None`` when every row entered.
 
     Example:
         >>> moments = LayerMoments(torch.eye(2), None, 4, 0, torch.tensor([1.0, -1.0]),
@@ -75,6 +79,8 @@ class LayerMoments:
     shared_input_lost: bool = False
     input_homogeneous: bool = False
     owner: int | None = None
+    input_sampling: SampleTally | None = None
+    grad_sampling: SampleTally | None = None
 
     @property
     def lookup_table(self) -> bool:
@@ -153,3 +159,22 @@ def moments_to_cpu(moments: dict[str, LayerMoments]) -> dict[str, LayerMoments]:
         ):
             updates[name][field_name] = part.view(tensor.shape)
     return {name: replace(layer, **updates[name]) for name, layer in moments.items()}
+
+
+def kept_rows(moments: LayerMoments) -> int:
+    """The rows that entered a layer's moments (row sampling leaves some out): the larger
+    count of its two moments.
+
+    Example:
+        >>> from lightning_conditioning.maths.sampling import SampleTally
+        >>> found = LayerMoments(None, None, 8192, 8192, torch.zeros(1), torch.zeros(1),
+        ...                      grad_sampling=SampleTally(rows=8192, kept=2048))
+        >>> kept_rows(found)
+        8192
+        >>> kept_rows(replace(found, input_sampling=SampleTally(rows=8192, kept=2048)))
+        2048
+    """
+    def one(rows: int, tally: SampleTally | None) -> int:
+        return rows - (tally.rows - tally.kept) if tally is not None else rows
+
+    return max(one(moments.input_rows, moments.input_sampling), one(moments.grad_rows, moments.grad_sampling))

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_conditioning.maths.remote import MatrixStandIn, RemoteMoment
+from lightning_conditioning.maths.sampling import RowSampler, SampleTally
 
 __all__ = ["FrequentDirections", "shrink", "shrink_gram", "sketch_eigenvalues", "BLOCK_ROWS", "COLUMN_BLOCK_BYTES"]
 
@@ -332,8 +333,13 @@ class SketchedMomentSum:
     diagonal = False
 
     def __init__(self, dim: int, device: torch.device, *, rank: int,
-                 block_rows: int = BLOCK_ROWS, track_diagonal: bool = False) -> None:
+                 block_rows: int = BLOCK_ROWS, track_diagonal: bool = False,
+                 sampler: RowSampler | None = None) -> None:
         self.dim = dim
+        #: draws at most its limit of the rows of each :meth:`add_rows` (None: every row)
+        self.sampler = sampler
+        #: what the sampler did in this window (:mod:`~lightning_conditioning.maths.sampling`)
+        self.tally = SampleTally()
         self.sketcher = FrequentDirections(dim, rank, device, block_rows=block_rows)
         self.resolution = 0.0
         self.gram_roundoff = 0.0
@@ -352,9 +358,16 @@ class SketchedMomentSum:
         self.sketcher.rows = int(value)
 
     def add_rows(self, rows: Tensor, weight: float = 1.0) -> None:
-        """Fold ``weight ×`` the rows' outer products in (float64)."""
+        """Fold ``weight ×`` the rows' outer products in (float64; with a :attr:`sampler`, of a
+        uniform sample of the rows, scaled to stand for all of them)."""
         self.gram_roundoff = max(self.gram_roundoff, 2.0**-53)
+        count = int(rows.shape[0])
+        if self.sampler is not None:
+            rows, factor = self.sampler.sample(rows, weight, self.tally)
+            weight *= factor
+        added = self.sketcher.rows
         self.sketcher.add_rows(rows, weight)
+        self.sketcher.rows = added + count
         if self.diagonal_sum is not None:  # in float64, DIAGONAL_ROWS rows at a time (no n × d copy)
             for start in range(0, int(rows.shape[0]), DIAGONAL_ROWS):
                 block = rows[start:start + DIAGONAL_ROWS].to(torch.float64)  # may be rows themselves
@@ -410,6 +423,7 @@ class SketchedMomentSum:
         self.sketcher.copy_from(other.sketcher)
         if self.diagonal_sum is not None and other.diagonal_sum is not None:
             self.diagonal_sum.copy_(other.diagonal_sum)
+        self.tally.copy_from(other.tally)
         self.resolution = max(self.resolution, other.resolution)
         self.gram_roundoff = max(self.gram_roundoff, other.gram_roundoff)
 
@@ -438,6 +452,7 @@ class SketchedMomentSum:
     def reset(self) -> None:
         """Empty the sketch for the next window."""
         self.sketcher.reset()
+        self.tally.reset()
         self.owner = None
         self.resolution = self.gram_roundoff = 0.0
         if self.diagonal_sum is not None:

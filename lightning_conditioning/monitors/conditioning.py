@@ -28,6 +28,7 @@ from lightning_conditioning.analysis.window import (
     background_helps,
     gather_moments,
     release_heap,
+    sampling_note,
 )
 from lightning_conditioning.capture.conventions import loss_tokens, resolve_loss_reduction
 from lightning_conditioning.capture.hooks import LayerCapture
@@ -41,7 +42,7 @@ from lightning_conditioning.capture.selection import (
 )
 from lightning_conditioning.capture.turns import TurnTaker, parameter_count
 from lightning_conditioning.distributed.collectives import Collectives, auto_collectives
-from lightning_conditioning.maths.moments import LayerMoments, held_bytes
+from lightning_conditioning.maths.moments import LayerMoments, held_bytes, kept_rows
 from lightning_conditioning.maths.precision import float64_slowdown, gram_dtype_for
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
@@ -79,12 +80,9 @@ class ConditioningMonitor:
             results carry each layer's stability margin ``lr·λmax(F_k)`` against 2(1+β)
             (README "Stability margin"); adaptive optimizers (Adam, RMSprop, …) get none.
         warn: where warnings go (default: :func:`warnings.warn`).
-        **options: the analysis options, checked on construction
-            (:class:`~lightning_conditioning.analysis.options.ConditioningOptions`): ``every_n_steps``,
-            ``kappa_percents``, ``conv_mode``, ``layer_types``, ``include``, ``exclude``,
-            ``loss_reduction``, ``include_bias``, ``rank_rtol``, ``statistics_dtype``,
-            ``kappa_definition``, ``window_steps``, ``solver``, ``warn_diagnosis``; the same
-            meaning as in :class:`~lightning_conditioning.ConditioningCallback`.
+        **options: the analysis options by name, checked on construction (every field of
+            :class:`~lightning_conditioning.analysis.options.ConditioningOptions`, the same
+            meaning as in :class:`~lightning_conditioning.ConditioningCallback`).
 
     Example:
         >>> import torch
@@ -191,6 +189,7 @@ class ConditioningMonitor:
             include_bias=o.include_bias,
             model=model,
             plan=self.plan,
+            max_rows=o.max_rows,
         )
         self.capture.attach()
 
@@ -486,9 +485,12 @@ class ConditioningMonitor:
         self.moment_bytes = held_bytes(moments)
         if (shared := capture.sharing.news()) is not None:
             self._info(f"{type(self).__name__}: {shared}.")
+        if "\nsampling" not in self._noted and (note := sampling_note(moments, self.options.max_rows)):
+            self._noted.add("\nsampling")
+            self._info(f"{type(self).__name__}: {note}. Said once.")
         if self.turns is not None:
             self.turns.observe_rows({name: max(m.input_rows, m.grad_rows) for name, m in moments.items()},
-                                    self.options.window_steps)
+                                    self.options.window_steps, kept={name: kept_rows(m) for name, m in moments.items()})
         return moments
 
     def _finish_moments(self, step: int, moments: dict[str, LayerMoments]) -> None:
