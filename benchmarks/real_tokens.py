@@ -423,8 +423,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also the default options at --batch × --small-length (12 blocks, under the limit)")
     parser.add_argument("--growth-blocks", type=int, default=2,
                         help="GPT-2 blocks of the growth pair (0: none)")
-    parser.add_argument("--growth-steps", type=int, default=3, help="alternating steps per growth size")
-    parser.add_argument("--steps", type=int, default=4, help="alternating steps per size (half analysed)")
+    parser.add_argument("--growth-steps", type=int, default=2,
+                        help="alternating steps per growth size (2: the first analysed step against a plain one)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="alternating steps of the full model, analysed first (3: analysed, plain, analysed)")
     parser.add_argument("--previous-steps", type=int, default=2,
                         help="steps with the previous default options at the small size (0: none)")
     parser.add_argument("--memory-steps", type=int, default=1,

@@ -72,6 +72,8 @@ def test_a_sampled_sketch_stands_for_every_row_and_keeps_an_exact_diagonal_of_it
     assert sketch.rows == 900 and sketch.tally.kept == 100
     assert mean.diagonal is not None
     np.testing.assert_allclose(mean.diagonal.numpy(), np.diag(reference), rtol=1e-12)
+    sketch.add_rows(rows, 3.0)  # the budget is spent: nothing enters, nothing is counted
+    assert sketch.rows == 900 and sketch.tally.rows == 1800 and sketch.tally.counted == 900
     low = float(torch.linalg.eigvalsh(torch.as_tensor(reference))[-1])
     values, delta = sketch.sketcher.eigenvalues()
     assert float(values[0]) / 900 <= low * (1 + 1e-9) <= float(values[0]) / 900 + delta / 900 + 1e-12
@@ -190,6 +192,28 @@ def test_the_sampled_numbers_are_those_of_the_drawn_rows_against_a_float64_refer
         values = np.linalg.eigvalsh(reference)[::-1]
         assert result.input.kappa[percent] == pytest.approx(
             values[0] / values[math.ceil(percent / 100 * 10) - 1], rel=1e-8)
+    monitor.close()
+
+
+def test_under_gradient_accumulation_the_budget_is_per_step_and_spent_passes_are_left_out() -> None:
+    """Three micro-batches of 1,500 rows, ``max_rows=2048``: the first enters whole, the second
+    adds a sample of the 548 rows left, weighted 1,500/548, the third adds nothing and is not
+    counted: the moment is the mean over the 3,000 rows of the first two passes."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(8, 4)).double()
+    parts = [_rows(1500, 8, seed=seed) for seed in (7, 8, 9)]
+    monitor = ConditioningMonitor(net, every_n_steps=1, warn_diagnosis=False, analysis="sync",
+                                  loss_reduction="sum", info=lambda _: None)
+    with monitor.track(0):
+        for x in parts:
+            net(x).square().sum().backward()
+    second = parts[1].numpy()[_chosen(1500, 548).numpy()]
+    first = parts[0].numpy()
+    reference = (first.T @ first + second.T @ second * (1500 / 548)) / 3000
+    result = monitor.results["0"]
+    assert result.input is not None and result.input_rows == 3000
+    assert result.sampling["input"][0] == 2048
+    assert result.input.lambda_max == pytest.approx(float(np.linalg.eigvalsh(reference)[-1]), rel=1e-10)
     monitor.close()
 
 

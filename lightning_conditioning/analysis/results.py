@@ -360,9 +360,9 @@ def analyse_layer(
 
 
 def _kept(rows: int, tally: SampleTally | None) -> int:
-    """The rows that entered a moment (its rank can be no more): row sampling left
-    ``tally.rows − tally.kept`` out."""
-    return rows - (tally.rows - tally.kept) if tally is not None else rows
+    """The rows that entered a moment (its rank can be no more): of the rows it counts, row
+    sampling left ``tally.counted − tally.kept`` out."""
+    return rows - (tally.counted - tally.kept) if tally is not None else rows
 
 
 def _sampling(moments: LayerMoments, with_grad: bool) -> dict[str, tuple[int, float]]:

@@ -237,10 +237,11 @@ def sampling_note(moments: Mapping[str, LayerMoments], limit: int | None) -> str
     Example:
         >>> from lightning_conditioning.maths.sampling import SampleTally
         >>> found = LayerMoments(None, None, 8192, 8192, torch.zeros(1), torch.zeros(1),
-        ...                      grad_sampling=SampleTally(8192, 2048, 1e-6, 0.01))
+        ...                      grad_sampling=SampleTally(16384, 2048, 8192, 1e-6, 0.01))
         >>> print(sampling_note({"fc": found}, 2048))  # doctest: +NORMALIZE_WHITESPACE
-        passes of up to 8192 rows: 1 moment of 1 layer kept a uniform sample of max_rows=2048 rows
-        per pass, weighted to stand for every row; the relative standard error of λmax from the
+        passes of up to 16384 rows in a window: 1 moment of 1 layer kept a uniform sample of
+        max_rows=2048 rows per step, weighted to stand for the rows of its passes (the passes
+        past that budget, 8192 rows, left out); the relative standard error of λmax from the
         sampling is 10.0% at most (median 10.0%), logged as `…_sampling_error`; max_rows=None
         keeps every row
     """
@@ -249,10 +250,11 @@ def sampling_note(moments: Mapping[str, LayerMoments], limit: int | None) -> str
     if not tallies:
         return None
     errors = sorted(tally.relative_error() for tally in tallies)
-    count = len(tallies)
-    return (f"passes of up to {max(t.rows for t in tallies)} rows: {count} moment{'s' * (count != 1)} "
-            f"of {len(moments)} layer{'s' * (len(moments) != 1)} kept a uniform sample of "
-            f"max_rows={limit} rows per pass, weighted to stand for every row; the relative standard "
-            f"error of λmax from the sampling is {errors[-1]:.1%} at most (median "
-            f"{errors[len(errors) // 2]:.1%}), logged as `…_sampling_error`; max_rows=None keeps "
-            "every row")
+    count, skipped = len(tallies), max(t.rows - t.counted for t in tallies)
+    return (f"passes of up to {max(t.rows for t in tallies)} rows in a window: {count} moment"
+            f"{'s' * (count != 1)} of {len(moments)} layer{'s' * (len(moments) != 1)} kept a uniform "
+            f"sample of max_rows={limit} rows per step, weighted to stand for the rows of its passes"
+            + (f" (the passes past that budget, {skipped} rows, left out)" if skipped else "")
+            + f"; the relative standard error of λmax from the sampling is {errors[-1]:.1%} at most "
+            f"(median {errors[len(errors) // 2]:.1%}), logged as `…_sampling_error`; max_rows=None "
+            "keeps every row")

@@ -89,8 +89,9 @@ class LayerCapture:
         model: the model holding the layers: with it, weights used functionally inside other
             modules' forwards are captured too
             (:mod:`~lightning_conditioning.capture.functional`).
-        max_rows: the most rows of one pass (a layer's forward, or its output's gradient) that
-            enter a moment: a uniform sample, scaled to stand for every row (None: every row;
+        max_rows: the most rows a moment takes in a window, over its passes (a layer's
+            forward, or its output's gradient): a pass past what is left is sampled uniformly
+            and scaled to stand for its rows (None: every row;
             :mod:`~lightning_conditioning.maths.sampling`). Conv layers
             (``LayerAdapter.samples_rows``) and lookups are not sampled.
 

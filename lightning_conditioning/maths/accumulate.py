@@ -186,7 +186,11 @@ class SecondMomentSum:
         count = int(rows.shape[0])
         factor = 1.0
         if self.sampler is not None:
+            counted = self.tally.counted
             rows, factor = self.sampler.sample(rows, weight, self.tally)
+            count = self.tally.counted - counted
+            if count == 0:
+                return
         target = self._target(rows.dtype)
         rows = rows.to(target.dtype)
         target.addmm_(rows.T, rows, alpha=weight * factor)
@@ -467,8 +471,8 @@ class LayerWindow:
     def set_counts(self, counts: list[float]) -> None:
         """Overwrite the counts (after a distributed reduction)."""
         self.input.rows, self.grad.rows = int(round(counts[0])), int(round(counts[1]))
-        self.input.tally.set_values(list(counts[2:6]))
-        self.grad.tally.set_values(list(counts[6:10]))
+        self.input.tally.set_values(list(counts[2:7]))
+        self.grad.tally.set_values(list(counts[7:12]))
 
     def moments(self, *, take: bool = False) -> LayerMoments:
         """Means of the window (float64, on the window's device; see :func:`moments_to_cpu`).

@@ -168,13 +168,13 @@ def kept_rows(moments: LayerMoments) -> int:
     Example:
         >>> from lightning_conditioning.maths.sampling import SampleTally
         >>> found = LayerMoments(None, None, 8192, 8192, torch.zeros(1), torch.zeros(1),
-        ...                      grad_sampling=SampleTally(rows=8192, kept=2048))
+        ...                      grad_sampling=SampleTally(rows=8192, kept=2048, counted=8192))
         >>> kept_rows(found)
         8192
-        >>> kept_rows(replace(found, input_sampling=SampleTally(rows=8192, kept=2048)))
+        >>> kept_rows(replace(found, input_sampling=SampleTally(rows=8192, kept=2048, counted=8192)))
         2048
     """
     def one(rows: int, tally: SampleTally | None) -> int:
-        return rows - (tally.rows - tally.kept) if tally is not None else rows
+        return rows - (tally.counted - tally.kept) if tally is not None else rows
 
     return max(one(moments.input_rows, moments.input_sampling), one(moments.grad_rows, moments.grad_sampling))

@@ -363,8 +363,11 @@ class SketchedMomentSum:
         self.gram_roundoff = max(self.gram_roundoff, 2.0**-53)
         count = int(rows.shape[0])
         if self.sampler is not None:
+            counted = self.tally.counted
             rows, factor = self.sampler.sample(rows, weight, self.tally)
-            weight *= factor
+            count, weight = self.tally.counted - counted, weight * factor
+            if count == 0:
+                return
         added = self.sketcher.rows
         self.sketcher.add_rows(rows, weight)
         self.sketcher.rows = added + count

@@ -189,7 +189,7 @@ class ConditioningMonitor:
             include_bias=o.include_bias,
             model=model,
             plan=self.plan,
-            max_rows=o.max_rows,
+            max_rows=o.max_rows * o.window_steps if o.max_rows else None,
         )
         self.capture.attach()
 
