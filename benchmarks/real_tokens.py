@@ -173,17 +173,22 @@ def section_steps(args: argparse.Namespace, device: torch.device) -> dict[str, A
         out["small"] = steps_at(args, device, args.small_length, False)
     if args.previous_steps:
         out["previous_small"] = steps_at(args, device, args.small_length or args.length, True)
-    if args.growth_blocks:
-        low = steps_at(args, device, args.length, False, blocks=args.growth_blocks, steps=args.growth_steps)
-        high = steps_at(args, device, args.length, False, batch=4 * args.batch, blocks=args.growth_blocks,
-                        steps=args.growth_steps)
-        out["growth_low"], out["growth_high"] = low, high
-        out["extra_growth"] = high["mean_extra_s"] / max(low["mean_extra_s"], 1e-9)
-        out["token_growth"] = high["tokens"] / low["tokens"]
     if "small" in out:  # under the sampling limit every row enters: the extra grows with them
         out["extra_growth_small"] = out["full"]["mean_extra_s"] / max(out["small"]["mean_extra_s"], 1e-9)
         out["token_growth_small"] = out["full"]["tokens"] / out["small"]["tokens"]
     return out
+
+
+def section_growth(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """How the analysed step's extra time grows with the tokens past ``max_rows``: GPT-2 at full
+    width and vocabulary with ``--growth-blocks`` blocks (the activations of 12 blocks at
+    4 × 2,048 tokens do not fit this machine) at ``--batch`` and ``4 × --batch`` sequences of
+    ``--length``, ``--growth-steps`` alternating steps each."""
+    low = steps_at(args, device, args.length, False, blocks=args.growth_blocks, steps=args.growth_steps)
+    high = steps_at(args, device, args.length, False, batch=4 * args.batch, blocks=args.growth_blocks,
+                    steps=args.growth_steps)
+    return {"low": low, "high": high, "extra_growth": high["mean_extra_s"] / max(low["mean_extra_s"], 1e-9),
+            "token_growth": high["tokens"] / low["tokens"]}
 
 
 def reference_from_rows(rows: torch.Tensor) -> tuple[float, float, str]:
@@ -349,6 +354,13 @@ def section_ranks(args: argparse.Namespace, device: torch.device) -> dict[str, A
         device=args.device, world=2, layers=args.rank_layers, batch=args.rank_batch, length=args.rank_length))
 
 
+def _steps_row(s: dict[str, Any]) -> list[str]:
+    return [f"{s['options']}, {s.get('blocks', 12)} blocks, {s['tokens']} tokens", f"{s['plain_s']:.1f} s",
+            ", ".join(f"{r:.2f}×" for r in s["ratios"]), f"{s['mean_extra_s']:.1f} s",
+            f"{s['schedule_ratio_1000']:.4f}×", f"{s['schedule_ratio_10000']:.4f}×",
+            f"{s['layers_per_window']} of {s['layers']}"]
+
+
 def render(out: dict[str, Any]) -> str:
     lines = [f"Device {out['device']}, {out['machine'].get('cpu', '')}; total {out['total_s']:.0f} s; "
              f"sections: " + ", ".join(f"{k} {v['seconds']:.0f} s (other processes {100 * (v['foreign'] or 0):.0f}% CPU)"
@@ -356,25 +368,25 @@ def render(out: dict[str, Any]) -> str:
     steps = out.get("steps")
     if steps:
         rows = []
-        for key in ("full", "small", "previous_small", "growth_low", "growth_high"):
+        for key in ("full", "small", "previous_small"):
             if key in steps:
-                s = steps[key]
-                rows.append([f"{s['options']}, {s.get('blocks', 12)} blocks, {s['tokens']} tokens", f"{s['plain_s']:.1f} s",
-                             ", ".join(f"{r:.2f}×" for r in s["ratios"]), f"{s['mean_extra_s']:.1f} s",
-                             f"{s['schedule_ratio_1000']:.4f}×", f"{s['schedule_ratio_10000']:.4f}×",
-                             f"{s['layers_per_window']} of {s['layers']}"])
+                rows.append(_steps_row(steps[key]))
+        growth = out.get("growth") or {}
+        for key in ("low", "high"):
+            if key in growth:
+                rows.append(_steps_row(growth[key]))
         lines += ["GPT-2 small, steps alternating plain / analysed:", "",
                   table(["options, tokens per step", "plain step", "analysed steps (first first)", "mean extra",
-                         "default schedule, 1,000 steps", "10,000 steps", "layers per window"], rows), "",
-                  f"Extra time of an analysed step grew {steps.get('extra_growth', math.nan):.2f}× when the tokens "
-                  f"grew {steps.get('token_growth', math.nan):.0f}× ({steps.get('growth_low', {}).get('blocks')} blocks, "
-                  f"{steps.get('growth_low', {}).get('tokens')} → {steps.get('growth_high', {}).get('tokens')} tokens: "
-                  f"passes past max_rows are sampled)"
-                  + (f"; {steps['extra_growth_small']:.2f}× from {steps['small']['tokens']} to "
-                     f"{steps['full']['tokens']} tokens (12 blocks, under the limit: every row enters)"
-                     if "extra_growth_small" in steps else "") + ".",
-                  *([f"Sampling: {steps['growth_high']['sampling_note']}", ""]
-                    if steps.get("growth_high", {}).get("sampling_note") else [""])]
+                         "default schedule, 1,000 steps", "10,000 steps", "layers per window"], rows), ""]
+        if growth:
+            lines += [f"Extra time of an analysed step grew {growth['extra_growth']:.2f}× when the tokens grew "
+                      f"{growth['token_growth']:.0f}× ({growth['low']['blocks']} blocks, {growth['low']['tokens']} → "
+                      f"{growth['high']['tokens']} tokens: passes past max_rows are sampled).",
+                      *([f"Sampling: {growth['high']['sampling_note']}"] if growth["high"].get("sampling_note") else []),
+                      ""]
+        if "extra_growth_small" in steps:
+            lines += [f"Under the limit ({steps['small']['tokens']} → {steps['full']['tokens']} tokens, 12 blocks) "
+                      f"every row enters: the extra grew {steps['extra_growth_small']:.2f}×.", ""]
     accuracy = out.get("accuracy")
     if accuracy:
         worst = sorted(accuracy["moments"], key=lambda r: -r["lambda_rel_error"])[:5]
@@ -413,18 +425,17 @@ def render(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", nargs="+", default=["steps", "accuracy", "memory", "ranks"],
-                        choices=["steps", "accuracy", "memory", "ranks"])
+    parser.add_argument("--only", nargs="+", default=["steps", "growth", "accuracy", "memory", "ranks"],
+                        choices=["steps", "growth", "accuracy", "memory", "ranks"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--small-length", type=int, default=64,
                         help="sequence length of the previous-default row (and of the default row --small-default)")
     parser.add_argument("--small-default", action="store_true",
                         help="also the default options at --batch × --small-length (12 blocks, under the limit)")
-    parser.add_argument("--growth-blocks", type=int, default=2,
-                        help="GPT-2 blocks of the growth pair (0: none)")
-    parser.add_argument("--growth-steps", type=int, default=2,
-                        help="alternating steps per growth size (2: the first analysed step against a plain one)")
+    parser.add_argument("--growth-blocks", type=int, default=2, help="GPT-2 blocks of the growth section")
+    parser.add_argument("--growth-steps", type=int, default=4,
+                        help="alternating steps per growth size, analysed first")
     parser.add_argument("--steps", type=int, default=3,
                         help="alternating steps of the full model, analysed first (3: analysed, plain, analysed)")
     parser.add_argument("--previous-steps", type=int, default=2,
@@ -459,7 +470,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     out: dict[str, Any] = {"machine": machine(), "device": str(device), "args": vars(args), "durations": {}}
     start = time.perf_counter()
-    sections = {"steps": section_steps, "accuracy": section_accuracy, "memory": section_memory,
+    sections = {"steps": section_steps, "growth": section_growth, "accuracy": section_accuracy,
+                "memory": section_memory,
                 "ranks": section_ranks}
     for name in args.only:
         log(f"{name} ...")
