@@ -162,6 +162,8 @@ def uncovered_modules(
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8), nn.LayerNorm(8))
         >>> [entry[:3] for entry in uncovered_modules(model, find_layers(model))]
         [('1', 'LSTM', 576)]
+        >>> uncovered_modules(nn.Linear(3, 2), {})[0][3]
+        'the model is itself one layer, which has no name to log it under: wrap it, e.g. nn.Sequential(model)'
     """
     analysed = [entry[0] if isinstance(entry, tuple) else entry for entry in layers.values()]
     inside = {id(sub) for module in analysed for sub in module.modules()}
@@ -176,7 +178,10 @@ def uncovered_modules(
             continue
         if layer_types is not None and isinstance(module, covered_kinds):
             continue  # a covered kind the user chose not to analyse
-        out.append((name, type(module).__name__, sum(p.numel() for p in own), uncovered_reason(module)))
+        reason = ("the model is itself one layer, which has no name to log it under: wrap it, "
+                  "e.g. nn.Sequential(model)" if not name and isinstance(module, covered_kinds)
+                  else uncovered_reason(module))
+        out.append((name, type(module).__name__, sum(p.numel() for p in own), reason))
     return out
 
 

@@ -262,9 +262,8 @@ class ConditioningMonitor:
     # ------------------------------------------------------------------ the schedule
     def begin(self, step: int) -> bool:
         """Start optimizer step ``step``: returns whether it is captured. A window holds its
-        consecutive steps only: an open window that ``step`` does not continue (a step skipped,
-        repeated or out of its range) is discarded, and a window is only opened at its first
-        step (a run resumed mid-window waits for the next one)."""
+        consecutive steps only: one that ``step`` does not continue (skipped, repeated, out of
+        range) is discarded; a window opens at its first step only (a resumed run waits)."""
         self.updated = False
         if step == self._current_step:
             return True  # another micro-batch of the step being captured
@@ -290,8 +289,7 @@ class ConditioningMonitor:
         return True
 
     def _clock(self, step: int, captured: bool) -> None:
-        """Time the step that just ended (from its begin to this one's): a plain step's
-        period, or an analysed one's, for the turns' cost model."""
+        """Time the step that just ended (a plain or analysed period, for the turns)."""
         now = time.perf_counter()
         if self._step_clock is not None and step == self._step_clock[0]:
             return  # another micro-batch of the same step: its period runs from the first

@@ -18,6 +18,7 @@ any other ``Logger``          scalars (one info message says the rest is not sup
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
@@ -85,25 +86,21 @@ def sink_for(logger: Logger) -> Sink:
 
 
 def publish_conditioning(
-    loggers: Iterable[Logger],
-    results: Mapping[str, LayerConditioning],
-    step: int,
-    *,
-    prefix: str = "conditioning",
-    histograms: bool = True,
-    figures: bool = True,
+    loggers: Iterable[Logger], results: Mapping[str, LayerConditioning], step: int, **options: Any
 ) -> None:
     """Everything ConditioningCallback reports for one analysed window, to every logger.
 
     The callback's only entry point into the sinks (call on global rank zero): scalars from
     ``LayerConditioning.metrics``, then per logger kind whatever else it can store
-    (``histograms`` also switches the spectra file; ``figures`` the depth-profile figure).
+    (``options``: :class:`~lightning_conditioning.views.publication.Publication`'s ``prefix``,
+    ``histograms``, which also switches the spectra file, and ``figures``, the depth-profile
+    figure).
 
     Example::
 
         publish_conditioning(trainer.loggers, callback.results, step=0, figures=False)
     """
-    publication = Publication(results, step, prefix=prefix, histograms=histograms, figures=figures)
+    publication = Publication(results, step, **options)
     for logger in loggers:
         sink_for(logger).publish_conditioning(publication)
 

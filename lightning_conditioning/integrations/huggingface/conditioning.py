@@ -13,15 +13,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_conditioning.analysis.options import ConditioningOptions
-from lightning_conditioning.capture.passes import (
-    ExtraPasses,
-    ForwardFn,
-    LossFn,
-    SampleLossFn,
-    default_forward,
-    draw_probe_batches,
-    map_tensors,
-)
+from lightning_conditioning.capture import passes
+from lightning_conditioning.capture.passes import ForwardFn, LossFn, SampleLossFn
 from lightning_conditioning.integrations.huggingface.shell import (
     _count,
     _loss_scale,
@@ -123,7 +116,7 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
     ) -> None:
         super().__init__()
         #: the callback's own passes (true Fisher, probe batches)
-        self.extra_passes = ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn, forward_fn)
+        self.extra_passes = passes.ExtraPasses(fisher, probe_batches, seed, loss_fn, sample_fn, forward_fn)
         self.forward_fn = forward_fn
         unknown = set(options) - set(ConditioningOptions.names())
         if unknown:
@@ -177,19 +170,19 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
 
     def _hold_probe_batches(self, loader: Any) -> None:
         """The probe batches of a resumed run's checkpoint, else drawn beside ``loader``."""
-        passes = self.extra_passes
+        extra = self.extra_passes
         folder = resumed_checkpoint(self._trainer)
         if folder is not None and (Path(folder) / self._probe_file()).is_file():
-            passes.held_batches = torch.load(Path(folder) / self._probe_file(), weights_only=False)
+            extra.held_batches = torch.load(Path(folder) / self._probe_file(), weights_only=False)
             return
         if not isinstance(loader, DataLoader):
-            raise RuntimeError(f"{type(self).__name__}(probe_batches={passes.probe_batches}): the Trainer "
+            raise RuntimeError(f"{type(self).__name__}(probe_batches={extra.probe_batches}): the Trainer "
                                "passed no training DataLoader to on_train_begin to draw them from")
-        passes.held_batches = draw_probe_batches(loader, passes.probe_batches)
-        if len(passes.held_batches) < passes.probe_batches:
-            self._warn(f"{type(self).__name__}: asked for {passes.probe_batches} probe batches, the "
-                       f"training data has {len(passes.held_batches)}; the analysis uses those "
-                       f"{len(passes.held_batches)}.")
+        extra.held_batches = passes.draw_probe_batches(loader, extra.probe_batches)
+        if len(extra.held_batches) < extra.probe_batches:
+            self._warn(f"{type(self).__name__}: asked for {extra.probe_batches} probe batches, the "
+                       f"training data has {len(extra.held_batches)}; the analysis uses those "
+                       f"{len(extra.held_batches)}.")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor = self.monitor
@@ -203,7 +196,7 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
             device = next((p.device for p in self._model.parameters()), torch.device("cpu"))
             autocast = getattr(self._trainer, "autocast_smart_context_manager", None)
             for held in self.extra_passes.held_batches:
-                self._extra_pass(map_tensors(held, lambda t: t.to(device)),
+                self._extra_pass(passes.map_tensors(held, lambda t: t.to(device)),
                                  state.global_step, autocast or nullcontext)
 
     def _extra_pass(self, batch: Any, step: int, context: Any = nullcontext) -> None:
@@ -214,7 +207,7 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         try:
             self.extra_passes.run(
                 self.monitor, model, lambda: (self.forward_fn(model, batch) if self.forward_fn is not None
-                                              else default_forward(model, batch, keep_labels=fisher != "true")),
+                                              else passes.default_forward(model, batch, keep_labels=fisher != "true")),
                 batch, step=step, rank=self._rank, loss_scale=_loss_scale(self._optimizer),
                 forward_context=context)
         finally:
