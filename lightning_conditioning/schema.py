@@ -26,6 +26,10 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
   logged only when row sampling (``max_rows``) left rows of the window's passes out: the rows
   that entered the moment, and the relative standard error of its λmax from the sampling
   (measured on the sample; the sub-FIM's is the root sum of squares of the two).
+* ``attention_logit_max`` / ``attention_entropy_min`` / ``attention_entropy_uniform`` of an
+  attention module (its own name, not a layer's), and per head ``attention_logit_max_h{h}`` /
+  ``attention_entropy_h{h}``: the largest ``|q·k|·scale`` and the mean softmax entropy (nats)
+  over sampled query positions, and the entropy of uniform attention under the same masks.
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
   learning rate is known).
 * ``log10_{q}``: the decimal logarithm of λmax and measured κ_p (TensorBoard only, for its
@@ -53,6 +57,8 @@ __all__ = [
     "FEATURE_QUANTITIES",
     "SAMPLING_QUANTITIES",
     "sampling_quantity",
+    "ATTENTION_QUANTITIES",
+    "attention_head_quantity",
     "MARGIN_QUANTITIES",
     "DOMINATION_QUANTITIES",
     "DOMINATED_LAYERS",
@@ -90,6 +96,11 @@ FEATURE_QUANTITIES: tuple[str, ...] = ("input_outlier_ratio", "input_outlier_fea
 SAMPLING_QUANTITIES: tuple[str, ...] = (
     "input_kept_rows", "grad_kept_rows", "input_sampling_error", "grad_sampling_error",
     "fim_sampling_error")
+#: an attention module's reading: the largest |q·k|·scale over its heads, the smallest head
+#: mean softmax entropy (nats), and the entropy of uniform attention under the same masks
+ATTENTION_QUANTITIES: tuple[str, ...] = ("attention_logit_max", "attention_entropy_min",
+                                         "attention_entropy_uniform")
+_ATTENTION_HEAD = re.compile(r"^attention_(logit_max|entropy)_h([0-9]+)$")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
@@ -117,7 +128,7 @@ _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
 _BOUND = re.compile(r"^(.+)_(low|high)$")
 
 QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "features", "margin", "log10", "domination",
-                       "bound", "sampling"]
+                       "bound", "sampling", "attention"]
 
 
 @dataclass(frozen=True)
@@ -290,6 +301,8 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, "units")
     if name in FEATURE_QUANTITIES:
         return Quantity(name, "features", "input")
+    if name in ATTENTION_QUANTITIES or _ATTENTION_HEAD.match(name):
+        return Quantity(name, "attention")
     if name in SAMPLING_QUANTITIES:
         return Quantity(name, "sampling", name.split("_", 1)[0])
     if name in MARGIN_QUANTITIES:
@@ -297,6 +310,16 @@ def parse_quantity(name: str) -> Quantity | None:
     if name in DOMINATION_QUANTITIES:
         return Quantity(name, "domination")
     return None
+
+
+def attention_head_quantity(what: Literal["logit_max", "entropy"], head: int) -> str:
+    """The name of one head's attention quantity.
+
+    Example:
+        >>> attention_head_quantity("entropy", 3), parse_quantity("attention_entropy_h3").kind
+        ('attention_entropy_h3', 'attention')
+    """
+    return f"attention_{what}_h{int(head)}"
 
 
 def sampling_quantity(moment: str, what: Literal["kept_rows", "sampling_error"]) -> str:

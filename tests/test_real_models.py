@@ -62,10 +62,15 @@ class Snapshots(pl.Callback):
     def __init__(self, conditioning: ConditioningCallback, domination: WeightDominationCallback):
         self.conditioning, self.domination = conditioning, domination
         self.steps: list[tuple[int, dict[str, Any], dict[str, Any]]] = []
+        #: the attention modules' rows of the first analysis (the initialisation)
+        self.attention_at_init: dict[str, dict[str, float]] | None = None
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         self.steps.append((trainer.global_step - 1, dict(self.conditioning.results),
                            dict(self.domination.results)))
+        monitor = self.conditioning.monitor
+        if self.attention_at_init is None and monitor is not None and monitor.results_step is not None:
+            self.attention_at_init = monitor.attention.table()
 
 
 def _train(spec: RealModel, callbacks: list[Any]) -> tuple[Any, dict[str, torch.Tensor],
@@ -165,7 +170,8 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
             first.setdefault(name, r)
     ratios = {name: r.input_outlier_ratio for name, r in first.items() if r.input_outlier_ratio is not None
               and r.input_units >= Thresholds().outlier_min_features}
-    outliers = [f.message for f in diagnose(conditioning_table(first)) if f.rule == "outlier_features"]
+    outliers = [f.message for f in diagnose({**conditioning_table(first), **(snapshots.attention_at_init or {})})
+                if f.rule in ("outlier_features", "attention_logit_growth", "attention_entropy_collapse")]
     differing = _differing(baseline, monitored)
     counted = {name for name, _ in counted_parameters(module).values()}
     changed = [n for n in _differing(initial, baseline) if n in counted]
@@ -191,6 +197,9 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
         print(f"    non-finite weight domination: {bad}")
     if differing:
         print(f"    parameters differing from the run without callbacks: {differing}")
+    if snapshots.attention_at_init:
+        logits = {n: row.get("attention_logit_max", 0.0) for n, row in snapshots.attention_at_init.items()}
+        print(f"    attention at init: {len(logits)} modules, largest max logit {max(logits.values()):.3g}")
     if ratios:
         widest = max(ratios, key=ratios.__getitem__)
         print(f"    largest outlier-feature ratio at init (layers of ≥ 32 features): {ratios[widest]:.3g} ({widest})")
@@ -217,7 +226,7 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     if unexplained:
         problems.append(f"statuses without explanation: {unexplained}")
     if outliers:
-        problems.append(f"outlier features at init, where none is planted: {outliers}")
+        problems.append(f"outlier-feature or attention rules at init, where nothing is planted: {outliers}")
     if nonfinite or dom_nonfinite:
         problems.append(f"non-finite numbers: {nonfinite} {dom_nonfinite}")
     assert not problems, f"{spec.id}: " + "; ".join(problems)

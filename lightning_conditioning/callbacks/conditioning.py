@@ -258,7 +258,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
         if trainer.is_global_zero:
             publish_conditioning(trainer.loggers, monitor.window_results, monitor.results_step,
                                  prefix=self.prefix, histograms=self.log_histograms,
-                                 figures=self.log_figures)
+                                 figures=self.log_figures, attention=monitor.attention.results)
 
     def _extra_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                     step: int) -> None:

@@ -266,3 +266,35 @@ def selection_problem(model: nn.Module, options: Selection,
                 f"the analysable layers are: {shown}. Nothing will be analysed.")
     return None
 
+
+
+def coverage_lines(who: str, model: nn.Module, layers: Mapping[str, tuple[nn.Module, Any]], loss_reduction: str,
+                   reduction_reason: str | None,
+                   uncovered: Sequence[tuple[str, str, int, str]]) -> tuple[str, str | None]:
+    """``(line, warning)``: what is analysed and how, and what is not (None: nothing left out).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 2))
+        >>> line, warning = coverage_lines("Monitor", model, find_layers(model), "mean", None,
+        ...                                uncovered_modules(model, find_layers(model)))
+        >>> line.split(" (")[0]
+        'Monitor: analysing 1 layers holding 29% of the 112 trainable weight-matrix parameters'
+        >>> warning.split(":")[1]
+        ' 1 weight-bearing module(s) are not analysed'
+    """
+    analysed, weights, total = coverage(model, layers)
+    share = f"{100.0 * analysed / weights:.0f}%" if weights else "none"
+    convention = {"mean": "× the batch size (a per-example mean loss)",
+                  "token_mean": "× the tokens the loss averages over, one row per token",
+                  "sum": "as they are (a summed loss)"}[loss_reduction]
+    why = f"; {reduction_reason}" if reduction_reason else ""
+    line = (f"{who}: analysing {len(layers)} layers holding {share} of the {weights:,} "
+            f"trainable weight-matrix parameters ({total:,} trainable in all: the rest are "
+            f"biases and scales); output gradients {convention}{why}.")
+    if not uncovered:
+        return line, None
+    listed = "; ".join(f"{name or '(the model)'} ({kind}, {count:,} parameters): {reason}"
+                       for name, kind, count, reason in uncovered[:8])
+    more = f"; and {len(uncovered) - 8} more" if len(uncovered) > 8 else ""
+    return line, (f"{who}: {len(uncovered)} weight-bearing module(s) are not analysed: {listed}{more}. "
+                  "Teach the capture a layer kind with `lightning_conditioning.register_adapter`.")

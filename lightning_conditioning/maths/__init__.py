@@ -12,5 +12,6 @@
 - ``sampling``: at most ``max_rows`` rows of a pass enter a moment, with the error measured.
 - ``domination``: weight-domination norms (σmax of weights, gradients, updates).
 - ``features``: outlier features, read off Σx's diagonal.
+- ``attention``: attention logits and entropy per head, from q, k and the mask.
 - ``precision``: the Gram dtype for a device.
 """

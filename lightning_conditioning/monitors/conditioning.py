@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_conditioning.analysis.assignment import estimated_seconds
+from lightning_conditioning.analysis.attention import AttentionWindows
 from lightning_conditioning.analysis.margin import step_size_limits, with_stability_margin
 from lightning_conditioning.analysis.options import ConditioningOptions
 from lightning_conditioning.analysis.results import SHARED_LOOKUP_NOTE, LayerConditioning
@@ -34,7 +35,7 @@ from lightning_conditioning.capture.conventions import loss_tokens, resolve_loss
 from lightning_conditioning.capture.hooks import LayerCapture
 from lightning_conditioning.capture.plan import AnalysisPlan, memory_budget, plan_analysis
 from lightning_conditioning.capture.selection import (
-    coverage,
+    coverage_lines,
     find_layers,
     last_linear_name,
     selection_problem,
@@ -158,6 +159,8 @@ class ConditioningMonitor:
         self.uncovered = uncovered_modules(model, layers, o.layer_types, o.include, o.exclude)
         self._announce_coverage(model, layers)
         self.capture: LayerCapture | None = None
+        #: attention logits and entropy per module and head (:mod:`..analysis.attention`)
+        self.attention = AttentionWindows(model, lambda: self.capture is not None and self.capture.active)
         if not layers or o.include:
             problem = selection_problem(model, o, layers)
             if problem:
@@ -203,23 +206,11 @@ class ConditioningMonitor:
 
     def _announce_coverage(self, model: nn.Module, layers: Mapping[str, Any]) -> None:
         """One line on what is analysed and how; one warning naming what is not (and why)."""
-        who = type(self).__name__
-        analysed, weights, total = coverage(model, layers)
-        share = f"{100.0 * analysed / weights:.0f}%" if weights else "none"
-        convention = {"mean": "× the batch size (a per-example mean loss)",
-                      "token_mean": "× the tokens the loss averages over, one row per token",
-                      "sum": "as they are (a summed loss)"}[self.loss_reduction]
-        why = f"; {self._reduction_reason}" if self._reduction_reason else ""
-        self._info(f"{who}: analysing {len(layers)} layers holding {share} of the {weights:,} "
-                   f"trainable weight-matrix parameters ({total:,} trainable in all: the rest are "
-                   f"biases and scales); output gradients {convention}{why}.")
-        if self.uncovered:
-            listed = "; ".join(f"{name or '(the model)'} ({kind}, {count:,} parameters): {reason}"
-                               for name, kind, count, reason in self.uncovered[:8])
-            more = f"; and {len(self.uncovered) - 8} more" if len(self.uncovered) > 8 else ""
-            self._warn(f"{who}: {len(self.uncovered)} weight-bearing module(s) are not analysed: "
-                       f"{listed}{more}. Teach the capture a layer kind with "
-                       "`lightning_conditioning.register_adapter`.")
+        line, warning = coverage_lines(type(self).__name__, model, layers, self.loss_reduction,
+                                       self._reduction_reason, self.uncovered)
+        self._info(line)
+        if warning:
+            self._warn(warning)
 
     # ------------------------------------------------------------------ public state
     @property
@@ -449,6 +440,7 @@ class ConditioningMonitor:
         if self.capture is not None:
             self.capture.active = False
             self.capture.reset()
+            self.attention.discard()
         self._window_start = self._current_step = self._next_step = None
 
     @contextmanager
@@ -480,6 +472,7 @@ class ConditioningMonitor:
         """The finished window's moments (:func:`gather_moments`); their rows per step feed the
         turns' cost model (the same on every rank: counted after the reduction)."""
         moments = gather_moments(capture, collectives, solver=self.options.solver)
+        self.attention.gather(collectives or Collectives.local())
         self.moment_bytes = held_bytes(moments)
         if (shared := capture.sharing.news()) is not None:
             self._info(f"{type(self).__name__}: {shared}.")
@@ -504,6 +497,7 @@ class ConditioningMonitor:
     def _publish(self, step: int, results: dict[str, LayerConditioning]) -> None:
         """New results of ``step``: kept, counted, checked, and the diagnosis warned once."""
         self._window_results, self.results_step, self.updated = results, step, True
+        self.attention.publish()
         self._results = {**self._results, **results} if self.turns is not None and self.turns.share else results
         self.analyses += 1
         if len(self.analysed_steps) < 16:  # bounded: a long run keeps only its first ones
@@ -531,7 +525,7 @@ class ConditioningMonitor:
         """The diagnosis of the latest analysis (with :attr:`domination_source`'s check)."""
         domination = dict(self.domination_source()) if self.domination_source else None
         dtype = self.capture.statistics_dtype if self.capture is not None else None
-        return diagnose(conditioning_table(self._results), domination or None,
+        return diagnose({**conditioning_table(self._results), **self.attention.table()}, domination or None,
                         last_layer=self.last_linear,
                         statistics_float64=None if dtype is None else dtype == torch.float64)
 
@@ -563,6 +557,7 @@ class ConditioningMonitor:
         self._background.close()
         if self.capture is not None:
             self.capture.detach()
+            self.attention.close()
         self._window_start = self._current_step = self._next_step = None
 
     def __enter__(self) -> ConditioningMonitor:

@@ -118,6 +118,11 @@ class Thresholds:
             init: the 10- and 12-unit squeeze-excitation bottlenecks of EfficientNet-B0 and
             RegNet-Y-400MF read 158× and 233× on 4 pooled rows, while every layer of 32 or more
             features of the project's real-model tests stays below 100×).
+        attention_logit: an attention module whose largest ``|q·k|·scale`` reaches this has
+            growing logits (at init the models of the project's tests read at most a few
+            units; Wortsman et al. 2023 see divergence once logits reach the thousands).
+        attention_entropy_share: a head whose mean softmax entropy is below this share of
+            uniform attention's (under the same masks) has collapsed onto a few keys.
 
     Example:
         >>> Thresholds(dead_fraction=0.9).dead_fraction
@@ -135,6 +140,8 @@ class Thresholds:
     update_weight_ratio: float = 0.0
     outlier_ratio: float = 100.0
     outlier_min_features: int = 32
+    attention_logit: float = 100.0
+    attention_entropy_share: float = 0.1
 
 
 def _positive(row: Mapping[str, float] | None, key: str) -> float | None:
@@ -214,6 +221,36 @@ def _over_layers(rule: str, hits: Sequence[tuple[Any, ...]], message: str, evide
         return []
     return [Finding(rule=rule, layer=hits[0][0], layers=tuple(h[0] for h in hits), message=message,
                     evidence=evidence, remedy=remedy)]
+
+
+def _attention_logits(table: Table, th: Thresholds) -> list[Finding]:
+    hits = [(name, row["attention_logit_max"]) for name, row in table.items()
+            if row.get("attention_logit_max", 0.0) >= th.attention_logit]
+    listed = listing([f"{n} (max |q·k|/√d = {v:.3g})" for n, v in hits])
+    return _over_layers(
+        "attention_logit_growth", hits,
+        f"{len(hits)} attention module(s) reach logits of at least {th.attention_logit:g}: {listed}. "
+        "Growing attention logits saturate the softmax and come before loss spikes and divergence "
+        "(Wortsman et al. 2023)",
+        {f"attention_logit_max[{n}]": v for n, v in hits},
+        "normalise queries and keys (QK-layernorm), lower the learning rate of the q/k projections, "
+        "or add weight decay to them")
+
+
+def _attention_entropy(table: Table, th: Thresholds) -> list[Finding]:
+    hits = [(name, row["attention_entropy_min"], row["attention_entropy_uniform"]) for name, row in table.items()
+            if "attention_entropy_min" in row and row.get("attention_entropy_uniform", 0.0) > 0
+            and row["attention_entropy_min"] < th.attention_entropy_share * row["attention_entropy_uniform"]]
+    listed = listing([f"{n} ({h:.3g} nats against {u:.3g} uniform)" for n, h, u in hits])
+    return _over_layers(
+        "attention_entropy_collapse", hits,
+        f"{len(hits)} attention module(s) have a head whose attention entropy is under "
+        f"{th.attention_entropy_share:.0%} of uniform attention's: {listed}. A head that looks at one "
+        "key only passes little signal and gradient; entropy collapse comes before training "
+        "instability (Zhai et al. 2023)",
+        {f"attention_entropy_min[{n}]": h for n, h, _ in hits},
+        "check the attention logits (attention_logit_max); normalising queries and keys, a lower "
+        "learning rate or a longer warm-up keep the entropy up")
 
 
 def _outlier_features(table: Table, th: Thresholds) -> list[Finding]:
@@ -462,6 +499,8 @@ def diagnose(
     findings += _depth_trend(conditioning, "grad_lambda_max", backward=True, th=th)
     findings += _dead_units(conditioning, th)
     findings += _outlier_features(conditioning, th)
+    findings += _attention_logits(conditioning, th)
+    findings += _attention_entropy(conditioning, th)
     findings += _kappa_outliers(conditioning, th)
     findings += _rank_deficient(conditioning, last_layer, statistics_float64)
     findings += _step_size(conditioning)

@@ -12,7 +12,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from lightning_conditioning import schema
+from lightning_conditioning.analysis.attention import attention_metrics
 from lightning_conditioning.analysis.results import LayerConditioning
+from lightning_conditioning.maths.attention import AttentionReading
 from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
 from lightning_conditioning.views.spectra_file import spectrum_records
 from lightning_conditioning.views.tables import LayerTable, conditioning_table
@@ -70,8 +72,11 @@ class Publication:
         prefix: str = "conditioning",
         histograms: bool = True,
         figures: bool = True,
+        attention: Mapping[str, AttentionReading] | None = None,
     ) -> None:
         self.results = results
+        #: the window's attention readings by module (:mod:`~lightning_conditioning.analysis.attention`)
+        self.attention = attention or {}
         self.step = int(step)
         self.prefix = prefix
         self.histograms = histograms
@@ -79,10 +84,11 @@ class Publication:
 
     @cached_property
     def metrics(self) -> dict[str, float]:
-        """Flat scalars ``{prefix}/{layer}/{quantity}`` of every layer."""
+        """Flat scalars ``{prefix}/{layer}/{quantity}`` of every layer (and attention module)."""
         out: dict[str, float] = {}
         for result in self.results.values():
             out.update(result.metrics(self.prefix))
+        out.update(attention_metrics(self.attention, self.prefix))
         return out
 
     @cached_property

@@ -79,6 +79,8 @@ Trainer's TensorBoard run with the package's report reader:
 ([0, 1], 1.0)
 >>> "train/weight_domination/lm_head/grad_weight_ratio" in run.scalars[1]
 True
+>>> "train/conditioning/transformer.h.0.attn/attention_entropy_min" in run.scalars[1]  # attention
+True
 """
 
 

@@ -281,7 +281,8 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         monitor = self.monitor
         assert monitor is not None and monitor.results_step is not None
         step = monitor.results_step
-        publication = Publication(monitor.window_results, step, prefix=self.prefix)
+        publication = Publication(monitor.window_results, step, prefix=self.prefix,
+                                  attention=monitor.attention.results)
         self._report(args, state, control, step, publication.metrics, hook_kwargs)
         if not (self.log_histograms and self._zero):
             return
