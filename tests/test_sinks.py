@@ -135,7 +135,7 @@ def test_layout_matches_every_logged_key_kind() -> None:
     summary = SimpleNamespace(lambda_max=2.0, rank=3, kappa={50: 2.0, 80: 1e9, 99.5: math.inf},
                               kappa_status=statuses)
     quantities = [q for m in schema.MOMENTS for q in schema.summary_quantities(m, summary)]
-    quantities += list(schema.UNIT_QUANTITIES) + list(schema.SAMPLING_QUANTITIES)
+    quantities += list(schema.UNIT_QUANTITIES) + list(schema.SAMPLING_QUANTITIES) + list(schema.ATTENTION_QUANTITIES)
     assert "grad_rank" in quantities and "fim_kappa_80_lower_bound" in quantities
     for quantity in quantities:  # every per-layer scalar has exactly one chart: λmax and
         # measured κ_p through their log10 copies (the charts have no log axis)

@@ -86,6 +86,8 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
             f"{label} κ_p = ∞": _chart(p, *(schema.kappa_quantity(m, percent, "infinite")
                                             for percent in percents))
             for m, label in moments},
+        f"{p}: attention per module (max |q·k|/√d, smallest head entropy, uniform entropy)": {
+            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.ATTENTION_QUANTITIES},
         f"{p}: row sampling per layer (only when max_rows left rows out)": {
             quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.SAMPLING_QUANTITIES},
         f"{p}: stability margin per layer": {
