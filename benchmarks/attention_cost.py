@@ -2,7 +2,7 @@
 
 Every step is analysed (``every_n_steps=1``, other options at their defaults); the time spent
 in :func:`~lightning_conditioning.maths.attention.attention_reading` (the SDPA calls' readings:
-float64 logits of 64 sampled queries per head, their softmax entropy) is timed inside each step,
+float64 logits of 32 sampled query positions per head, their softmax entropy) is timed inside each step,
 against the analysed step's own time and a plain step's.
 
 Usage::

@@ -215,3 +215,20 @@ def test_two_ranks_read_what_one_process_reads() -> None:
         assert torch.equal(reading.logit_max, alone.logit_max)
         assert torch.allclose(reading.entropy_sum, alone.entropy_sum, rtol=1e-12)
         assert torch.equal(reading.rows, alone.rows)
+
+
+def test_attention_computed_without_sdpa_is_named_once() -> None:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8,
+                                     attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(config)
+    said: list[str] = []
+    monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False, info=said.append)
+    ids = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(8))
+    for step in range(2):
+        with monitor.track(step):
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert not monitor.attention.results
+    assert sum("transformer.h.0.attn" in m and "without an attention reading" in m for m in said) == 1
+    monitor.close()

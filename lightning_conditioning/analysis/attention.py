@@ -88,10 +88,19 @@ class AttentionWindows:
         self._pending: dict[str, AttentionReading] = {}
         #: the readings of the window whose results were published last, by module
         self.results: dict[str, AttentionReading] = {}
+        self._said: set[str] = set()
 
-    def gather(self, collectives: Collectives) -> None:
-        """Take the finished window's readings (summed over processes) until :meth:`publish`."""
+    def gather(self, collectives: Collectives) -> str | None:
+        """Take the finished window's readings (summed over processes) until :meth:`publish`;
+        the first time attention modules ran without a reading, a sentence saying so."""
         self._pending = reduce_readings(self.probe.take(), collectives)
+        unread = sorted(self.probe.unread - self._said)
+        if not unread:
+            return None
+        self._said.update(unread)
+        return (f"attention modules ran without an attention reading (their attention is not "
+                f"computed by F.scaled_dot_product_attention, e.g. Hugging Face's eager "
+                f"implementation): {', '.join(unread[:6])}{' …' if len(unread) > 6 else ''}")
 
     def publish(self) -> None:
         """The gathered readings become :attr:`results`."""

@@ -16,8 +16,8 @@ name ends in ``Attention`` (Hugging Face's ``GPT2Attention``, ``LlamaAttention``
 
 Attention computed another way (an explicit ``softmax(q @ kᵀ)``, as Hugging Face's ``eager``
 implementation does) is not seen; :attr:`AttentionProbe.unread` names the modules that ran
-without a reading. Query positions are sampled with the probe's own generator: training stays
-bit-identical.
+without a reading. Nothing is read in a ``torch.compile``-d model. Query positions are sampled
+with the probe's own generator: training stays bit-identical.
 
 Example:
     >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_conditioning.capture.functional import compiled
 from lightning_conditioning.capture.selection import user_name
 from lightning_conditioning.maths.attention import QUERY_SAMPLE, AttentionReading, attention_reading
 
@@ -85,7 +86,9 @@ class AttentionProbe:
 
     def __init__(self, model: nn.Module, active: Callable[[], bool], *, sample: int = QUERY_SAMPLE,
                  seed: int = 0) -> None:
-        self.modules = attention_modules(model)
+        #: the modules read (none in a compiled model: a mode inside compiled code would
+        #: recompile it)
+        self.modules = {} if compiled(model) else attention_modules(model)
         self.active = active
         self.sample = sample
         self._generator = torch.Generator().manual_seed(seed)

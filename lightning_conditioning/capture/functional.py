@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["WeightUse", "weight_uses", "FunctionalCapture", "FUNCTIONS"]
+__all__ = ["WeightUse", "weight_uses", "FunctionalCapture", "FUNCTIONS", "compiled"]
 
 #: the functions whose weight argument is looked up, and the weight's position in their args
 FUNCTIONS: dict[Callable[..., Any], int] = {
@@ -51,6 +51,18 @@ class WeightUse:
     layer: str
     rows: slice
     kind: str = "linear"
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps the model or a part of it (no ``TorchFunctionMode``
+    then: a mode inside compiled code would recompile it).
+
+    Example:
+        >>> compiled(nn.Linear(2, 2))
+        False
+    """
+    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
+               is not None for m in model.modules())
 
 
 def layer_kind(module: nn.Module, adapter: Any) -> str:

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.capture.adapters import LayerAdapter
-from lightning_conditioning.capture.functional import KIND_OF, FunctionalCapture, WeightUse, row_range, weight_uses
+from lightning_conditioning.capture.functional import (
+    KIND_OF,
+    FunctionalCapture,
+    WeightUse,
+    compiled,
+    row_range,
+    weight_uses,
+)
 from lightning_conditioning.capture.plan import AnalysisPlan
 
 # which layers are analysed: lightning_conditioning.capture.selection (its names import from here too)
@@ -207,7 +214,7 @@ class LayerCapture:
         """The functional mode, when a model is given and some layer weight can be used
         functionally (see :mod:`~lightning_conditioning.capture.functional`)."""
         self._uses = weight_uses(self.layers)
-        if self.model is None or not self._uses or _compiled(self.model):
+        if self.model is None or not self._uses or compiled(self.model):
             self._mode = None
             return
         self._mode = FunctionalCapture(set(self._uses), self._functional_call)
@@ -484,13 +491,6 @@ class LayerCapture:
             self.owners = owners_of(turn, dict(self.sharing.followers), apart, world_size, shardable)
         merge_sketches(turn, apart, self.owners, reduce, reduce_to, world_size, rank)
         sum_windows(turn, apart, self.owners, reduce, reduce_to, rank)  # and the row counts
-
-
-def _compiled(model: nn.Module) -> bool:
-    """Whether ``torch.compile`` wraps the model or a part of it (no functional path then: a
-    mode inside compiled code would recompile it)."""
-    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
-               is not None for m in model.modules())
 
 
 def _hosts(model: nn.Module, layers: Mapping[str, tuple[nn.Module, LayerAdapter]]) -> list[nn.Module]:

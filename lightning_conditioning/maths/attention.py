@@ -35,7 +35,7 @@ from torch import Tensor
 __all__ = ["AttentionReading", "attention_reading", "QUERY_SAMPLE"]
 
 #: query positions sampled per call (every position when there are fewer)
-QUERY_SAMPLE = 64
+QUERY_SAMPLE = 32
 
 
 @dataclass
@@ -111,38 +111,41 @@ def attention_reading(query: Tensor, key: Tensor, *, attn_mask: Tensor | None = 
         generator: draws the positions (the caller's own: never the global one).
     """
     with torch.no_grad():
-        q = query.detach().to(torch.float64)
-        k = key.detach().to(torch.float64)
+        q, k = query.detach(), key.detach()
         if q.dim() == 3:  # (heads, queries, d): unbatched
             q, k = q.unsqueeze(0), k.unsqueeze(0)
             attn_mask = attn_mask.unsqueeze(0) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask
         heads, count, keys, dim = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
-        if k.shape[-3] != heads:
-            k = k.repeat_interleave(heads // k.shape[-3], dim=-3)
         factor = 1.0 / math.sqrt(dim) if scale is None else float(scale)
         allowed, bias = _allowed_and_bias(attn_mask, is_causal, count, keys, q.device)
-        if count > sample:
+        if count > sample:  # the sampled queries only are converted and multiplied
             chosen = torch.randperm(count, generator=generator, device="cpu")[:sample].sort().values.to(q.device)
             q = q[..., chosen, :]
             if allowed is not None:
                 allowed = allowed.expand(*allowed.shape[:-2], count, keys)[..., chosen, :]
             if bias is not None:
                 bias = bias.expand(*bias.shape[:-2], count, keys)[..., chosen, :]
-        logits = (q @ k.transpose(-1, -2)) * factor  # (..., heads, sampled, keys)
+        q = q.to(torch.float64) * factor
+        k = k.to(torch.float64)
+        if k.shape[-3] != heads:
+            k = k.repeat_interleave(heads // k.shape[-3], dim=-3)
+        logits = q @ k.transpose(-1, -2)  # (..., heads, sampled, keys), scaled
         if allowed is None:
             allowed = torch.ones((), dtype=torch.bool, device=q.device)
         allowed = allowed.expand_as(logits)
-        magnitude = logits.abs().masked_fill(~allowed, -math.inf)
-        scores = (logits if bias is None else logits + bias).masked_fill(~allowed, -math.inf)
+        magnitude = torch.where(allowed, logits.abs(), 0.0)
+        scores = torch.where(allowed, logits if bias is None else logits + bias, -math.inf)
         open_rows = allowed.any(-1)  # (..., heads, sampled)
-        log_p = torch.log_softmax(scores.masked_fill(~open_rows.unsqueeze(-1), 0.0), dim=-1)
-        p = log_p.exp()
-        entropy = -(p * log_p.masked_fill(~allowed, 0.0)).sum(-1)  # (..., heads, sampled)
+        if not bool(open_rows.all()):  # a row that may attend to nothing: no NaN from it
+            scores = scores.masked_fill(~open_rows.unsqueeze(-1), 0.0)
+        p = torch.softmax(scores, dim=-1)
+        entropy = -torch.special.xlogy(p, p).sum(-1)  # (..., heads, sampled); 0·log 0 = 0
         uniform = allowed.sum(-1).clamp_min(1).to(torch.float64).log()
         head_dim = logits.dim() - 3
         reduce_dims = [d for d in range(logits.dim() - 1) if d != head_dim]
         rows = open_rows.to(torch.float64)
-        flat_max = magnitude.movedim(head_dim, 0).reshape(heads, -1).max(dim=1).values
+        flat_max = magnitude.movedim(head_dim, 0).reshape(heads, -1).amax(dim=1)
+        flat_max = torch.where(rows.sum(dim=reduce_dims) > 0, flat_max, -math.inf)
         return AttentionReading(
             logit_max=flat_max.cpu(),
             entropy_sum=(entropy * rows).sum(dim=reduce_dims).cpu(),

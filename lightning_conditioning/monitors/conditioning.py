@@ -472,7 +472,8 @@ class ConditioningMonitor:
         """The finished window's moments (:func:`gather_moments`); their rows per step feed the
         turns' cost model (the same on every rank: counted after the reduction)."""
         moments = gather_moments(capture, collectives, solver=self.options.solver)
-        self.attention.gather(collectives or Collectives.local())
+        if (unread := self.attention.gather(collectives or Collectives.local())) is not None:
+            self._info(f"{type(self).__name__}: {unread}.")
         self.moment_bytes = held_bytes(moments)
         if (shared := capture.sharing.news()) is not None:
             self._info(f"{type(self).__name__}: {shared}.")
