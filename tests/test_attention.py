@@ -232,3 +232,27 @@ def test_attention_computed_without_sdpa_is_named_once() -> None:
     assert not monitor.attention.results
     assert sum("transformer.h.0.attn" in m and "without an attention reading" in m for m in said) == 1
     monitor.close()
+
+
+def test_a_module_around_a_read_attention_is_not_named_as_unread() -> None:
+    class SelfAttention(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = x.unflatten(-1, (2, 4)).transpose(1, 2)
+            return nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).flatten(-2)
+
+    class Attention(nn.Module):  # a wrapper, as BERT's BertAttention around BertSelfAttention
+        def __init__(self) -> None:
+            super().__init__()
+            self.self, self.output = SelfAttention(), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.output(self.self(x))
+
+    model = nn.Sequential(nn.Linear(8, 8), Attention())
+    said: list[str] = []
+    monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False, info=said.append)
+    with monitor.track(0):
+        model(torch.randn(2, 5, 8)).square().sum().backward()
+    assert list(monitor.attention.results) == ["1.self"]
+    assert not any("without an attention reading" in m for m in said)
+    monitor.close()

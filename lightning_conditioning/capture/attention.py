@@ -124,7 +124,9 @@ class AttentionProbe:
     def take(self) -> dict[str, AttentionReading]:
         """The window's readings (the probe starts a new window)."""
         readings, self.readings = self.readings, {}
-        self.unread = {name for name in self._ran if name not in readings}
+        # a module around a read one (BERT's BertAttention around its BertSelfAttention) is no gap
+        self.unread = {name for name in self._ran if name not in readings
+                       and not any(read.startswith(name + ".") for read in readings)}
         self._ran = set()
         return readings
 
