@@ -133,7 +133,7 @@ def test_llama_readings_use_the_rotary_queries_and_keys_of_grouped_query_attenti
 def test_multihead_attention_is_read_from_its_projections_with_its_masks(batch_first: bool) -> None:
     torch.manual_seed(3)
     attention = nn.MultiheadAttention(16, 4, batch_first=batch_first).double()
-    model = nn.Sequential(attention)  # (analysed as a layer too)
+    model = nn.Sequential(nn.Sequential(attention))  # nested: its parent is a host of the functional path
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[1, 5:] = True  # True: not attended (the module's convention)
@@ -148,7 +148,10 @@ def test_multihead_attention_is_read_from_its_projections_with_its_masks(batch_f
     k = (x @ k_weight.T + attention.in_proj_bias[16:32]).view(2, 7, 4, 4).transpose(1, 2)
     logits = (q @ k.transpose(-1, -2) / 2.0).detach()
     allowed = (~causal)[None, None] & (~padding)[:, None, None, :]
-    _assert_reading(monitor.attention.results["0"], *_reference(logits, allowed.expand(2, 4, 7, 7)))
+    _assert_reading(monitor.attention.results["0.0"], *_reference(logits, allowed.expand(2, 4, 7, 7)))
+    # the reading's own projections are not rows of the projections' Σx (the functional path)
+    projections = ("0.0.q_proj", "0.0.k_proj", "0.0.v_proj")
+    assert {name: monitor.results[name].input_rows for name in projections} == dict.fromkeys(projections, 14)
     monitor.close()
 
 
@@ -255,4 +258,34 @@ def test_a_module_around_a_read_attention_is_not_named_as_unread() -> None:
         model(torch.randn(2, 5, 8)).square().sum().backward()
     assert list(monitor.attention.results) == ["1.self"]
     assert not any("without an attention reading" in m for m in said)
+    monitor.close()
+
+
+def test_an_additive_mask_at_the_dtypes_lowest_value_masks_like_minus_infinity() -> None:
+    from lightning_conditioning.maths.attention import attention_reading
+
+    q = torch.randn(2, 3, 6, 4, generator=torch.Generator().manual_seed(9))
+    k = torch.randn(2, 3, 6, 4, generator=torch.Generator().manual_seed(10))
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()
+    lowest = torch.zeros(6, 6).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    infinite = torch.zeros(6, 6).masked_fill(~allowed, -math.inf)
+    by_bool = attention_reading(q, k, attn_mask=allowed)
+    for mask in (lowest, infinite):
+        reading = attention_reading(q, k, attn_mask=mask)
+        assert torch.equal(reading.logit_max, by_bool.logit_max)
+        assert torch.allclose(reading.entropy, by_bool.entropy, rtol=1e-12)
+        assert reading.uniform_entropy == pytest.approx(by_bool.uniform_entropy, rel=1e-12)
+
+
+def test_reading_a_multihead_attention_adds_no_rows_to_its_projections() -> None:
+    """The reading projects q and k itself; inside a host of the functional path (here a
+    TransformerEncoderLayer) those products must not reach the projections' Σx."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True))
+    monitor = _monitor(model)
+    with monitor.track(0):
+        model(torch.randn(3, 5, 16)).square().sum().backward()
+    projections = [f"0.self_attn.{p}_proj" for p in ("q", "k", "v")]
+    assert {name: monitor.results[name].input_rows for name in projections} == dict.fromkeys(projections, 15)
+    assert "0.self_attn" in monitor.attention.results
     monitor.close()

@@ -235,3 +235,24 @@ def test_max_rows_must_be_a_positive_int_or_none(bad: object) -> None:
     with pytest.raises(ValueError, match="max_rows"):
         ConditioningOptions(max_rows=bad)  # type: ignore[arg-type]
     assert ConditioningOptions(max_rows=None).max_rows is None
+
+
+def test_layers_that_share_one_input_report_its_sampling_too() -> None:
+    class QKV(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(3)
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q(x) * self.k(x) + self.v(x)
+
+    model = QKV()
+    monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
+                                  info=lambda _: None)
+    with monitor.track(0):
+        model(torch.randn(3000, 8)).square().mean().backward()
+    readings = {name: monitor.results[name].sampling["input"] for name in ("q", "k", "v")}
+    assert len(set(readings.values())) == 1 and readings["q"][0] == 2048
+    assert {monitor.results[name].input_rows for name in readings} == {3000}
+    monitor.close()

@@ -188,9 +188,11 @@ class AttentionProbe:
         else:
             q_weight, k_weight = module.q_proj_weight, module.k_proj_weight
         bias = module.in_proj_bias
-        with torch.no_grad():
-            q = F.linear(query.detach(), q_weight, None if bias is None else bias[:embed])
-            k = F.linear(key.detach(), k_weight, None if bias is None else bias[embed:2 * embed])
+        with torch.no_grad():  # matmul, not F.linear: the capture's functional path must not see these
+            q = torch.matmul(query.detach(), q_weight.detach().T)
+            k = torch.matmul(key.detach(), k_weight.detach().T)
+            if bias is not None:
+                q, k = q + bias[:embed].detach(), k + bias[embed:2 * embed].detach()
         batch, count, keys = q.shape[0], q.shape[1], k.shape[1]
         q = q.reshape(batch, count, heads, -1).transpose(1, 2)
         k = k.reshape(batch, keys, heads, -1).transpose(1, 2)

@@ -298,7 +298,8 @@ class LayerCapture:
             lead = moments[leader]
             moments[name] = replace(
                 moments[name], input_second_moment=lead.input_second_moment, input_rows=lead.input_rows,
-                input_gram_roundoff=lead.input_gram_roundoff, shared_input=leader)
+                input_gram_roundoff=lead.input_gram_roundoff, input_sampling=lead.input_sampling,
+                shared_input=leader)
         for name, leader in lost.items():
             moments[name] = replace(moments[name], input_second_moment=None, input_rows=0,
                                     shared_input=leader or None, shared_input_lost=True)

@@ -13,7 +13,8 @@ computes in float64, per head:
   collapse reads against what the mask allows.
 
 Masks follow ``torch.nn.functional.scaled_dot_product_attention``: a boolean ``attn_mask`` is
-True where a query may attend, a float one is added to the logits (``-inf``: may not);
+True where a query may attend, a float one is added to the logits (``-inf``, or below half the
+dtype's lowest value as Hugging Face writes masks: may not);
 ``is_causal`` allows keys up to the query's position (top-left aligned). Query rows that may
 attend to nothing are left out.
 
@@ -87,9 +88,9 @@ def _allowed_and_bias(attn_mask: Tensor | None, is_causal: bool, queries: int, k
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask if allowed is None else allowed & attn_mask
-        else:
+        else:  # -inf, or the dtype's lowest value (as Hugging Face masks), marks "may not"
             bias = attn_mask.to(torch.float64)
-            finite = torch.isfinite(bias)
+            finite = bias > torch.finfo(attn_mask.dtype).min / 2
             allowed = finite if allowed is None else allowed & finite
             bias = torch.where(finite, bias, torch.zeros((), dtype=torch.float64, device=bias.device))
     return allowed, bias
