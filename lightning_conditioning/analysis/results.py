@@ -21,7 +21,7 @@ from lightning_conditioning.maths.features import outlier_feature
 from lightning_conditioning.maths.moments import LayerMoments
 from lightning_conditioning.maths.remote import RemoteMoment
 from lightning_conditioning.maths.resolution import floor_rtol
-from lightning_conditioning.maths.sampling import SampleTally
+from lightning_conditioning.maths.sampling import kept_of
 from lightning_conditioning.maths.sketch import SketchedMoment
 from lightning_conditioning.maths.solvers import (
     DIAGONAL,
@@ -338,11 +338,11 @@ def analyse_layer(
                                   solver_error=spectrum.relative_error,
                                   structural_zeros=spectrum.structural_zeros)
 
-    input_summary = summary("input", _kept(moments.input_rows, moments.input_sampling),
+    input_summary = summary("input", kept_of(moments.input_rows, moments.input_sampling),
                             moments.input_resolution, moments.input_gram_roundoff)
     grad_summary = fim = None
     if status == "ok":
-        grad_summary = summary("grad", _kept(moments.grad_rows, moments.grad_sampling),
+        grad_summary = summary("grad", kept_of(moments.grad_rows, moments.grad_sampling),
                                moments.grad_resolution, moments.grad_gram_roundoff)
         fim = (summarize_kronecker(input_summary, grad_summary, percents)
                if input_summary.exact and grad_summary.exact
@@ -359,19 +359,13 @@ def analyse_layer(
     )
 
 
-def _kept(rows: int, tally: SampleTally | None) -> int:
-    """The rows that entered a moment (its rank can be no more): of the rows it counts, row
-    sampling left ``tally.counted − tally.kept`` out."""
-    return rows - (tally.counted - tally.kept) if tally is not None else rows
-
-
 def _sampling(moments: LayerMoments, with_grad: bool) -> dict[str, tuple[int, float]]:
     """``{moment: (rows kept, relative error of λmax)}`` of the sampled moments."""
     found: dict[str, tuple[int, float]] = {}
     for moment, rows, tally in (("input", moments.input_rows, moments.input_sampling),
                                 ("grad", moments.grad_rows, moments.grad_sampling)):
         if tally is not None and (moment == "input" or with_grad):
-            found[moment] = (_kept(rows, tally), tally.relative_error())
+            found[moment] = (kept_of(rows, tally), tally.relative_error())
     if found and with_grad and moments.input_second_moment is not None:
         errors = [found[m][1] if m in found else 0.0 for m in ("input", "grad")]
         found["fim"] = (0, math.hypot(*errors))

@@ -196,15 +196,14 @@ class AttentionProbe:
         batch, count, keys = q.shape[0], q.shape[1], k.shape[1]
         q = q.reshape(batch, count, heads, -1).transpose(1, 2)
         k = k.reshape(batch, keys, heads, -1).transpose(1, 2)
-        mask = _multihead_mask(given.get("attn_mask"), given.get("key_padding_mask"), batch, heads, count, keys,
-                               batched)
+        mask = _multihead_mask(given.get("attn_mask"), given.get("key_padding_mask"), batch, heads, count, keys)
         causal = bool(given.get("is_causal", False)) and given.get("attn_mask") is None
         self._record(name, attention_reading(q, k, attn_mask=mask, is_causal=causal, sample=self.sample,
                                              generator=self._generator))
 
 
-def _multihead_mask(attn_mask: Any, padding: Any, batch: int, heads: int, count: int, keys: int,
-                    batched: bool) -> Tensor | None:
+def _multihead_mask(attn_mask: Any, padding: Any, batch: int, heads: int, count: int,
+                    keys: int) -> Tensor | None:
     """``nn.MultiheadAttention``'s masks as one SDPA-style mask ``(batch, heads, count, keys)``
     (boolean True: may attend; float: added)."""
     parts: list[Tensor] = []
@@ -214,7 +213,7 @@ def _multihead_mask(attn_mask: Any, padding: Any, batch: int, heads: int, count:
         if shape is None:  # (count, keys) or (batch·heads, count, keys)
             mask = mask.reshape(batch, heads, count, keys) if mask.dim() == 3 else mask
         else:
-            mask = mask.reshape(shape) if batched or mask.dim() == 1 else mask.reshape(shape)
+            mask = mask.reshape(shape)
         parts.append(~mask if mask.dtype == torch.bool else mask.to(torch.float64))
     if not parts:
         return None

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_conditioning.maths.remote import RemoteMoment
-from lightning_conditioning.maths.sampling import SampleTally
+from lightning_conditioning.maths.sampling import SampleTally, kept_of
 from lightning_conditioning.maths.sketch import SketchedMoment
 
 __all__ = ["LayerMoments", "moments_to_cpu", "held_bytes", "kept_rows"]
@@ -174,7 +174,4 @@ def kept_rows(moments: LayerMoments) -> int:
         >>> kept_rows(replace(found, input_sampling=SampleTally(rows=8192, kept=2048, counted=8192)))
         2048
     """
-    def one(rows: int, tally: SampleTally | None) -> int:
-        return rows - (tally.counted - tally.kept) if tally is not None else rows
-
-    return max(one(moments.input_rows, moments.input_sampling), one(moments.grad_rows, moments.grad_sampling))
+    return max(kept_of(moments.input_rows, moments.input_sampling), kept_of(moments.grad_rows, moments.grad_sampling))

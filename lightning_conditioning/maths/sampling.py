@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["RowSampler", "SampleTally", "POWER_STEPS", "DEFAULT_ROW_LIMIT"]
+__all__ = ["RowSampler", "SampleTally", "POWER_STEPS", "DEFAULT_ROW_LIMIT", "kept_of"]
 
 #: power steps for the sample's top direction (the error bar's, not λmax's: a rough
 #: direction is enough for a standard error)
@@ -107,6 +107,17 @@ class SampleTally:
     def reset(self) -> None:
         self.rows = self.kept = self.counted = 0
         self.variance = self.level = 0.0
+
+
+def kept_of(rows: int, tally: SampleTally | None) -> int:
+    """The rows that entered a moment of ``rows`` rows: of those the passes counted, sampling
+    left ``tally.counted − tally.kept`` out (rows added as ready Grams all entered).
+
+    Example:
+        >>> kept_of(8192, SampleTally(rows=8192, kept=2048, counted=8192)), kept_of(500, None)
+        (2048, 500)
+    """
+    return rows - (tally.counted - tally.kept) if tally is not None else rows
 
 
 class RowSampler:
