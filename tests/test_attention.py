@@ -289,3 +289,47 @@ def test_reading_a_multihead_attention_adds_no_rows_to_its_projections() -> None
     assert {name: monitor.results[name].input_rows for name in projections} == dict.fromkeys(projections, 15)
     assert "0.self_attn" in monitor.attention.results
     monitor.close()
+
+
+def test_a_background_analysis_publishes_its_own_windows_readings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background analysis may be published after the next window was gathered: its
+    attention readings must still be its own window's (the run on record published window 0's
+    results with window 1's readings whenever the worker was slower than a step)."""
+    import time
+
+    import lightning_conditioning.monitors.conditioning as monitors
+
+    analyse = monitors._analyse_releasing
+
+    def slow(moments, step, *args, **kwargs):  # the worker finishes only after the next gather
+        deadline = time.monotonic() + 30
+        while (mode == "background" and step == 0 and 1 not in watched_monitor.attention._pending
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        return analyse(moments, step, *args, **kwargs)
+
+    monkeypatch.setattr(monitors, "_analyse_releasing", slow)
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 50, (2, 16), generator=generator) for _ in range(2)]
+    published: dict[str, dict[int, list[float]]] = {}
+    for mode in ("background", "sync"):
+        model = _gpt2(scale_qk=1.0)
+        watched_monitor = ConditioningMonitor(model, every_n_steps=1, analysis=mode, warn_diagnosis=False,
+                                              info=lambda _: None, warn=lambda _: None)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # the second window reads other logits
+        seen: dict[int, list[float]] = {}
+        for step, ids in enumerate(batches):
+            with watched_monitor.track(step):
+                model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if watched_monitor.results_step is not None:
+                seen[watched_monitor.results_step] = watched_monitor.attention.results["transformer.h.0.attn"].logit_max.tolist()
+        watched_monitor.wait()
+        seen[watched_monitor.results_step] = watched_monitor.attention.results["transformer.h.0.attn"].logit_max.tolist()
+        watched_monitor.close()
+        published[mode] = seen
+    assert sorted(published["background"]) == sorted(published["sync"]) == [0, 1]
+    assert published["sync"][0] != pytest.approx(published["sync"][1], rel=1e-3)  # the test can tell them apart
+    for step in (0, 1):
+        assert published["background"][step] == pytest.approx(published["sync"][step], rel=1e-12)

@@ -85,15 +85,18 @@ class AttentionWindows:
         self.probe = AttentionProbe(model, active)
         if self.probe.modules:
             self.probe.attach()
-        self._pending: dict[str, AttentionReading] = {}
+        #: gathered readings by the step of their window, until that window is published (a
+        #: background analysis publishes a window after the next one was gathered)
+        self._pending: dict[int, dict[str, AttentionReading]] = {}
         #: the readings of the window whose results were published last, by module
         self.results: dict[str, AttentionReading] = {}
         self._said: set[str] = set()
 
-    def gather(self, collectives: Collectives) -> str | None:
-        """Take the finished window's readings (summed over processes) until :meth:`publish`;
-        the first time attention modules ran without a reading, a sentence saying so."""
-        self._pending = reduce_readings(self.probe.take(), collectives)
+    def gather(self, step: int, collectives: Collectives) -> str | None:
+        """Take the readings of the window finished at ``step`` (summed over processes) until
+        :meth:`publish` of that step; the first time attention modules ran without a reading,
+        a sentence saying so."""
+        self._pending[step] = reduce_readings(self.probe.take(), collectives)
         unread = sorted(self.probe.unread - self._said)
         if not unread:
             return None
@@ -102,9 +105,11 @@ class AttentionWindows:
                 f"computed by F.scaled_dot_product_attention, e.g. Hugging Face's eager "
                 f"implementation): {', '.join(unread[:6])}{' …' if len(unread) > 6 else ''}")
 
-    def publish(self) -> None:
-        """The gathered readings become :attr:`results`."""
-        self.results, self._pending = self._pending, {}
+    def publish(self, step: int) -> None:
+        """The readings gathered at ``step`` become :attr:`results` (earlier ones still pending
+        are dropped: their window was never published)."""
+        self.results = self._pending.pop(step, {})
+        self._pending = {later: readings for later, readings in self._pending.items() if later > step}
 
     def discard(self) -> None:
         """Drop the open window's readings."""

@@ -416,7 +416,7 @@ class ConditioningMonitor:
         if capture is None or mode == "sync" or self.collectives.distributed:
             self.finish(step)  # nothing is ever in the background in these modes
             return True
-        moments = self._gather(capture)
+        moments = self._gather(step, capture)
         here = mode == "auto" and (estimated_seconds(moments) < BACKGROUND_SECONDS
                                    or not background_helps(self._device()))
         if here and not published and not self._background.pending:
@@ -465,14 +465,14 @@ class ConditioningMonitor:
         capture = self.capture
         if capture is None:
             return {}
-        self._finish_moments(step, self._gather(capture, self.collectives))
+        self._finish_moments(step, self._gather(step, capture, self.collectives))
         return self.results
 
-    def _gather(self, capture: LayerCapture, collectives: Collectives | None = None) -> dict[str, LayerMoments]:
+    def _gather(self, step: int, capture: LayerCapture, collectives: Collectives | None = None) -> dict[str, LayerMoments]:
         """The finished window's moments (:func:`gather_moments`); their rows per step feed the
         turns' cost model (the same on every rank: counted after the reduction)."""
         moments = gather_moments(capture, collectives, solver=self.options.solver)
-        if (unread := self.attention.gather(collectives or Collectives.local())) is not None:
+        if (unread := self.attention.gather(step, collectives or Collectives.local())) is not None:
             self._info(f"{type(self).__name__}: {unread}.")
         self.moment_bytes = held_bytes(moments)
         if (shared := capture.sharing.news()) is not None:
@@ -498,7 +498,7 @@ class ConditioningMonitor:
     def _publish(self, step: int, results: dict[str, LayerConditioning]) -> None:
         """New results of ``step``: kept, counted, checked, and the diagnosis warned once."""
         self._window_results, self.results_step, self.updated = results, step, True
-        self.attention.publish()
+        self.attention.publish(step)
         self._results = {**self._results, **results} if self.turns is not None and self.turns.share else results
         self.analyses += 1
         if len(self.analysed_steps) < 16:  # bounded: a long run keeps only its first ones
