@@ -308,6 +308,9 @@ def test_a_background_analysis_publishes_its_own_windows_readings(monkeypatch: p
             time.sleep(0.01)
         return analyse(moments, step, *args, **kwargs)
 
+    def first_head_logits(monitor: ConditioningMonitor) -> list[float]:
+        return monitor.attention.results["transformer.h.0.attn"].logit_max.tolist()
+
     monkeypatch.setattr(monitors, "_analyse_releasing", slow)
     generator = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 50, (2, 16), generator=generator) for _ in range(2)]
@@ -324,9 +327,9 @@ def test_a_background_analysis_publishes_its_own_windows_readings(monkeypatch: p
             optimizer.step()
             optimizer.zero_grad()
             if watched_monitor.results_step is not None:
-                seen[watched_monitor.results_step] = watched_monitor.attention.results["transformer.h.0.attn"].logit_max.tolist()
+                seen[watched_monitor.results_step] = first_head_logits(watched_monitor)
         watched_monitor.wait()
-        seen[watched_monitor.results_step] = watched_monitor.attention.results["transformer.h.0.attn"].logit_max.tolist()
+        seen[watched_monitor.results_step] = first_head_logits(watched_monitor)
         watched_monitor.close()
         published[mode] = seen
     assert sorted(published["background"]) == sorted(published["sync"]) == [0, 1]

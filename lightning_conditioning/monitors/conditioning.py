@@ -468,7 +468,8 @@ class ConditioningMonitor:
         self._finish_moments(step, self._gather(step, capture, self.collectives))
         return self.results
 
-    def _gather(self, step: int, capture: LayerCapture, collectives: Collectives | None = None) -> dict[str, LayerMoments]:
+    def _gather(self, step: int, capture: LayerCapture,
+                collectives: Collectives | None = None) -> dict[str, LayerMoments]:
         """The finished window's moments (:func:`gather_moments`); their rows per step feed the
         turns' cost model (the same on every rank: counted after the reduction)."""
         moments = gather_moments(capture, collectives, solver=self.options.solver)
