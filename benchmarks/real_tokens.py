@@ -25,7 +25,8 @@ weights and tokens, AdamW; every section builds its model from the same seed):
               ``step_overhead=None``: turns change which step a layer is analysed at, not its
               numbers, ``tests/test_turns.py``) against float64 references built from the
               window's own rows, caught by hooks of our own (the smaller Gram of the rows, float64
-              ``eigvalsh``; the embeddings through a float64 monitor of their own). λmax relative
+              ``eigvalsh``; fewer rows than half the width: ARPACK's λmax, κ_50 structurally
+              infinite; the embeddings through a float64 monitor of their own). λmax relative
               error of every moment, κ_50 agreement.
 ``memory``    peak resident memory of a child process that trains ``--memory-steps`` steps with the
               default monitor and weight-domination monitor (default schedules: both check step
@@ -34,7 +35,8 @@ weights and tokens, AdamW; every section builds its model from the same seed):
               AdamW state and activations) is the plain child's peak over its resident set after
               the imports. GPT-2 small at ``--batch × --length`` tokens, then a Llama-7B-shaped
               block (``real_sizes.llama``: hidden 4096, intermediate 11008, vocabulary 1024) at
-              ``--llama-batch × --llama-length``.
+              ``--llama-batch × --llama-length``. The children are forked from a server that
+              imported torch and transformers once.
 ``ranks``     moments sharded by owner (:mod:`owner_ranks`): GPT-2 at full width with
               ``--rank-layers`` blocks, 1 process against 2 (gloo), the finished-moment bytes each
               holds and the numbers against one process.
@@ -49,9 +51,9 @@ import argparse
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -70,7 +72,6 @@ from real_sizes import adamw, gpt2, llama, proc_status, release_free_memory, syn
 from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor  # noqa: E402
 from lightning_conditioning.analysis.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
 from lightning_conditioning.maths.resolution import floor_rtol  # noqa: E402
-from lightning_conditioning.maths.solvers import limited_threads  # noqa: E402
 from lightning_conditioning.maths.spectra import summarize_spectrum  # noqa: E402
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
@@ -195,9 +196,14 @@ def reference_from_rows(rows: torch.Tensor) -> tuple[float, float, str]:
     """``(λmax, κ_50, κ_50 status)`` of the mean ``rowsᵀ rows / n`` in float64, from the smaller
     Gram (``n × n`` when the rows are fewer than the width: the same nonzero spectrum), the rest
     exact zeros; summarised by the package's own rule at the floor of float64 Grams of float32
-    rows (what the default plan's moments are held at on the CPU)."""
+    rows (what the default plan's moments are held at on the CPU). When the rows are fewer than
+    half the width, λ_50 is a structural zero (the rank is at most the rows): κ_50 is infinite
+    and only λmax is solved, by ARPACK on the rows (the ``n × n`` Gram of the 50,257-wide
+    head's gradient rows alone took 28 s)."""
     count, dim = rows.shape
     work = rows.to(torch.float64)
+    if count < math.ceil(0.5 * dim):
+        return _top_eigenvalue(work), math.inf, "infinite"
     gram = work @ work.T if count < dim else work.T @ work
     values = torch.linalg.eigvalsh((gram + gram.T) * 0.5).flip(0).clamp_min(0) / count
     values = torch.cat([values, values.new_zeros(dim - values.numel())]) if values.numel() < dim else values
@@ -207,13 +213,28 @@ def reference_from_rows(rows: torch.Tensor) -> tuple[float, float, str]:
     return summary.lambda_max, summary.kappa.get(50, math.nan), str(summary.kappa_status.get(50))
 
 
+def _top_eigenvalue(rows: torch.Tensor) -> float:
+    """λmax of ``rowsᵀ rows / n`` (float64 rows) by ARPACK to 1e-13, matrix-free."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    count, dim = rows.shape
+
+    def apply(vector: Any) -> Any:
+        v = torch.from_numpy(vector.reshape(-1)).to(torch.float64)
+        return (rows.T @ (rows @ v) / count).numpy()
+
+    value = eigsh(LinearOperator((dim, dim), matvec=apply, dtype="float64"), k=1, which="LA",
+                  tol=1e-13, return_eigenvectors=False)
+    return float(value[0])
+
+
 def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The default plan's numbers against float64 references built from the window's own rows:
     every analysed layer's input rows and output-gradient rows are caught by hooks of our own
     (gradients scaled by the loss's tokens, as the monitor's per-example convention does) and
     solved through the smaller Gram; the embeddings (token counts, a lookup shared by the batch)
-    through a float64 monitor of their own. The default monitor analyses in its worker thread
-    while this thread solves the references: both cores work."""
+    through a float64 monitor of their own. The default monitor's analysis is waited for first
+    (seconds), then the references are solved with every core."""
     model = gpt2(device, False)
     messages: list[str] = []
     default = monitor_for(model, messages, every_n_steps=1, analysis="background", step_overhead=None)
@@ -242,16 +263,18 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
         for monitor in (default, reference):
             monitor.set_loss_tokens(tokens)
         model(**batch).loss.backward()
+    log(f"accuracy: the window's forward and backward took {time.perf_counter() - start:.0f} s")
     for handle in handles:
         handle.remove()
+    default.wait()  # (its solves take seconds; the references then have both cores)
+    log(f"accuracy: the default analysis done at {time.perf_counter() - start:.0f} s")
     references: dict[tuple[str, str], tuple[float, float, str]] = {}
-    with limited_threads(1):  # the worker has the other core
-        for (name, label), parts in caught.items():
-            rows = torch.cat(parts)
-            references[(name, label)] = reference_from_rows(rows * float(tokens or 1) if label == "grad" else rows)
-            parts.clear()
-    default.wait()
+    for (name, label), parts in caught.items():
+        rows = torch.cat(parts)
+        references[(name, label)] = reference_from_rows(rows * float(tokens or 1) if label == "grad" else rows)
+        parts.clear()
     seconds = time.perf_counter() - start
+    log(f"accuracy: references solved at {seconds:.0f} s")
     rows_out: list[dict[str, Any]] = []
     for name, result in default.window_results.items():
         for label in ("input", "grad"):
@@ -317,19 +340,31 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _memory_entry(namespace: dict[str, Any], connection: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        connection.send(memory_child(argparse.Namespace(**namespace)))
+
+
 def memory_pair(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """Peak resident memory of a child that trains ``model`` with both monitors, against one
-    that trains it without."""
+    that trains it without. The children are forked from a server that imported torch and
+    transformers once (``forkserver``, before any thread pool started): each saves the import
+    (about 10 s here), and its peak (``VmHWM``) and base are its own."""
+    context = multiprocessing.get_context("forkserver")
     runs = {}
     for monitored in (False, True):
-        command = [sys.executable, os.path.abspath(__file__), "--child-memory", "--monitor", str(int(monitored)),
-                   "--device", args.device, "--batch", str(args.batch), "--length", str(args.length),
-                   "--memory-steps", str(args.memory_steps), "--model", model,
-                   "--llama-batch", str(args.llama_batch), "--llama-length", str(args.llama_length)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory child failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        runs["monitored" if monitored else "plain"] = json.loads(done.stdout.strip().splitlines()[-1])
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_memory_entry, args=({**vars(args), "model": model,
+                                                              "monitor": int(monitored)}, send))
+        child.start()
+        send.close()
+        try:
+            runs["monitored" if monitored else "plain"] = receive.recv()
+        except EOFError as error:
+            raise RuntimeError(f"memory child failed (exit code {child.exitcode})") from error
+        finally:
+            child.join()
     plain, mon = runs["plain"], runs["monitored"]
     training_peak = plain["rss_peak"] - plain["rss_base"]
     extra = (mon["rss_peak"] - mon["rss_base"]) - training_peak
@@ -361,10 +396,13 @@ def _steps_row(s: dict[str, Any]) -> list[str]:
             f"{s['layers_per_window']} of {s['layers']}"]
 
 
+def _duration(name: str, entry: dict[str, Any]) -> str:
+    return f"{name} {entry['seconds']:.0f} s (other processes {100 * (entry['foreign'] or 0):.0f}% CPU)"
+
+
 def render(out: dict[str, Any]) -> str:
     lines = [f"Device {out['device']}, {out['machine'].get('cpu', '')}; total {out['total_s']:.0f} s; "
-             f"sections: " + ", ".join(f"{k} {v['seconds']:.0f} s (other processes {100 * (v['foreign'] or 0):.0f}% CPU)"
-                                       for k, v in out["durations"].items()), ""]
+             f"sections: " + ", ".join(_duration(k, v) for k, v in out["durations"].items()), ""]
     steps = out.get("steps")
     if steps:
         rows = []
@@ -433,16 +471,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="sequence length of the previous-default row (and of the default row --small-default)")
     parser.add_argument("--small-default", action="store_true",
                         help="also the default options at --batch × --small-length (12 blocks, under the limit)")
-    parser.add_argument("--growth-blocks", type=int, default=2, help="GPT-2 blocks of the growth section")
-    parser.add_argument("--growth-steps", type=int, default=4,
+    parser.add_argument("--growth-blocks", type=int, default=1, help="GPT-2 blocks of the growth section")
+    parser.add_argument("--growth-steps", type=int, default=3,
                         help="alternating steps per growth size, analysed first")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="alternating steps of the full model, analysed first (3: analysed, plain, analysed)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="alternating steps of the full model, analysed first (2: analysed, plain)")
     parser.add_argument("--previous-steps", type=int, default=2,
                         help="steps with the previous default options at the small size (0: none)")
     parser.add_argument("--memory-steps", type=int, default=1,
                         help="steps per memory child (step 0, the peak: both monitors check it)")
-    parser.add_argument("--llama-batch", type=int, default=2)
+    parser.add_argument("--llama-batch", type=int, default=1)
     parser.add_argument("--llama-length", type=int, default=512,
                         help="tokens per sequence of the Llama-7B-shaped block in the memory section (0: none)")
     parser.add_argument("--rank-layers", type=int, default=2, help="GPT-2 blocks in the ranks section")
@@ -451,17 +489,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="gpt2", choices=["gpt2", "llama"], help=argparse.SUPPRESS)
     parser.add_argument("--out")
     parser.add_argument("--from-json")
-    parser.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--monitor", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.child_memory:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = memory_child(args)
-        print(json.dumps(result))
-        return result
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch", "transformers", "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama",
+         "lightning_conditioning"])
     if args.from_json:
         with open(args.from_json) as handle:
             out = json.load(handle)
