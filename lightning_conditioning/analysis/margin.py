@@ -24,10 +24,10 @@ from lightning_conditioning.maths.preconditioned import adam_stability_limit, pr
 __all__ = ["step_size_limits", "with_stability_margin", "AdamLayer", "adam_layers", "with_adam_margin",
            "Margins", "ADAM_FLOPS"]
 
-#: the most flops the power iterations of one analysis may take on a CPU (a few seconds of
-#: one core); an accelerator's budget is 1000× that. Layers past it get no Adam margin (the
-#: monitor says which, once)
-ADAM_FLOPS = 2e10
+#: the most flops the Lanczos runs of one analysis may take on a CPU (about half a second of
+#: one core: every layer up to about 256 wide); an accelerator's budget is 1000× that. Layers
+#: past it get no Adam margin (the monitor says which, once)
+ADAM_FLOPS = 4e9
 #: fewest power steps a layer must be able to take within what is left of the budget
 _MIN_STEPS = 10
 

@@ -139,7 +139,7 @@ class Publication:
             >>> import tempfile, torch
             >>> from lightning_conditioning.analysis.results import analyse_layer
             >>> from lightning_conditioning.maths.accumulate import LayerMoments
-            >>> m = LayerMoments(torch.eye(3, dtype=torch.float64), None, 3, 0)
+            >>> m = LayerMoments(torch.eye(3, dtype=torch.float64), None, 3, 0, torch.ones(3), torch.ones(3))
             >>> class Writer:
             ...     def add_histogram(self, tag, values, global_step): print(tag, len(values))
             >>> with tempfile.TemporaryDirectory() as folder:
