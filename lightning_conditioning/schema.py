@@ -31,7 +31,9 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
   ``attention_entropy_h{h}``: the largest ``|q·k|·scale`` and the mean softmax entropy (nats)
   over sampled query positions, and the entropy of uniform attention under the same masks.
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
-  learning rate is known).
+  learning rate is known). Under Adam / AdamW (``margin_preconditioned`` = 1 beside them) they
+  are ``lr·λmax(P⁻¹F_k)`` with Adam's preconditioner ``P = diag(√v̂ + ε)``, its limit
+  ``2(1+β1)/(1−β1)`` (38 for β1 = 0.9) and the layer's share of the largest such sharpness.
 * ``log10_{q}``: the decimal logarithm of λmax and measured κ_p (TensorBoard only, for its
   charts, which have no log axis).
 
@@ -104,7 +106,8 @@ _ATTENTION_HEAD = re.compile(r"^attention_(logit_max|entropy)_h([0-9]+)$")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
-MARGIN_QUANTITIES: tuple[str, ...] = ("lr_lambda_max", "stability_limit", "lambda_max_share")
+MARGIN_QUANTITIES: tuple[str, ...] = ("lr_lambda_max", "stability_limit", "lambda_max_share",
+                                       "margin_preconditioned")
 #: per-layer quantities of the weight-domination check
 DOMINATION_QUANTITIES = frozenset({
     "grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm", "grad_weight_ratio_fro",

@@ -299,7 +299,7 @@ def test_a_background_analysis_publishes_its_own_windows_readings(monkeypatch: p
 
     import lightning_conditioning.monitors.conditioning as monitors
 
-    analyse = monitors._analyse_releasing
+    analyse = monitors.analyse_releasing
 
     def slow(moments, step, *args, **kwargs):  # the worker finishes only after the next gather
         deadline = time.monotonic() + 30
@@ -311,7 +311,7 @@ def test_a_background_analysis_publishes_its_own_windows_readings(monkeypatch: p
     def first_head_logits(monitor: ConditioningMonitor) -> list[float]:
         return monitor.attention.results["transformer.h.0.attn"].logit_max.tolist()
 
-    monkeypatch.setattr(monitors, "_analyse_releasing", slow)
+    monkeypatch.setattr(monitors, "analyse_releasing", slow)
     generator = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 50, (2, 16), generator=generator) for _ in range(2)]
     published: dict[str, dict[int, list[float]]] = {}

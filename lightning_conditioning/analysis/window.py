@@ -23,6 +23,7 @@ from concurrent.futures import wait as futures_wait
 import torch
 
 from lightning_conditioning.analysis.assignment import analyse_layers, estimated_seconds
+from lightning_conditioning.analysis.margin import ADAM_FLOPS, Margins
 from lightning_conditioning.analysis.options import ConditioningOptions
 from lightning_conditioning.analysis.results import LayerConditioning, analyse_layer
 from lightning_conditioning.capture.hooks import LayerCapture
@@ -31,7 +32,7 @@ from lightning_conditioning.maths.moments import LayerMoments
 from lightning_conditioning.maths.solvers import SolverPlan, limited_threads, plan_solver, shareable
 from lightning_conditioning.notify import announce
 
-__all__ = ["analyse_capture", "gather_moments", "analyse_moments", "BackgroundAnalysis",
+__all__ = ["analyse_capture", "gather_moments", "analyse_moments", "analyse_releasing", "BackgroundAnalysis",
            "BACKGROUND_SECONDS", "background_helps", "sampling_note"]
 
 Notify = Callable[[str], None]
@@ -86,6 +87,37 @@ def analyse_moments(
     if estimate > 1.0:
         info(f"{who}: step {step}: analysis done in {time.perf_counter() - started:.1f} s.")
     return results
+
+
+def analyse_releasing(
+    moments: dict[str, LayerMoments],
+    step: int,
+    options: ConditioningOptions,
+    collectives: Collectives | None = None,
+    *,
+    margins: Margins | None = None,
+    noted: set[str] | None = None,
+    info: Notify = announce,
+    who: str = "ConditioningMonitor",
+) -> dict[str, LayerConditioning]:
+    """:func:`analyse_moments`, then the stability margins (:class:`Margins`: the Adam margin
+    needs the moments), then the means released (the dict emptied: every holder of it lets go)
+    before the results are handed on. Adam layers left without a margin are named once (in
+    ``noted``)."""
+    try:
+        results = analyse_moments(moments, step, options, collectives, info=info, who=who)
+        if margins is None:
+            return results
+        results, unresolved = margins.apply(results, moments, collectives)
+        if unresolved and noted is not None and "adam-margin" not in noted:
+            noted.add("adam-margin")
+            info(f"{who}: no Adam stability margin for {len(unresolved)} layer(s) ("
+                 f"{', '.join(unresolved[:4])}{' …' if len(unresolved) > 4 else ''}): their Σx or Σ∇h "
+                 "is not a dense matrix here (sketched, diagonal), or the power iteration did not "
+                 f"converge within its budget (ADAM_FLOPS = {ADAM_FLOPS:g} on a CPU). Said once.")
+        return results
+    finally:
+        moments.clear()
 
 
 def _analyse_layers(moments: Mapping[str, LayerMoments], step: int, options: ConditioningOptions,

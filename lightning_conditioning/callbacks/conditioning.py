@@ -36,7 +36,6 @@ from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 from lightning_conditioning.monitors.readouts import ConditioningReadout
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
-from lightning_conditioning.views.diagnosis import format_findings
 
 __all__ = ["ConditioningCallback"]
 
@@ -181,13 +180,8 @@ class ConditioningCallback(ConditioningReadout, Callback):
                 conditioning_prefix=self.prefix, kappa_percents=self.options.kappa_percents))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        note = self.monitor.schedule_note() if self.monitor is not None else None
-        if note:
+        if trainer.is_global_zero and (note := self.closing_words(self.print_diagnosis, trainer)):
             rank_zero_info(note)
-        if self.print_diagnosis and self.results and trainer.is_global_zero:
-            findings = self.findings(trainer)
-            print(f"Conditioning diagnosis at step {next(iter(self.results.values())).step}:")
-            print(format_findings(findings) if findings else "  no findings: nothing looks wrong.")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         passes = self.extra_passes
@@ -195,11 +189,8 @@ class ConditioningCallback(ConditioningReadout, Callback):
             return
         # drawn beside the training loader: its sampler, generators and workers stay as they
         # are, so training sees the batches it would have seen without the callback
-        passes.held_batches = _probe_batches(trainer, self.probe_batches)
-        if len(passes.held_batches) < self.probe_batches:
-            rank_zero_warn(f"{type(self).__name__}: asked for {self.probe_batches} probe batches, "
-                           f"the training data has {len(passes.held_batches)}; the analysis uses "
-                           f"those {len(passes.held_batches)}.")
+        if note := passes.hold(_probe_batches(trainer, self.probe_batches)):
+            rank_zero_warn(f"{type(self).__name__}: {note}")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:

@@ -300,6 +300,21 @@ class ExtraPasses:
             return "fisher='true'"
         return f"probe_batches={self.probe_batches}" if self.probe_batches else None
 
+    def hold(self, batches: list[Any]) -> str | None:
+        """Keep ``batches`` as the probe batches; a sentence when they are fewer than asked."""
+        self.held_batches = list(batches)
+        if len(self.held_batches) >= self.probe_batches:
+            return None
+        return (f"asked for {self.probe_batches} probe batches, the training data has "
+                f"{len(self.held_batches)}; the analysis uses those {len(self.held_batches)}.")
+
+    def forward(self, module: nn.Module, batch: Any) -> Any:
+        """``forward_fn(module, batch)``, else :func:`default_forward` (the true Fisher computes
+        its loss from the logits: the data's labels stay out, but for encoder-decoder models)."""
+        if self.forward_fn is not None:
+            return self.forward_fn(module, batch)
+        return default_forward(module, batch, keep_labels=self.fisher != "true")
+
     def run(self, monitor: Any, module: nn.Module, forward: Callable[[], Any], batch: Any, *,
             step: int, rank: int = 0, loss_scale: float = 1.0,
             forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:

@@ -18,14 +18,14 @@ from torch import nn
 
 from lightning_conditioning.analysis.assignment import estimated_seconds
 from lightning_conditioning.analysis.attention import AttentionWindows
-from lightning_conditioning.analysis.margin import step_size_limits, with_stability_margin
+from lightning_conditioning.analysis.margin import Margins
 from lightning_conditioning.analysis.options import ConditioningOptions
 from lightning_conditioning.analysis.results import SHARED_LOOKUP_NOTE, LayerConditioning
 from lightning_conditioning.analysis.window import (
     BACKGROUND_SECONDS,
     BackgroundAnalysis,
     analyse_capture,
-    analyse_moments,
+    analyse_releasing,
     background_helps,
     gather_moments,
     release_heap,
@@ -423,10 +423,10 @@ class ConditioningMonitor:
             self._finish_moments(step, moments)
             return True
         published = self.wait() or published
-        rates = step_size_limits(capture.layers, self.optimizer) if self.optimizer is not None else None
+        margins = Margins.read(capture.layers, self.optimizer)
         options, info, who = self.options, self._info, type(self).__name__
-        self._background.submit(step, lambda: _with_margin(
-            _analyse_releasing(moments, step, options, info=info, who=who), rates))
+        self._background.submit(step, lambda: analyse_releasing(
+            moments, step, options, margins=margins, noted=self._noted, info=info, who=who))
         return published  # this window's results come with a later poll() or wait()
 
     def _collect(self, finished: tuple[int, dict[str, LayerConditioning]] | None) -> bool:
@@ -488,13 +488,12 @@ class ConditioningMonitor:
 
     def _finish_moments(self, step: int, moments: dict[str, LayerMoments]) -> None:
         assert self.capture is not None
-        rates = (step_size_limits(self.capture.layers, self.optimizer)
-                 if self.optimizer is not None else None)
-        results = _analyse_releasing(moments, step, self.options, self.collectives,
-                                     info=self._info, who=type(self).__name__)
+        results = analyse_releasing(moments, step, self.options, self.collectives, noted=self._noted,
+                                    margins=Margins.read(self.capture.layers, self.optimizer),
+                                    info=self._info, who=type(self).__name__)
         self.capture.allocate()  # in the memory the means just left
         release_heap()  # what the solves freed goes back to the OS before the step goes on
-        self._publish(step, _with_margin(results, rates))
+        self._publish(step, results)
 
     def _publish(self, step: int, results: dict[str, LayerConditioning]) -> None:
         """New results of ``step``: kept, counted, checked, and the diagnosis warned once."""
@@ -581,17 +580,3 @@ class ConditioningMonitor:
         self._fired_rules = set(state.get("fired_rules", []))
         if self.turns is not None and "turns" in state:
             self.turns.load_state_dict(state["turns"])
-
-
-def _with_margin(results: dict[str, LayerConditioning], rates: tuple[Any, Any] | None) -> dict[str, LayerConditioning]:
-    return with_stability_margin(results, *rates) if rates is not None else results
-
-
-def _analyse_releasing(moments: dict[str, LayerMoments], step: int, options: ConditioningOptions,
-                       collectives: Collectives | None = None, **kwargs: Any) -> dict[str, LayerConditioning]:
-    """:func:`~lightning_conditioning.analysis.window.analyse_moments`, then the means released (the
-    dict emptied: every holder of it lets go), before the results are handed on."""
-    try:
-        return analyse_moments(moments, step, options, collectives, **kwargs)
-    finally:
-        moments.clear()

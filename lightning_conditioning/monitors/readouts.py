@@ -21,7 +21,7 @@ from lightning_conditioning.analysis.results import LayerConditioning
 from lightning_conditioning.maths.domination import DominationReason, RatioHistory, WeightStatistics
 from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 from lightning_conditioning.monitors.domination import WeightDominationMonitor
-from lightning_conditioning.views.diagnosis import Finding
+from lightning_conditioning.views.diagnosis import Finding, format_findings
 
 __all__ = ["ConditioningReadout", "DominationReadout"]
 
@@ -51,6 +51,15 @@ class ConditioningReadout:
         """The diagnosis of the latest analysis, with the latest weight-domination check of a
         weight-domination callback of the same trainer, if any (``trainer`` is not needed)."""
         return self.monitor.findings() if self.monitor is not None else []
+
+    def closing_words(self, print_diagnosis: bool, trainer: Any = None) -> str | None:
+        """At the end of training: the schedule's note (too few analyses) returned, and, with
+        ``print_diagnosis``, the latest analysis's diagnosis printed (call it on process zero)."""
+        if print_diagnosis and self.results:
+            findings = self.findings(trainer)
+            print(f"Conditioning diagnosis at step {max(r.step for r in self.results.values())}:")
+            print(format_findings(findings) if findings else "  no findings: nothing looks wrong.")
+        return self.monitor.schedule_note() if self.monitor is not None else None
 
 
 class DominationReadout:

@@ -12,7 +12,6 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
 from lightning_conditioning import schema
 from lightning_conditioning.sinks.base import Publication, Sink
-from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records
 
 __all__ = ["TensorBoardSink", "tensorboard_layout", "publish_tensorboard_layout"]
 
@@ -33,24 +32,10 @@ class TensorBoardSink(Sink):
         self.log_scalars({**metrics, **schema.log10_scalars(metrics)}, publication.step)
         self.conditioning_extras(publication)
 
-    def add_histograms(self, publication: Publication) -> None:
-        """The log10-eigenvalue histograms of every layer."""
-        assert isinstance(self.logger, TensorBoardLogger)
-        writer = self.logger.experiment
-        for tag, values in publication.histogram_values.items():
-            writer.add_histogram(tag, values, global_step=publication.step)
-
     def conditioning_extras(self, publication: Publication) -> None:
         logger = self.logger
         assert isinstance(logger, TensorBoardLogger)
-        writer = logger.experiment
-        if publication.histograms:
-            self.add_histograms(publication)
-            append_records(Path(logger.log_dir) / SPECTRA_FILENAME, publication.records)
-        figure = publication.figure
-        if figure is not None:
-            writer.add_figure(f"{publication.prefix}/depth_profile", figure,
-                              global_step=publication.step, close=False)
+        publication.write_to(logger.experiment, logger.log_dir)
 
 
 def _chart(pattern_prefix: str, *quantities: str) -> list[Any]:

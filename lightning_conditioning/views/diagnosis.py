@@ -44,6 +44,8 @@ The rules (defaults in :class:`Thresholds`):
 ``step_size`` (Sec. 2, linear models: training diverges when lr ≥ 2/λmax)
     ``lr·λmax(F_k)`` of a layer ≥ its ``stability_limit`` (2 for gradient descent, 2(1+β) with
     heavy-ball momentum β; logged when the learning rate of an SGD-family optimizer is known).
+    Under Adam / AdamW: ``lr·λmax(P⁻¹F_k)`` ≥ ``2(1+β1)/(1−β1)`` (the adaptive edge of
+    stability; :mod:`lightning_conditioning.maths.preconditioned`).
 ``last_layer_input`` (Figs. 6, 7, claim 5)
     λmax(Σx) of the last layer's input ≥ ``last_input_factor``× the median over the other
     layers: the residual sums piling up in deep ResNets; remedy ``add_last_bn``.
@@ -278,16 +280,22 @@ def _step_size(table: Table) -> list[Finding]:
     if not hits:
         return []
     worst = max(hits, key=lambda h: h[1] / h[2])
+    adam = bool(table[worst[0]].get("margin_preconditioned"))
+    curvature = "P⁻¹F" if adam else "F"
     listed = _listing([f"{n} (lr·λmax = {m:.3g} ≥ {lim:g})" for n, m, lim in hits])
+    reading = ("Adam's preconditioned sharpness λmax(P⁻¹F_k), P = diag(√v̂ + ε), is past the "
+               "threshold 2(1+β1)/(1−β1) at which full-batch Adam turns unstable and oscillates "
+               "(the adaptive edge of stability, Cohen et al. 2022; K-FAC λmax)" if adam else
+               "Along the top eigen-direction of their sub-FIM, gradient descent with this learning "
+               "rate overshoots and grows (the paper's lr < 2/λmax reading; K-FAC λmax, an "
+               "approximation of the layer's curvature)")
     return [Finding(
         rule="step_size", layer=worst[0], layers=tuple(h[0] for h in hits),
-        message=(f"{len(hits)} layer(s) take steps past the stability limit of a quadratic: "
-                 f"{listed}. Along the top eigen-direction of their sub-FIM, gradient descent "
-                 "with this learning rate overshoots and grows (the paper's lr < 2/λmax reading; "
-                 "K-FAC λmax, an approximation of the layer's curvature)"),
+        message=f"{len(hits)} layer(s) take steps past the stability limit of a quadratic: {listed}. {reading}",
         evidence={f"lr_lambda_max[{n}]": m for n, m, _ in hits},
-        remedy=(f"lower the learning rate below {worst[2]:g}/λmax(F) of {worst[0]} (a factor "
-                f"{worst[1] / worst[2]:.2g} or more), warm it up, or normalise the layer's input"),
+        remedy=(f"lower the learning rate below {worst[2]:g}/λmax({curvature}) of {worst[0]} (a factor "
+                f"{worst[1] / worst[2]:.2g} or more), warm it up, or normalise the layer's input"
+                + (" (a larger Adam ε caps P⁻¹ at 1/ε)" if adam else "")),
     )]
 
 

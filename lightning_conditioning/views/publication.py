@@ -7,8 +7,9 @@ no Lightning, no TensorBoard; each shell only maps these onto its own writer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_conditioning import schema
@@ -16,7 +17,7 @@ from lightning_conditioning.analysis.attention import attention_metrics
 from lightning_conditioning.analysis.results import LayerConditioning
 from lightning_conditioning.maths.attention import AttentionReading
 from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
-from lightning_conditioning.views.spectra_file import spectrum_records
+from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records, spectrum_records
 from lightning_conditioning.views.tables import LayerTable, conditioning_table
 
 if TYPE_CHECKING:
@@ -125,3 +126,32 @@ class Publication:
                 out[schema.key(self.prefix, name, schema.histogram_quantity(label))] = (
                     values[values > 0].log10().numpy())
         return out
+
+    def write_to(self, writer: Any, folder: str | Path | None, tag: Callable[[str], str] = str) -> None:
+        """What TensorBoard stores besides the scalars, to ``writer`` (a ``SummaryWriter`` or
+        anything with its ``add_histogram`` / ``add_figure``): with histograms on, the log10
+        eigenvalue histograms (named ``tag(key)``, e.g. as a trainer prefixes its scalars) and
+        the spectra file in ``folder`` (the run's event folder, read by the report); the
+        depth-profile figure when figures are on. The one path of the Lightning TensorBoard
+        sink, the Hugging Face Trainer's TensorBoard integration and a plain writer.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from lightning_conditioning.analysis.results import analyse_layer
+            >>> from lightning_conditioning.maths.accumulate import LayerMoments
+            >>> m = LayerMoments(torch.eye(3, dtype=torch.float64), None, 3, 0, torch.ones(3), torch.ones(3))
+            >>> class Writer:
+            ...     def add_histogram(self, tag, values, global_step): print(tag, len(values))
+            >>> with tempfile.TemporaryDirectory() as folder:
+            ...     Publication({"fc": analyse_layer("fc", 0, m)}, 0, figures=False).write_to(Writer(), folder)
+            ...     (Path(folder) / SPECTRA_FILENAME).is_file()
+            conditioning/fc/input_log10_eigenvalues 3
+            True
+        """
+        if self.histograms:
+            for key, values in self.histogram_values.items():
+                writer.add_histogram(tag(key), values, global_step=self.step)
+            if folder is not None:
+                append_records(Path(folder) / SPECTRA_FILENAME, self.records)
+        if self.figure is not None:
+            writer.add_figure(tag(f"{self.prefix}/depth_profile"), self.figure, global_step=self.step, close=False)

@@ -7,15 +7,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_conditioning.capture.loss_watch import LossWatch
 from lightning_conditioning.distributed.collectives import Collectives, auto_collectives
-from lightning_conditioning.integrations.huggingface.shell import (
-    _loss_scale,
-    _LossWatch,
-    _TrainerShell,
-    _unscale,
-)
+from lightning_conditioning.integrations.huggingface.shell import _TrainerShell
 from lightning_conditioning.monitors.domination import DominationOptions, WeightDominationMonitor
 from lightning_conditioning.monitors.readouts import DominationReadout
+from lightning_conditioning.monitors.shell import check_options, grad_scale, unscale_gradients
 
 __all__ = ["WeightDominationTrainerCallback"]
 
@@ -24,28 +21,19 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
     r"""σmax(∇W)/σmax(W) per layer and warnings about layers in weight domination, in a Hugging
     Face ``Trainer``: a thin shell over :class:`~lightning_conditioning.WeightDominationMonitor`.
 
-    At every ``every_n_steps``-th optimizer step (``state.global_step`` when it began), in
-    ``on_pre_optimizer_step``, it checks every weight's gradient as the optimizer will apply it
-    (fp16 gradients unscaled first, averaged over DDP ranks, and clipped when the Trainer clips:
-    ``max_grad_norm > 0``, by default 1.0, scales every layer's gradient by the same factor on a
-    clipped step; ``max_grad_norm=0`` checks the raw gradient, as the Lightning callback does),
-    and after the optimizer step (``on_optimizer_step``) the update it applied. The scalars go to
-    every reporting integration of the Trainer under ``{prefix}/{layer}/{quantity}`` and
-    ``{prefix}/dominated_layers`` (README "Weight domination"), at the checked step. The step's
-    training loss (each layer's fall is judged net of it) is the Trainer's: the model's loss of
-    every micro-batch times what the Trainer scaled it by, summed, averaged over processes.
+    Every ``every_n_steps``-th optimizer step is checked in ``on_pre_optimizer_step`` (the
+    gradient as the optimizer applies it: fp16 unscaled, DDP-averaged, clipped when the Trainer
+    clips) and its update in ``on_optimizer_step``; the scalars go to every reporting
+    integration under ``{prefix}/{layer}/{quantity}`` and ``{prefix}/dominated_layers``. The
+    step's loss (each layer's fall is judged net of it) is the model's loss of every
+    micro-batch times what the Trainer scaled it by, summed and averaged over processes.
+    README "Hugging Face Trainer".
 
     Args:
         every_n_steps: check optimizer steps 0, n, 2n, …
         prefix: first part of every logged key.
-        **options: the check's other options by name (``threshold=1e-4``,
-            ``update_threshold=0``, ``patience=3``, ``layer_types``, ``include``, ``exclude``,
-            ``log_imbalance``, ``fall_factor=1000``), checked here
-            (:class:`~lightning_conditioning.monitors.domination.DominationOptions`); the
-            meaning is the Lightning callback's.
-
-    The warnings given and every layer's ratio history ride in the Trainer's checkpoints and
-    come back when a run resumes (README "Hugging Face Trainer").
+        **options: the check's other options by name (``threshold``, ``patience``, ``include``,
+            …: :class:`~lightning_conditioning.monitors.domination.DominationOptions`).
 
     Example::
 
@@ -56,24 +44,19 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
 
     def __init__(self, every_n_steps: int = 100, *, prefix: str = "weight_domination", **options: Any) -> None:
         super().__init__()
-        unknown = set(options) - set(DominationOptions.names())
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; options: "
-                            f"{[n for n in DominationOptions.names() if n != 'every_n_steps']}")
+        check_options(options, DominationOptions.names())
         #: the check's options, validated
         self.options = DominationOptions(every_n_steps=every_n_steps, **options)
         for name, value in self.options.as_kwargs().items():
             setattr(self, name, value)
         self.prefix = prefix
         self.monitor: WeightDominationMonitor | None = None
-        self._restored: dict[str, Any] = {}
-        self._watch = _LossWatch(lambda: self._checking, lambda kwargs: None, self._add_loss)
+        self._watch = LossWatch(lambda: self._checking, lambda kwargs: None, self._add_loss)
         self._checking = False  # the step under way is checked: its loss is summed
         self._loss_sum, self._losses = 0.0, 0
         self._scale = 1.0
         self._collectives = Collectives.local()
 
-    # ------------------------------------------------------------------ public state
     # ------------------------------------------------------------------ the Trainer's hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._bind(state)
@@ -94,7 +77,7 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
         self._checking = self.monitor is not None and self.monitor.is_due(state.global_step)
         if self._checking:
             self._loss_sum, self._losses = 0.0, 0
-            self._scale = _loss_scale(kwargs.get("optimizer"))
+            self._scale = grad_scale(kwargs.get("optimizer"))
 
     def _add_loss(self, loss: Tensor, grad: Tensor) -> None:
         """The model's loss times what the Trainer scaled it by (the fp16 scale taken out)."""
@@ -106,7 +89,7 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
         step = state.global_step
         if self.monitor is None or not self.monitor.is_due(step):
             return
-        _unscale(kwargs.get("optimizer"))
+        unscale_gradients(kwargs.get("optimizer"))
         self.monitor.before_optimizer_step(step, loss=self._step_loss())
 
     def _step_loss(self) -> float | None:
