@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -85,19 +85,32 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": seconds, "metrics": metrics}
 
 
+def _rank_entry(namespace: dict[str, Any], connection: Any) -> None:
+    connection.send(child(argparse.Namespace(**namespace)))
+
+
 def _launch(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
+    """The ``world`` processes, forked from a server that imported torch and transformers once
+    (``forkserver``, before any thread pool started: each saves the import)."""
+    context = multiprocessing.get_context("forkserver")
     port = _free_port()
-    processes = [subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--child", "--world", str(world), "--rank", str(rank),
-         "--port", str(port), "--device", args.device, "--layers", str(args.layers),
-         "--batch", str(args.batch), "--length", str(args.length)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    started = []
+    for rank in range(world):
+        receive, send = context.Pipe(duplex=False)
+        namespace = {"device": args.device, "layers": args.layers, "batch": args.batch, "length": args.length,
+                     "world": world, "rank": rank, "port": port}
+        process = context.Process(target=_rank_entry, args=(namespace, send))
+        process.start()
+        send.close()
+        started.append((process, receive))
     out = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=900)
-        if process.returncode != 0:
-            raise RuntimeError(f"rank process failed ({process.returncode}):\n{stderr[-4000:]}")
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    for process, receive in started:
+        try:
+            out.append(receive.recv())
+        except EOFError as error:
+            raise RuntimeError(f"rank process failed (exit code {process.exitcode})") from error
+        finally:
+            process.join()
     return out
 
 
@@ -143,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "transformers", "lightning_conditioning"])
     result = child(args) if args.child else section_ranks(args)
     print(json.dumps(result))
     return result

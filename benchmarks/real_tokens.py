@@ -57,6 +57,7 @@ import statistics
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -72,6 +73,7 @@ from real_sizes import adamw, gpt2, llama, proc_status, release_free_memory, syn
 from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor  # noqa: E402
 from lightning_conditioning.analysis.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
 from lightning_conditioning.maths.resolution import floor_rtol  # noqa: E402
+from lightning_conditioning.maths.solvers import limited_threads  # noqa: E402
 from lightning_conditioning.maths.spectra import summarize_spectrum  # noqa: E402
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
@@ -233,8 +235,8 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     every analysed layer's input rows and output-gradient rows are caught by hooks of our own
     (gradients scaled by the loss's tokens, as the monitor's per-example convention does) and
     solved through the smaller Gram; the embeddings (token counts, a lookup shared by the batch)
-    through a float64 monitor of their own. The default monitor's analysis is waited for first
-    (seconds), then the references are solved with every core."""
+    through a float64 monitor of their own. Each reference is solved in a worker thread as soon
+    as its rows exist, beside the window's own work."""
     model = gpt2(device, False)
     messages: list[str] = []
     default = monitor_for(model, messages, every_n_steps=1, analysis="background", step_overhead=None)
@@ -242,7 +244,18 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     reference = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None,
                             statistics_dtype="float64", include=tables)
     assert default.plan is not None and default.capture is not None
-    caught: dict[tuple[str, str], list[torch.Tensor]] = {}
+    ids = token_batches(model.config.vocab_size, args.batch, args.length, 1, device)[0]
+    batch = {"input_ids": ids, "labels": ids}
+    tokens = default.loss_tokens_for(batch)
+    # each reference is solved in a worker thread of one intra-op thread as soon as its rows
+    # exist (inputs in the forward, gradients in the backward), beside the window's own work
+    worker = ThreadPoolExecutor(1)
+    pending: dict[tuple[str, str], Future[tuple[float, float, str]]] = {}
+
+    def solve(rows: torch.Tensor) -> tuple[float, float, str]:
+        with limited_threads(1):
+            return reference_from_rows(rows)
+
     modules = dict(model.named_modules())
     handles = []
     for name in default.capture.layers:
@@ -250,14 +263,12 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
             continue
 
         def keep(module: Any, inputs: Any, output: torch.Tensor, name: str = name) -> None:
-            caught.setdefault((name, "input"), []).append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu())
+            rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
+            pending[(name, "input")] = worker.submit(solve, rows)
             if output.requires_grad:
-                output.register_hook(lambda g: caught.setdefault((name, "grad"), []).append(
-                    g.detach().reshape(-1, g.shape[-1]).float().cpu()))
+                output.register_hook(lambda g: pending.__setitem__((name, "grad"), worker.submit(
+                    solve, g.detach().reshape(-1, g.shape[-1]).float().cpu() * float(tokens or 1))))
         handles.append(modules[name].register_forward_hook(keep))
-    ids = token_batches(model.config.vocab_size, args.batch, args.length, 1, device)[0]
-    batch = {"input_ids": ids, "labels": ids}
-    tokens = default.loss_tokens_for(batch)
     start = time.perf_counter()
     with default.track(0), reference.track(0):
         for monitor in (default, reference):
@@ -266,13 +277,10 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     log(f"accuracy: the window's forward and backward took {time.perf_counter() - start:.0f} s")
     for handle in handles:
         handle.remove()
-    default.wait()  # (its solves take seconds; the references then have both cores)
+    default.wait()
     log(f"accuracy: the default analysis done at {time.perf_counter() - start:.0f} s")
-    references: dict[tuple[str, str], tuple[float, float, str]] = {}
-    for (name, label), parts in caught.items():
-        rows = torch.cat(parts)
-        references[(name, label)] = reference_from_rows(rows * float(tokens or 1) if label == "grad" else rows)
-        parts.clear()
+    references = {key: future.result() for key, future in pending.items()}
+    worker.shutdown()
     seconds = time.perf_counter() - start
     log(f"accuracy: references solved at {seconds:.0f} s")
     rows_out: list[dict[str, Any]] = []
@@ -471,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="sequence length of the previous-default row (and of the default row --small-default)")
     parser.add_argument("--small-default", action="store_true",
                         help="also the default options at --batch × --small-length (12 blocks, under the limit)")
-    parser.add_argument("--growth-blocks", type=int, default=1, help="GPT-2 blocks of the growth section")
+    parser.add_argument("--growth-blocks", type=int, default=2, help="GPT-2 blocks of the growth section")
     parser.add_argument("--growth-steps", type=int, default=3,
                         help="alternating steps per growth size, analysed first")
     parser.add_argument("--steps", type=int, default=2,

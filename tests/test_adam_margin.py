@@ -215,3 +215,41 @@ def test_layers_without_dense_moments_or_past_the_budget_get_no_margin() -> None
     assert missing == [] and out["fc"].margin["margin_preconditioned"] == 1.0
     out, missing = with_adam_margin(results, moments, state, budget=1.0)
     assert missing == ["fc"] and not out["fc"].margin
+
+
+def test_two_ranks_log_the_margin_of_one_process() -> None:
+    """Two ranks (threads with real collectives; each dense moment held by its owner only):
+    every rank reports the one-process margin of every layer, computed where the moments are."""
+    from test_owners import ThreadWorld, _in_threads
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 5, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,), generator=generator)
+    torch.manual_seed(2)
+    template = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    warmed = torch.optim.Adam(template.parameters(), lr=1e-2)
+    nn.functional.cross_entropy(template(x), y).backward()
+    warmed.step()
+    template.zero_grad()
+
+    def margins(part: slice, collectives: object = None) -> dict[str, dict[str, float]]:
+        import copy
+
+        model = copy.deepcopy(template)
+        adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+        adam.load_state_dict(warmed.state_dict())
+        monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
+                                      loss_reduction="sum", collectives=collectives, info=lambda _: None)
+        monitor.optimizer = adam
+        with monitor.track(0):
+            nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum").backward()
+        monitor.close()
+        return {name: dict(result.margin) for name, result in monitor.results.items()}
+
+    alone = margins(slice(None))
+    assert all(m.get("margin_preconditioned") == 1.0 for m in alone.values()) and len(alone) == 2
+    world = ThreadWorld(2)
+    for ranked in _in_threads(world, lambda rank: margins(slice(0, 24) if rank == 0 else slice(24, None),
+                                                          world.collectives(rank))):
+        for name, margin in alone.items():
+            assert ranked[name] == pytest.approx(margin, rel=1e-9), name

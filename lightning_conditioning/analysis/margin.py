@@ -127,9 +127,17 @@ class AdamLayer:
         return None
 
 
+def _flops(d_out: int, d_in: int, accelerated: bool) -> float:
+    """One Lanczos step's flops, counted against the budget (an accelerator's at 1/1000)."""
+    return step_flops(d_out, d_in) * (1e-3 if accelerated else 1.0)
+
+
 def _adam_group(group: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
-    return ("betas" in group and "eps" in group and isinstance(state.get("exp_avg_sq"), Tensor)
-            and "step" in state and not group.get("amsgrad", False))
+    """An Adam-family state with a plain tensor (an FSDP2 ``DTensor`` shard would need a
+    collective to be read whole: such layers get no Adam margin)."""
+    second = state.get("exp_avg_sq")
+    return ("betas" in group and "eps" in group and isinstance(second, Tensor)
+            and type(second).__name__ != "DTensor" and "step" in state and not group.get("amsgrad", False))
 
 
 def _inverse(group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
@@ -138,10 +146,13 @@ def _inverse(group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
     return 1.0 / (second.sqrt() + float(group["eps"]))
 
 
-def adam_layers(layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any) -> dict[str, AdamLayer]:
+def adam_layers(layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any,
+                budget: float | None = None, over_budget: list[str] | None = None) -> dict[str, AdamLayer]:
     """The :class:`AdamLayer` of every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose weight an
     Adam-family optimizer (``betas``, ``eps`` and an ``exp_avg_sq`` state: Adam, AdamW; not
-    AMSGrad) has stepped at least once.
+    AMSGrad) has stepped at least once, and whose Lanczos run can fit the flops ``budget``
+    (default :data:`ADAM_FLOPS`): the others' preconditioners are neither computed nor copied
+    (their names are added to ``over_budget``).
 
     Example:
         >>> layer = nn.Linear(3, 2)
@@ -165,6 +176,10 @@ def adam_layers(layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any) -> 
             continue
         group, state = found.get(id(weight), ({}, {}))
         if not _adam_group(group, state) or not isinstance(group.get("lr"), (int, float)):
+            continue
+        if _MIN_STEPS * _flops(weight.shape[0], weight.shape[1], weight.is_cuda) > (budget or ADAM_FLOPS):
+            if over_budget is not None:
+                over_budget.append(name)
             continue
         inverse = _inverse(group, state)
         bias_group, bias_state = found.get(id(getattr(module, "bias", None)), ({}, {}))
@@ -201,7 +216,7 @@ def with_adam_margin(
         g = None if window is None else window.grad_second_moment
         if not (isinstance(a, Tensor) and isinstance(g, Tensor) and a.dim() == g.dim() == 2):
             continue
-        cost = step_flops(g.shape[0], a.shape[0]) * (1e-3 if a.is_cuda else 1.0)
+        cost = _flops(g.shape[0], a.shape[0], a.is_cuda)
         inverse = adam[name].for_input(a.shape[0])
         if _MIN_STEPS * cost > left or inverse is None or inverse.shape[0] != g.shape[0]:
             continue
@@ -236,17 +251,24 @@ class Margins:
     rates: Mapping[str, float]
     limits: Mapping[str, float]
     adam: Mapping[str, AdamLayer]
+    #: Adam layers whose Lanczos run cannot fit the budget (no preconditioner read)
+    over_budget: tuple[str, ...] = ()
 
     @classmethod
     def read(cls, layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any) -> Margins | None:
         """None without an optimizer."""
         if optimizer is None:
             return None
-        return cls(*step_size_limits(layers, optimizer), adam_layers(layers, optimizer))
+        over: list[str] = []
+        adam = adam_layers(layers, optimizer, over_budget=over)
+        return cls(*step_size_limits(layers, optimizer), adam, tuple(over))
 
     def apply(self, results: Mapping[str, LayerConditioning], moments: Mapping[str, LayerMoments],
               collectives: Collectives | None = None) -> tuple[dict[str, LayerConditioning], list[str]]:
         """The results with their margins (before the moments are released); the Adam layers
         left without one."""
         out = with_stability_margin(results, self.rates, self.limits)
-        return with_adam_margin(out, moments, self.adam, collectives) if self.adam else (out, [])
+        missing: list[str] = []
+        if self.adam:
+            out, missing = with_adam_margin(out, moments, self.adam, collectives)
+        return out, [*self.over_budget, *missing]

@@ -112,9 +112,10 @@ def analyse_releasing(
         if unresolved and noted is not None and "adam-margin" not in noted:
             noted.add("adam-margin")
             info(f"{who}: no Adam stability margin for {len(unresolved)} layer(s) ("
-                 f"{', '.join(unresolved[:4])}{' …' if len(unresolved) > 4 else ''}): their Σx or Σ∇h "
-                 "is not a dense matrix here (sketched, diagonal), or the power iteration did not "
-                 f"converge within its budget (ADAM_FLOPS = {ADAM_FLOPS:g} on a CPU). Said once.")
+                 f"{', '.join(unresolved[:4])}{' …' if len(unresolved) > 4 else ''}): their Lanczos "
+                 f"run does not fit its budget (ADAM_FLOPS = {ADAM_FLOPS:g} flops an analysis on a CPU, "
+                 "about 256-wide layers; 1000× on an accelerator), their Σx or Σ∇h is not a dense "
+                 "matrix here (sketched, diagonal), or it did not converge. Said once.")
         return results
     finally:
         moments.clear()
