@@ -57,7 +57,6 @@ import statistics
 import sys
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -73,7 +72,6 @@ from real_sizes import adamw, gpt2, llama, proc_status, release_free_memory, syn
 from lightning_conditioning import ConditioningMonitor, WeightDominationMonitor  # noqa: E402
 from lightning_conditioning.analysis.options import EARLY_STEPS, REGULAR_PERIOD  # noqa: E402
 from lightning_conditioning.maths.resolution import floor_rtol  # noqa: E402
-from lightning_conditioning.maths.solvers import limited_threads  # noqa: E402
 from lightning_conditioning.maths.spectra import summarize_spectrum  # noqa: E402
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers looks for
@@ -235,8 +233,8 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     every analysed layer's input rows and output-gradient rows are caught by hooks of our own
     (gradients scaled by the loss's tokens, as the monitor's per-example convention does) and
     solved through the smaller Gram; the embeddings (token counts, a lookup shared by the batch)
-    through a float64 monitor of their own. Each reference is solved in a worker thread as soon
-    as its rows exist, beside the window's own work."""
+    through a float64 monitor of their own. The default monitor's analysis is waited for first
+    (seconds), then the references are solved with every core."""
     model = gpt2(device, False)
     messages: list[str] = []
     default = monitor_for(model, messages, every_n_steps=1, analysis="background", step_overhead=None)
@@ -247,15 +245,7 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     ids = token_batches(model.config.vocab_size, args.batch, args.length, 1, device)[0]
     batch = {"input_ids": ids, "labels": ids}
     tokens = default.loss_tokens_for(batch)
-    # each reference is solved in a worker thread of one intra-op thread as soon as its rows
-    # exist (inputs in the forward, gradients in the backward), beside the window's own work
-    worker = ThreadPoolExecutor(1)
-    pending: dict[tuple[str, str], Future[tuple[float, float, str]]] = {}
-
-    def solve(rows: torch.Tensor) -> tuple[float, float, str]:
-        with limited_threads(1):
-            return reference_from_rows(rows)
-
+    caught: dict[tuple[str, str], torch.Tensor] = {}
     modules = dict(model.named_modules())
     handles = []
     for name in default.capture.layers:
@@ -263,11 +253,10 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
             continue
 
         def keep(module: Any, inputs: Any, output: torch.Tensor, name: str = name) -> None:
-            rows = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
-            pending[(name, "input")] = worker.submit(solve, rows)
+            caught[(name, "input")] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
             if output.requires_grad:
-                output.register_hook(lambda g: pending.__setitem__((name, "grad"), worker.submit(
-                    solve, g.detach().reshape(-1, g.shape[-1]).float().cpu() * float(tokens or 1))))
+                output.register_hook(lambda g: caught.__setitem__(
+                    (name, "grad"), g.detach().reshape(-1, g.shape[-1]).float().cpu() * float(tokens or 1)))
         handles.append(modules[name].register_forward_hook(keep))
     start = time.perf_counter()
     with default.track(0), reference.track(0):
@@ -277,10 +266,11 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     log(f"accuracy: the window's forward and backward took {time.perf_counter() - start:.0f} s")
     for handle in handles:
         handle.remove()
+    # the default analysis takes seconds; the references then have every core (solved beside
+    # the window's own work, they slowed it more than they saved: 196 s against 177 s)
     default.wait()
     log(f"accuracy: the default analysis done at {time.perf_counter() - start:.0f} s")
-    references = {key: future.result() for key, future in pending.items()}
-    worker.shutdown()
+    references = {key: reference_from_rows(caught.pop(key)) for key in list(caught)}
     seconds = time.perf_counter() - start
     log(f"accuracy: references solved at {seconds:.0f} s")
     rows_out: list[dict[str, Any]] = []
