@@ -80,16 +80,17 @@ def _published_steps(monkeypatch, analysis: str, slow: bool, quick_steps: set[in
     """Steps whose results a caller sees, logging :attr:`results` each time ``end``/``poll``/
     ``wait`` returns True (as the callbacks do), with each background analysis made slow so
     that it is still in flight when the next window ends."""
+    import lightning_conditioning.analysis.window as window_module
     import lightning_conditioning.monitors.conditioning as monitor_module
 
-    analyse = monitor_module.analyse_moments
+    analyse = window_module.analyse_moments
 
     def slow_analysis(moments, step, *args, **kwargs):
         if slow:
             time.sleep(0.3)
         return analyse(moments, step, *args, **kwargs)
 
-    monkeypatch.setattr(monitor_module, "analyse_moments", slow_analysis)
+    monkeypatch.setattr(window_module, "analyse_moments", slow_analysis)
     estimate = iter([0.0 if step in quick_steps else 100.0 for step in range(6)])
     monkeypatch.setattr(monitor_module, "estimated_seconds", lambda moments: next(estimate))
     monkeypatch.setattr(monitor_module, "background_helps", lambda device: True)  # spare cores
@@ -126,9 +127,10 @@ def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
     """The analysed sums are the window's own memory (handed over, no copy); a window opening
     while they are analysed allocates new ones. When the plan has no room for both within
     ``memory_budget``, the window waits for the analysis: no step is captured while it runs."""
-    import lightning_conditioning.monitors.conditioning as monitor_module
 
-    analyse = monitor_module.analyse_moments
+    import lightning_conditioning.analysis.window as window_module
+
+    analyse = window_module.analyse_moments
     events: list[tuple[str, int]] = []
 
     def slow_analysis(moments, step, *args, **kwargs):
@@ -136,7 +138,7 @@ def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
         events.append(("analysed", step))
         return analyse(moments, step, *args, **kwargs)
 
-    monkeypatch.setattr(monitor_module, "analyse_moments", slow_analysis)
+    monkeypatch.setattr(window_module, "analyse_moments", slow_analysis)
     net = seeded(mlp)
     monitor = ConditioningMonitor(net, every_n_steps=1, analysis="background", memory_budget=budget,
                                   warn_diagnosis=False)

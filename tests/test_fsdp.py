@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("torch.distributed.fsdp") is None, reason="torch.distributed.fsdp missing")]
 
 
-def _start(out: Path, mode: str, monitored: bool, fisher: str = "empirical") -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports, all bound at once while they are picked (runs started side
+    by side must not pick the same one: Lightning's own pick raced, EADDRINUSE)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def _start(out: Path, mode: str, monitored: bool, fisher: str = "empirical", port: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), **({"MASTER_PORT": str(port)} if port else {})}
     return subprocess.Popen([sys.executable, str(SCRIPT), str(out), mode, "1" if monitored else "0", fisher],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)
 
@@ -50,7 +64,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     specs = {f"{mode}_{int(monitored)}": (mode, monitored, "empirical")
              for mode in ("fsdp2", "single") for monitored in (True, False)}
     specs["fsdp2_true"] = ("fsdp2", True, "true")
-    started = {name: _start(base / name, *spec) for name, spec in specs.items()}
+    ports = iter(_free_ports(len(specs)))
+    started = {name: _start(base / name, *spec, port=next(ports)) for name, spec in specs.items()}
     return {name: _result(process, base / name) for name, process in started.items()}
 
 
