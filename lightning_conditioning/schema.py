@@ -30,6 +30,9 @@ Conditioning quantities, for each moment ``{m}`` in ``input`` (Σx), ``grad`` (�
   attention module (its own name, not a layer's), and per head ``attention_logit_max_h{h}`` /
   ``attention_entropy_h{h}``: the largest ``|q·k|·scale`` and the mean softmax entropy (nats)
   over sampled query positions, and the entropy of uniform attention under the same masks.
+* ``load_share_e{e}`` / ``load_imbalance`` / ``dead_experts`` of a mixture-of-experts module
+  (its own name): the share of the routed (token, slot) pairs that expert ``e`` received, the
+  largest share times the number of experts, and the experts that received none.
 * ``lr_lambda_max``, ``stability_limit``, ``lambda_max_share``: the stability margin (when the
   learning rate is known). Under Adam / AdamW (``margin_preconditioned`` = 1 beside them) they
   are ``lr·λmax(P⁻¹F_k)`` with Adam's preconditioner ``P = diag(√v̂ + ε)``, its limit
@@ -61,6 +64,8 @@ __all__ = [
     "sampling_quantity",
     "ATTENTION_QUANTITIES",
     "attention_head_quantity",
+    "ROUTING_QUANTITIES",
+    "expert_quantity",
     "MARGIN_QUANTITIES",
     "DOMINATION_QUANTITIES",
     "DOMINATED_LAYERS",
@@ -103,6 +108,10 @@ SAMPLING_QUANTITIES: tuple[str, ...] = (
 ATTENTION_QUANTITIES: tuple[str, ...] = ("attention_logit_max", "attention_entropy_min",
                                          "attention_entropy_uniform")
 _ATTENTION_HEAD = re.compile(r"^attention_(logit_max|entropy)_h([0-9]+)$")
+#: a mixture-of-experts module's routing load: the largest expert share times the number of
+#: experts (1: balanced), and the experts that received no token in the window
+ROUTING_QUANTITIES: tuple[str, ...] = ("load_imbalance", "dead_experts")
+_EXPERT = re.compile(r"^load_share_e([0-9]+)$")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
@@ -131,7 +140,7 @@ _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
 _BOUND = re.compile(r"^(.+)_(low|high)$")
 
 QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "features", "margin", "log10", "domination",
-                       "bound", "sampling", "attention"]
+                       "bound", "sampling", "attention", "routing"]
 
 
 @dataclass(frozen=True)
@@ -306,6 +315,8 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, "features", "input")
     if name in ATTENTION_QUANTITIES or _ATTENTION_HEAD.match(name):
         return Quantity(name, "attention")
+    if name in ROUTING_QUANTITIES or _EXPERT.match(name):
+        return Quantity(name, "routing")
     if name in SAMPLING_QUANTITIES:
         return Quantity(name, "sampling", name.split("_", 1)[0])
     if name in MARGIN_QUANTITIES:
@@ -323,6 +334,16 @@ def attention_head_quantity(what: Literal["logit_max", "entropy"], head: int) ->
         ('attention_entropy_h3', 'attention')
     """
     return f"attention_{what}_h{int(head)}"
+
+
+def expert_quantity(what: Literal["load_share"], expert: int) -> str:
+    """The name of one expert's routing quantity.
+
+    Example:
+        >>> expert_quantity("load_share", 3), parse_quantity("load_share_e3").kind
+        ('load_share_e3', 'routing')
+    """
+    return f"{what}_e{int(expert)}"
 
 
 def sampling_quantity(moment: str, what: Literal["kept_rows", "sampling_error"]) -> str:

@@ -170,6 +170,33 @@ def hf_llama() -> pl.LightningModule:
     return HFModule(LlamaForCausalLM(config))
 
 
+_MOE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, num_experts_per_tok=2)
+
+
+def hf_mixtral() -> pl.LightningModule:
+    """Fused experts (``MixtralExperts``: 3-D ``gate_up_proj`` / ``down_proj``), top-2 of 4."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return HFModule(MixtralForCausalLM(MixtralConfig(**_MOE, intermediate_size=48, num_local_experts=4)))
+
+
+def hf_qwen3_moe() -> pl.LightningModule:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return HFModule(Qwen3MoeForCausalLM(Qwen3MoeConfig(**_MOE, intermediate_size=48, moe_intermediate_size=24,
+                                                       num_experts=4, head_dim=8)))
+
+
+def hf_gpt_oss() -> pl.LightningModule:
+    """Another fused layout: weights stored transposed, with biases, interleaved gate/up."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(**_MOE, intermediate_size=48, num_local_experts=4, head_dim=8,
+                          layer_types=["full_attention"] * 2)
+    return HFModule(GptOssForCausalLM(config))
+
+
 def hf_bert() -> pl.LightningModule:
     from transformers import BertConfig, BertForMaskedLM
 
@@ -285,6 +312,9 @@ MODELS: tuple[RealModel, ...] = (
               "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens"),
     RealModel("hf_llama", "transformers", hf_llama, causal_lm_data,
               "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens"),
+    *(RealModel(name, "transformers", factory, causal_lm_data,
+                "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens; experts' rows: the routed tokens")
+      for name, factory in (("hf_mixtral", hf_mixtral), ("hf_qwen3_moe", hf_qwen3_moe), ("hf_gpt_oss", hf_gpt_oss))),
     RealModel("hf_bert", "transformers", hf_bert, masked_lm_data,
               "HF MLM CrossEntropyLoss: mean over the masked tokens only"),
     RealModel("hf_t5", "transformers", hf_t5, seq2seq_data,
@@ -343,8 +373,10 @@ def analysed_fractions(model: nn.Module, names: list[str]) -> tuple[dict[int, fl
     """``{id(param): share of it analysed}`` for the layers ``names`` (status ok) and the names
     that map to no parameter. A name is a module (its own ≥ 2-D parameters count), or
     ``<MultiheadAttention>.<q_proj|k_proj|v_proj>`` (a third of a packed ``in_proj_weight``,
-    or the separate ``q/k/v_proj_weight``); ``<mha>.out_proj`` is the child module itself."""
+    or the separate ``q/k/v_proj_weight``); ``<mha>.out_proj`` is the child module itself;
+    ``<experts>.<projection>.<e>`` is expert ``e``'s matrix of a fused 3-D weight."""
     parts: dict[int, set[int]] = {}
+    shares: dict[int, int] = {}  # how many parts a parameter has (3: q, k, v; E: experts)
     whole: set[int] = set()
     unmapped: list[str] = []
     for name in names:
@@ -359,6 +391,12 @@ def analysed_fractions(model: nn.Module, names: list[str]) -> tuple[dict[int, fl
             continue
         parent_name, _, part = name.rpartition(".")
         parent = _get(model, parent_name)
+        owner_name, _, projection = parent_name.rpartition(".")
+        fused = getattr(_get(model, owner_name), projection, None) if part.isdigit() else None
+        if isinstance(fused, nn.Parameter) and fused.dim() == 3:  # one expert of a fused weight
+            parts.setdefault(id(fused), set()).add(int(part))
+            shares[id(fused)] = int(fused.shape[0])
+            continue
         if isinstance(parent, nn.MultiheadAttention) and part in _MHA_PARTS:
             index = _MHA_PARTS[part]
             if parent.in_proj_weight is not None:
@@ -371,7 +409,7 @@ def analysed_fractions(model: nn.Module, names: list[str]) -> tuple[dict[int, fl
             whole.add(id(parent.in_proj_weight))
             continue
         unmapped.append(name)
-    fractions = {pid: len(idx) / 3.0 for pid, idx in parts.items()}
+    fractions = {pid: len(idx) / shares.get(pid, 3) for pid, idx in parts.items()}
     fractions.update({pid: 1.0 for pid in whole})
     return fractions, unmapped
 

@@ -148,7 +148,7 @@ def test_two_callbacks_with_one_prefix_fail_naming_prefix(make: Any, tmp_path: P
 
 
 # ---------------------------------------------------------------------------------- 2 processes
-def _launch(out: Path, processes: int) -> dict[str, dict[str, float]]:
+def _launch(out: Path, processes: int, model: str = "gpt2") -> dict[str, dict[str, float]]:
     import json
     import os
     import socket
@@ -156,13 +156,13 @@ def _launch(out: Path, processes: int) -> dict[str, dict[str, float]]:
     import sys
 
     script = Path(__file__).parent / "scripts" / "hf_ddp.py"
-    command = [sys.executable, str(script), str(out)]
+    command = [sys.executable, str(script), str(out), model]
     if processes > 1:
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   f"--master_port={port}", str(script), str(out)]
+                   f"--master_port={port}", str(script), str(out), model]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -188,6 +188,25 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         # GPT-2's positions are looked up once for the batch: Σx only, on both
         assert "conditioning/transformer.wpe/input_lambda_max" in one[step]
         assert "conditioning/transformer.wpe/grad_lambda_max" not in one[step]
+        for key, value in one[step].items():
+            tolerance = max(1e-6, 1e-15 * abs(value)) if "_kappa_" in key else 1e-6
+            assert two[step][key] == pytest.approx(value, rel=tolerance), (step, key)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_a_mixture_of_experts(tmp_path: Path) -> None:
+    """The same with a tiny Mixtral (4 experts, top-2): every expert's numbers, the router's
+    and the routing loads, summed over the ranks' tokens, equal one process's."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one, two = _launch(tmp_path / "one", 1, "mixtral"), _launch(tmp_path / "two", 2, "mixtral")
+    assert sorted(one) == sorted(two) == ["0", "1"]
+    for step in one:
+        assert one[step].keys() == two[step].keys()
+        experts = "conditioning/model.layers.0.mlp.experts"
+        assert f"{experts}.gate_up_proj.0/grad_lambda_max" in one[step]
+        assert "conditioning/model.layers.0.mlp.gate/input_lambda_max" in one[step]
+        assert "weight_domination/model.layers.0.mlp.experts.down_proj.3/grad_weight_ratio" in one[step]
+        assert sum(one[step][f"{experts}/load_share_e{e}"] for e in range(4)) == pytest.approx(1.0)
         for key, value in one[step].items():
             tolerance = max(1e-6, 1e-15 * abs(value)) if "_kappa_" in key else 1e-6
             assert two[step][key] == pytest.approx(value, rel=tolerance), (step, key)

@@ -104,6 +104,12 @@ class LayerConditioning:
     #: why some numbers are missing or zero (no data, no gradient, NaN/Inf, exactly zero
     #: statistics), in words; None when everything was measured (:func:`layer_note`)
     note: str | None = None
+    #: one expert of a fused expert module: ``(module, expert, experts)`` (its rows are the
+    #: tokens routed to it; :mod:`lightning_conditioning.analysis.routing`), else None
+    expert: tuple[str, int, int] | None = None
+    #: an expert's rows routed to it in the window (every one, however many row sampling
+    #: kept), else None
+    routed_rows: int | None = None
 
     def metrics(self, prefix: str = "conditioning") -> dict[str, float]:
         """The logged scalars, ``{prefix}/{name}/{quantity}`` (names: :mod:`..schema`).
@@ -198,6 +204,8 @@ _NOTES = {
     "shared_lookup": "its lookups are shared by the batch's examples (indices of leading dimension "
                      "1, e.g. position ids broadcast over the batch), so the gradient at its output "
                      "is a sum over the examples, not per-example; Σx only",
+    "dead_expert": "a dead expert: the router sent it no token in the analysed window, so it has "
+                   "no rows and no gradient (not a numerical failure); nothing is logged",
     "zero_input": "Σx is exactly zero (every input is 0); λmax(Σx) = λmax(F) = 0 are logged, "
                   "κ is undefined",
 }
@@ -205,6 +213,8 @@ _NOTES = {
 
 #: the note of an embedding looked up once for the whole batch (its Σ∇h is left out)
 SHARED_LOOKUP_NOTE = _NOTES["shared_lookup"]
+#: the note of an expert the router never chose in the window (said, not warned)
+DEAD_EXPERT_NOTE = _NOTES["dead_expert"]
 
 
 def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
@@ -224,6 +234,8 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
                 "that layer's; nothing is logged this window (it keeps a Σx of its own from now on)")
     if status == "no_grad" and moments.shared_lookup:
         return _NOTES["shared_lookup"]
+    if status == "no_data" and moments.expert is not None:
+        return _NOTES["dead_expert"]
     if status in ("no_data", "no_grad"):
         return _NOTES[status]
     pairs = (("Σx", moments.input_second_moment), ("Σ∇h", moments.grad_second_moment))
@@ -307,6 +319,9 @@ def analyse_layer(
         input_units=units,
         input_rows=moments.input_rows,
         grad_rows=moments.grad_rows,
+        expert=moments.expert,
+        routed_rows=(None if moments.expert is None else moments.input_rows if moments.input_sampling is None
+                     else max(moments.input_rows, moments.input_sampling.rows)),
     )
     # solved spectra already say what exists (solve_layer checked finiteness once): no second
     # pass over the matrices unless nothing was solved

@@ -159,7 +159,10 @@ class AttentionProbe:
             return  # a multi-head attention module was read from its inputs
         query = args[0] if args else kwargs.get("query")
         key = args[1] if len(args) > 1 else kwargs.get("key")
-        if not isinstance(query, Tensor) or not isinstance(key, Tensor):
+        if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.dim() < 3 or key.dim() != query.dim():
+            return
+        heads, key_heads = int(query.shape[-3]), int(key.shape[-3])
+        if key_heads == 0 or heads % key_heads:  # no grouped-query layout F.sdpa could read either
             return
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)

@@ -17,7 +17,6 @@ position is a row, as in the paper; both second moments are means over their row
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_conditioning.capture.adapters import LayerAdapter
+from lightning_conditioning.capture.experts import ExpertsCapture
 from lightning_conditioning.capture.functional import (
     KIND_OF,
     FunctionalCapture,
@@ -38,6 +38,7 @@ from lightning_conditioning.capture.functional import (
     weight_uses,
 )
 from lightning_conditioning.capture.plan import AnalysisPlan
+from lightning_conditioning.capture.rows import in_dtype, without_autocast
 
 # which layers are analysed: lightning_conditioning.capture.selection (its names import from here too)
 from lightning_conditioning.capture.selection import checked_layer_types as checked_layer_types
@@ -60,16 +61,9 @@ from lightning_conditioning.distributed.owners import (
 from lightning_conditioning.maths.accumulate import LayerWindow
 from lightning_conditioning.maths.moments import LayerMoments, moments_to_cpu
 from lightning_conditioning.maths.sampling import RowSampler
-from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
+from lightning_conditioning.maths.sketch import BLOCK_ROWS
 
 __all__ = ["LayerCapture"]
-
-
-def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off on ``device`` (where autocast exists)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -162,6 +156,11 @@ class LayerCapture:
         self.late_gradients = 0
         #: layers whose Σx is another layer's, read from the same input tensor
         self.sharing = InputSharing()
+        #: the experts of fused expert modules (:mod:`~lightning_conditioning.capture.experts`)
+        self.experts = ExpertsCapture(self)
+        #: the examples of the pass running now (the model's first input's leading dimension),
+        #: for layers whose rows are flattened tokens (experts, routers); None: not known
+        self.pass_examples: int | None = None
 
     @property
     def attached(self) -> bool:
@@ -193,6 +192,11 @@ class LayerCapture:
                 hooked.add(id(module))  # its own forward runs: the functional path leaves it
                 self._handles.append(module.register_forward_pre_hook(
                     torch.compiler.disable(self._enter_layer)))
+        self._handles.extend(self.experts.attach())
+        if self.model is not None and (self.experts.modules or any(
+                getattr(adapter, "routed", False) for _, adapter in self.layers.values())):
+            self._handles.append(self.model.register_forward_pre_hook(
+                torch.compiler.disable(self._enter_model), with_kwargs=True))
         if self._mode is None:
             return
         for host in _hosts(self.model, self.layers):  # type: ignore[arg-type]
@@ -221,6 +225,21 @@ class LayerCapture:
         # an attention module and its out_proj: the examples are the attention's batch
         self._attention_parts = {id(m) for a in self.model.modules()
                                  if isinstance(a, nn.MultiheadAttention) for m in (a, *a.children())}
+
+    def _enter_model(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() >= 1), None)
+        self.pass_examples = int(first.shape[0]) if first is not None and first.dim() >= 2 else None
+
+    def routed_examples(self, tokens: int) -> int:
+        """The factor undoing the loss's mean (``loss_reduction``) for rows that are a pass's
+        ``tokens`` flattened (experts, routers): the pass's examples for a batch-mean loss (the
+        model's first input's leading dimension; ``tokens`` when not known), the loss's tokens
+        (or ``tokens``) for a token mean, 1 for a sum."""
+        if self.loss_reduction == "sum":
+            return 1
+        if self.loss_reduction == "token_mean":
+            return self.loss_tokens or tokens
+        return self.pass_examples or tokens
 
     def _enter_layer(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.active:
@@ -286,7 +305,8 @@ class LayerCapture:
                   if window.lookup_leading == 1 and self._widest > 1}
         self.sharing.finish()
         followers, lost = dict(self.sharing.followers), dict(self.sharing.lost)
-        moments = {name: replace(window.moments(take=take), owner=self.owners.get(name))
+        moments = {name: replace(window.moments(take=take), owner=self.owners.get(name),
+                                 expert=self.experts.slots.get(name))
                    for name, window in self.turn_windows.items()}
         for name in followers if take else ():  # its Σx is the leader's: no sum of its own
             self.windows[name].input.release()
@@ -304,6 +324,16 @@ class LayerCapture:
             moments[name] = replace(moments[name], input_second_moment=None, input_rows=0,
                                     shared_input=leader or None, shared_input_lost=True)
         return moments
+
+    @property
+    def generation(self) -> int:
+        """The window's number: bumped at every reset (an output gradient of an earlier
+        window's forward is ignored)."""
+        return self._generation
+
+    def dtype_for(self, tensor: Tensor) -> torch.dtype:
+        """The GEMM dtype of ``tensor``'s rows (see :meth:`_dtype_for`)."""
+        return self._dtype_for(tensor)
 
     def _dtype_for(self, tensor: Tensor) -> torch.dtype:
         """The GEMM dtype: ``statistics_dtype``, or the tensor's own if wider (float64 runs)."""
@@ -360,10 +390,10 @@ class LayerCapture:
                 self._follow_output(name, module, output, columns, batch)
                 return
         # autocast would run out-of-place GEMMs (bmm) in bf16/fp16: the Grams keep their dtype
-        with torch.no_grad(), _without_autocast(x.device):
+        with torch.no_grad(), without_autocast(x.device):
             rows = x.detach()
             if rows.is_floating_point():  # token ids stay integers
-                rows = _in_dtype(rows, self._dtype_for(x), window.input)
+                rows = in_dtype(rows, self._dtype_for(x), window.input)
             unit_max, unit_min = adapter.accumulate_input(module, rows, window.input)
             if adapter.diagonal_input and rows.dim() >= 2:  # a lookup: one batch of indices
                 window.lookup_leading = max(window.lookup_leading, int(rows.shape[0]))
@@ -408,10 +438,10 @@ class LayerCapture:
         window = self.windows[name]
         if columns is not None:
             grad = grad[..., columns]
-        with torch.no_grad(), _without_autocast(grad.device):
+        with torch.no_grad(), without_autocast(grad.device):
             factor = scale * self.grad_multiplier
             adapter.accumulate_grad(
-                module, _in_dtype(grad.detach(), self._dtype_for(grad), window.grad), window.grad,
+                module, in_dtype(grad.detach(), self._dtype_for(grad), window.grad), window.grad,
                 factor * factor
             )
             window.grad.note_precision(grad.dtype)
@@ -445,7 +475,10 @@ class LayerCapture:
                 columns = None
             self.functional_calls[use.layer] = self.functional_calls.get(use.layer, 0) + 1
             in_attention = id(module) in self._attention_parts  # its batch is the attention's
-            self._record(use.layer, module, x, output, columns, batch if in_attention else None)
+            if getattr(adapter, "routed", False) and self.loss_reduction == "mean":
+                batch = self.pass_examples  # rows of flattened tokens (a router)
+            self._record(use.layer, module, x, output, columns, batch if in_attention or
+                         getattr(adapter, "routed", False) else None)
 
     def all_reduce(self, reduce: Callable[[Tensor, str], Tensor], world_size: int = 1,
                    rank: int = 0, *, reduce_to: ReduceTo | None = None,
@@ -523,10 +556,3 @@ def _same_conv(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     return all(norm(given.get(k, defaults[k])) == norm(getattr(module, k)) for k in names) and (
         module.padding_mode == "zeros")
-
-
-def _in_dtype(rows: Tensor, dtype: torch.dtype, target: Any) -> Tensor:
-    """``rows`` in the statistics dtype, except for a sketch, which converts them block by
-    block into its own float64 buffer (no ``(n, d)`` float64 copy of, e.g., a 50,257-token
-    head's output gradient)."""
-    return rows if isinstance(target, SketchedMomentSum) else rows.to(dtype)

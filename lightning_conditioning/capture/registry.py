@@ -3,7 +3,8 @@
 :func:`adapter_for` picks an adapter by ``isinstance`` (latest registration first) from the
 registry that :func:`register_adapter` extends; the default set of analysed layers is every
 registered kind (:func:`registered_layer_types`): ``nn.Linear``, convolutions, ``nn.Embedding``,
-``nn.MultiheadAttention`` and Hugging Face's ``Conv1D``.
+``nn.MultiheadAttention``, Hugging Face's ``Conv1D``, and the fused experts and routers of
+mixture-of-experts models (:mod:`~lightning_conditioning.capture.expert_adapters`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lightning_conditioning.capture.adapters import (
     LayerAdapter,
     LinearAdapter,
 )
+from lightning_conditioning.capture.expert_adapters import FusedExperts, FusedExpertsAdapter, Router, RouterAdapter
 from lightning_conditioning.capture.sequence_adapters import AttentionAdapter, Conv1DAdapter, EmbeddingAdapter
 
 __all__ = ["AdapterFactory", "register_adapter", "registered_layer_types", "adapter_for"]
@@ -38,6 +40,8 @@ _REGISTRY: list[tuple[type[nn.Module] | str, AdapterFactory]] = [
     (nn.Embedding, lambda module, mode: EmbeddingAdapter()),
     (nn.MultiheadAttention, lambda module, mode: AttentionAdapter()),
     ("transformers.pytorch_utils:Conv1D", lambda module, mode: Conv1DAdapter()),
+    (FusedExperts, lambda module, mode: FusedExpertsAdapter()),  # (structural kinds: any family)
+    (Router, lambda module, mode: RouterAdapter()),
 ]
 
 

@@ -58,7 +58,7 @@ def is_sharded(tensor: Tensor) -> bool:
     return len(placements) == 1 and isinstance(placements[0], types[1]) and placements[0].dim == 0  # type: ignore[attr-defined]
 
 
-def local_rows(tensor: Tensor, rows: slice) -> tuple[Tensor, bool]:
+def local_rows(tensor: Tensor, rows: slice | int) -> tuple[Tensor, bool]:
     """``(block, sharded)``: the rows ``rows`` of a (global) weight that this process holds.
 
     For a sharded ``DTensor`` the block is the part of ``rows`` inside this rank's shard
@@ -80,6 +80,8 @@ def local_rows(tensor: Tensor, rows: slice) -> tuple[Tensor, bool]:
     _, offset = compute_local_shape_and_global_offset(
         tensor.shape, tensor.device_mesh, tensor.placements)  # type: ignore[attr-defined]
     first = int(offset[0])
+    if isinstance(rows, int):  # (the monitor checks no expert of a sharded fused weight)
+        raise ValueError("an expert's matrix of a sharded fused weight spans shards: no local rows")
     start, stop = max(rows.start, first), min(rows.stop, first + local.shape[0])
     return (local[start - first: stop - first] if stop > start else local[:0]), True
 

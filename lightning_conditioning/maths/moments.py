@@ -53,6 +53,8 @@ class LayerMoments:
             solves them (:mod:`~lightning_conditioning.distributed.owners`); elsewhere they are
             :class:`~lightning_conditioning.maths.remote.RemoteMoment`. ``None``: every
             process holds them (one process, or an all-reduce).
+        expert: for one expert of a fused expert module, ``(module, expert, experts)``: its
+            rows are the tokens routed to it (:mod:`~lightning_conditioning.capture.experts`).
         input_sampling / grad_sampling: what row sampling left out of each moment and the
             relative standard error of its λmax (:mod:`~lightning_conditioning.maths.sampling`);
             ``None`` when every row entered.
@@ -81,6 +83,7 @@ class LayerMoments:
     owner: int | None = None
     input_sampling: SampleTally | None = None
     grad_sampling: SampleTally | None = None
+    expert: tuple[str, int, int] | None = None
 
     @property
     def lookup_table(self) -> bool:

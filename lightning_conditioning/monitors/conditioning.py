@@ -20,7 +20,8 @@ from lightning_conditioning.analysis.assignment import estimated_seconds
 from lightning_conditioning.analysis.attention import AttentionWindows
 from lightning_conditioning.analysis.margin import Margins
 from lightning_conditioning.analysis.options import ConditioningOptions
-from lightning_conditioning.analysis.results import SHARED_LOOKUP_NOTE, LayerConditioning
+from lightning_conditioning.analysis.results import DEAD_EXPERT_NOTE, SHARED_LOOKUP_NOTE, LayerConditioning
+from lightning_conditioning.analysis.routing import routing_readings
 from lightning_conditioning.analysis.window import (
     BACKGROUND_SECONDS,
     BackgroundAnalysis,
@@ -526,7 +527,8 @@ class ConditioningMonitor:
         """The diagnosis of the latest analysis (with :attr:`domination_source`'s check)."""
         domination = dict(self.domination_source()) if self.domination_source else None
         dtype = self.capture.statistics_dtype if self.capture is not None else None
-        return diagnose({**conditioning_table(self._results), **self.attention.table()}, domination or None,
+        return diagnose({**conditioning_table(self._results), **self.attention.table(),
+                         **routing_readings(self._results)}, domination or None,
                         last_layer=self.last_linear,
                         statistics_float64=None if dtype is None else dtype == torch.float64)
 
@@ -542,9 +544,9 @@ class ConditioningMonitor:
             if result.note and f"{name}\n{result.note}" not in self._noted:
                 self._noted.add(f"{name}\n{result.note}")
                 fresh.setdefault(result.note, []).append(name)
-        shared = fresh.pop(SHARED_LOOKUP_NOTE, None)
-        if shared:  # what the model does, not a fault: said, not warned
-            self._info(f"{type(self).__name__}: {listing(shared)}: {SHARED_LOOKUP_NOTE}.")
+        for said in (SHARED_LOOKUP_NOTE, DEAD_EXPERT_NOTE):  # what the model does, not a fault:
+            if names := fresh.pop(said, None):  # said, not warned
+                self._info(f"{type(self).__name__}: {listing(names)}: {said}.")
         if fresh:
             lines = [f"  {listing(names)}: {note}." for note, names in fresh.items()]
             self._warn(f"{type(self).__name__}: step {step}: some layers have no numbers or zero "

@@ -48,6 +48,11 @@ __all__ = ["WeightDominationMonitor", "DominationOptions", "check_options"]
 
 
 
+def _span(rows: slice | int) -> tuple[int, int | None]:
+    """A weight's rows as a key: a row slice's ends, or an expert's index (and None)."""
+    return (rows, None) if isinstance(rows, int) else (rows.start, rows.stop)
+
+
 def _adaptive(optimizer: Any) -> bool:
     """Whether any of the optimizer(s) is not of the SGD family (no ``momentum`` and
     ``dampening`` in its defaults).
@@ -126,11 +131,14 @@ class WeightDominationMonitor:
         self._warn = warn or warn_at_user
         self._info = info or announce
         layers = find_layers(model, o.layer_types, o.include, o.exclude)
-        #: ``{layer: (parameter, rows)}``: an attention projection's weight is a row slice
-        self._weights: dict[str, tuple[nn.Parameter, slice]] = {}
+        #: ``{layer: (parameter, rows)}``: an attention projection's weight is a row slice, an
+        #: expert's the index of its matrix in a fused 3-D weight
+        self._weights: dict[str, tuple[nn.Parameter, slice | int]] = {}
         for name, (module, adapter) in layers.items():
             found = adapter.weight_of(module)
             if found is not None and isinstance(found[0], nn.Parameter):
+                if isinstance(found[1], int) and is_sharded(found[0]):
+                    continue  # an expert of a sharded fused weight: its matrix spans shards
                 self._weights[name] = (found[0], found[1])
         if not self._weights:
             self._warn(f"{type(self).__name__}: no layer with a weight matched; nothing to check.")
@@ -148,7 +156,7 @@ class WeightDominationMonitor:
         self.last_linear = last_linear_name(model)
         self._results: dict[str, WeightStatistics] = {}
         self._snapshot: dict[str, Tensor] = {}
-        self._snapshot_keys: dict[str, tuple[int, int, int]] = {}
+        self._snapshot_keys: dict[str, tuple[int, int, int | None]] = {}
         self._snapshot_turn = 0
         #: bytes the copies of the weights (for ΔW) may hold: ``memory_budget`` (``"auto"``: half
         #: of :func:`~lightning_conditioning.capture.plan.memory_budget`, so that both monitors
@@ -265,15 +273,15 @@ class WeightDominationMonitor:
         self._take_snapshots(checked)
         return True
 
-    def _take_snapshots(self, checked: list[tuple[str, nn.Parameter, slice]]) -> None:
+    def _take_snapshots(self, checked: list[tuple[str, nn.Parameter, slice | int]]) -> None:
         """Copies of the checked weights, for ΔW after the step: one per distinct block of
         rows (a tied weight once), within :attr:`snapshot_budget` bytes. When not all fit,
         each check copies the next ones in turn (the others' update is not measured then)."""
         order = checked[self._snapshot_turn:] + checked[:self._snapshot_turn]
-        copies: dict[tuple[int, int, int], Tensor] = {}
+        copies: dict[tuple[int, int, int | None], Tensor] = {}
         held = taken = 0
         for name, parameter, rows in order:
-            key = (id(parameter), rows.start, rows.stop)
+            key = (id(parameter), *_span(rows))
             if key not in copies:
                 block = self._block(parameter.detach(), rows)
                 size = block.numel() * block.element_size()
@@ -286,7 +294,7 @@ class WeightDominationMonitor:
             taken += 1
         self._snapshot_turn = (self._snapshot_turn + taken) % max(len(checked), 1)
 
-    def _block(self, tensor: Tensor, rows: slice) -> Tensor:
+    def _block(self, tensor: Tensor, rows: slice | int) -> Tensor:
         """This process's part of a layer's rows: all of them, or (sharded weights) the rows of
         its shard; a replicated weight counts on rank 0 only, so that sums over ranks hold it once."""
         block, sharded = local_rows(tensor, rows)
@@ -294,7 +302,7 @@ class WeightDominationMonitor:
             return block[:0]
         return block
 
-    def _statistics(self, checked: list[tuple[str, nn.Parameter, slice]]) -> list[WeightStatistics]:
+    def _statistics(self, checked: list[tuple[str, nn.Parameter, slice | int]]) -> list[WeightStatistics]:
         """Norms of every checked layer: each weight on its own, or (sharded) reduced over ranks."""
         if not self.sharded:
             return [weight_statistics(parameter.detach()[rows], parameter.grad[rows])  # type: ignore[index]

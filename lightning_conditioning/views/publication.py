@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_conditioning import schema
 from lightning_conditioning.analysis.attention import attention_metrics
 from lightning_conditioning.analysis.results import LayerConditioning
+from lightning_conditioning.analysis.routing import routing_metrics
 from lightning_conditioning.maths.attention import AttentionReading
 from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records, spectrum_records
@@ -85,11 +86,13 @@ class Publication:
 
     @cached_property
     def metrics(self) -> dict[str, float]:
-        """Flat scalars ``{prefix}/{layer}/{quantity}`` of every layer (and attention module)."""
+        """Flat scalars ``{prefix}/{layer}/{quantity}`` of every layer (and attention and
+        expert module)."""
         out: dict[str, float] = {}
         for result in self.results.values():
             out.update(result.metrics(self.prefix))
         out.update(attention_metrics(self.attention, self.prefix))
+        out.update(routing_metrics(self.results, self.prefix))
         return out
 
     @cached_property

@@ -1,12 +1,13 @@
 """The Hugging Face Trainer with both callbacks, in one process or under torchrun (gloo, CPU):
 
-    python tests/scripts/hf_ddp.py OUT_DIR                                   # one process
-    python -m torch.distributed.run --nproc_per_node=2 tests/scripts/hf_ddp.py OUT_DIR
+    python tests/scripts/hf_ddp.py OUT_DIR [mixtral]                         # one process
+    python -m torch.distributed.run --nproc_per_node=2 tests/scripts/hf_ddp.py OUT_DIR [mixtral]
 
 The global batch is 4 either way (4 on one process; 2 per rank on two, rank r taking the r-th
 of each pair of consecutive batches of 2: the same 4 rows), the model is float64 without
 dropout, so the two runs must agree to rounding. Every rank writes ``rank{r}.json`` with the
-metrics its callbacks hold after each step.
+metrics its callbacks hold after each step. ``mixtral``: a tiny mixture of experts (4 experts,
+top-2) instead of GPT-2, its routing loads dumped beside the layers' numbers.
 """
 
 import json
@@ -19,6 +20,7 @@ import torch
 import transformers
 from torch.utils.data import Dataset, SequentialSampler
 
+from lightning_conditioning.analysis.routing import routing_metrics
 from lightning_conditioning.integrations import ConditioningTrainerCallback, WeightDominationTrainerCallback
 
 VOCAB, SEQ, ROWS, STEPS, GLOBAL_BATCH = 64, 12, 16, 2, 4
@@ -56,6 +58,7 @@ class Dump(transformers.TrainerCallback):
         metrics: dict[str, float] = {}
         for result in self.conditioning.results.values():
             metrics.update(result.metrics())
+        metrics.update(routing_metrics(self.conditioning.results, "conditioning"))
         for name, stats in self.domination.results.items():
             metrics[f"weight_domination/{name}/grad_weight_ratio"] = float(stats.grad_weight_ratio)
         self.steps[state.global_step - 1] = metrics
@@ -65,14 +68,26 @@ class Dump(transformers.TrainerCallback):
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "steps": self.steps}))
 
 
-def main(out: Path) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
+    if name == "mixtral":
+        config = transformers.MixtralConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=SEQ,
+            bos_token_id=0, eos_token_id=0)
+        model = transformers.MixtralForCausalLM(config).double()
+        model.config._experts_implementation = "eager"  # (no float64 grouped GEMM on CPU)
+        return model
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                      bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config).double()
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def main(out: Path, name: str = "gpt2") -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    model = build(name)
     conditioning = ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync")
     domination = WeightDominationTrainerCallback(every_n_steps=1)
     args = transformers.TrainingArguments(
@@ -90,4 +105,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     transformers.logging.set_verbosity_error()
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])
