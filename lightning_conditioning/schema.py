@@ -73,6 +73,8 @@ __all__ = [
     "KAPPA_VALUES",
     "BOUND_SUFFIXES",
     "Quantity",
+    "QuantityGroup",
+    "GROUPS",
     "key",
     "split_key",
     "format_percent",
@@ -107,11 +109,9 @@ SAMPLING_QUANTITIES: tuple[str, ...] = (
 #: mean softmax entropy (nats), and the entropy of uniform attention under the same masks
 ATTENTION_QUANTITIES: tuple[str, ...] = ("attention_logit_max", "attention_entropy_min",
                                          "attention_entropy_uniform")
-_ATTENTION_HEAD = re.compile(r"^attention_(logit_max|entropy)_h([0-9]+)$")
 #: a mixture-of-experts module's routing load: the largest expert share times the number of
 #: experts (1: balanced), and the experts that received no token in the window
 ROUTING_QUANTITIES: tuple[str, ...] = ("load_imbalance", "dead_experts")
-_EXPERT = re.compile(r"^load_share_e([0-9]+)$")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
@@ -127,6 +127,59 @@ DOMINATION_QUANTITIES = frozenset({
 })
 #: the per-run count of layers in weight domination: ``{prefix}/dominated_layers``
 DOMINATED_LAYERS = "dominated_layers"
+
+
+@dataclass(frozen=True)
+class QuantityGroup:
+    """Quantities logged together, declared once: their names, what they are (the ``kind`` of
+    :class:`Quantity`) and their dashboard section. :func:`parse_quantity`, the TensorBoard
+    layout (:mod:`lightning_conditioning.sinks.tensorboard`) and the tables
+    (:mod:`lightning_conditioning.views.tables`) read these declarations: a new group of
+    quantities is one entry of :data:`GROUPS` (and the code that computes them).
+
+    Attributes:
+        kind: what the quantities are (``"units"``, ``"attention"``, ``"routing"``, …).
+        names: the quantity names.
+        section: the dashboard section, after ``"{prefix}: "`` (None: not charted with the
+            conditioning quantities, e.g. weight domination, which has its own prefix).
+        indexed: a regular expression of further names, one per head or expert
+            (``load_share_e[0-9]+``), charted together.
+        indexed_title: the title of that chart.
+        moment: the moment the quantities describe; ``"prefix"``: the first part of the name.
+    """
+
+    kind: str
+    names: tuple[str, ...]
+    section: str | None
+    indexed: str | None = None
+    indexed_title: str = ""
+    moment: str | None = None
+
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` is one of this group's quantities."""
+        return name in self.names or (self.indexed is not None and re.fullmatch(self.indexed, name) is not None)
+
+    def moment_of(self, name: str) -> str | None:
+        return name.split("_", 1)[0] if self.moment == "prefix" else self.moment
+
+
+#: every group of quantities beside the spectra's own (λmax, rank, κ_p: one per moment), in
+#: dashboard order
+GROUPS: tuple[QuantityGroup, ...] = (
+    QuantityGroup("units", UNIT_QUANTITIES, "units per layer"),
+    QuantityGroup("features", FEATURE_QUANTITIES,
+                  "outlier features per layer (max / median mean square of Σx's features)", moment="input"),
+    QuantityGroup("attention", ATTENTION_QUANTITIES,
+                  "attention per module (max |q·k|/√d, smallest head entropy, uniform entropy)",
+                  indexed=r"attention_(logit_max|entropy)_h[0-9]+", indexed_title="per head"),
+    QuantityGroup("routing", ROUTING_QUANTITIES,
+                  "routing load per expert module (largest share × experts, dead experts; shares per expert)",
+                  indexed=r"load_share_e[0-9]+", indexed_title="load share per expert"),
+    QuantityGroup("sampling", SAMPLING_QUANTITIES, "row sampling per layer (only when max_rows left rows out)",
+                  moment="prefix"),
+    QuantityGroup("margin", MARGIN_QUANTITIES, "stability margin per layer"),
+    QuantityGroup("domination", tuple(sorted(DOMINATION_QUANTITIES)), None),
+)
 #: key suffix of a κ_p that is not a measurement, by status
 KAPPA_MARKERS: dict[str, str] = {"exact": "", "estimate": "_estimate", "lower_bound": "_lower_bound",
                                  "infinite": "_infinite"}
@@ -309,20 +362,9 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, match.group(2), match.group(1))  # type: ignore[arg-type]
     if name.startswith(LOG10_PREFIX) and (base := parse_quantity(name[len(LOG10_PREFIX):])):
         return Quantity(name, "log10", base.moment, base.percent, base.status)
-    if name in UNIT_QUANTITIES:
-        return Quantity(name, "units")
-    if name in FEATURE_QUANTITIES:
-        return Quantity(name, "features", "input")
-    if name in ATTENTION_QUANTITIES or _ATTENTION_HEAD.match(name):
-        return Quantity(name, "attention")
-    if name in ROUTING_QUANTITIES or _EXPERT.match(name):
-        return Quantity(name, "routing")
-    if name in SAMPLING_QUANTITIES:
-        return Quantity(name, "sampling", name.split("_", 1)[0])
-    if name in MARGIN_QUANTITIES:
-        return Quantity(name, "margin")
-    if name in DOMINATION_QUANTITIES:
-        return Quantity(name, "domination")
+    for group in GROUPS:
+        if group.holds(name):
+            return Quantity(name, group.kind, group.moment_of(name))  # type: ignore[arg-type]
     return None
 
 

@@ -148,7 +148,20 @@ def test_two_callbacks_with_one_prefix_fail_naming_prefix(make: Any, tmp_path: P
 
 
 # ---------------------------------------------------------------------------------- 2 processes
-def _launch(out: Path, processes: int, model: str = "gpt2") -> dict[str, dict[str, float]]:
+MODELS = ("gpt2", "mixtral")  # trained one after the other in the same processes
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], dict[str, dict[str, float]]]:
+    """``{(processes, model): {step: metrics}}``: one launch on 1 process and one on 2 (gloo)."""
+    out = {}
+    for processes in (1, 2):
+        folder = tmp_path_factory.mktemp(f"hf_ddp_{processes}")
+        out.update({(processes, model): steps for model, steps in _launch(folder, processes).items()})
+    return out
+
+
+def _launch(out: Path, processes: int) -> dict[str, dict[str, dict[str, float]]]:
     import json
     import os
     import socket
@@ -156,30 +169,32 @@ def _launch(out: Path, processes: int, model: str = "gpt2") -> dict[str, dict[st
     import sys
 
     script = Path(__file__).parent / "scripts" / "hf_ddp.py"
-    command = [sys.executable, str(script), str(out), model]
+    command = [sys.executable, str(script), str(out), ",".join(MODELS)]
     if processes > 1:
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   f"--master_port={port}", str(script), str(out), model]
+                   f"--master_port={port}", str(script), str(out), ",".join(MODELS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
-    assert all(rank["world_size"] == processes for rank in ranks)
-    assert all(rank["steps"] == ranks[0]["steps"] for rank in ranks)  # every rank holds all
-    return ranks[0]["steps"]
+    found = {}
+    for model in MODELS:
+        ranks = [json.loads((out / f"rank{r}_{model}.json").read_text()) for r in range(processes)]
+        assert all(rank["world_size"] == processes for rank in ranks)
+        assert all(rank["steps"] == ranks[0]["steps"] for rank in ranks)  # every rank holds all
+        found[model] = ranks[0]["steps"]
+    return found
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path: Path) -> None:
+def test_two_processes_equal_one(launched: dict[tuple[int, str], dict[str, dict[str, float]]]) -> None:
     """torchrun, 2 processes (gloo, CPU), 2 rows each, against 1 process with the same 4 rows
     (float64, no dropout; ranks hold different numbers of label tokens): every logged number
     agrees to 1e-6; a κ_p agrees to 1e-6 or κ_p · 1e-15, what float64 rounding in the weights
     (the ranks' gradients are averaged in another order) can move it by (Weyl)."""
-    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    one, two = _launch(tmp_path / "one", 1), _launch(tmp_path / "two", 2)
+    one, two = launched[1, "gpt2"], launched[2, "gpt2"]
     assert sorted(one) == sorted(two) == ["0", "1"]
     for step in one:
         assert one[step].keys() == two[step].keys()
@@ -194,11 +209,11 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_on_a_mixture_of_experts(tmp_path: Path) -> None:
+def test_two_processes_equal_one_on_a_mixture_of_experts(
+        launched: dict[tuple[int, str], dict[str, dict[str, float]]]) -> None:
     """The same with a tiny Mixtral (4 experts, top-2): every expert's numbers, the router's
     and the routing loads, summed over the ranks' tokens, equal one process's."""
-    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    one, two = _launch(tmp_path / "one", 1, "mixtral"), _launch(tmp_path / "two", 2, "mixtral")
+    one, two = launched[1, "mixtral"], launched[2, "mixtral"]
     assert sorted(one) == sorted(two) == ["0", "1"]
     for step in one:
         assert one[step].keys() == two[step].keys()

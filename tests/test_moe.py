@@ -187,7 +187,11 @@ def test_routing_metrics_are_published_with_the_layers() -> None:
     monitor = ConditioningMonitor(model, every_n_steps=1, info=lambda m: None, warn=lambda m: None)
     with monitor.track(0):
         model(**batch()).loss.backward()
-    metrics = Publication(monitor.results, 0, figures=False).metrics
+    publication = Publication(monitor.results, 0)
+    metrics = publication.metrics
+    assert sorted(publication.tagged_figures) == ["conditioning/depth_profile",
+                                                  "conditioning/model.layers.0.mlp.experts/experts",
+                                                  "conditioning/model.layers.1.mlp.experts/experts"]
     for layer in (0, 1):
         module = f"conditioning/model.layers.{layer}.mlp.experts"
         assert sum(metrics[f"{module}/load_share_e{e}"] for e in range(EXPERTS)) == pytest.approx(1.0)

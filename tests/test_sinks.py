@@ -135,7 +135,11 @@ def test_layout_matches_every_logged_key_kind() -> None:
     summary = SimpleNamespace(lambda_max=2.0, rank=3, kappa={50: 2.0, 80: 1e9, 99.5: math.inf},
                               kappa_status=statuses)
     quantities = [q for m in schema.MOMENTS for q in schema.summary_quantities(m, summary)]
-    quantities += list(schema.UNIT_QUANTITIES) + list(schema.SAMPLING_QUANTITIES) + list(schema.ATTENTION_QUANTITIES)
+    # every declared group's quantities, and one of each indexed family (per head, per expert)
+    indexed = {"attention": "attention_entropy_h3", "routing": "load_share_e2"}
+    assert set(indexed) == {group.kind for group in schema.GROUPS if group.indexed}
+    quantities += [q for group in schema.GROUPS if group.section for q in group.names] + list(indexed.values())
+    assert {"dead_experts", "lr_lambda_max", "input_outlier_ratio", "grad_kept_rows"} <= set(quantities)
     assert "grad_rank" in quantities and "fim_kappa_80_lower_bound" in quantities
     for quantity in quantities:  # every per-layer scalar has exactly one chart: λmax and
         # measured κ_p through their log10 copies (the charts have no log axis)

@@ -171,10 +171,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
                 warn=rank_zero_warn, **{n: getattr(self.options, n) for n in ConditioningOptions.names()})
             self.monitor.load_state_dict(self._restored)
             self.monitor.optimizer = list(trainer.optimizers) or None  # for the stability margin
-            for callback in trainer.callbacks:  # type: ignore[attr-defined]
-                domination = getattr(callback, "domination_table", None)
-                if callable(domination):
-                    self.monitor.domination_source = domination
+            self.monitor.read_domination_from(trainer.callbacks)  # type: ignore[attr-defined]
         if self.tensorboard_layout and trainer.is_global_zero:
             publish_tensorboard_layout(trainer.loggers, make_tensorboard_layout(
                 conditioning_prefix=self.prefix, kappa_percents=self.options.kappa_percents))
@@ -233,12 +230,9 @@ class ConditioningCallback(ConditioningReadout, Callback):
         step = monitor.current_step
         if trainer.global_step == step:
             return  # this step's optimizer step has not run yet (accumulation)
-        if self._scale_at_backward is not None and loss_scale(trainer) < self._scale_at_backward:
-            rank_zero_info(f"{type(self).__name__}: step {step} skipped: its gradients overflowed "
-                           "in float16 (the GradScaler lowered its scale); nothing is logged for its window.")
-            self._discard()
-            return
-        if monitor.end(step):
+        skipped = self._scale_at_backward is not None and loss_scale(trainer) < self._scale_at_backward
+        if monitor.step_done(step, skipped="the GradScaler lowered its scale" if skipped else None,
+                             who=type(self).__name__):
             self._publish(trainer)
         self._scale_at_backward = None
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LossWatch", "LossFactor", "item_count"]
+__all__ = ["LossWatch", "LossFactor", "StepLoss", "item_count"]
 
 
 def item_count(value: Any) -> int | None:
@@ -160,3 +160,36 @@ class LossFactor:
                 "pass through the model's own `loss` (labels popped by `compute_loss_func` or label "
                 "smoothing, a custom `compute_loss`), so what the trainer scaled the loss by is "
                 "unknown: λmax(Σ∇h) may be off by a constant factor (κ_p is not affected).")
+
+
+class StepLoss:
+    """A step's training loss as the trainer applied it: the model's own loss of every
+    micro-batch times what the trainer scaled it by (read off the gradient reaching it, the
+    float16 scale taken out), summed, then the mean over processes.
+
+    Example:
+        >>> import torch
+        >>> step = StepLoss()
+        >>> step.start(scale=4.0)
+        >>> step.add(torch.tensor(3.0), torch.tensor(2.0)); step.add(torch.tensor(1.0), torch.tensor(2.0))
+        >>> step.value()
+        2.0
+    """
+
+    def __init__(self) -> None:
+        self.total, self.count, self.scale = 0.0, 0, 1.0
+
+    def start(self, scale: float = 1.0) -> None:
+        """A new step; ``scale``: the float16 loss scale the gradients carry."""
+        self.total, self.count, self.scale = 0.0, 0, scale
+
+    def add(self, loss: Tensor, grad: Tensor) -> None:
+        """A micro-batch's loss and the gradient reaching it."""
+        self.total += float(loss) * float(grad) / self.scale
+        self.count += 1
+
+    def value(self, mean: Callable[[float], float] = float) -> float | None:
+        """The step's loss (``mean``: over processes, e.g. ``Collectives.mean``); None when no
+        micro-batch's loss was seen or it is not finite."""
+        loss = mean(self.total if self.count else math.nan)
+        return loss if math.isfinite(loss) else None

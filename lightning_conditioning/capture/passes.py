@@ -19,6 +19,7 @@ import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -307,6 +308,33 @@ class ExtraPasses:
             return None
         return (f"asked for {self.probe_batches} probe batches, the training data has "
                 f"{len(self.held_batches)}; the analysis uses those {len(self.held_batches)}.")
+
+    def run_held(self, run: Callable[[Any], None], device: torch.device | None = None) -> None:
+        """``run(batch)`` for each probe batch, its tensors moved to ``device`` first (when given)."""
+        for held in self.held_batches:
+            run(held if device is None else map_tensors(held, lambda t: t.to(device)))
+
+    def save_held(self, folder: str | Path, name: str) -> None:
+        """Write the probe batches to ``folder/name`` (a checkpoint's folder) when there are any
+        and the folder exists."""
+        if self.held_batches and Path(folder).is_dir():
+            torch.save(self.held_batches, Path(folder) / name)
+
+    def hold_for_run(self, loader: Any, folder: str | Path | None, name: str, who: str) -> str | None:
+        """At the start of training: the probe batches :meth:`save_held` wrote to
+        ``folder/name`` (a resumed run's checkpoint), else the first ones of ``loader`` (a
+        ``DataLoader``), unless some are held or none are asked for; a sentence when they are
+        fewer than asked (see :meth:`hold`)."""
+        if not self.probe_batches or self.held_batches:
+            return None
+        saved = Path(folder) / name if folder is not None else None
+        if saved is not None and saved.is_file():
+            self.held_batches = torch.load(saved, weights_only=False)
+            return None
+        if not isinstance(loader, DataLoader):
+            raise RuntimeError(f"{who}(probe_batches={self.probe_batches}): the trainer passed no training "
+                               "DataLoader to draw them from")
+        return self.hold(draw_probe_batches(loader, self.probe_batches))
 
     def forward(self, module: nn.Module, batch: Any) -> Any:
         """``forward_fn(module, batch)``, else :func:`default_forward` (the true Fisher computes

@@ -64,6 +64,13 @@ class Collectives:
             return self.reduce(tensor, op)
         return self.reduce(tensor.to(self.device), op).to(tensor.device)
 
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over processes (one scalar all-reduce; ``value`` alone without
+        several processes)."""
+        if not self.distributed:
+            return value
+        return float(self.all_reduce(torch.tensor([value], dtype=torch.float64), "sum")[0]) / self.world_size
+
     @property
     def shards_by_owner(self) -> bool:
         """Whether dense moments can be summed to one owner each (several processes, and a

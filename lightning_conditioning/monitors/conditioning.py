@@ -9,7 +9,7 @@ Lightning shell over it; Fabric and plain PyTorch loops use it directly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -370,6 +370,14 @@ class ConditioningMonitor:
             return None
         return loss_tokens(batch, self._model)
 
+    def read_domination_from(self, callbacks: Iterable[Any]) -> None:
+        """Take the weight-domination check of whichever of a trainer's ``callbacks`` has a
+        ``domination_table`` (a weight-domination callback) as :attr:`domination_source`."""
+        for callback in callbacks:
+            table = getattr(callback, "domination_table", None)
+            if callable(table):
+                self.domination_source = table
+
     def pause(self) -> None:
         """Stop recording (the window stays open)."""
         if self.capture is not None:
@@ -436,6 +444,21 @@ class ConditioningMonitor:
         step, results = finished
         self._publish(step, results)
         return True
+
+    def step_done(self, step: int, *, skipped: str | None = None, who: str | None = None) -> bool:
+        """A trainer's optimizer step ``step`` is over: :meth:`end` it when it is the step being
+        captured, else collect a finished background analysis. ``skipped``: why the optimizer
+        skipped it (float16 gradients overflowed): its window is dropped, said once per step at
+        INFO as ``who``. Returns whether new results are ready to publish."""
+        if self._current_step != step:
+            return self.poll()
+        if skipped is not None:
+            self._info(f"{who or type(self).__name__}: step {step} skipped: its gradients overflowed in "
+                       f"float16 ({skipped}); nothing is logged for its window.")
+            self.discard()
+            return False
+        return self.end(step)
+
     def discard(self) -> None:
         """Drop the open window (e.g. a step whose float16 gradients overflowed)."""
         if self.capture is not None:

@@ -1,7 +1,8 @@
 """What every trainer shell around a monitor shares, framework-free: options checked by name,
 notes and warnings from the world's process zero (said once where asked), the monitor's state
-through checkpoints, and the float16 loss scaler of a (wrapped) optimizer. A shell for a new
-trainer subclasses :class:`MonitorShell` and maps the trainer's hooks onto the monitor.
+through checkpoints (also inside a trainer's dict of callback states), and the float16 loss
+scaler of a (wrapped) optimizer. A shell for a new trainer subclasses :class:`MonitorShell` and
+maps the trainer's hooks onto the monitor.
 
 Example:
     >>> from lightning_conditioning.analysis.options import ConditioningOptions
@@ -14,13 +15,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from types import FrameType
 from typing import Any
 
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
 
-__all__ = ["MonitorShell", "check_options", "unwrap_optimizer", "grad_scale", "unscale_gradients"]
+__all__ = ["MonitorShell", "check_options", "unwrap_optimizer", "grad_scale", "unscale_gradients", "found_on_stack"]
 
 
 def check_options(options: Mapping[str, Any], names: Iterable[str]) -> None:
@@ -31,6 +34,26 @@ def check_options(options: Mapping[str, Any], names: Iterable[str]) -> None:
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; options: "
                         f"{[n for n in known if n != 'every_n_steps']}")
+
+
+def found_on_stack(match: Callable[[dict[str, Any]], Any], depth: int = 48) -> Any:
+    """The first non-None ``match(frame locals)`` over the callers of the caller, nearest first
+    (at most ``depth`` frames): how a shell finds what a trainer keeps in no attribute (the
+    trainer calling it, the checkpoint it resumes from). None when no frame matches.
+
+    Example:
+        >>> found_on_stack(lambda names: names.get("no such local")) is None
+        True
+    """
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        found = match(frame.f_locals)
+        if found is not None:
+            return found
+        frame = frame.f_back
+    return None
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -101,6 +124,22 @@ class MonitorShell:
         self._restored = dict(state)
         if self.monitor is not None:
             self.monitor.load_state_dict(self._restored)
+
+    @property
+    def checkpoint_key(self) -> str:
+        """The shell's entry in a trainer's dict of callback states (one per class and prefix)."""
+        return f"lightning_conditioning:{type(self).__name__}:{self.prefix}"
+
+    def store_in(self, states: Any) -> None:
+        """Put :meth:`state_dict` into ``states`` (a trainer's dict that its checkpoints carry,
+        e.g. Hugging Face's ``state.stateful_callbacks``) under :attr:`checkpoint_key`."""
+        if isinstance(states, dict):
+            states[self.checkpoint_key] = self.state_dict()
+
+    def restore_from(self, states: Any) -> None:
+        """What :meth:`store_in` put into ``states``, if anything (a resumed run)."""
+        if isinstance(states, dict) and isinstance(states.get(self.checkpoint_key), dict):
+            self.load_state_dict(states[self.checkpoint_key])
 
     def _info(self, message: str) -> None:
         if self._zero:

@@ -61,7 +61,7 @@ class MLflowSink(Sink):
             if publication.histograms:
                 path = append_records(Path(folder) / f"{stem}.jsonl", publication.records)
                 client.log_artifact(run_id, str(path), artifact_path="conditioning_spectra")
-            figure = publication.figure
-            if figure is not None:
-                path = save_png(figure, Path(folder) / f"depth_profile_{stem}.png")
+            for tag, figure in publication.tagged_figures.items():  # depth_profile_…, <module>_experts_…
+                name = tag[len(publication.prefix) + 1:].replace("/", "_")
+                path = save_png(figure, Path(folder) / f"{name}_{stem}.png")
                 client.log_artifact(run_id, str(path), artifact_path="conditioning_figures")

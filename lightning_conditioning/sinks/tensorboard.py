@@ -23,7 +23,8 @@ class TensorBoardSink(Sink):
     """Scalars, with the decimal logarithms of λmax and κ_p beside them (the custom-scalars
     charts have no log axis: the layout charts those); histograms of log10 eigenvalues
     (``{prefix}/{layer}/{input,grad}_log10_eigenvalues``);
-    the depth-profile figure (``{prefix}/depth_profile``, images tab); and, with histograms on,
+    the depth-profile figure (``{prefix}/depth_profile``, images tab) and one per mixture-of-experts
+    module (``{prefix}/{module}/experts``); and, with histograms on,
     the spectra file ``conditioning_spectra.jsonl`` in ``logger.log_dir`` for the report."""
 
 
@@ -43,9 +44,19 @@ def _chart(pattern_prefix: str, *quantities: str) -> list[Any]:
     return ["Multiline", [f"{re.escape(pattern_prefix)}/[^/]+/{re.escape(q)}$" for q in quantities]]
 
 
+def _group_charts(p: str, group: schema.QuantityGroup) -> dict[str, list[Any]]:
+    """One chart per quantity of a declared group, and one of its indexed quantities (per head,
+    per expert) together."""
+    charts = {quantity.replace("_", " "): _chart(p, quantity) for quantity in group.names}
+    if group.indexed is not None:
+        charts[group.indexed_title] = ["Multiline", [f"{re.escape(p)}/[^/]+/{group.indexed}$"]]
+    return charts
+
+
 def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[str, list[Any]]]:
-    """What to read first first: λmax, κ_p, dead/full units; then ranks, the κ_p that are not
-    measurements, the stability margin (names from :mod:`..schema`)."""
+    """What to read first first: λmax, κ_p; then ranks, the κ_p that are not measurements; then
+    every declared group (:data:`..schema.GROUPS`: units, features, attention, routing,
+    sampling, the stability margin)."""
     moments = [(m, schema.MOMENT_SYMBOLS[m]) for m in schema.MOMENTS]
     return {
         f"{p}: log10 λmax per layer": {
@@ -54,10 +65,6 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
         f"{p}: log10 κ_p per layer": {
             f"{label} log10 κ_{percent:g}%": _chart(p, schema.log10_quantity(schema.kappa_quantity(m, percent)))
             for m, label in moments for percent in percents},
-        f"{p}: units per layer": {
-            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.UNIT_QUANTITIES},
-        f"{p}: outlier features per layer (max / median mean square of Σx's features)": {
-            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.FEATURE_QUANTITIES},
         f"{p}: rank per layer": {
             f"{label} rank": _chart(p, schema.rank_quantity(m)) for m, label in moments},
         f"{p}: κ_p lower bounds per layer (λ_p under the resolution floor)": {
@@ -71,12 +78,7 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
             f"{label} κ_p = ∞": _chart(p, *(schema.kappa_quantity(m, percent, "infinite")
                                             for percent in percents))
             for m, label in moments},
-        f"{p}: attention per module (max |q·k|/√d, smallest head entropy, uniform entropy)": {
-            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.ATTENTION_QUANTITIES},
-        f"{p}: row sampling per layer (only when max_rows left rows out)": {
-            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.SAMPLING_QUANTITIES},
-        f"{p}: stability margin per layer": {
-            quantity.replace("_", " "): _chart(p, quantity) for quantity in schema.MARGIN_QUANTITIES},
+        **{f"{p}: {group.section}": _group_charts(p, group) for group in schema.GROUPS if group.section},
     }
 
 

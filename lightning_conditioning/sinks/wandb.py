@@ -22,8 +22,7 @@ class WandbSink(Sink):
         if publication.histograms:
             for tag, values in publication.histogram_values.items():
                 row[tag] = wandb.Histogram(values)
-        figure = publication.figure
-        if figure is not None:
-            row[f"{publication.prefix}/depth_profile"] = wandb.Image(figure)
+        for tag, figure in publication.tagged_figures.items():
+            row[tag] = wandb.Image(figure)
         if row:
             self.logger.log_metrics(row, step=publication.step)

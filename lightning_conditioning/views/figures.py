@@ -34,6 +34,7 @@ __all__ = [
     "training_figure",
     "units_figure",
     "domination_figure",
+    "experts_figure",
     "save_png",
 ]
 
@@ -404,6 +405,50 @@ def domination_figure(
         right.legend(fontsize=7, title="layer", loc="best")
     _log_axis(right, r"$\sigma_{max}(\nabla W) / \sigma_{max}(W)$")
     right.set_title("Over training")
+    return figure
+
+
+def experts_figure(table: LayerTable, readings: Mapping[str, float], module: str, *,
+                   step: int | None = None) -> Figure:
+    """The spread over one mixture-of-experts module's experts: λmax of Σx, Σ∇h and the
+    sub-FIM of each expert's projections (log y), and each expert's share of the routed tokens
+    (a dead expert, which has no numbers, is marked × at 0).
+
+    Example:
+        >>> table = {f"moe.experts.{p}.{e}": {"input_lambda_max": 1.0 + e, "grad_lambda_max": 0.1}
+        ...          for e in range(3) for p in ("gate_up_proj", "down_proj")}
+        >>> shares = {"load_share_e0": 0.5, "load_share_e1": 0.5, "load_share_e2": 0.0}
+        >>> [ax.get_yscale() for ax in experts_figure(table, shares, "moe.experts").axes]
+        ['log', 'log', 'log', 'linear']
+    """
+    shares = {int(q.rsplit("_e", 1)[1]): v for q, v in readings.items() if q.startswith("load_share_e")}
+    experts = list(range(max(shares, default=-1) + 1))
+    projections = sorted({name[len(module) + 1:].rsplit(".", 1)[0] for name in table
+                          if name.startswith(module + ".") and name.rsplit(".", 1)[1].isdigit()},
+                         key=lambda p: (p != "gate_up_proj" and p != "up_proj", p))
+    figure, axes = _new_figure(1, 4, (15.0, 3.6))
+    for col, (label, title) in enumerate(_MATRICES):
+        ax = axes[0][col]
+        for index, projection in enumerate(projections):
+            rows = [table.get(f"{module}.{projection}.{e}") for e in experts]
+            ax.plot(experts, [_value(r, schema.lambda_max_quantity(label)) for r in rows], "o-" if index == 0
+                    else "s--", ms=4, label=projection)
+        ax.set_title(title, fontsize=10)
+        _log_axis(ax, r"$\lambda_{max}$")
+        ax.set_xlabel("expert")
+        if ax.get_lines():
+            ax.legend(fontsize=7, loc="best")
+    share = axes[0][3]
+    values = [shares.get(e, 0.0) for e in experts]
+    share.bar(experts, values, color="C2")
+    if experts:
+        share.axhline(1.0 / len(experts), color="0.4", lw=0.8, ls=":", label="balanced")
+        dead = [e for e in experts if values[e] == 0.0]
+        share.plot(dead, [0.0] * len(dead), "x", color="C3", ms=8, label="dead expert")
+        share.legend(fontsize=7, loc="best")
+    share.set_title("routed tokens (share)", fontsize=10)
+    share.set_xlabel("expert")
+    figure.suptitle(f"{module}: {len(experts)} experts" + (f" (step {step})" if step is not None else ""))
     return figure
 
 

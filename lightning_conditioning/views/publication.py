@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from lightning_conditioning import schema
 from lightning_conditioning.analysis.attention import attention_metrics
 from lightning_conditioning.analysis.results import LayerConditioning
-from lightning_conditioning.analysis.routing import routing_metrics
+from lightning_conditioning.analysis.routing import routing_metrics, routing_readings
 from lightning_conditioning.maths.attention import AttentionReading
-from lightning_conditioning.views.figures import depth_profile_figure, matplotlib_available
+from lightning_conditioning.views.figures import depth_profile_figure, experts_figure, matplotlib_available
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME, append_records, spectrum_records
 from lightning_conditioning.views.tables import LayerTable, conditioning_table
 
@@ -118,6 +118,18 @@ class Publication:
         return depth_profile_figure(self.table, step=self.step)
 
     @cached_property
+    def tagged_figures(self) -> dict[str, Figure]:
+        """Every figure of the window by its tag: the depth profile (``{prefix}/depth_profile``)
+        and, per mixture-of-experts module, the spread over its experts
+        (``{prefix}/{module}/experts``); empty when figures are off or cannot be drawn."""
+        if self.figure is None:
+            return {}
+        out = {f"{self.prefix}/depth_profile": self.figure}
+        for module, readings in routing_readings(self.results).items():
+            out[f"{self.prefix}/{module}/experts"] = experts_figure(self.table, readings, module, step=self.step)
+        return out
+
+    @cached_property
     def histogram_values(self) -> dict[str, Any]:
         """``{tag: log10 of the nonzero eigenvalues}`` of Σx and Σ∇h per layer (numpy arrays)."""
         out: dict[str, Any] = {}
@@ -156,5 +168,5 @@ class Publication:
                 writer.add_histogram(tag(key), values, global_step=self.step)
             if folder is not None:
                 append_records(Path(folder) / SPECTRA_FILENAME, self.records)
-        if self.figure is not None:
-            writer.add_figure(tag(f"{self.prefix}/depth_profile"), self.figure, global_step=self.step, close=False)
+        for name, figure in self.tagged_figures.items():
+            writer.add_figure(tag(name), figure, global_step=self.step, close=False)

@@ -1,13 +1,14 @@
 """The Hugging Face Trainer with both callbacks, in one process or under torchrun (gloo, CPU):
 
-    python tests/scripts/hf_ddp.py OUT_DIR [mixtral]                         # one process
-    python -m torch.distributed.run --nproc_per_node=2 tests/scripts/hf_ddp.py OUT_DIR [mixtral]
+    python tests/scripts/hf_ddp.py OUT_DIR [gpt2,mixtral]                    # one process
+    python -m torch.distributed.run --nproc_per_node=2 tests/scripts/hf_ddp.py OUT_DIR [gpt2,mixtral]
 
 The global batch is 4 either way (4 on one process; 2 per rank on two, rank r taking the r-th
 of each pair of consecutive batches of 2: the same 4 rows), the model is float64 without
 dropout, so the two runs must agree to rounding. Every rank writes ``rank{r}.json`` with the
-metrics its callbacks hold after each step. ``mixtral``: a tiny mixture of experts (4 experts,
-top-2) instead of GPT-2, its routing loads dumped beside the layers' numbers.
+metrics its callbacks hold after each step (``rank{r}_{model}.json`` for each model named, one
+after the other in the same processes). ``mixtral``: a tiny mixture of experts (4 experts,
+top-2), its routing loads dumped beside the layers' numbers.
 """
 
 import json
@@ -50,8 +51,8 @@ class SequentialTrainer(transformers.Trainer):
 class Dump(transformers.TrainerCallback):
     """After every optimizer step: the metrics the callbacks hold on this rank."""
 
-    def __init__(self, conditioning: Any, domination: Any, out: Path, rank: int) -> None:
-        self.conditioning, self.domination, self.out, self.rank = conditioning, domination, out, rank
+    def __init__(self, conditioning: Any, domination: Any, out: Path, rank: int, name: str) -> None:
+        self.conditioning, self.domination, self.out, self.rank, self.name = conditioning, domination, out, rank, name
         self.steps: dict[int, dict[str, float]] = {}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -64,7 +65,7 @@ class Dump(transformers.TrainerCallback):
         self.steps[state.global_step - 1] = metrics
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        (self.out / f"rank{self.rank}.json").write_text(json.dumps({
+        (self.out / f"rank{self.rank}_{self.name}.json").write_text(json.dumps({
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), "steps": self.steps}))
 
 
@@ -91,13 +92,16 @@ def main(out: Path, name: str = "gpt2") -> None:
     conditioning = ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync")
     domination = WeightDominationTrainerCallback(every_n_steps=1)
     args = transformers.TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
+        output_dir=str(out / f"trainer_{name}"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
         max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
         dataloader_num_workers=0, lr_scheduler_type="constant", learning_rate=0.1, optim="sgd",
         ddp_backend="gloo" if world > 1 else None)
     trainer = SequentialTrainer(model=model, args=args, train_dataset=Items(),
-                                callbacks=[conditioning, domination, Dump(conditioning, domination, out, rank)])
+                                callbacks=[conditioning, domination, Dump(conditioning, domination, out, rank, name)])
     trainer.train()
+
+
+def finish() -> None:
     if torch.distributed.is_initialized():  # end the group, or a rank may abort at exit
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -105,4 +109,6 @@ def main(out: Path, name: str = "gpt2") -> None:
 
 if __name__ == "__main__":
     transformers.logging.set_verbosity_error()
-    main(Path(sys.argv[1]), *sys.argv[2:3])
+    for name in (sys.argv[2] if len(sys.argv) > 2 else "gpt2").split(","):
+        main(Path(sys.argv[1]), name)
+    finish()

@@ -7,9 +7,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from lightning_conditioning.analysis.options import ConditioningOptions
 from lightning_conditioning.capture import passes
@@ -19,6 +17,7 @@ from lightning_conditioning.integrations.huggingface.shell import _TrainerShell,
 from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 from lightning_conditioning.monitors.readouts import ConditioningReadout
 from lightning_conditioning.monitors.shell import check_options, grad_scale, unwrap_optimizer
+from lightning_conditioning.sinks.reporters import write_to_tensorboard
 from lightning_conditioning.views.publication import Publication
 
 __all__ = ["ConditioningTrainerCallback"]
@@ -28,15 +27,12 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
     r"""λmax, κ_p and rank of Σx, Σ∇h and the sub-FIM of every weight layer, in a Hugging Face
     ``Trainer``: a thin shell over :class:`~lightning_conditioning.ConditioningMonitor`.
 
-    At the scheduled optimizer steps (0, 1, 2, 4, …, 64, then every 100; with
-    ``every_n_steps=n``: 0, n, 2n, …) the Trainer's own passes of all the step's micro-batches
-    are captured and the results go to every reporting integration (``report_to``) under
-    ``{prefix}/{layer}/{quantity}``, at ``state.global_step`` when the step began; with
-    TensorBoard also the histograms and the spectra file. README "Hugging Face Trainer" says how:
-    the per-token factor (read off ``num_items_in_batch`` and the gradient reaching the model's
-    loss, :class:`~lightning_conditioning.capture.loss_watch.LossFactor`), the extra passes
-    (``fisher="true"``, ``probe_batches``, ``forward_fn``, ``loss_fn``, ``sample_fn``,
-    ``seed``: as in the Lightning callback, training bit-identical), the state in checkpoints.
+    A step opens in ``on_step_begin``; hooks on the model read each micro-batch's ``labels`` /
+    ``num_items_in_batch`` and the gradient reaching its loss (the per-token factor,
+    :class:`~lightning_conditioning.capture.loss_watch.LossFactor`); the window finishes in
+    ``on_optimizer_step`` and its results go to every reporting integration at the step it
+    began, with TensorBoard also the histograms and the spectra file. The extra passes and the
+    state in checkpoints are the Lightning callback's (README "Hugging Face Trainer").
 
     Args:
         every_n_steps: analyse optimizer steps 0, n, 2n, … (None: the default schedule).
@@ -76,57 +72,32 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         self.options = ConditioningOptions(every_n_steps=every_n_steps, **options)
         self.prefix, self.log_histograms, self.print_diagnosis = prefix, log_histograms, print_diagnosis
         self.monitor: ConditioningMonitor | None = None
+        self._model: nn.Module | None = None
         self._watch = LossWatch(self._capturing, self._before_forward, self._loss_gradient)
         self._factor: LossFactor | None = None  # the per-row factor of the Trainer's passes
         self._in_pass = False  # an extra pass is running (its forward is not a training one)
-        self._rank, self._optimizer = 0, None
-        self._model: nn.Module | None = None
+        self._rank, self._optimizer, self._probe_file = 0, None, ""
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.extra_passes.held_batches and folder.is_dir():  # the Trainer has just written it
-            torch.save(self.extra_passes.held_batches, folder / self._probe_file())
-
-    def _probe_file(self) -> str:
-        return f"lightning_conditioning_{self.prefix}_probe_batches_rank{self._rank}.pt"
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # beside the new checkpoint
+        self.extra_passes.save_held(Path(args.output_dir) / f"checkpoint-{state.global_step}", self._probe_file)
 
     # ------------------------------------------------------------------ the Trainer's hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._bind(state)
+        model = self._bind(state, kwargs)
         self._rank, self._optimizer = int(getattr(args, "process_index", 0)), kwargs.get("optimizer")
-        model = kwargs.get("model")
-        if not isinstance(model, nn.Module):
-            raise RuntimeError(f"{type(self).__name__}: the Trainer passed no model to on_train_begin")
+        self._probe_file = f"lightning_conditioning_{self.prefix}_probe_batches_rank{self._rank}.pt"  # on_save
         if self.monitor is None or self.monitor.closed:
-            if self.monitor is not None:  # a second train(): keep what the first one said
-                self._restored = self.monitor.state_dict()
-            self._restore(state)  # a resumed run: what its checkpoint holds
             self.monitor = ConditioningMonitor(
                 model, collectives="auto", info=self._info, warn=self._warn,
                 **{name: getattr(self.options, name) for name in ConditioningOptions.names()})
             self.monitor.load_state_dict(self._restored)
             self._factor = LossFactor(self.monitor)
-        optimizer = unwrap_optimizer(kwargs.get("optimizer"))
-        self.monitor.optimizer = optimizer  # SGD-family: the stability margin
-        for callback in self._callbacks():
-            domination = getattr(callback, "domination_table", None)  # a WeightDominationTrainerCallback
-            if callable(domination):
-                self.monitor.domination_source = domination
-        self._watch.attach(model)
+        self.monitor.optimizer = unwrap_optimizer(kwargs.get("optimizer"))  # the stability margin
+        self.monitor.read_domination_from(self._callbacks())
         self._model = model
-        if self.extra_passes.probe_batches and not self.extra_passes.held_batches:
-            self._hold_probe_batches(kwargs.get("train_dataloader"))
-
-    def _hold_probe_batches(self, loader: Any) -> None:
-        """The probe batches of a resumed run's checkpoint, else drawn beside ``loader``."""
-        extra, folder = self.extra_passes, resumed_checkpoint(self._trainer)
-        if folder is not None and (Path(folder) / self._probe_file()).is_file():
-            extra.held_batches = torch.load(Path(folder) / self._probe_file(), weights_only=False)
-        elif not isinstance(loader, DataLoader):
-            raise RuntimeError(f"{type(self).__name__}(probe_batches={extra.probe_batches}): the Trainer "
-                               "passed no training DataLoader to on_train_begin to draw them from")
-        elif note := extra.hold(passes.draw_probe_batches(loader, extra.probe_batches)):
+        # those of a resumed run's checkpoint, else drawn beside the training loader
+        if note := self.extra_passes.hold_for_run(kwargs.get("train_dataloader"), resumed_checkpoint(self._trainer),
+                                                  self._probe_file, type(self).__name__):
             self._warn(f"{type(self).__name__}: {note}")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -139,11 +110,9 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
             monitor.capture.active = True  # the Trainer's own passes of every micro-batch
         elif self.extra_passes.probe_batches:  # each held batch, once per analysed step
             assert self._model is not None
-            device = next((p.device for p in self._model.parameters()), torch.device("cpu"))
-            autocast = getattr(self._trainer, "autocast_smart_context_manager", None)
-            for held in self.extra_passes.held_batches:
-                self._extra_pass(passes.map_tensors(held, lambda t: t.to(device)),
-                                 state.global_step, autocast or nullcontext)
+            autocast = getattr(self._trainer, "autocast_smart_context_manager", None) or nullcontext
+            self.extra_passes.run_held(lambda held: self._extra_pass(held, state.global_step, autocast),
+                                       next((p.device for p in self._model.parameters()), None))
 
     def _extra_pass(self, batch: Any, step: int, context: Any = nullcontext) -> None:
         model = self._model
@@ -182,18 +151,12 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         monitor, step = self.monitor, state.global_step
         if monitor is None:
             return
-        if monitor.current_step != step:
-            if monitor.poll():  # an earlier window's background analysis finished
-                self._publish(args, state, control, kwargs)
-            return
-        if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
-            self._info(f"{type(self).__name__}: step {step} skipped: its gradients overflowed in "
-                       "float16 (the optimizer step was skipped); nothing is logged for its window.")
-            monitor.discard()
-            return
-        if self._factor is not None and (note := self._factor.missing_note(type(self).__name__, step)):
+        skipped = getattr(kwargs.get("optimizer"), "step_was_skipped", False)
+        if monitor.current_step == step and not skipped and self._factor is not None and (
+                note := self._factor.missing_note(type(self).__name__, step)):
             self._warn_once("no-loss-gradient", note)
-        if monitor.end(step):
+        if monitor.step_done(step, skipped="the optimizer step was skipped" if skipped else None,
+                             who=type(self).__name__):
             self._publish(args, state, control, kwargs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -211,14 +174,8 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         publication = Publication(monitor.window_results, step, prefix=self.prefix, figures=False,
                                   histograms=self.log_histograms, attention=monitor.attention.results)
         self._report(args, state, control, step, publication.metrics, hook_kwargs)
-        if not (self.log_histograms and self._zero):
-            return
-        from transformers.integrations.integration_utils import rewrite_logs
-
-        for writer in self._tensorboard_writers():  # histograms named as the scalars beside them
-            publication.write_to(writer, getattr(writer, "log_dir", None) or getattr(writer, "logdir", None),
-                                 tag=lambda key: next(iter(rewrite_logs({key: 0.0}))))
-            writer.flush()
+        if self.log_histograms and self._zero:
+            write_to_tensorboard(self._reporters(), publication)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor = self.monitor

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from torch import Tensor, nn
-
-from lightning_conditioning.capture.loss_watch import LossWatch
+from lightning_conditioning.capture.loss_watch import LossWatch, StepLoss
 from lightning_conditioning.distributed.collectives import Collectives, auto_collectives
 from lightning_conditioning.integrations.huggingface.shell import _TrainerShell
 from lightning_conditioning.monitors.domination import DominationOptions, WeightDominationMonitor
@@ -21,13 +18,9 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
     r"""σmax(∇W)/σmax(W) per layer and warnings about layers in weight domination, in a Hugging
     Face ``Trainer``: a thin shell over :class:`~lightning_conditioning.WeightDominationMonitor`.
 
-    Every ``every_n_steps``-th optimizer step is checked in ``on_pre_optimizer_step`` (the
-    gradient as the optimizer applies it: fp16 unscaled, DDP-averaged, clipped when the Trainer
-    clips) and its update in ``on_optimizer_step``; the scalars go to every reporting
-    integration under ``{prefix}/{layer}/{quantity}`` and ``{prefix}/dominated_layers``. The
-    step's loss (each layer's fall is judged net of it) is the model's loss of every
-    micro-batch times what the Trainer scaled it by, summed and averaged over processes.
-    README "Hugging Face Trainer".
+    A step is checked in ``on_pre_optimizer_step`` (the gradient as the optimizer applies it:
+    fp16 unscaled, DDP-averaged, clipped) and its update in ``on_optimizer_step``; each layer's
+    fall is judged net of the step's loss (:class:`~lightning_conditioning.capture.loss_watch.StepLoss`).
 
     Args:
         every_n_steps: check optimizer steps 0, n, 2n, …
@@ -51,38 +44,24 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
             setattr(self, name, value)
         self.prefix = prefix
         self.monitor: WeightDominationMonitor | None = None
-        self._watch = LossWatch(lambda: self._checking, lambda kwargs: None, self._add_loss)
+        self._loss = StepLoss()  # the checked step's loss
+        self._watch = LossWatch(lambda: self._checking, lambda kwargs: None, self._loss.add)
         self._checking = False  # the step under way is checked: its loss is summed
-        self._loss_sum, self._losses = 0.0, 0
-        self._scale = 1.0
         self._collectives = Collectives.local()
 
     # ------------------------------------------------------------------ the Trainer's hooks
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._bind(state)
-        model = kwargs.get("model")
-        if not isinstance(model, nn.Module):
-            raise RuntimeError(f"{type(self).__name__}: the Trainer passed no model to on_train_begin")
-        if self.monitor is not None:
-            self._restored = self.monitor.state_dict()
-        self._restore(state)  # a resumed run: what its checkpoint holds
+        model = self._bind(state, kwargs)
         self._collectives = auto_collectives()  # torch.distributed's group under DDP / FSDP
         self.monitor = WeightDominationMonitor(
             model, prefix=self.prefix, warn=self._warn, info=self._info, collectives=self._collectives,
             **self.options.as_kwargs())
         self.monitor.load_state_dict(self._restored)
-        self._watch.attach(model)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._checking = self.monitor is not None and self.monitor.is_due(state.global_step)
         if self._checking:
-            self._loss_sum, self._losses = 0.0, 0
-            self._scale = grad_scale(kwargs.get("optimizer"))
-
-    def _add_loss(self, loss: Tensor, grad: Tensor) -> None:
-        """The model's loss times what the Trainer scaled it by (the fp16 scale taken out)."""
-        self._loss_sum += float(loss) * float(grad) / self._scale
-        self._losses += 1
+            self._loss.start(grad_scale(kwargs.get("optimizer")))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._checking = False
@@ -90,19 +69,8 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
         if self.monitor is None or not self.monitor.is_due(step):
             return
         unscale_gradients(kwargs.get("optimizer"))
-        self.monitor.before_optimizer_step(step, loss=self._step_loss())
-
-    def _step_loss(self) -> float | None:
-        """The checked step's training loss, the mean over processes (every process checks the
-        same steps: one scalar all-reduce per check)."""
-        loss = self._loss_sum if self._losses else math.nan
-        group = self._collectives
-        if group.distributed:
-            import torch
-
-            total = group.all_reduce(torch.tensor([loss], dtype=torch.float64), "sum")
-            loss = float(total[0]) / group.world_size
-        return loss if math.isfinite(loss) else None
+        # (every process checks the same steps: one scalar all-reduce per check)
+        self.monitor.before_optimizer_step(step, loss=self._loss.value(self._collectives.mean))
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor, step = self.monitor, state.global_step
