@@ -110,8 +110,9 @@ SAMPLING_QUANTITIES: tuple[str, ...] = (
 ATTENTION_QUANTITIES: tuple[str, ...] = ("attention_logit_max", "attention_entropy_min",
                                          "attention_entropy_uniform")
 #: a mixture-of-experts module's routing load: the largest expert share times the number of
-#: experts (1: balanced), and the experts that received no token in the window
-ROUTING_QUANTITIES: tuple[str, ...] = ("load_imbalance", "dead_experts")
+#: experts (1: balanced), the entropy of the shares over its largest value log E (1: balanced,
+#: 0: one expert takes all), and the experts that received no token in the window
+ROUTING_QUANTITIES: tuple[str, ...] = ("load_imbalance", "load_entropy", "dead_experts")
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound

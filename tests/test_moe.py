@@ -174,6 +174,8 @@ def test_a_dead_expert_is_named_as_such_and_the_load_shares_sum_to_one(max_rows:
         assert shares == pytest.approx((counts / counts.sum()).tolist(), abs=1e-12)
         assert readings[name]["dead_experts"] == 1.0 and shares[3] == 0.0
         assert readings[name]["load_imbalance"] == pytest.approx(max(shares) * EXPERTS)
+        entropy = -sum(p * math.log(p) for p in shares if p > 0) / math.log(EXPERTS)
+        assert readings[name]["load_entropy"] == pytest.approx(entropy, abs=1e-12) and 0 < entropy < 1
     # the dead expert has an exactly zero gradient: named, not flagged as dominated
     zero = domination.zero_layers
     assert {n for n in dead} <= set(zero) and not set(dead) & set(domination.dominated)

@@ -10,6 +10,8 @@ per expert module (names: :mod:`~lightning_conditioning.schema`):
 * ``load_share_e{e}``: the share of the module's routed slots that went to expert ``e``;
 * ``load_imbalance``: the largest share times the number of experts (1: perfectly balanced,
   ``E``: one expert takes everything);
+* ``load_entropy``: the entropy of the shares over its largest value, ``log E`` (1: balanced,
+  0: one expert takes everything);
 * ``dead_experts``: experts that received no token in the window.
 
 A module is read only when the window holds every one of its experts (layers that take turns
@@ -26,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +59,8 @@ def routing_readings(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
         shares = [seen[e] / total for e in range(experts)]
         readings = {schema.expert_quantity("load_share", e): share for e, share in enumerate(shares)}
         readings["load_imbalance"] = max(shares) * experts
+        readings["load_entropy"] = (-sum(p * math.log(p) for p in shares if p > 0) / math.log(experts)
+                                    if experts > 1 else 1.0)
         readings["dead_experts"] = float(sum(1 for e in range(experts) if seen[e] == 0))
         out[module] = readings
     return out

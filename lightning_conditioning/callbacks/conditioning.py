@@ -34,6 +34,7 @@ from lightning_conditioning.maths.solvers import SolverPlan
 from lightning_conditioning.maths.spectra import KappaDefinition
 from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 from lightning_conditioning.monitors.readouts import ConditioningReadout
+from lightning_conditioning.monitors.shell import domination_source
 from lightning_conditioning.sinks import publish_conditioning, publish_tensorboard_layout
 from lightning_conditioning.sinks import tensorboard_layout as make_tensorboard_layout
 
@@ -171,7 +172,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
                 warn=rank_zero_warn, **{n: getattr(self.options, n) for n in ConditioningOptions.names()})
             self.monitor.load_state_dict(self._restored)
             self.monitor.optimizer = list(trainer.optimizers) or None  # for the stability margin
-            self.monitor.read_domination_from(trainer.callbacks)  # type: ignore[attr-defined]
+            self.monitor.domination_source = domination_source(trainer.callbacks)  # type: ignore[attr-defined]
         if self.tensorboard_layout and trainer.is_global_zero:
             publish_tensorboard_layout(trainer.loggers, make_tensorboard_layout(
                 conditioning_prefix=self.prefix, kappa_percents=self.options.kappa_percents))

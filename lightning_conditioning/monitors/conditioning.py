@@ -9,7 +9,7 @@ Lightning shell over it; Fabric and plain PyTorch loops use it directly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -370,14 +370,6 @@ class ConditioningMonitor:
             return None
         return loss_tokens(batch, self._model)
 
-    def read_domination_from(self, callbacks: Iterable[Any]) -> None:
-        """Take the weight-domination check of whichever of a trainer's ``callbacks`` has a
-        ``domination_table`` (a weight-domination callback) as :attr:`domination_source`."""
-        for callback in callbacks:
-            table = getattr(callback, "domination_table", None)
-            if callable(table):
-                self.domination_source = table
-
     def pause(self) -> None:
         """Stop recording (the window stays open)."""
         if self.capture is not None:
@@ -446,10 +438,9 @@ class ConditioningMonitor:
         return True
 
     def step_done(self, step: int, *, skipped: str | None = None, who: str | None = None) -> bool:
-        """A trainer's optimizer step ``step`` is over: :meth:`end` it when it is the step being
-        captured, else collect a finished background analysis. ``skipped``: why the optimizer
-        skipped it (float16 gradients overflowed): its window is dropped, said once per step at
-        INFO as ``who``. Returns whether new results are ready to publish."""
+        """A trainer's optimizer step is over: :meth:`end` it if it is being captured, else
+        :meth:`poll`. ``skipped``: why the optimizer skipped it (float16 overflow): its window
+        is dropped, said at INFO as ``who``. Returns whether new results are ready."""
         if self._current_step != step:
             return self.poll()
         if skipped is not None:

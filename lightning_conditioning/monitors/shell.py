@@ -23,7 +23,8 @@ from typing import Any
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
 
-__all__ = ["MonitorShell", "check_options", "unwrap_optimizer", "grad_scale", "unscale_gradients", "found_on_stack"]
+__all__ = ["MonitorShell", "check_options", "unwrap_optimizer", "grad_scale", "unscale_gradients", "found_on_stack",
+           "domination_source"]
 
 
 def check_options(options: Mapping[str, Any], names: Iterable[str]) -> None:
@@ -54,6 +55,13 @@ def found_on_stack(match: Callable[[dict[str, Any]], Any], depth: int = 48) -> A
             return found
         frame = frame.f_back
     return None
+
+
+def domination_source(callbacks: Iterable[Any]) -> Any:
+    """The ``domination_table`` of whichever of a trainer's ``callbacks`` has one (a
+    weight-domination callback), for a conditioning monitor's ``domination_source``; None."""
+    tables = [getattr(callback, "domination_table", None) for callback in callbacks]
+    return next((table for table in reversed(tables) if callable(table)), None)
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

@@ -16,7 +16,7 @@ from lightning_conditioning.capture.passes import ForwardFn, LossFn, SampleLossF
 from lightning_conditioning.integrations.huggingface.shell import _TrainerShell, resumed_checkpoint
 from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 from lightning_conditioning.monitors.readouts import ConditioningReadout
-from lightning_conditioning.monitors.shell import check_options, grad_scale, unwrap_optimizer
+from lightning_conditioning.monitors.shell import check_options, domination_source, grad_scale, unwrap_optimizer
 from lightning_conditioning.sinks.reporters import write_to_tensorboard
 from lightning_conditioning.views.publication import Publication
 
@@ -93,7 +93,7 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
             self.monitor.load_state_dict(self._restored)
             self._factor = LossFactor(self.monitor)
         self.monitor.optimizer = unwrap_optimizer(kwargs.get("optimizer"))  # the stability margin
-        self.monitor.read_domination_from(self._callbacks())
+        self.monitor.domination_source = domination_source(self._callbacks())
         self._model = model
         # those of a resumed run's checkpoint, else drawn beside the training loader
         if note := self.extra_passes.hold_for_run(kwargs.get("train_dataloader"), resumed_checkpoint(self._trainer),
