@@ -4,6 +4,11 @@ that comes back with a resumed checkpoint, and two callbacks sharing a prefix.""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -153,20 +158,15 @@ MODELS = ("gpt2", "mixtral")  # trained one after the other in the same processe
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], dict[str, dict[str, float]]]:
-    """``{(processes, model): {step: metrics}}``: one launch on 1 process and one on 2 (gloo)."""
-    out = {}
-    for processes in (1, 2):
-        folder = tmp_path_factory.mktemp(f"hf_ddp_{processes}")
-        out.update({(processes, model): steps for model, steps in _launch(folder, processes).items()})
-    return out
+    """``{(processes, model): {step: metrics}}``: one launch on 1 process and one on 2 (gloo),
+    side by side (one thread per process; each is mostly interpreters importing)."""
+    folders = {processes: tmp_path_factory.mktemp(f"hf_ddp_{processes}") for processes in (1, 2)}
+    running = {processes: _start(folder, processes) for processes, folder in folders.items()}
+    return {(processes, model): steps for processes, process in running.items()
+            for model, steps in _finish(process, folders[processes], processes).items()}
 
 
-def _launch(out: Path, processes: int) -> dict[str, dict[str, dict[str, float]]]:
-    import json
-    import os
-    import socket
-    import subprocess
-    import sys
+def _start(out: Path, processes: int) -> subprocess.Popen[str]:
 
     script = Path(__file__).parent / "scripts" / "hf_ddp.py"
     command = [sys.executable, str(script), str(out), ",".join(MODELS)]
@@ -177,8 +177,15 @@ def _launch(out: Path, processes: int) -> dict[str, dict[str, dict[str, float]]]
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    f"--master_port={port}", str(script), str(out), ",".join(MODELS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(process: subprocess.Popen[str], out: Path, processes: int) -> dict[str, dict[str, dict[str, float]]]:
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stdout[-2000:] + stderr[-3000:]
     found = {}
     for model in MODELS:
         ranks = [json.loads((out / f"rank{r}_{model}.json").read_text()) for r in range(processes)]

@@ -95,12 +95,10 @@ def test_kth_largest_product_is_exact_including_ties() -> None:
         b = torch.exp(3 * torch.randn(n, generator=generator, dtype=torch.float64))
         if trial % 2:
             a, b = torch.round(a) + 1, torch.round(b) + 1  # many ties
-        products = torch.sort((a[:, None] * b[None, :]).flatten(), descending=True).values
-        for k in range(1, m * n + 1):
-            for max_direct in (0, 1 << 16):  # the bisection and the direct path
-                assert kronecker_kth_largest(a, b, k, max_direct=max_direct) == pytest.approx(
-                    float(products[k - 1]), rel=1e-12
-                )
+        products = torch.sort((a[:, None] * b[None, :]).flatten(), descending=True).values.tolist()
+        for max_direct in (0, 1 << 16):  # the bisection and the direct path, every k
+            found = [kronecker_kth_largest(a, b, k, max_direct=max_direct) for k in range(1, m * n + 1)]
+            assert found == pytest.approx(products, rel=1e-12), (trial, max_direct)
     with pytest.raises(ValueError):
         kronecker_kth_largest(a, b, 0)
 
