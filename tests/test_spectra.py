@@ -89,7 +89,7 @@ def test_rank_bounded_by_rows_and_tolerance() -> None:
 @pytest.mark.slow
 def test_kth_largest_product_is_exact_including_ties() -> None:
     generator = torch.Generator().manual_seed(3)
-    for trial in range(40):
+    for trial in range(20):  # half with many ties
         m, n = (int(v) for v in torch.randint(1, 25, (2,), generator=generator))
         a = torch.exp(3 * torch.randn(m, generator=generator, dtype=torch.float64))
         b = torch.exp(3 * torch.randn(n, generator=generator, dtype=torch.float64))
