@@ -435,7 +435,6 @@ def experts_figure(table: LayerTable, readings: Mapping[str, float], module: str
                     else "s--", ms=4, label=projection)
         ax.set_title(title, fontsize=10)
         _log_axis(ax, r"$\lambda_{max}$")
-        ax.set_xlabel("expert")
         if ax.get_lines():
             ax.legend(fontsize=7, loc="best")
     share = axes[0][3]
@@ -447,7 +446,11 @@ def experts_figure(table: LayerTable, readings: Mapping[str, float], module: str
         share.plot(dead, [0.0] * len(dead), "x", color="C3", ms=8, label="dead expert")
         share.legend(fontsize=7, loc="best")
     share.set_title("routed tokens (share)", fontsize=10)
-    share.set_xlabel("expert")
+    share.set_ylim(0.0, 1.35 * max(values, default=1.0) or 1.0)  # room for the legend above the bars
+    for ax in axes[0]:  # every expert at its own integer tick, a dead one too
+        ax.set_xticks(experts)
+        ax.set_xlim(-0.5, len(experts) - 0.5)
+        ax.set_xlabel("expert")
     figure.suptitle(f"{module}: {len(experts)} experts" + (f" (step {step})" if step is not None else ""))
     return figure
 
