@@ -23,7 +23,7 @@ weights and tokens, AdamW; every section builds its model from the same seed):
               64, then every 100).
 ``accuracy``  one window at ``--batch × --length`` tokens: the default plan (all layers,
               ``step_overhead=None``: turns change which step a layer is analysed at, not its
-              numbers, ``tests/test_turns.py``) against float64 references built from the
+              numbers, ``tests/monitors/test_turns.py``) against float64 references built from the
               window's own rows, caught by hooks of our own (the smaller Gram of the rows, float64
               ``eigvalsh``; fewer rows than half the width: ARPACK's λmax, κ_50 structurally
               infinite; the embeddings through a float64 monitor of their own). λmax relative

@@ -1,4 +1,4 @@
-"""Session set-up: mypy (``tests/test_typing.py``), when selected, starts at collection in a
+"""Session set-up: mypy (``tests/repository/test_typing.py``), when selected, starts at collection in a
 process of its own, at a lower priority, and its test collects the result: ~40 s of one core
 that the rest of the suite would otherwise wait for."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +13,13 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+#: the tests' root folder (support modules, ``scripts/``); the tests sit in folders that mirror the package
+TESTS = Path(__file__).resolve().parent
+#: scripts the tests run as subprocesses
+SCRIPTS = TESTS / "scripts"
+#: the repository's root
+REPOSITORY = TESTS.parent
 
 
 class RecordingLogger(Logger):

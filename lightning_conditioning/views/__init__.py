@@ -6,5 +6,5 @@
 * :mod:`.diagnosis` and :mod:`.deficiency`: the paper's rules in words.
 
 They sit above the maths and the capture and below the monitor, the callbacks, the sinks and
-the report (``tests/test_architecture.py`` checks the import graph).
+the report (``tests/repository/test_architecture.py`` checks the import graph).
 """

@@ -11,9 +11,11 @@ from lightning_conditioning import ConditioningCallback, WeightDominationCallbac
 from lightning_conditioning.callbacks.auto import ENV_AUTO, ENV_EVERY_N_STEPS, AutoConditioningCallback
 
 pytest.importorskip("jsonargparse")
+from helpers import REPOSITORY
+
 from example_projects.cli.main import main  # noqa: E402
 
-CONFIG = Path(__file__).parents[1] / "example_projects" / "cli" / "config.yaml"
+CONFIG = REPOSITORY / "example_projects" / "cli" / "config.yaml"
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
          "--trainer.enable_model_summary=false", "--trainer.enable_checkpointing=false"]
 

@@ -1,5 +1,5 @@
 """FSDP2 for real on CPU: Lightning's ``ModelParallelStrategy`` (``fully_shard``), 2 processes,
-gloo, through ``fsdp_script.py`` run as a subprocess (the strategy's launcher re-runs it).
+gloo, through ``scripts/fsdp_script.py`` run as a subprocess (the strategy's launcher re-runs it).
 
 Every logged conditioning and weight-domination scalar of the 2-rank run equals the single-process
 run on the same global batches (1e-6 relative): the capture sees each rank's activations and
@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPOSITORY, SCRIPTS
 
-HERE = Path(__file__).parent
-SCRIPT = HERE / "fsdp_script.py"
+SCRIPT = SCRIPTS / "fsdp_script.py"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("torch.distributed.fsdp") is None, reason="torch.distributed.fsdp missing")]
@@ -42,9 +42,9 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _start(out: Path, mode: str, monitored: bool, fisher: str = "empirical", port: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), **({"MASTER_PORT": str(port)} if port else {})}
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), **({"MASTER_PORT": str(port)} if port else {})}
     return subprocess.Popen([sys.executable, str(SCRIPT), str(out), mode, "1" if monitored else "0", fisher],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE.parent)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPOSITORY)
 
 
 def _result(process: subprocess.Popen, out: Path) -> dict:

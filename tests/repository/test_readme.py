@@ -11,10 +11,11 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import REPOSITORY
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+README = (REPOSITORY / "README.md").read_text()
 
 
 def _section(title: str) -> str:
@@ -65,7 +66,7 @@ def test_layout_names_every_module_of_the_package() -> None:
     """Every folder (`` `maths/` ``), every module of a folder (`` `spectra` ``) and every module
     of the root (`` `schema.py` ``)."""
     layout = _section("Layout")
-    package = Path(__file__).parent.parent / "lightning_conditioning"
+    package = REPOSITORY / "lightning_conditioning"
     names = []
     for path in sorted(package.rglob("*.py")):
         if path.name == "__init__.py":
@@ -82,7 +83,7 @@ def test_every_dotted_path_the_docs_cite_exists() -> None:
     module, or a name a module holds (the CHANGELOG's history of removed names aside)."""
     import importlib
 
-    root = Path(__file__).parent.parent
+    root = REPOSITORY
     texts = [root / "README.md", *sorted((root / "docs").glob("*.md")),
              *sorted((root / "example_projects").rglob("*.py"))]
     cited = {m for path in texts for m in re.findall(r"lightning_conditioning(?:\.[A-Za-z_]\w*)+", path.read_text())}
@@ -103,4 +104,19 @@ def test_every_dotted_path_the_docs_cite_exists() -> None:
             break
         else:
             missing.append(dotted)
+    assert not missing, missing
+
+
+def test_every_file_path_the_docs_cite_exists() -> None:
+    """``tests/…py``, ``benchmarks/…py``, ``example_projects/…`` and ``docs/…md`` cited in README, docs,
+    the benchmarks' results and the example projects: a file of the repository (test ids after
+    ``::`` included: the test exists in that file); a command's ``--out`` file is no citation."""
+    texts = [REPOSITORY / "README.md", REPOSITORY / "benchmarks" / "RESULTS.md",
+             *sorted((REPOSITORY / "docs").glob("*.md")), *sorted((REPOSITORY / "example_projects").rglob("*.md")),
+             *sorted((REPOSITORY / "example_projects").rglob("*.py"))]
+    pattern = r"(?<!--out )\b((?:tests|benchmarks|example_projects|docs)/[\w/]+\.(?:py|md|json|yaml))(?:::(\w+))?"
+    cited = {m for path in texts for m in re.findall(pattern, path.read_text())}
+    assert len(cited) > 20
+    missing = [f"{file}::{test}" if test else file for file, test in sorted(cited)
+               if not (REPOSITORY / file).is_file() or (test and f"def {test}(" not in (REPOSITORY / file).read_text())]
     assert not missing, missing

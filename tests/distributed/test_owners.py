@@ -2,7 +2,7 @@
 
 Two "processes" run as two threads of this one (a barrier-based sum stands in for the
 collectives), so the whole gather → solve → summarise path runs with its real collectives
-order; ``tests/test_ddp.py`` runs the same under 2-process gloo DDP.
+order; ``tests/distributed/test_ddp.py`` runs the same under 2-process gloo DDP.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import threading
-from collections.abc import Callable
 
 import pytest
 import torch
+from thread_ranks import ThreadWorld, in_threads
 from torch import nn
 
 from lightning_conditioning import ConditioningMonitor
@@ -25,39 +24,6 @@ from lightning_conditioning.maths.accumulate import LayerWindow
 from lightning_conditioning.maths.solvers import SKETCH, SolverPlan, plan_solver
 
 WIDTH = 64
-
-
-class ThreadWorld:
-    """``size`` ranks as threads: ``reduce`` and ``reduce_to`` sum the ranks' tensors."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.barrier = threading.Barrier(size, timeout=60)
-        self.slots: list[torch.Tensor | None] = [None] * size
-        self.reduced_to: list[int] = []  # owners, as rank 0 saw them
-
-    def _gathered(self, rank: int, tensor: torch.Tensor) -> torch.Tensor:
-        self.slots[rank] = tensor.clone()
-        self.barrier.wait()
-        stacked = torch.stack([s for s in self.slots if s is not None])
-        self.barrier.wait()
-        return stacked
-
-    def collectives(self, rank: int, owners: bool = True) -> Collectives:
-        def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
-            stacked = self._gathered(rank, tensor)
-            return tensor.copy_(stacked.sum(0) if op == "sum" else stacked.max(0).values)
-
-        def reduce_to(tensor: torch.Tensor, owner: int) -> None:
-            stacked = self._gathered(rank, tensor)
-            if rank == 0:
-                self.reduced_to.append(owner)
-            if rank == owner:
-                tensor.copy_(stacked.sum(0))
-            else:
-                tensor.fill_(math.nan)  # what a non-owner holds afterwards is undefined
-
-        return Collectives(reduce, self.size, rank, None, reduce_to if owners else None)
 
 
 def _net(width: int = WIDTH) -> nn.Sequential:
@@ -94,27 +60,6 @@ def _run(x: torch.Tensor, y: torch.Tensor, collectives: Collectives | None,
     return monitor.results, monitor.moment_bytes
 
 
-def _in_threads(world: ThreadWorld, work: Callable[[int], object]) -> list[object]:
-    out: list[object] = [None] * world.size
-    errors: list[BaseException] = []
-
-    def target(rank: int) -> None:
-        try:
-            out[rank] = work(rank)
-        except BaseException as error:  # noqa: BLE001 (re-raised in the test's thread)
-            errors.append(error)
-            world.barrier.abort()
-
-    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world.size)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return out
-
-
 def _two_ranks(x: torch.Tensor, y: torch.Tensor, owners: bool = True, **options: object,
                ) -> tuple[list[tuple[dict[str, LayerConditioning], int]], ThreadWorld]:
     world = ThreadWorld(2)
@@ -125,7 +70,7 @@ def _two_ranks(x: torch.Tensor, y: torch.Tensor, owners: bool = True, **options:
         part = slice(0, split) if rank == 0 else slice(split, None)
         return _run(x[part], y[part], world.collectives(rank, owners), **options)  # type: ignore[arg-type]
 
-    return _in_threads(world, work), world  # type: ignore[return-value]
+    return in_threads(world, work), world  # type: ignore[return-value]
 
 
 def _assert_same(results: dict[str, LayerConditioning], reference: dict[str, LayerConditioning]) -> None:

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SequentialClassifier, fit, loader
+from helpers import TESTS, SequentialClassifier, fit, loader
 from torch import nn
 
 from lightning_conditioning import ConditioningCallback, ConditioningMonitor
-
-TESTS = Path(__file__).parent
 
 
 def _dead_net() -> nn.Sequential:

@@ -1,5 +1,5 @@
 """``ConditioningMonitor`` under Lightning Fabric: one process in-process, two (CPU DDP, gloo)
-through ``fabric_ddp_script.py`` run as a subprocess (Fabric's ``ddp`` launcher re-runs the
+through ``scripts/fabric_ddp_script.py`` run as a subprocess (Fabric's ``ddp`` launcher re-runs the
 script for rank 1; under pytest it would re-launch pytest)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import torch
-from fabric_ddp_script import (
+from helpers import REPOSITORY, SCRIPTS
+from scripts.fabric_ddp_script import (
     LR,
     OPTIONS,
     SIZES,
@@ -29,8 +30,7 @@ from torch import nn
 from lightning_conditioning.distributed.collectives import Collectives
 from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 
-HERE = Path(__file__).parent
-SCRIPT = HERE / "fabric_ddp_script.py"
+SCRIPT = SCRIPTS / "fabric_ddp_script.py"
 WORLD = len(SIZES[0])
 
 
@@ -123,7 +123,7 @@ def test_references_agree_and_see_the_designed_units() -> None:
 # ---------------------------------------------------------------------- two processes
 def _run_script(out: Path, timeout: float = 300) -> str:
     """Run the 2-process script; whatever happens, its whole process group is killed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(out), "ddp"],
         env=env, cwd=out.parent, start_new_session=True,

@@ -220,7 +220,7 @@ def test_layers_without_dense_moments_or_past_the_budget_get_no_margin() -> None
 def test_two_ranks_log_the_margin_of_one_process() -> None:
     """Two ranks (threads with real collectives; each dense moment held by its owner only):
     every rank reports the one-process margin of every layer, computed where the moments are."""
-    from test_owners import ThreadWorld, _in_threads
+    from thread_ranks import ThreadWorld, in_threads
 
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(64, 5, generator=generator, dtype=torch.float64)
@@ -249,7 +249,7 @@ def test_two_ranks_log_the_margin_of_one_process() -> None:
     alone = margins(slice(None))
     assert all(m.get("margin_preconditioned") == 1.0 for m in alone.values()) and len(alone) == 2
     world = ThreadWorld(2)
-    for ranked in _in_threads(world, lambda rank: margins(slice(0, 24) if rank == 0 else slice(24, None),
+    for ranked in in_threads(world, lambda rank: margins(slice(0, 24) if rank == 0 else slice(24, None),
                                                           world.collectives(rank))):
         for name, margin in alone.items():
             assert ranked[name] == pytest.approx(margin, rel=1e-9), name

@@ -1,12 +1,12 @@
 """Standalone 2-process Lightning Fabric run (CPU, gloo) of ``ConditioningMonitor``.
 
-    python tests/fabric_ddp_script.py OUT.json [ddp|ddp_spawn]
+    python tests/scripts/fabric_ddp_script.py OUT.json [ddp|ddp_spawn]
 
 A float64 MLP trains a few SGD steps; at each step rank 0 and rank 1 get a different, uneven
 number of rows (:data:`SIZES`). Rank 0 writes every analysed step (each logged scalar and the
 full spectra of Σx and Σ∇h) and the trained parameters to ``OUT.json``; rank 1 writes the
 same from its side to ``OUT.json.rank1`` (every rank must end with all results).
-``tests/test_fabric.py`` compares them with one process over the union of the rows.
+``tests/integrations/test_fabric.py`` compares them with one process over the union of the rows.
 Importable without side effects: the test reuses the model, the data and the record format.
 """
 

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import torch  # noqa: E402
+from helpers import SCRIPTS  # noqa: E402
 from test_hf_trainer import (  # noqa: E402
     BATCH,
     STEPS,
@@ -168,7 +169,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], 
 
 def _start(out: Path, processes: int) -> subprocess.Popen[str]:
 
-    script = Path(__file__).parent / "scripts" / "hf_ddp.py"
+    script = SCRIPTS / "hf_ddp.py"
     command = [sys.executable, str(script), str(out), ",".join(MODELS)]
     if processes > 1:
         with socket.socket() as free:

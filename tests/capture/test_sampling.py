@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_owners import ThreadWorld, _in_threads
+from thread_ranks import ThreadWorld, in_threads
 from torch import nn
 
 from lightning_conditioning import ConditioningMonitor
@@ -114,7 +114,7 @@ def test_the_tallies_sum_over_processes_like_the_row_counts() -> None:
         tally = window.input.tally
         return window.input.rows, tally.kept, tally.relative_error()
 
-    (rows, kept, error), other = _in_threads(world, work)  # type: ignore[misc]
+    (rows, kept, error), other = in_threads(world, work)  # type: ignore[misc]
     assert (rows, kept) == (1000, 200 + 200) and other == (rows, kept, error)
     alone = SampleTally()
     RowSampler(200).sample(parts[0], 1.0, alone)

@@ -14,9 +14,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import REPOSITORY
 
 PACKAGE = "lightning_conditioning"
-ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+ROOT = REPOSITORY / PACKAGE
 
 #: the folders, bottom first; folders on one line are peers (one layer). Below them all: the
 #: package root's own modules (names, wording, the version); above them all: the package's
@@ -148,3 +149,19 @@ def test_no_cycle_between_modules_or_folders() -> None:
             if source and destination and source != destination:
                 folders[source].add(destination)
     assert cycle(folders) is None, cycle(folders)
+
+
+#: test folders that stand for no package folder: whole runs, checks on the tree, subprocess scripts
+TEST_ONLY_FOLDERS = {"end_to_end", "repository", "scripts"}
+
+
+def test_the_tests_mirror_the_package() -> None:
+    """One test folder per package folder and no other (``TEST_ONLY_FOLDERS`` aside), every test
+    module inside one, and no two with one name (pytest imports them by their base names)."""
+    tests = REPOSITORY / "tests"
+    package_folders = {folder for layer in FOLDERS for folder in layer}
+    test_folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    assert test_folders - TEST_ONLY_FOLDERS == package_folders
+    assert not sorted(tests.glob("test_*.py")), "a test module at the tests' root: place it in its layer's folder"
+    names = [path.name for path in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)) and len(names) > 40

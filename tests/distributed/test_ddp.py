@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from ddp_common import run
-
-HERE = Path(__file__).parent
+from helpers import REPOSITORY, SCRIPTS
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +102,9 @@ def test_ddp_fork_with_batchnorm_logs_finite_numbers(tmp_path: Path) -> None:
 def test_standalone_ddp_script(tmp_path: Path, single: dict[str, float]) -> None:
     out = tmp_path / "ddp"
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "scripts" / "ddp_standalone.py"), str(out)],
+        [sys.executable, str(SCRIPTS / "ddp_standalone.py"), str(out)],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

@@ -1,12 +1,12 @@
 """Standalone FSDP2 run (Lightning ``ModelParallelStrategy``, 2 CPU processes, gloo) of both
 callbacks, or its single-process reference.
 
-    python tests/fsdp_script.py OUT_DIR fsdp2|single 0|1 [empirical|true]
+    python tests/scripts/fsdp_script.py OUT_DIR fsdp2|single 0|1 [empirical|true]
 
 A float64 MLP (every Linear ``fully_shard``-ed under FSDP2) trains 3 SGD steps on 16 rows per
 step, 8 per rank; the last argument switches the callbacks on. Rank 0 writes every logged
 scalar (``{step: {key: value}}``) and the trained parameters (gathered) to
-``OUT_DIR/result.json``. ``tests/test_fsdp.py`` compares the runs.
+``OUT_DIR/result.json``. ``tests/distributed/test_fsdp.py`` compares the runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import RecordingLogger  # noqa: E402
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback  # noqa: E402

@@ -196,7 +196,7 @@ def test_training_is_bit_identical_and_other_steps_read_nothing() -> None:
 
 
 def test_two_ranks_read_what_one_process_reads() -> None:
-    from test_owners import ThreadWorld, _in_threads
+    from thread_ranks import ThreadWorld, in_threads
 
     torch.manual_seed(6)
     template = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)).double()
@@ -213,7 +213,7 @@ def test_two_ranks_read_what_one_process_reads() -> None:
 
     alone = read(x)
     world = ThreadWorld(2)
-    ranks = _in_threads(world, lambda rank: read(x[:1] if rank == 0 else x[1:], world.collectives(rank)))
+    ranks = in_threads(world, lambda rank: read(x[:1] if rank == 0 else x[1:], world.collectives(rank)))
     for reading in ranks:
         assert torch.equal(reading.logit_max, alone.logit_max)
         assert torch.allclose(reading.entropy_sum, alone.entropy_sum, rtol=1e-12)
