@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = gpt2(device, False)
     optimizer = adamw(model)
     batches = token_batches(model.config.vocab_size, args.batch, args.length, args.steps + 1, device)
-    monitor = ConditioningMonitor(model, every_n_steps=1, info=lambda _: None, warn=lambda _: None,
-                                  warn_diagnosis=False)
+    monitor = ConditioningMonitor(
+        model, every_n_steps=1, info=lambda _: None, warn=lambda _: None, warn_diagnosis=False
+    )
     rows = []
     with ForeignLoad() as foreign:
         for step in range(args.steps + 1):
@@ -75,22 +76,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 model(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            rows.append({"step": step, "analysed": analysed, "seconds": time.perf_counter() - start,
-                         "attention_s": sum(spent), "calls": len(spent)})
+            rows.append(
+                {
+                    "step": step,
+                    "analysed": analysed,
+                    "seconds": time.perf_counter() - start,
+                    "attention_s": sum(spent),
+                    "calls": len(spent),
+                }
+            )
             print(f"[attention_cost] step {step}: {rows[-1]}", file=sys.stderr, flush=True)
     plain = rows[-1]["seconds"]
     analysed_rows = [r for r in rows if r["analysed"]]
-    out = {"machine": machine(), "args": vars(args), "steps": rows, "plain_s": plain,
-           "foreign": foreign.share,
-           "attention_share_of_analysed": statistics.mean(r["attention_s"] / r["seconds"] for r in analysed_rows),
-           "attention_share_of_plain": statistics.mean(r["attention_s"] for r in analysed_rows) / plain,
-           "modules": len(monitor.attention.results)}
-    markdown = (f"GPT-2 small, {args.batch} × {args.length} tokens, every step analysed: the attention "
-                f"readings of {out['modules']} modules took {100 * out['attention_share_of_analysed']:.2f}% of an "
-                f"analysed step ({100 * out['attention_share_of_plain']:.2f}% of a plain step of {plain:.1f} s).\n\n"
-                + table(["step", "analysed", "step s", "attention s", "SDPA calls read"],
-                        [[r["step"], r["analysed"], f"{r['seconds']:.1f}", f"{r['attention_s']:.3f}", r["calls"]]
-                         for r in rows]))
+    out = {
+        "machine": machine(),
+        "args": vars(args),
+        "steps": rows,
+        "plain_s": plain,
+        "foreign": foreign.share,
+        "attention_share_of_analysed": statistics.mean(r["attention_s"] / r["seconds"] for r in analysed_rows),
+        "attention_share_of_plain": statistics.mean(r["attention_s"] for r in analysed_rows) / plain,
+        "modules": len(monitor.attention.results),
+    }
+    markdown = (
+        f"GPT-2 small, {args.batch} × {args.length} tokens, every step analysed: the attention "
+        f"readings of {out['modules']} modules took {100 * out['attention_share_of_analysed']:.2f}% of an "
+        f"analysed step ({100 * out['attention_share_of_plain']:.2f}% of a plain step of {plain:.1f} s).\n\n"
+        + table(
+            ["step", "analysed", "step s", "attention s", "SDPA calls read"],
+            [[r["step"], r["analysed"], f"{r['seconds']:.1f}", f"{r['attention_s']:.3f}", r["calls"]] for r in rows],
+        )
+    )
     write_results(out, markdown, args.out, lambda m: print(m, file=sys.stderr))
     return out
 

@@ -21,8 +21,7 @@ from lightning_conditioning.models import cifar_resnet
 
 
 def _step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, functional: bool) -> float:
-    capture = LayerCapture(find_layers(model), statistics_dtype=torch.float64,
-                           model=model if functional else None)
+    capture = LayerCapture(find_layers(model), statistics_dtype=torch.float64, model=model if functional else None)
     capture.attach()
     capture.active = True
     started = time.perf_counter()
@@ -47,17 +46,24 @@ def main() -> None:
     torch.manual_seed(0)
     cases = {
         "ResNet-20, batch 64 (module hooks cover every layer)": (
-            cifar_resnet(20), torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))),
+            cifar_resnet(20),
+            torch.randn(64, 3, 32, 32),
+            torch.randint(0, 10, (64,)),
+        ),
         "Transformer encoder, 4 layers, batch 16×64 (attention projections need the mode)": (
-            _transformer(), torch.randn(16, 64, 128), torch.randint(0, 10, (16,))),
+            _transformer(),
+            torch.randn(16, 64, 128),
+            torch.randint(0, 10, (16,)),
+        ),
     }
     for name, (model, x, y) in cases.items():
         _step_seconds(model, x, y, True)  # warm-up
-        pairs = [(_step_seconds(model, x, y, False), _step_seconds(model, x, y, True))
-                 for _ in range(args.reps)]
+        pairs = [(_step_seconds(model, x, y, False), _step_seconds(model, x, y, True)) for _ in range(args.reps)]
         ratio = statistics.median(b / a for a, b in pairs)
-        print(f"{name}: captured step with the functional path / without: {ratio:.3f}× "
-              f"(median of {args.reps} interleaved pairs)")
+        print(
+            f"{name}: captured step with the functional path / without: {ratio:.3f}× "
+            f"(median of {args.reps} interleaved pairs)"
+        )
 
 
 if __name__ == "__main__":

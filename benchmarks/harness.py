@@ -150,8 +150,9 @@ def analyse(capture: LayerCapture) -> None:
         result.metrics()
 
 
-def capture_steps(capture: LayerCapture, net: nn.Module, optimizer: torch.optim.Optimizer,
-                  x: Tensor, y: Tensor) -> dict[str, Kind]:
+def capture_steps(
+    capture: LayerCapture, net: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor
+) -> dict[str, Kind]:
     """The training-step kinds every section compares, on one model and batch:
 
     ``plain``     hooks removed;
@@ -215,8 +216,9 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def section_main(doc: str, measure: Callable[[int, torch.device], Any], rounds: int,
-                 argv: list[str] | None = None) -> Any:
+def section_main(
+    doc: str, measure: Callable[[int, torch.device], Any], rounds: int, argv: list[str] | None = None
+) -> Any:
     """``python benchmarks/<section>.py [--rounds N]``: run ``measure(rounds, device)`` and
     print its result as JSON."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

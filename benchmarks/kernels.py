@@ -159,8 +159,10 @@ def end_to_end(rounds: int, device: torch.device, window: int = 16) -> dict[str,
         capture.detach()
         for name, moments in capture.moments().items():
             ref = reference[name]
-            for m, r in ((moments.input_second_moment, ref.input_second_moment),
-                         (moments.grad_second_moment, ref.grad_second_moment)):
+            for m, r in (
+                (moments.input_second_moment, ref.input_second_moment),
+                (moments.grad_second_moment, ref.grad_second_moment),
+            ):
                 assert m is not None and r is not None
                 e_m, e_r = symmetric_eigenvalues(m), symmetric_eigenvalues(r)
                 deviation[label] = max(deviation[label], float((e_m - e_r).abs().max() / e_r[0]))
@@ -170,8 +172,7 @@ def end_to_end(rounds: int, device: torch.device, window: int = 16) -> dict[str,
         "median_ms": {k: 1e3 * v for k, v in med.items()},
         "gathered / plain (package)": med["gathered (package)"] / plain_s,
         "gathered / plain (before)": med["gathered (before: float64 add of each Gram)"] / plain_s,
-        **{f"max |eigenvalue − float64 reference| / λmax, {window}-step window, {k}": v
-           for k, v in deviation.items()},
+        **{f"max |eigenvalue − float64 reference| / λmax, {window}-step window, {k}": v for k, v in deviation.items()},
     }
 
 
@@ -184,8 +185,9 @@ def _lattice(conv: nn.Conv2d, factor: int) -> nn.Conv2d:
     """The same conv on a pre-padded input with its stride multiplied by ``factor``: one
     output position in ``factor²`` (a lattice coset chosen by cropping the input)."""
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    sub = nn.Conv2d(conv.in_channels, conv.out_channels, (kh, kw), bias=False,
-                    stride=(factor * sh, factor * sw), dilation=(dh, dw))
+    sub = nn.Conv2d(
+        conv.in_channels, conv.out_channels, (kh, kw), bias=False, stride=(factor * sh, factor * sw), dilation=(dh, dw)
+    )
     return sub.to(conv.weight.device)
 
 
@@ -198,8 +200,10 @@ def subsampling(rounds: int, device: torch.device, factor: int = 2) -> dict[str,
     inputs: dict[str, Tensor] = {}
     names = ("layer1.0.conv1", "layer2.0.conv2", "layer3.2.conv2")
     modules = dict(load.net.named_modules())
-    handles = [modules[n].register_forward_pre_hook(functools.partial(lambda n, m, a: inputs.__setitem__(n, a[0].detach()), n))
-               for n in names]
+    handles = [
+        modules[n].register_forward_pre_hook(functools.partial(lambda n, m, a: inputs.__setitem__(n, a[0].detach()), n))
+        for n in names
+    ]
     with torch.no_grad():
         load.net(load.x)
     for handle in handles:
@@ -213,7 +217,7 @@ def subsampling(rounds: int, device: torch.device, factor: int = 2) -> dict[str,
         sub = _lattice(conv, factor)
         stride = conv.stride
         shifts = [(i, j) for i in range(factor) for j in range(factor)]
-        crops = [padded[..., i * stride[0]:, j * stride[1]:] for i, j in shifts]
+        crops = [padded[..., i * stride[0] :, j * stride[1] :] for i, j in shifts]
         full, rows = _patch_gram(conv, x)
         exact = summarize_spectrum(symmetric_eigenvalues(full.double() / rows), PERCENTS)
         errors: dict[str, list[float]] = {"λmax": [], "κ_50": [], "κ_100": [], "rank": []}
@@ -227,10 +231,16 @@ def subsampling(rounds: int, device: torch.device, factor: int = 2) -> dict[str,
         kinds = {"full": lambda: _patch_gram(conv, x), "subsampled": lambda: _patch_gram(sub, crops[0])}
         med = medians(interleave(kinds, rounds, device))
         out[name] = {
-            "dim": full.shape[0], "rows": rows,
-            "gram ms, full": 1e3 * med["full"], f"gram ms, 1 in {factor * factor}": 1e3 * med["subsampled"],
-            **{f"max relative error, {k}" if k != "rank" else "min rank / full rank": (max(v) if k != "rank" else min(v))
-               for k, v in errors.items()},
+            "dim": full.shape[0],
+            "rows": rows,
+            "gram ms, full": 1e3 * med["full"],
+            f"gram ms, 1 in {factor * factor}": 1e3 * med["subsampled"],
+            **{
+                f"max relative error, {k}" if k != "rank" else "min rank / full rank": (
+                    max(v) if k != "rank" else min(v)
+                )
+                for k, v in errors.items()
+            },
         }
     return out
 
@@ -241,8 +251,13 @@ GRAM = "package: eigvalsh of Gram (since efc67ac)"
 
 def spectral_kinds(rounds: int) -> dict[str, Any]:
     """The SVD route vs the package's Gram route on the weight shapes of the MLP and ResNets."""
-    shapes = {"784→256": (256, 784), "256→256": (256, 256), "256→10": (10, 256),
-              "conv 64×64×3×3": (64, 576), "conv 16×16×3×3": (16, 144)}
+    shapes = {
+        "784→256": (256, 784),
+        "256→256": (256, 256),
+        "256→10": (10, 256),
+        "conv 64×64×3×3": (64, 576),
+        "conv 16×16×3×3": (16, 144),
+    }
     out: dict[str, Any] = {}
     for label, shape in shapes.items():
         weight = torch.randn(*shape)

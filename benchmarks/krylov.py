@@ -80,8 +80,7 @@ def make_matrix(kind: str, dim: int, generator: torch.Generator) -> Tensor:
         values = 0.5 + 0.5 * torch.rand(dim, dtype=torch.float64, generator=generator)
         values[:5] = torch.tensor([100.0, 100.0, 50.0, 20.0, 10.0], dtype=torch.float64)
     elif kind == "clusters":
-        values = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64).repeat_interleave(
-            dim // 4)
+        values = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64).repeat_interleave(dim // 4)
     else:
         raise ValueError(f"unknown spectrum {kind!r}")
     basis = orthogonal(dim, generator)
@@ -125,8 +124,9 @@ def check(solver: LanczosSolver, matrix: Tensor, truth: Tensor, kind: str) -> di
             estimate, low, high = quantile(k)
             value = float(truth[k - 1])
         result[f"p{percent}"] = interval_record(estimate, low, high, value)
-    result["boundary"] = [interval_record(*quantile(k), float(truth[k - 1]))["covered"]
-                          for k in boundary_indices(kind, dim)]
+    result["boundary"] = [
+        interval_record(*quantile(k), float(truth[k - 1]))["covered"] for k in boundary_indices(kind, dim)
+    ]
     return result
 
 
@@ -164,8 +164,7 @@ def summarize(kind: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def coverage(dim: int, seeds: int, fresh_matrix: bool, solver_options: dict[str, Any]
-             ) -> list[dict[str, Any]]:
+def coverage(dim: int, seeds: int, fresh_matrix: bool, solver_options: dict[str, Any]) -> list[dict[str, Any]]:
     """Every spectrum, ``seeds`` trials each."""
     summaries = []
     for kind in SPECTRA:
@@ -188,14 +187,17 @@ def format_summary(dim: int, summary: dict[str, Any]) -> str:
     for percent in PERCENTS:
         cell = summary[f"p{percent}"]
         width = cell["width_median"]
-        cells.append(f"{cell['covered']}/{count} (res {cell['resolved']}, "
-                     f"×{width:.3g}, err {cell['error_median']:.2g})"
-                     if math.isfinite(width) else
-                     f"{cell['covered']}/{count} (res {cell['resolved']}, (0, x])")
+        cells.append(
+            f"{cell['covered']}/{count} (res {cell['resolved']}, ×{width:.3g}, err {cell['error_median']:.2g})"
+            if math.isfinite(width)
+            else f"{cell['covered']}/{count} (res {cell['resolved']}, (0, x])"
+        )
     boundary = summary["boundary"]
     edge = f"{boundary['covered']}/{boundary['checked']}" if boundary["checked"] else "-"
-    return (f"| {dim} | {summary['spectrum']} | {summary['lmax_error_max']:.1e} | "
-            f"{summary['lmax_covered']}/{count} | " + " | ".join(cells) + f" | {edge} |")
+    return (
+        f"| {dim} | {summary['spectrum']} | {summary['lmax_error_max']:.1e} | "
+        f"{summary['lmax_covered']}/{count} | " + " | ".join(cells) + f" | {edge} |"
+    )
 
 
 def timing(sizes: list[int], rounds: int, solver_options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -221,11 +223,17 @@ def timing(sizes: list[int], rounds: int, solver_options: dict[str, Any]) -> lis
                 if index:
                     times[name].append(time.perf_counter() - start)
         dense, approximate = (statistics.median(times[name]) for name in ("eigvalsh", "lanczos"))
-        rows.append({"dim": dim, "eigvalsh_s": dense, "lanczos_s": approximate,
-                     "ratio": dense / approximate, "eigvalsh_all": times["eigvalsh"],
-                     "lanczos_all": times["lanczos"]})
-        print(f"| {dim} | {dense:.3f} | {approximate:.3f} | {dense / approximate:.2f} |",
-              flush=True)
+        rows.append(
+            {
+                "dim": dim,
+                "eigvalsh_s": dense,
+                "lanczos_s": approximate,
+                "ratio": dense / approximate,
+                "eigvalsh_all": times["eigvalsh"],
+                "lanczos_all": times["lanczos"],
+            }
+        )
+        print(f"| {dim} | {dense:.3f} | {approximate:.3f} | {dense / approximate:.2f} |", flush=True)
     return rows
 
 
@@ -238,25 +246,31 @@ def main() -> None:
     parser.add_argument("--large-dim", type=int, default=4096)
     parser.add_argument("--large-seeds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--solver-threads", type=int, default=None,
-                        help="LanczosSolver(threads=...): its own thread count")
+    parser.add_argument(
+        "--solver-threads", type=int, default=None, help="LanczosSolver(threads=...): its own thread count"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--probes", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = {name: value for name, value in (("steps", args.steps), ("probes", args.probes),
-                                               ("threads", args.solver_threads))
-               if value is not None}
+    options = {
+        name: value
+        for name, value in (("steps", args.steps), ("probes", args.probes), ("threads", args.solver_threads))
+        if value is not None
+    }
     print(f"threads {torch.get_num_threads()}, solver {LanczosSolver(**options)!r}\n")
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "options": options}
     if args.sizes:
         print("| d | eigvalsh s | LanczosSolver s | ratio |\n|---|---|---|---|")
         results["time"] = timing(args.sizes, args.rounds, options)
-    header = ("\n| d | spectrum | λmax max rel. err | λmax in bounds | "
-              + " | ".join(f"κ_{p}: covered (resolved, median high/low, est. err)"
-                           for p in PERCENTS) + " | next to atom |\n|" + "---|" * 10)
+    header = (
+        "\n| d | spectrum | λmax max rel. err | λmax in bounds | "
+        + " | ".join(f"κ_{p}: covered (resolved, median high/low, est. err)" for p in PERCENTS)
+        + " | next to atom |\n|"
+        + "---|" * 10
+    )
     if args.seeds:
         print(header)
         results["coverage"] = coverage(args.dim, args.seeds, True, options)

@@ -56,9 +56,7 @@ def measure(name: str, rounds: int) -> dict[str, float]:
     steps = iter(range(1_000_000))
 
     def publish(histograms: bool, figures: bool) -> Kind:
-        return lambda: publish_conditioning(
-            [logger], results, next(steps), histograms=histograms, figures=figures
-        )
+        return lambda: publish_conditioning([logger], results, next(steps), histograms=histograms, figures=figures)
 
     def render(layout: bool) -> Kind:
         def run() -> None:

@@ -148,8 +148,7 @@ def measure(name: str, conv_mode: ConvMode, repeats: int, device: torch.device) 
         held.clear()
 
     handles = [
-        module.register_forward_pre_hook(lambda m, a: inputs.append(a[0].numel()))
-        for module, _ in layers.values()
+        module.register_forward_pre_hook(lambda m, a: inputs.append(a[0].numel())) for module, _ in layers.values()
     ]
     plain()  # warm-up, and learn the input sizes
     for handle in handles:
@@ -201,17 +200,14 @@ def run_isolated(specs: list[str], repeats: int) -> list[dict[str, Any]]:
     """Run :func:`main` in a child process with the glibc settings of the module docstring."""
     env = {**os.environ, **MALLOC_ENV}
     command = [sys.executable, os.path.abspath(__file__), "--json", "--repeats", str(repeats)]
-    done = subprocess.run(
-        command + ["--workloads", *specs], env=env, capture_output=True, text=True, check=True
-    )
+    done = subprocess.run(command + ["--workloads", *specs], env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--workloads", nargs="+", default=["mlp", "resnet20:channel", "resnet20:patch"],
-        help="name[:conv_mode]",
+        "--workloads", nargs="+", default=["mlp", "resnet20:channel", "resnet20:patch"], help="name[:conv_mode]"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="one line of JSON (for run_isolated)")

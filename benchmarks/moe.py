@@ -57,9 +57,17 @@ def mixtral(device: torch.device, layers: int, quick: bool, implementation: str)
 
     torch.manual_seed(0)
     hidden = 256 if quick else 512
-    config = MixtralConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=hidden * 7 // 4,
-                           num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-                           num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024)
+    config = MixtralConfig(
+        vocab_size=8192,
+        hidden_size=hidden,
+        intermediate_size=hidden * 7 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+    )
     model = MixtralForCausalLM(config).to(device)
     model.config._experts_implementation = implementation
     return model
@@ -74,10 +82,20 @@ def measure(args: argparse.Namespace, implementation: str) -> dict[str, Any]:
     monitors: dict[str, ConditioningMonitor] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for kind, options in (("default", {}), ("every layer", {"step_overhead": None}),
-                              ("every layer but the experts", {"step_overhead": None, "exclude": ["*experts*"]})):
-            monitors[kind] = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                                                 info=messages.append, warn=messages.append, **options)
+        for kind, options in (
+            ("default", {}),
+            ("every layer", {"step_overhead": None}),
+            ("every layer but the experts", {"step_overhead": None, "exclude": ["*experts*"]}),
+        ):
+            monitors[kind] = ConditioningMonitor(
+                model,
+                every_n_steps=1,
+                analysis="sync",
+                warn_diagnosis=False,
+                info=messages.append,
+                warn=messages.append,
+                **options,
+            )
     lm_step(model, optimizer, batches[0], device)  # AdamW state allocated
     times: dict[str, list[dict[str, Any]]] = {"plain": [], **{kind: [] for kind in monitors}}
     rng = random.Random(0)
@@ -91,18 +109,26 @@ def measure(args: argparse.Namespace, implementation: str) -> dict[str, Any]:
                 record = lm_step(model, optimizer, batches[step % 3], device, monitors.get(kind), step)
             record["foreign_cpu"] = load.share
             times[kind].append(record)
-            log(f"{implementation} round {round_index} {kind}: {record['total']:.2f} s "
-                f"(fb {record['fb']:.2f}, end {record['end']:.2f})")
+            log(
+                f"{implementation} round {round_index} {kind}: {record['total']:.2f} s "
+                f"(fb {record['fb']:.2f}, end {record['end']:.2f})"
+            )
     plain = statistics.median(r["total"] for r in times["plain"])
     plain_fb = statistics.median(r["fb"] for r in times["plain"])
-    out: dict[str, Any] = {"plain_s": plain, "plain_fb_s": plain_fb, "times": times,
-                           "layers": {k: len(m.capture.layers) if m.capture else 0 for k, m in monitors.items()},
-                           "plans": {k: m.plan.summary() if m.plan is not None else None for k, m in monitors.items()}}
+    out: dict[str, Any] = {
+        "plain_s": plain,
+        "plain_fb_s": plain_fb,
+        "times": times,
+        "layers": {k: len(m.capture.layers) if m.capture else 0 for k, m in monitors.items()},
+        "plans": {k: m.plan.summary() if m.plan is not None else None for k, m in monitors.items()},
+    }
     for kind in monitors:
         runs = times[kind]
-        out[kind] = {"total_s": statistics.median(r["total"] for r in runs),
-                     "fb_s": statistics.median(r["fb"] for r in runs),
-                     "analysis_s": statistics.median(r["end"] for r in runs)}
+        out[kind] = {
+            "total_s": statistics.median(r["total"] for r in runs),
+            "fb_s": statistics.median(r["fb"] for r in runs),
+            "analysis_s": statistics.median(r["end"] for r in runs),
+        }
     results = monitors["every layer"].results
     out["experts_ok"] = sum(1 for n, r in results.items() if ".experts." in n and r.status == "ok")
     out["experts"] = sum(1 for n in results if ".experts." in n)
@@ -114,22 +140,34 @@ def measure(args: argparse.Namespace, implementation: str) -> dict[str, Any]:
 
 
 def render(out: dict[str, Any]) -> str:
-    lines = [f"Device {out['machine'].get('device', '?')}; Mixtral-shaped, {out['args']['layers']} layers, "
-             f"8 experts top-2, {out['args']['batch']} × {out['args']['length']} tokens a step.", ""]
+    lines = [
+        f"Device {out['machine'].get('device', '?')}; Mixtral-shaped, {out['args']['layers']} layers, "
+        f"8 experts top-2, {out['args']['batch']} × {out['args']['length']} tokens a step.",
+        "",
+    ]
     rows = []
     for implementation, m in out["measure"].items():
         rows.append([implementation, "plain", f"{m['plain_s']:.2f} s", "1.00×", "1.00×", "-"])
         for kind in ("default", "every layer", "every layer but the experts"):
             r = m[kind]
-            rows.append([implementation, f"{kind} ({m['layers'][kind]} layers)", f"{r['total_s']:.2f} s",
-                         f"{r['total_s'] / m['plain_s']:.2f}×", f"{r['fb_s'] / m['plain_fb_s']:.2f}×",
-                         f"{r['analysis_s']:.2f} s"])
+            rows.append(
+                [
+                    implementation,
+                    f"{kind} ({m['layers'][kind]} layers)",
+                    f"{r['total_s']:.2f} s",
+                    f"{r['total_s'] / m['plain_s']:.2f}×",
+                    f"{r['fb_s'] / m['plain_fb_s']:.2f}×",
+                    f"{r['analysis_s']:.2f} s",
+                ]
+            )
     lines.append(table(["kernel", "analysed", "step", "step × plain", "fwd+bwd × plain", "analysis"], rows))
     for implementation, m in out["measure"].items():
-        lines.append(f"\n{implementation}: the experts' capture (their rows, the backward recomputation) adds "
-                     f"{m['experts_capture_s']:.2f} s, {m['experts_capture_share']:.0%} of a plain forward+backward; "
-                     f"{m['experts_ok']} of {m['experts']} expert layers with numbers; plan (every layer): "
-                     f"{m['plans']['every layer']}.")
+        lines.append(
+            f"\n{implementation}: the experts' capture (their rows, the backward recomputation) adds "
+            f"{m['experts_capture_s']:.2f} s, {m['experts_capture_share']:.0%} of a plain forward+backward; "
+            f"{m['experts_ok']} of {m['experts']} expert layers with numbers; plan (every layer): "
+            f"{m['plans']['every layer']}."
+        )
     return "\n".join(lines)
 
 
@@ -150,8 +188,11 @@ def main() -> None:
             print(render(json.load(handle)))
         return
     start = time.perf_counter()
-    out = {"machine": {**machine(), "device": args.device}, "args": vars(args),
-           "measure": {kernel: measure(args, kernel) for kernel in args.kernels.split(",")}}
+    out = {
+        "machine": {**machine(), "device": args.device},
+        "args": vars(args),
+        "measure": {kernel: measure(args, kernel) for kernel in args.kernels.split(",")},
+    }
     out["total_s"] = time.perf_counter() - start
     write_results(out, render(out), args.out, log)
 

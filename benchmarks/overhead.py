@@ -46,9 +46,7 @@ DEFAULT_EVERY_N_STEPS = REGULAR_PERIOD  # the default schedule: every 100 steps 
 CPU = torch.device("cpu")
 
 
-def run(
-    net: nn.Module, data: DataLoader, steps: int, callback: pl.Callback | None
-) -> tuple[list[float], float]:
+def run(net: nn.Module, data: DataLoader, steps: int, callback: pl.Callback | None) -> tuple[list[float], float]:
     """Train ``steps`` steps; returns per-step times (first step dropped) and total fit time."""
     timer = StepTimer()
     callbacks = ([callback] if callback is not None else []) + [timer]
@@ -67,9 +65,7 @@ def run(
     return timer.times[1:], time.perf_counter() - start
 
 
-def bare_floor(
-    capture: LayerCapture,
-) -> tuple[Callable[[], None], Callable[[], None]]:
+def bare_floor(capture: LayerCapture) -> tuple[Callable[[], None], Callable[[], None]]:
     """Closures doing only the covariance GEMMs, and only the eigvalsh, of the captured shapes.
 
     Rows are pre-laid out as contiguous ``(rows, d)`` float32 matrices, one ``XᵀX`` per layer
@@ -77,10 +73,7 @@ def bare_floor(
     """
     shapes = [(w.input.rows, w.input.dim, w.grad.rows, w.grad.dim) for w in capture.windows.values()]
     rows = [(torch.randn(ri, di), torch.randn(rg, dg)) for ri, di, rg, dg in shapes]
-    moments = [
-        (torch.eye(di, dtype=torch.float64), torch.eye(dg, dtype=torch.float64))
-        for _, di, _, dg in shapes
-    ]
+    moments = [(torch.eye(di, dtype=torch.float64), torch.eye(dg, dtype=torch.float64)) for _, di, _, dg in shapes]
 
     def gemms() -> None:
         for x_rows, g_rows in rows:
@@ -95,9 +88,7 @@ def bare_floor(
     return gemms, eigens
 
 
-def step_interleaved(
-    depth: int, batch: int, conv_mode: str, rounds: int
-) -> dict[str, list[float]]:
+def step_interleaved(depth: int, batch: int, conv_mode: str, rounds: int) -> dict[str, list[float]]:
     """Per round, one step of each kind on the same model, in rotating order:
 
     ``plain`` (no hooks), ``idle`` (hooks registered, capture off), ``analysed`` (capture on,
@@ -114,8 +105,11 @@ def step_interleaved(
     gemms, eigens = bare_floor(capture)
     capture.reset()
     kinds: dict[str, Callable[[], Any]] = {
-        "plain": steps["plain"], "idle": steps["idle"], "analysed": steps["analysed"],
-        "gemms": gemms, "eigvalsh": eigens,
+        "plain": steps["plain"],
+        "idle": steps["idle"],
+        "analysed": steps["analysed"],
+        "gemms": gemms,
+        "eigvalsh": eigens,
     }
     for fn in kinds.values():  # warm-up
         fn()
@@ -151,17 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     net = cifar_resnet(args.depth)
     n = args.batch * args.fit_steps
-    data = DataLoader(
-        TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))),
-        batch_size=args.batch,
-    )
+    data = DataLoader(TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))), batch_size=args.batch)
     fits: dict[str, list[float]] = {"plain": [], "every_step": []}
     makers: dict[str, Callable[[], pl.Callback | None]] = {
         "plain": lambda: None,
         "every_step": lambda: ConditioningCallback(every_n_steps=1, conv_mode=args.conv_mode),
     }
     for repeat in range(args.fit_repeats + 1):
-        for name in (list(makers) if repeat % 2 else list(reversed(makers))):
+        for name in list(makers) if repeat % 2 else list(reversed(makers)):
             _, total = run(net, data, args.fit_steps, makers[name]())
             if repeat:  # the first repetition is warm-up
                 fits[name].append(total)

@@ -55,8 +55,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.set_device(args.rank)
             device = torch.device("cuda", args.rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=args.rank,
-                                world_size=args.world)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=args.rank, world_size=args.world)
     torch.manual_seed(0)
     # no dropout: its masks are drawn per process, so 1 and 2 processes would see other rows
     config = transformers.GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -64,12 +63,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.length), generator=generator)
     share = args.batch // args.world
-    ids = ids[args.rank * share:(args.rank + 1) * share].to(device)
+    ids = ids[args.rank * share : (args.rank + 1) * share].to(device)
     batch = {"input_ids": ids, "labels": ids}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        monitor = ConditioningMonitor(model, every_n_steps=1, step_overhead=None, analysis="sync",
-                                      warn_diagnosis=False, info=lambda message: None)
+        monitor = ConditioningMonitor(
+            model, every_n_steps=1, step_overhead=None, analysis="sync", warn_diagnosis=False, info=lambda message: None
+        )
         started = time.perf_counter()
         with monitor.track(0):
             monitor.set_loss_tokens(monitor.loss_tokens_for(batch))
@@ -81,8 +81,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     monitor.close()
     if args.world > 1:
         dist.destroy_process_group()
-    return {"world": args.world, "rank": args.rank, "moment_bytes": monitor.moment_bytes,
-            "seconds": seconds, "metrics": metrics}
+    return {
+        "world": args.world,
+        "rank": args.rank,
+        "moment_bytes": monitor.moment_bytes,
+        "seconds": seconds,
+        "metrics": metrics,
+    }
 
 
 def _rank_entry(namespace: dict[str, Any], connection: Any) -> None:
@@ -97,8 +102,15 @@ def _launch(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
     started = []
     for rank in range(world):
         receive, send = context.Pipe(duplex=False)
-        namespace = {"device": args.device, "layers": args.layers, "batch": args.batch, "length": args.length,
-                     "world": world, "rank": rank, "port": port}
+        namespace = {
+            "device": args.device,
+            "layers": args.layers,
+            "batch": args.batch,
+            "length": args.length,
+            "world": world,
+            "rank": rank,
+            "port": port,
+        }
         process = context.Process(target=_rank_entry, args=(namespace, send))
         process.start()
         send.close()
@@ -128,21 +140,34 @@ def section_ranks(args: argparse.Namespace, device: torch.device | None = None) 
     # moments a rank reports as an interval (a sketch merged over ranks is no longer one exact
     # block) are compared by their interval instead
     intervals = {k.removesuffix("_high") for r in ranks for k in r["metrics"] if k.endswith("_lambda_max_high")}
-    inside = all(r["metrics"][k + "_low"] * (1 - 1e-6) <= reference[k] <= r["metrics"][k + "_high"] * (1 + 1e-6)
-                 for r in ranks for k in intervals if k in reference)
+    inside = all(
+        r["metrics"][k + "_low"] * (1 - 1e-6) <= reference[k] <= r["metrics"][k + "_high"] * (1 + 1e-6)
+        for r in ranks
+        for k in intervals
+        if k in reference
+    )
     lambdas = [k for k in reference if k.endswith("_lambda_max") and k not in intervals]
-    worst = max((_relative(r["metrics"].get(k, math.nan), reference[k]) for r in ranks for k in lambdas),
-                default=0.0)
+    worst = max((_relative(r["metrics"].get(k, math.nan), reference[k]) for r in ranks for k in lambdas), default=0.0)
     kappas = [k for k in reference if "_kappa_50" in k and math.isfinite(reference[k])]
-    worst_kappa = max((_relative(r["metrics"].get(k, math.nan), reference[k]) for r in ranks for k in kappas),
-                      default=0.0)
-    return {"layers": args.layers, "tokens": args.batch * args.length, "world": args.world,
-            "single_bytes": single["moment_bytes"], "rank_bytes": [r["moment_bytes"] for r in ranks],
-            "rank_share": [r["moment_bytes"] / single["moment_bytes"] for r in ranks],
-            "intervals": sorted(intervals), "intervals_hold_reference": inside,
-            "ranks_equal": all(r["metrics"] == ranks[0]["metrics"] for r in ranks),
-            "lambda_max_rel_diff": worst, "kappa_50_rel_diff": worst_kappa, "compared": len(lambdas),
-            "single_s": single["seconds"], "rank_s": [r["seconds"] for r in ranks]}
+    worst_kappa = max(
+        (_relative(r["metrics"].get(k, math.nan), reference[k]) for r in ranks for k in kappas), default=0.0
+    )
+    return {
+        "layers": args.layers,
+        "tokens": args.batch * args.length,
+        "world": args.world,
+        "single_bytes": single["moment_bytes"],
+        "rank_bytes": [r["moment_bytes"] for r in ranks],
+        "rank_share": [r["moment_bytes"] / single["moment_bytes"] for r in ranks],
+        "intervals": sorted(intervals),
+        "intervals_hold_reference": inside,
+        "ranks_equal": all(r["metrics"] == ranks[0]["metrics"] for r in ranks),
+        "lambda_max_rel_diff": worst,
+        "kappa_50_rel_diff": worst_kappa,
+        "compared": len(lambdas),
+        "single_s": single["seconds"],
+        "rank_s": [r["seconds"] for r in ranks],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -156,7 +181,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "transformers", "lightning_conditioning"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["torch", "transformers", "lightning_conditioning"]
+    )
     result = child(args) if args.child else section_ranks(args)
     print(json.dumps(result))
     return result

@@ -93,11 +93,7 @@ def backpack_kinds(net: nn.Module, x: Tensor, y: Tensor) -> dict[str, Kind]:
 
         return run
 
-    return {
-        "backpack plain": step(None),
-        "backpack KFAC": step(KFAC()),
-        "backpack KFLR": step(KFLR()),
-    }
+    return {"backpack plain": step(None), "backpack KFAC": step(KFAC()), "backpack KFLR": step(KFLR())}
 
 
 def measure(rounds: int, device: torch.device) -> dict[str, Any]:
@@ -125,7 +121,8 @@ def measure(rounds: int, device: torch.device) -> dict[str, Any]:
     ratios = {
         f"ours, Grams every step, eigenvalues every {WINDOW} (window_steps={WINDOW})": (
             (WINDOW - 1) * med["ours gathered"] + med["ours analysed"]
-        ) / (WINDOW * plain_s),
+        )
+        / (WINDOW * plain_s),
         "ours, Grams and eigenvalues every step": med["ours analysed"] / plain_s,
         "ours, Grams only (gathered step)": med["ours gathered"] / plain_s,
         "naive float64, eigenvalues every step": med["naive"] / plain_s,

@@ -106,8 +106,16 @@ def kinds_for(name: str, device: torch.device) -> tuple[dict[str, Kind], dict[st
 
 def ratios(med: dict[str, float], dtype: str) -> dict[str, float]:
     """Schedule ratios of ConditioningCallback alone at one dtype, from the medians."""
-    q = schedule.schedule_ratios({**med, "gathered": med[f"gathered {dtype}"], "analysed": med[f"analysed {dtype}"],
-                                  "wd": 0.0, "gemms": med[f"gemms {dtype}"], "eigvalsh": 0.0})
+    q = schedule.schedule_ratios(
+        {
+            **med,
+            "gathered": med[f"gathered {dtype}"],
+            "analysed": med[f"analysed {dtype}"],
+            "wd": 0.0,
+            "gemms": med[f"gemms {dtype}"],
+            "eigvalsh": 0.0,
+        }
+    )
     out = {s: q[f"conditioning only, {s}"] for s in SCHEDULES}
     out["gathered / plain"] = q["gathered / plain"]
     out["gemms / plain"] = q["gemms / plain (floor - 1)"]
@@ -121,9 +129,17 @@ def lightning_check(name: str, dtype: str, rounds: int, device: torch.device) ->
     timer = StepTimer(device)
     callback = ConditioningCallback(every_n_steps=2, statistics_dtype=dtype)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as root:
-        trainer = pl.Trainer(accelerator=device.type, devices=1, max_steps=len(batches), callbacks=[callback, timer],
-                             logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             enable_checkpointing=False, default_root_dir=root)
+        trainer = pl.Trainer(
+            accelerator=device.type,
+            devices=1,
+            max_steps=len(batches),
+            callbacks=[callback, timer],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=root,
+        )
         trainer.fit(Classifier(load.net), torch.utils.data.DataLoader(batches, batch_size=None))  # type: ignore[arg-type]
     times = timer.times[2:]  # the first pair is warm-up
     return statistics.median(times[0::2]) / statistics.median(times[1::2])
@@ -140,7 +156,9 @@ def measure(name: str, rounds: int, device: torch.device, fit_rounds: int = 9) -
         fit = {d: lightning_check(name, d, fit_rounds, device) for d in DTYPES}
     by_dtype = {d: ratios(med, d) for d in DTYPES}
     return {
-        "workload": name, "conv_mode": "-" if name == "mlp" else "channel", "rounds": rounds,
+        "workload": name,
+        "conv_mode": "-" if name == "mlp" else "channel",
+        "rounds": rounds,
         "foreign_cpu_share": foreign.share,
         "median_ms": {k: 1e3 * v for k, v in med.items()},
         "ratios": by_dtype,
@@ -152,14 +170,32 @@ def measure(name: str, rounds: int, device: torch.device, fit_rounds: int = 9) -
 def render(results: list[dict[str, Any]]) -> str:
     """Model × schedule × dtype ratios vs plain training, and float64 / float32."""
     head = ["configuration (ConditioningCallback alone)", "schedule", "float32", "float64", "float64 / float32"]
-    rows = [[LABELS.get(r["workload"], r["workload"]), s, f"{r['ratios']['float32'][s]:.2f}×",
-             f"{r['ratios']['float64'][s]:.2f}×", f"{r['float64 / float32'][s]:.3f}"]
-            for r in results for s in (*SCHEDULES, "gathered / plain", "gemms / plain")]
-    rows += [[LABELS.get(r["workload"], r["workload"]), "Trainer.fit every 2: analysed / idle",
-              f"{r['fit, analysed / idle']['float32']:.2f}×", f"{r['fit, analysed / idle']['float64']:.2f}×",
-              f"{r['fit, analysed / idle']['float64'] / r['fit, analysed / idle']['float32']:.3f}"] for r in results]
-    plain = ", ".join(f"{r['workload']} plain {r['median_ms']['plain']:.1f} ms ({r['rounds']} rounds, other processes "
-                      f"took {100 * (r.get('foreign_cpu_share') or 0):.0f}% of the CPU)" for r in results)
+    rows = [
+        [
+            LABELS.get(r["workload"], r["workload"]),
+            s,
+            f"{r['ratios']['float32'][s]:.2f}×",
+            f"{r['ratios']['float64'][s]:.2f}×",
+            f"{r['float64 / float32'][s]:.3f}",
+        ]
+        for r in results
+        for s in (*SCHEDULES, "gathered / plain", "gemms / plain")
+    ]
+    rows += [
+        [
+            LABELS.get(r["workload"], r["workload"]),
+            "Trainer.fit every 2: analysed / idle",
+            f"{r['fit, analysed / idle']['float32']:.2f}×",
+            f"{r['fit, analysed / idle']['float64']:.2f}×",
+            f"{r['fit, analysed / idle']['float64'] / r['fit, analysed / idle']['float32']:.3f}",
+        ]
+        for r in results
+    ]
+    plain = ", ".join(
+        f"{r['workload']} plain {r['median_ms']['plain']:.1f} ms ({r['rounds']} rounds, other processes "
+        f"took {100 * (r.get('foreign_cpu_share') or 0):.0f}% of the CPU)"
+        for r in results
+    )
     return table(head, rows) + f"\n\nMedians for scale only: {plain}."
 
 
@@ -177,8 +213,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     device = pick_device()
-    results = [measure(n, args.mlp_rounds if n == "mlp" else args.rounds, device, args.fit_rounds)
-               for n in args.workloads]
+    results = [
+        measure(n, args.mlp_rounds if n == "mlp" else args.rounds, device, args.fit_rounds) for n in args.workloads
+    ]
     print(render(results))
     if args.out:
         with open(args.out, "w") as handle:

@@ -149,11 +149,20 @@ def training_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     """The model's own memory: parameters, gradients (same size) and the optimizer's state."""
     params = {id(p): p for p in model.parameters()}
     p_bytes = sum(p.numel() * p.element_size() for p in params.values())
-    state = sum(v.numel() * v.element_size() for s in optimizer.state.values()
-                for v in s.values() if isinstance(v, torch.Tensor))
-    return {"parameters": p_bytes, "gradients": p_bytes, "optimizer_state": state,
-            "parameters_gradients_optimizer": 2 * p_bytes + state,
-            "parameters_optimizer": p_bytes + state, "parameter_count": sum(p.numel() for p in params.values())}
+    state = sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    return {
+        "parameters": p_bytes,
+        "gradients": p_bytes,
+        "optimizer_state": state,
+        "parameters_gradients_optimizer": 2 * p_bytes + state,
+        "parameters_optimizer": p_bytes + state,
+        "parameter_count": sum(p.numel() for p in params.values()),
+    }
 
 
 def quiet_monitor(model: torch.nn.Module, messages: list[str] | None = None, **options: Any) -> ConditioningMonitor:
@@ -164,8 +173,18 @@ def quiet_monitor(model: torch.nn.Module, messages: list[str] | None = None, **o
 
 
 def plan_rows(plan: Any) -> list[dict[str, Any]]:
-    return [{"layer": m.layer, "moment": m.moment, "dim": m.dim, "method": m.method, "nbytes": m.nbytes,
-             "rank": m.rank, "reason": m.reason} for m in plan.moments]
+    return [
+        {
+            "layer": m.layer,
+            "moment": m.moment,
+            "dim": m.dim,
+            "method": m.method,
+            "nbytes": m.nbytes,
+            "rank": m.rank,
+            "reason": m.reason,
+        }
+        for m in plan.moments
+    ]
 
 
 def plan_digest(plan: Any) -> dict[str, Any]:
@@ -176,8 +195,13 @@ def plan_digest(plan: Any) -> dict[str, Any]:
         entry = by.setdefault(key, {"method": m.method, "dim": m.dim, "rank": m.rank, "count": 0, "nbytes": 0})
         entry["count"] += 1
         entry["nbytes"] += m.nbytes
-    return {"summary": plan.summary(), "budget": plan.budget, "nbytes": plan.nbytes,
-            "skipped_layers": plan.skipped_layers, "groups": sorted(by.values(), key=lambda e: (e["method"], e["dim"]))}
+    return {
+        "summary": plan.summary(),
+        "budget": plan.budget,
+        "nbytes": plan.nbytes,
+        "skipped_layers": plan.skipped_layers,
+        "groups": sorted(by.values(), key=lambda e: (e["method"], e["dim"])),
+    }
 
 
 def window_bytes(plan: Any) -> dict[str, int]:
@@ -202,12 +226,16 @@ class Probe:
         self.events = []
 
     def _add(self, kind: str, start: float, **extra: Any) -> None:
-        self.events.append({"kind": kind, "start": start, "seconds": now() - start,
-                            "thread": threading.current_thread().name, **extra})
+        self.events.append(
+            {"kind": kind, "start": start, "seconds": now() - start, "thread": threading.current_thread().name, **extra}
+        )
 
     def install(self) -> Probe:
-        gather, analyse, solver_for = (monitor_module.gather_moments, monitor_module.analyse_moments,
-                                       results_module.solver_for)
+        gather, analyse, solver_for = (
+            monitor_module.gather_moments,
+            monitor_module.analyse_moments,
+            results_module.solver_for,
+        )
 
         def timed_gather(*args: Any, **kwargs: Any) -> Any:
             start = now()
@@ -236,9 +264,11 @@ class Probe:
         def timed_solver_for(plan: Any, name: str, matrix: Any) -> Any:
             return TimedSolver(solver_for(plan, name, matrix), name)
 
-        for module, attr, new in ((monitor_module, "gather_moments", timed_gather),
-                                  (monitor_module, "analyse_moments", timed_analyse),
-                                  (results_module, "solver_for", timed_solver_for)):
+        for module, attr, new in (
+            (monitor_module, "gather_moments", timed_gather),
+            (monitor_module, "analyse_moments", timed_analyse),
+            (results_module, "solver_for", timed_solver_for),
+        ):
             self._saved.append((module, attr, getattr(module, attr)))
             setattr(module, attr, new)
         return self
@@ -255,8 +285,10 @@ class Probe:
         groups: dict[tuple[str, int], list[float]] = {}
         for e in self.of("solve"):
             groups.setdefault((e["method"], e["dim"]), []).append(e["seconds"])
-        return [{"method": k[0], "dim": k[1], "count": len(v), "seconds": sum(v)}
-                for k, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]))]
+        return [
+            {"method": k[0], "dim": k[1], "count": len(v), "seconds": sum(v)}
+            for k, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+        ]
 
 
 # ----------------------------------------------------------------------------- models and steps
@@ -267,8 +299,11 @@ def gpt2(device: torch.device, quick: bool, seed: int = 0, blocks: int | None = 
     torch.manual_seed(seed)
     # quick: a shrunken GPT-2 (2 blocks, width 512, vocab 8192) that still plans dense, sketched
     # and diagonal moments; the full run uses the library defaults (124M, vocab 50257)
-    config = (transformers.GPT2Config(n_layer=2, n_embd=512, n_head=8, vocab_size=8192, n_positions=256)
-              if quick else transformers.GPT2Config(**({"n_layer": blocks} if blocks else {})))
+    config = (
+        transformers.GPT2Config(n_layer=2, n_embd=512, n_head=8, vocab_size=8192, n_positions=256)
+        if quick
+        else transformers.GPT2Config(**({"n_layer": blocks} if blocks else {}))
+    )
     return transformers.GPT2LMHeadModel(config).to(device)
 
 
@@ -278,13 +313,21 @@ def llama(device: torch.device, quick: bool, seed: int = 0) -> torch.nn.Module:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     hidden, ff, heads = (1024, 2752, 8) if quick else (4096, 11008, 32)
-    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=ff, num_hidden_layers=1,
-                                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1024,
-                                      max_position_embeddings=512)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=ff,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=1024,
+        max_position_embeddings=512,
+    )
     return transformers.LlamaForCausalLM(config).to(device)
 
 
-def token_batches(vocab: int, batch: int, length: int, count: int, device: torch.device, seed: int = 1) -> list[torch.Tensor]:
+def token_batches(
+    vocab: int, batch: int, length: int, count: int, device: torch.device, seed: int = 1
+) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, length), generator=generator).to(device) for _ in range(count)]
 
@@ -293,8 +336,14 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ids: torch.Tensor,
-            device: torch.device, monitor: ConditioningMonitor | None = None, step: int = 0) -> dict[str, Any]:
+def lm_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    ids: torch.Tensor,
+    device: torch.device,
+    monitor: ConditioningMonitor | None = None,
+    step: int = 0,
+) -> dict[str, Any]:
     """One training step of a causal LM on ``ids`` (labels = inputs), inside the monitor's
     protocol when one is given (``begin`` / ``capture_pass`` / ``end``, what ``track`` does),
     timed in parts: forward+backward, the monitor's ``end`` (where a window is analysed or handed
@@ -319,8 +368,13 @@ def lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ids
         model.zero_grad(set_to_none=True)
     sync(device)
     end = now()
-    return {"total": end - start, "fb": after_backward - start, "end": after_end - after_backward,
-            "opt": end - after_end, "captured": captured}
+    return {
+        "total": end - start,
+        "fb": after_backward - start,
+        "end": after_end - after_backward,
+        "opt": end - after_end,
+        "captured": captured,
+    }
 
 
 # ----------------------------------------------------------------------------- GPT-2: memory (children)
@@ -346,10 +400,17 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     if monitor is not None:
         monitor.close()
     seconds = now() - start
-    out = {"monitor": bool(args.monitor), "rss_base": base, "peak_reset": could_reset, **peaks(device),
-           "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "training": training_bytes(model, optimizer), "seconds": seconds,
-           "steps": [round(s["total"], 4) for s in steps], "cuda_base": cuda_base}
+    out = {
+        "monitor": bool(args.monitor),
+        "rss_base": base,
+        "peak_reset": could_reset,
+        **peaks(device),
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "training": training_bytes(model, optimizer),
+        "seconds": seconds,
+        "steps": [round(s["total"], 4) for s in steps],
+        "cuda_base": cuda_base,
+    }
     if plan is not None:
         out["plan"] = plan_digest(plan)
         out["window"] = window_bytes(plan)
@@ -363,9 +424,23 @@ def gpt2_memory(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "monitored": []}
     for _ in range(max(args.memory_pairs, 1)):  # alternating pairs: the allocator's state varies
         for monitored in (False, True):
-            command = [sys.executable, os.path.abspath(__file__), "--child-memory", "--monitor", str(int(monitored)),
-                       "--device", args.device, "--batch", str(args.batch), "--length", str(args.length),
-                       "--memory-steps", str(args.memory_steps), "--threads", str(torch.get_num_threads())]
+            command = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child-memory",
+                "--monitor",
+                str(int(monitored)),
+                "--device",
+                args.device,
+                "--batch",
+                str(args.batch),
+                "--length",
+                str(args.length),
+                "--memory-steps",
+                str(args.memory_steps),
+                "--threads",
+                str(torch.get_num_threads()),
+            ]
             if args.quick:
                 command.append("--quick")
             done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -396,8 +471,9 @@ def gpt2_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- GPT-2: step kinds
-def gpt2_steps(args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor],
-               device: torch.device, probe: Probe) -> dict[str, Any]:
+def gpt2_steps(
+    args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, probe: Probe
+) -> dict[str, Any]:
     """Step-interleaved: plain / idle / analysed (analysis in the training thread) / bare kernels."""
     optimizer = adamw(model)
     messages: list[str] = []
@@ -456,8 +532,13 @@ def gpt2_steps(args: argparse.Namespace, model: torch.nn.Module, batches: list[t
                 sketches[key].reset()
                 sketches[key].add_rows(sketch_rows[key])
 
-    kinds: dict[str, Callable[[], None]] = {"plain": plain, "idle": idle, "analysed": analysed,
-                                            "bare_grams": bare_grams, "bare_sketch": bare_sketch}
+    kinds: dict[str, Callable[[], None]] = {
+        "plain": plain,
+        "idle": idle,
+        "analysed": analysed,
+        "bare_grams": bare_grams,
+        "bare_sketch": bare_sketch,
+    }
     times = interleave(kinds, args.rounds, device, warmup=1, seed=0)
     # the warm-up round's records are the first of each list: drop them
     parts = {k: v[1:] for k, v in parts.items()}
@@ -473,17 +554,22 @@ def gpt2_steps(args: argparse.Namespace, model: torch.nn.Module, batches: list[t
         for s in record["solves"]:
             solves.setdefault((s["method"], s["dim"]), []).append(s["seconds"])
             counts[(s["method"], s["dim"])] = s["count"]
-    solve_rows = sorted(({"method": k[0], "dim": k[1], "count": counts[k], "seconds": statistics.median(v)}
-                         for k, v in solves.items()), key=lambda r: -r["seconds"])
+    solve_rows = sorted(
+        ({"method": k[0], "dim": k[1], "count": counts[k], "seconds": statistics.median(v)} for k, v in solves.items()),
+        key=lambda r: -r["seconds"],
+    )
     out = {
-        "rounds": args.rounds, "rows_per_window": rows, "statistics_dtype": str(dtype),
+        "rounds": args.rounds,
+        "rows_per_window": rows,
+        "statistics_dtype": str(dtype),
         "plan": plan_digest(plan),
         "median_s": med,
         "plain": {f: median_of("plain", f) for f in ("total", "fb", "opt")},
         "idle": {f: median_of("idle", f) for f in ("total", "fb", "opt")},
         "analysed": {f: median_of("analysed", f) for f in ("total", "fb", "end", "opt", "gather", "analyse")},
         "solves": solve_rows,
-        "dense_dims": dense_dims, "sketch_dims": {f"{d} ℓ={r}": c for (d, r), c in sketch_dims.items()},
+        "dense_dims": dense_dims,
+        "sketch_dims": {f"{d} ℓ={r}": c for (d, r), c in sketch_dims.items()},
     }
     p, a = out["plain"], out["analysed"]
     out["capture_s"] = a["fb"] - p["fb"]
@@ -504,8 +590,9 @@ def gpt2_steps(args: argparse.Namespace, model: torch.nn.Module, batches: list[t
 
 
 # ----------------------------------------------------------------------------- GPT-2: whole runs
-def gpt2_runs(args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor],
-              device: torch.device, probe: Probe) -> dict[str, Any]:
+def gpt2_runs(
+    args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, probe: Probe
+) -> dict[str, Any]:
     """Plain and monitored runs of ``args.steps`` steps from the same weights and batches,
     alternating (ABBA…); the monitored runs use the defaults (schedule, ``analysis="auto"``)."""
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -536,13 +623,19 @@ def gpt2_runs(args: argparse.Namespace, model: torch.nn.Module, batches: list[to
             monitor.close()  # collects the analysis still in flight
         sync(device)
         end = now()
-        run = {"kind": kind, "seconds": end - start, "close_s": end - closing, "construct_s": construct,
-               "steps": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in records]}
+        run = {
+            "kind": kind,
+            "seconds": end - start,
+            "close_s": end - closing,
+            "construct_s": construct,
+            "steps": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in records],
+        }
         if monitor is not None:
             run["analyses"] = monitor.analyses
             run["analysed_steps"] = monitor.analysed_steps
-            run["background"] = [{"step": e["step"], "seconds": e["seconds"], "thread": e["thread"]}
-                                 for e in probe.of("analyse")]
+            run["background"] = [
+                {"step": e["step"], "seconds": e["seconds"], "thread": e["thread"]} for e in probe.of("analyse")
+            ]
             run["gather_s"] = sum(e["seconds"] for e in probe.of("gather"))
             run["messages"] = [m for m in messages if "analysis done" in m or "eigen-analysis" in m][:8]
             monitor = None
@@ -592,11 +685,19 @@ def gpt2_runs(args: argparse.Namespace, model: torch.nn.Module, batches: list[to
         "episodes": runs_episodes,
         "isolated_analysis_extra_s": steady,
         "steady_state_ratio_estimate": None if steady is None else 1 + steady / (100 * plain_step),
-        "steps": args.steps, "pairs": args.pairs, "order": order,
-        "run_seconds": {"plain": [r["seconds"] for r in plain_runs], "monitored": [r["seconds"] for r in monitored_runs]},
-        "ratios": ratios, "ratio_median": statistics.median(ratios),
-        "plain_step_median_s": plain_step, "plain_fb_median_s": plain_fb,
-        "analyses": monitored_runs[0]["analyses"], "analysed_steps": monitored_runs[0]["analysed_steps"],
+        "steps": args.steps,
+        "pairs": args.pairs,
+        "order": order,
+        "run_seconds": {
+            "plain": [r["seconds"] for r in plain_runs],
+            "monitored": [r["seconds"] for r in monitored_runs],
+        },
+        "ratios": ratios,
+        "ratio_median": statistics.median(ratios),
+        "plain_step_median_s": plain_step,
+        "plain_fb_median_s": plain_fb,
+        "analyses": monitored_runs[0]["analyses"],
+        "analysed_steps": monitored_runs[0]["analysed_steps"],
         "construct_s": [r["construct_s"] for r in monitored_runs],
         "breakdown": [breakdown(r) for r in monitored_runs],
         "background": [r["background"] for r in monitored_runs],
@@ -615,8 +716,9 @@ def schedule_segments(steps: int) -> list[list[int]]:
     return [list(range(a, b)) for a, b in zip(marks[:-1], marks[1:])]
 
 
-def gpt2_segments(args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor],
-                  device: torch.device, probe: Probe) -> dict[str, Any]:
+def gpt2_segments(
+    args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, probe: Probe
+) -> dict[str, Any]:
     """A monitored run and a plain run of ``args.steps`` steps each, interleaved by segment.
 
     The monitored run is the default monitor (default schedule, ``analysis="auto"``) seeing
@@ -678,8 +780,9 @@ def gpt2_segments(args: argparse.Namespace, model: torch.nn.Module, batches: lis
                     row["monitored_s"] = end - start
                     row["wait_s"] = end - waited
                     row["in_flight_at_end"] = in_flight_at_end
-                    row["monitored_steps"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}
-                                              for r in records]
+                    row["monitored_steps"] = [
+                        {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in records
+                    ]
             rows.append(row)
         background = [{"step": e["step"], "seconds": e["seconds"], "thread": e["thread"]} for e in probe.of("analyse")]
         gathers = sum(e["seconds"] for e in probe.of("gather"))
@@ -687,10 +790,20 @@ def gpt2_segments(args: argparse.Namespace, model: torch.nn.Module, batches: lis
         monitor.close()
         plain_total = sum(r["plain_s"] for r in rows)
         monitored_total = sum(r["monitored_s"] for r in rows)
-        reps.append({"construct_s": construct, "segments": rows, "background": background, "gather_s": gathers,
-                     "analyses": analyses, "analysed_steps": analysed_steps,
-                     "plain_s": plain_total, "monitored_s": monitored_total, "ratio": monitored_total / plain_total,
-                     "messages": [m for m in messages if "analysis" in m][:6]})
+        reps.append(
+            {
+                "construct_s": construct,
+                "segments": rows,
+                "background": background,
+                "gather_s": gathers,
+                "analyses": analyses,
+                "analysed_steps": analysed_steps,
+                "plain_s": plain_total,
+                "monitored_s": monitored_total,
+                "ratio": monitored_total / plain_total,
+                "messages": [m for m in messages if "analysis" in m][:6],
+            }
+        )
         log(f"gpt2 segmented runs {rep + 1}: plain {plain_total:.1f} s, monitored {monitored_total:.1f} s")
     plain_step = statistics.median(t for r in reps for seg in r["segments"] for t in seg["plain_steps"])
     plain_fb = statistics.median(t for r in reps for seg in r["segments"] for t in seg["plain_fb"])
@@ -705,20 +818,24 @@ def gpt2_segments(args: argparse.Namespace, model: torch.nn.Module, batches: lis
         # the steps an analysis touches (its captured step, the steps it runs beside in the
         # background) and the final wait, against as many plain steps at the median
         active_extra = (sum(st["total"] for st in active) + sum(waits) - plain_step * len(active)) / len(reps)
-        segment_rows.append({
-            "active_steps": len(active) / len(reps), "active_extra_s": active_extra,
-            "idle_steps": (len(monitored_steps) - len(active)) / len(reps),
-            "first": segment["first"], "steps": segment["steps"],
-            "plain_s": statistics.median(r["segments"][index]["plain_s"] for r in reps),
-            "monitored_s": statistics.median(r["segments"][index]["monitored_s"] for r in reps),
-            "extra_s": statistics.median(extras),
-            "capture_extra_s": statistics.median(st["fb"] for st in captured) - plain_fb if captured else 0.0,
-            "end_s": statistics.median(st["end"] for st in captured) if captured else 0.0,
-            "in_flight_steps": sum(1 for st in others if st["in_flight"]) / len(reps),
-            "other_steps_extra_s": (sum(st["total"] for st in others) - plain_step * len(others)) / len(reps),
-            "wait_s": statistics.median(r["segments"][index]["wait_s"] for r in reps),
-            "in_flight_at_end": any(r["segments"][index]["in_flight_at_end"] for r in reps),
-        })
+        segment_rows.append(
+            {
+                "active_steps": len(active) / len(reps),
+                "active_extra_s": active_extra,
+                "idle_steps": (len(monitored_steps) - len(active)) / len(reps),
+                "first": segment["first"],
+                "steps": segment["steps"],
+                "plain_s": statistics.median(r["segments"][index]["plain_s"] for r in reps),
+                "monitored_s": statistics.median(r["segments"][index]["monitored_s"] for r in reps),
+                "extra_s": statistics.median(extras),
+                "capture_extra_s": statistics.median(st["fb"] for st in captured) - plain_fb if captured else 0.0,
+                "end_s": statistics.median(st["end"] for st in captured) if captured else 0.0,
+                "in_flight_steps": sum(1 for st in others if st["in_flight"]) / len(reps),
+                "other_steps_extra_s": (sum(st["total"] for st in others) - plain_step * len(others)) / len(reps),
+                "wait_s": statistics.median(r["segments"][index]["wait_s"] for r in reps),
+                "in_flight_at_end": any(r["segments"][index]["in_flight_at_end"] for r in reps),
+            }
+        )
     isolated = [r["active_extra_s"] for r in segment_rows if r["first"] >= 16 and r["steps"] >= 16]
     steady = statistics.median(isolated) if isolated else None
     ratios = [r["ratio"] for r in reps]
@@ -726,11 +843,16 @@ def gpt2_segments(args: argparse.Namespace, model: torch.nn.Module, batches: lis
     composed = (sum(r["active_extra_s"] for r in segment_rows) + plain_step * args.steps) / (plain_step * args.steps)
     return {
         "composed_ratio": composed,
-        "method": "segment-interleaved", "steps": args.steps, "pairs": args.pairs,
-        "ratios": ratios, "ratio_median": statistics.median(ratios),
+        "method": "segment-interleaved",
+        "steps": args.steps,
+        "pairs": args.pairs,
+        "ratios": ratios,
+        "ratio_median": statistics.median(ratios),
         "run_seconds": {"plain": [r["plain_s"] for r in reps], "monitored": [r["monitored_s"] for r in reps]},
-        "plain_step_median_s": plain_step, "plain_fb_median_s": plain_fb,
-        "analyses": reps[0]["analyses"], "analysed_steps": reps[0]["analysed_steps"],
+        "plain_step_median_s": plain_step,
+        "plain_fb_median_s": plain_fb,
+        "analyses": reps[0]["analyses"],
+        "analysed_steps": reps[0]["analysed_steps"],
         "construct_s": [r["construct_s"] for r in reps],
         "segments": segment_rows,
         "background": [r["background"] for r in reps],
@@ -746,8 +868,9 @@ def _inside(value: float, low: float, high: float, slack: float = 1e-9) -> bool:
     return low * (1 - slack) - 1e-300 <= value <= high * (1 + slack) + 1e-300
 
 
-def kappa_agreement(true: float, true_status: str, est: float, est_status: str,
-                    bounds: tuple[float, float] | None) -> str:
+def kappa_agreement(
+    true: float, true_status: str, est: float, est_status: str, bounds: tuple[float, float] | None
+) -> str:
     """How an approximate κ_p relates to the dense one."""
     if est_status == "infinite":
         return "both ∞" if true_status == "infinite" or math.isinf(true) else "wrongly ∞"
@@ -779,10 +902,18 @@ def compare_moments(plan: Any, approx: dict[str, Any], exact: dict[str, Any]) ->
             continue
         low, high = a.lambda_max_bounds or (a.lambda_max, a.lambda_max)
         row: dict[str, Any] = {
-            "layer": m.layer, "moment": m.moment, "dim": m.dim, "rank": m.rank,
+            "layer": m.layer,
+            "moment": m.moment,
+            "dim": m.dim,
+            "rank": m.rank,
             "rows": a_layer.input_rows if m.moment == "input" else a_layer.grad_rows,
-            "solver": a.solver, "exact": bool(a.exact), "reference_solver": e.solver,
-            "lambda_true": e.lambda_max, "lambda_est": a.lambda_max, "lambda_low": low, "lambda_high": high,
+            "solver": a.solver,
+            "exact": bool(a.exact),
+            "reference_solver": e.solver,
+            "lambda_true": e.lambda_max,
+            "lambda_est": a.lambda_max,
+            "lambda_low": low,
+            "lambda_high": high,
             "lambda_rel_err": abs(a.lambda_max - e.lambda_max) / e.lambda_max if e.lambda_max else 0.0,
             "lambda_inside": _inside(e.lambda_max, low, high),
             "interval_rel_width": (high - low) / e.lambda_max if e.lambda_max else 0.0,
@@ -790,11 +921,18 @@ def compare_moments(plan: Any, approx: dict[str, Any], exact: dict[str, Any]) ->
         }
         for p in PERCENTS:
             row["kappa"][str(p)] = {
-                "true": e.kappa.get(p), "true_status": e.kappa_status.get(p),
-                "est": a.kappa.get(p), "est_status": a.kappa_status.get(p),
+                "true": e.kappa.get(p),
+                "true_status": e.kappa_status.get(p),
+                "est": a.kappa.get(p),
+                "est_status": a.kappa_status.get(p),
                 "bounds": a.kappa_bounds.get(p),
-                "agreement": kappa_agreement(e.kappa.get(p, math.nan), e.kappa_status.get(p, ""),
-                                             a.kappa.get(p, math.nan), a.kappa_status.get(p, ""), a.kappa_bounds.get(p)),
+                "agreement": kappa_agreement(
+                    e.kappa.get(p, math.nan),
+                    e.kappa_status.get(p, ""),
+                    a.kappa.get(p, math.nan),
+                    a.kappa_status.get(p, ""),
+                    a.kappa_bounds.get(p),
+                ),
             }
         fa, fe = a_layer.fim, e_layer.fim
         if fa is not None and fe is not None:
@@ -812,10 +950,14 @@ def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for p, k in r["kappa"].items():
             key = f"κ_{p}: {k['agreement'].split(',')[0]}"
             agreements[key] = agreements.get(key, 0) + 1
-    tight = [r["kappa"]["100"]["est"] / r["kappa"]["100"]["true"] for r in rows
-             if r["kappa"]["100"]["est_status"] == "lower_bound" and r["kappa"]["100"]["true_status"] == "exact"]
-    below_one = sum(1 for r in rows for k in r["kappa"].values()
-                    if k["est_status"] == "lower_bound" and (k["est"] or 0) < 1)
+    tight = [
+        r["kappa"]["100"]["est"] / r["kappa"]["100"]["true"]
+        for r in rows
+        if r["kappa"]["100"]["est_status"] == "lower_bound" and r["kappa"]["100"]["true_status"] == "exact"
+    ]
+    below_one = sum(
+        1 for r in rows for k in r["kappa"].values() if k["est_status"] == "lower_bound" and (k["est"] or 0) < 1
+    )
     return {
         "kappa100_bound_over_true_median": statistics.median(tight) if tight else None,
         "kappa100_bound_over_true_min": min(tight) if tight else None,
@@ -832,8 +974,9 @@ def summarize_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def gpt2_error(args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor],
-               device: torch.device, probe: Probe) -> dict[str, Any]:
+def gpt2_error(
+    args: argparse.Namespace, model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, probe: Probe
+) -> dict[str, Any]:
     """One window seen by the default monitor and a dense reference at once."""
     messages: list[str] = []
     default = quiet_monitor(model, messages, every_n_steps=1, analysis="sync")
@@ -847,9 +990,15 @@ def gpt2_error(args: argparse.Namespace, model: torch.nn.Module, batches: list[t
         return {"layers": [], "note": "the default plan sketched no moment of d ≤ 4096: nothing to compare"}
     # the reference keeps those layers' moments dense: a budget that holds all of them
     layers_needed = {m.layer: m for m in plan.moments if m.layer in sketched}
-    dense_bytes = sum(12 * mm.dim ** 2 for mm in plan.moments if mm.layer in layers_needed and mm.method != "diagonal")
-    reference = quiet_monitor(model, messages, every_n_steps=1, analysis="sync", include=sketched,
-                              memory_budget=int(dense_bytes * 1.05) + 64 * MIB)
+    dense_bytes = sum(12 * mm.dim**2 for mm in plan.moments if mm.layer in layers_needed and mm.method != "diagonal")
+    reference = quiet_monitor(
+        model,
+        messages,
+        every_n_steps=1,
+        analysis="sync",
+        include=sketched,
+        memory_budget=int(dense_bytes * 1.05) + 64 * MIB,
+    )
     assert reference.plan is not None
     ref_methods = {m.method for m in reference.plan.moments}
     monitors = (default, reference)
@@ -865,9 +1014,13 @@ def gpt2_error(args: argparse.Namespace, model: torch.nn.Module, batches: list[t
     modules = dict(model.named_modules())
     handles = []
     for name in caught:
+
         def keep(module: Any, inputs: Any, output: torch.Tensor, name: str = name) -> None:
             if output.requires_grad:
-                output.register_hook(lambda grad: caught[name].append(grad.detach().reshape(-1, grad.shape[-1]).double().cpu()))
+                output.register_hook(
+                    lambda grad: caught[name].append(grad.detach().reshape(-1, grad.shape[-1]).double().cpu())
+                )
+
         handles.append(modules[name].register_forward_hook(keep))
     tokens = 0
     start = now()
@@ -896,24 +1049,38 @@ def gpt2_error(args: argparse.Namespace, model: torch.nn.Module, batches: list[t
         values = torch.linalg.eigvalsh((gram + gram.T) * 0.5).flip(0).clamp_min(0)
         nonzero = values[values > 1e-12 * float(values[0])]
         return SimpleNamespace(
-            lambda_max=float(values[0]), solver="rows Gram (exact)",
+            lambda_max=float(values[0]),
+            solver="rows Gram (exact)",
             kappa={50: math.inf, 80: math.inf, 100: float(nonzero[0] / nonzero[-1])},
-            kappa_status={50: "infinite", 80: "infinite", 100: "exact"}), int(grads.shape[0])
+            kappa_status={50: "infinite", 80: "infinite", 100: "exact"},
+        ), int(grads.shape[0])
 
     rows_check = None
     if check is not None and approx.get(check) is not None and approx[check].grad is not None:
         summary, count = rows_summary(check)
-        rows_check = {"layer": check, "rows": count, "lambda_rows": summary.lambda_max,
-                      "lambda_package_dense": approx[check].grad.lambda_max,
-                      "rel_diff": abs(summary.lambda_max - approx[check].grad.lambda_max) / approx[check].grad.lambda_max}
+        rows_check = {
+            "layer": check,
+            "rows": count,
+            "lambda_rows": summary.lambda_max,
+            "lambda_package_dense": approx[check].grad.lambda_max,
+            "rel_diff": abs(summary.lambda_max - approx[check].grad.lambda_max) / approx[check].grad.lambda_max,
+        }
     for name in huge:
         summary, _ = rows_summary(name)
         exact[name] = SimpleNamespace(grad=summary, input=None, fim=None)
     rows = compare_moments(plan, approx, exact)
-    return {"layers": sketched + huge, "microbatches": micro, "rows_per_window": micro * args.batch * args.length,
-            "reference_plan": plan_digest(reference.plan), "reference_methods": sorted(ref_methods),
-            "rows_reference": huge, "rows_reference_check": rows_check,
-            "window_s": window_s, "summary": summarize_errors(rows), "moments": rows}
+    return {
+        "layers": sketched + huge,
+        "microbatches": micro,
+        "rows_per_window": micro * args.batch * args.length,
+        "reference_plan": plan_digest(reference.plan),
+        "reference_methods": sorted(ref_methods),
+        "rows_reference": huge,
+        "rows_reference_check": rows_check,
+        "window_s": window_s,
+        "summary": summarize_errors(rows),
+        "moments": rows,
+    }
 
 
 # ----------------------------------------------------------------------------- Llama block
@@ -934,8 +1101,9 @@ def range_spectrum(matrix: torch.Tensor, rank_cap: int, seed: int = 0) -> tuple[
     return values, abs(float(values.sum()) - trace) / max(trace, 1e-300)
 
 
-def dense_path_reference(monitor: ConditioningMonitor, layers: list[str], rows: int,
-                         device: torch.device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def dense_path_reference(
+    monitor: ConditioningMonitor, layers: list[str], rows: int, device: torch.device
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The dense windows of ``layers`` (from a monitor planned all-dense), solved exactly by the
     range finder and summarised as the package summarises dense spectra (``analyse_layer``)."""
     capture = monitor.capture
@@ -952,9 +1120,15 @@ def dense_path_reference(monitor: ConditioningMonitor, layers: list[str], rows: 
                 solved[label] = SolvedSpectrum(torch.sort(matrix.double().cpu(), descending=True).values, "diagonal")
                 continue
             values, gap = range_spectrum(matrix, rows)
-            checks.append({"layer": name, "moment": label, "dim": int(matrix.shape[0]),
-                           "above_1e-12_of_max": int((values > 1e-12 * float(values[0])).sum()),
-                           "trace_rel_gap": gap})
+            checks.append(
+                {
+                    "layer": name,
+                    "moment": label,
+                    "dim": int(matrix.shape[0]),
+                    "above_1e-12_of_max": int((values > 1e-12 * float(values[0])).sum()),
+                    "trace_rel_gap": gap,
+                }
+            )
             full = torch.cat([values, values.new_zeros(matrix.shape[0] - values.numel())])
             solved[label] = SolvedSpectrum(full, "dense (range finder, rank ≤ rows)")
         host = moments_to_cpu({name: moments})[name]
@@ -993,8 +1167,13 @@ def llama_section(args: argparse.Namespace, device: torch.device, probe: Probe) 
     model = llama(device, args.quick)
     out["build_s"] = now() - start
     config = model.config
-    out["shape"] = {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
-                    "layers": config.num_hidden_layers, "heads": config.num_attention_heads, "vocab": config.vocab_size}
+    out["shape"] = {
+        "hidden": config.hidden_size,
+        "intermediate": config.intermediate_size,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "vocab": config.vocab_size,
+    }
     optimizer = adamw(model)
     batch, length = args.llama_batch, args.llama_length
     rows = batch * length
@@ -1028,10 +1207,11 @@ def llama_section(args: argparse.Namespace, device: torch.device, probe: Probe) 
     release_free_memory()
     reset_peak(device)
     base = peaks(device)
-    dense_plan_bytes = sum(12 * m.dim ** 2 if m.method != "diagonal" else 8 * m.dim for m in plan.moments)
+    dense_plan_bytes = sum(12 * m.dim**2 if m.method != "diagonal" else 8 * m.dim for m in plan.moments)
     built = now()
-    reference = quiet_monitor(model, messages, every_n_steps=1, analysis="sync",
-                              memory_budget=int(dense_plan_bytes * 1.05) + 64 * MIB)
+    reference = quiet_monitor(
+        model, messages, every_n_steps=1, analysis="sync", memory_budget=int(dense_plan_bytes * 1.05) + 64 * MIB
+    )
     construct = now() - built
     assert reference.plan is not None
     out["dense_plan"] = plan_digest(reference.plan)
@@ -1074,9 +1254,12 @@ def llama_section(args: argparse.Namespace, device: torch.device, probe: Probe) 
     approx = monitor.results
     monitor.close()
     del monitor
-    out["analysed"] = {"fb": record["fb"], "end": record["end"],
-                       "gather": sum(e["seconds"] for e in probe.of("gather")),
-                       "analyse": sum(e["seconds"] for e in probe.of("analyse"))}
+    out["analysed"] = {
+        "fb": record["fb"],
+        "end": record["end"],
+        "gather": sum(e["seconds"] for e in probe.of("gather")),
+        "analyse": sum(e["seconds"] for e in probe.of("analyse")),
+    }
     out["solves"] = probe.solve_breakdown()
     out["capture_s"] = record["fb"] - out["plain"]["fb"]
     out["analysed_peak_over_base"] = after["rss_peak"] - base["rss_now"]
@@ -1101,7 +1284,9 @@ def llama_section(args: argparse.Namespace, device: torch.device, probe: Probe) 
     for d in dims:
         solve_total += eig[d]["cpu_s"] if d in eig else eig[base_dim]["cpu_s"] * (d / base_dim) ** 3
     out["dense_path"] = {
-        "construct_s": construct, "fb": dense_fb, "capture_s": dense_fb - out["plain"]["fb"],
+        "construct_s": construct,
+        "fb": dense_fb,
+        "capture_s": dense_fb - out["plain"]["fb"],
         "plan_nbytes": out["dense_plan"]["nbytes"],
         "peak_over_base": dense_peak,
         "eigvalsh": list(eig.values()),
@@ -1117,9 +1302,14 @@ def llama_section(args: argparse.Namespace, device: torch.device, probe: Probe) 
     rows_cmp = compare_moments(plan, approx, exact)
     # a dense moment of the default plan, solved both ways (the default's eigvalsh vs the range finder)
     s_a, s_e = getattr(approx[sanity.layer], sanity.moment), getattr(exact[sanity.layer], sanity.moment)
-    out["same_window_check"] = {"layer": sanity.layer, "moment": sanity.moment, "method": sanity.method,
-                                "lambda_default": s_a.lambda_max, "lambda_reference": s_e.lambda_max,
-                                "rel_diff": abs(s_a.lambda_max - s_e.lambda_max) / s_e.lambda_max}
+    out["same_window_check"] = {
+        "layer": sanity.layer,
+        "moment": sanity.moment,
+        "method": sanity.method,
+        "lambda_default": s_a.lambda_max,
+        "lambda_reference": s_e.lambda_max,
+        "rel_diff": abs(s_a.lambda_max - s_e.lambda_max) / s_e.lambda_max,
+    }
     out["error"] = {"summary": summarize_errors(rows_cmp), "moments": rows_cmp, "rows_per_window": rows}
     del model, optimizer
     gc.collect()
@@ -1144,164 +1334,363 @@ def secs(value: float | None) -> str:
 def render(out: dict[str, Any]) -> str:
     parts: list[str] = []
     m = out.get("machine", {})
-    parts.append(f"Device {out.get('device')}, {out.get('torch_threads')} torch threads, {m.get('cpu')}, "
-                 f"load average before {m.get('load_average_1_5_15')}; total {out.get('total_s', 0):.0f} s.")
+    parts.append(
+        f"Device {out.get('device')}, {out.get('torch_threads')} torch threads, {m.get('cpu')}, "
+        f"load average before {m.get('load_average_1_5_15')}; total {out.get('total_s', 0):.0f} s."
+    )
     durations = out.get("durations_s", {})
     if durations:
-        parts.append(table(["section", "wall", "CPU share of other processes"],
-                           [[k, f"{v['seconds']:.0f} s", pct(v["foreign_cpu_share"])] for k, v in durations.items()]))
+        parts.append(
+            table(
+                ["section", "wall", "CPU share of other processes"],
+                [[k, f"{v['seconds']:.0f} s", pct(v["foreign_cpu_share"])] for k, v in durations.items()],
+            )
+        )
     mem = out.get("gpt2_memory")
     if mem:
         t = mem["monitored"]["training"]
-        rows = [["parameters + gradients + AdamW state", mib(t["parameters_gradients_optimizer"]), "100%", ""],
-                ["monitor: plan (sums held between analyses)", mib(mem["accounted_persistent"]),
-                 pct(mem["accounted_persistent_share"]), "tensor bytes"],
-                ["monitor: plan + solve workspace (the plan's peak)", mib(mem["accounted_peak"]), pct(mem["accounted_peak_share"]),
-                 "tensor bytes, analysis running"],
-                ["measured: extra peak RSS (VmHWM over the steps, largest monitored − smallest plain child)", mib(mem["extra_rss_peak"]),
-                 pct(mem["extra_rss_peak_share"]), "process"],
-                ["measured: extra ru_maxrss (largest monitored − smallest plain child)", mib(mem["extra_ru_maxrss"]),
-                 pct(mem["extra_ru_maxrss_share"]), "process"]]
+        rows = [
+            ["parameters + gradients + AdamW state", mib(t["parameters_gradients_optimizer"]), "100%", ""],
+            [
+                "monitor: plan (sums held between analyses)",
+                mib(mem["accounted_persistent"]),
+                pct(mem["accounted_persistent_share"]),
+                "tensor bytes",
+            ],
+            [
+                "monitor: plan + solve workspace (the plan's peak)",
+                mib(mem["accounted_peak"]),
+                pct(mem["accounted_peak_share"]),
+                "tensor bytes, analysis running",
+            ],
+            [
+                "measured: extra peak RSS (VmHWM over the steps, largest monitored − smallest plain child)",
+                mib(mem["extra_rss_peak"]),
+                pct(mem["extra_rss_peak_share"]),
+                "process",
+            ],
+            [
+                "measured: extra ru_maxrss (largest monitored − smallest plain child)",
+                mib(mem["extra_ru_maxrss"]),
+                pct(mem["extra_ru_maxrss_share"]),
+                "process",
+            ],
+        ]
         if "extra_cuda_peak" in mem:
-            rows.append(["measured: extra CUDA max_memory_allocated", mib(mem["extra_cuda_peak"]),
-                         pct(mem["extra_cuda_peak_share"]), "device"])
-        parts.append("GPT-2 small, extra memory at default settings (share of parameters + gradients + AdamW state):\n\n"
-                     + table(["quantity", "bytes", "share", "kind"], rows)
-                     + f"\n\nPlan: {mem['monitored']['plan']['summary']}; skipped: {mem['monitored']['plan']['skipped_layers']}."
-                     + (f" Measured extra peak as a share of parameters + AdamW state alone (no gradients): "
-                        f"{pct(mem['extra_rss_peak_share_of_parameters_optimizer'])}." if "extra_rss_peak_share_of_parameters_optimizer" in mem else "")
-                     + (f" Peaks over the base of every child (MiB): plain {[round(v / 2**20) for v in mem['peaks_over_base']['plain']]}, "
-                        f"monitored {[round(v / 2**20) for v in mem['peaks_over_base']['monitored']]}." if "peaks_over_base" in mem else ""))
+            rows.append(
+                [
+                    "measured: extra CUDA max_memory_allocated",
+                    mib(mem["extra_cuda_peak"]),
+                    pct(mem["extra_cuda_peak_share"]),
+                    "device",
+                ]
+            )
+        parts.append(
+            "GPT-2 small, extra memory at default settings (share of parameters + gradients + AdamW state):\n\n"
+            + table(["quantity", "bytes", "share", "kind"], rows)
+            + f"\n\nPlan: {mem['monitored']['plan']['summary']}; skipped: {mem['monitored']['plan']['skipped_layers']}."
+            + (
+                f" Measured extra peak as a share of parameters + AdamW state alone (no gradients): "
+                f"{pct(mem['extra_rss_peak_share_of_parameters_optimizer'])}."
+                if "extra_rss_peak_share_of_parameters_optimizer" in mem
+                else ""
+            )
+            + (
+                f" Peaks over the base of every child (MiB): plain {[round(v / 2**20) for v in mem['peaks_over_base']['plain']]}, "
+                f"monitored {[round(v / 2**20) for v in mem['peaks_over_base']['monitored']]}."
+                if "peaks_over_base" in mem
+                else ""
+            )
+        )
     steps = out.get("gpt2_steps")
     if steps:
         p, a = steps["plain"], steps["analysed"]
-        rows = [["plain step", secs(steps["median_s"]["plain"]), "1.00×"],
-                ["idle step (hooks, no capture)", secs(steps["median_s"]["idle"]), f"{steps['ratios']['idle/plain']:.2f}×"],
-                ["analysed step, analysis in the training thread", secs(steps["median_s"]["analysed"]),
-                 f"{steps['ratios']['analysed/plain']:.2f}×"],
-                ["  forward+backward with capture (plain: " + secs(p["fb"]) + ")", secs(a["fb"]),
-                 f"{steps['ratios']['captured fb/plain fb']:.2f}× of plain fb"],
-                ["  capture extra", secs(steps["capture_s"]), f"{steps['capture_s'] / steps['median_s']['plain']:.2f}×"],
-                ["  end(): gather (means, host copy)", secs(a["gather"]), f"{a['gather'] / steps['median_s']['plain']:.2f}×"],
-                ["  end(): solves", secs(steps["solve_s"]), f"{steps['solve_s'] / steps['median_s']['plain']:.2f}×"],
-                ["  end(): summaries (κ, Kronecker, notes)", secs(steps["summaries_s"]),
-                 f"{steps['summaries_s'] / steps['median_s']['plain']:.2f}×"],
-                ["bare float64 Grams of the dense moments", secs(steps["median_s"]["bare_grams"]),
-                 f"{steps['ratios']['bare_grams/plain']:.2f}×"],
-                ["bare Frequent Directions updates of the sketched moments", secs(steps["median_s"]["bare_sketch"]),
-                 f"{steps['ratios']['bare_sketch/plain']:.2f}×"],
-                ["default schedule, steady state (1 in 100), analysis in the training thread "
-                 "(skipped steps at the plain step's cost; with the measured idle step: "
-                 f"{steps['ratios']['every 100, sync']:.3f}×)", "",
-                 f"{steps['ratios']['every 100, sync, hooks at plain cost']:.3f}×"]]
-        parts.append(f"GPT-2 small, step-interleaved ({steps['rounds']} rounds, {steps['rows_per_window']} rows per window):\n\n"
-                     + table(["kind", "median", "vs plain step"], rows)
-                     + "\n\nSolves of one analysis:\n\n"
-                     + table(["method", "d", "count", "seconds (all of them)"],
-                             [[r["method"], r["dim"], r["count"], secs(r["seconds"])] for r in steps["solves"]]))
+        rows = [
+            ["plain step", secs(steps["median_s"]["plain"]), "1.00×"],
+            ["idle step (hooks, no capture)", secs(steps["median_s"]["idle"]), f"{steps['ratios']['idle/plain']:.2f}×"],
+            [
+                "analysed step, analysis in the training thread",
+                secs(steps["median_s"]["analysed"]),
+                f"{steps['ratios']['analysed/plain']:.2f}×",
+            ],
+            [
+                "  forward+backward with capture (plain: " + secs(p["fb"]) + ")",
+                secs(a["fb"]),
+                f"{steps['ratios']['captured fb/plain fb']:.2f}× of plain fb",
+            ],
+            ["  capture extra", secs(steps["capture_s"]), f"{steps['capture_s'] / steps['median_s']['plain']:.2f}×"],
+            [
+                "  end(): gather (means, host copy)",
+                secs(a["gather"]),
+                f"{a['gather'] / steps['median_s']['plain']:.2f}×",
+            ],
+            ["  end(): solves", secs(steps["solve_s"]), f"{steps['solve_s'] / steps['median_s']['plain']:.2f}×"],
+            [
+                "  end(): summaries (κ, Kronecker, notes)",
+                secs(steps["summaries_s"]),
+                f"{steps['summaries_s'] / steps['median_s']['plain']:.2f}×",
+            ],
+            [
+                "bare float64 Grams of the dense moments",
+                secs(steps["median_s"]["bare_grams"]),
+                f"{steps['ratios']['bare_grams/plain']:.2f}×",
+            ],
+            [
+                "bare Frequent Directions updates of the sketched moments",
+                secs(steps["median_s"]["bare_sketch"]),
+                f"{steps['ratios']['bare_sketch/plain']:.2f}×",
+            ],
+            [
+                "default schedule, steady state (1 in 100), analysis in the training thread "
+                "(skipped steps at the plain step's cost; with the measured idle step: "
+                f"{steps['ratios']['every 100, sync']:.3f}×)",
+                "",
+                f"{steps['ratios']['every 100, sync, hooks at plain cost']:.3f}×",
+            ],
+        ]
+        parts.append(
+            f"GPT-2 small, step-interleaved ({steps['rounds']} rounds, {steps['rows_per_window']} rows per window):\n\n"
+            + table(["kind", "median", "vs plain step"], rows)
+            + "\n\nSolves of one analysis:\n\n"
+            + table(
+                ["method", "d", "count", "seconds (all of them)"],
+                [[r["method"], r["dim"], r["count"], secs(r["seconds"])] for r in steps["solves"]],
+            )
+        )
     run = out.get("gpt2_run")
     if run and run.get("method") == "segment-interleaved":
-        rows = [[r["first"], r["steps"], secs(r["plain_s"]), secs(r["monitored_s"]), f"{r['monitored_s'] / r['plain_s']:.2f}×",
-                 secs(r["capture_extra_s"]), secs(r["end_s"]),
-                 f"{secs(r['other_steps_extra_s'])} ({r['in_flight_steps']:.0f} with an analysis in flight)",
-                 secs(r["wait_s"]), secs(r.get("active_extra_s"))] for r in run["segments"]]
-        rows.append(["all", run["steps"], secs(statistics.median(run["run_seconds"]["plain"])),
-                     secs(statistics.median(run["run_seconds"]["monitored"])), f"**{run['ratio_median']:.2f}×**", "", "", "", "",
-                     f"**{run['composed_ratio']:.2f}×**" if run.get("composed_ratio") else ""])
+        rows = [
+            [
+                r["first"],
+                r["steps"],
+                secs(r["plain_s"]),
+                secs(r["monitored_s"]),
+                f"{r['monitored_s'] / r['plain_s']:.2f}×",
+                secs(r["capture_extra_s"]),
+                secs(r["end_s"]),
+                f"{secs(r['other_steps_extra_s'])} ({r['in_flight_steps']:.0f} with an analysis in flight)",
+                secs(r["wait_s"]),
+                secs(r.get("active_extra_s")),
+            ]
+            for r in run["segments"]
+        ]
+        rows.append(
+            [
+                "all",
+                run["steps"],
+                secs(statistics.median(run["run_seconds"]["plain"])),
+                secs(statistics.median(run["run_seconds"]["monitored"])),
+                f"**{run['ratio_median']:.2f}×**",
+                "",
+                "",
+                "",
+                "",
+                f"**{run['composed_ratio']:.2f}×**" if run.get("composed_ratio") else "",
+            ]
+        )
         background = run["background"][0]
-        parts.append(f"GPT-2 small, a plain and a monitored run of {run['steps']} steps, interleaved by segment "
-                     f"({run['pairs']} repetition(s); analyses at {run['analysed_steps']}; plain step median "
-                     f"{secs(run['plain_step_median_s'])}):\n\n"
-                     + table(["segment from step", "steps", "plain", "monitored", "ratio", "capture extra", "end() of the analysed step",
-                              "extra of the other steps", "wait for the analysis at the segment's end",
-                              "extra of the analysed and in-flight steps + wait (all: the ratio with idle steps at the plain median)"], rows)
-                     + "\n\nAnalyses (wall time; the thread they ran in): "
-                     + ", ".join(f"step {b['step']}: {secs(b['seconds'])} "
-                                 f"({'worker' if str(b.get('thread', '')).startswith('lightning-conditioning') else 'training thread'})"
-                                 for b in background)
-                     + (f".\n\nAn isolated analysis (segments from step ≥ 16) cost {secs(run['isolated_analysis_extra_s'])} "
-                        f"of extra wall time (median of its captured and in-flight steps and final wait, each step against the "
-                        f"plain median): one analysis per 100 steps, the default schedule after step 64, "
-                        f"would cost **{run['steady_state_ratio_estimate']:.3f}×** a plain run." if run.get("steady_state_ratio_estimate") else ".")
-                     + (f" The same analysis in the training thread (step-interleaved section) costs "
-                        f"{secs(out['gpt2_steps']['median_s']['analysed'] - out['gpt2_steps']['median_s']['plain'])} "
-                        f"over a plain step: the background thread hides "
-                        f"{100 * (1 - run['isolated_analysis_extra_s'] / (out['gpt2_steps']['median_s']['analysed'] - out['gpt2_steps']['median_s']['plain'])):.0f}% of it."
-                        if out.get("gpt2_steps") and run.get("isolated_analysis_extra_s") else ""))
+        parts.append(
+            f"GPT-2 small, a plain and a monitored run of {run['steps']} steps, interleaved by segment "
+            f"({run['pairs']} repetition(s); analyses at {run['analysed_steps']}; plain step median "
+            f"{secs(run['plain_step_median_s'])}):\n\n"
+            + table(
+                [
+                    "segment from step",
+                    "steps",
+                    "plain",
+                    "monitored",
+                    "ratio",
+                    "capture extra",
+                    "end() of the analysed step",
+                    "extra of the other steps",
+                    "wait for the analysis at the segment's end",
+                    "extra of the analysed and in-flight steps + wait (all: the ratio with idle steps at the plain median)",
+                ],
+                rows,
+            )
+            + "\n\nAnalyses (wall time; the thread they ran in): "
+            + ", ".join(
+                f"step {b['step']}: {secs(b['seconds'])} "
+                f"({'worker' if str(b.get('thread', '')).startswith('lightning-conditioning') else 'training thread'})"
+                for b in background
+            )
+            + (
+                f".\n\nAn isolated analysis (segments from step ≥ 16) cost {secs(run['isolated_analysis_extra_s'])} "
+                f"of extra wall time (median of its captured and in-flight steps and final wait, each step against the "
+                f"plain median): one analysis per 100 steps, the default schedule after step 64, "
+                f"would cost **{run['steady_state_ratio_estimate']:.3f}×** a plain run."
+                if run.get("steady_state_ratio_estimate")
+                else "."
+            )
+            + (
+                f" The same analysis in the training thread (step-interleaved section) costs "
+                f"{secs(out['gpt2_steps']['median_s']['analysed'] - out['gpt2_steps']['median_s']['plain'])} "
+                f"over a plain step: the background thread hides "
+                f"{100 * (1 - run['isolated_analysis_extra_s'] / (out['gpt2_steps']['median_s']['analysed'] - out['gpt2_steps']['median_s']['plain'])):.0f}% of it."
+                if out.get("gpt2_steps") and run.get("isolated_analysis_extra_s")
+                else ""
+            )
+        )
     run = out.get("gpt2_whole")
     if run:
-        rows = [[i + 1, secs(p), secs(m_), f"{m_ / p:.2f}×"] for i, (p, m_) in
-                enumerate(zip(run["run_seconds"]["plain"], run["run_seconds"]["monitored"]))]
+        rows = [
+            [i + 1, secs(p), secs(m_), f"{m_ / p:.2f}×"]
+            for i, (p, m_) in enumerate(zip(run["run_seconds"]["plain"], run["run_seconds"]["monitored"]))
+        ]
         b = run["breakdown"]
-        parts.append(f"GPT-2 small, whole runs of {run['steps']} steps (analyses at {run['analysed_steps']}):\n\n"
-                     + table(["pair", "plain run", "monitored run", "ratio"], rows)
-                     + f"\n\nMedian ratio **{run['ratio_median']:.2f}×** (plain step median {secs(run['plain_step_median_s'])}). "
-                     + (f"An isolated analysis (steps ≥ 16) cost {secs(run['isolated_analysis_extra_s'])} of extra wall time "
-                        f"(median over runs and analyses): one analysis per 100 steps would cost "
-                        f"**{run['steady_state_ratio_estimate']:.3f}×**.\n\n" if run.get("isolated_analysis_extra_s") is not None else "\n\n")
-                     + table(["analysed step", *[f"run {i + 1}: extra until the next analysis" for i in range(len(run["episodes"]))]],
-                             [[e["step"], *[f"{secs(eps[k]['extra_s'])} over {eps[k]['steps']} steps" for eps in run["episodes"]]]
-                              for k, e in enumerate(run["episodes"][0])])
-                     + "\n\n"
-                     + table(["where the monitored run's extra time went (per run)", *[f"run {i + 1}" for i in range(len(b))]],
-                             [["capture (captured steps' fb − plain fb)", *[secs(x["capture_extra_s"]) for x in b]],
-                              ["end(): gather, hand-off, waits for the previous analysis", *[secs(x["end_s"]) for x in b]],
-                              ["steps while an analysis ran in the background: extra", *[f"{secs(x['in_flight_extra_s'])} over {x['in_flight_steps']} steps" for x in b]],
-                              ["other steps: extra", *[f"{secs(x['idle_extra_s'])} over {x['idle_steps']} steps" for x in b]],
-                              ["close(): wait for the last analysis", *[secs(x["close_s"]) for x in b]],
-                              ["background analyses (their own wall time)", *[secs(x["background_analysis_s"]) for x in b]]]))
+        parts.append(
+            f"GPT-2 small, whole runs of {run['steps']} steps (analyses at {run['analysed_steps']}):\n\n"
+            + table(["pair", "plain run", "monitored run", "ratio"], rows)
+            + f"\n\nMedian ratio **{run['ratio_median']:.2f}×** (plain step median {secs(run['plain_step_median_s'])}). "
+            + (
+                f"An isolated analysis (steps ≥ 16) cost {secs(run['isolated_analysis_extra_s'])} of extra wall time "
+                f"(median over runs and analyses): one analysis per 100 steps would cost "
+                f"**{run['steady_state_ratio_estimate']:.3f}×**.\n\n"
+                if run.get("isolated_analysis_extra_s") is not None
+                else "\n\n"
+            )
+            + table(
+                [
+                    "analysed step",
+                    *[f"run {i + 1}: extra until the next analysis" for i in range(len(run["episodes"]))],
+                ],
+                [
+                    [e["step"], *[f"{secs(eps[k]['extra_s'])} over {eps[k]['steps']} steps" for eps in run["episodes"]]]
+                    for k, e in enumerate(run["episodes"][0])
+                ],
+            )
+            + "\n\n"
+            + table(
+                ["where the monitored run's extra time went (per run)", *[f"run {i + 1}" for i in range(len(b))]],
+                [
+                    ["capture (captured steps' fb − plain fb)", *[secs(x["capture_extra_s"]) for x in b]],
+                    ["end(): gather, hand-off, waits for the previous analysis", *[secs(x["end_s"]) for x in b]],
+                    [
+                        "steps while an analysis ran in the background: extra",
+                        *[f"{secs(x['in_flight_extra_s'])} over {x['in_flight_steps']} steps" for x in b],
+                    ],
+                    ["other steps: extra", *[f"{secs(x['idle_extra_s'])} over {x['idle_steps']} steps" for x in b]],
+                    ["close(): wait for the last analysis", *[secs(x["close_s"]) for x in b]],
+                    ["background analyses (their own wall time)", *[secs(x["background_analysis_s"]) for x in b]],
+                ],
+            )
+        )
     err = out.get("gpt2_error")
     for title, e in (("GPT-2 small", err), ("Llama block", (out.get("llama") or {}).get("error"))):
         if not e:
             continue
         s = e["summary"]
-        rows = [["sketched moments compared", s["moments"]],
-                ["max relative λmax error", f"{s['max_lambda_rel_err']:.2e}" if s["max_lambda_rel_err"] is not None else "n/a"],
-                ["median relative λmax error", f"{s['median_lambda_rel_err']:.2e}" if s["median_lambda_rel_err"] is not None else "n/a"],
-                ["every true λmax inside its certified interval", str(s["all_lambda_inside"])],
-                ["widest interval (relative to λmax)", f"{s['max_interval_rel_width']:.2e}" if s["max_interval_rel_width"] is not None else "n/a"],
-                ["every true sub-FIM λmax inside its interval", str(s["all_fim_inside"])],
-                *[[k, v] for k, v in sorted(s["kappa_agreement"].items())],
-                ["κ_100 lower bound / dense κ_100, median (min)",
-                 "n/a" if s.get("kappa100_bound_over_true_median") is None else
-                 f"{s['kappa100_bound_over_true_median']:.3f} ({s['kappa100_bound_over_true_min']:.3f})"],
-                ["κ_p lower bounds reported below 1 (vacuous: κ ≥ 1)", s.get("kappa_lower_bounds_below_1", "n/a")]]
+        rows = [
+            ["sketched moments compared", s["moments"]],
+            [
+                "max relative λmax error",
+                f"{s['max_lambda_rel_err']:.2e}" if s["max_lambda_rel_err"] is not None else "n/a",
+            ],
+            [
+                "median relative λmax error",
+                f"{s['median_lambda_rel_err']:.2e}" if s["median_lambda_rel_err"] is not None else "n/a",
+            ],
+            ["every true λmax inside its certified interval", str(s["all_lambda_inside"])],
+            [
+                "widest interval (relative to λmax)",
+                f"{s['max_interval_rel_width']:.2e}" if s["max_interval_rel_width"] is not None else "n/a",
+            ],
+            ["every true sub-FIM λmax inside its interval", str(s["all_fim_inside"])],
+            *[[k, v] for k, v in sorted(s["kappa_agreement"].items())],
+            [
+                "κ_100 lower bound / dense κ_100, median (min)",
+                "n/a"
+                if s.get("kappa100_bound_over_true_median") is None
+                else f"{s['kappa100_bound_over_true_median']:.3f} ({s['kappa100_bound_over_true_min']:.3f})",
+            ],
+            ["κ_p lower bounds reported below 1 (vacuous: κ ≥ 1)", s.get("kappa_lower_bounds_below_1", "n/a")],
+        ]
         extra = ""
         if e.get("rows_reference"):
             c = e.get("rows_reference_check")
-            checked = (f" (convention checked on {c['layer']}: λmax from rows vs the package's dense sum, relative "
-                       f"difference {c['rel_diff']:.1e})" if c else "")
-            extra = (f"\n\nReference for {', '.join(e['rows_reference'])} Σ∇h (too large for a dense sum): the small Gram of the "
-                     f"window's output-gradient rows{checked}. Per moment: "
-                     + "; ".join(f"{r['layer']} {r['moment']} d={r['dim']} ℓ={r['rank']}: λmax error {r['lambda_rel_err']:.1e}, "
-                                 f"interval width {r['interval_rel_width']:.2f}, inside {r['lambda_inside']}"
-                                 for r in e["moments"] if r.get("dim", 0) > 4096))
-        parts.append(f"{title}: error of the default plan's sketches against dense ({e['rows_per_window']} rows per window):\n\n"
-                     + table(["check", "value"], rows) + extra)
+            checked = (
+                f" (convention checked on {c['layer']}: λmax from rows vs the package's dense sum, relative "
+                f"difference {c['rel_diff']:.1e})"
+                if c
+                else ""
+            )
+            extra = (
+                f"\n\nReference for {', '.join(e['rows_reference'])} Σ∇h (too large for a dense sum): the small Gram of the "
+                f"window's output-gradient rows{checked}. Per moment: "
+                + "; ".join(
+                    f"{r['layer']} {r['moment']} d={r['dim']} ℓ={r['rank']}: λmax error {r['lambda_rel_err']:.1e}, "
+                    f"interval width {r['interval_rel_width']:.2f}, inside {r['lambda_inside']}"
+                    for r in e["moments"]
+                    if r.get("dim", 0) > 4096
+                )
+            )
+        parts.append(
+            f"{title}: error of the default plan's sketches against dense ({e['rows_per_window']} rows per window):\n\n"
+            + table(["check", "value"], rows)
+            + extra
+        )
     ll = out.get("llama")
     if ll:
         t = ll["training"]
         dp = ll["dense_path"]
-        rows = [["parameters + gradients + AdamW state", mib(t["parameters_gradients_optimizer"]), "100%"],
-                ["default plan (" + ll["plan"]["summary"] + ")", mib(ll["accounted_persistent"]), pct(ll["accounted_persistent_share"])],
-                ["default plan + solve workspace (the plan's peak)", mib(ll["accounted_peak"]), pct(ll["accounted_peak_share"])],
-                ["measured extra peak RSS of an analysed step (VmHWM)", mib(ll["extra_rss_peak"]), pct(ll["extra_rss_peak_share"])],
-                ["all-dense plan (exact path)", mib(dp["plan_nbytes"]), pct(dp["plan_share"])]]
+        rows = [
+            ["parameters + gradients + AdamW state", mib(t["parameters_gradients_optimizer"]), "100%"],
+            [
+                "default plan (" + ll["plan"]["summary"] + ")",
+                mib(ll["accounted_persistent"]),
+                pct(ll["accounted_persistent_share"]),
+            ],
+            [
+                "default plan + solve workspace (the plan's peak)",
+                mib(ll["accounted_peak"]),
+                pct(ll["accounted_peak_share"]),
+            ],
+            [
+                "measured extra peak RSS of an analysed step (VmHWM)",
+                mib(ll["extra_rss_peak"]),
+                pct(ll["extra_rss_peak_share"]),
+            ],
+            ["all-dense plan (exact path)", mib(dp["plan_nbytes"]), pct(dp["plan_share"])],
+        ]
         if "extra_cuda_peak" in ll:
-            rows.append(["measured extra CUDA peak of an analysed step", mib(ll["extra_cuda_peak"]), pct(ll["extra_cuda_peak_share"])])
+            rows.append(
+                [
+                    "measured extra CUDA peak of an analysed step",
+                    mib(ll["extra_cuda_peak"]),
+                    pct(ll["extra_cuda_peak_share"]),
+                ]
+            )
         parts.append(f"Llama-7B-shaped block {ll['shape']}, memory:\n\n" + table(["quantity", "bytes", "share"], rows))
-        eig_rows = [[f"eigvalsh {e['dim']}² float64, CPU ({e['threads']} threads)", secs(e["cpu_s"]), "measured"] for e in dp["eigvalsh"]]
+        eig_rows = [
+            [f"eigvalsh {e['dim']}² float64, CPU ({e['threads']} threads)", secs(e["cpu_s"]), "measured"]
+            for e in dp["eigvalsh"]
+        ]
         for e in dp["eigvalsh"]:
             if "cuda_s" in e:
                 eig_rows.append([f"eigvalsh {e['dim']}² float64, CUDA", secs(e["cuda_s"]), "measured"])
-        rows = [["plain step (fb + AdamW)", secs(ll["plain"]["total"]), "measured"],
-                ["default: capture extra (fb with capture − plain fb)", secs(ll["capture_s"]), "measured"],
-                ["default: analysis in the training thread (end())", secs(ll["analysed"]["end"]), "measured"],
-                ["exact path: capture extra with every moment dense", secs(dp["capture_s"]), "measured"],
-                *eig_rows,
-                *([[f"eigvalsh {dp['largest_dim']}² float64, CPU", secs(dp["largest_eigvalsh_extrapolated_s"]),
-                    "**extrapolated** (d³)"]] if dp["largest_dim"] > max(e["dim"] for e in dp["eigvalsh"]) else []),
-                ["exact path: all dense solves of one analysis", secs(dp["all_solves_extrapolated_s"]), "**extrapolated** (d³ from the measured ones)"]]
+        rows = [
+            ["plain step (fb + AdamW)", secs(ll["plain"]["total"]), "measured"],
+            ["default: capture extra (fb with capture − plain fb)", secs(ll["capture_s"]), "measured"],
+            ["default: analysis in the training thread (end())", secs(ll["analysed"]["end"]), "measured"],
+            ["exact path: capture extra with every moment dense", secs(dp["capture_s"]), "measured"],
+            *eig_rows,
+            *(
+                [
+                    [
+                        f"eigvalsh {dp['largest_dim']}² float64, CPU",
+                        secs(dp["largest_eigvalsh_extrapolated_s"]),
+                        "**extrapolated** (d³)",
+                    ]
+                ]
+                if dp["largest_dim"] > max(e["dim"] for e in dp["eigvalsh"])
+                else []
+            ),
+            [
+                "exact path: all dense solves of one analysis",
+                secs(dp["all_solves_extrapolated_s"]),
+                "**extrapolated** (d³ from the measured ones)",
+            ],
+        ]
         parts.append("Llama-7B-shaped block, time:\n\n" + table(["quantity", "time", ""], rows))
     text = "\n\n".join(parts)
     if out.get("quick"):
@@ -1317,12 +1706,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with ForeignLoad() as probe_load:
         time.sleep(2.0)
     if (probe_load.share or 0) > 0.1:
-        log(f"warning: other processes use {100 * (probe_load.share or 0):.0f}% of the CPU before the start: "
-            "ratios degrade (a quiet machine, or --threads 1)")
-    out: dict[str, Any] = {"machine": machine(), "quick": args.quick, "device": str(device),
-                           "torch_threads": torch.get_num_threads(), "foreign_before": probe_load.share,
-                           "args": {k: v for k, v in vars(args).items() if k not in ("out", "from_json")},
-                           "durations_s": {}}
+        log(
+            f"warning: other processes use {100 * (probe_load.share or 0):.0f}% of the CPU before the start: "
+            "ratios degrade (a quiet machine, or --threads 1)"
+        )
+    out: dict[str, Any] = {
+        "machine": machine(),
+        "quick": args.quick,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "foreign_before": probe_load.share,
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "from_json")},
+        "durations_s": {},
+    }
     durations = out["durations_s"]
     start = now()
 
@@ -1349,8 +1745,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 model = gpt2(device, args.quick)
                 batches = token_batches(model.config.vocab_size, args.batch, args.length, 16, device)
                 lm_step(model, adamw(model), batches[0], device)  # warm-up
-                for name, section in (("gpt2_steps", gpt2_steps), ("gpt2_run", gpt2_segments),
-                                      ("gpt2_whole", gpt2_runs), ("gpt2_error", gpt2_error)):
+                for name, section in (
+                    ("gpt2_steps", gpt2_steps),
+                    ("gpt2_run", gpt2_segments),
+                    ("gpt2_whole", gpt2_runs),
+                    ("gpt2_error", gpt2_error),
+                ):
                     if name in only:
                         out[name] = timed(name, lambda: section(args, model, batches, device, probe))
                 del model, batches
@@ -1366,25 +1766,53 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run on shrunken shapes (GPT-2 with 2 blocks of "
-                        "width 512 and vocab 8192, a Llama block of width 1024), few rounds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run on shrunken shapes (GPT-2 with 2 blocks of "
+        "width 512 and vocab 8192, a Llama block of width 1024), few rounds",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    parser.add_argument("--only", nargs="+", default=["gpt2", "llama"],
-                        choices=["gpt2", "gpt2_memory", "gpt2_steps", "gpt2_run", "gpt2_whole", "gpt2_error", "llama"],
-                        help="sections (gpt2 = gpt2_memory gpt2_steps gpt2_run gpt2_error; gpt2_whole: "
-                        "unsegmented whole runs, alternating, --pairs of them: drift-prone on a busy machine)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=["gpt2", "llama"],
+        choices=["gpt2", "gpt2_memory", "gpt2_steps", "gpt2_run", "gpt2_whole", "gpt2_error", "llama"],
+        help="sections (gpt2 = gpt2_memory gpt2_steps gpt2_run gpt2_error; gpt2_whole: "
+        "unsegmented whole runs, alternating, --pairs of them: drift-prone on a busy machine)",
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="steps of each whole run (default 65: analyses at 0, 1, 2, 4, …, 64; quick 6)")
-    parser.add_argument("--pairs", type=int, default=None, help="repetitions of the plain/monitored run pair "
-                        "(default 1: two 65-step GPT-2 runs take ~2-4 min on the 2-core CPU)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps of each whole run (default 65: analyses at 0, 1, 2, 4, …, 64; quick 6)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="repetitions of the plain/monitored run pair "
+        "(default 1: two 65-step GPT-2 runs take ~2-4 min on the 2-core CPU)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="step-interleaved rounds (default 4; quick 1)")
-    parser.add_argument("--memory-steps", type=int, default=None, help="steps of each memory child (default 2: both analysed)")
-    parser.add_argument("--memory-pairs", type=int, default=1,
-                        help="plain/monitored child pairs for peak memory (the worst pair is reported)")
-    parser.add_argument("--error-microbatches", type=int, default=1,
-                        help="micro-batches in the error window (rows = this × batch × length)")
+    parser.add_argument(
+        "--memory-steps", type=int, default=None, help="steps of each memory child (default 2: both analysed)"
+    )
+    parser.add_argument(
+        "--memory-pairs",
+        type=int,
+        default=1,
+        help="plain/monitored child pairs for peak memory (the worst pair is reported)",
+    )
+    parser.add_argument(
+        "--error-microbatches",
+        type=int,
+        default=1,
+        help="micro-batches in the error window (rows = this × batch × length)",
+    )
     parser.add_argument("--llama-batch", type=int, default=1)
     parser.add_argument("--llama-length", type=int, default=128)
     parser.add_argument("--llama-plain-steps", type=int, default=None, help="default 2")
@@ -1396,7 +1824,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    defaults = {"steps": (65, 6), "pairs": (1, 1), "rounds": (4, 1), "memory_steps": (2, 2), "llama_plain_steps": (2, 2)}
+    defaults = {
+        "steps": (65, 6),
+        "pairs": (1, 1),
+        "rounds": (4, 1),
+        "memory_steps": (2, 2),
+        "llama_plain_steps": (2, 2),
+    }
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)

@@ -87,8 +87,7 @@ def log(message: str) -> None:
 def monitor_for(model: torch.nn.Module, messages: list[str], **options: Any) -> ConditioningMonitor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ConditioningMonitor(model, info=messages.append, warn=messages.append,
-                                   warn_diagnosis=False, **options)
+        return ConditioningMonitor(model, info=messages.append, warn=messages.append, warn_diagnosis=False, **options)
 
 
 def previous_budget(model: torch.nn.Module) -> int:
@@ -98,8 +97,14 @@ def previous_budget(model: torch.nn.Module) -> int:
     return max(64 * MIB, own * 3 // 4)
 
 
-def lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
-            device: torch.device, monitors: list[Any], step: int) -> float:
+def lm_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    device: torch.device,
+    monitors: list[Any],
+    step: int,
+) -> float:
     """One step (labels = inputs) inside every monitor's ``track``; its seconds."""
     batch = {"input_ids": ids, "labels": ids}
     sync(device)
@@ -126,8 +131,15 @@ def schedule_count(steps: int) -> int:
     return sum(1 for s in range(steps) if s in EARLY_STEPS or s % REGULAR_PERIOD == 0)
 
 
-def steps_at(args: argparse.Namespace, device: torch.device, length: int, previous: bool,
-             batch: int | None = None, blocks: int | None = None, steps: int | None = None) -> dict[str, Any]:
+def steps_at(
+    args: argparse.Namespace,
+    device: torch.device,
+    length: int,
+    previous: bool,
+    batch: int | None = None,
+    blocks: int | None = None,
+    steps: int | None = None,
+) -> dict[str, Any]:
     model = gpt2(device, False, blocks=blocks)
     optimizer = adamw(model)
     batch = batch or args.batch
@@ -146,18 +158,29 @@ def steps_at(args: argparse.Namespace, device: torch.device, length: int, previo
         times["analysed" if analysed else "plain"].append(seconds)
         if analysed:
             layers.append(len(monitor.window_results))
-        log(f"{'previous' if previous else 'default'} {batch}x{length} step {step}: "
-            f"{'analysed' if analysed else 'plain'} {seconds:.1f} s")
+        log(
+            f"{'previous' if previous else 'default'} {batch}x{length} step {step}: "
+            f"{'analysed' if analysed else 'plain'} {seconds:.1f} s"
+        )
     plain = statistics.median(times["plain"])
     extra = statistics.mean(t - plain for t in times["analysed"])
-    out = {"tokens": batch * length, "options": "previous" if previous else "default",
-           "blocks": model.config.n_layer, "sampling_note": next((m for m in messages if "max_rows=" in m), None),
-           "plain_s": plain, "analysed_s": times["analysed"], "plain_all_s": times["plain"],
-           "ratios": [t / plain for t in times["analysed"]], "first_ratio": times["analysed"][0] / plain,
-           "max_ratio": max(times["analysed"]) / plain, "mean_extra_s": extra,
-           "layers_per_window": layers, "layers": len(monitor.layer_names),
-           "plan": monitor.plan.summary() if monitor.plan else None,
-           "turn_note": next((m for m in messages if "take turns" in m), None)}
+    out = {
+        "tokens": batch * length,
+        "options": "previous" if previous else "default",
+        "blocks": model.config.n_layer,
+        "sampling_note": next((m for m in messages if "max_rows=" in m), None),
+        "plain_s": plain,
+        "analysed_s": times["analysed"],
+        "plain_all_s": times["plain"],
+        "ratios": [t / plain for t in times["analysed"]],
+        "first_ratio": times["analysed"][0] / plain,
+        "max_ratio": max(times["analysed"]) / plain,
+        "mean_extra_s": extra,
+        "layers_per_window": layers,
+        "layers": len(monitor.layer_names),
+        "plan": monitor.plan.summary() if monitor.plan else None,
+        "turn_note": next((m for m in messages if "take turns" in m), None),
+    }
     for steps in (1000, 10000):
         out[f"schedule_ratio_{steps}"] = 1 + schedule_count(steps) * extra / (steps * plain)
     monitor.close()
@@ -186,10 +209,15 @@ def section_growth(args: argparse.Namespace, device: torch.device) -> dict[str, 
     4 × 2,048 tokens do not fit this machine) at ``--batch`` and ``4 × --batch`` sequences of
     ``--length``, ``--growth-steps`` alternating steps each."""
     low = steps_at(args, device, args.length, False, blocks=args.growth_blocks, steps=args.growth_steps)
-    high = steps_at(args, device, args.length, False, batch=4 * args.batch, blocks=args.growth_blocks,
-                    steps=args.growth_steps)
-    return {"low": low, "high": high, "extra_growth": high["mean_extra_s"] / max(low["mean_extra_s"], 1e-9),
-            "token_growth": high["tokens"] / low["tokens"]}
+    high = steps_at(
+        args, device, args.length, False, batch=4 * args.batch, blocks=args.growth_blocks, steps=args.growth_steps
+    )
+    return {
+        "low": low,
+        "high": high,
+        "extra_growth": high["mean_extra_s"] / max(low["mean_extra_s"], 1e-9),
+        "token_growth": high["tokens"] / low["tokens"],
+    }
 
 
 def reference_from_rows(rows: torch.Tensor) -> tuple[float, float, str]:
@@ -207,9 +235,9 @@ def reference_from_rows(rows: torch.Tensor) -> tuple[float, float, str]:
     gram = work @ work.T if count < dim else work.T @ work
     values = torch.linalg.eigvalsh((gram + gram.T) * 0.5).flip(0).clamp_min(0) / count
     values = torch.cat([values, values.new_zeros(dim - values.numel())]) if values.numel() < dim else values
-    summary = summarize_spectrum(values, (50,), rtol=floor_rtol(rows=count, dim=dim,
-                                                                 row_eps=torch.finfo(torch.float32).eps),
-                                 max_rank=count)
+    summary = summarize_spectrum(
+        values, (50,), rtol=floor_rtol(rows=count, dim=dim, row_eps=torch.finfo(torch.float32).eps), max_rank=count
+    )
     return summary.lambda_max, summary.kappa.get(50, math.nan), str(summary.kappa_status.get(50))
 
 
@@ -223,8 +251,9 @@ def _top_eigenvalue(rows: torch.Tensor) -> float:
         v = torch.from_numpy(vector.reshape(-1)).to(torch.float64)
         return (rows.T @ (rows @ v) / count).numpy()
 
-    value = eigsh(LinearOperator((dim, dim), matvec=apply, dtype="float64"), k=1, which="LA",
-                  tol=1e-13, return_eigenvectors=False)
+    value = eigsh(
+        LinearOperator((dim, dim), matvec=apply, dtype="float64"), k=1, which="LA", tol=1e-13, return_eigenvectors=False
+    )
     return float(value[0])
 
 
@@ -239,8 +268,15 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
     messages: list[str] = []
     default = monitor_for(model, messages, every_n_steps=1, analysis="background", step_overhead=None)
     tables = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)]
-    reference = monitor_for(model, messages, every_n_steps=1, analysis="sync", step_overhead=None,
-                            statistics_dtype="float64", include=tables)
+    reference = monitor_for(
+        model,
+        messages,
+        every_n_steps=1,
+        analysis="sync",
+        step_overhead=None,
+        statistics_dtype="float64",
+        include=tables,
+    )
     assert default.plan is not None and default.capture is not None
     ids = token_batches(model.config.vocab_size, args.batch, args.length, 1, device)[0]
     batch = {"input_ids": ids, "labels": ids}
@@ -255,8 +291,12 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
         def keep(module: Any, inputs: Any, output: torch.Tensor, name: str = name) -> None:
             caught[(name, "input")] = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
             if output.requires_grad:
-                output.register_hook(lambda g: caught.__setitem__(
-                    (name, "grad"), g.detach().reshape(-1, g.shape[-1]).float().cpu() * float(tokens or 1)))
+                output.register_hook(
+                    lambda g: caught.__setitem__(
+                        (name, "grad"), g.detach().reshape(-1, g.shape[-1]).float().cpu() * float(tokens or 1)
+                    )
+                )
+
         handles.append(modules[name].register_forward_hook(keep))
     start = time.perf_counter()
     with default.track(0), reference.track(0):
@@ -291,24 +331,47 @@ def section_accuracy(args: argparse.Namespace, device: torch.device) -> dict[str
             true_lambda, true_kappa, true_status = known
             plan = default.plan.of(name, label)
             kappa, status = mine.kappa.get(50, math.nan), mine.kappa_status.get(50)
-            rows_out.append({
-                "layer": name, "moment": label, "dim": plan.dim if plan else None,
-                "method": plan.method if plan else None, "reference": reference_kind,
-                "lambda_max": mine.lambda_max, "reference_lambda_max": true_lambda,
-                "lambda_rel_error": abs(mine.lambda_max - true_lambda) / true_lambda if true_lambda else 0.0,
-                "kappa_50": kappa, "kappa_50_status": status,
-                "reference_kappa_50": true_kappa, "reference_kappa_50_status": true_status,
-                "kappa_agrees": (status == true_status and (
-                    kappa == true_kappa or (math.isfinite(kappa) and math.isfinite(true_kappa)
-                                            and max(kappa, true_kappa) / min(kappa, true_kappa) <= 1.1))),
-                "full_spectrum": mine.eigenvalues is not None})
+            rows_out.append(
+                {
+                    "layer": name,
+                    "moment": label,
+                    "dim": plan.dim if plan else None,
+                    "method": plan.method if plan else None,
+                    "reference": reference_kind,
+                    "lambda_max": mine.lambda_max,
+                    "reference_lambda_max": true_lambda,
+                    "lambda_rel_error": abs(mine.lambda_max - true_lambda) / true_lambda if true_lambda else 0.0,
+                    "kappa_50": kappa,
+                    "kappa_50_status": status,
+                    "reference_kappa_50": true_kappa,
+                    "reference_kappa_50_status": true_status,
+                    "kappa_agrees": (
+                        status == true_status
+                        and (
+                            kappa == true_kappa
+                            or (
+                                math.isfinite(kappa)
+                                and math.isfinite(true_kappa)
+                                and max(kappa, true_kappa) / min(kappa, true_kappa) <= 1.1
+                            )
+                        )
+                    ),
+                    "full_spectrum": mine.eigenvalues is not None,
+                }
+            )
     default.close()
     reference.close()
     errors = [r["lambda_rel_error"] for r in rows_out]
-    return {"tokens": args.batch * args.length, "window_s": seconds, "moments": rows_out,
-            "max_lambda_rel_error": max(errors), "within_1e-3": sum(e <= 1e-3 for e in errors),
-            "count": len(rows_out), "kappa_agree": sum(bool(r["kappa_agrees"]) for r in rows_out),
-            "plan": default.plan.summary()}
+    return {
+        "tokens": args.batch * args.length,
+        "window_s": seconds,
+        "moments": rows_out,
+        "max_lambda_rel_error": max(errors),
+        "within_1e-3": sum(e <= 1e-3 for e in errors),
+        "count": len(rows_out),
+        "kappa_agree": sum(bool(r["kappa_agrees"]) for r in rows_out),
+        "plan": default.plan.summary(),
+    }
 
 
 def memory_child(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,12 +385,13 @@ def memory_child(args: argparse.Namespace) -> dict[str, Any]:
     messages: list[str] = []
     if args.monitor:
         # both at their default schedules: each checks step 0, so the peak holds one check of each
-        monitors = [monitor_for(model, messages),
-                    WeightDominationMonitor(model, warn=messages.append, info=messages.append, optimizer=optimizer)]
+        monitors = [
+            monitor_for(model, messages),
+            WeightDominationMonitor(model, warn=messages.append, info=messages.append, optimizer=optimizer),
+        ]
     times = [lm_step(model, optimizer, batches[s], device, monitors, s) for s in range(args.memory_steps)]
     status = proc_status()
-    out = {"monitor": bool(args.monitor), "rss_base": base, "rss_peak": status.get("VmHWM", 0),
-           "steps_s": times}
+    out = {"monitor": bool(args.monitor), "rss_base": base, "rss_peak": status.get("VmHWM", 0), "steps_s": times}
     if args.monitor:
         conditioning = monitors[0]
         out["plan"] = conditioning.plan.summary() if conditioning.plan else None
@@ -353,8 +417,9 @@ def memory_pair(args: argparse.Namespace, model: str) -> dict[str, Any]:
     runs = {}
     for monitored in (False, True):
         receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=_memory_entry, args=({**vars(args), "model": model,
-                                                              "monitor": int(monitored)}, send))
+        child = context.Process(
+            target=_memory_entry, args=({**vars(args), "model": model, "monitor": int(monitored)}, send)
+        )
         child.start()
         send.close()
         try:
@@ -367,8 +432,14 @@ def memory_pair(args: argparse.Namespace, model: str) -> dict[str, Any]:
     training_peak = plain["rss_peak"] - plain["rss_base"]
     extra = (mon["rss_peak"] - mon["rss_base"]) - training_peak
     tokens = args.llama_batch * args.llama_length if model == "llama" else args.batch * args.length
-    return {"tokens": tokens, "plain": plain, "monitored": mon,
-            "training_peak": training_peak, "extra_peak": extra, "extra_share": extra / training_peak}
+    return {
+        "tokens": tokens,
+        "plain": plain,
+        "monitored": mon,
+        "training_peak": training_peak,
+        "extra_peak": extra,
+        "extra_share": extra / training_peak,
+    }
 
 
 def section_memory(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -383,15 +454,23 @@ def section_memory(args: argparse.Namespace, device: torch.device) -> dict[str, 
 def section_ranks(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """:mod:`owner_ranks`: GPT-2 at full width with ``--rank-layers`` blocks, 1 process against
     2 (gloo on the CPU), ``--rank-batch × --rank-length`` tokens in all."""
-    return owner_ranks.section_ranks(argparse.Namespace(
-        device=args.device, world=2, layers=args.rank_layers, batch=args.rank_batch, length=args.rank_length))
+    return owner_ranks.section_ranks(
+        argparse.Namespace(
+            device=args.device, world=2, layers=args.rank_layers, batch=args.rank_batch, length=args.rank_length
+        )
+    )
 
 
 def _steps_row(s: dict[str, Any]) -> list[str]:
-    return [f"{s['options']}, {s.get('blocks', 12)} blocks, {s['tokens']} tokens", f"{s['plain_s']:.1f} s",
-            ", ".join(f"{r:.2f}×" for r in s["ratios"]), f"{s['mean_extra_s']:.1f} s",
-            f"{s['schedule_ratio_1000']:.4f}×", f"{s['schedule_ratio_10000']:.4f}×",
-            f"{s['layers_per_window']} of {s['layers']}"]
+    return [
+        f"{s['options']}, {s.get('blocks', 12)} blocks, {s['tokens']} tokens",
+        f"{s['plain_s']:.1f} s",
+        ", ".join(f"{r:.2f}×" for r in s["ratios"]),
+        f"{s['mean_extra_s']:.1f} s",
+        f"{s['schedule_ratio_1000']:.4f}×",
+        f"{s['schedule_ratio_10000']:.4f}×",
+        f"{s['layers_per_window']} of {s['layers']}",
+    ]
 
 
 def _duration(name: str, entry: dict[str, Any]) -> str:
@@ -399,8 +478,11 @@ def _duration(name: str, entry: dict[str, Any]) -> str:
 
 
 def render(out: dict[str, Any]) -> str:
-    lines = [f"Device {out['device']}, {out['machine'].get('cpu', '')}; total {out['total_s']:.0f} s; "
-             f"sections: " + ", ".join(_duration(k, v) for k, v in out["durations"].items()), ""]
+    lines = [
+        f"Device {out['device']}, {out['machine'].get('cpu', '')}; total {out['total_s']:.0f} s; "
+        f"sections: " + ", ".join(_duration(k, v) for k, v in out["durations"].items()),
+        "",
+    ]
     steps = out.get("steps")
     if steps:
         rows = []
@@ -411,76 +493,142 @@ def render(out: dict[str, Any]) -> str:
         for key in ("low", "high"):
             if key in growth:
                 rows.append(_steps_row(growth[key]))
-        lines += ["GPT-2 small, steps alternating plain / analysed:", "",
-                  table(["options, tokens per step", "plain step", "analysed steps (first first)", "mean extra",
-                         "default schedule, 1,000 steps", "10,000 steps", "layers per window"], rows), ""]
+        lines += [
+            "GPT-2 small, steps alternating plain / analysed:",
+            "",
+            table(
+                [
+                    "options, tokens per step",
+                    "plain step",
+                    "analysed steps (first first)",
+                    "mean extra",
+                    "default schedule, 1,000 steps",
+                    "10,000 steps",
+                    "layers per window",
+                ],
+                rows,
+            ),
+            "",
+        ]
         if growth:
-            lines += [f"Extra time of an analysed step grew {growth['extra_growth']:.2f}× when the tokens grew "
-                      f"{growth['token_growth']:.0f}× ({growth['low']['blocks']} blocks, {growth['low']['tokens']} → "
-                      f"{growth['high']['tokens']} tokens: passes past max_rows are sampled).",
-                      *([f"Sampling: {growth['high']['sampling_note']}"] if growth["high"].get("sampling_note") else []),
-                      ""]
+            lines += [
+                f"Extra time of an analysed step grew {growth['extra_growth']:.2f}× when the tokens grew "
+                f"{growth['token_growth']:.0f}× ({growth['low']['blocks']} blocks, {growth['low']['tokens']} → "
+                f"{growth['high']['tokens']} tokens: passes past max_rows are sampled).",
+                *([f"Sampling: {growth['high']['sampling_note']}"] if growth["high"].get("sampling_note") else []),
+                "",
+            ]
         if "extra_growth_small" in steps:
-            lines += [f"Under the limit ({steps['small']['tokens']} → {steps['full']['tokens']} tokens, 12 blocks) "
-                      f"every row enters: the extra grew {steps['extra_growth_small']:.2f}×.", ""]
+            lines += [
+                f"Under the limit ({steps['small']['tokens']} → {steps['full']['tokens']} tokens, 12 blocks) "
+                f"every row enters: the extra grew {steps['extra_growth_small']:.2f}×.",
+                "",
+            ]
     accuracy = out.get("accuracy")
     if accuracy:
         worst = sorted(accuracy["moments"], key=lambda r: -r["lambda_rel_error"])[:5]
-        lines += [f"Accuracy, one window of {accuracy['tokens']} tokens (plan: {accuracy['plan']}): "
-                  f"λmax within 1e-3 of float64 for {accuracy['within_1e-3']} of {accuracy['count']} moments "
-                  f"(largest error {accuracy['max_lambda_rel_error']:.1e}); κ_50 agrees (status, and value "
-                  f"within 1.1×) for {accuracy['kappa_agree']} of {accuracy['count']}.", "",
-                  table(["layer", "moment", "d", "method", "reference", "λmax rel. error", "κ_50", "reference κ_50"],
-                        [[r["layer"], r["moment"], r["dim"], r["method"], r["reference"], f"{r['lambda_rel_error']:.1e}",
-                          f"{r['kappa_50']:.4g} ({r['kappa_50_status']})",
-                          f"{r['reference_kappa_50']:.4g} ({r['reference_kappa_50_status']})"] for r in worst]), ""]
+        lines += [
+            f"Accuracy, one window of {accuracy['tokens']} tokens (plan: {accuracy['plan']}): "
+            f"λmax within 1e-3 of float64 for {accuracy['within_1e-3']} of {accuracy['count']} moments "
+            f"(largest error {accuracy['max_lambda_rel_error']:.1e}); κ_50 agrees (status, and value "
+            f"within 1.1×) for {accuracy['kappa_agree']} of {accuracy['count']}.",
+            "",
+            table(
+                ["layer", "moment", "d", "method", "reference", "λmax rel. error", "κ_50", "reference κ_50"],
+                [
+                    [
+                        r["layer"],
+                        r["moment"],
+                        r["dim"],
+                        r["method"],
+                        r["reference"],
+                        f"{r['lambda_rel_error']:.1e}",
+                        f"{r['kappa_50']:.4g} ({r['kappa_50_status']})",
+                        f"{r['reference_kappa_50']:.4g} ({r['reference_kappa_50_status']})",
+                    ]
+                    for r in worst
+                ],
+            ),
+            "",
+        ]
     memory = out.get("memory")
     for title, found in (("GPT-2 small", memory), ("Llama-7B-shaped block", (memory or {}).get("llama"))):
         if found:
-            lines += [f"Memory, {title} at {found['tokens']} tokens: training process's own peak "
-                      f"{found['training_peak'] / MIB:,.0f} MiB; extra peak with both monitors "
-                      f"{found['extra_peak'] / MIB:,.0f} MiB = {100 * found['extra_share']:.1f}% "
-                      f"(plan: {found['monitored'].get('plan')}). Steps (step 0 checked by both monitors): "
-                      + ", ".join(f"{t:.1f} s" for t in found["monitored"]["steps_s"]) + " against "
-                      + ", ".join(f"{t:.1f} s" for t in found["plain"]["steps_s"]) + " plain.", ""]
+            lines += [
+                f"Memory, {title} at {found['tokens']} tokens: training process's own peak "
+                f"{found['training_peak'] / MIB:,.0f} MiB; extra peak with both monitors "
+                f"{found['extra_peak'] / MIB:,.0f} MiB = {100 * found['extra_share']:.1f}% "
+                f"(plan: {found['monitored'].get('plan')}). Steps (step 0 checked by both monitors): "
+                + ", ".join(f"{t:.1f} s" for t in found["monitored"]["steps_s"])
+                + " against "
+                + ", ".join(f"{t:.1f} s" for t in found["plain"]["steps_s"])
+                + " plain.",
+                "",
+            ]
     ranks = out.get("ranks")
     if ranks:
-        lines += [f"Moments by owner, GPT-2 at full width with {ranks['layers']} blocks, {ranks['tokens']} tokens: "
-                  f"one process held {ranks['single_bytes'] / MIB:,.1f} MiB of finished moments, each of "
-                  f"{ranks['world']} ranks " + ", ".join(f"{b / MIB:,.1f}" for b in ranks["rank_bytes"])
-                  + " MiB (" + ", ".join(f"{100 * r:.0f}%" for r in ranks["rank_share"]) + "); the ranks' numbers "
-                  + ("equal each other" if ranks["ranks_equal"] else "DIFFER between ranks")
-                  + f", λmax within {ranks['lambda_max_rel_diff']:.1e} and κ_50 within "
-                  f"{ranks['kappa_50_rel_diff']:.1e} of one process ({ranks['compared']} exact λmax compared). "
-                  f"{len(ranks['intervals'])} λmax of sketched moments are intervals on the ranks (a sketch merged "
-                  "over ranks is no longer one exact block); they hold one process's value: "
-                  f"{ranks['intervals_hold_reference']}.", ""]
+        lines += [
+            f"Moments by owner, GPT-2 at full width with {ranks['layers']} blocks, {ranks['tokens']} tokens: "
+            f"one process held {ranks['single_bytes'] / MIB:,.1f} MiB of finished moments, each of "
+            f"{ranks['world']} ranks "
+            + ", ".join(f"{b / MIB:,.1f}" for b in ranks["rank_bytes"])
+            + " MiB ("
+            + ", ".join(f"{100 * r:.0f}%" for r in ranks["rank_share"])
+            + "); the ranks' numbers "
+            + ("equal each other" if ranks["ranks_equal"] else "DIFFER between ranks")
+            + f", λmax within {ranks['lambda_max_rel_diff']:.1e} and κ_50 within "
+            f"{ranks['kappa_50_rel_diff']:.1e} of one process ({ranks['compared']} exact λmax compared). "
+            f"{len(ranks['intervals'])} λmax of sketched moments are intervals on the ranks (a sketch merged "
+            "over ranks is no longer one exact block); they hold one process's value: "
+            f"{ranks['intervals_hold_reference']}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", nargs="+", default=["steps", "growth", "accuracy", "memory", "ranks"],
-                        choices=["steps", "growth", "accuracy", "memory", "ranks"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=["steps", "growth", "accuracy", "memory", "ranks"],
+        choices=["steps", "growth", "accuracy", "memory", "ranks"],
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--small-length", type=int, default=64,
-                        help="sequence length of the previous-default row (and of the default row --small-default)")
-    parser.add_argument("--small-default", action="store_true",
-                        help="also the default options at --batch × --small-length (12 blocks, under the limit)")
+    parser.add_argument(
+        "--small-length",
+        type=int,
+        default=64,
+        help="sequence length of the previous-default row (and of the default row --small-default)",
+    )
+    parser.add_argument(
+        "--small-default",
+        action="store_true",
+        help="also the default options at --batch × --small-length (12 blocks, under the limit)",
+    )
     parser.add_argument("--growth-blocks", type=int, default=2, help="GPT-2 blocks of the growth section")
-    parser.add_argument("--growth-steps", type=int, default=3,
-                        help="alternating steps per growth size, analysed first")
-    parser.add_argument("--steps", type=int, default=2,
-                        help="alternating steps of the full model, analysed first (2: analysed, plain)")
-    parser.add_argument("--previous-steps", type=int, default=2,
-                        help="steps with the previous default options at the small size (0: none)")
-    parser.add_argument("--memory-steps", type=int, default=1,
-                        help="steps per memory child (step 0, the peak: both monitors check it)")
+    parser.add_argument("--growth-steps", type=int, default=3, help="alternating steps per growth size, analysed first")
+    parser.add_argument(
+        "--steps", type=int, default=2, help="alternating steps of the full model, analysed first (2: analysed, plain)"
+    )
+    parser.add_argument(
+        "--previous-steps",
+        type=int,
+        default=2,
+        help="steps with the previous default options at the small size (0: none)",
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, default=1, help="steps per memory child (step 0, the peak: both monitors check it)"
+    )
     parser.add_argument("--llama-batch", type=int, default=1)
-    parser.add_argument("--llama-length", type=int, default=512,
-                        help="tokens per sequence of the Llama-7B-shaped block in the memory section (0: none)")
+    parser.add_argument(
+        "--llama-length",
+        type=int,
+        default=512,
+        help="tokens per sequence of the Llama-7B-shaped block in the memory section (0: none)",
+    )
     parser.add_argument("--rank-layers", type=int, default=2, help="GPT-2 blocks in the ranks section")
     parser.add_argument("--rank-batch", type=int, default=4)
     parser.add_argument("--rank-length", type=int, default=128)
@@ -492,8 +640,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["torch", "transformers", "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama",
-         "lightning_conditioning"])
+        [
+            "torch",
+            "transformers",
+            "transformers.models.gpt2.modeling_gpt2",
+            "transformers.models.llama.modeling_llama",
+            "lightning_conditioning",
+        ]
+    )
     if args.from_json:
         with open(args.from_json) as handle:
             out = json.load(handle)
@@ -502,9 +656,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     out: dict[str, Any] = {"machine": machine(), "device": str(device), "args": vars(args), "durations": {}}
     start = time.perf_counter()
-    sections = {"steps": section_steps, "growth": section_growth, "accuracy": section_accuracy,
-                "memory": section_memory,
-                "ranks": section_ranks}
+    sections = {
+        "steps": section_steps,
+        "growth": section_growth,
+        "accuracy": section_accuracy,
+        "memory": section_memory,
+        "ranks": section_ranks,
+    }
     for name in args.only:
         log(f"{name} ...")
         began = time.perf_counter()

@@ -78,8 +78,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for kind in ("shared", "unshared"):
-            monitors[kind] = ConditioningMonitor(model, every_n_steps=1, step_overhead=None, analysis="sync",
-                                                 warn_diagnosis=False, info=messages.append, warn=messages.append)
+            monitors[kind] = ConditioningMonitor(
+                model,
+                every_n_steps=1,
+                step_overhead=None,
+                analysis="sync",
+                warn_diagnosis=False,
+                info=messages.append,
+                warn=messages.append,
+            )
     capture = monitors["unshared"].capture
     assert capture is not None
     capture.sharing.unshared.update(capture.layers)
@@ -101,15 +108,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             log(f"round {round_index} {kind}: {record['total']:.2f} s (fb {record['fb']:.2f}, end {record['end']:.2f})")
     plain = statistics.median(r["total"] for r in times["plain"])
     plain_fb = statistics.median(r["fb"] for r in times["plain"])
-    out: dict[str, Any] = {"shape": {"hidden": model.config.hidden_size, "intermediate": model.config.intermediate_size},
-                           "tokens": args.batch * args.length, "plain_s": plain, "times": times,
-                           "plans": {k: m.plan.summary() if m.plan is not None else None for k, m in monitors.items()}}
+    out: dict[str, Any] = {
+        "shape": {"hidden": model.config.hidden_size, "intermediate": model.config.intermediate_size},
+        "tokens": args.batch * args.length,
+        "plain_s": plain,
+        "times": times,
+        "plans": {k: m.plan.summary() if m.plan is not None else None for k, m in monitors.items()},
+    }
     for kind in ("shared", "unshared"):
         runs = times[kind]
-        out[kind] = {"total_s": statistics.median(r["total"] for r in runs),
-                     "capture_extra_s": statistics.median(r["fb"] for r in runs) - plain_fb,
-                     "analysis_s": statistics.median(r["end"] for r in runs),
-                     "held_mib": max(r["held_bytes"] for r in runs) / MIB}
+        out[kind] = {
+            "total_s": statistics.median(r["total"] for r in runs),
+            "capture_extra_s": statistics.median(r["fb"] for r in runs) - plain_fb,
+            "analysis_s": statistics.median(r["end"] for r in runs),
+            "held_mib": max(r["held_bytes"] for r in runs) / MIB,
+        }
     # one last step seen by both monitors at once: the same rows, so the same numbers
     step += 1
     ids = batches[step % 3]
@@ -135,13 +148,28 @@ def render(out: dict[str, Any]) -> str:
     rows = []
     for kind in ("shared", "unshared"):
         r = m[kind]
-        rows.append([kind, f"{r['total_s']:.2f} s", f"{r['total_s'] / m['plain_s']:.2f}×", f"{r['capture_extra_s']:.2f} s",
-                     f"{r['analysis_s']:.2f} s", f"{r['held_mib']:,.0f} MiB", m["plans"][kind]])
-    lines = [f"Device {out['machine'].get('device', '?')}; Llama-7B-shaped block {m['shape']}, "
-             f"{m['tokens']} tokens a step; plain step {m['plain_s']:.2f} s (median).", "",
-             table(["Σx sharing", "analysed step", "× plain", "capture extra", "analysis", "moments held", "plan"], rows),
-             "", "Followers (Σx from another layer): " + (", ".join(f"{k} → {v}" for k, v in m["followers"].items()) or "none") + ".",
-             f"Largest relative difference of λmax(Σx) between the two monitors: {m['worst_input_lambda_max_difference']:.1e}."]
+        rows.append(
+            [
+                kind,
+                f"{r['total_s']:.2f} s",
+                f"{r['total_s'] / m['plain_s']:.2f}×",
+                f"{r['capture_extra_s']:.2f} s",
+                f"{r['analysis_s']:.2f} s",
+                f"{r['held_mib']:,.0f} MiB",
+                m["plans"][kind],
+            ]
+        )
+    lines = [
+        f"Device {out['machine'].get('device', '?')}; Llama-7B-shaped block {m['shape']}, "
+        f"{m['tokens']} tokens a step; plain step {m['plain_s']:.2f} s (median).",
+        "",
+        table(["Σx sharing", "analysed step", "× plain", "capture extra", "analysis", "moments held", "plan"], rows),
+        "",
+        "Followers (Σx from another layer): "
+        + (", ".join(f"{k} → {v}" for k, v in m["followers"].items()) or "none")
+        + ".",
+        f"Largest relative difference of λmax(Σx) between the two monitors: {m['worst_input_lambda_max_difference']:.1e}.",
+    ]
     return "\n".join(lines)
 
 

@@ -107,8 +107,9 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self._batch(self.train_set), shuffle=True,
-                          generator=generator, drop_last=True)
+        return DataLoader(
+            self.train_set, batch_size=self._batch(self.train_set), shuffle=True, generator=generator, drop_last=True
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=1000)

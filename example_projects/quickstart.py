@@ -68,8 +68,12 @@ def print_table(callback: ConditioningCallback) -> None:
 def main(argv: list[str] | None = None) -> ConditioningCallback:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--every-n-steps", type=int, default=None,
-                        help="default: the package's schedule (0, 1, 2, 4, …, 64, then every 100)")
+    parser.add_argument(
+        "--every-n-steps",
+        type=int,
+        default=None,
+        help="default: the package's schedule (0, 1, 2, 4, …, 64, then every 100)",
+    )
     parser.add_argument("--batch-norm", action="store_true")
     parser.add_argument("--out", default="runs")
     args = parser.parse_args(argv)

@@ -45,8 +45,16 @@ def _folder(module_name: str) -> str | None:
 def _internal_prefixes() -> tuple[str, ...]:
     """Folders (and files) whose frames are not the user's: this package, the frameworks it
     runs inside (those imported), ``contextlib`` (a ``with`` block's exit)."""
-    names = ("lightning_conditioning", "torch", "lightning", "lightning_fabric", "lightning_utilities",
-             "pytorch_lightning", "transformers", "accelerate")
+    names = (
+        "lightning_conditioning",
+        "torch",
+        "lightning",
+        "lightning_fabric",
+        "lightning_utilities",
+        "pytorch_lightning",
+        "transformers",
+        "accelerate",
+    )
     folders = [folder for folder in map(_folder, names) if folder]
     return (*folders, os.path.abspath(contextlib.__file__))
 

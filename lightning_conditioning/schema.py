@@ -103,12 +103,15 @@ UNIT_QUANTITIES: tuple[str, ...] = ("dead_input_units", "full_input_units", "unu
 FEATURE_QUANTITIES: tuple[str, ...] = ("input_outlier_ratio", "input_outlier_feature")
 #: row sampling of a moment: the rows kept and the relative standard error of λmax
 SAMPLING_QUANTITIES: tuple[str, ...] = (
-    "input_kept_rows", "grad_kept_rows", "input_sampling_error", "grad_sampling_error",
-    "fim_sampling_error")
+    "input_kept_rows",
+    "grad_kept_rows",
+    "input_sampling_error",
+    "grad_sampling_error",
+    "fim_sampling_error",
+)
 #: an attention module's reading: the largest |q·k|·scale over its heads, the smallest head
 #: mean softmax entropy (nats), and the entropy of uniform attention under the same masks
-ATTENTION_QUANTITIES: tuple[str, ...] = ("attention_logit_max", "attention_entropy_min",
-                                         "attention_entropy_uniform")
+ATTENTION_QUANTITIES: tuple[str, ...] = ("attention_logit_max", "attention_entropy_min", "attention_entropy_uniform")
 #: a mixture-of-experts module's routing load: the largest expert share times the number of
 #: experts (1: balanced), the entropy of the shares over its largest value log E (1: balanced,
 #: 0: one expert takes all), and the experts that received no token in the window
@@ -116,16 +119,24 @@ ROUTING_QUANTITIES: tuple[str, ...] = ("load_imbalance", "load_entropy", "dead_e
 #: the stability margin of a layer (logged when the learning rate is known): ``lr·λmax(F_k)``,
 #: the step-size limit it is compared with (2, or 2(1+β) with momentum β), and the layer's
 #: share ``λmax(F_k) / max_j λmax(F_j)`` of the whole model's bound
-MARGIN_QUANTITIES: tuple[str, ...] = ("lr_lambda_max", "stability_limit", "lambda_max_share",
-                                       "margin_preconditioned")
+MARGIN_QUANTITIES: tuple[str, ...] = ("lr_lambda_max", "stability_limit", "lambda_max_share", "margin_preconditioned")
 #: per-layer quantities of the weight-domination check
-DOMINATION_QUANTITIES = frozenset({
-    "grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm", "grad_weight_ratio_fro",
-    "update_weight_ratio", "imbalance", "relative_imbalance",
-    # the layer against its own history: its peak ratio, the fall from it (net of the loss)
-    # and the verdict (1 dominated, 0 not)
-    "grad_weight_ratio_peak", "grad_weight_ratio_fall", "dominated",
-})
+DOMINATION_QUANTITIES = frozenset(
+    {
+        "grad_weight_ratio",
+        "weight_spectral_norm",
+        "grad_spectral_norm",
+        "grad_weight_ratio_fro",
+        "update_weight_ratio",
+        "imbalance",
+        "relative_imbalance",
+        # the layer against its own history: its peak ratio, the fall from it (net of the loss)
+        # and the verdict (1 dominated, 0 not)
+        "grad_weight_ratio_peak",
+        "grad_weight_ratio_fall",
+        "dominated",
+    }
+)
 #: the per-run count of layers in weight domination: ``{prefix}/dominated_layers``
 DOMINATED_LAYERS = "dominated_layers"
 
@@ -168,22 +179,39 @@ class QuantityGroup:
 #: dashboard order
 GROUPS: tuple[QuantityGroup, ...] = (
     QuantityGroup("units", UNIT_QUANTITIES, "units per layer"),
-    QuantityGroup("features", FEATURE_QUANTITIES,
-                  "outlier features per layer (max / median mean square of Σx's features)", moment="input"),
-    QuantityGroup("attention", ATTENTION_QUANTITIES,
-                  "attention per module (max |q·k|/√d, smallest head entropy, uniform entropy)",
-                  indexed=r"attention_(logit_max|entropy)_h[0-9]+", indexed_title="per head"),
-    QuantityGroup("routing", ROUTING_QUANTITIES,
-                  "routing load per expert module (largest share × experts, dead experts; shares per expert)",
-                  indexed=r"load_share_e[0-9]+", indexed_title="load share per expert"),
-    QuantityGroup("sampling", SAMPLING_QUANTITIES, "row sampling per layer (only when max_rows left rows out)",
-                  moment="prefix"),
+    QuantityGroup(
+        "features",
+        FEATURE_QUANTITIES,
+        "outlier features per layer (max / median mean square of Σx's features)",
+        moment="input",
+    ),
+    QuantityGroup(
+        "attention",
+        ATTENTION_QUANTITIES,
+        "attention per module (max |q·k|/√d, smallest head entropy, uniform entropy)",
+        indexed=r"attention_(logit_max|entropy)_h[0-9]+",
+        indexed_title="per head",
+    ),
+    QuantityGroup(
+        "routing",
+        ROUTING_QUANTITIES,
+        "routing load per expert module (largest share × experts, dead experts; shares per expert)",
+        indexed=r"load_share_e[0-9]+",
+        indexed_title="load share per expert",
+    ),
+    QuantityGroup(
+        "sampling", SAMPLING_QUANTITIES, "row sampling per layer (only when max_rows left rows out)", moment="prefix"
+    ),
     QuantityGroup("margin", MARGIN_QUANTITIES, "stability margin per layer"),
     QuantityGroup("domination", tuple(sorted(DOMINATION_QUANTITIES)), None),
 )
 #: key suffix of a κ_p that is not a measurement, by status
-KAPPA_MARKERS: dict[str, str] = {"exact": "", "estimate": "_estimate", "lower_bound": "_lower_bound",
-                                 "infinite": "_infinite"}
+KAPPA_MARKERS: dict[str, str] = {
+    "exact": "",
+    "estimate": "_estimate",
+    "lower_bound": "_lower_bound",
+    "infinite": "_infinite",
+}
 #: κ_p statuses that are values (a measurement, or an estimate with its error bar)
 KAPPA_VALUES: frozenset[str] = frozenset({"exact", "estimate"})
 #: suffixes of an approximate quantity's error bar: ``{q}_low`` / ``{q}_high``
@@ -193,8 +221,20 @@ _KAPPA = re.compile(r"^(input|grad|fim)_kappa_([0-9_]+?)(_estimate|_lower_bound|
 _SCALAR = re.compile(r"^(input|grad|fim)_(lambda_max|rank)$")
 _BOUND = re.compile(r"^(.+)_(low|high)$")
 
-QuantityKind = Literal["lambda_max", "rank", "kappa", "units", "features", "margin", "log10", "domination",
-                       "bound", "sampling", "attention", "routing"]
+QuantityKind = Literal[
+    "lambda_max",
+    "rank",
+    "kappa",
+    "units",
+    "features",
+    "margin",
+    "log10",
+    "domination",
+    "bound",
+    "sampling",
+    "attention",
+    "routing",
+]
 
 
 @dataclass(frozen=True)
@@ -301,8 +341,9 @@ def log10_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
         if parts is None or not (math.isfinite(value) and value > 0):
             continue
         parsed = parse_quantity(parts[1])
-        if parsed is None or not (parsed.kind == "lambda_max" or
-                                  (parsed.kind == "kappa" and parsed.status in KAPPA_VALUES)):
+        if parsed is None or not (
+            parsed.kind == "lambda_max" or (parsed.kind == "kappa" and parsed.status in KAPPA_VALUES)
+        ):
             continue
         out[logged.rsplit("/", 1)[0] + "/" + log10_quantity(parts[1])] = math.log10(value)
     return out
@@ -352,8 +393,11 @@ def parse_quantity(name: str) -> Quantity | None:
         >>> parse_quantity("fim_rank").kind, parse_quantity("loss") is None
         ('rank', True)
     """
-    if (match := _BOUND.match(name)) and (base := parse_quantity(match.group(1))) and (
-            base.kind == "lambda_max" or (base.kind == "kappa" and base.status == "estimate")):
+    if (
+        (match := _BOUND.match(name))
+        and (base := parse_quantity(match.group(1)))
+        and (base.kind == "lambda_max" or (base.kind == "kappa" and base.status == "estimate"))
+    ):
         return Quantity(name, "bound", base.moment, base.percent, match.group(2))
     if match := _KAPPA.match(name):
         marker = match.group(3) or ""
@@ -361,7 +405,7 @@ def parse_quantity(name: str) -> Quantity | None:
         return Quantity(name, "kappa", match.group(1), match.group(2), status)
     if match := _SCALAR.match(name):
         return Quantity(name, match.group(2), match.group(1))  # type: ignore[arg-type]
-    if name.startswith(LOG10_PREFIX) and (base := parse_quantity(name[len(LOG10_PREFIX):])):
+    if name.startswith(LOG10_PREFIX) and (base := parse_quantity(name[len(LOG10_PREFIX) :])):
         return Quantity(name, "log10", base.moment, base.percent, base.status)
     for group in GROUPS:
         if group.holds(name):

@@ -25,10 +25,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--hide-scrollbars", "--virtual-time-budget=20000",
-    "--use-angle=swiftshader", "--enable-unsafe-swiftshader",  # software WebGL
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=20000",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",  # software WebGL
 ]
 # the classic dashboards draw with SVG, which renders headless
 PAGES = {
@@ -39,6 +47,7 @@ PAGES = {
 
 
 def find_chromium() -> str | None:
+    """The Chromium executable on PATH, or None."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
         if path:
@@ -47,12 +56,14 @@ def find_chromium() -> str | None:
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
 def wait_for(url: str, seconds: float = 60.0) -> None:
+    """Wait until ``url`` answers (at most ``seconds``; raises TimeoutError after)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -65,6 +76,7 @@ def wait_for(url: str, seconds: float = 60.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train, serve, capture; the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="docs/images")
@@ -81,9 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         quickstart.main(["--steps", str(args.steps), "--out", runs])  # the default schedule
         port = free_port()
         server = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", runs, "--host", "127.0.0.1",
-             "--port", str(port), "--reload_interval", "0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                runs,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--reload_interval",
+                "0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             base = f"http://127.0.0.1:{port}/"
@@ -93,9 +117,18 @@ def main(argv: list[str] | None = None) -> int:
                 for filename, fragment in PAGES.items():
                     target = out / filename
                     subprocess.run(
-                        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                         "--window-size=1500,1000", f"--screenshot={target.resolve()}", base + fragment],
-                        check=True, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        [
+                            chromium,
+                            *CHROMIUM_FLAGS,
+                            f"--user-data-dir={profile}",
+                            "--window-size=1500,1000",
+                            f"--screenshot={target.resolve()}",
+                            base + fragment,
+                        ],
+                        check=True,
+                        timeout=120,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
                     )
                     print(f"wrote {target} ({target.stat().st_size} bytes)")
         finally:

@@ -17,8 +17,13 @@ MYPY_TEST = "test_mypy_is_clean"
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if any(item.name == MYPY_TEST for item in items) and not hasattr(config, "_mypy_run"):
         config._mypy_run = subprocess.Popen(  # type: ignore[attr-defined]
-            [sys.executable, "-m", "mypy"], cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(10))
+            [sys.executable, "-m", "mypy"],
+            cwd=Path(__file__).parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.nice(10),
+        )
 
 
 @pytest.fixture

@@ -25,8 +25,7 @@ def full_data() -> tuple[torch.Tensor, torch.Tensor]:
 def make_net(batch_norm: bool = False, width: int = 16) -> nn.Sequential:
     torch.manual_seed(0)
     middle: list[nn.Module] = [nn.BatchNorm1d(width)] if batch_norm else []
-    return nn.Sequential(nn.Linear(12, width), *middle, nn.ReLU(), nn.Linear(width, 16), nn.Tanh(),
-                         nn.Linear(16, 5))
+    return nn.Sequential(nn.Linear(12, width), *middle, nn.ReLU(), nn.Linear(width, 16), nn.Tanh(), nn.Linear(16, 5))
 
 
 class SharedReaders(nn.Module):
@@ -82,12 +81,20 @@ class DumpResults(pl.Callback):
         path = self.out / f"rank{trainer.global_rank}.json"
         monitor = self.conditioning.monitor
         assert monitor is not None
-        path.write_text(json.dumps({"world_size": trainer.world_size, "metrics": metrics,
-                                    "moment_bytes": monitor.moment_bytes}))
+        path.write_text(
+            json.dumps({"world_size": trainer.world_size, "metrics": metrics, "moment_bytes": monitor.moment_bytes})
+        )
 
 
-def run(out: Path, strategy: str, devices: int, batch_norm: bool = False, width: int = 16,
-        memory_budget: int | str = "auto", shared: bool = False) -> None:
+def run(
+    out: Path,
+    strategy: str,
+    devices: int,
+    batch_norm: bool = False,
+    width: int = 16,
+    memory_budget: int | str = "auto",
+    shared: bool = False,
+) -> None:
     conditioning = ConditioningCallback(every_n_steps=1, memory_budget=memory_budget)  # type: ignore[arg-type]
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -133,9 +140,10 @@ class DumpParameters(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = trainer.train_dataloader.sampler  # type: ignore[union-attr]
-        torch.save({"params": [p.detach().clone() for p in pl_module.parameters()],
-                    "sampler": type(sampler).__name__},
-                   self.out / f"params{trainer.global_rank}.pt")
+        torch.save(
+            {"params": [p.detach().clone() for p in pl_module.parameters()], "sampler": type(sampler).__name__},
+            self.out / f"params{trainer.global_rank}.pt",
+        )
 
 
 def run_shuffled(out: Path, probe_batches: int) -> None:
@@ -144,7 +152,15 @@ def run_shuffled(out: Path, probe_batches: int) -> None:
     if probe_batches:
         callbacks.insert(0, ConditioningCallback(every_n_steps=1, probe_batches=probe_batches))
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=2, callbacks=callbacks,
-                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",
+        max_epochs=2,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(ShuffledDropout())

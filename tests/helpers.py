@@ -75,10 +75,7 @@ class Blocked(SequentialClassifier):
         self.blocked = blocked
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [
-            p for n, p in self.named_parameters()
-            if not any(n.startswith(f"{b}.") for b in self.blocked)
-        ]
+        params = [p for n, p in self.named_parameters() if not any(n.startswith(f"{b}.") for b in self.blocked)]
         return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
 
 
@@ -212,18 +209,13 @@ def grouped_channel_rows(grad: torch.Tensor, groups: int) -> np.ndarray:
     """Output-gradient rows with each group's slice a separate row (patch mode, groups > 1)."""
     n, c = grad.shape[:2]
     per_group = c // groups
-    parts = [
-        channel_rows(grad[:, g * per_group : (g + 1) * per_group]) for g in range(groups)
-    ]
+    parts = [channel_rows(grad[:, g * per_group : (g + 1) * per_group]) for g in range(groups)]
     # order does not matter for a second moment
     return np.concatenate(parts)
 
 
 def layer_reference(
-    input_rows: np.ndarray,
-    grad_rows: np.ndarray,
-    percents: Sequence[float],
-    gram: str = "float64",
+    input_rows: np.ndarray, grad_rows: np.ndarray, percents: Sequence[float], gram: str = "float64"
 ) -> dict[str, float]:
     """Expected logged values of one layer (paper definition, documented floors): spectra
     from numpy's float64 eigvalsh, the sub-FIM's κ_100 and λmax from an explicit np.kron."""
@@ -250,16 +242,13 @@ def layer_reference(
     return out
 
 
-def assert_close_metrics(
-    logged: dict[str, float], prefix: str, expected: dict[str, float], rtol: float
-) -> None:
+def assert_close_metrics(logged: dict[str, float], prefix: str, expected: dict[str, float], rtol: float) -> None:
     """Every expected value logged within ``rtol``, and the logged κ keys of the layer (plain
     or marked as lower bound / infinite) exactly the expected ones."""
     for key, value in expected.items():
         got = logged[f"{prefix}/{key}"]
         assert math.isclose(got, value, rel_tol=rtol), (prefix, key, got, value)
-    logged_kappas = {k.removeprefix(f"{prefix}/") for k in logged
-                     if k.startswith(f"{prefix}/") and "_kappa_" in k}
+    logged_kappas = {k.removeprefix(f"{prefix}/") for k in logged if k.startswith(f"{prefix}/") and "_kappa_" in k}
     assert logged_kappas == {k for k in expected if "_kappa_" in k}, prefix
 
 
@@ -275,26 +264,25 @@ def explicit_patch_rows_nd(conv: nn.modules.conv._ConvNd, x: torch.Tensor) -> np
     x = x.detach().double().numpy()
     spatial = len(conv.kernel_size)
     if isinstance(conv.padding, str):
-        pairs = list(zip(conv._reversed_padding_repeated_twice[::2],
-                         conv._reversed_padding_repeated_twice[1::2]))[::-1]
+        pairs = list(zip(conv._reversed_padding_repeated_twice[::2], conv._reversed_padding_repeated_twice[1::2]))[::-1]
         pads = [(left, right) for left, right in pairs]
     else:
         pads = [(p, p) for p in conv.padding]
-    mode = {"zeros": "constant", "reflect": "reflect", "circular": "wrap",
-            "replicate": "edge"}[conv.padding_mode]
+    mode = {"zeros": "constant", "reflect": "reflect", "circular": "wrap", "replicate": "edge"}[conv.padding_mode]
     padded = np.pad(x, [(0, 0), (0, 0), *pads], mode=mode)
     kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
-    out = [(padded.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-           for i in range(spatial)]
+    out = [(padded.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(spatial)]
     per_group = x.shape[1] // conv.groups
     rows = []
     for n in range(x.shape[0]):
         for g in range(conv.groups):
             for position in itertools.product(*(range(o) for o in out)):
                 window = tuple(
-                    slice(position[i] * stride[i],
-                          position[i] * stride[i] + dilation[i] * (kernel[i] - 1) + 1,
-                          dilation[i])
+                    slice(
+                        position[i] * stride[i],
+                        position[i] * stride[i] + dilation[i] * (kernel[i] - 1) + 1,
+                        dilation[i],
+                    )
                     for i in range(spatial)
                 )
                 patch = padded[(n, slice(g * per_group, (g + 1) * per_group), *window)]

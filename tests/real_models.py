@@ -80,8 +80,9 @@ def masked_lm_data(seed: int = 1234) -> DataLoader:
     masked[:, 0] = True
     inputs = ids.masked_fill(masked, 1)
     labels = ids.masked_fill(~masked, -100)
-    return _loader([{"input_ids": i, "labels": lab, "attention_mask": torch.ones_like(i)}
-                    for i, lab in zip(inputs, labels)])
+    return _loader(
+        [{"input_ids": i, "labels": lab, "attention_mask": torch.ones_like(i)} for i, lab in zip(inputs, labels)]
+    )
 
 
 def seq2seq_data(seed: int = 1234) -> DataLoader:
@@ -156,22 +157,36 @@ class ImageClassifier(pl.LightningModule):
 def hf_gpt2() -> pl.LightningModule:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return HFModule(GPT2LMHeadModel(config))
 
 
 def hf_llama() -> pl.LightningModule:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return HFModule(LlamaForCausalLM(config))
 
 
-_MOE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32, num_experts_per_tok=2)
+_MOE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    num_experts_per_tok=2,
+)
 
 
 def hf_mixtral() -> pl.LightningModule:
@@ -184,51 +199,78 @@ def hf_mixtral() -> pl.LightningModule:
 def hf_qwen3_moe() -> pl.LightningModule:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    return HFModule(Qwen3MoeForCausalLM(Qwen3MoeConfig(**_MOE, intermediate_size=48, moe_intermediate_size=24,
-                                                       num_experts=4, head_dim=8)))
+    return HFModule(
+        Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(**_MOE, intermediate_size=48, moe_intermediate_size=24, num_experts=4, head_dim=8)
+        )
+    )
 
 
 def hf_gpt_oss() -> pl.LightningModule:
     """Another fused layout: weights stored transposed, with biases, interleaved gate/up."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    config = GptOssConfig(**_MOE, intermediate_size=48, num_local_experts=4, head_dim=8,
-                          layer_types=["full_attention"] * 2)
+    config = GptOssConfig(
+        **_MOE, intermediate_size=48, num_local_experts=4, head_dim=8, layer_types=["full_attention"] * 2
+    )
     return HFModule(GptOssForCausalLM(config))
 
 
 def hf_bert() -> pl.LightningModule:
     from transformers import BertConfig, BertForMaskedLM
 
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     return HFModule(BertForMaskedLM(config))
 
 
 def hf_t5() -> pl.LightningModule:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                      num_decoder_layers=2, num_heads=2, relative_attention_num_buckets=8,
-                      relative_attention_max_distance=16, decoder_start_token_id=0,
-                      pad_token_id=0)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     return HFModule(T5ForConditionalGeneration(config))
 
 
 def hf_vit() -> pl.LightningModule:
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=IMAGE, patch_size=8, num_channels=3, hidden_size=32,
-                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       num_labels=CLASSES)
+    config = ViTConfig(
+        image_size=IMAGE,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=CLASSES,
+    )
     return HFModule(ViTForImageClassification(config))
 
 
 def timm_vit() -> pl.LightningModule:
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                              mlp_ratio=2.0, num_classes=CLASSES)
+    model = VisionTransformer(
+        img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=CLASSES
+    )
     return ImageClassifier(model)
 
 
@@ -242,24 +284,25 @@ def timm_convnext() -> pl.LightningModule:
 def tv_vit() -> pl.LightningModule:
     from torchvision.models import VisionTransformer
 
-    model = VisionTransformer(image_size=IMAGE, patch_size=8, num_layers=2, num_heads=2,
-                              hidden_dim=32, mlp_dim=64, num_classes=CLASSES)
+    model = VisionTransformer(
+        image_size=IMAGE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=CLASSES
+    )
     return ImageClassifier(model)
 
 
 def tv_swin() -> pl.LightningModule:
     from torchvision.models.swin_transformer import SwinTransformer
 
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                            window_size=[4, 4], num_classes=CLASSES)
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4], num_classes=CLASSES
+    )
     return ImageClassifier(model)
 
 
 def tv_resnet() -> pl.LightningModule:
     from torchvision.models.resnet import BasicBlock, ResNet
 
-    return ImageClassifier(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES),
-                           optimizer="sgd", lr=0.05)
+    return ImageClassifier(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=CLASSES), optimizer="sgd", lr=0.05)
 
 
 # full-width vision models from their libraries' own builders (random init, 10 classes): the
@@ -308,32 +351,63 @@ class RealModel:
 
 
 MODELS: tuple[RealModel, ...] = (
-    RealModel("hf_gpt2", "transformers", hf_gpt2, causal_lm_data,
-              "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens"),
-    RealModel("hf_llama", "transformers", hf_llama, causal_lm_data,
-              "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens"),
-    *(RealModel(name, "transformers", factory, causal_lm_data,
-                "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens; experts' rows: the routed tokens")
-      for name, factory in (("hf_mixtral", hf_mixtral), ("hf_qwen3_moe", hf_qwen3_moe), ("hf_gpt_oss", hf_gpt_oss))),
-    RealModel("hf_bert", "transformers", hf_bert, masked_lm_data,
-              "HF MLM CrossEntropyLoss: mean over the masked tokens only"),
-    RealModel("hf_t5", "transformers", hf_t5, seq2seq_data,
-              "HF CrossEntropyLoss(ignore_index=-100): mean over B*T_dec label tokens"),
-    RealModel("hf_vit", "transformers", hf_vit, hf_image_data,
-              "HF ForSequenceClassificationLoss: mean over B images"),
+    RealModel(
+        "hf_gpt2", "transformers", hf_gpt2, causal_lm_data, "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens"
+    ),
+    RealModel(
+        "hf_llama", "transformers", hf_llama, causal_lm_data, "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens"
+    ),
+    *(
+        RealModel(
+            name,
+            "transformers",
+            factory,
+            causal_lm_data,
+            "HF ForCausalLMLoss: mean over B*(T-1) shifted tokens; experts' rows: the routed tokens",
+        )
+        for name, factory in (("hf_mixtral", hf_mixtral), ("hf_qwen3_moe", hf_qwen3_moe), ("hf_gpt_oss", hf_gpt_oss))
+    ),
+    RealModel(
+        "hf_bert", "transformers", hf_bert, masked_lm_data, "HF MLM CrossEntropyLoss: mean over the masked tokens only"
+    ),
+    RealModel(
+        "hf_t5",
+        "transformers",
+        hf_t5,
+        seq2seq_data,
+        "HF CrossEntropyLoss(ignore_index=-100): mean over B*T_dec label tokens",
+    ),
+    RealModel("hf_vit", "transformers", hf_vit, hf_image_data, "HF ForSequenceClassificationLoss: mean over B images"),
     RealModel("timm_vit", "timm", timm_vit, image_data, "cross-entropy, mean over B"),
     RealModel("timm_convnext", "timm", timm_convnext, image_data, "cross-entropy, mean over B"),
     RealModel("tv_vit", "torchvision", tv_vit, image_data, "cross-entropy, mean over B"),
     RealModel("tv_swin", "torchvision", tv_swin, image_data, "cross-entropy, mean over B"),
     RealModel("tv_resnet", "torchvision", tv_resnet, image_data, "cross-entropy, mean over B"),
-    RealModel("lightning_transformer", "lightning", lightning_transformer, token_pair_data,
-              "demo nll_loss: mean over B*T tokens"),
-    *(RealModel(f"{'tv' if library == 'torchvision' else library}_{name}", library,
-                full_width(library, name, **kwargs), image_data, "cross-entropy, mean over B", slow=True)
-      for library, name, kwargs in (("torchvision", "efficientnet_b0", {}), ("torchvision", "densenet121", {}),
-                                    ("torchvision", "regnet_y_400mf", {}), ("torchvision", "convnext_tiny", {}),
-                                    ("timm", "convnext_atto", {}),
-                                    ("timm", "vit_tiny_patch16_224", {"img_size": IMAGE}))),
+    RealModel(
+        "lightning_transformer",
+        "lightning",
+        lightning_transformer,
+        token_pair_data,
+        "demo nll_loss: mean over B*T tokens",
+    ),
+    *(
+        RealModel(
+            f"{'tv' if library == 'torchvision' else library}_{name}",
+            library,
+            full_width(library, name, **kwargs),
+            image_data,
+            "cross-entropy, mean over B",
+            slow=True,
+        )
+        for library, name, kwargs in (
+            ("torchvision", "efficientnet_b0", {}),
+            ("torchvision", "densenet121", {}),
+            ("torchvision", "regnet_y_400mf", {}),
+            ("torchvision", "convnext_tiny", {}),
+            ("timm", "convnext_atto", {}),
+            ("timm", "vit_tiny_patch16_224", {"img_size": IMAGE}),
+        )
+    ),
 )
 
 
@@ -443,6 +517,5 @@ def coverage(model: nn.Module, names: list[str]) -> Coverage:
             entry = uncovered.setdefault(module_name or "<root>", [type(module).__name__, 0.0, []])
             entry[1] += param.numel() * (1.0 - share)
             entry[2].append(param_name if share == 0 else f"{param_name} ({1 - share:.0%})")
-    rows = sorted(((n, c, int(round(k)), ", ".join(ps)) for n, (c, k, ps) in uncovered.items()),
-                  key=lambda r: -r[2])
+    rows = sorted(((n, c, int(round(k)), ", ".join(ps)) for n, (c, k, ps) in uncovered.items()), key=lambda r: -r[2])
     return Coverage(total, analysed, rows, unmapped)

@@ -60,9 +60,18 @@ class CifarDataModule(pl.LightningDataModule):
         seed: shuffling seed (and the MNIST split's).
     """
 
-    def __init__(self, data: str = "mnist", root: str = "data", download: bool = False, batch_size: int = 128,
-                 augment: bool | None = None, num_workers: int = 0, fake_size: tuple[int, int] = (256, 64),
-                 limit: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data: str = "mnist",
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 128,
+        augment: bool | None = None,
+        num_workers: int = 0,
+        fake_size: tuple[int, int] = (256, 64),
+        limit: int | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if data not in DATASETS:
             raise ValueError(f"data must be one of {DATASETS}, got {data!r}")
@@ -97,10 +106,12 @@ class CifarDataModule(pl.LightningDataModule):
             from torchvision.datasets import FakeData
 
             n_train, n_test = self.fake_size
-            train_set = FakeData(n_train, (3, 32, 32), 10, cifar_transforms("fake", True, self.augment),
-                                 random_offset=self.seed)
-            self.test_set = FakeData(n_test, (3, 32, 32), 10, cifar_transforms("fake", False),
-                                     random_offset=10**6 + self.seed)
+            train_set = FakeData(
+                n_train, (3, 32, 32), 10, cifar_transforms("fake", True, self.augment), random_offset=self.seed
+            )
+            self.test_set = FakeData(
+                n_test, (3, 32, 32), 10, cifar_transforms("fake", False), random_offset=10**6 + self.seed
+            )
         else:
             dataset = self._cifar_class()
             train_set = dataset(self.root, train=True, transform=cifar_transforms(self.data, True, self.augment))
@@ -112,9 +123,15 @@ class CifarDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
         generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(dataset, batch_size=self.batch_size if train else max(self.batch_size, 100),
-                          shuffle=train, drop_last=train, generator=generator, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else max(self.batch_size, 100),
+            shuffle=train,
+            drop_last=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

@@ -11,8 +11,12 @@ import numpy as np
 
 from example_projects.cifar_resnet.model import ARCHS, LABELS
 
-COLORS: dict[str, str] = {"resnet": "tab:red", "preresnet": "tab:green", "preresnetv1": "tab:orange",
-                          "lastbn": "tab:blue"}
+COLORS: dict[str, str] = {
+    "resnet": "tab:red",
+    "preresnet": "tab:green",
+    "preresnetv1": "tab:orange",
+    "lastbn": "tab:blue",
+}
 PANELS: tuple[tuple[str, str], ...] = (
     ("loss", "(a) training loss (batch)"),
     ("input_lambda_max", "(b) λmax(Σx), input of the last linear layer"),
@@ -25,8 +29,10 @@ PANELS: tuple[tuple[str, str], ...] = (
 
 def series(run: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
     steps = sorted(run["analyses"], key=int)
-    return (np.array([int(s) for s in steps], dtype=float),
-            np.array([run["analyses"][s].get(key, math.nan) for s in steps], dtype=float))
+    return (
+        np.array([int(s) for s in steps], dtype=float),
+        np.array([run["analyses"][s].get(key, math.nan) for s in steps], dtype=float),
+    )
 
 
 def diverged_at(run: dict[str, Any]) -> int | None:
@@ -70,8 +76,11 @@ def plot_last_layer(runs: list[dict[str, Any]], path: Path, title: str, by_depth
             name = f"{LABELS[run['arch']]}-{run['depth']}" + ("" if first else f" seed {run['seed']}")
             if diverged is not None:
                 name += f" (diverged: NaN at step {diverged})"
-            color = (palette(0.85 * depths.index(run["depth"]) / max(len(depths) - 1, 1)) if by_depth
-                     else COLORS[run["arch"]])
+            color = (
+                palette(0.85 * depths.index(run["depth"]) / max(len(depths) - 1, 1))
+                if by_depth
+                else COLORS[run["arch"]]
+            )
             style = {"color": color, "alpha": 1.0 if first else 0.35, "lw": 1.4 if first else 0.8}
             for index, (x, y, ls) in enumerate(_panel_values(run, key)):
                 ax.plot(x, y, ls=ls, label=name if index == 0 else None, **style)
@@ -143,23 +152,35 @@ def plot_all(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         mine = [r for r in runs if r["data"] == data]
         for depth in sorted({r["depth"] for r in mine}):
             at_depth = [r for r in mine if r["depth"] == depth]
-            groups = [("last_layer", ("resnet", "lastbn"), "ResNet vs ResNetLastBN (cf. paper Figs. 6, 7)"),
-                      ("preact", ("resnet", "preresnet", "preresnetv1"),
-                       "ResNet, PreResNet, PreResNetv1 (cf. paper Fig. 9)")]
+            groups = [
+                ("last_layer", ("resnet", "lastbn"), "ResNet vs ResNetLastBN (cf. paper Figs. 6, 7)"),
+                ("preact", ("resnet", "preresnet", "preresnetv1"), "ResNet, PreResNet, PreResNetv1 (cf. paper Fig. 9)"),
+            ]
             for stem, archs, caption in groups:
                 chosen = [r for r in at_depth if r["arch"] in archs]
                 if len({r["arch"] for r in chosen}) >= 2 or (stem == "last_layer" and chosen):
-                    paths.append(plot_last_layer(chosen, out / f"{stem}_{data}_depth{depth}.png",
-                                                 f"Last linear layer, depth {depth}, data: {data}: {caption}"))
+                    paths.append(
+                        plot_last_layer(
+                            chosen,
+                            out / f"{stem}_{data}_depth{depth}.png",
+                            f"Last linear layer, depth {depth}, data: {data}: {caption}",
+                        )
+                    )
         depths = sorted({r["depth"] for r in mine})
         for arch in ("resnet", "lastbn") if len(depths) > 1 else ():
             chosen = [r for r in mine if r["arch"] == arch]
             if len({r["depth"] for r in chosen}) > 1:
-                paths.append(plot_last_layer(chosen, out / f"{arch}_depths_{data}.png",
-                                             f"Last linear layer of {LABELS[arch]} across depths, data: {data} "
-                                             "(cf. paper Fig. 6)", by_depth=True))
-        loss_figure = plot_training_loss(mine, out / f"training_loss_{data}.png",
-                                         f"Training loss per epoch, data: {data} (cf. paper Fig. 8)")
+                paths.append(
+                    plot_last_layer(
+                        chosen,
+                        out / f"{arch}_depths_{data}.png",
+                        f"Last linear layer of {LABELS[arch]} across depths, data: {data} (cf. paper Fig. 6)",
+                        by_depth=True,
+                    )
+                )
+        loss_figure = plot_training_loss(
+            mine, out / f"training_loss_{data}.png", f"Training loss per epoch, data: {data} (cf. paper Fig. 8)"
+        )
         if loss_figure is not None:
             paths.append(loss_figure)
     return paths

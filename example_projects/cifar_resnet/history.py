@@ -11,10 +11,20 @@ import torch
 from example_projects.cifar_resnet.model import negative_bn_beta_fraction
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback
 
-CONDITIONING_KEYS: tuple[str, ...] = ("input_lambda_max", "grad_lambda_max", "fim_lambda_max", "input_kappa_100",
-                                      "dead_input_units")
-DOMINATION_KEYS: tuple[str, ...] = ("grad_weight_ratio", "weight_spectral_norm", "weight_fro",
-                                    "grad_spectral_norm", "update_weight_ratio")
+CONDITIONING_KEYS: tuple[str, ...] = (
+    "input_lambda_max",
+    "grad_lambda_max",
+    "fim_lambda_max",
+    "input_kappa_100",
+    "dead_input_units",
+)
+DOMINATION_KEYS: tuple[str, ...] = (
+    "grad_weight_ratio",
+    "weight_spectral_norm",
+    "weight_fro",
+    "grad_spectral_norm",
+    "update_weight_ratio",
+)
 
 
 class FiniteWeightDomination(WeightDominationCallback):
@@ -56,8 +66,9 @@ class LastLayerHistory(pl.Callback):
         self.analyses: dict[int, dict[str, float]] = {}
         self.val_error: list[tuple[int, float]] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.loss.append(float(loss) if loss is not None else math.nan)
         error = trainer.callback_metrics.get("train_error_step", trainer.callback_metrics.get("train_error"))
@@ -85,5 +96,9 @@ class LastLayerHistory(pl.Callback):
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready history."""
-        return {"loss": self.loss, "error": self.error, "val_error": self.val_error,
-                "analyses": {str(step): values for step, values in sorted(self.analyses.items())}}
+        return {
+            "loss": self.loss,
+            "error": self.error,
+            "val_error": self.val_error,
+            "analyses": {str(step): values for step, values in sorted(self.analyses.items())},
+        }

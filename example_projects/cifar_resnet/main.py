@@ -1,10 +1,10 @@
-"""Claim 5 and Tables 1-2 of the paper: the last linear layer of deep CIFAR ResNets.
+r"""Claim 5 and Tables 1-2 of the paper: the last linear layer of deep CIFAR ResNets.
 
     python -m example_projects.cifar_resnet.main                  # CPU scale (default): ResNet-110
                                                                   # vs ResNetLastBN-110, 100 steps,
                                                                   # offline MNIST sample
     python -m example_projects.cifar_resnet.main --smoke --threads 1   # CI: full-recipe path on FakeData
-    python -m example_projects.cifar_resnet.main --data cifar10 --download \\
+    python -m example_projects.cifar_resnet.main --data cifar10 --download \
         --archs resnet preresnet preresnetv1 lastbn --depths 56 110 230 1202 --seeds 5   # the paper
     python -m example_projects.cifar_resnet.tables runs/cifar_resnet   # Tables 1-2 from finished runs
 
@@ -74,8 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--out", default="runs/cifar_resnet")
     add("--results", default=None, help="results.md path (default: OUT/results.md)")
     add("--figures", default=None, help="figure folder (default: OUT/figures)")
-    add("--threads", type=int, default=None,
-        help="torch CPU threads (default: torch's; 1 is far faster on a small, shared CPU)")
+    add(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; 1 is far faster on a small, shared CPU)",
+    )
     add("--notes", default=None, help="a Markdown file appended to results.md as post-run notes")
     add("--progress", action="store_true", help="show Lightning's progress bar")
     add("--smoke", action="store_true", help="CI size: all four archs, depth 8, 2 seeds, 2 epochs on FakeData")
@@ -97,12 +101,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_one(arch: str, depth: int, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one network, return (and write to its log dir) its ``run.json`` record."""
     pl.seed_everything(seed, verbose=False)
-    module = CifarResNetModule(arch, depth, num_classes(args.data), lr=args.lr, momentum=args.momentum,
-                               nesterov=not args.no_nesterov, weight_decay=args.weight_decay,
-                               milestones=args.milestones)
+    module = CifarResNetModule(
+        arch,
+        depth,
+        num_classes(args.data),
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=not args.no_nesterov,
+        weight_decay=args.weight_decay,
+        milestones=args.milestones,
+    )
     augment = None if args.augment == "auto" else args.augment == "on"
-    data = CifarDataModule(args.data, args.root, args.download, args.batch_size, augment, args.num_workers,
-                           fake_size=tuple(args.fake_size), limit=args.limit, seed=seed)
+    data = CifarDataModule(
+        args.data,
+        args.root,
+        args.download,
+        args.batch_size,
+        augment,
+        args.num_workers,
+        fake_size=tuple(args.fake_size),
+        limit=args.limit,
+        seed=seed,
+    )
     layer = module.last_linear
     conditioning = ConditioningCallback(every_n_steps=args.every_n_steps, include=[layer], log_figures=False)
     domination = FiniteWeightDomination(every_n_steps=args.every_n_steps, include=[layer], log_imbalance=False)
@@ -110,12 +130,22 @@ def run_one(arch: str, depth: int, seed: int, args: argparse.Namespace) -> dict[
     logger = TensorBoardLogger(Path(args.out) / args.data, name=f"{arch}-{depth}", version=f"seed{seed}")
     step_mode = args.steps is not None
     trainer = pl.Trainer(
-        max_steps=args.steps if step_mode else -1, max_epochs=-1 if step_mode else args.epochs,
-        accelerator=args.accelerator, devices=args.devices, strategy=args.strategy, num_nodes=args.num_nodes,
-        precision=args.precision, callbacks=[conditioning, domination, history], logger=logger,
-        log_every_n_steps=1 if step_mode else 20, enable_checkpointing=not step_mode and not args.smoke,
-        enable_progress_bar=args.progress, enable_model_summary=False, num_sanity_val_steps=0,
-        check_val_every_n_epoch=10**6 if step_mode else 1, limit_train_batches=args.limit_train_batches,
+        max_steps=args.steps if step_mode else -1,
+        max_epochs=-1 if step_mode else args.epochs,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        precision=args.precision,
+        callbacks=[conditioning, domination, history],
+        logger=logger,
+        log_every_n_steps=1 if step_mode else 20,
+        enable_checkpointing=not step_mode and not args.smoke,
+        enable_progress_bar=args.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=10**6 if step_mode else 1,
+        limit_train_batches=args.limit_train_batches,
     )
     start = time.time()
     trainer.fit(module, data)
@@ -125,19 +155,33 @@ def run_one(arch: str, depth: int, seed: int, args: argparse.Namespace) -> dict[
         test_error = float(trainer.test(module, data, verbose=False)[0]["test_error"])
     val = history.val_error
     record = {
-        "data": args.data, "arch": arch, "depth": depth, "seed": seed, "layer": layer,
-        "mode": "steps" if step_mode else "epochs", "steps": trainer.global_step,
-        "epochs": trainer.current_epoch, "batch_size": args.batch_size,
-        "lr": args.lr, "weight_decay": args.weight_decay, "nesterov": not args.no_nesterov,
-        "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(trainer.global_step, 1),
-        "test_error": test_error, "best_val_error": min((e for _, e in val), default=math.nan),
-        "params": sum(p.numel() for p in module.parameters()), **history.as_dict(),
+        "data": args.data,
+        "arch": arch,
+        "depth": depth,
+        "seed": seed,
+        "layer": layer,
+        "mode": "steps" if step_mode else "epochs",
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "nesterov": not args.no_nesterov,
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / max(trainer.global_step, 1),
+        "test_error": test_error,
+        "best_val_error": min((e for _, e in val), default=math.nan),
+        "params": sum(p.numel() for p in module.parameters()),
+        **history.as_dict(),
     }
     if trainer.is_global_zero:
         Path(logger.log_dir).mkdir(parents=True, exist_ok=True)
         (Path(logger.log_dir) / "run.json").write_text(json.dumps(record))
-    print(f"{arch}-{depth} seed {seed}: {trainer.global_step} steps in {train_seconds:.0f} s "
-          f"({record['seconds_per_step']:.2f} s/step), test error {test_error:.4f}", flush=True)
+    print(
+        f"{arch}-{depth} seed {seed}: {trainer.global_step} steps in {train_seconds:.0f} s "
+        f"({record['seconds_per_step']:.2f} s/step), test error {test_error:.4f}",
+        flush=True,
+    )
     return record
 
 
@@ -152,11 +196,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.time()
     try:
         if args.from_runs:
-            runs = sorted(tables.load_runs(Path(args.from_runs)),
-                          key=lambda r: (r["depth"], ARCHS.index(r["arch"]), r["seed"]))
+            runs = sorted(
+                tables.load_runs(Path(args.from_runs)), key=lambda r: (r["depth"], ARCHS.index(r["arch"]), r["seed"])
+            )
         else:
-            runs = [run_one(arch, depth, seed, args) for depth in args.depths for arch in args.archs
-                    for seed in range(args.first_seed, args.first_seed + args.seeds)]
+            runs = [
+                run_one(arch, depth, seed, args)
+                for depth in args.depths
+                for arch in args.archs
+                for seed in range(args.first_seed, args.first_seed + args.seeds)
+            ]
     finally:
         torch.set_num_threads(threads)
     seconds = sum(r["train_seconds"] for r in runs) if args.from_runs else time.time() - start
@@ -171,9 +220,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "tables.md").write_text(table_text)
     (out / "summary.json").write_text(json.dumps({"summaries": summaries, "verdicts": checks}, indent=1))
     command = "python -m example_projects.cifar_resnet.main " + " ".join(sys.argv[1:] if argv is None else argv)
-    analysis.write_results(Path(args.results or out / "results.md"), summaries, checks, runs, figures,
-                           table_text, vars(args), command.strip(), seconds,
-                           Path(args.notes).read_text() if args.notes else None)
+    analysis.write_results(
+        Path(args.results or out / "results.md"),
+        summaries,
+        checks,
+        runs,
+        figures,
+        table_text,
+        vars(args),
+        command.strip(),
+        seconds,
+        Path(args.notes).read_text() if args.notes else None,
+    )
     for name, (ok, evidence) in checks.items():
         print(f"{name}: {'reproduced' if ok else 'NOT reproduced'} — {evidence}")
     return {"runs": runs, "summaries": summaries, "checks": checks, "figures": figures, "tables": table_text}

@@ -27,7 +27,10 @@ from lightning_conditioning.models import add_last_bn, cifar_preresnet, cifar_re
 
 ARCHS: tuple[str, ...] = ("resnet", "preresnet", "preresnetv1", "lastbn")
 LABELS: dict[str, str] = {
-    "resnet": "ResNet", "preresnet": "PreResNet", "preresnetv1": "PreResNetv1", "lastbn": "ResNetLastBN",
+    "resnet": "ResNet",
+    "preresnet": "PreResNet",
+    "preresnetv1": "PreResNetv1",
+    "lastbn": "ResNetLastBN",
 }
 
 
@@ -61,9 +64,18 @@ class CifarResNetModule(pl.LightningModule):
     validation epoch and ``test_loss`` / ``test_error`` in ``trainer.test``.
     """
 
-    def __init__(self, arch: str = "resnet", depth: int = 110, num_classes: int = 10, lr: float = 0.1,
-                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
-                 milestones: Sequence[int] = (81, 122), gamma: float = 0.1) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet",
+        depth: int = 110,
+        num_classes: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 1e-4,
+        milestones: Sequence[int] = (81, 122),
+        gamma: float = 0.1,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(arch, depth, num_classes)
@@ -96,8 +108,9 @@ class CifarResNetModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         h: Any = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, nesterov=h.nesterov,
-                                    weight_decay=h.weight_decay)
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=h.lr, momentum=h.momentum, nesterov=h.nesterov, weight_decay=h.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(h.milestones), gamma=h.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -108,8 +121,9 @@ def negative_bn_beta_fraction(module: nn.Module) -> float:
     The paper explains the drop of λmax(Σx) after the initial spike by BN shifts turning
     negative and switching off the ReLUs after the residual additions.
     """
-    betas = [m.bias.detach().flatten() for m in module.modules()
-             if isinstance(m, nn.BatchNorm2d) and m.bias is not None]
+    betas = [
+        m.bias.detach().flatten() for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.bias is not None
+    ]
     if not betas:
         return float("nan")
     flat = torch.cat(betas)

@@ -78,10 +78,12 @@ def render(errors: Errors, metric: str = "final") -> str:
         paper = PAPER.get(data, {})
         title = TITLES.get(data, f"data: {data} (no paper numbers)")
         when = "at the end of training" if metric == "final" else "at the best epoch"
-        blocks += [f"**{title}** — test error (%) {when}, mean ± std over seeds; "
-                   "paper's number after the dot.", "",
-                   "| depth | " + " | ".join(LABELS[a] for a in archs) + " |",
-                   "|---" * (len(archs) + 1) + "|"]
+        blocks += [
+            f"**{title}** — test error (%) {when}, mean ± std over seeds; paper's number after the dot.",
+            "",
+            "| depth | " + " | ".join(LABELS[a] for a in archs) + " |",
+            "|---" * (len(archs) + 1) + "|",
+        ]
         for depth in depths:
             cells = []
             for arch in archs:

@@ -28,8 +28,15 @@ class SyntheticClassification(pl.LightningDataModule):
 class MLPClassifier(pl.LightningModule):
     """``depth`` ReLU Linear layers of ``width`` units, optionally with BatchNorm."""
 
-    def __init__(self, features: int = 32, classes: int = 10, depth: int = 4, width: int = 64,
-                 batch_norm: bool = False, lr: float = 0.05) -> None:
+    def __init__(
+        self,
+        features: int = 32,
+        classes: int = 10,
+        depth: int = 4,
+        width: int = 64,
+        batch_norm: bool = False,
+        lr: float = 0.05,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers: list[nn.Module] = []

@@ -71,10 +71,23 @@ class Frozen(pl.LightningModule):
 def kronecker(net: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, samples: int) -> dict[str, dict[str, float]]:
     """The callback's Σx ⊗ Σ∇h statistics per layer (one full batch; F averaged over draws)."""
     steps = samples if kind == "true" else 1
-    callback = ConditioningCallback(every_n_steps=steps, window_steps=steps, kappa_percents=PERCENTS,
-                                    fisher=kind, statistics_dtype="float64", log_histograms=False, log_figures=False)  # type: ignore[arg-type]
-    trainer = pl.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    callback = ConditioningCallback(
+        every_n_steps=steps,
+        window_steps=steps,
+        kappa_percents=PERCENTS,
+        fisher=kind,
+        statistics_dtype="float64",
+        log_histograms=False,
+        log_figures=False,
+    )  # type: ignore[arg-type]
+    trainer = pl.Trainer(
+        max_steps=steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Frozen(net), DataLoader(TensorDataset(x, y), batch_size=len(x)))
     return conditioning_table(callback.results)
 
@@ -85,7 +98,9 @@ def _kappa(row: dict[str, float], percent: float) -> float:
     return reading[0] if reading else math.nan
 
 
-def analyse(depth: int, width: int, batch_norm: bool, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+def analyse(
+    depth: int, width: int, batch_norm: bool, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace
+) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     net = mlp(depth, width, batch_norm)
     names = [f"{i}" for i, m in enumerate(net) if isinstance(m, nn.Linear)]
@@ -96,9 +111,17 @@ def analyse(depth: int, width: int, batch_norm: bool, x: torch.Tensor, y: torch.
         approx = kronecker(net, x, y, kind, args.samples)
         out[kind] = {
             "full": {"lambda_max": exact.full.lambda_max, **{f"kappa_{p}": exact.full.kappa[p] for p in PERCENTS}},
-            "exact": {n: {"lambda_max": s.lambda_max, **{f"kappa_{p}": s.kappa[p] for p in PERCENTS}} for n, s in exact.layers.items()},
-            "kron": {n: {"lambda_max": approx[f"net.{n}"]["fim_lambda_max"],
-                         **{f"kappa_{p}": _kappa(approx[f"net.{n}"], p) for p in PERCENTS}} for n in names},
+            "exact": {
+                n: {"lambda_max": s.lambda_max, **{f"kappa_{p}": s.kappa[p] for p in PERCENTS}}
+                for n, s in exact.layers.items()
+            },
+            "kron": {
+                n: {
+                    "lambda_max": approx[f"net.{n}"]["fim_lambda_max"],
+                    **{f"kappa_{p}": _kappa(approx[f"net.{n}"], p) for p in PERCENTS},
+                }
+                for n in names
+            },
         }
     return out
 
@@ -124,16 +147,34 @@ def verdicts(results: dict[str, Any]) -> dict[str, tuple[bool, str]]:
         plain, bn = results[f"Plain-{depth}"], results[f"BN-{depth}"]
         for kind, label in (("true", "F"), ("empirical", "M")):
             p, b = plain[kind]["full"], bn[kind]["full"]
-            ok = p["lambda_max"] < 1e-2 * b["lambda_max"] and p["kappa_50"] > b["kappa_50"] and p["kappa_80"] > b["kappa_80"]
+            ok = (
+                p["lambda_max"] < 1e-2 * b["lambda_max"]
+                and p["kappa_50"] > b["kappa_50"]
+                and p["kappa_80"] > b["kappa_80"]
+            )
             story &= ok
-            evidence.append(f"{depth} layers {label}: λmax {p['lambda_max']:.2g} vs {b['lambda_max']:.2g}, "
-                            f"κ50 {p['kappa_50']:.3g} vs {b['kappa_50']:.3g}")
+            evidence.append(
+                f"{depth} layers {label}: λmax {p['lambda_max']:.2g} vs {b['lambda_max']:.2g}, "
+                f"κ50 {p['kappa_50']:.3g} vs {b['kappa_50']:.3g}"
+            )
     checks["claim 4: full FIM — Plain has a vanishing λmax and worse κ than BN"] = (story, "; ".join(evidence))
     for name in ("Plain", "BN"):
-        worst = max(np.nanmax(list(agreement(results[k][kind]).values())) for k in results if k.startswith(name) for kind in ("true", "empirical"))
-        lam = max(agreement(results[k][kind])["lambda_max"] for k in results if k.startswith(name) for kind in ("true", "empirical"))
+        worst = max(
+            np.nanmax(list(agreement(results[k][kind]).values()))
+            for k in results
+            if k.startswith(name)
+            for kind in ("true", "empirical")
+        )
+        lam = max(
+            agreement(results[k][kind])["lambda_max"]
+            for k in results
+            if k.startswith(name)
+            for kind in ("true", "empirical")
+        )
         checks[f"claim 4: Kronecker approximation within a factor 2 of the exact sub-FIMs ({name})"] = (
-            worst <= math.log10(2), f"largest median |log10 ratio| over quantities {worst:.2f} (λmax alone {lam:.2f})")
+            worst <= math.log10(2),
+            f"largest median |log10 ratio| over quantities {worst:.2f} (λmax alone {lam:.2f})",
+        )
     return checks
 
 
@@ -216,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stored = argparse.Namespace(**saved["args"])
         out = Path(args.from_summary).parent
         plot(saved["results"], out / "figures")
-        write_results(saved["results"], stored, saved["seconds"], Path(args.results or out / "results.md"), saved["command"])
+        write_results(
+            saved["results"], stored, saved["seconds"], Path(args.results or out / "results.md"), saved["command"]
+        )
         return saved["results"]
     if args.smoke:
         args.depths, args.width, args.examples, args.samples = [3], 8, 32, 2
@@ -224,45 +267,75 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x_all, y_all = mnist_5k(args.seed)
     x = mnist_images(x_all[: args.examples], crop=20, size=12).reshape(args.examples, -1)
     y = y_all[: args.examples]
-    results = {f"{name}-{depth}": analyse(depth, args.width, name == "BN", x, y, args)
-               for depth in args.depths for name in ("Plain", "BN")}
+    results = {
+        f"{name}-{depth}": analyse(depth, args.width, name == "BN", x, y, args)
+        for depth in args.depths
+        for name in ("Plain", "BN")
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds = time.time() - start
-    command = ("python -m example_projects.fim_validation.main " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    (out / "summary.json").write_text(json.dumps(
-        {"results": results, "args": vars(args), "seconds": seconds, "command": command}, indent=1))
+    command = (
+        "python -m example_projects.fim_validation.main " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
+    (out / "summary.json").write_text(
+        json.dumps({"results": results, "args": vars(args), "seconds": seconds, "command": command}, indent=1)
+    )
     plot(results, out / "figures")
     write_results(results, args, seconds, Path(args.results or out / "results.md"), command)
     return results
 
 
 def write_results(results: dict[str, Any], args: argparse.Namespace, seconds: float, path: Path, command: str) -> None:
-    lines = ["# fim_validation: measured results", "",
-             f"Command: `{command}` ({seconds:.0f} s, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}). "
-             f"{args.examples} examples of 12×12 MNIST, width {args.width}, no biases, at initialisation; "
-             f"F from the exact expectation (exact) vs {args.samples} label draws per example (Kronecker).", "",
-             "## Full FIM (exact)", "", "| net | F λmax | F κ50 | F κ80 | M λmax | M κ50 | M κ80 |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# fim_validation: measured results",
+        "",
+        f"Command: `{command}` ({seconds:.0f} s, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}). "
+        f"{args.examples} examples of 12×12 MNIST, width {args.width}, no biases, at initialisation; "
+        f"F from the exact expectation (exact) vs {args.samples} label draws per example (Kronecker).",
+        "",
+        "## Full FIM (exact)",
+        "",
+        "| net | F λmax | F κ50 | F κ80 | M λmax | M κ50 | M κ80 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, r in results.items():
-        cells = [f"{r[k]['full'][q]:.3g}" for k in ("true", "empirical") for q in ("lambda_max", "kappa_50", "kappa_80")]
+        cells = [
+            f"{r[k]['full'][q]:.3g}" for k in ("true", "empirical") for q in ("lambda_max", "kappa_50", "kappa_80")
+        ]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += ["", "## Kronecker approximation vs exact sub-FIM", "",
-              "Median over layers of |log10(Kronecker / exact)| (0.30 = a factor 2):", "",
-              "| net | Fisher | λmax | κ50 | κ80 |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Kronecker approximation vs exact sub-FIM",
+        "",
+        "Median over layers of |log10(Kronecker / exact)| (0.30 = a factor 2):",
+        "",
+        "| net | Fisher | λmax | κ50 | κ80 |",
+        "|---|---|---|---|---|",
+    ]
     for key, r in results.items():
         for kind in ("true", "empirical"):
             a = agreement(r[kind])
-            lines.append(f"| {key} | {'F' if kind == 'true' else 'M'} | {a['lambda_max']:.2f} | {a['kappa_50']:.2f} | {a['kappa_80']:.2f} |")
+            lines.append(
+                f"| {key} | {'F' if kind == 'true' else 'M'} | {a['lambda_max']:.2f} | {a['kappa_50']:.2f} | {a['kappa_80']:.2f} |"
+            )
     lines += ["", "Per-layer numbers (λmax exact / Kronecker, F):", ""]
     for key, r in results.items():
-        pairs = ", ".join(f"{n}: {r['true']['exact'][n]['lambda_max']:.3g} / {r['true']['kron'][n]['lambda_max']:.3g}" for n in r["layers"])
+        pairs = ", ".join(
+            f"{n}: {r['true']['exact'][n]['lambda_max']:.3g} / {r['true']['kron'][n]['lambda_max']:.3g}"
+            for n in r["layers"]
+        )
         lines.append(f"- {key}: {pairs}")
     lines += ["", "Figure: `figures/exact_vs_kronecker.png`.", ""]
     checks = verdicts(results)
-    verdict_lines = ["## Verdicts", "",
-                     "Criteria fixed before running: Plain's full-FIM λmax below 1% of BN's and its κ50, κ80 above BN's, "
-                     "for F and M at every depth; the Kronecker approximation within a factor 2 (median over layers "
-                     "of |log10(Kronecker/exact)| ≤ 0.30) for λmax, κ50 and κ80.", ""]
+    verdict_lines = [
+        "## Verdicts",
+        "",
+        "Criteria fixed before running: Plain's full-FIM λmax below 1% of BN's and its κ50, κ80 above BN's, "
+        "for F and M at every depth; the Kronecker approximation within a factor 2 (median over layers "
+        "of |log10(Kronecker/exact)| ≤ 0.30) for λmax, κ50 and κ80.",
+        "",
+    ]
     verdict_lines += [f"- **{c}: {'reproduced' if ok else 'NOT reproduced'}.** {e}" for c, (ok, e) in checks.items()]
     lines[3:3] = [""] + verdict_lines
     if not args.smoke:

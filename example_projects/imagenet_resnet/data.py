@@ -42,8 +42,15 @@ class ImageNetDataModule(pl.LightningDataModule):
         fake_classes: classes of FakeData.
     """
 
-    def __init__(self, data_dir: str | None = None, batch_size: int = 256, image_size: int = 224,
-                 num_workers: int = 8, fake_size: tuple[int, int] = (64, 32), fake_classes: int = 10) -> None:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 256,
+        image_size: int = 224,
+        num_workers: int = 8,
+        fake_size: tuple[int, int] = (64, 32),
+        fake_classes: int = 10,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir, self.batch_size, self.image_size = data_dir, batch_size, image_size
@@ -66,8 +73,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         if self.data_dir is None:
             shape = (3, size, size)
             self.train_set = FakeData(self.fake_size[0], shape, self.fake_classes, transforms(True, size))
-            self.val_set = FakeData(self.fake_size[1], shape, self.fake_classes, transforms(False, size),
-                                    random_offset=10**6)
+            self.val_set = FakeData(
+                self.fake_size[1], shape, self.fake_classes, transforms(False, size), random_offset=10**6
+            )
         else:
             root = Path(self.data_dir)
             self.train_set = ImageFolder(str(root / "train"), transforms(True, size))
@@ -75,9 +83,15 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

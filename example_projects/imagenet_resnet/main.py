@@ -1,10 +1,10 @@
-"""Table A1 of the paper: torchvision ResNet-18/50 with and without LastBN on ImageNet.
+r"""Table A1 of the paper: torchvision ResNet-18/50 with and without LastBN on ImageNet.
 
     python -m example_projects.imagenet_resnet.main --smoke                 # CPU, FakeData, seconds
     python -m example_projects.imagenet_resnet.main --smoke --last-bn
-    python -m example_projects.imagenet_resnet.main --data-dir /data/imagenet --arch resnet18 \\
+    python -m example_projects.imagenet_resnet.main --data-dir /data/imagenet --arch resnet18 \
         --devices 1                                                         # paper: one GPU for -18
-    python -m example_projects.imagenet_resnet.main --data-dir /data/imagenet --arch resnet50 --last-bn \\
+    python -m example_projects.imagenet_resnet.main --data-dir /data/imagenet --arch resnet50 --last-bn \
         --devices 4 --strategy ddp --precision 16-mixed                     # paper: four GPUs for -50
 
 Recipe (He et al. 2015 via fb.resnet.torch, as the paper's App. D.1): SGD, Nesterov momentum 0.9,
@@ -101,14 +101,26 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     """Train and validate one network; return (and write to its log dir) its ``run.json``."""
     pl.seed_everything(args.seed, verbose=False)
     world = args.devices * args.num_nodes
-    data = ImageNetDataModule(args.data_dir, args.batch_size // world, args.image_size, args.num_workers,
-                              tuple(args.fake_size))
-    module = ImageNetResNet(args.arch, data.num_classes, args.last_bn, args.dropout, args.lr, args.momentum,
-                            not args.no_nesterov, args.weight_decay, args.schedule, args.milestones,
-                            epochs=args.epochs)
+    data = ImageNetDataModule(
+        args.data_dir, args.batch_size // world, args.image_size, args.num_workers, tuple(args.fake_size)
+    )
+    module = ImageNetResNet(
+        args.arch,
+        data.num_classes,
+        args.last_bn,
+        args.dropout,
+        args.lr,
+        args.momentum,
+        not args.no_nesterov,
+        args.weight_decay,
+        args.schedule,
+        args.milestones,
+        epochs=args.epochs,
+    )
     layer = module.last_linear
-    conditioning = ConditioningCallback(every_n_steps=args.every_n_steps, conv_mode=args.conv_mode,
-                                        log_figures=not args.smoke)
+    conditioning = ConditioningCallback(
+        every_n_steps=args.every_n_steps, conv_mode=args.conv_mode, log_figures=not args.smoke
+    )
     domination = FiniteWeightDomination(every_n_steps=args.every_n_steps)
     history = LastLayerHistory(conditioning, domination, layer)
     name = args.arch + ("-lastbn" if args.last_bn else "") + (f"-dr{args.dropout:g}" if args.dropout else "")
@@ -117,11 +129,21 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     if not args.smoke:
         callbacks.append(ModelCheckpoint(save_last=True))
     trainer = pl.Trainer(
-        max_epochs=args.epochs, max_steps=args.max_steps, accelerator=args.accelerator, devices=args.devices,
-        strategy=args.strategy, num_nodes=args.num_nodes, precision=args.precision,
-        sync_batchnorm=args.sync_batchnorm, callbacks=callbacks, logger=logger,
-        log_every_n_steps=1 if args.smoke else 50, enable_checkpointing=not args.smoke,
-        enable_progress_bar=args.progress, enable_model_summary=not args.smoke, num_sanity_val_steps=0,
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        precision=args.precision,
+        sync_batchnorm=args.sync_batchnorm,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=1 if args.smoke else 50,
+        enable_checkpointing=not args.smoke,
+        enable_progress_bar=args.progress,
+        enable_model_summary=not args.smoke,
+        num_sanity_val_steps=0,
         limit_val_batches=args.limit_val_batches,
     )
     start = time.time()
@@ -131,22 +153,35 @@ def run(args: argparse.Namespace, command: str = "") -> dict[str, Any]:
     loss = np.asarray(history.loss, dtype=float)
     stride = max(1, math.ceil(len(loss) / MAX_SAVED_LOSSES))
     record = {
-        "command": command, "data": "fake" if args.data_dir is None else "imagenet", "arch": args.arch,
+        "command": command,
+        "data": "fake" if args.data_dir is None else "imagenet",
+        "arch": args.arch,
         "last_bn": args.last_bn,
-        "dropout": args.dropout, "weight_decay": args.weight_decay, "lr": args.lr, "global_batch": args.batch_size,
-        "image_size": args.image_size, "layer": layer, "steps": trainer.global_step,
-        "epochs": trainer.current_epoch, "train_seconds": seconds,
+        "dropout": args.dropout,
+        "weight_decay": args.weight_decay,
+        "lr": args.lr,
+        "global_batch": args.batch_size,
+        "image_size": args.image_size,
+        "layer": layer,
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_seconds": seconds,
         "seconds_per_step": seconds / max(trainer.global_step, 1),
         "val_top1_error": metrics.get("val_top1_error", math.nan),
         "val_top5_error": metrics.get("val_top5_error", math.nan),
-        "analysed_layers": len(conditioning.results), "dominated_layers": domination.dominated,
-        "loss_stride": stride, "loss": [float(v) for v in loss[::stride]],
+        "analysed_layers": len(conditioning.results),
+        "dominated_layers": domination.dominated,
+        "loss_stride": stride,
+        "loss": [float(v) for v in loss[::stride]],
         "analyses": history.as_dict()["analyses"],
     }
     if trainer.is_global_zero:
         (Path(logger.log_dir) / "run.json").write_text(json.dumps(record))
-    print(f"{name}: {trainer.global_step} steps in {seconds:.1f} s, val top-1 error "
-          f"{record['val_top1_error']:.4f}, {record['analysed_layers']} layers analysed", flush=True)
+    print(
+        f"{name}: {trainer.global_step} steps in {seconds:.1f} s, val top-1 error "
+        f"{record['val_top1_error']:.4f}, {record['analysed_layers']} layers analysed",
+        flush=True,
+    )
     return record
 
 
@@ -164,14 +199,16 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    keys = (("input_lambda_max", "λmax(Σx) of the fc input"), ("weight_spectral_norm", "σmax(W) of fc"),
-            ("grad_weight_ratio", "σmax(∇W) / σmax(W) of fc"))
+    keys = (
+        ("input_lambda_max", "λmax(Σx) of the fc input"),
+        ("weight_spectral_norm", "σmax(W) of fc"),
+        ("grad_weight_ratio", "σmax(∇W) / σmax(W) of fc"),
+    )
     for ax, (key, label) in zip(axes, keys):
         for run in runs:
             steps = sorted(run["analyses"], key=int)
             name = f"{run['arch']}{' + LastBN' if run['last_bn'] else ''} ({run['data']})"
-            ax.plot([int(s) + 1 for s in steps], [run["analyses"][s][key] for s in steps], marker="o", ms=3,
-                    label=name)
+            ax.plot([int(s) + 1 for s in steps], [run["analyses"][s][key] for s in steps], marker="o", ms=3, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
@@ -181,8 +218,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(fontsize=8)
     data = sorted({r["data"] for r in runs})
-    fig.suptitle(f"Last linear layer of torchvision ResNets, data: {', '.join(data)}"
-                 + (" (smoke: random images and labels, a code-path check)" if data == ["fake"] else ""))
+    fig.suptitle(
+        f"Last linear layer of torchvision ResNets, data: {', '.join(data)}"
+        + (" (smoke: random images and labels, a code-path check)" if data == ["fake"] else "")
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -194,25 +233,40 @@ def write_results(out: Path, figure: Path) -> str:
     """results.md from every ``run.json`` under ``out``, with the paper's Table A1 beside."""
     runs = [json.loads(p.read_text()) for p in sorted(out.rglob("run.json"))]
     commands = [f"- `{r.get('command', '?')}`: {r['train_seconds']:.1f} s of training + validation" for r in runs]
-    lines = ["# imagenet_resnet: measured results", "",
-             f"Runs under `{out}` (torch {torch.__version__}, {time.strftime('%Y-%m-%d')}), one per command:", "",
-             *commands, "",
-             "| run | data | image | global batch | steps | s/step (incl. val) | val top-1 err | val top-5 err | "
-             "fc λmax(Σx) first → last | fc σmax(∇W)/σmax(W) first → last |", "|---" * 10 + "|"]
+    lines = [
+        "# imagenet_resnet: measured results",
+        "",
+        f"Runs under `{out}` (torch {torch.__version__}, {time.strftime('%Y-%m-%d')}), one per command:",
+        "",
+        *commands,
+        "",
+        "| run | data | image | global batch | steps | s/step (incl. val) | val top-1 err | val top-5 err | "
+        "fc λmax(Σx) first → last | fc σmax(∇W)/σmax(W) first → last |",
+        "|---" * 10 + "|",
+    ]
     for r in runs:
         lines.append(
             f"| {r['arch']}{' + LastBN' if r['last_bn'] else ''} | {r['data']} | {r['image_size']} | "
             f"{r['global_batch']} | {r['steps']} | {r['seconds_per_step']:.2f} | {100 * r['val_top1_error']:.1f}% | "
             f"{100 * r['val_top5_error']:.1f}% | {_last(r, 'input_lambda_max', 0):.3g} → "
             f"{_last(r, 'input_lambda_max', -1):.3g} | {_last(r, 'grad_weight_ratio', 0):.3g} → "
-            f"{_last(r, 'grad_weight_ratio', -1):.3g} |")
+            f"{_last(r, 'grad_weight_ratio', -1):.3g} |"
+        )
     if runs and all(r["data"] == "fake" for r in runs):
-        lines += ["", "Only smoke runs on FakeData (random 64×64 images, random labels, CPU) were executed: the "
-                  "numbers check the code path end to end (training, validation, both callbacks on every layer, "
-                  "LastBN surgery on a torchvision model); they say nothing about ImageNet. The paper's numbers "
-                  "below are for reference."]
-    lines += ["", "Paper, Table A1 (top-1 validation error %, single crop; standard / WD=0.0002 / DR=0.3):", "",
-              "| network | standard | WD=0.0002 | DR=0.3 |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Only smoke runs on FakeData (random 64×64 images, random labels, CPU) were executed: the "
+            "numbers check the code path end to end (training, validation, both callbacks on every layer, "
+            "LastBN surgery on a torchvision model); they say nothing about ImageNet. The paper's numbers "
+            "below are for reference.",
+        ]
+    lines += [
+        "",
+        "Paper, Table A1 (top-1 validation error %, single crop; standard / WD=0.0002 / DR=0.3):",
+        "",
+        "| network | standard | WD=0.0002 | DR=0.3 |",
+        "|---|---|---|---|",
+    ]
     for arch, rows in PAPER_TABLE_A1.items():
         for variant, values in rows.items():
             lines.append(f"| {arch} {variant} | " + " | ".join(f"{v:.2f}" for v in values) + " |")

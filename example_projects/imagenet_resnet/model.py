@@ -48,10 +48,21 @@ class ImageNetResNet(pl.LightningModule):
         epochs: training length, used by the cosine schedule.
     """
 
-    def __init__(self, arch: str = "resnet18", num_classes: int = 1000, last_bn: bool = False,
-                 dropout: float = 0.0, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 1e-4, schedule: str = "step", milestones: Sequence[int] = (30, 60, 90),
-                 gamma: float = 0.1, epochs: int = 100) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 1000,
+        last_bn: bool = False,
+        dropout: float = 0.0,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 1e-4,
+        schedule: str = "step",
+        milestones: Sequence[int] = (30, 60, 90),
+        gamma: float = 0.1,
+        epochs: int = 100,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(arch, num_classes, last_bn, dropout)
@@ -78,8 +89,9 @@ class ImageNetResNet(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         h: Any = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum, nesterov=h.nesterov,
-                                    weight_decay=h.weight_decay)
+        optimizer = torch.optim.SGD(
+            self.parameters(), lr=h.lr, momentum=h.momentum, nesterov=h.nesterov, weight_decay=h.weight_decay
+        )
         if h.schedule == "cosine":
             total = max(int(self.trainer.estimated_stepping_batches), 1)
             cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)

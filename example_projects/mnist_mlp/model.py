@@ -22,8 +22,15 @@ class DeepMLP(pl.LightningModule):
             layers, so ``False`` is the default.
     """
 
-    def __init__(self, depth: int = 20, width: int = 256, norm: Literal["plain", "bn"] = "plain",
-                 init: Literal["default", "he"] = "default", bias: bool = False, lr: float = 0.1) -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        width: int = 256,
+        norm: Literal["plain", "bn"] = "plain",
+        init: Literal["default", "he"] = "default",
+        bias: bool = False,
+        lr: float = 0.1,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers: list[nn.Module] = []

@@ -1,0 +1,1 @@
+"""Conditioning of a small transformer language model (README.md)."""

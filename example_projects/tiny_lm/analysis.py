@@ -46,12 +46,18 @@ def read_run(log_dir: Path) -> dict[str, Any]:
     record["val_loss"] = {str(s): v["val_loss"] for s, v in sorted(run.scalars.items()) if "val_loss" in v}
     # the top eigen-direction's share of E‖x‖² (λmax(Σx) / trace Σx), from the full spectra
     record["input_top_share"] = {
-        str(s): {layer: (r["input_eigenvalues"][0] / sum(r["input_eigenvalues"])
-                         if r.get("input_eigenvalues") and sum(r["input_eigenvalues"]) > 0 else math.nan)
-                 for layer, r in records.items()}
-        for s, records in run.spectra.items()}
+        str(s): {
+            layer: (
+                r["input_eigenvalues"][0] / sum(r["input_eigenvalues"])
+                if r.get("input_eigenvalues") and sum(r["input_eigenvalues"]) > 0
+                else math.nan
+            )
+            for layer, r in records.items()
+        }
+        for s, records in run.spectra.items()
+    }
     last = max(run.spectra) if run.spectra else None
-    record["tok_input_eigenvalues"] = (run.spectra[last]["tok"].get("input_eigenvalues") if last is not None else None)
+    record["tok_input_eigenvalues"] = run.spectra[last]["tok"].get("input_eigenvalues") if last is not None else None
     record["spectra_step"] = last
     return record
 
@@ -113,14 +119,22 @@ def smoothed(loss: dict[str, float], window: int = 20) -> tuple[np.ndarray, np.n
     values = np.array(list(loss.values()), dtype=float)
     if len(values) >= window:
         values = np.convolve(values, np.ones(window) / window, mode="valid")
-        steps = steps[window - 1:]
+        steps = steps[window - 1 :]
     return steps, values
 
 
 # ---------------------------------------------------------------------------- summary
 #: the quantities of the depth tables, at step 0, the first analysed step after it and the end
-TABLE_QUANTITIES = ("input_lambda_max", "grad_lambda_max", "fim_lambda_max", "input_top_share",
-                    "input_kappa_50", "grad_kappa_50", "input_kappa_80", "grad_kappa_80")
+TABLE_QUANTITIES = (
+    "input_lambda_max",
+    "grad_lambda_max",
+    "fim_lambda_max",
+    "input_top_share",
+    "input_kappa_50",
+    "grad_kappa_50",
+    "input_kappa_80",
+    "grad_kappa_80",
+)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -135,27 +149,52 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if not mine:
             continue
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
-        entry["groups"] = {group: {q: {when: group_value(mine, group, s, q) for when, s in moments.items()}
-                                   for q in TABLE_QUANTITIES} for group in GROUPS}
+        entry["groups"] = {
+            group: {q: {when: group_value(mine, group, s, q) for when, s in moments.items()} for q in TABLE_QUANTITIES}
+            for group in GROUPS
+        }
         entry["blocks"] = {  # block 0 vs the last block, per group, at init and end (depth trend)
-            group: {q: {when: [geomean([value(r, s, r["groups"][group][i], q) for r in mine]) for i in (0, -1)]
-                        for when, s in (("init", 0), ("end", end))}
-                    for q in ("input_lambda_max", "grad_lambda_max", "fim_lambda_max")}
-            for group in GROUPS[1:-1]}
+            group: {
+                q: {
+                    when: [geomean([value(r, s, r["groups"][group][i], q) for r in mine]) for i in (0, -1)]
+                    for when, s in (("init", 0), ("end", end))
+                }
+                for q in ("input_lambda_max", "grad_lambda_max", "fim_lambda_max")
+            }
+            for group in GROUPS[1:-1]
+        }
         heads = {}
         for r in mine:
             lam = [value(r, s, "head", "input_lambda_max") for s in steps]
             fim = [value(r, s, "head", "fim_lambda_max") for s in steps]
             ratios = [dom(r, s, "head", "grad_weight_ratio") for s in steps]
             heads[str(r["seed"])] = {
-                "input_lambda_max": {"init": lam[0], "max": max(lam), "max_step": steps[int(np.argmax(lam))], "end": lam[-1]},
-                "fim_lambda_max": {"init": fim[0], "max": max(fim), "max_step": steps[int(np.argmax(fim))], "end": fim[-1]},
-                "input_kappa_50": {"init": value(r, 0, "head", "input_kappa_50"), "end": value(r, end, "head", "input_kappa_50")},
-                "weight_sigma": {"init": dom(r, 0, "head", "weight_spectral_norm"), "end": dom(r, end, "head", "weight_spectral_norm")},
+                "input_lambda_max": {
+                    "init": lam[0],
+                    "max": max(lam),
+                    "max_step": steps[int(np.argmax(lam))],
+                    "end": lam[-1],
+                },
+                "fim_lambda_max": {
+                    "init": fim[0],
+                    "max": max(fim),
+                    "max_step": steps[int(np.argmax(fim))],
+                    "end": fim[-1],
+                },
+                "input_kappa_50": {
+                    "init": value(r, 0, "head", "input_kappa_50"),
+                    "end": value(r, end, "head", "input_kappa_50"),
+                },
+                "weight_sigma": {
+                    "init": dom(r, 0, "head", "weight_spectral_norm"),
+                    "end": dom(r, end, "head", "weight_spectral_norm"),
+                },
                 "grad_weight_ratio": {"init": ratios[0], "end": ratios[-1], "min": float(np.nanmin(ratios))},
-                "fim_share_end": value(r, end, "head", "fim_lambda_max") / max(value(r, end, n, "fim_lambda_max") for n in r["layers"]),
+                "fim_share_end": value(r, end, "head", "fim_lambda_max")
+                / max(value(r, end, n, "fim_lambda_max") for n in r["layers"]),
                 "final_train_loss": float(np.mean(list(r["train_loss"].values())[-20:])),
-                "final_val_loss": r["final_val_loss"], "warned_layers": r["warned_layers"],
+                "final_val_loss": r["final_val_loss"],
+                "warned_layers": r["warned_layers"],
             }
         entry["head"] = heads
         entry["final_val_loss"] = [r["final_val_loss"] for r in mine]
@@ -163,21 +202,39 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         entry["train_seconds"] = [r["train_seconds"] for r in mine]
         # the layer with the largest sub-FIM λmax (the step-size bound) at each moment
         entry["largest_fim"] = {
-            when: sorted({max(r["layers"], key=lambda n: np.nan_to_num(value(r, s, n, "fim_lambda_max"), nan=-1.0))
-                          for r in mine}) for when, s in moments.items()}
-        entry["unresolved_end"] = sorted({  # layers whose κ50 or κ80 is not a measurement at the end
-            f"{layer} {MOMENTS[m]} κ{p}: {status(r, end, layer, m, p)}"
-            for r in mine for layer in r["layers"] for m in ("input", "grad") for p in ("50", "80")
-            if status(r, end, layer, m, p) not in ("exact", "missing")})
+            when: sorted(
+                {
+                    max(r["layers"], key=lambda n: np.nan_to_num(value(r, s, n, "fim_lambda_max"), nan=-1.0))
+                    for r in mine
+                }
+            )
+            for when, s in moments.items()
+        }
+        entry["unresolved_end"] = sorted(
+            {  # layers whose κ50 or κ80 is not a measurement at the end
+                f"{layer} {MOMENTS[m]} κ{p}: {status(r, end, layer, m, p)}"
+                for r in mine
+                for layer in r["layers"]
+                for m in ("input", "grad")
+                for p in ("50", "80")
+                if status(r, end, layer, m, p) not in ("exact", "missing")
+            }
+        )
         entry["dead_mlp_units"] = {  # ReLU units of the MLP never active on the analysed batch
             when: [int(sum(value(r, s, n, "dead_input_units") for n in r["groups"]["mlp_out"])) for r in mine]
-            for when, s in (("init", 0), ("end", end))}
+            for when, s in (("init", 0), ("end", end))
+        }
         # layers whose input is a LayerNorm output: its centring leaves Σx one direction short at init
         fed = [n for n in mine[0]["layers"] if n.endswith(("q_proj", "linear1")) or (n == "head" and VARIANTS[variant])]
         entry["layernorm_fed"] = {
-            "layers": len(fed), "dim": int(value(mine[0], 0, fed[0], "input_dim")),
-            "rank": {when: sorted({int(value(r, s, n, "input_rank")) for r in mine for n in fed}) for when, s in moments.items()},
-            "kappa_100": {when: group_kappa(mine, fed, s) for when, s in moments.items()}}
+            "layers": len(fed),
+            "dim": int(value(mine[0], 0, fed[0], "input_dim")),
+            "rank": {
+                when: sorted({int(value(r, s, n, "input_rank")) for r in mine for n in fed})
+                for when, s in moments.items()
+            },
+            "kappa_100": {when: group_kappa(mine, fed, s) for when, s in moments.items()},
+        }
         entry["mlp_units"] = int(sum(value(mine[0], 0, n, "input_dim") for n in mine[0]["groups"]["mlp_out"]))
         # single checks at which the weight-domination checker called a layer dominated
         flagged: dict[str, list[str]] = {}
@@ -187,7 +244,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     if row.get("dominated") == 1.0:
                         flagged.setdefault(s, []).append(
                             f"{layer} (seed {r['seed']}: σmax(∇W)/σmax(W) {row.get('grad_weight_ratio', math.nan):.1e}, "
-                            f"applied σmax(ΔW)/σmax(W) {row.get('update_weight_ratio', math.nan):.2g})")
+                            f"applied σmax(ΔW)/σmax(W) {row.get('update_weight_ratio', math.nan):.2g})"
+                        )
         entry["dominated_checks"] = dict(sorted(flagged.items(), key=lambda kv: int(kv[0])))
         summary["variants"][variant] = entry
     summary["embedding"] = embedding_summary(runs)
@@ -210,7 +268,8 @@ def embedding_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "corpus_kappa_50": float(corpus[order[0]] / corpus[order[math.ceil(0.5 * len(corpus)) - 1]]),
         "corpus_kappa_80": float(corpus[order[0]] / corpus[order[math.ceil(0.8 * len(corpus)) - 1]]),
         "corpus_kappa_100": float(corpus[order[0]] / corpus[corpus > 0].min()),
-        "corpus_seen": int((corpus > 0).sum()), "vocab": len(corpus),
+        "corpus_seen": int((corpus > 0).sum()),
+        "vocab": len(corpus),
         "batch_lambda_max": {"min": min(lam), "max": max(lam)},
         "batch_rank": {"min": min(ranks), "max": max(ranks)},
         "batch_kappa_50": [value(run, s, "tok", "input_kappa_50") for s in steps],
@@ -218,8 +277,11 @@ def embedding_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "pos_lambda_max": value(run, 0, "pos", "input_lambda_max"),
         "pos_kappa_100": value(run, 0, "pos", "input_kappa_100"),
         "tokens": run["reference"][str(steps[0])]["tokens"] if run["reference"] else None,
-        "tok_grad_over_pos_grad": max(abs(value(r, s, "tok", "grad_lambda_max") / value(r, s, "pos", "grad_lambda_max") - 1)
-                                      for r in runs for s in steps_of(r)),
+        "tok_grad_over_pos_grad": max(
+            abs(value(r, s, "tok", "grad_lambda_max") / value(r, s, "pos", "grad_lambda_max") - 1)
+            for r in runs
+            for s in steps_of(r)
+        ),
     }
 
 
@@ -237,18 +299,31 @@ def checks(runs: list[dict[str, Any]]) -> dict[str, tuple[bool, str]]:
             if step not in run["conditioning"]:
                 continue
             compared += 1
-            worst_x = max(worst_x, abs(value(run, int(step), "head", "input_lambda_max") / ref["head_input_lambda_max"] - 1))
-            worst_g = max(worst_g, abs(value(run, int(step), "head", "grad_lambda_max") / ref["head_grad_lambda_max"] - 1))
-    pos_ok = all(abs(value(r, s, "pos", "input_lambda_max") * r["context"] - 1) < 1e-6
-                 and value(r, s, "pos", "input_kappa_100") == 1.0 for r in runs for s in steps_of(r))
+            worst_x = max(
+                worst_x, abs(value(run, int(step), "head", "input_lambda_max") / ref["head_input_lambda_max"] - 1)
+            )
+            worst_g = max(
+                worst_g, abs(value(run, int(step), "head", "grad_lambda_max") / ref["head_grad_lambda_max"] - 1)
+            )
+    pos_ok = all(
+        abs(value(r, s, "pos", "input_lambda_max") * r["context"] - 1) < 1e-6
+        and value(r, s, "pos", "input_kappa_100") == 1.0
+        for r in runs
+        for s in steps_of(r)
+    )
     return {
         "token embedding Σx = diag(character counts / tokens) (last analysed step, every run)": (
-            worst_tok < 1e-8, f"largest |eigenvalue − count/tokens| {worst_tok:.1e}"),
+            worst_tok < 1e-8,
+            f"largest |eigenvalue − count/tokens| {worst_tok:.1e}",
+        ),
         "position embedding Σx = I/T: λmax = 1/T, κ100 = 1 (every analysed step)": (
-            pos_ok, f"λmax {value(runs[0], 0, 'pos', 'input_lambda_max'):.6g} vs 1/T = {1 / runs[0]['context']:.6g}"),
+            pos_ok,
+            f"λmax {value(runs[0], 0, 'pos', 'input_lambda_max'):.6g} vs 1/T = {1 / runs[0]['context']:.6g}",
+        ),
         "head λmax(Σx) and λmax(Σ∇h) = float64 reference, per-token convention (loss_reduction='token_mean')": (
             worst_x < 1e-4 and worst_g < 1e-4,
-            f"largest relative difference over {compared} analysed steps: Σx {worst_x:.1e}, Σ∇h {worst_g:.1e}"),
+            f"largest relative difference over {compared} analysed steps: Σx {worst_x:.1e}, Σ∇h {worst_g:.1e}",
+        ),
     }
 
 
@@ -344,8 +419,16 @@ within ~2× of each other.
 """
 
 
-def write_results(summary: dict[str, Any], runs: list[dict[str, Any]], args: argparse.Namespace, seconds: float,
-                  path: Path, command: str, figures: list[Path], discussion: bool = False) -> None:
+def write_results(
+    summary: dict[str, Any],
+    runs: list[dict[str, Any]],
+    args: argparse.Namespace,
+    seconds: float,
+    path: Path,
+    command: str,
+    figures: list[Path],
+    discussion: bool = False,
+) -> None:
     """``results.md``: set-up, checks, tables, the package's messages, samples; ``discussion``
     adds :data:`DISCUSSION` (written for the documented full-size run)."""
     from lightning_conditioning import __version__
@@ -353,80 +436,121 @@ def write_results(summary: dict[str, Any], runs: list[dict[str, Any]], args: arg
     first = runs[0]
     end, early = summary["end"], summary["early"]
     lines = [
-        "# tiny_lm: measured results", "",
+        "# tiny_lm: measured results",
+        "",
         f"Command: `{command}` ({seconds / 60:.1f} min wall, {getattr(args, 'cpu_seconds', math.nan) / 60:.1f} min CPU, "
         f"{args.threads} torch thread(s) on a {os.cpu_count()}-core CPU, "
         f"torch {torch.__version__}, Python {sys.version.split()[0]}, lightning-conditioning {__version__}, "
-        f"{time.strftime('%Y-%m-%d')}).", "",
+        f"{time.strftime('%Y-%m-%d')}).",
+        "",
         f"Set-up: character-level decoder, {args.layers} pre-norm blocks, width {args.width}, {args.heads} heads, "
         f"MLP {4 * args.width} (ReLU), context {args.context}, {first['params']:,} parameters, vocabulary "
         f"{first['vocab']} characters; `pydoc_data.topics` of this Python ({first['train_chars']:,} training / "
         f"{first['val_chars']:,} validation characters); AdamW lr {args.lr:g} (warm-up {args.warmup}, cosine to 10%), "
         f"batch {args.batch_size} × {args.context} = {args.batch_size * args.context:,} tokens, {args.steps} steps; "
-        f"seeds {sorted({r['seed'] for r in runs})}. `ConditioningCallback(loss_reduction=\"token_mean\")` and "
+        f'seeds {sorted({r["seed"] for r in runs})}. `ConditioningCallback(loss_reduction="token_mean")` and '
         f"`WeightDominationCallback` every {args.every_n_steps} steps ({len(summary['steps'])} analyses per run, "
         f"steps {summary['steps'][0]}…{end}); empirical Fisher (the training batch's own labels), every character "
-        "a row of Σx and Σ∇h.", "",
-        "## Checks of the package on this model", "",
+        "a row of Σx and Σ∇h.",
+        "",
+        "## Checks of the package on this model",
+        "",
         "Criteria fixed before running: the package's numbers equal a float64 reference computed in "
         "`main.py` on the same analysed batches (token embedding: the character counts; position "
-        "embedding: exactly I/T; head: λmax within 1e-4 relative).", "",
+        "embedding: exactly I/T; head: λmax within 1e-4 relative).",
+        "",
     ]
     for name, (ok, evidence) in summary["checks"].items():
         lines.append(f"- **{name}: {'holds' if ok else 'FAILS'}.** {evidence}")
-    lines += ["", "## Training", "",
-              "| variant | train loss (mean of the last 20 steps) | validation loss (whole split) | bits/char | train time |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Training",
+        "",
+        "| variant | train loss (mean of the last 20 steps) | validation loss (whole split) | bits/char | train time |",
+        "|---|---|---|---|---|",
+    ]
     for variant, entry in summary["variants"].items():
         val = entry["final_val_loss"]
-        lines.append(f"| {LABELS[variant]} | {' / '.join(f'{v:.3f}' for v in entry['final_train_loss'])} | "
-                     f"{' / '.join(f'{v:.3f}' for v in val)} | {' / '.join(f'{v / math.log(2):.2f}' for v in val)} | "
-                     f"{' / '.join(f'{s:.0f} s' for s in entry['train_seconds'])} |")
+        lines.append(
+            f"| {LABELS[variant]} | {' / '.join(f'{v:.3f}' for v in entry['final_train_loss'])} | "
+            f"{' / '.join(f'{v:.3f}' for v in val)} | {' / '.join(f'{v / math.log(2):.2f}' for v in val)} | "
+            f"{' / '.join(f'{s:.0f} s' for s in entry['train_seconds'])} |"
+        )
     lines += ["", "One number per seed; losses in nats per character.", ""]
     for variant, entry in summary["variants"].items():
-        lines += [f"## Across depth and over training: {LABELS[variant]}", "",
-                  f"Per layer group, the geometric mean over its blocks and the seeds, at step 0 → {early} → {end}. "
-                  "'top share' is λmax(Σx)/trace(Σx), the share of E‖x‖² along the top eigen-direction (q, k and v "
-                  "share their input). κ counts a lower bound at its bound; ∞ (λ_p = 0) is left out of the mean.", "",
-                  "| group | λmax(Σx) | λmax(Σ∇h) | λmax(sub-FIM) | top share of Σx | κ50%(Σx) | κ50%(Σ∇h) | κ80%(Σx) | κ80%(Σ∇h) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Across depth and over training: {LABELS[variant]}",
+            "",
+            f"Per layer group, the geometric mean over its blocks and the seeds, at step 0 → {early} → {end}. "
+            "'top share' is λmax(Σx)/trace(Σx), the share of E‖x‖² along the top eigen-direction (q, k and v "
+            "share their input). κ counts a lower bound at its bound; ∞ (λ_p = 0) is left out of the mean.",
+            "",
+            "| group | λmax(Σx) | λmax(Σ∇h) | λmax(sub-FIM) | top share of Σx | κ50%(Σx) | κ50%(Σ∇h) | κ80%(Σx) | κ80%(Σ∇h) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for group, row in entry["groups"].items():
             lines.append(f"| {group} | " + " | ".join(arrow(row[q]) for q in TABLE_QUANTITIES) + " |")
-        lines += ["", f"First and last block (each cell: first block, last block; geometric mean over seeds), "
-                  f"step 0 and step {end}:", "",
-                  "| group | λmax(Σx) at 0 | λmax(Σ∇h) at 0 | λmax(sub-FIM) at 0 | "
-                  f"λmax(Σx) at {end} | λmax(Σ∇h) at {end} | λmax(sub-FIM) at {end} |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"First and last block (each cell: first block, last block; geometric mean over seeds), "
+            f"step 0 and step {end}:",
+            "",
+            "| group | λmax(Σx) at 0 | λmax(Σ∇h) at 0 | λmax(sub-FIM) at 0 | "
+            f"λmax(Σx) at {end} | λmax(Σ∇h) at {end} | λmax(sub-FIM) at {end} |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for group, row in entry["blocks"].items():
-            cells = [", ".join(fmt(v) for v in row[q][when]) for when in ("init", "end")
-                     for q in ("input_lambda_max", "grad_lambda_max", "fim_lambda_max")]
+            cells = [
+                ", ".join(fmt(v) for v in row[q][when])
+                for when in ("init", "end")
+                for q in ("input_lambda_max", "grad_lambda_max", "fim_lambda_max")
+            ]
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
         largest = entry["largest_fim"]
-        lines += ["", f"- Largest sub-FIM λmax (the layer that bounds a gradient step): step 0 {', '.join(largest['init'])}; "
-                  f"step {early} {', '.join(largest['early'])}; step {end} {', '.join(largest['end'])}.",
-                  f"- MLP units (ReLU) never active on the analysed batch, of {entry['mlp_units']}, per seed: step 0 "
-                  f"{entry['dead_mlp_units']['init']}, step {end} {entry['dead_mlp_units']['end']}."]
+        lines += [
+            "",
+            f"- Largest sub-FIM λmax (the layer that bounds a gradient step): step 0 {', '.join(largest['init'])}; "
+            f"step {early} {', '.join(largest['early'])}; step {end} {', '.join(largest['end'])}.",
+            f"- MLP units (ReLU) never active on the analysed batch, of {entry['mlp_units']}, per seed: step 0 "
+            f"{entry['dead_mlp_units']['init']}, step {end} {entry['dead_mlp_units']['end']}.",
+        ]
         fed = entry["layernorm_fed"]
-        lines.append(f"- Σx of the {fed['layers']} LayerNorm outputs (each block's attention input, shared by q, k and v, "
-                     "and its MLP input" + (", and the head's input" if VARIANTS[variant] else "")
-                     + f"): rank of {fed['dim']} at step 0 → {early} → {end}: "
-                     + " → ".join("/".join(map(str, fed["rank"][w])) for w in ("init", "early", "end"))
-                     + "; κ100%(Σx) (over the smallest resolved eigenvalue): "
-                     + " → ".join(f"{fmt(fed['kappa_100'][w][0])}–{fmt(fed['kappa_100'][w][1])}" for w in ("init", "early", "end")) + ".")
+        lines.append(
+            f"- Σx of the {fed['layers']} LayerNorm outputs (each block's attention input, shared by q, k and v, "
+            "and its MLP input"
+            + (", and the head's input" if VARIANTS[variant] else "")
+            + f"): rank of {fed['dim']} at step 0 → {early} → {end}: "
+            + " → ".join("/".join(map(str, fed["rank"][w])) for w in ("init", "early", "end"))
+            + "; κ100%(Σx) (over the smallest resolved eigenvalue): "
+            + " → ".join(
+                f"{fmt(fed['kappa_100'][w][0])}–{fmt(fed['kappa_100'][w][1])}" for w in ("init", "early", "end")
+            )
+            + "."
+        )
         flagged = entry["dominated_checks"]
         if flagged:
             listed = "; ".join(f"step {s}: " + ", ".join(names) for s, names in flagged.items())
-            lines.append(f"- Checks at which the weight-domination checker called a layer dominated ({len(flagged)} "
-                         f"step(s)): {listed}.")
+            lines.append(
+                f"- Checks at which the weight-domination checker called a layer dominated ({len(flagged)} "
+                f"step(s)): {listed}."
+            )
         else:
             lines.append("- No check found a layer dominated.")
         unresolved = entry["unresolved_end"]
-        lines += [f"- κ50%/κ80% that are not measurements at step {end}: "
-                  + ("; ".join(unresolved[:12]) + ("; …" if len(unresolved) > 12 else "") if unresolved else "none") + ".", ""]
-    lines += ["## The head with and without the final LayerNorm", "",
-              "| variant, seed | λmax(Σx) init / max (step) / end | λmax(sub-FIM) init / max (step) / end | "
-              "κ50%(Σx) | σmax(W) | σmax(∇W)/σmax(W) init → end (min) | head's share of the largest sub-FIM λmax at the end | "
-              "warned layers | val loss |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"- κ50%/κ80% that are not measurements at step {end}: "
+            + ("; ".join(unresolved[:12]) + ("; …" if len(unresolved) > 12 else "") if unresolved else "none")
+            + ".",
+            "",
+        ]
+    lines += [
+        "## The head with and without the final LayerNorm",
+        "",
+        "| variant, seed | λmax(Σx) init / max (step) / end | λmax(sub-FIM) init / max (step) / end | "
+        "κ50%(Σx) | σmax(W) | σmax(∇W)/σmax(W) init → end (min) | head's share of the largest sub-FIM λmax at the end | "
+        "warned layers | val loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant, entry in summary["variants"].items():
         for seed, h in entry["head"].items():
             lam, fim = h["input_lambda_max"], h["fim_lambda_max"]
@@ -435,31 +559,38 @@ def write_results(summary: dict[str, Any], runs: list[dict[str, Any]], args: arg
                 f"| {LABELS[variant]}, {seed} | {fmt(lam['init'])} / {fmt(lam['max'])} ({lam['max_step']}) / {fmt(lam['end'])} | "
                 f"{fmt(fim['init'])} / {fmt(fim['max'])} ({fim['max_step']}) / {fmt(fim['end'])} | {arrow(h['input_kappa_50'])} | "
                 f"{arrow(h['weight_sigma'])} | {fmt(ratio['init'])} → {fmt(ratio['end'])} ({fmt(ratio['min'])}) | "
-                f"{h['fim_share_end']:.2g} | {', '.join(h['warned_layers']) or 'none'} | {h['final_val_loss']:.3f} |")
+                f"{h['fim_share_end']:.2g} | {', '.join(h['warned_layers']) or 'none'} | {h['final_val_loss']:.3f} |"
+            )
     emb = summary["embedding"]
     top = ", ".join(f"{c!r} {f:.3f}" for c, f in emb["corpus_top"])
     k50 = emb["batch_kappa_50"]
     infinite80 = sum(s == "infinite" for s in emb["batch_kappa_80_status"])
-    lines += ["", "## The embeddings", "",
-              f"- Token embedding over the whole training text: Σx = diag(character frequencies); the most frequent are "
-              f"{top}; {emb['corpus_seen']} of {emb['vocab']} characters occur; κ50% = {emb['corpus_kappa_50']:.3g}, "
-              f"κ80% = {emb['corpus_kappa_80']:.3g}, κ100% = {emb['corpus_kappa_100']:.3g}.",
-              f"- The same on the analysed batches ({emb['tokens']:,} characters each; seed {first['seed']}, "
-              f"{LABELS[first['variant']]}): λmax(Σx) {emb['batch_lambda_max']['min']:.3g}–{emb['batch_lambda_max']['max']:.3g}, "
-              f"rank {emb['batch_rank']['min']:.0f}–{emb['batch_rank']['max']:.0f} of {emb['vocab']} (the characters present), "
-              f"κ50% {fmt(min(k50))}–{fmt(max(k50))}, κ80% = ∞ at {infinite80} of {len(emb['batch_kappa_80_status'])} steps.",
-              f"- Position embedding (looked up with a (batch, T) index): λmax(Σx) = {emb['pos_lambda_max']:.6g} = 1/T, "
-              f"κ100% = {emb['pos_kappa_100']:.3g}.",
-              f"- The two embeddings get the same output gradient (their outputs are added): largest relative difference "
-              f"of their λmax(Σ∇h) over every analysed step {emb['tok_grad_over_pos_grad']:.1e}.", "",
-              "## What the package said (seed 0 of each variant, as printed)", ""]
+    lines += [
+        "",
+        "## The embeddings",
+        "",
+        f"- Token embedding over the whole training text: Σx = diag(character frequencies); the most frequent are "
+        f"{top}; {emb['corpus_seen']} of {emb['vocab']} characters occur; κ50% = {emb['corpus_kappa_50']:.3g}, "
+        f"κ80% = {emb['corpus_kappa_80']:.3g}, κ100% = {emb['corpus_kappa_100']:.3g}.",
+        f"- The same on the analysed batches ({emb['tokens']:,} characters each; seed {first['seed']}, "
+        f"{LABELS[first['variant']]}): λmax(Σx) {emb['batch_lambda_max']['min']:.3g}–{emb['batch_lambda_max']['max']:.3g}, "
+        f"rank {emb['batch_rank']['min']:.0f}–{emb['batch_rank']['max']:.0f} of {emb['vocab']} (the characters present), "
+        f"κ50% {fmt(min(k50))}–{fmt(max(k50))}, κ80% = ∞ at {infinite80} of {len(emb['batch_kappa_80_status'])} steps.",
+        f"- Position embedding (looked up with a (batch, T) index): λmax(Σx) = {emb['pos_lambda_max']:.6g} = 1/T, "
+        f"κ100% = {emb['pos_kappa_100']:.3g}.",
+        f"- The two embeddings get the same output gradient (their outputs are added): largest relative difference "
+        f"of their λmax(Σ∇h) over every analysed step {emb['tok_grad_over_pos_grad']:.1e}.",
+        "",
+        "## What the package said (seed 0 of each variant, as printed)",
+        "",
+    ]
     for run in runs:
         if run["seed"] != first["seed"]:
             continue
         lines += [f"{LABELS[run['variant']]}:", ""]
         lines += ["    " + message.replace("\n", "\n    ")[:600] for message in dict.fromkeys(run["messages"])]
         lines.append("")
-    lines += ["## Samples (temperature 0.8, prompt \"The \", seed 0)", ""]
+    lines += ['## Samples (temperature 0.8, prompt "The ", seed 0)', ""]
     for run in runs:
         if run["seed"] == first["seed"]:
             lines += [f"{LABELS[run['variant']]}:", "", "    " + run["sample"].replace("\n", "\n    "), ""]

@@ -71,8 +71,7 @@ class PydocDataModule(pl.LightningDataModule):
             same seed sees the same batches in the same order).
     """
 
-    def __init__(self, context: int = 64, batch_size: int = 32, limit_chars: int | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, context: int = 64, batch_size: int = 32, limit_chars: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.context, self.batch_size, self.limit_chars, self.seed = context, batch_size, limit_chars, seed
         text = corpus()
@@ -87,8 +86,7 @@ class PydocDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=generator, drop_last=True)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)

@@ -18,8 +18,14 @@ def short(name: str) -> str:
         return name
     _, index, *rest = name.split(".")
     tail = rest[-1]
-    return f"{index}." + {"q_proj": "q", "k_proj": "k", "v_proj": "v", "out_proj": "out",
-                          "linear1": "fc1", "linear2": "fc2"}.get(tail, tail)
+    return f"{index}." + {
+        "q_proj": "q",
+        "k_proj": "k",
+        "v_proj": "v",
+        "out_proj": "out",
+        "linear1": "fc1",
+        "linear2": "fc2",
+    }.get(tail, tail)
 
 
 def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list[Path]:
@@ -53,8 +59,15 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
                 for index, step in enumerate(shown):
                     label = f"step {step}, {LABELS[variant]}"
                     if row == 0:
-                        ax.semilogy(x, [value(run, step, n, quantity) for n in layers], styles[variant], marker="o",
-                                    ms=3, color=f"C{index}", label=label)
+                        ax.semilogy(
+                            x,
+                            [value(run, step, n, quantity) for n in layers],
+                            styles[variant],
+                            marker="o",
+                            ms=3,
+                            color=f"C{index}",
+                            label=label,
+                        )
                     else:
                         rows = [run["conditioning"][str(step)].get(n) for n in layers]
                         before = len(ax.lines)
@@ -73,10 +86,19 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
             drawn_any |= drawn
     handles, labels = axes[0][0].get_legend_handles_labels()
     order = [i + k * len(shown) for i in range(len(shown)) for k in range(len(handles) // len(shown))]
-    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center", ncol=len(shown),
-               fontsize=8, bbox_to_anchor=(0.5, 0.962))
-    fig.suptitle(f"Seed {base['seed']}, layers in forward order (2.q = block 2's query projection, fc1/fc2 = its MLP; "
-                 "grey lines: block boundaries). Solid: final LayerNorm before the head; dashed: none.", y=0.99)
+    fig.legend(
+        [handles[i] for i in order],
+        [labels[i] for i in order],
+        loc="upper center",
+        ncol=len(shown),
+        fontsize=8,
+        bbox_to_anchor=(0.5, 0.962),
+    )
+    fig.suptitle(
+        f"Seed {base['seed']}, layers in forward order (2.q = block 2's query projection, fc1/fc2 = its MLP; "
+        "grey lines: block boundaries). Solid: final LayerNorm before the head; dashed: none.",
+        y=0.99,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.935))
     paths.append(out / "depth_profile.png")
     fig.savefig(paths[-1], dpi=100)
@@ -93,18 +115,32 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
                     names = [n for n in run["groups"][group] if n != "pos"]
                     per_layer = np.array([[value(run, s, n, f"{moment}_lambda_max") for s in steps] for n in names])
                     median = np.exp(np.nanmedian(np.log(per_layer), axis=0))
-                    ax.semilogy(steps, median, "-" if k == 0 else ":", color=f"C{index}",
-                                lw=1.6 if k == 0 else 1.0, label=group if k == 0 else None)
+                    ax.semilogy(
+                        steps,
+                        median,
+                        "-" if k == 0 else ":",
+                        color=f"C{index}",
+                        lw=1.6 if k == 0 else 1.0,
+                        label=group if k == 0 else None,
+                    )
                     if k == 0 and len(names) > 1:
-                        ax.fill_between(steps, np.nanmin(per_layer, axis=0), np.nanmax(per_layer, axis=0),
-                                        color=f"C{index}", alpha=0.12, lw=0)
+                        ax.fill_between(
+                            steps,
+                            np.nanmin(per_layer, axis=0),
+                            np.nanmax(per_layer, axis=0),
+                            color=f"C{index}",
+                            alpha=0.12,
+                            lw=0,
+                        )
             ax.set_title(f"λmax({MOMENTS[moment]}) — {LABELS[variant]}")
             ax.set_xlabel("step")
             ax.grid(True, which="major", alpha=0.3)
             if col == 0:
                 ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("λmax over training per layer group: median over the blocks (band: min–max over the blocks, "
-                 "seed 0); dotted: seed 1. 'embedding' is the token embedding; q, k and v share Σx")
+    fig.suptitle(
+        "λmax over training per layer group: median over the blocks (band: min–max over the blocks, "
+        "seed 0); dotted: seed 1. 'embedding' is the token embedding; q, k and v share Σx"
+    )
     fig.tight_layout()
     paths.append(out / "lambda_max_training.png")
     fig.savefig(paths[-1], dpi=100)
@@ -112,12 +148,14 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
 
     # 3. the head with and without a final LayerNorm
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    panels = [("loss", "(a) training loss (20-step mean), ○ validation"),
-              ("input_lambda_max", "(b) λmax(Σx), the head's input"),
-              ("fim_lambda_max", "(c) λmax of the head's sub-FIM"),
-              ("input_kappa_50", "(d) κ50%(Σx), the head's input"),
-              ("weight_spectral_norm", "(e) σmax(W_head)"),
-              ("grad_weight_ratio", "(f) σmax(∇W)/σmax(W), head")]
+    panels = [
+        ("loss", "(a) training loss (20-step mean), ○ validation"),
+        ("input_lambda_max", "(b) λmax(Σx), the head's input"),
+        ("fim_lambda_max", "(c) λmax of the head's sub-FIM"),
+        ("input_kappa_50", "(d) κ50%(Σx), the head's input"),
+        ("weight_spectral_norm", "(e) σmax(W_head)"),
+        ("grad_weight_ratio", "(f) σmax(∇W)/σmax(W), head"),
+    ]
     for ax, (key, title) in zip(axes.flat, panels):
         for index, variant in enumerate(VARIANTS):
             for k, run in enumerate(r for r in runs if r["variant"] == variant):
@@ -125,14 +163,24 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
                 label = f"{LABELS[variant]}, seed {run['seed']}"
                 if key == "loss":
                     ax.plot(*smoothed(run["train_loss"]), style, color=f"C{index}", label=label)
-                    ax.plot([int(s) for s in run["val_loss"]], list(run["val_loss"].values()), "o",
-                            color=f"C{index}", mfc="none")
+                    ax.plot(
+                        [int(s) for s in run["val_loss"]],
+                        list(run["val_loss"].values()),
+                        "o",
+                        color=f"C{index}",
+                        mfc="none",
+                    )
                 elif key in ("weight_spectral_norm", "grad_weight_ratio"):
                     ds = sorted(int(s) for s in run["domination"])
                     ax.semilogy(ds, [dom(run, s, "head", key) for s in ds], style, color=f"C{index}", label=label)
                 else:
-                    ax.semilogy(steps_of(run), [value(run, s, "head", key) for s in steps_of(run)], style,
-                                color=f"C{index}", label=label)
+                    ax.semilogy(
+                        steps_of(run),
+                        [value(run, s, "head", key) for s in steps_of(run)],
+                        style,
+                        color=f"C{index}",
+                        label=label,
+                    )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(True, which="major", alpha=0.3)
@@ -151,20 +199,45 @@ def plot(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list
     if base["tok_input_eigenvalues"] is not None:
         eigen = np.asarray(base["tok_input_eigenvalues"], dtype=float)
         shown_eigen = np.where(eigen > 0, eigen, np.nan)
-        ax.semilogy(np.arange(1, len(eigen) + 1), shown_eigen, "o", ms=3, color="C0",
-                    label=f"eigenvalues of Σx(tok), step {base['spectra_step']} (one batch)")
+        ax.semilogy(
+            np.arange(1, len(eigen) + 1),
+            shown_eigen,
+            "o",
+            ms=3,
+            color="C0",
+            label=f"eigenvalues of Σx(tok), step {base['spectra_step']} (one batch)",
+        )
         zeros = int((eigen <= 0).sum())
-        ax.text(0.98, 0.9, f"{zeros} of {len(eigen)} eigenvalues are 0:\ncharacters absent from the batch",
-                transform=ax.transAxes, ha="right", va="top", fontsize=8)
+        ax.text(
+            0.98,
+            0.9,
+            f"{zeros} of {len(eigen)} eigenvalues are 0:\ncharacters absent from the batch",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+        )
     ax.set_xlabel("rank")
     ax.set_title("token embedding: Σx = diag(character frequencies)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax = axes[1]
-    for index, (quantity, label) in enumerate((("input_lambda_max", "λmax(Σx)"), ("input_kappa_50", "κ50%(Σx)"),
-                                               ("grad_lambda_max", "λmax(Σ∇h)"), ("grad_kappa_50", "κ50%(Σ∇h)"))):
-        ax.semilogy(steps, [value(base, s, "tok", quantity) for s in steps], "-o" if "input" in quantity else "-s",
-                    ms=3, color=f"C{index}", label=label)
+    for index, (quantity, label) in enumerate(
+        (
+            ("input_lambda_max", "λmax(Σx)"),
+            ("input_kappa_50", "κ50%(Σx)"),
+            ("grad_lambda_max", "λmax(Σ∇h)"),
+            ("grad_kappa_50", "κ50%(Σ∇h)"),
+        )
+    ):
+        ax.semilogy(
+            steps,
+            [value(base, s, "tok", quantity) for s in steps],
+            "-o" if "input" in quantity else "-s",
+            ms=3,
+            color=f"C{index}",
+            label=label,
+        )
     ax.set_xlabel("step")
     ax.set_title("token embedding over training: Σx is the data, Σ∇h the model")
     ax.grid(True, which="major", alpha=0.3)

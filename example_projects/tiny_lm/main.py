@@ -64,8 +64,9 @@ class Reference(pl.Callback):
         self.steps: dict[str, dict[str, Any]] = {}
 
     @torch.no_grad()
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step % self.every_n_steps:
             return
@@ -82,7 +83,8 @@ class Reference(pl.Callback):
         g = logits.reshape(-1, vocab).double().softmax(-1) - F.one_hot(targets.reshape(-1), vocab).double()
         counts = torch.bincount(ids.reshape(-1), minlength=vocab)
         self.steps[str(step)] = {
-            "tokens": int(ids.numel()), "counts": counts.tolist(),
+            "tokens": int(ids.numel()),
+            "counts": counts.tolist(),
             "head_input_lambda_max": float(torch.linalg.eigvalsh(x.T @ x / len(x))[-1]),
             "head_grad_lambda_max": float(torch.linalg.eigvalsh(g.T @ g / len(g))[-1]),
         }
@@ -122,7 +124,7 @@ def sample_text(model: TinyLM, data: PydocDataModule, prompt: str, length: int, 
     model.eval()
     with torch.no_grad():
         for _ in range(length):
-            logits = model(ids[:, -model.context:])[0, -1] / 0.8
+            logits = model(ids[:, -model.context :])[0, -1] / 0.8
             ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]], 1)
     return data.tokenizer.decode(ids[0].tolist())
 
@@ -132,20 +134,37 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
     and ``run.json``)."""
     pl.seed_everything(seed, verbose=False)
     data = PydocDataModule(context=args.context, batch_size=args.batch_size, limit_chars=args.limit_chars, seed=seed)
-    model = TinyLM(data.tokenizer.vocab_size, context=args.context, width=args.width, layers=args.layers,
-                   heads=args.heads, final_norm=VARIANTS[variant], lr=args.lr, warmup=args.warmup,
-                   max_steps=args.steps)
+    model = TinyLM(
+        data.tokenizer.vocab_size,
+        context=args.context,
+        width=args.width,
+        layers=args.layers,
+        heads=args.heads,
+        final_norm=VARIANTS[variant],
+        lr=args.lr,
+        warmup=args.warmup,
+        max_steps=args.steps,
+    )
     reference = Reference(args.every_n_steps)
-    conditioning = ConditioningCallback(every_n_steps=args.every_n_steps, loss_reduction="token_mean",
-                                        log_figures=False)
+    conditioning = ConditioningCallback(
+        every_n_steps=args.every_n_steps, loss_reduction="token_mean", log_figures=False
+    )
     domination = WeightDominationCallback(every_n_steps=args.every_n_steps)
     logger = TensorBoardLogger(args.out, name=variant, version=f"seed{seed}")
     if Path(logger.log_dir).exists():  # a rerun replaces the run (its logs and spectra file append)
         shutil.rmtree(logger.log_dir)
     trainer = pl.Trainer(
-        max_steps=args.steps, accelerator="cpu", callbacks=[reference, conditioning, domination], logger=logger,
-        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, val_check_interval=args.val_every, check_val_every_n_epoch=None,
+        max_steps=args.steps,
+        accelerator="cpu",
+        callbacks=[reference, conditioning, domination],
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=args.val_every,
+        check_val_every_n_epoch=None,
         limit_val_batches=args.val_batches,
     )
     start = time.time()
@@ -154,24 +173,48 @@ def run_one(variant: str, seed: int, args: argparse.Namespace) -> Path:
     seconds = time.time() - start
     final_val = float(trainer.validate(model, data, verbose=False)[0]["val_loss"])
     record = {
-        "variant": variant, "seed": seed, "steps": trainer.global_step, "context": args.context, "train_seconds": seconds,
-        "final_val_loss": final_val, "layers": model.depth_order, "groups": model.layer_groups,
-        "params": sum(p.numel() for p in model.parameters()), "vocab": data.tokenizer.vocab_size,
+        "variant": variant,
+        "seed": seed,
+        "steps": trainer.global_step,
+        "context": args.context,
+        "train_seconds": seconds,
+        "final_val_loss": final_val,
+        "layers": model.depth_order,
+        "groups": model.layer_groups,
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab": data.tokenizer.vocab_size,
         "corpus_counts": torch.bincount(data.train_ids, minlength=data.tokenizer.vocab_size).tolist(),
-        "chars": data.tokenizer.chars, "train_chars": len(data.train_ids), "val_chars": len(data.val_ids),
-        "warned_layers": domination.warned_layers, "messages": messages, "reference": reference.steps,
+        "chars": data.tokenizer.chars,
+        "train_chars": len(data.train_ids),
+        "val_chars": len(data.val_ids),
+        "warned_layers": domination.warned_layers,
+        "messages": messages,
+        "reference": reference.steps,
         "sample": sample_text(model, data, "The ", args.sample_chars, seed),
     }
     log_dir = Path(logger.log_dir)
     (log_dir / "run.json").write_text(json.dumps(record))
-    print(f"{variant} seed {seed}: {trainer.global_step} steps in {seconds:.0f} s, "
-          f"val loss {final_val:.3f} nats/char", flush=True)
+    print(
+        f"{variant} seed {seed}: {trainer.global_step} steps in {seconds:.0f} s, val loss {final_val:.3f} nats/char",
+        flush=True,
+    )
     return log_dir
 
 
 # ---------------------------------------------------------------------------- command line
-DEFAULTS = dict(steps=400, context=64, batch_size=32, width=64, layers=4, heads=4, lr=3e-3, warmup=30,
-                every_n_steps=20, seeds=2, limit_chars=None)
+DEFAULTS = dict(
+    steps=400,
+    context=64,
+    batch_size=32,
+    width=64,
+    layers=4,
+    heads=4,
+    lr=3e-3,
+    warmup=30,
+    every_n_steps=20,
+    seeds=2,
+    limit_chars=None,
+)
 
 
 def defaults_used(args: argparse.Namespace) -> bool:
@@ -195,16 +238,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-every", type=int, default=100, help="validate every this many steps")
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches of 256 windows (all: 0)")
     parser.add_argument("--sample-chars", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: these small matrices gain little from more, and one "
-                             "thread does not slow down under contention)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: these small matrices gain little from more, and one "
+        "thread does not slow down under contention)",
+    )
     parser.add_argument("--out", default="runs/tiny_lm")
     parser.add_argument("--results", default=None, help="where to write results.md (default: OUT/results.md)")
     parser.add_argument("--figures", default=None, help="folder for the figures (default: OUT/figures)")
     parser.add_argument("--smoke", action="store_true", help="tiny size for CI (seconds)")
-    parser.add_argument("--from-runs", default=None,
-                        help="re-read the runs under this folder (their run.json and logs) and rewrite "
-                             "summary.json, figures and results.md, without training")
+    parser.add_argument(
+        "--from-runs",
+        default=None,
+        help="re-read the runs under this folder (their run.json and logs) and rewrite "
+        "summary.json, figures and results.md, without training",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.context, args.batch_size, args.width, args.layers, args.heads = 9, 16, 8, 16, 2, 2
@@ -222,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     start, cpu_start = time.time(), time.process_time()
     out = Path(args.out)
-    command = ("python -m example_projects.tiny_lm.main " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = (
+        "python -m example_projects.tiny_lm.main " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
     try:
         if args.from_runs:
             saved = json.loads((Path(args.from_runs) / "summary.json").read_text())
@@ -241,11 +293,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu_seconds = saved.get("cpu_seconds", math.nan) if args.from_runs else time.process_time() - cpu_start
     args.cpu_seconds = cpu_seconds
     figures = plot(runs, summary, Path(args.figures or out / "figures"))
-    (out / "summary.json").write_text(json.dumps(
-        {"summary": summary, "args": vars(args), "command": command, "seconds": seconds, "cpu_seconds": cpu_seconds},
-        indent=1))
-    write_results(summary, runs, args, seconds, Path(args.results or out / "results.md"), command, figures,
-                  discussion=not args.smoke and defaults_used(args))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "summary": summary,
+                "args": vars(args),
+                "command": command,
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+            },
+            indent=1,
+        )
+    )
+    write_results(
+        summary,
+        runs,
+        args,
+        seconds,
+        Path(args.results or out / "results.md"),
+        command,
+        figures,
+        discussion=not args.smoke and defaults_used(args),
+    )
     for name, (ok, evidence) in summary["checks"].items():
         print(f"{name}: {'holds' if ok else 'FAILS'} — {evidence}")
     return {"summary": summary, "runs": runs, "figures": figures}

@@ -46,9 +46,20 @@ class TinyLM(pl.LightningModule):
             to 10% of ``lr`` at ``max_steps``.
     """
 
-    def __init__(self, vocab_size: int, context: int = 64, width: int = 64, layers: int = 4,
-                 heads: int = 4, mlp_ratio: int = 4, final_norm: bool = True, lr: float = 3e-3,
-                 warmup: int = 20, max_steps: int = 400, weight_decay: float = 0.01) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int = 64,
+        width: int = 64,
+        layers: int = 4,
+        heads: int = 4,
+        mlp_ratio: int = 4,
+        final_norm: bool = True,
+        lr: float = 3e-3,
+        warmup: int = 20,
+        max_steps: int = 400,
+        weight_decay: float = 0.01,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.context, self.n_layers = context, layers
@@ -57,9 +68,11 @@ class TinyLM(pl.LightningModule):
         self.tok = nn.Embedding(vocab_size, width)
         self.pos = nn.Embedding(context, width)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, mlp_ratio * width, dropout=0.0, activation="relu",
-                                       batch_first=True, norm_first=True)
-            for _ in range(layers))
+            nn.TransformerEncoderLayer(
+                width, heads, mlp_ratio * width, dropout=0.0, activation="relu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(width) if final_norm else nn.Identity()
         self.head = nn.Linear(width, vocab_size, bias=False)
         self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
@@ -96,8 +109,14 @@ class TinyLM(pl.LightningModule):
         order = ["tok", "pos"]
         for i in range(self.n_layers):
             attention = f"blocks.{i}.self_attn"
-            order += [f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj",
-                      f"{attention}.out_proj", f"blocks.{i}.linear1", f"blocks.{i}.linear2"]
+            order += [
+                f"{attention}.q_proj",
+                f"{attention}.k_proj",
+                f"{attention}.v_proj",
+                f"{attention}.out_proj",
+                f"blocks.{i}.linear1",
+                f"blocks.{i}.linear2",
+            ]
         return order + ["head"]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -129,9 +148,11 @@ class TinyLM(pl.LightningModule):
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
         decay = [p for n, p in self.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.named_parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=self.lr, betas=(0.9, 0.99))
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=(0.9, 0.99),
+        )
 
         def factor(step: int) -> float:
             if step < self.warmup:

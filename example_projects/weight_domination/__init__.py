@@ -1,0 +1,1 @@
+"""Fig. 4 and Fig. A11 of the paper with ``WeightDominationCallback`` (README.md)."""

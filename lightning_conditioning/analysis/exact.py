@@ -32,11 +32,7 @@ from torch import Tensor, nn
 
 from lightning_conditioning.capture.selection import select_layers
 from lightning_conditioning.maths.solvers import DenseSolver
-from lightning_conditioning.maths.spectra import (
-    SpectrumSummary,
-    smaller_gram,
-    summarize_spectrum,
-)
+from lightning_conditioning.maths.spectra import SpectrumSummary, smaller_gram, summarize_spectrum
 
 __all__ = ["ExactFisherSpectra", "exact_fisher_spectra", "fisher_rows"]
 
@@ -119,8 +115,9 @@ def fisher_rows(
             # B_i = diag(√p_i)(I − 1 p_iᵀ)
             b = torch.sqrt(p)[:, :, None] * (torch.eye(c, dtype=p.dtype) - p[:, None, :])
             return {
-                name: torch.einsum("nab,nbp->nap", b, jacobians[f"{name}.weight"].double().reshape(n, c, -1))
-                .reshape(n * c, -1)
+                name: torch.einsum("nab,nbp->nap", b, jacobians[f"{name}.weight"].double().reshape(n, c, -1)).reshape(
+                    n * c, -1
+                )
                 for name in names
             }
         if targets is None:

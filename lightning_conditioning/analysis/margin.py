@@ -21,8 +21,15 @@ from lightning_conditioning.distributed.collectives import Collectives
 from lightning_conditioning.maths.accumulate import LayerMoments
 from lightning_conditioning.maths.preconditioned import adam_stability_limit, preconditioned_sharpness, step_flops
 
-__all__ = ["step_size_limits", "with_stability_margin", "AdamLayer", "adam_layers", "with_adam_margin",
-           "Margins", "ADAM_FLOPS"]
+__all__ = [
+    "step_size_limits",
+    "with_stability_margin",
+    "AdamLayer",
+    "adam_layers",
+    "with_adam_margin",
+    "Margins",
+    "ADAM_FLOPS",
+]
 
 #: the most flops the Lanczos runs of one analysis may take on a CPU (about half a second of
 #: one core: every layer up to about 256 wide); an accelerator's budget is 1000× that. Layers
@@ -50,8 +57,12 @@ def step_size_limits(
         ({}, {})
     """
     optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
-    groups = {id(p): group for opt in optimizers for group in getattr(opt, "param_groups", [])
-              for p in group.get("params", [])}
+    groups = {
+        id(p): group
+        for opt in optimizers
+        for group in getattr(opt, "param_groups", [])
+        for p in group.get("params", [])
+    }
     rates: dict[str, float] = {}
     limits: dict[str, float] = {}
     for name, (module, _) in layers.items():
@@ -69,9 +80,7 @@ def step_size_limits(
 
 
 def with_stability_margin(
-    results: Mapping[str, LayerConditioning],
-    learning_rates: Mapping[str, float],
-    limits: Mapping[str, float],
+    results: Mapping[str, LayerConditioning], learning_rates: Mapping[str, float], limits: Mapping[str, float]
 ) -> dict[str, LayerConditioning]:
     """The results with each layer's stability margin: ``lr·λmax(F_k)`` against its step-size
     limit (2 for gradient descent, 2(1+β) with heavy-ball momentum β; a quadratic diverges along
@@ -88,8 +97,7 @@ def with_stability_margin(
         >>> with_stability_margin({"fc": result}, {"fc": 0.25}, {"fc": 2.0})["fc"].margin
         {'lr_lambda_max': 1.0, 'stability_limit': 2.0, 'lambda_max_share': 1.0}
     """
-    peaks = [r.fim.lambda_max for r in results.values()
-             if r.fim is not None and math.isfinite(r.fim.lambda_max)]
+    peaks = [r.fim.lambda_max for r in results.values() if r.fim is not None and math.isfinite(r.fim.lambda_max)]
     largest = max(peaks, default=math.nan)
     out: dict[str, LayerConditioning] = {}
     for name, result in results.items():
@@ -97,11 +105,14 @@ def with_stability_margin(
         if result.fim is None or lr is None or limit is None or not math.isfinite(result.fim.lambda_max):
             out[name] = result
             continue
-        out[name] = replace(result, margin={
-            "lr_lambda_max": lr * result.fim.lambda_max,
-            "stability_limit": limit,
-            "lambda_max_share": result.fim.lambda_max / largest if largest > 0 else math.nan,
-        })
+        out[name] = replace(
+            result,
+            margin={
+                "lr_lambda_max": lr * result.fim.lambda_max,
+                "stability_limit": limit,
+                "lambda_max_share": result.fim.lambda_max / largest if largest > 0 else math.nan,
+            },
+        )
     return out
 
 
@@ -136,8 +147,14 @@ def _adam_group(group: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
     """An Adam-family state with a plain tensor (an FSDP2 ``DTensor`` shard would need a
     collective to be read whole: such layers get no Adam margin)."""
     second = state.get("exp_avg_sq")
-    return ("betas" in group and "eps" in group and isinstance(second, Tensor)
-            and type(second).__name__ != "DTensor" and "step" in state and not group.get("amsgrad", False))
+    return (
+        "betas" in group
+        and "eps" in group
+        and isinstance(second, Tensor)
+        and type(second).__name__ != "DTensor"
+        and "step" in state
+        and not group.get("amsgrad", False)
+    )
 
 
 def _inverse(group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
@@ -146,8 +163,12 @@ def _inverse(group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
     return 1.0 / (second.sqrt() + float(group["eps"]))
 
 
-def adam_layers(layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any,
-                budget: float | None = None, over_budget: list[str] | None = None) -> dict[str, AdamLayer]:
+def adam_layers(
+    layers: Mapping[str, tuple[nn.Module, Any]],
+    optimizer: Any,
+    budget: float | None = None,
+    over_budget: list[str] | None = None,
+) -> dict[str, AdamLayer]:
     """The :class:`AdamLayer` of every ``nn.Linear`` (and Hugging Face ``Conv1D``) whose weight an
     Adam-family optimizer (``betas``, ``eps`` and an ``exp_avg_sq`` state: Adam, AdamW; not
     AMSGrad) has stepped at least once, and whose Lanczos run can fit the flops ``budget``
@@ -184,8 +205,9 @@ def adam_layers(layers: Mapping[str, tuple[nn.Module, Any]], optimizer: Any,
         inverse = _inverse(group, state)
         bias_group, bias_state = found.get(id(getattr(module, "bias", None)), ({}, {}))
         bias = _inverse(bias_group, bias_state) if _adam_group(bias_group, bias_state) else None
-        out[name] = AdamLayer(float(group["lr"]), float(group["betas"][0]),
-                              (inverse.T if transposed else inverse).clone(), bias)
+        out[name] = AdamLayer(
+            float(group["lr"]), float(group["betas"][0]), (inverse.T if transposed else inverse).clone(), bias
+        )
     return out
 
 
@@ -233,12 +255,15 @@ def with_adam_margin(
     for name, value in sharp.items():
         if name in out:
             state = adam[name]
-            out[name] = replace(out[name], margin={
-                "lr_lambda_max": state.lr * value,
-                "stability_limit": adam_stability_limit(state.beta1),
-                "lambda_max_share": value / largest if largest > 0 else math.nan,
-                "margin_preconditioned": 1.0,
-            })
+            out[name] = replace(
+                out[name],
+                margin={
+                    "lr_lambda_max": state.lr * value,
+                    "stability_limit": adam_stability_limit(state.beta1),
+                    "lambda_max_share": value / largest if largest > 0 else math.nan,
+                    "margin_preconditioned": 1.0,
+                },
+            )
     return out, [name for name in names if name not in sharp]
 
 
@@ -263,8 +288,12 @@ class Margins:
         adam = adam_layers(layers, optimizer, over_budget=over)
         return cls(*step_size_limits(layers, optimizer), adam, tuple(over))
 
-    def apply(self, results: Mapping[str, LayerConditioning], moments: Mapping[str, LayerMoments],
-              collectives: Collectives | None = None) -> tuple[dict[str, LayerConditioning], list[str]]:
+    def apply(
+        self,
+        results: Mapping[str, LayerConditioning],
+        moments: Mapping[str, LayerMoments],
+        collectives: Collectives | None = None,
+    ) -> tuple[dict[str, LayerConditioning], list[str]]:
         """The results with their margins (before the moments are released); the Adam layers
         left without one."""
         out = with_stability_margin(results, self.rates, self.limits)

@@ -74,8 +74,7 @@ class ConditioningOptions:
         percents = tuple(float(p) for p in self.kappa_percents)
         if not percents or not all(0 < p <= 100 and math.isfinite(p) for p in percents):
             raise ValueError(
-                f"kappa_percents must be a non-empty list of percents in (0, 100], "
-                f"got {list(self.kappa_percents)}"
+                f"kappa_percents must be a non-empty list of percents in (0, 100], got {list(self.kappa_percents)}"
             )
         if max(percents) <= 1 and min(percents) < 1:
             # [0.5, 0.8, 1.0] is κ_0.5, κ_0.8, κ_1 (ratios to the top 1% of the spectrum), never
@@ -83,27 +82,21 @@ class ConditioningOptions:
             raise ValueError(
                 f"kappa_percents are percents of the spectrum (50 for κ_50, 100 for κ_100), got "
                 f"{list(self.kappa_percents)}: fractions? Use {[_as_percent(p) for p in percents]}. "
-                "(Percents at most 1 are taken as meant when the list also has one above 1.)")
+                "(Percents at most 1 are taken as meant when the list also has one above 1.)"
+            )
         set_(self, "kappa_percents", tuple(int(p) if p.is_integer() else p for p in percents))
         if self.conv_mode not in ("channel", "patch"):
             raise ValueError(f"conv_mode must be 'channel' or 'patch', got {self.conv_mode!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(
-                f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.statistics_dtype not in STATISTICS_DTYPES:
-            raise ValueError(
-                f"statistics_dtype must be one of {STATISTICS_DTYPES}, got {self.statistics_dtype!r}"
-            )
+            raise ValueError(f"statistics_dtype must be one of {STATISTICS_DTYPES}, got {self.statistics_dtype!r}")
         rtol = self.rank_rtol
-        if rtol is not None and (
-            isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1
-        ):
+        if rtol is not None and (isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1):
             raise ValueError(f"rank_rtol must be None or a number in [0, 1), got {rtol!r}")
         set_(self, "rank_rtol", None if rtol is None else float(rtol))
         if self.kappa_definition not in KAPPA_DEFINITIONS:
-            raise ValueError(
-                f"kappa_definition must be one of {KAPPA_DEFINITIONS}, got {self.kappa_definition!r}"
-            )
+            raise ValueError(f"kappa_definition must be one of {KAPPA_DEFINITIONS}, got {self.kappa_definition!r}")
         period = self.every_n_steps if self.every_n_steps is not None else 1
         if not _is_int(self.window_steps) or not 1 <= self.window_steps <= period:
             raise ValueError(
@@ -117,14 +110,17 @@ class ConditioningOptions:
         if self.analysis not in ("auto", "sync", "background"):
             raise ValueError(f"analysis must be 'auto', 'sync' or 'background', got {self.analysis!r}")
         overhead = self.step_overhead
-        if overhead is not None and (isinstance(overhead, bool) or not isinstance(overhead, (int, float))
-                                     or not 0 < overhead < math.inf):
-            raise ValueError(f"step_overhead must be None or a positive number (a share of a plain "
-                             f"step, e.g. 0.5), got {overhead!r}")
+        if overhead is not None and (
+            isinstance(overhead, bool) or not isinstance(overhead, (int, float)) or not 0 < overhead < math.inf
+        ):
+            raise ValueError(
+                f"step_overhead must be None or a positive number (a share of a plain step, e.g. 0.5), got {overhead!r}"
+            )
         rows = self.max_rows
         if rows is not None and (not _is_int(rows) or rows < 1):
-            raise ValueError(f"max_rows must be None or a positive int (rows of one pass kept in a "
-                             f"moment, e.g. 2048), got {rows!r}")
+            raise ValueError(
+                f"max_rows must be None or a positive int (rows of one pass kept in a moment, e.g. 2048), got {rows!r}"
+            )
         if self.solver is not None and not callable(self.solver):
             raise TypeError(f"solver must be a solver or a plan (a callable), got {self.solver!r}")
         if self.layer_types is not None:
@@ -140,6 +136,10 @@ class ConditioningOptions:
     def names(cls) -> tuple[str, ...]:
         """The option names (the keyword arguments the monitor and the callback share)."""
         return tuple(f.name for f in fields(cls))
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """``{name: value}`` of every option (to hand them on by name)."""
+        return {name: getattr(self, name) for name in self.names()}
 
     def should_analyse(self, step: int) -> bool:
         """Whether optimizer step ``step``'s batches are captured (it is in a window).
@@ -185,12 +185,18 @@ def check_one_per_prefix(callback: Any, callbacks: Any, family: type) -> None:
         ...
         ValueError: 2 Probes in this Trainer log under prefix='conditioning': ... Probe(..., prefix='conditioning_2').
     """
-    others = [other for other in callbacks if other is not callback and isinstance(other, family)
-              and not getattr(other, "yields_to_others", False)
-              and getattr(other, "prefix", None) == callback.prefix]
+    others = [
+        other
+        for other in callbacks
+        if other is not callback
+        and isinstance(other, family)
+        and not getattr(other, "yields_to_others", False)
+        and getattr(other, "prefix", None) == callback.prefix
+    ]
     if others:
         name = family.__name__
         raise ValueError(
             f"{len(others) + 1} {name}s in this Trainer log under prefix={callback.prefix!r}: their "
             f"logged keys and checkpointed states would collide. Give each its own prefix=, e.g. "
-            f"{name}(..., prefix={callback.prefix + '_2'!r}).")
+            f"{name}(..., prefix={callback.prefix + '_2'!r})."
+        )

@@ -39,8 +39,7 @@ from lightning_conditioning.maths.spectra import (
     summarize_spectrum,
 )
 
-__all__ = ["LayerStatus", "LayerConditioning", "layer_status", "layer_note", "solve_layer",
-           "analyse_layer"]
+__all__ = ["LayerStatus", "LayerConditioning", "layer_status", "layer_note", "solve_layer", "analyse_layer"]
 
 #: ``"ok"``: everything computed; ``"no_grad"``: inputs seen but no output gradient arrived
 #: (Σ∇h and the sub-FIM are missing); ``"no_data"``: the layer never ran in the window;
@@ -195,19 +194,17 @@ def layer_status(moments: LayerMoments) -> LayerStatus:
 
 _NOTES = {
     "no_data": "its forward hooks never fired in the analysed step (not called, or its weight "
-               "used in a way the capture cannot see); nothing is logged",
-    "no_grad": "inputs seen but no output gradient arrived (a frozen or detached path after "
-               "it); Σx only",
+    "used in a way the capture cannot see); nothing is logged",
+    "no_grad": "inputs seen but no output gradient arrived (a frozen or detached path after it); Σx only",
     "zero_grad": "Σ∇h is exactly zero: no gradient reached its output (a zero-initialised "
-                 "layer or scale after it blocks it); λmax(Σ∇h) = λmax(F) = 0 are logged, κ of "
-                 "Σ∇h and F is undefined",
+    "layer or scale after it blocks it); λmax(Σ∇h) = λmax(F) = 0 are logged, κ of "
+    "Σ∇h and F is undefined",
     "shared_lookup": "its lookups are shared by the batch's examples (indices of leading dimension "
-                     "1, e.g. position ids broadcast over the batch), so the gradient at its output "
-                     "is a sum over the examples, not per-example; Σx only",
+    "1, e.g. position ids broadcast over the batch), so the gradient at its output "
+    "is a sum over the examples, not per-example; Σx only",
     "dead_expert": "a dead expert: the router sent it no token in the analysed window, so it has "
-                   "no rows and no gradient (not a numerical failure); nothing is logged",
-    "zero_input": "Σx is exactly zero (every input is 0); λmax(Σx) = λmax(F) = 0 are logged, "
-                  "κ is undefined",
+    "no rows and no gradient (not a numerical failure); nothing is logged",
+    "zero_input": "Σx is exactly zero (every input is 0); λmax(Σx) = λmax(F) = 0 are logged, κ is undefined",
 }
 
 
@@ -229,9 +226,11 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
         'Σ∇h holds NaN/Inf (a diverged step, or float16 overflow in the rows); nothing is logged'
     """
     if moments.shared_input_lost:
-        return (f"it read the same input tensor as {moments.shared_input or 'another layer'} until a "
-                "call one of them took alone, within the window, so its Σx cannot be told apart from "
-                "that layer's; nothing is logged this window (it keeps a Σx of its own from now on)")
+        return (
+            f"it read the same input tensor as {moments.shared_input or 'another layer'} until a "
+            "call one of them took alone, within the window, so its Σx cannot be told apart from "
+            "that layer's; nothing is logged this window (it keeps a Σx of its own from now on)"
+        )
     if status == "no_grad" and moments.shared_lookup:
         return _NOTES["shared_lookup"]
     if status == "no_data" and moments.expert is not None:
@@ -241,8 +240,10 @@ def layer_note(status: LayerStatus, moments: LayerMoments) -> str | None:
     pairs = (("Σx", moments.input_second_moment), ("Σ∇h", moments.grad_second_moment))
     if status == "nonfinite":
         bad = [label for label, m in pairs if m is not None and not moment_is_finite(m)]
-        return (f"{' and '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN/Inf (a diverged step, "
-                "or float16 overflow in the rows); nothing is logged")
+        return (
+            f"{' and '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN/Inf (a diverged step, "
+            "or float16 overflow in the rows); nothing is logged"
+        )
     if moments.grad_second_moment is not None and not _nonzero(moments.grad_second_moment):
         return _NOTES["zero_grad"]
     if moments.input_second_moment is not None and not _nonzero(moments.input_second_moment):
@@ -255,8 +256,7 @@ def _labels(status: LayerStatus) -> tuple[str, ...]:
 
 
 def solve_layer(
-    name: str, moments: LayerMoments, solver: SolverPlan | None = None,
-    solved: dict[int, SolvedSpectrum] | None = None,
+    name: str, moments: LayerMoments, solver: SolverPlan | None = None, solved: dict[int, SolvedSpectrum] | None = None
 ) -> dict[str, SolvedSpectrum]:
     """The eigen-solves of one layer's window: ``{"input": …, "grad": …}`` for the moments
     that exist (none for ``no_data`` / ``nonfinite`` windows). The expensive half of
@@ -320,13 +320,17 @@ def analyse_layer(
         input_rows=moments.input_rows,
         grad_rows=moments.grad_rows,
         expert=moments.expert,
-        routed_rows=(None if moments.expert is None else moments.input_rows if moments.input_sampling is None
-                     else max(moments.input_rows, moments.input_sampling.rows)),
+        routed_rows=(
+            None
+            if moments.expert is None
+            else moments.input_rows
+            if moments.input_sampling is None
+            else max(moments.input_rows, moments.input_sampling.rows)
+        ),
     )
     # solved spectra already say what exists (solve_layer checked finiteness once): no second
     # pass over the matrices unless nothing was solved
-    status: LayerStatus = (layer_status(moments) if not solved else
-                           "ok" if "grad" in solved else "no_grad")
+    status: LayerStatus = layer_status(moments) if not solved else "ok" if "grad" in solved else "no_grad"
     common["note"] = layer_note(status, moments)
     if status in ("no_data", "nonfinite"):
         return LayerConditioning(status=status, **common, **empty)  # type: ignore[arg-type]
@@ -344,24 +348,41 @@ def analyse_layer(
             rtol = max(rtol, rank_rtol)
         if not spectrum.complete:  # estimates with error bars (lightning_conditioning.maths.estimates)
             if spectrum.size != dim:
-                raise ValueError(f"solver {spectrum.solver!r} solved a {spectrum.size}-dim "
-                                 f"moment for {name}'s {dim}-dim {label} moment")
-            return summarize_solved(spectrum, percents, rtol=rtol, max_rank=rows,
-                                    definition=kappa_definition)
-        return summarize_spectrum(spectrum.eigenvalues, percents, rtol=rtol, max_rank=rows,
-                                  definition=kappa_definition, solver=spectrum.solver,
-                                  solver_error=spectrum.relative_error,
-                                  structural_zeros=spectrum.structural_zeros)
+                raise ValueError(
+                    f"solver {spectrum.solver!r} solved a {spectrum.size}-dim "
+                    f"moment for {name}'s {dim}-dim {label} moment"
+                )
+            return summarize_solved(spectrum, percents, rtol=rtol, max_rank=rows, definition=kappa_definition)
+        return summarize_spectrum(
+            spectrum.eigenvalues,
+            percents,
+            rtol=rtol,
+            max_rank=rows,
+            definition=kappa_definition,
+            solver=spectrum.solver,
+            solver_error=spectrum.relative_error,
+            structural_zeros=spectrum.structural_zeros,
+        )
 
-    input_summary = summary("input", kept_of(moments.input_rows, moments.input_sampling),
-                            moments.input_resolution, moments.input_gram_roundoff)
+    input_summary = summary(
+        "input",
+        kept_of(moments.input_rows, moments.input_sampling),
+        moments.input_resolution,
+        moments.input_gram_roundoff,
+    )
     grad_summary = fim = None
     if status == "ok":
-        grad_summary = summary("grad", kept_of(moments.grad_rows, moments.grad_sampling),
-                               moments.grad_resolution, moments.grad_gram_roundoff)
-        fim = (summarize_kronecker(input_summary, grad_summary, percents)
-               if input_summary.exact and grad_summary.exact
-               else summarize_kronecker_bounds(input_summary, grad_summary, percents))
+        grad_summary = summary(
+            "grad",
+            kept_of(moments.grad_rows, moments.grad_sampling),
+            moments.grad_resolution,
+            moments.grad_gram_roundoff,
+        )
+        fim = (
+            summarize_kronecker(input_summary, grad_summary, percents)
+            if input_summary.exact and grad_summary.exact
+            else summarize_kronecker_bounds(input_summary, grad_summary, percents)
+        )
     return LayerConditioning(
         status=status,
         input=input_summary,
@@ -377,8 +398,10 @@ def analyse_layer(
 def _sampling(moments: LayerMoments, with_grad: bool) -> dict[str, tuple[int, float]]:
     """``{moment: (rows kept, relative error of λmax)}`` of the sampled moments."""
     found: dict[str, tuple[int, float]] = {}
-    for moment, rows, tally in (("input", moments.input_rows, moments.input_sampling),
-                                ("grad", moments.grad_rows, moments.grad_sampling)):
+    for moment, rows, tally in (
+        ("input", moments.input_rows, moments.input_sampling),
+        ("grad", moments.grad_rows, moments.grad_sampling),
+    ):
         if tally is not None and (moment == "input" or with_grad):
             found[moment] = (kept_of(rows, tally), tally.relative_error())
     if found and with_grad and moments.input_second_moment is not None:
@@ -391,15 +414,19 @@ def _outliers(moments: LayerMoments) -> dict[str, Any]:
     """The outlier-feature reading of Σx's diagonal (dense, or the exact diagonal a sketch
     keeps); none for an embedding (its diagonal is token frequencies) or without a diagonal."""
     matrix = moments.input_second_moment
-    diagonal = (matrix.diagonal if isinstance(matrix, (SketchedMoment, RemoteMoment))
-                else matrix.diagonal() if isinstance(matrix, Tensor) and matrix.dim() == 2 else None)
+    diagonal = (
+        matrix.diagonal
+        if isinstance(matrix, (SketchedMoment, RemoteMoment))
+        else matrix.diagonal()
+        if isinstance(matrix, Tensor) and matrix.dim() == 2
+        else None
+    )
     if diagonal is None or diagonal.numel() < 2:
         return {}
     if moments.input_homogeneous:  # the constant 1 of the rows is no feature
         diagonal = diagonal[:-1]
     found = outlier_feature(diagonal)
     return dict(input_outlier_ratio=found.ratio, input_outlier_feature=found.feature if found.ratio else None)
-
 
 
 def _unit_counts(moments: LayerMoments) -> dict[str, Any]:

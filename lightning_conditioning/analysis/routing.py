@@ -59,8 +59,9 @@ def routing_readings(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
         shares = [seen[e] / total for e in range(experts)]
         readings = {schema.expert_quantity("load_share", e): share for e, share in enumerate(shares)}
         readings["load_imbalance"] = max(shares) * experts
-        readings["load_entropy"] = (-sum(p * math.log(p) for p in shares if p > 0) / math.log(experts)
-                                    if experts > 1 else 1.0)
+        readings["load_entropy"] = (
+            -sum(p * math.log(p) for p in shares if p > 0) / math.log(experts) if experts > 1 else 1.0
+        )
         readings["dead_experts"] = float(sum(1 for e in range(experts) if seen[e] == 0))
         out[module] = readings
     return out
@@ -68,5 +69,8 @@ def routing_readings(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 def routing_metrics(results: Mapping[str, Any], prefix: str) -> dict[str, float]:
     """The logged scalars ``{prefix}/{expert module}/{quantity}`` of :func:`routing_readings`."""
-    return {schema.key(prefix, module, quantity): value
-            for module, readings in routing_readings(results).items() for quantity, value in readings.items()}
+    return {
+        schema.key(prefix, module, quantity): value
+        for module, readings in routing_readings(results).items()
+        for quantity, value in readings.items()
+    }

@@ -32,16 +32,29 @@ from lightning_conditioning.maths.moments import LayerMoments
 from lightning_conditioning.maths.solvers import SolverPlan, limited_threads, plan_solver, shareable
 from lightning_conditioning.notify import announce
 
-__all__ = ["analyse_capture", "gather_moments", "analyse_moments", "analyse_releasing", "BackgroundAnalysis",
-           "BACKGROUND_SECONDS", "background_helps", "sampling_note"]
+__all__ = [
+    "analyse_capture",
+    "gather_moments",
+    "analyse_moments",
+    "analyse_releasing",
+    "BackgroundAnalysis",
+    "BACKGROUND_SECONDS",
+    "background_helps",
+    "sampling_note",
+]
 
 Notify = Callable[[str], None]
 #: analyses estimated to take longer than this go to the background with ``analysis="auto"``
 BACKGROUND_SECONDS = 0.5
 
 
-def gather_moments(capture: LayerCapture, collectives: Collectives | None = None, *,
-                   reset: bool = True, solver: SolverPlan | None = None) -> dict[str, LayerMoments]:
+def gather_moments(
+    capture: LayerCapture,
+    collectives: Collectives | None = None,
+    *,
+    reset: bool = True,
+    solver: SolverPlan | None = None,
+) -> dict[str, LayerMoments]:
     """A filled capture's window summed over processes, as host copies (float64); the capture
     is reset (unless ``reset=False``). Every rank must call it (collectives).
 
@@ -53,9 +66,12 @@ def gather_moments(capture: LayerCapture, collectives: Collectives | None = None
     group = collectives or Collectives.local()
     if group.distributed:
         capture.all_reduce(
-            group.all_reduce, group.world_size, group.rank,
+            group.all_reduce,
+            group.world_size,
+            group.rank,
             reduce_to=group.reduce_to if group.shards_by_owner else None,
-            shardable=lambda layer, dim: shareable(plan_solver(solver, layer, dim)))
+            shardable=lambda layer, dim: shareable(plan_solver(solver, layer, dim)),
+        )
     if reset:  # the sums themselves become the means: no d² copy while they are analysed
         moments = capture.moments(take=True)
         capture.reset()
@@ -77,10 +93,13 @@ def analyse_moments(
     group = collectives or Collectives.local()
     estimate = estimated_seconds(moments, group.world_size)
     if estimate > 1.0:  # never block without telling
-        largest = max((m.input_second_moment.shape[0] for m in moments.values()
-                       if m.input_second_moment is not None), default=0)
-        info(f"{who}: step {step}: eigen-analysis of {len(moments)} layers "
-             f"(largest Σx {largest}×{largest}), about {estimate:.0f} s per process...")
+        largest = max(
+            (m.input_second_moment.shape[0] for m in moments.values() if m.input_second_moment is not None), default=0
+        )
+        info(
+            f"{who}: step {step}: eigen-analysis of {len(moments)} layers "
+            f"(largest Σx {largest}×{largest}), about {estimate:.0f} s per process..."
+        )
     started = time.perf_counter()
     with limited_threads(1):  # see limited_threads: small solves stall on spinning teams
         results = _analyse_layers(moments, step, options, group)
@@ -111,28 +130,35 @@ def analyse_releasing(
         results, unresolved = margins.apply(results, moments, collectives)
         if unresolved and noted is not None and "adam-margin" not in noted:
             noted.add("adam-margin")
-            info(f"{who}: no Adam stability margin for {len(unresolved)} layer(s) ("
-                 f"{', '.join(unresolved[:4])}{' …' if len(unresolved) > 4 else ''}): their Lanczos "
-                 f"run does not fit its budget (ADAM_FLOPS = {ADAM_FLOPS:g} flops an analysis on a CPU, "
-                 "about 256-wide layers; 1000× on an accelerator), their Σx or Σ∇h is not a dense "
-                 "matrix here (sketched, diagonal), or it did not converge. Said once.")
+            info(
+                f"{who}: no Adam stability margin for {len(unresolved)} layer(s) ("
+                f"{', '.join(unresolved[:4])}{' …' if len(unresolved) > 4 else ''}): their Lanczos "
+                f"run does not fit its budget (ADAM_FLOPS = {ADAM_FLOPS:g} flops an analysis on a CPU, "
+                "about 256-wide layers; 1000× on an accelerator), their Σx or Σ∇h is not a dense "
+                "matrix here (sketched, diagonal), or it did not converge. Said once."
+            )
         return results
     finally:
         moments.clear()
 
 
-def _analyse_layers(moments: Mapping[str, LayerMoments], step: int, options: ConditioningOptions,
-                    group: Collectives) -> dict[str, LayerConditioning]:
+def _analyse_layers(
+    moments: Mapping[str, LayerMoments], step: int, options: ConditioningOptions, group: Collectives
+) -> dict[str, LayerConditioning]:
     return analyse_layers(
         moments,
         lambda name, window, solved: analyse_layer(
-            name, step, window, percents=options.kappa_percents, rank_rtol=options.rank_rtol,
-            kappa_definition=options.kappa_definition, solved=solved),
+            name,
+            step,
+            window,
+            percents=options.kappa_percents,
+            rank_rtol=options.rank_rtol,
+            kappa_definition=options.kappa_definition,
+            solved=solved,
+        ),
         solver=options.solver,
         collectives=group,
     )
-
-
 
 
 def analyse_capture(
@@ -152,7 +178,6 @@ def analyse_capture(
     """
     moments = gather_moments(capture, collectives, reset=reset)
     return analyse_moments(moments, step, options, collectives, info=info, who=who)
-
 
 
 def background_helps(device: torch.device) -> bool:
@@ -278,16 +303,22 @@ def sampling_note(moments: Mapping[str, LayerMoments], limit: int | None) -> str
         sampling is 10.0% at most (median 10.0%), logged as `…_sampling_error`; max_rows=None
         keeps every row
     """
-    tallies = [tally for found in moments.values()
-               for tally in (found.input_sampling, found.grad_sampling) if tally is not None]
+    tallies = [
+        tally
+        for found in moments.values()
+        for tally in (found.input_sampling, found.grad_sampling)
+        if tally is not None
+    ]
     if not tallies:
         return None
     errors = sorted(tally.relative_error() for tally in tallies)
     count, skipped = len(tallies), max(t.rows - t.counted for t in tallies)
-    return (f"passes of up to {max(t.rows for t in tallies)} rows in a window: {count} moment"
-            f"{'s' * (count != 1)} of {len(moments)} layer{'s' * (len(moments) != 1)} kept a uniform "
-            f"sample of max_rows={limit} rows per step, weighted to stand for the rows of its passes"
-            + (f" (the passes past that budget, {skipped} rows, left out)" if skipped else "")
-            + f"; the relative standard error of λmax from the sampling is {errors[-1]:.1%} at most "
-            f"(median {errors[len(errors) // 2]:.1%}), logged as `…_sampling_error`; max_rows=None "
-            "keeps every row")
+    return (
+        f"passes of up to {max(t.rows for t in tallies)} rows in a window: {count} moment"
+        f"{'s' * (count != 1)} of {len(moments)} layer{'s' * (len(moments) != 1)} kept a uniform "
+        f"sample of max_rows={limit} rows per step, weighted to stand for the rows of its passes"
+        + (f" (the passes past that budget, {skipped} rows, left out)" if skipped else "")
+        + f"; the relative standard error of λmax from the sampling is {errors[-1]:.1%} at most "
+        f"(median {errors[len(errors) // 2]:.1%}), logged as `…_sampling_error`; max_rows=None "
+        "keeps every row"
+    )

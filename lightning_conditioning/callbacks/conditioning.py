@@ -13,12 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_conditioning.analysis.options import ConditioningOptions, check_one_per_prefix
-from lightning_conditioning.callbacks.support import (
-    loss_scale,
-    prefix_state_key,
-    rank_zero_warn,
-    unsupported,
-)
+from lightning_conditioning.callbacks.support import loss_scale, prefix_state_key, rank_zero_warn, unsupported
 from lightning_conditioning.capture.passes import (
     ExtraPasses,
     ForwardFn,
@@ -153,9 +148,11 @@ class ConditioningCallback(ConditioningReadout, Callback):
         option = f"{type(self).__name__}({self._extra_pass_option})"
         name = forward_module_name(pl_module, needed_by=f"{option}'s passes")
         if name:
-            rank_zero_info(f"{type(self).__name__}: {type(pl_module).__name__} has no forward; the "
-                           f"extra passes call its only sub-module with parameters, `{name}` "
-                           "(pass forward_fn= to call something else).")
+            rank_zero_info(
+                f"{type(self).__name__}: {type(pl_module).__name__} has no forward; the "
+                f"extra passes call its only sub-module with parameters, `{name}` "
+                "(pass forward_fn= to call something else)."
+            )
         return name
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -168,14 +165,20 @@ class ConditioningCallback(ConditioningReadout, Callback):
             if self.monitor is not None:  # a second fit: keep what the first one warned about
                 self._restored = self.monitor.state_dict()
             self.monitor = ConditioningMonitor(
-                pl_module, collectives=Collectives.strategy(trainer.strategy), info=rank_zero_info,
-                warn=rank_zero_warn, **{n: getattr(self.options, n) for n in ConditioningOptions.names()})
+                pl_module,
+                collectives=Collectives.strategy(trainer.strategy),
+                info=rank_zero_info,
+                warn=rank_zero_warn,
+                **{n: getattr(self.options, n) for n in ConditioningOptions.names()},
+            )
             self.monitor.load_state_dict(self._restored)
             self.monitor.optimizer = list(trainer.optimizers) or None  # for the stability margin
             self.monitor.domination_source = domination_source(trainer.callbacks)  # type: ignore[attr-defined]
         if self.tensorboard_layout and trainer.is_global_zero:
-            publish_tensorboard_layout(trainer.loggers, make_tensorboard_layout(
-                conditioning_prefix=self.prefix, kappa_percents=self.options.kappa_percents))
+            publish_tensorboard_layout(
+                trainer.loggers,
+                make_tensorboard_layout(conditioning_prefix=self.prefix, kappa_percents=self.options.kappa_percents),
+            )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and (note := self.closing_words(self.print_diagnosis, trainer)):
@@ -190,8 +193,9 @@ class ConditioningCallback(ConditioningReadout, Callback):
         if note := passes.hold(_probe_batches(trainer, self.probe_batches)):
             rank_zero_warn(f"{type(self).__name__}: {note}")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         monitor, step = self.monitor, trainer.global_step
         if monitor is None:
             return
@@ -208,8 +212,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
             monitor.set_loss_tokens(monitor.loss_tokens_for(batch))  # token-mean losses
             monitor.capture.active = True  # piggyback on the training step's own passes
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           loss: Tensor) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self.monitor is None or not self.monitor.capturing:
             return
         # Lightning divides the loss by the accumulated micro-batches; a GradScaler multiplies
@@ -218,8 +221,9 @@ class ConditioningCallback(ConditioningReadout, Callback):
         accumulation = float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0
         self.monitor.set_grad_multiplier(accumulation / scale)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         monitor = self.monitor
         if monitor is None:
             return
@@ -232,8 +236,9 @@ class ConditioningCallback(ConditioningReadout, Callback):
         if trainer.global_step == step:
             return  # this step's optimizer step has not run yet (accumulation)
         skipped = self._scale_at_backward is not None and loss_scale(trainer) < self._scale_at_backward
-        if monitor.step_done(step, skipped="the GradScaler lowered its scale" if skipped else None,
-                             who=type(self).__name__):
+        if monitor.step_done(
+            step, skipped="the GradScaler lowered its scale" if skipped else None, who=type(self).__name__
+        ):
             self._publish(trainer)
         self._scale_at_backward = None
 
@@ -242,17 +247,29 @@ class ConditioningCallback(ConditioningReadout, Callback):
         monitor = self.monitor
         assert monitor is not None and monitor.results_step is not None
         if trainer.is_global_zero:
-            publish_conditioning(trainer.loggers, monitor.window_results, monitor.results_step,
-                                 prefix=self.prefix, histograms=self.log_histograms,
-                                 figures=self.log_figures, attention=monitor.attention.results)
+            publish_conditioning(
+                trainer.loggers,
+                monitor.window_results,
+                monitor.results_step,
+                prefix=self.prefix,
+                histograms=self.log_histograms,
+                figures=self.log_figures,
+                attention=monitor.attention.results,
+            )
 
-    def _extra_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                    step: int) -> None:
+    def _extra_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
         """One isolated forward/backward with capture on (true Fisher or a probe batch)."""
         assert self.monitor is not None
-        self.extra_passes.run(self.monitor, pl_module, lambda: self._forward(pl_module, batch), batch,
-                              step=step, rank=trainer.global_rank, loss_scale=loss_scale(trainer),
-                              forward_context=trainer.precision_plugin.forward_context)
+        self.extra_passes.run(
+            self.monitor,
+            pl_module,
+            lambda: self._forward(pl_module, batch),
+            batch,
+            step=step,
+            rank=trainer.global_rank,
+            loss_scale=loss_scale(trainer),
+            forward_context=trainer.precision_plugin.forward_context,
+        )
 
     def _forward(self, pl_module: pl.LightningModule, batch: Any) -> Any:
         if self.forward_fn is not None:
@@ -261,8 +278,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
             self._forward_module = self._default_forward_module(pl_module)
         # the true Fisher computes its loss from the logits: the data's labels stay out (but
         # for encoder-decoder models, which make their decoder inputs from them)
-        return default_forward(pl_module.get_submodule(self._forward_module), batch,
-                               keep_labels=self.fisher != "true")
+        return default_forward(pl_module.get_submodule(self._forward_module), batch, keep_labels=self.fisher != "true")
 
     def _discard(self) -> None:
         if self.monitor is not None:
@@ -274,8 +290,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
             self._publish(trainer)
         self._discard()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

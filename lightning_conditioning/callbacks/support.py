@@ -44,19 +44,25 @@ def unsupported(kind: str, strategy: Any) -> str | None:
         size = strategy._tensor_parallel_size
         data = getattr(strategy, "_data_parallel_size", 1)
         devices = size * data if isinstance(data, int) else "N"
-        return (f"tensor parallelism (tensor_parallel_size={size}) splits a layer's inputs or "
-                "outputs over ranks: its statistics would be those of a shard (ModelParallelStrategy() "
-                "with its defaults makes every device of the node tensor-parallel). For FSDP2 alone, "
-                "which is supported, pass ModelParallelStrategy(data_parallel_size="
-                f"{devices}, tensor_parallel_size=1); or use DDP.")
+        return (
+            f"tensor parallelism (tensor_parallel_size={size}) splits a layer's inputs or "
+            "outputs over ranks: its statistics would be those of a shard (ModelParallelStrategy() "
+            "with its defaults makes every device of the node tensor-parallel). For FSDP2 alone, "
+            "which is supported, pass ModelParallelStrategy(data_parallel_size="
+            f"{devices}, tensor_parallel_size=1); or use DDP."
+        )
     if "DeepSpeed" in name:
-        return ("DeepSpeed keeps gradients and weights in partitioned buffers of its own and scales "
-                f"float16 losses with its own scaler, so the {kind} numbers would be missing or "
-                "wrong; this was not tested (Lightning runs DeepSpeed on CUDA only). Use FSDP2 "
-                "(ModelParallelStrategy with tensor_parallel_size=1) or DDP.")
+        return (
+            "DeepSpeed keeps gradients and weights in partitioned buffers of its own and scales "
+            f"float16 losses with its own scaler, so the {kind} numbers would be missing or "
+            "wrong; this was not tested (Lightning runs DeepSpeed on CUDA only). Use FSDP2 "
+            "(ModelParallelStrategy with tensor_parallel_size=1) or DDP."
+        )
     if name == "FSDPStrategy":
-        return ("classic FSDP flattens parameters and was not tested (Lightning refuses it on the "
-                "CPU). Use FSDP2 (ModelParallelStrategy with tensor_parallel_size=1), which is tested.")
+        return (
+            "classic FSDP flattens parameters and was not tested (Lightning refuses it on the "
+            "CPU). Use FSDP2 (ModelParallelStrategy with tensor_parallel_size=1), which is tested."
+        )
     return None
 
 

@@ -13,12 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_conditioning.analysis.options import check_one_per_prefix
-from lightning_conditioning.callbacks.support import (
-    loss_scale,
-    prefix_state_key,
-    rank_zero_warn,
-    unsupported,
-)
+from lightning_conditioning.callbacks.support import loss_scale, prefix_state_key, rank_zero_warn, unsupported
 from lightning_conditioning.distributed.collectives import Collectives
 from lightning_conditioning.maths.domination import WeightStatistics, is_dominated
 from lightning_conditioning.monitors.domination import DominationOptions, WeightDominationMonitor
@@ -147,9 +142,14 @@ class WeightDominationCallback(DominationReadout, Callback):
             return
         # after configure_model: FSDP2 has replaced the parameters by sharded DTensors
         self.monitor = WeightDominationMonitor(
-            pl_module, prefix=self.prefix, warn=rank_zero_warn, info=rank_zero_info,
-            collectives=Collectives.strategy(trainer.strategy), optimizer=list(trainer.optimizers) or None,
-            **self.options.as_kwargs())
+            pl_module,
+            prefix=self.prefix,
+            warn=rank_zero_warn,
+            info=rank_zero_info,
+            collectives=Collectives.strategy(trainer.strategy),
+            optimizer=list(trainer.optimizers) or None,
+            **self.options.as_kwargs(),
+        )
         self.monitor.load_state_dict(self._restored)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -162,9 +162,7 @@ class WeightDominationCallback(DominationReadout, Callback):
         # a GradScaler has multiplied it by its scale
         self._loss_sum += float(loss.detach()) / loss_scale(trainer)
 
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         step = trainer.global_step
         if self.monitor is not None and self.monitor.is_due(step):
             self.monitor.before_optimizer_step(step, loss=self._step_loss(trainer, pl_module, step))
@@ -179,8 +177,7 @@ class WeightDominationCallback(DominationReadout, Callback):
         return loss
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         monitor = self.monitor
         if monitor is None or monitor.pending_step is None or trainer.global_step == monitor.pending_step:

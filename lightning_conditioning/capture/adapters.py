@@ -19,13 +19,7 @@ from torch import Tensor, nn
 
 from lightning_conditioning.maths.accumulate import MomentSum, SecondMomentSum
 
-__all__ = [
-    "ConvMode",
-    "LayerAdapter",
-    "LinearAdapter",
-    "ConvChannelAdapter",
-    "ConvPatchAdapter",
-]
+__all__ = ["ConvMode", "LayerAdapter", "LinearAdapter", "ConvChannelAdapter", "ConvPatchAdapter"]
 
 ConvMode = Literal["channel", "patch"]
 UnitExtremes = tuple[Tensor, Tensor]
@@ -162,8 +156,7 @@ def _channel_rows(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def _add_positions(flat: Tensor, into: MomentSum, weight: float = 1.0,
-                   total: Tensor | None = None) -> None:
+def _add_positions(flat: Tensor, into: MomentSum, weight: float = 1.0, total: Tensor | None = None) -> None:
     """Add the positions of ``(N, C, L)`` as rows of ``C`` values: one ready Gram for a dense
     sum, the rows themselves (``(N·L, C)``) for a sketch, which cannot take a Gram."""
     if isinstance(into, SecondMomentSum):
@@ -259,16 +252,12 @@ class ConvPatchAdapter(ConvChannelAdapter):
             x = F.pad(x, [p for size in reversed(padding) for p in (size, size)])
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
         sizes = x.shape[2:]
-        out = [
-            (size - d * (k - 1) - 1) // s + 1
-            for size, k, s, d in zip(sizes, kernel, stride, dilation)
-        ]
+        out = [(size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip(sizes, kernel, stride, dilation)]
         channels, batch = x.shape[1], x.shape[0]
         buffer = x.new_empty(channels, *kernel, batch, *out)
         for taps in itertools.product(*(range(k) for k in kernel)):
             window: tuple[Any, ...] = tuple(
-                slice(t * d, t * d + s * (o - 1) + 1, s)
-                for t, d, s, o in zip(taps, dilation, stride, out)
+                slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(taps, dilation, stride, out)
             )
             target: tuple[Any, ...] = (slice(None), *taps)
             buffer[target] = x[(slice(None), slice(None), *window)].transpose(0, 1)

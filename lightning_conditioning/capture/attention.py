@@ -55,8 +55,11 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         >>> list(attention_modules(nn.Sequential(nn.Linear(2, 2), nn.MultiheadAttention(4, 2))))
         ['1']
     """
-    return {user_name(name): module for name, module in model.named_modules()
-            if name and (isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention"))}
+    return {
+        user_name(name): module
+        for name, module in model.named_modules()
+        if name and (isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention"))
+    }
 
 
 class _SdpaMode(TorchFunctionMode):
@@ -66,8 +69,9 @@ class _SdpaMode(TorchFunctionMode):
         super().__init__()
         self.handler = handler
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             self.handler(args, kwargs)
@@ -84,8 +88,9 @@ class AttentionProbe:
         seed: the seed of the probe's own generator.
     """
 
-    def __init__(self, model: nn.Module, active: Callable[[], bool], *, sample: int = QUERY_SAMPLE,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, active: Callable[[], bool], *, sample: int = QUERY_SAMPLE, seed: int = 0
+    ) -> None:
         #: the modules read (none in a compiled model: a mode inside compiled code would
         #: recompile it)
         self.modules = {} if compiled(model) else attention_modules(model)
@@ -106,10 +111,16 @@ class AttentionProbe:
         if self._handles:
             return
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(
-                torch.compiler.disable(lambda m, a, k, name=name: self._enter(name, m, a, k)), with_kwargs=True))
-            self._handles.append(module.register_forward_hook(
-                torch.compiler.disable(lambda m, a, o, name=name: self._leave(name)), always_call=True))
+            self._handles.append(
+                module.register_forward_pre_hook(
+                    torch.compiler.disable(lambda m, a, k, name=name: self._enter(name, m, a, k)), with_kwargs=True
+                )
+            )
+            self._handles.append(
+                module.register_forward_hook(
+                    torch.compiler.disable(lambda m, a, o, name=name: self._leave(name)), always_call=True
+                )
+            )
 
     def detach(self) -> None:
         """Remove the hooks (the readings are kept)."""
@@ -125,8 +136,11 @@ class AttentionProbe:
         """The window's readings (the probe starts a new window)."""
         readings, self.readings = self.readings, {}
         # a module around a read one (BERT's BertAttention around its BertSelfAttention) is no gap
-        self.unread = {name for name in self._ran if name not in readings
-                       and not any(read.startswith(name + ".") for read in readings)}
+        self.unread = {
+            name
+            for name in self._ran
+            if name not in readings and not any(read.startswith(name + ".") for read in readings)
+        }
         self._ran = set()
         return readings
 
@@ -167,15 +181,34 @@ class AttentionProbe:
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
         scale = kwargs.get("scale", args[6] if len(args) > 6 else None)
-        self._record(name, attention_reading(query, key, attn_mask=mask, is_causal=bool(causal), scale=scale,
-                                             sample=self.sample, generator=self._generator))
+        self._record(
+            name,
+            attention_reading(
+                query,
+                key,
+                attn_mask=mask,
+                is_causal=bool(causal),
+                scale=scale,
+                sample=self.sample,
+                generator=self._generator,
+            ),
+        )
 
-    def _read_multihead(self, name: str, module: nn.MultiheadAttention, args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> None:
+    def _read_multihead(
+        self, name: str, module: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         if module.bias_k is not None or module.add_zero_attn:
             return
-        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
-                 "average_attn_weights", "is_causal")
+        names = (
+            "query",
+            "key",
+            "value",
+            "key_padding_mask",
+            "need_weights",
+            "attn_mask",
+            "average_attn_weights",
+            "is_causal",
+        )
         given = {**dict(zip(names, args)), **kwargs}
         query, key = given.get("query"), given.get("key")
         if not isinstance(query, Tensor) or not isinstance(key, Tensor):
@@ -187,7 +220,7 @@ class AttentionProbe:
         if not module.batch_first:
             query, key = query.transpose(0, 1), key.transpose(0, 1)
         if module._qkv_same_embed_dim:
-            q_weight, k_weight = module.in_proj_weight[:embed], module.in_proj_weight[embed:2 * embed]
+            q_weight, k_weight = module.in_proj_weight[:embed], module.in_proj_weight[embed : 2 * embed]
         else:
             q_weight, k_weight = module.q_proj_weight, module.k_proj_weight
         bias = module.in_proj_bias
@@ -195,18 +228,19 @@ class AttentionProbe:
             q = torch.matmul(query.detach(), q_weight.detach().T)
             k = torch.matmul(key.detach(), k_weight.detach().T)
             if bias is not None:
-                q, k = q + bias[:embed].detach(), k + bias[embed:2 * embed].detach()
+                q, k = q + bias[:embed].detach(), k + bias[embed : 2 * embed].detach()
         batch, count, keys = q.shape[0], q.shape[1], k.shape[1]
         q = q.reshape(batch, count, heads, -1).transpose(1, 2)
         k = k.reshape(batch, keys, heads, -1).transpose(1, 2)
         mask = _multihead_mask(given.get("attn_mask"), given.get("key_padding_mask"), batch, heads, count, keys)
         causal = bool(given.get("is_causal", False)) and given.get("attn_mask") is None
-        self._record(name, attention_reading(q, k, attn_mask=mask, is_causal=causal, sample=self.sample,
-                                             generator=self._generator))
+        self._record(
+            name,
+            attention_reading(q, k, attn_mask=mask, is_causal=causal, sample=self.sample, generator=self._generator),
+        )
 
 
-def _multihead_mask(attn_mask: Any, padding: Any, batch: int, heads: int, count: int,
-                    keys: int) -> Tensor | None:
+def _multihead_mask(attn_mask: Any, padding: Any, batch: int, heads: int, count: int, keys: int) -> Tensor | None:
     """``nn.MultiheadAttention``'s masks as one SDPA-style mask ``(batch, heads, count, keys)``
     (boolean True: may attend; float: added)."""
     parts: list[Tensor] = []
@@ -227,6 +261,7 @@ def _multihead_mask(attn_mask: Any, padding: Any, batch: int, heads: int, count:
         return out
     total = torch.zeros((), dtype=torch.float64)
     for part in parts:
-        total = total + (torch.zeros((), dtype=torch.float64).masked_fill(~part, -float("inf"))
-                         if part.dtype == torch.bool else part)
+        total = total + (
+            torch.zeros((), dtype=torch.float64).masked_fill(~part, -float("inf")) if part.dtype == torch.bool else part
+        )
     return total

@@ -106,8 +106,11 @@ def forward_module_name(module: nn.Module, needed_by: str = "the extra passes") 
     if not own and len(holders) == 1 and defines_forward(module.get_submodule(holders[0])):
         return holders[0]
     kind = type(module).__name__
-    why = (f"its parameters are spread over {', '.join(holders)}" if len(holders) > 1
-           else "no single sub-module with a forward holds all its parameters")
+    why = (
+        f"its parameters are spread over {', '.join(holders)}"
+        if len(holders) > 1
+        else "no single sub-module with a forward holds all its parameters"
+    )
     call = f"module.{holders[0]}(batch[0])" if holders else "...(batch[0])"
     raise TypeError(
         f"{needed_by} call the model, but {kind} has no forward method ({why}): pass "
@@ -157,10 +160,14 @@ def forward_kwargs(module: nn.Module, batch: Mapping[Any, Any], keep_labels: boo
     """
     names, any_keyword = _forward_signature(module)
     decoder_from_labels = "decoder_input_ids" in names and not (
-        {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch))
+        {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch)
+    )
     drop = set() if keep_labels or decoder_from_labels else {LABELS}
-    kwargs = {key: value for key, value in batch.items() if isinstance(key, str)
-              and key not in drop and (any_keyword or key in names)}
+    kwargs = {
+        key: value
+        for key, value in batch.items()
+        if isinstance(key, str) and key not in drop and (any_keyword or key in names)
+    }
     if not kwargs:
         raise TypeError(
             f"none of the batch's keys {sorted(map(str, batch))} is an argument of "
@@ -202,7 +209,8 @@ def logits_of(outputs: Any) -> Tensor:
         if isinstance(logits, Tensor) and logits.dim() == 0:
             raise TypeError(
                 "the first element of the model's output tuple is a scalar (a loss?), not "
-                "logits: pass forward_fn= returning the logits, or sample_fn= / loss_fn=")
+                "logits: pass forward_fn= returning the logits, or sample_fn= / loss_fn="
+            )
     else:
         logits = getattr(outputs, "logits", None)
     if isinstance(logits, Tensor):

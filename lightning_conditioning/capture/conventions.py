@@ -28,21 +28,14 @@ from typing import Any, Literal
 import torch  # noqa: F401  (the examples)
 from torch import Tensor, nn
 
-__all__ = [
-    "LOSS_REDUCTIONS",
-    "LossReduction",
-    "token_level_model",
-    "resolve_loss_reduction",
-    "loss_tokens",
-]
+__all__ = ["LOSS_REDUCTIONS", "LossReduction", "token_level_model", "resolve_loss_reduction", "loss_tokens"]
 
 LossReduction = Literal["auto", "mean", "token_mean", "sum"]
 LOSS_REDUCTIONS: tuple[str, ...] = ("auto", "mean", "token_mean", "sum")
 
 #: Hugging Face head classes whose loss averages over tokens (suffixes of the class name);
 #: the causal ones shift the labels by one position
-_TOKEN_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification",
-                "ForConditionalGeneration")
+_TOKEN_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification", "ForConditionalGeneration")
 _CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
 _IGNORE_INDEX = -100
 

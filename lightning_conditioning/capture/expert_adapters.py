@@ -6,7 +6,6 @@ DeepSeek-V3, gpt-oss), so that no model library is imported here. How their rows
 :mod:`lightning_conditioning.capture.experts`.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +16,16 @@ from torch import Tensor, nn
 
 from lightning_conditioning.capture.adapters import LayerAdapter, LinearAdapter
 
-__all__ = ["ExpertLayout", "expert_layout", "router_weight", "FusedExperts", "Router", "FusedExpertsAdapter",
-           "ExpertProjectionAdapter", "RouterAdapter"]
+__all__ = [
+    "ExpertLayout",
+    "expert_layout",
+    "router_weight",
+    "FusedExperts",
+    "Router",
+    "FusedExpertsAdapter",
+    "ExpertProjectionAdapter",
+    "RouterAdapter",
+]
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,14 @@ def expert_layout(module: nn.Module) -> ExpertLayout | None:
         weight = getattr(module, name, None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 3 or weight.shape[0] != experts:
             return None
-    return ExpertLayout(experts, projections, bool(module.is_transposed), bool(getattr(module, "has_bias", False)),
-                        gate, bool(getattr(module, "has_post_expert_norm", False)))
+    return ExpertLayout(
+        experts,
+        projections,
+        bool(module.is_transposed),
+        bool(getattr(module, "has_bias", False)),
+        gate,
+        bool(getattr(module, "has_post_expert_norm", False)),
+    )
 
 
 def router_weight(module: nn.Module) -> nn.Parameter | None:
@@ -89,8 +102,13 @@ def router_weight(module: nn.Module) -> nn.Parameter | None:
     """
     weight = getattr(module, "weight", None)
     experts = getattr(module, "num_experts", None)
-    if (isinstance(module, nn.Linear) or not isinstance(weight, nn.Parameter) or weight.dim() != 2
-            or not hasattr(module, "top_k") or weight.shape[0] != experts):
+    if (
+        isinstance(module, nn.Linear)
+        or not isinstance(weight, nn.Parameter)
+        or weight.dim() != 2
+        or not hasattr(module, "top_k")
+        or weight.shape[0] != experts
+    ):
         return None
     return weight
 
@@ -178,8 +196,11 @@ class FusedExpertsAdapter(LayerAdapter):
     def sublayers(self, module: nn.Module) -> dict[str, LayerAdapter] | None:
         layout = expert_layout(module)
         assert layout is not None
-        return {f"{name}.{e}": ExpertProjectionAdapter(name, e, layout)
-                for e in range(layout.experts) for name in layout.projections}
+        return {
+            f"{name}.{e}": ExpertProjectionAdapter(name, e, layout)
+            for e in range(layout.experts)
+            for name in layout.projections
+        }
 
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
         raise TypeError("a fused expert module is analysed through its experts (sublayers)")
@@ -213,5 +234,3 @@ class RouterAdapter(LinearAdapter):
         weight = router_weight(module)
         assert weight is not None
         return int(weight.shape[1]), int(weight.shape[0]), int(weight.shape[1])
-
-

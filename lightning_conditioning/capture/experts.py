@@ -107,16 +107,18 @@ class ExpertsCapture:
 
     def attach(self) -> list[RemovableHandle]:
         """Register one forward hook per expert module; returns the handles."""
-        return [module.register_forward_hook(torch.compiler.disable(functools.partial(self._forward, key)),
-                                             with_kwargs=True)
-                for key, (module, _, _) in self.modules.items()]
+        return [
+            module.register_forward_hook(
+                torch.compiler.disable(functools.partial(self._forward, key)), with_kwargs=True
+            )
+            for key, (module, _, _) in self.modules.items()
+        ]
 
     def _wanted(self, layers: dict[tuple[str, int], str]) -> dict[tuple[str, int], str]:
         turn = self.capture.turn
         return layers if turn is None else {k: v for k, v in layers.items() if v in turn}
 
-    def _forward(self, key: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 output: Any) -> None:
+    def _forward(self, key: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         capture = self.capture
         if not capture.active or torch._C._current_graph_task_id() != -1:
             return
@@ -132,8 +134,10 @@ class ExpertsCapture:
                 capture.windows[name].to(hidden.device)
         hidden = hidden.detach().reshape(-1, hidden.shape[-1])
         index = index.detach().reshape(hidden.shape[0], -1)
-        routes = [(found[0], found[1])  # (tokens, slots) routed to each expert
-                  for found in (torch.where(index == e) for e in range(layout.experts))]
+        routes = [
+            (found[0], found[1])  # (tokens, slots) routed to each expert
+            for found in (torch.where(index == e) for e in range(layout.experts))
+        ]
         first = layout.projections[0]
         with torch.no_grad(), without_autocast(hidden.device):
             for e, (tokens, _) in enumerate(routes):
@@ -144,18 +148,36 @@ class ExpertsCapture:
                 window = capture.windows[name]
                 rows = in_dtype(hidden[tokens], capture.dtype_for(hidden), window.input)
                 adapter = capture.layers[name][1]
-                window.add_units(*(u.to(torch.float64) for u in
-                                   adapter.accumulate_input(module, rows, window.input)))
+                window.add_units(*(u.to(torch.float64) for u in adapter.accumulate_input(module, rows, window.input)))
                 window.input.note_precision(hidden.dtype)
         if output.requires_grad:
             scale = capture.routed_examples(int(hidden.shape[0]))
-            output.register_hook(functools.partial(
-                self._backward, module, layout, layers, hidden, weights.detach().reshape(index.shape), routes,
-                scale, capture.generation))
+            output.register_hook(
+                functools.partial(
+                    self._backward,
+                    module,
+                    layout,
+                    layers,
+                    hidden,
+                    weights.detach().reshape(index.shape),
+                    routes,
+                    scale,
+                    capture.generation,
+                )
+            )
 
-    def _backward(self, module: nn.Module, layout: ExpertLayout, layers: dict[tuple[str, int], str],
-                  hidden: Tensor, weights: Tensor, routes: list[tuple[Tensor, Tensor]], scale: int,
-                  generation: int, grad: Tensor) -> None:
+    def _backward(
+        self,
+        module: nn.Module,
+        layout: ExpertLayout,
+        layers: dict[tuple[str, int], str],
+        hidden: Tensor,
+        weights: Tensor,
+        routes: list[tuple[Tensor, Tensor]],
+        scale: int,
+        generation: int,
+        grad: Tensor,
+    ) -> None:
         capture = self.capture
         if generation != capture.generation:
             capture.late_gradients += 1
@@ -184,11 +206,13 @@ class ExpertsCapture:
                     window = capture.windows[name]
                     with torch.no_grad():
                         capture.layers[name][1].accumulate_grad(
-                            module, in_dtype(pre_grad, capture.dtype_for(pre_grad), window.grad), window.grad, factor)
+                            module, in_dtype(pre_grad, capture.dtype_for(pre_grad), window.grad), window.grad, factor
+                        )
                     window.grad.note_precision(pre_grad.dtype)
 
-    def _add(self, name: str, module: nn.Module, inputs: Tensor, out_grad: Tensor, factor: float,
-             in_dtype: Any) -> None:
+    def _add(
+        self, name: str, module: nn.Module, inputs: Tensor, out_grad: Tensor, factor: float, in_dtype: Any
+    ) -> None:
         """The second projection's input rows and output-gradient rows (both known in backward)."""
         capture = self.capture
         window = capture.windows[name]
@@ -197,6 +221,7 @@ class ExpertsCapture:
             rows = in_dtype(inputs, capture.dtype_for(inputs), window.input)
             window.add_units(*(u.to(torch.float64) for u in adapter.accumulate_input(module, rows, window.input)))
             window.input.note_precision(inputs.dtype)
-            adapter.accumulate_grad(module, in_dtype(out_grad, capture.dtype_for(out_grad), window.grad),
-                                    window.grad, factor)
+            adapter.accumulate_grad(
+                module, in_dtype(out_grad, capture.dtype_for(out_grad), window.grad), window.grad, factor
+            )
             window.grad.note_precision(out_grad.dtype)

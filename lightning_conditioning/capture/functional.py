@@ -31,15 +31,22 @@ __all__ = ["WeightUse", "weight_uses", "FunctionalCapture", "FUNCTIONS", "compil
 
 #: the functions whose weight argument is looked up, and the weight's position in their args
 FUNCTIONS: dict[Callable[..., Any], int] = {
-    F.linear: 1, F.embedding: 1, torch.conv1d: 1, torch.conv2d: 1, torch.conv3d: 1,
+    F.linear: 1,
+    F.embedding: 1,
+    torch.conv1d: 1,
+    torch.conv2d: 1,
+    torch.conv3d: 1,
 }
 
 
 #: the kind of layer each function computes (a tied weight serves both an embedding and a
 #: linear head: a call only feeds the layers of its kind)
 KIND_OF: dict[Callable[..., Any], str] = {
-    F.linear: "linear", F.embedding: "embedding",
-    torch.conv1d: "conv", torch.conv2d: "conv", torch.conv3d: "conv",
+    F.linear: "linear",
+    F.embedding: "embedding",
+    torch.conv1d: "conv",
+    torch.conv2d: "conv",
+    torch.conv3d: "conv",
 }
 
 
@@ -61,8 +68,10 @@ def compiled(model: nn.Module) -> bool:
         >>> compiled(nn.Linear(2, 2))
         False
     """
-    return any(type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None)
-               is not None for m in model.modules())
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
 
 def layer_kind(module: nn.Module, adapter: Any) -> str:
@@ -105,8 +114,12 @@ def row_range(weight: Tensor) -> tuple[int, int, int] | None:
     base = weight._base if weight._base is not None else weight
     if base is weight:
         return id(weight), 0, int(weight.shape[0]) if weight.dim() else 0
-    if (weight.dim() != base.dim() or weight.dim() == 0 or weight.stride() != base.stride()
-            or weight.shape[1:] != base.shape[1:]):
+    if (
+        weight.dim() != base.dim()
+        or weight.dim() == 0
+        or weight.stride() != base.stride()
+        or weight.shape[1:] != base.shape[1:]
+    ):
         return None
     offset = int(weight.storage_offset()) - int(base.storage_offset())
     if offset % int(base.stride(0)):
@@ -129,16 +142,14 @@ def _transparent(function: Callable[..., Any]) -> Callable[..., Any] | None:
         return None
     names = dict(function.__globals__)
     names["has_torch_function"] = lambda *args, **kwargs: False
-    copy = types.FunctionType(code, names, function.__name__, function.__defaults__,
-                              function.__closure__)
+    copy = types.FunctionType(code, names, function.__name__, function.__defaults__, function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
     return copy
 
 
 #: composite functions whose inner calls must stay visible (attention runs its projections)
 _TRANSPARENT: dict[Callable[..., Any], Callable[..., Any]] = {
-    function: copy for function in (F.multi_head_attention_forward,)
-    if (copy := _transparent(function)) is not None
+    function: copy for function in (F.multi_head_attention_forward,) if (copy := _transparent(function)) is not None
 }
 
 
@@ -168,8 +179,9 @@ class FunctionalCapture(TorchFunctionMode):
         self.known = known
         self.handler = handler
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         transparent = _TRANSPARENT.get(func)
         if transparent is not None:

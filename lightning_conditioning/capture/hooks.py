@@ -178,8 +178,13 @@ class LayerCapture:
                 input_dim, grad_dim, units = adapter.dims(module)
                 homogeneous = self.include_bias and adapter.has_bias(module)
                 self.windows[name] = LayerWindow(
-                    input_dim, grad_dim, units, _module_device(module), homogeneous=homogeneous,
-                    diagonal_input=adapter.diagonal_input, input_sketch=self._sketch_rank(name, "input"),
+                    input_dim,
+                    grad_dim,
+                    units,
+                    _module_device(module),
+                    homogeneous=homogeneous,
+                    diagonal_input=adapter.diagonal_input,
+                    input_sketch=self._sketch_rank(name, "input"),
                     grad_sketch=self._sketch_rank(name, "grad"),
                     sampler=self.sampler if adapter.samples_rows else None,
                 )
@@ -190,22 +195,21 @@ class LayerCapture:
             self._handles.append(module.register_forward_hook(hook, with_kwargs=True, always_call=True))
             if self._mode is not None and id(module) not in hooked:
                 hooked.add(id(module))  # its own forward runs: the functional path leaves it
-                self._handles.append(module.register_forward_pre_hook(
-                    torch.compiler.disable(self._enter_layer)))
+                self._handles.append(module.register_forward_pre_hook(torch.compiler.disable(self._enter_layer)))
         self._handles.extend(self.experts.attach())
-        if self.model is not None and (self.experts.modules or any(
-                getattr(adapter, "routed", False) for _, adapter in self.layers.values())):
-            self._handles.append(self.model.register_forward_pre_hook(
-                torch.compiler.disable(self._enter_model), with_kwargs=True))
+        if self.model is not None and (
+            self.experts.modules or any(getattr(adapter, "routed", False) for _, adapter in self.layers.values())
+        ):
+            self._handles.append(
+                self.model.register_forward_pre_hook(torch.compiler.disable(self._enter_model), with_kwargs=True)
+            )
         if self._mode is None:
             return
         for host in _hosts(self.model, self.layers):  # type: ignore[arg-type]
-            self._handles.append(host.register_forward_pre_hook(
-                torch.compiler.disable(self._enter_host),
-                with_kwargs=True))
-            self._handles.append(host.register_forward_hook(
-                torch.compiler.disable(self._leave_host),
-                always_call=True))
+            self._handles.append(
+                host.register_forward_pre_hook(torch.compiler.disable(self._enter_host), with_kwargs=True)
+            )
+            self._handles.append(host.register_forward_hook(torch.compiler.disable(self._leave_host), always_call=True))
 
     def _sketch_rank(self, layer: str, moment: str) -> tuple[int, int] | None:
         """The sketch rows ℓ and block rows the plan gives a moment (None: kept dense)."""
@@ -223,8 +227,9 @@ class LayerCapture:
             return
         self._mode = FunctionalCapture(set(self._uses), self._functional_call)
         # an attention module and its out_proj: the examples are the attention's batch
-        self._attention_parts = {id(m) for a in self.model.modules()
-                                 if isinstance(a, nn.MultiheadAttention) for m in (a, *a.children())}
+        self._attention_parts = {
+            id(m) for a in self.model.modules() if isinstance(a, nn.MultiheadAttention) for m in (a, *a.children())
+        }
 
     def _enter_model(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() >= 1), None)
@@ -246,8 +251,9 @@ class LayerCapture:
             self._inside[id(module)] = self._inside.get(id(module), 0) + 1
 
     def _enter_host(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if (not self.active or self._mode is None
-                or torch._C._current_graph_task_id() != -1):  # a checkpoint's recomputation
+        if (
+            not self.active or self._mode is None or torch._C._current_graph_task_id() != -1
+        ):  # a checkpoint's recomputation
             return
         if not self._hosts:
             self._mode.__enter__()
@@ -255,8 +261,7 @@ class LayerCapture:
         if isinstance(host, nn.MultiheadAttention):
             query = args[0] if args else kwargs.get("query")
             batched = isinstance(query, Tensor) and query.dim() == 3
-            self._batch_hints.append(
-                int(query.shape[0 if host.batch_first else 1]) if batched else 1)  # type: ignore[union-attr]
+            self._batch_hints.append(int(query.shape[0 if host.batch_first else 1]) if batched else 1)  # type: ignore[union-attr]
 
     def _leave_host(self, host: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._hosts or self._hosts[-1] != id(host):
@@ -301,13 +306,17 @@ class LayerCapture:
         """The finished window of every layer (CPU, float64; one host copy per device). With
         ``take`` the windows hand their sums over (no copy on the host) and are reset; call
         :meth:`reset` after it, so that gradients of earlier forwards are ignored."""
-        shared = {name for name, window in self.turn_windows.items()  # (read before a take resets)
-                  if window.lookup_leading == 1 and self._widest > 1}
+        shared = {
+            name
+            for name, window in self.turn_windows.items()  # (read before a take resets)
+            if window.lookup_leading == 1 and self._widest > 1
+        }
         self.sharing.finish()
         followers, lost = dict(self.sharing.followers), dict(self.sharing.lost)
-        moments = {name: replace(window.moments(take=take), owner=self.owners.get(name),
-                                 expert=self.experts.slots.get(name))
-                   for name, window in self.turn_windows.items()}
+        moments = {
+            name: replace(window.moments(take=take), owner=self.owners.get(name), expert=self.experts.slots.get(name))
+            for name, window in self.turn_windows.items()
+        }
         for name in followers if take else ():  # its Σx is the leader's: no sum of its own
             self.windows[name].input.release()
         for name in shared:  # looked up once for all the examples: no per-example gradient
@@ -317,12 +326,21 @@ class LayerCapture:
         for name, leader in followers.items():  # one Σx (the same tensor) for both
             lead = moments[leader]
             moments[name] = replace(
-                moments[name], input_second_moment=lead.input_second_moment, input_rows=lead.input_rows,
-                input_gram_roundoff=lead.input_gram_roundoff, input_sampling=lead.input_sampling,
-                shared_input=leader)
+                moments[name],
+                input_second_moment=lead.input_second_moment,
+                input_rows=lead.input_rows,
+                input_gram_roundoff=lead.input_gram_roundoff,
+                input_sampling=lead.input_sampling,
+                shared_input=leader,
+            )
         for name, leader in lost.items():
-            moments[name] = replace(moments[name], input_second_moment=None, input_rows=0,
-                                    shared_input=leader or None, shared_input_lost=True)
+            moments[name] = replace(
+                moments[name],
+                input_second_moment=None,
+                input_rows=0,
+                shared_input=leader or None,
+                shared_input_lost=True,
+            )
         return moments
 
     @property
@@ -364,8 +382,9 @@ class LayerCapture:
             return
         self._record(name, module, x, output, None)
 
-    def _record(self, name: str, module: nn.Module, x: Tensor, output: Tensor,
-                columns: slice | None, batch: int | None = None) -> None:
+    def _record(
+        self, name: str, module: nn.Module, x: Tensor, output: Tensor, columns: slice | None, batch: int | None = None
+    ) -> None:
         """Add a layer's input rows now, and its output gradient (``output[..., columns]``)
         when the backward pass reaches it."""
         # the widest leading dimension of the window's outputs: its examples (see moments())
@@ -377,8 +396,9 @@ class LayerCapture:
             window.to(x.device)
         adapter = self.layers[name][1]
         if adapter.rows_are_last_dimension:  # another layer's Σx may hold these rows already
-            action = self.sharing.on_input(name, x, functools.partial(self._same_rows, name),
-                                           functools.partial(self._copyable, name))
+            action = self.sharing.on_input(
+                name, x, functools.partial(self._same_rows, name), functools.partial(self._copyable, name)
+            )
             if action == "copy":
                 assert self.sharing.copy_from is not None
                 window.copy_input_from(self.windows[self.sharing.copy_from])
@@ -401,27 +421,29 @@ class LayerCapture:
             window.add_units(unit_max, unit_min)
         self._follow_output(name, module, output, columns, batch)
 
-    def _follow_output(self, name: str, module: nn.Module, output: Tensor, columns: slice | None,
-                       batch: int | None) -> None:
+    def _follow_output(
+        self, name: str, module: nn.Module, output: Tensor, columns: slice | None, batch: int | None
+    ) -> None:
         """Catch the output gradient (``output[..., columns]``) when the backward reaches it."""
         if output.requires_grad:
             scale = self._example_factor(self.layers[name][1], module, output, batch)
-            output.register_hook(functools.partial(
-                self._grad_hook, name, module, scale, self._generation, columns))
+            output.register_hook(functools.partial(self._grad_hook, name, module, scale, self._generation, columns))
 
     def _same_rows(self, name: str, leader: str) -> bool:
         """Whether ``leader``'s Σx of a tensor is ``name``'s Σx of the same tensor (kept
         dense or sketched, whichever the leader's is: a follower reports the leader's)."""
         window, theirs = self.windows[name], self.windows[leader]
-        return (type(self.layers[name][1]) is type(self.layers[leader][1])
-                and window.device == theirs.device and window.reads_rows_like(theirs))
+        return (
+            type(self.layers[name][1]) is type(self.layers[leader][1])
+            and window.device == theirs.device
+            and window.reads_rows_like(theirs)
+        )
 
     def _copyable(self, name: str, leader: str) -> bool:
         """Whether ``leader``'s Σx sum can become ``name``'s (the same kind and shape)."""
         return self.windows[name].shares_rows_with(self.windows[leader])
 
-    def _example_factor(self, adapter: LayerAdapter, module: nn.Module, output: Tensor,
-                        batch: int | None) -> int:
+    def _example_factor(self, adapter: LayerAdapter, module: nn.Module, output: Tensor, batch: int | None) -> int:
         """The factor undoing the loss's mean (see ``loss_reduction``)."""
         if self.loss_reduction == "sum":
             return 1
@@ -429,8 +451,9 @@ class LayerCapture:
             return self.loss_tokens or adapter.token_count(module, output)
         return batch if batch is not None else adapter.batch_size(module, output)
 
-    def _grad_hook(self, name: str, module: nn.Module, scale: int, generation: int,
-                   columns: slice | None, grad: Tensor) -> None:
+    def _grad_hook(
+        self, name: str, module: nn.Module, scale: int, generation: int, columns: slice | None, grad: Tensor
+    ) -> None:
         if generation != self._generation:  # its window was finished or discarded meanwhile
             self.late_gradients += 1
             return
@@ -441,13 +464,11 @@ class LayerCapture:
         with torch.no_grad(), without_autocast(grad.device):
             factor = scale * self.grad_multiplier
             adapter.accumulate_grad(
-                module, in_dtype(grad.detach(), self._dtype_for(grad), window.grad), window.grad,
-                factor * factor
+                module, in_dtype(grad.detach(), self._dtype_for(grad), window.grad), window.grad, factor * factor
             )
             window.grad.note_precision(grad.dtype)
 
-    def _functional_call(self, function: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                         output: Any) -> None:
+    def _functional_call(self, function: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         """A weight of an analysed layer used through ``F.linear``/``F.embedding``/``conv``."""
         if not self.active or torch._C._current_graph_task_id() != -1:
             return
@@ -463,8 +484,7 @@ class LayerCapture:
         kind = KIND_OF[function]
         for use in self._uses.get(parameter, []):
             module, adapter = self.layers[use.layer]
-            if (use.kind != kind or self._inside.get(id(module))
-                    or not first <= use.rows.start < use.rows.stop <= end):
+            if use.kind != kind or self._inside.get(id(module)) or not first <= use.rows.start < use.rows.stop <= end:
                 continue  # another kind (a tied weight), its own forward, or another slice
             if kind == "conv" and not _same_conv(module, args, kwargs):
                 continue
@@ -477,12 +497,24 @@ class LayerCapture:
             in_attention = id(module) in self._attention_parts  # its batch is the attention's
             if getattr(adapter, "routed", False) and self.loss_reduction == "mean":
                 batch = self.pass_examples  # rows of flattened tokens (a router)
-            self._record(use.layer, module, x, output, columns, batch if in_attention or
-                         getattr(adapter, "routed", False) else None)
+            self._record(
+                use.layer,
+                module,
+                x,
+                output,
+                columns,
+                batch if in_attention or getattr(adapter, "routed", False) else None,
+            )
 
-    def all_reduce(self, reduce: Callable[[Tensor, str], Tensor], world_size: int = 1,
-                   rank: int = 0, *, reduce_to: ReduceTo | None = None,
-                   shardable: Shardable | None = None) -> None:
+    def all_reduce(
+        self,
+        reduce: Callable[[Tensor, str], Tensor],
+        world_size: int = 1,
+        rank: int = 0,
+        *,
+        reduce_to: ReduceTo | None = None,
+        shardable: Shardable | None = None,
+    ) -> None:
         """Combine every window over processes.
 
         ``reduce(tensor, op)`` takes a 1-D tensor and ``"sum"`` or ``"max"`` (e.g.
@@ -505,19 +537,37 @@ class LayerCapture:
         maxima = [window.unit_max for window in windows]
         minima = [window.unit_min for window in windows]
         precision = torch.tensor(
-            [v for w in windows for v in (w.input.resolution, w.input.gram_roundoff,
-                                          w.grad.resolution, w.grad.gram_roundoff, w.lookup_leading)]
-            + [self._widest] + self.sharing.states(names, self._copyable), dtype=torch.float64, device=device)
+            [
+                v
+                for w in windows
+                for v in (
+                    w.input.resolution,
+                    w.input.gram_roundoff,
+                    w.grad.resolution,
+                    w.grad.gram_roundoff,
+                    w.lookup_leading,
+                )
+            ]
+            + [self._widest]
+            + self.sharing.states(names, self._copyable),
+            dtype=torch.float64,
+            device=device,
+        )
         flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision]), "max")
         offset = unpack(flat, maxima)
-        offset += unpack(-flat[offset:offset + sum(m.numel() for m in minima)], minima)
+        offset += unpack(-flat[offset : offset + sum(m.numel() for m in minima)], minima)
         values = flat[offset:].tolist()
         for index, window in enumerate(windows):  # and whether a lookup was shared: ranks agree
-            (window.input.resolution, window.input.gram_roundoff, window.grad.resolution,
-             window.grad.gram_roundoff, leading) = values[5 * index: 5 * index + 5]
+            (
+                window.input.resolution,
+                window.input.gram_roundoff,
+                window.grad.resolution,
+                window.grad.gram_roundoff,
+                leading,
+            ) = values[5 * index : 5 * index + 5]
             window.lookup_leading = int(leading)
         self._widest = int(values[5 * len(windows)])
-        for follower, leader in self.sharing.agree(names, values[5 * len(windows) + 1:]):
+        for follower, leader in self.sharing.agree(names, values[5 * len(windows) + 1 :]):
             self.windows[follower].copy_input_from(self.windows[leader])
         apart = set(self.sharing.followers) | set(self.sharing.lost)
 
@@ -555,4 +605,5 @@ def _same_conv(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
 
     defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     return all(norm(given.get(k, defaults[k])) == norm(getattr(module, k)) for k in names) and (
-        module.padding_mode == "zeros")
+        module.padding_mode == "zeros"
+    )

@@ -7,20 +7,22 @@ averaged across devices, the float16 loss scale. :class:`LossWatch` reads it, wi
 from the trainer: a pre-hook on the model sees each forward's keyword arguments (``labels``,
 ``num_items_in_batch``), and a tensor hook on the returned loss sees the gradient reaching it,
 which runs before any layer's output-gradient hook (the loss is the root of the model's part
-of the graph). :class:`LossFactor` turns both into the capture's per-row factor. Framework-free.
+of the graph). :class:`LossFactor` turns both into the capture's per-row factor, and
+:class:`WatchedPasses` decides which of the trainer's forwards a monitor captures. Framework-free.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["LossWatch", "LossFactor", "StepLoss", "item_count"]
+__all__ = ["LossWatch", "LossFactor", "WatchedPasses", "StepLoss", "item_count"]
 
 
 def item_count(value: Any) -> int | None:
@@ -58,15 +60,21 @@ class LossWatch:
         [['labels', 'x'], 0.25]
     """
 
-    def __init__(self, active: Callable[[], bool], before: Callable[[Mapping[str, Any]], None],
-                 loss_grad: Callable[[Tensor, Tensor], None]) -> None:
+    def __init__(
+        self,
+        active: Callable[[], bool],
+        before: Callable[[Mapping[str, Any]], None],
+        loss_grad: Callable[[Tensor, Tensor], None],
+    ) -> None:
         self._active, self._before, self._loss_grad = active, before, loss_grad
         self._handles: list[RemovableHandle] = []
 
     def attach(self, model: nn.Module) -> None:
         self.detach()
-        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         model.register_forward_hook(self._post)]
+        self._handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post),
+        ]
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -93,8 +101,13 @@ class LossWatch:
         self._loss_grad(loss, grad)
 
 
-class _Capture(Protocol):  # what LossFactor needs of a ConditioningMonitor
+class _Capture(Protocol):  # what LossFactor and WatchedPasses need of a ConditioningMonitor
     loss_reduction: str
+
+    @property
+    def current_step(self) -> int | None: ...
+    @property
+    def capturing(self) -> bool: ...
 
     def loss_tokens_for(self, batch: Any) -> int | None: ...
     def set_loss_tokens(self, tokens: int | None) -> None: ...
@@ -156,10 +169,78 @@ class LossFactor:
         missing = self.forwards - self.graded
         if not missing:
             return None
-        return (f"{who}: step {step}: the backward of {missing} captured micro-batch(es) did not "
-                "pass through the model's own `loss` (labels popped by `compute_loss_func` or label "
-                "smoothing, a custom `compute_loss`), so what the trainer scaled the loss by is "
-                "unknown: λmax(Σ∇h) may be off by a constant factor (κ_p is not affected).")
+        return (
+            f"{who}: step {step}: the backward of {missing} captured micro-batch(es) did not "
+            "pass through the model's own `loss` (labels popped by `compute_loss_func` or label "
+            "smoothing, a custom `compute_loss`), so what the trainer scaled the loss by is "
+            "unknown: λmax(Σ∇h) may be off by a constant factor (κ_p is not affected)."
+        )
+
+
+class WatchedPasses:
+    """The passes a trainer runs through the model, seen from the model's own hooks (a trainer
+    whose callbacks get no hook around each micro-batch: the Hugging Face ``Trainer``): which
+    forwards the monitor captures, each captured micro-batch's per-row factor
+    (:class:`LossFactor`) and, for the true Fisher without probe batches, the sampled pass run
+    through ``extra_pass(batch, step)`` before each micro-batch's own forward. The callback's own
+    passes run inside :meth:`own_pass`, and are not seen as the trainer's.
+
+    Example:
+        >>> class Passes:  # the callback's ExtraPasses (capture.passes)
+        ...     fisher, probe_batches, active = "empirical", 0, False
+        >>> watched = WatchedPasses(Passes(), lambda batch, step: None)
+        >>> watched.monitor is None, watched.watch._active()
+        (True, False)
+    """
+
+    def __init__(self, extra_passes: Any, extra_pass: Callable[[Any, int], None]) -> None:
+        self.extra_passes, self._extra_pass = extra_passes, extra_pass
+        self.monitor: _Capture | None = None
+        self.factor: LossFactor | None = None  # the per-row factor of the trainer's passes
+        self._own = False  # one of the callback's own passes is running
+        #: the model's hooks (attach to the model the trainer trains)
+        self.watch = LossWatch(self._capturing, self._before_forward, self._loss_gradient)
+
+    def bind(self, monitor: _Capture) -> None:
+        """The monitor the trainer's passes feed."""
+        self.monitor, self.factor = monitor, LossFactor(monitor)
+
+    @contextmanager
+    def own_pass(self) -> Iterator[None]:
+        """The callback's own forward and backward run inside: not one of the trainer's."""
+        self._own = True
+        try:
+            yield
+        finally:
+            self._own = False
+
+    def missing_note(self, who: str, step: int) -> str | None:
+        """:meth:`LossFactor.missing_note` for an analysed ``step`` (None for any other)."""
+        if self.monitor is None or self.factor is None or self.monitor.current_step != step:
+            return None
+        return self.factor.missing_note(who, step)
+
+    def _capturing(self) -> bool:
+        monitor = self.monitor
+        if monitor is None or self._own:
+            return False
+        if self.extra_passes.fisher == "true" and not self.extra_passes.probe_batches:
+            return monitor.current_step is not None  # each micro-batch gets its sampled pass
+        return monitor.capturing
+
+    def _before_forward(self, kwargs: Mapping[str, Any]) -> None:
+        """A micro-batch of a captured step (the true Fisher: its pass with sampled labels, here,
+        before the trainer's own forward, inside the trainer's autocast)."""
+        assert self.monitor is not None and self.factor is not None
+        if self.extra_passes.active:
+            assert self.monitor.current_step is not None
+            self._extra_pass(dict(kwargs), self.monitor.current_step)
+        else:
+            self.factor.before_forward(kwargs)
+
+    def _loss_gradient(self, loss: Tensor, grad: Tensor) -> None:
+        if self.factor is not None and not self.extra_passes.active:  # (extra passes: their own)
+            self.factor.loss_gradient(loss, grad)
 
 
 class StepLoss:

@@ -28,60 +28,33 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_conditioning.capture import batches
-from lightning_conditioning.capture.batches import (  # re-exported: the passes' public names
-    ForwardFn as ForwardFn,
-)
-from lightning_conditioning.capture.batches import (
-    LossFn as LossFn,
-)
-from lightning_conditioning.capture.batches import (
-    SampleLossFn as SampleLossFn,
-)
-from lightning_conditioning.capture.batches import (
-    batch_labels as batch_labels,
-)
-from lightning_conditioning.capture.batches import (
-    class_dim_of as class_dim_of,
-)
-from lightning_conditioning.capture.batches import (
-    default_forward as default_forward,
-)
-from lightning_conditioning.capture.batches import (
-    default_loss as default_loss,
-)
-from lightning_conditioning.capture.batches import (
-    defines_forward as defines_forward,
-)
-from lightning_conditioning.capture.batches import (
-    forward_kwargs as forward_kwargs,
-)
-from lightning_conditioning.capture.batches import (
-    forward_module_name as forward_module_name,
-)
-from lightning_conditioning.capture.batches import (
-    label_generator as label_generator,
-)
-from lightning_conditioning.capture.batches import (
-    logits_of as logits_of,
-)
-from lightning_conditioning.capture.batches import (
-    position_mask as position_mask,
-)
-from lightning_conditioning.capture.batches import (
-    sampled_cross_entropy as sampled_cross_entropy,
-)
-from lightning_conditioning.capture.batches import (
-    sampled_loss as sampled_loss,
-)
-from lightning_conditioning.capture.batches import (
-    sampled_positions as sampled_positions,
-)
-from lightning_conditioning.capture.batches import (
-    shifts_labels as shifts_labels,
-)
+from lightning_conditioning.capture.batches import ForwardFn as ForwardFn  # re-exported: the passes' public names
+from lightning_conditioning.capture.batches import LossFn as LossFn
+from lightning_conditioning.capture.batches import SampleLossFn as SampleLossFn
+from lightning_conditioning.capture.batches import batch_labels as batch_labels
+from lightning_conditioning.capture.batches import class_dim_of as class_dim_of
+from lightning_conditioning.capture.batches import default_forward as default_forward
+from lightning_conditioning.capture.batches import default_loss as default_loss
+from lightning_conditioning.capture.batches import defines_forward as defines_forward
+from lightning_conditioning.capture.batches import forward_kwargs as forward_kwargs
+from lightning_conditioning.capture.batches import forward_module_name as forward_module_name
+from lightning_conditioning.capture.batches import label_generator as label_generator
+from lightning_conditioning.capture.batches import logits_of as logits_of
+from lightning_conditioning.capture.batches import position_mask as position_mask
+from lightning_conditioning.capture.batches import sampled_cross_entropy as sampled_cross_entropy
+from lightning_conditioning.capture.batches import sampled_loss as sampled_loss
+from lightning_conditioning.capture.batches import sampled_positions as sampled_positions
+from lightning_conditioning.capture.batches import shifts_labels as shifts_labels
 
-__all__ = ["isolated_pass", "draw_probe_batches", "ExtraPasses", "map_tensors", "backward_without_grad",
-           "cuda_devices", *batches.__all__]
+__all__ = [
+    "isolated_pass",
+    "draw_probe_batches",
+    "ExtraPasses",
+    "map_tensors",
+    "backward_without_grad",
+    "cuda_devices",
+    *batches.__all__,
+]
 
 
 def cuda_devices(module: nn.Module) -> list[torch.device]:
@@ -266,9 +239,15 @@ class ExtraPasses:
         (True, False)
     """
 
-    def __init__(self, fisher: str = "empirical", probe_batches: int = 0, seed: int = 0,
-                 loss_fn: LossFn | None = None, sample_fn: SampleLossFn | None = None,
-                 forward_fn: ForwardFn | None = None) -> None:
+    def __init__(
+        self,
+        fisher: str = "empirical",
+        probe_batches: int = 0,
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+        sample_fn: SampleLossFn | None = None,
+        forward_fn: ForwardFn | None = None,
+    ) -> None:
         for name, fn in (("forward_fn", forward_fn), ("loss_fn", loss_fn), ("sample_fn", sample_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {fn!r}")
@@ -306,8 +285,10 @@ class ExtraPasses:
         self.held_batches = list(batches)
         if len(self.held_batches) >= self.probe_batches:
             return None
-        return (f"asked for {self.probe_batches} probe batches, the training data has "
-                f"{len(self.held_batches)}; the analysis uses those {len(self.held_batches)}.")
+        return (
+            f"asked for {self.probe_batches} probe batches, the training data has "
+            f"{len(self.held_batches)}; the analysis uses those {len(self.held_batches)}."
+        )
 
     def run_held(self, run: Callable[[Any], None], device: torch.device | None = None) -> None:
         """``run(batch)`` for each probe batch, its tensors moved to ``device`` first (when given)."""
@@ -332,8 +313,10 @@ class ExtraPasses:
             self.held_batches = torch.load(saved, weights_only=False)
             return None
         if not isinstance(loader, DataLoader):
-            raise RuntimeError(f"{who}(probe_batches={self.probe_batches}): the trainer passed no training "
-                               "DataLoader to draw them from")
+            raise RuntimeError(
+                f"{who}(probe_batches={self.probe_batches}): the trainer passed no training "
+                "DataLoader to draw them from"
+            )
         return self.hold(draw_probe_batches(loader, self.probe_batches))
 
     def forward(self, module: nn.Module, batch: Any) -> Any:
@@ -343,9 +326,18 @@ class ExtraPasses:
             return self.forward_fn(module, batch)
         return default_forward(module, batch, keep_labels=self.fisher != "true")
 
-    def run(self, monitor: Any, module: nn.Module, forward: Callable[[], Any], batch: Any, *,
-            step: int, rank: int = 0, loss_scale: float = 1.0,
-            forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+    def run(
+        self,
+        monitor: Any,
+        module: nn.Module,
+        forward: Callable[[], Any],
+        batch: Any,
+        *,
+        step: int,
+        rank: int = 0,
+        loss_scale: float = 1.0,
+        forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
         """One isolated forward/backward of ``module`` with ``monitor``'s capture on.
 
         ``forward()`` returns the model's outputs for ``batch`` (the labels left out for the

@@ -50,8 +50,18 @@ from torch import nn
 
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, COLUMN_BLOCK_BYTES
 
-__all__ = ["MomentPlan", "AnalysisPlan", "plan_analysis", "memory_budget", "SKETCH_RANK",
-           "MIN_SKETCH_RANK", "SOLVE_COPIES", "AUTO_FLOOR", "BLOCK_WORKSPACE", "block_workspace"]
+__all__ = [
+    "MomentPlan",
+    "AnalysisPlan",
+    "plan_analysis",
+    "memory_budget",
+    "SKETCH_RANK",
+    "MIN_SKETCH_RANK",
+    "SOLVE_COPIES",
+    "AUTO_FLOOR",
+    "BLOCK_WORKSPACE",
+    "block_workspace",
+]
 
 Method = Literal["dense", "diagonal", "sketch", "skipped"]
 #: rows a sketch keeps (ℓ) when the budget allows; its buffer holds 2ℓ rows
@@ -136,17 +146,24 @@ class AnalysisPlan:
         for m in self.moments:
             counts[m.method] = counts.get(m.method, 0) + 1
         kinds = ", ".join(f"{n} {method}" for method, n in counts.items())
-        return (f"{kinds} moments in {self.nbytes / _MIB:.1f} MiB, "
-                f"{self.peak_nbytes / _MIB:.1f} MiB while solving (budget {self.budget / _MIB:.0f} MiB)")
+        return (
+            f"{kinds} moments in {self.nbytes / _MIB:.1f} MiB, "
+            f"{self.peak_nbytes / _MIB:.1f} MiB while solving (budget {self.budget / _MIB:.0f} MiB)"
+        )
 
     def details(self) -> list[str]:
         """One line per moment that is not dense (sketched or skipped), largest first."""
-        rows = sorted((m for m in self.moments if m.method in ("sketch", "skipped")),
-                      key=lambda m: -m.dim)
-        return [f"{m.layer} {'Σx' if m.moment == 'input' else 'Σ∇h'} ({m.dim}²): {m.method}"
-                + (f" ℓ={m.rank}, exact up to {m.block} rows a step, {m.nbytes / _MIB:.1f} MiB"
-                   if m.method == "sketch" else "")
-                + (f": {m.reason}" if m.reason else "") for m in rows]
+        rows = sorted((m for m in self.moments if m.method in ("sketch", "skipped")), key=lambda m: -m.dim)
+        return [
+            f"{m.layer} {'Σx' if m.moment == 'input' else 'Σ∇h'} ({m.dim}²): {m.method}"
+            + (
+                f" ℓ={m.rank}, exact up to {m.block} rows a step, {m.nbytes / _MIB:.1f} MiB"
+                if m.method == "sketch"
+                else ""
+            )
+            + (f": {m.reason}" if m.reason else "")
+            for m in rows
+        ]
 
     def announcements(self, who: str) -> tuple[list[str], str | None]:
         """What to tell the user at the start: the lines to say (the memory held; the moments
@@ -160,13 +177,18 @@ class AnalysisPlan:
         lines = [f"{who}: memory plan: {self.summary()}."]
         if details:
             more = f"\n  … and {len(details) - 12} more" if len(details) > 12 else ""
-            lines.append(f"{who}: moments too large to keep dense (error bars in the results):\n  "
-                         + "\n  ".join(details[:12]) + more)
+            lines.append(
+                f"{who}: moments too large to keep dense (error bars in the results):\n  "
+                + "\n  ".join(details[:12])
+                + more
+            )
         warning = None
         if self.skipped_layers:
-            warning = (f"{who}: layers {self.skipped_layers} are not analysed: they do not fit the "
-                       f"memory budget ({self.budget / _MIB:.0f} MiB); see `monitor.plan` and the "
-                       "`memory_budget` option.")
+            warning = (
+                f"{who}: layers {self.skipped_layers} are not analysed: they do not fit the "
+                f"memory budget ({self.budget / _MIB:.0f} MiB); see `monitor.plan` and the "
+                "`memory_budget` option."
+            )
         return lines, warning
 
 
@@ -226,8 +248,7 @@ def plan_analysis(
     widest = [0] * (len(ordered_entries) + 1)  # the widest sketchable moment from here on
     for index in range(len(ordered_entries) - 1, -1, -1):
         _, moment, dim, module, adapter = ordered_entries[index]
-        sketchable = adapter.sketchable(module, moment) and not (
-            moment == "input" and adapter.diagonal_input)
+        sketchable = adapter.sketchable(module, moment) and not (moment == "input" and adapter.diagonal_input)
         reserve[index] = reserve[index + 1] + (_sketch_bytes(dim, MIN_SKETCH_RANK) if sketchable else 0)
         widest[index] = max(widest[index + 1], dim if sketchable else 0)
     widest_sketched = 0
@@ -256,9 +277,14 @@ def plan_analysis(
             widest_sketched = max(widest_sketched, dim)
         else:
             planned[(name, moment)] = MomentPlan(
-                name, moment, dim, "skipped", 0,
+                name,
+                moment,
+                dim,
+                "skipped",
+                0,
                 reason=f"a dense {dim}² sum needs {dense / _MIB:.0f} MiB and this layer kind's "
-                       "adapter hands over ready Grams only (its `sketchable` is False)")
+                "adapter hands over ready Grams only (its `sketchable` is False)",
+            )
     # the rest share what is left: rows shrunk in blocks as large as fit (up to BLOCK_ROWS:
     # a step of that many rows stays exact) beside sketches of MIN_SKETCH_RANK rows, then one
     # ℓ for all; the largest are skipped while not even the smallest block and ℓ fit
@@ -275,13 +301,19 @@ def plan_analysis(
             break
         name, moment, dim = rest.pop()
         planned[(name, moment)] = MomentPlan(
-            name, moment, dim, "skipped", 0,
+            name,
+            moment,
+            dim,
+            "skipped",
+            0,
             reason=f"the budget left no room for a sketch of {MIN_SKETCH_RANK} rows "
-                   f"({_sketch_bytes(dim, MIN_SKETCH_RANK) / _MIB:.1f} MiB) and its block "
-                   f"workspace; raise memory_budget")
+            f"({_sketch_bytes(dim, MIN_SKETCH_RANK) / _MIB:.1f} MiB) and its block "
+            f"workspace; raise memory_budget",
+        )
     for name, moment, dim in rest:
-        planned[(name, moment)] = MomentPlan(name, moment, dim, "sketch", _sketch_bytes(dim, rank),
-                                             rank=rank, block=min(block, dim))
+        planned[(name, moment)] = MomentPlan(
+            name, moment, dim, "sketch", _sketch_bytes(dim, rank), rank=rank, block=min(block, dim)
+        )
     ordered = tuple(planned[(name, moment)] for name, moment, *_ in entries)
     return AnalysisPlan(ordered, budget, workspace)
 

@@ -33,10 +33,7 @@ AdapterFactory = Callable[[nn.Module, ConvMode], LayerAdapter]
 #: not a dependency, e.g. Hugging Face's ``Conv1D``) counts once that module is imported
 _REGISTRY: list[tuple[type[nn.Module] | str, AdapterFactory]] = [
     (nn.Linear, lambda module, mode: LinearAdapter()),
-    (
-        nn.modules.conv._ConvNd,
-        lambda module, mode: ConvPatchAdapter() if mode == "patch" else ConvChannelAdapter(),
-    ),
+    (nn.modules.conv._ConvNd, lambda module, mode: ConvPatchAdapter() if mode == "patch" else ConvChannelAdapter()),
     (nn.Embedding, lambda module, mode: EmbeddingAdapter()),
     (nn.MultiheadAttention, lambda module, mode: AttentionAdapter()),
     ("transformers.pytorch_utils:Conv1D", lambda module, mode: Conv1DAdapter()),

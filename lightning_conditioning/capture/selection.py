@@ -29,6 +29,7 @@ class Selection(Protocol):
     @property
     def conv_mode(self) -> ConvMode: ...
 
+
 __all__ = [
     "checked_layer_types",
     "select_layers",
@@ -43,9 +44,7 @@ __all__ = [
 ]
 
 
-def checked_layer_types(
-    layer_types: Sequence[type[nn.Module]] | None,
-) -> tuple[type[nn.Module], ...] | None:
+def checked_layer_types(layer_types: Sequence[type[nn.Module]] | None) -> tuple[type[nn.Module], ...] | None:
     """``layer_types`` as a tuple (``None`` stays ``None``: every kind with an adapter, decided
     when layers are selected, so that a later :func:`register_adapter` counts).
 
@@ -58,9 +57,7 @@ def checked_layer_types(
     """
     if layer_types is None:
         return None
-    if isinstance(layer_types, type) or not all(
-        isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types
-    ):
+    if isinstance(layer_types, type) or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types):
         raise TypeError(f"layer_types must be a list of nn.Module subclasses, got {layer_types!r}")
     return tuple(layer_types)
 
@@ -178,9 +175,11 @@ def uncovered_modules(
             continue
         if layer_types is not None and isinstance(module, covered_kinds):
             continue  # a covered kind the user chose not to analyse
-        reason = ("the model is itself one layer, which has no name to log it under: wrap it, "
-                  "e.g. nn.Sequential(model)" if not name and isinstance(module, covered_kinds)
-                  else uncovered_reason(module))
+        reason = (
+            "the model is itself one layer, which has no name to log it under: wrap it, e.g. nn.Sequential(model)"
+            if not name and isinstance(module, covered_kinds)
+            else uncovered_reason(module)
+        )
         out.append((name, type(module).__name__, sum(p.numel() for p in own), reason))
     return out
 
@@ -197,8 +196,10 @@ def uncovered_reason(module: nn.Module) -> str:
     if not any(True for _ in module.children()):
         return "a layer kind with no adapter"
     names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad and p.dim() >= 2]
-    return (f"its own parameter(s) {', '.join(names)} (e.g. a position embedding, a class token "
-            "or a bias table: no layer of their own)")
+    return (
+        f"its own parameter(s) {', '.join(names)} (e.g. a position embedding, a class token "
+        "or a bias table: no layer of their own)"
+    )
 
 
 def coverage(model: nn.Module, layers: Mapping[str, tuple[nn.Module, Any]]) -> tuple[int, int, int]:
@@ -214,8 +215,11 @@ def coverage(model: nn.Module, layers: Mapping[str, tuple[nn.Module, Any]]) -> t
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}
     matrices = {key for key, p in trainable.items() if p.dim() >= 2}
     analysed = {id(p) for module, _ in layers.values() for p in module.parameters()} & matrices
-    return (sum(trainable[k].numel() for k in analysed), sum(trainable[k].numel() for k in matrices),
-            sum(p.numel() for p in trainable.values()))
+    return (
+        sum(trainable[k].numel() for k in analysed),
+        sum(trainable[k].numel() for k in matrices),
+        sum(p.numel() for p in trainable.values()),
+    )
 
 
 def last_linear_name(model: nn.Module) -> str | None:
@@ -231,9 +235,7 @@ def last_linear_name(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
-
-def selection_problem(model: nn.Module, options: Selection,
-                      layers: Mapping[str, Any]) -> str | None:
+def selection_problem(model: nn.Module, options: Selection, layers: Mapping[str, Any]) -> str | None:
     """Why the selection analyses nothing, or which ``include`` pattern matched no layer; in
     words that name the filter and the layers it could have matched.
 
@@ -249,28 +251,38 @@ def selection_problem(model: nn.Module, options: Selection,
     kinds = options.layer_types or registered_layer_types()
     kind_names = ", ".join(sorted({kind.__name__.lstrip("_") for kind in kinds}))
     if not analysable:
-        return (f"{type(model).__name__} has no layer of the analysed kinds ({kind_names}). "
-                "Nothing will be analysed. Other kinds need an adapter (`register_adapter`).")
+        return (
+            f"{type(model).__name__} has no layer of the analysed kinds ({kind_names}). "
+            "Nothing will be analysed. Other kinds need an adapter (`register_adapter`)."
+        )
     shown = ", ".join(analysable[:12]) + (f", … ({len(analysable) - 12} more)" if len(analysable) > 12 else "")
     hint = "(patterns match the whole qualified name, e.g. '*head')"
-    unmatched = [p for p in options.include or ()
-                 if not any(fnmatch.fnmatchcase(name, p) for name in analysable)]
+    unmatched = [p for p in options.include or () if not any(fnmatch.fnmatchcase(name, p) for name in analysable)]
     if unmatched and not layers:
-        return (f"include={list(unmatched)} matched none of the {len(analysable)} analysable layers "
-                f"{hint}: {shown}. Nothing will be analysed.")
+        return (
+            f"include={list(unmatched)} matched none of the {len(analysable)} analysable layers "
+            f"{hint}: {shown}. Nothing will be analysed."
+        )
     if unmatched:
-        return (f"include pattern(s) {unmatched} matched none of the {len(analysable)} analysable "
-                f"layers {hint}: {shown}.")
+        return (
+            f"include pattern(s) {unmatched} matched none of the {len(analysable)} analysable layers {hint}: {shown}."
+        )
     if not layers:
-        return (f"exclude={list(options.exclude or ())} removed every layer that include kept; "
-                f"the analysable layers are: {shown}. Nothing will be analysed.")
+        return (
+            f"exclude={list(options.exclude or ())} removed every layer that include kept; "
+            f"the analysable layers are: {shown}. Nothing will be analysed."
+        )
     return None
 
 
-
-def coverage_lines(who: str, model: nn.Module, layers: Mapping[str, tuple[nn.Module, Any]], loss_reduction: str,
-                   reduction_reason: str | None,
-                   uncovered: Sequence[tuple[str, str, int, str]]) -> tuple[str, str | None]:
+def coverage_lines(
+    who: str,
+    model: nn.Module,
+    layers: Mapping[str, tuple[nn.Module, Any]],
+    loss_reduction: str,
+    reduction_reason: str | None,
+    uncovered: Sequence[tuple[str, str, int, str]],
+) -> tuple[str, str | None]:
     """``(line, warning)``: what is analysed and how, and what is not (None: nothing left out).
 
     Example:
@@ -284,17 +296,25 @@ def coverage_lines(who: str, model: nn.Module, layers: Mapping[str, tuple[nn.Mod
     """
     analysed, weights, total = coverage(model, layers)
     share = f"{100.0 * analysed / weights:.0f}%" if weights else "none"
-    convention = {"mean": "× the batch size (a per-example mean loss)",
-                  "token_mean": "× the tokens the loss averages over, one row per token",
-                  "sum": "as they are (a summed loss)"}[loss_reduction]
+    convention = {
+        "mean": "× the batch size (a per-example mean loss)",
+        "token_mean": "× the tokens the loss averages over, one row per token",
+        "sum": "as they are (a summed loss)",
+    }[loss_reduction]
     why = f"; {reduction_reason}" if reduction_reason else ""
-    line = (f"{who}: analysing {len(layers)} layers holding {share} of the {weights:,} "
-            f"trainable weight-matrix parameters ({total:,} trainable in all: the rest are "
-            f"biases and scales); output gradients {convention}{why}.")
+    line = (
+        f"{who}: analysing {len(layers)} layers holding {share} of the {weights:,} "
+        f"trainable weight-matrix parameters ({total:,} trainable in all: the rest are "
+        f"biases and scales); output gradients {convention}{why}."
+    )
     if not uncovered:
         return line, None
-    listed = "; ".join(f"{name or '(the model)'} ({kind}, {count:,} parameters): {reason}"
-                       for name, kind, count, reason in uncovered[:8])
+    listed = "; ".join(
+        f"{name or '(the model)'} ({kind}, {count:,} parameters): {reason}"
+        for name, kind, count, reason in uncovered[:8]
+    )
     more = f"; and {len(uncovered) - 8} more" if len(uncovered) > 8 else ""
-    return line, (f"{who}: {len(uncovered)} weight-bearing module(s) are not analysed: {listed}{more}. "
-                  "Teach the capture a layer kind with `lightning_conditioning.register_adapter`.")
+    return line, (
+        f"{who}: {len(uncovered)} weight-bearing module(s) are not analysed: {listed}{more}. "
+        "Teach the capture a layer kind with `lightning_conditioning.register_adapter`."
+    )

@@ -156,10 +156,7 @@ class AttentionAdapter(LayerAdapter):
                 f"{letter}_proj": ProjectionAdapter("in_proj_weight", slice(i * size, (i + 1) * size))
                 for i, letter in enumerate("qkv")
             }
-        return {
-            f"{letter}_proj": ProjectionAdapter(f"{letter}_proj_weight", slice(0, size))
-            for letter in "qkv"
-        }
+        return {f"{letter}_proj": ProjectionAdapter(f"{letter}_proj_weight", slice(0, size)) for letter in "qkv"}
 
     def dims(self, module: nn.Module) -> tuple[int, int, int]:
         raise TypeError("nn.MultiheadAttention is analysed through its projections (sublayers)")

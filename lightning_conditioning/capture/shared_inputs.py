@@ -99,9 +99,11 @@ class InputSharing:
         self._told.update(new)
         leader = next(iter(new.values()))
         example = [name for name, of in new.items() if of == leader]
-        return (f"{len(new)} layer{'s' if len(new) > 1 else ''} read the same input tensor as another "
-                f"analysed layer ({', '.join(example)} read {leader}'s): one Σx each, accumulated, held "
-                "and solved once")
+        return (
+            f"{len(new)} layer{'s' if len(new) > 1 else ''} read the same input tensor as another "
+            f"analysed layer ({', '.join(example)} read {leader}'s): one Σx each, accumulated, held "
+            "and solved once"
+        )
 
     def reset(self) -> None:
         """Start a new window (what was learned in :attr:`known` and :attr:`unshared` stays)."""
@@ -111,8 +113,9 @@ class InputSharing:
         self._last.clear()
         self._first_reader.clear()
 
-    def on_input(self, name: str, x: Tensor, compatible: Callable[[str], bool],
-                 copyable: Callable[[str], bool] | None = None) -> Action:
+    def on_input(
+        self, name: str, x: Tensor, compatible: Callable[[str], bool], copyable: Callable[[str], bool] | None = None
+    ) -> Action:
         """What to do with layer ``name``'s input ``x``; ``compatible(leader)`` says whether
         the two layers turn the same tensor into the same rows (same adapter, same width),
         ``copyable(leader)`` whether the leader's sum can become this layer's (the same kind
@@ -149,8 +152,11 @@ class InputSharing:
     def finish(self) -> dict[str, str]:
         """End the window's capture: a follower whose leader took rows after the follower's
         last call is lost. Returns the followers lost by this check."""
-        newly = {name: leader for name, leader in self.followers.items()
-                 if self._calls.get(leader, 0) != self._calls.get(name, 0)}
+        newly = {
+            name: leader
+            for name, leader in self.followers.items()
+            if self._calls.get(leader, 0) != self._calls.get(name, 0)
+        }
         for name, leader in newly.items():
             del self.followers[name]
             self.unshared.add(name)
@@ -164,8 +170,11 @@ class InputSharing:
         flags: list[float] = []
         for name in names:
             leader = self.followers.get(name)
-            flags += [float(name in self.lost), float(leader is None and name not in self.lost),
-                      float(leader is not None and not copyable(name, leader))]
+            flags += [
+                float(name in self.lost),
+                float(leader is None and name not in self.lost),
+                float(leader is not None and not copyable(name, leader)),
+            ]
         return flags
 
     def agree(self, names: list[str], flags: list[float]) -> list[tuple[str, str]]:
@@ -177,7 +186,7 @@ class InputSharing:
         leader's sum is exactly the follower's rows)."""
         apart: list[tuple[str, str]] = []
         for index, name in enumerate(names):
-            lost, own, uncopyable = flags[3 * index: 3 * index + 3]
+            lost, own, uncopyable = flags[3 * index : 3 * index + 3]
             state = LOST if lost or (own and uncopyable) else OWN if own else SHARED
             leader = self.followers.get(name)
             if state == LOST:

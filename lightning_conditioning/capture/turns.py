@@ -91,8 +91,7 @@ class TurnTaker:
             (``step_overhead``); None: every layer in every window.
     """
 
-    def __init__(self, moments: Sequence[MomentPlan], train_parameters: int,
-                 share: float | None) -> None:
+    def __init__(self, moments: Sequence[MomentPlan], train_parameters: int, share: float | None) -> None:
         self.share = share
         self._moments: dict[str, list[MomentPlan]] = {}
         for moment in moments:
@@ -173,8 +172,7 @@ class TurnTaker:
         self._turn, self._predicted = tuple(chosen), spent
         return frozenset(chosen)
 
-    def observe_rows(self, rows: Mapping[str, int], steps: int = 1,
-                     kept: Mapping[str, int] | None = None) -> None:
+    def observe_rows(self, rows: Mapping[str, int], steps: int = 1, kept: Mapping[str, int] | None = None) -> None:
         """The rows per step each layer's finished window held (after any reduction), and of
         them the ones ``kept`` by row sampling (default: all): the cost model follows the kept
         rows, and :meth:`capacity` the share of a plain step at them."""
@@ -204,8 +202,7 @@ class TurnTaker:
 
     def state_dict(self) -> dict[str, Any]:
         """The position in the order, the measured scale and rows (plain values)."""
-        return {"position": self.position, "scale": self.scale, "rows": dict(self.rows),
-                "seen": dict(self.seen)}
+        return {"position": self.position, "scale": self.scale, "rows": dict(self.rows), "seen": dict(self.seen)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""

@@ -133,14 +133,22 @@ class Collectives:
 
             monitor = ConditioningMonitor(model, collectives=Collectives.fabric(fabric))
         """
-        return cls._launched(lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
-                             fabric.world_size, fabric.global_rank, fabric.device)
+        return cls._launched(
+            lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
+            fabric.world_size,
+            fabric.global_rank,
+            fabric.device,
+        )
 
     @classmethod
     def strategy(cls, strategy: Any) -> Collectives:
         """A Lightning ``Strategy`` (``trainer.strategy``): ``strategy.reduce``."""
-        return cls._launched(lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
-                             strategy.world_size, strategy.global_rank, strategy.root_device)
+        return cls._launched(
+            lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
+            strategy.world_size,
+            strategy.global_rank,
+            strategy.root_device,
+        )
 
     @classmethod
     def _launched(cls, reduce: ReduceFn, world_size: int, rank: int, device: torch.device) -> Collectives:
@@ -179,4 +187,3 @@ def auto_collectives() -> Collectives:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return Collectives.torch_distributed()
     return Collectives.local()
-

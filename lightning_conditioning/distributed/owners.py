@@ -71,7 +71,7 @@ def unpack(flat: Tensor, buffers: list[Tensor]) -> int:
     """
     offset = 0
     for buffer in buffers:
-        buffer.copy_(flat[offset:offset + buffer.numel()].view_as(buffer))
+        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
         offset += buffer.numel()
     return offset
 
@@ -97,8 +97,13 @@ def _solved_dim(window: LayerWindow, sum_: MomentSum) -> int:
     return sum_.dim + (1 if sum_ is window.input and window.homogeneous else 0)
 
 
-def owners_of(windows: Mapping[str, LayerWindow], leaders: Mapping[str, str], apart: set[str],
-              world_size: int, shardable: Shardable | None = None) -> dict[str, int]:
+def owners_of(
+    windows: Mapping[str, LayerWindow],
+    leaders: Mapping[str, str],
+    apart: set[str],
+    world_size: int,
+    shardable: Shardable | None = None,
+) -> dict[str, int]:
     """The owner of every layer whose dense moments may be sharded (``leaders``: a follower
     of a shared Σx and its leader, which share one owner). A group with a dense moment that
     ``shardable`` refuses is left out (all-reduced, as without owners). Balanced by the values
@@ -115,8 +120,12 @@ def owners_of(windows: Mapping[str, LayerWindow], leaders: Mapping[str, str], ap
         groups.setdefault(head if head in windows else name, []).append(name)
     costs: dict[str, float] = {}
     for head, members in groups.items():
-        dense = [(name, _solved_dim(windows[name], s)) for name in members
-                 for s in _sums(name, windows[name], apart) if _dense(s)]
+        dense = [
+            (name, _solved_dim(windows[name], s))
+            for name in members
+            for s in _sums(name, windows[name], apart)
+            if _dense(s)
+        ]
         if shardable is not None and not all(shardable(name, dim) for name, dim in dense):
             continue
         costs[head] = 1.0 + sum(_held(windows[name], s) for name in members for s in _sums(name, windows[name], apart))
@@ -127,8 +136,15 @@ def owners_of(windows: Mapping[str, LayerWindow], leaders: Mapping[str, str], ap
     return {name: owners[name] for name in windows if name in owners}
 
 
-def merge_sketches(windows: Mapping[str, LayerWindow], apart: set[str], owners: Mapping[str, int],
-                   reduce: Reduce, reduce_to: ReduceTo | None, world_size: int, rank: int) -> None:
+def merge_sketches(
+    windows: Mapping[str, LayerWindow],
+    apart: set[str],
+    owners: Mapping[str, int],
+    reduce: Reduce,
+    reduce_to: ReduceTo | None,
+    world_size: int,
+    rank: int,
+) -> None:
     """Every rank's sketches, stacked (one sum over zero-padded slots) and folded into one
     sketch per moment, on its owner only when it has one (the others hand theirs over), else on
     every rank alike; the shrinkages add up. Row counts are summed by :func:`sum_windows`."""
@@ -159,8 +175,14 @@ def merge_sketches(windows: Mapping[str, LayerWindow], apart: set[str], owners: 
             sketcher.rows, sketcher.shrinkage = count, sketcher.shrinkage + shrinkage
 
 
-def sum_windows(windows: Mapping[str, LayerWindow], apart: set[str], owners: Mapping[str, int],
-                reduce: Reduce, reduce_to: ReduceTo | None, rank: int) -> None:
+def sum_windows(
+    windows: Mapping[str, LayerWindow],
+    apart: set[str],
+    owners: Mapping[str, int],
+    reduce: Reduce,
+    reduce_to: ReduceTo | None,
+    rank: int,
+) -> None:
     """Sum every window over processes, in place: the dense sums of owned layers to their
     owner only (``reduce_to``, the others hand theirs over), everything else in one flat
     all-reduce with the row counts. Every rank must call it with the same windows and owners.
@@ -179,13 +201,14 @@ def sum_windows(windows: Mapping[str, LayerWindow], apart: set[str], owners: Map
     parts = small + diagonals
     counts = [count for window in windows.values() for count in window.counts()]
     device = next(iter(windows.values())).device
-    flat = reduce(torch.cat([t.reshape(-1) for t in parts]
-                            + [torch.tensor(counts, dtype=torch.float64, device=device)]), "sum")
+    flat = reduce(
+        torch.cat([t.reshape(-1) for t in parts] + [torch.tensor(counts, dtype=torch.float64, device=device)]), "sum"
+    )
     offset = unpack(flat, parts)
     totals, start = flat[offset:].tolist(), 0
     for window in windows.values():
         width = len(window.counts())
-        window.set_counts(totals[start:start + width])
+        window.set_counts(totals[start : start + width])
         start += width
     if reduce_to is None:
         return

@@ -77,13 +77,12 @@ def local_rows(tensor: Tensor, rows: slice | int) -> tuple[Tensor, bool]:
         return local[rows], False
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    _, offset = compute_local_shape_and_global_offset(
-        tensor.shape, tensor.device_mesh, tensor.placements)  # type: ignore[attr-defined]
+    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)  # type: ignore[attr-defined]
     first = int(offset[0])
     if isinstance(rows, int):  # (the monitor checks no expert of a sharded fused weight)
         raise ValueError("an expert's matrix of a sharded fused weight spans shards: no local rows")
     start, stop = max(rows.start, first), min(rows.stop, first + local.shape[0])
-    return (local[start - first: stop - first] if stop > start else local[:0]), True
+    return (local[start - first : stop - first] if stop > start else local[:0]), True
 
 
 def _matrix(block: Tensor) -> Tensor:
@@ -94,8 +93,7 @@ def _matrix(block: Tensor) -> Tensor:
 def _power(blocks: list[Tensor], reduce: Reduce) -> list[float]:
     """λmax of ``Σ_r M_rᵀ M_r`` for each wide matrix, by one shared power iteration."""
     generator = torch.Generator().manual_seed(0)  # the same start vector on every rank
-    vectors = [torch.randn(b.shape[1], generator=generator, dtype=torch.float64).to(b.device)
-               for b in blocks]
+    vectors = [torch.randn(b.shape[1], generator=generator, dtype=torch.float64).to(b.device) for b in blocks]
     vectors = [v / v.norm() for v in vectors]
     values = [0.0] * len(blocks)
     for _ in range(_POWER_STEPS):

@@ -17,8 +17,16 @@ from lightning_conditioning.maths.resolution import unit_roundoff
 from lightning_conditioning.maths.sampling import RowSampler, SampleTally
 from lightning_conditioning.maths.sketch import BLOCK_ROWS, SketchedMomentSum
 
-__all__ = ["PENDING_ADDS", "symmetrize_", "SecondMomentSum", "MomentSum", "LayerWindow", "LayerMoments",
-           "moments_to_cpu", "held_bytes"]
+__all__ = [
+    "PENDING_ADDS",
+    "symmetrize_",
+    "SecondMomentSum",
+    "MomentSum",
+    "LayerWindow",
+    "LayerMoments",
+    "moments_to_cpu",
+    "held_bytes",
+]
 
 
 #: float32 additions summed in the pending buffer before it is folded into float64
@@ -86,8 +94,15 @@ class SecondMomentSum:
                 [1., 2.]], dtype=torch.float64)
     """
 
-    def __init__(self, dim: int, device: torch.device, *, track_row_sum: bool = False,
-                 diagonal: bool = False, sampler: RowSampler | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        device: torch.device,
+        *,
+        track_row_sum: bool = False,
+        diagonal: bool = False,
+        sampler: RowSampler | None = None,
+    ) -> None:
         if diagonal and track_row_sum:
             raise ValueError("a diagonal moment has no homogeneous coordinate (track_row_sum)")
         self.dim = dim
@@ -95,9 +110,7 @@ class SecondMomentSum:
         self._shape = (dim,) if diagonal else (dim, dim)
         self._device = device
         self._sum_outer: Tensor | None = torch.zeros(self._shape, dtype=torch.float64, device=device)
-        self.sum_rows = (
-            torch.zeros(dim, dtype=torch.float64, device=device) if track_row_sum else None
-        )
+        self.sum_rows = torch.zeros(dim, dtype=torch.float64, device=device) if track_row_sum else None
         self.rows = 0
         #: machine epsilon of the least precise tensor added in this window (0 before any)
         self.resolution = 0.0
@@ -136,8 +149,9 @@ class SecondMomentSum:
             if self._pending is None:
                 self._pending = torch.zeros_like(self.sum_outer, dtype=torch.float32)
             target = self._pending
-        self.gram_roundoff = max(self.gram_roundoff, unit_roundoff(dtype), unit_roundoff(target.dtype),
-                                 _tf32_roundoff(dtype, target))
+        self.gram_roundoff = max(
+            self.gram_roundoff, unit_roundoff(dtype), unit_roundoff(target.dtype), _tf32_roundoff(dtype, target)
+        )
         return target
 
     def _added_to(self, target: Tensor) -> None:
@@ -147,9 +161,7 @@ class SecondMomentSum:
             if self._pending_adds >= PENDING_ADDS:
                 self.fold()
 
-    def add(
-        self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0
-    ) -> None:
+    def add(self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0) -> None:
         """Add ``weight * gram`` (a ``dim × dim`` sum of outer products over ``rows`` rows).
 
         ``row_sum`` (``Σ r`` of the same rows) is added unweighted: only unweighted inputs
@@ -353,11 +365,16 @@ def _sampled(tally: SampleTally) -> SampleTally | None:
     return found
 
 
-def _sketched(dim: int, device: torch.device, shape: SketchShape, *, track_diagonal: bool = False,
-              sampler: RowSampler | None = None) -> SketchedMomentSum:
+def _sketched(
+    dim: int,
+    device: torch.device,
+    shape: SketchShape,
+    *,
+    track_diagonal: bool = False,
+    sampler: RowSampler | None = None,
+) -> SketchedMomentSum:
     rank, block = (shape, BLOCK_ROWS) if isinstance(shape, int) else shape
-    return SketchedMomentSum(dim, device, rank=rank, block_rows=block, track_diagonal=track_diagonal,
-                             sampler=sampler)
+    return SketchedMomentSum(dim, device, rank=rank, block_rows=block, track_diagonal=track_diagonal, sampler=sampler)
 
 
 class LayerWindow:
@@ -389,12 +406,17 @@ class LayerWindow:
     ) -> None:
         self.homogeneous = homogeneous and input_sketch is None
         self.input: MomentSum = (
-            _sketched(input_dim, device, input_sketch, track_diagonal=True, sampler=sampler) if input_sketch else
-            SecondMomentSum(input_dim, device, track_row_sum=self.homogeneous, diagonal=diagonal_input,
-                            sampler=sampler))
+            _sketched(input_dim, device, input_sketch, track_diagonal=True, sampler=sampler)
+            if input_sketch
+            else SecondMomentSum(
+                input_dim, device, track_row_sum=self.homogeneous, diagonal=diagonal_input, sampler=sampler
+            )
+        )
         self.grad: MomentSum = (
-            _sketched(grad_dim, device, grad_sketch, sampler=sampler) if grad_sketch else
-            SecondMomentSum(grad_dim, device, sampler=sampler))
+            _sketched(grad_dim, device, grad_sketch, sampler=sampler)
+            if grad_sketch
+            else SecondMomentSum(grad_dim, device, sampler=sampler)
+        )
         self.unit_max = torch.full((units,), -math.inf, dtype=torch.float64, device=device)
         self.unit_min = torch.full((units,), math.inf, dtype=torch.float64, device=device)
         #: the largest leading dimension of the lookup indices in the window (0: none seen):
@@ -443,17 +465,26 @@ class LayerWindow:
         if isinstance(mine, SketchedMomentSum) and isinstance(theirs, SketchedMomentSum):
             ours, their = mine.sketcher, theirs.sketcher
             return (ours.dim, ours.rank, ours.block_rows) == (their.dim, their.rank, their.block_rows)
-        return (isinstance(mine, SecondMomentSum) and isinstance(theirs, SecondMomentSum)
-                and not mine.diagonal and not theirs.diagonal and mine.dim == theirs.dim
-                and self.homogeneous == other.homogeneous)
+        return (
+            isinstance(mine, SecondMomentSum)
+            and isinstance(theirs, SecondMomentSum)
+            and not mine.diagonal
+            and not theirs.diagonal
+            and mine.dim == theirs.dim
+            and self.homogeneous == other.homogeneous
+        )
 
     def reads_rows_like(self, other: LayerWindow) -> bool:
         """Whether one input tensor gives the same Σx here and in ``other``, however each
         keeps it (dense or sketched): one width, neither diagonal, and both with or both
         without the homogeneous coordinate."""
         mine, theirs = self.input, other.input
-        return (mine.dim == theirs.dim and not mine.diagonal and not theirs.diagonal
-                and self.homogeneous == other.homogeneous)
+        return (
+            mine.dim == theirs.dim
+            and not mine.diagonal
+            and not theirs.diagonal
+            and self.homogeneous == other.homogeneous
+        )
 
     def copy_input_from(self, other: LayerWindow) -> None:
         """Take ``other``'s Σx sum so far (see :meth:`shares_rows_with`)."""
@@ -465,8 +496,7 @@ class LayerWindow:
 
     def counts(self) -> list[float]:
         """The counts a distributed reduction must sum (rows, and what sampling did)."""
-        return [float(self.input.rows), float(self.grad.rows),
-                *self.input.tally.values(), *self.grad.tally.values()]
+        return [float(self.input.rows), float(self.grad.rows), *self.input.tally.values(), *self.grad.tally.values()]
 
     def set_counts(self, counts: list[float]) -> None:
         """Overwrite the counts (after a distributed reduction)."""
@@ -504,8 +534,11 @@ class LayerWindow:
             grad_sampling=_sampled(self.grad.tally),
         )
         if self.input.rows > 0:
-            moments.input_second_moment = (self.input.take_mean(homogeneous=self.homogeneous) if take
-                                           else self.input.mean(homogeneous=self.homogeneous))
+            moments.input_second_moment = (
+                self.input.take_mean(homogeneous=self.homogeneous)
+                if take
+                else self.input.mean(homogeneous=self.homogeneous)
+            )
         if self.grad.rows > 0:
             moments.grad_second_moment = self.grad.take_mean() if take else self.grad.mean()
         if take:

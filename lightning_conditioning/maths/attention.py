@@ -72,13 +72,17 @@ class AttentionReading:
 
     def merge(self, other: AttentionReading) -> AttentionReading:
         """Both readings together (the same heads)."""
-        return AttentionReading(torch.maximum(self.logit_max, other.logit_max),
-                                self.entropy_sum + other.entropy_sum,
-                                self.uniform_sum + other.uniform_sum, self.rows + other.rows)
+        return AttentionReading(
+            torch.maximum(self.logit_max, other.logit_max),
+            self.entropy_sum + other.entropy_sum,
+            self.uniform_sum + other.uniform_sum,
+            self.rows + other.rows,
+        )
 
 
-def _allowed_and_bias(attn_mask: Tensor | None, is_causal: bool, queries: int, keys: int,
-                      device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+def _allowed_and_bias(
+    attn_mask: Tensor | None, is_causal: bool, queries: int, keys: int, device: torch.device
+) -> tuple[Tensor | None, Tensor | None]:
     """``(allowed, bias)`` broadcastable to ``(..., queries, keys)``: a boolean mask of the
     allowed keys and an additive float bias (None: all allowed / none)."""
     allowed: Tensor | None = None
@@ -96,9 +100,16 @@ def _allowed_and_bias(attn_mask: Tensor | None, is_causal: bool, queries: int, k
     return allowed, bias
 
 
-def attention_reading(query: Tensor, key: Tensor, *, attn_mask: Tensor | None = None,
-                      is_causal: bool = False, scale: float | None = None,
-                      sample: int = QUERY_SAMPLE, generator: torch.Generator | None = None) -> AttentionReading:
+def attention_reading(
+    query: Tensor,
+    key: Tensor,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    sample: int = QUERY_SAMPLE,
+    generator: torch.Generator | None = None,
+) -> AttentionReading:
     """The per-head reading of one attention call (see the module's docstring).
 
     Args:

@@ -32,10 +32,24 @@ from torch import Tensor
 from lightning_conditioning.maths.solvers import largest_singular_value
 
 __all__ = [
-    "as_matrix", "spectral_norm", "frobenius_norm", "WeightStatus", "weight_status",
-    "WeightStatistics", "weight_statistics", "statistics_from_norms", "imbalance", "is_dominated", "RatioHistory",
-    "record_ratio", "ratio_fall", "DominationRules", "DominationReason", "domination_reasons",
-    "THRESHOLD_MIN_FALL", "LEARNING_UPDATE",
+    "as_matrix",
+    "spectral_norm",
+    "frobenius_norm",
+    "WeightStatus",
+    "weight_status",
+    "WeightStatistics",
+    "weight_statistics",
+    "statistics_from_norms",
+    "imbalance",
+    "is_dominated",
+    "RatioHistory",
+    "record_ratio",
+    "ratio_fall",
+    "DominationRules",
+    "DominationReason",
+    "domination_reasons",
+    "THRESHOLD_MIN_FALL",
+    "LEARNING_UPDATE",
 ]
 
 #: what a layer's norms allow: ``"ok"`` (both positive and finite), ``"zero_gradient"``
@@ -91,8 +105,9 @@ def frobenius_norm(matrix: Tensor) -> float:
     """
     flat = matrix.detach().reshape(-1)
     block = 1 << 22
-    total = sum(float(flat[start:start + block].to(torch.float64).square().sum())
-                for start in range(0, flat.numel(), block))
+    total = sum(
+        float(flat[start : start + block].to(torch.float64).square().sum()) for start in range(0, flat.numel(), block)
+    )
     return math.sqrt(total)
 
 
@@ -132,8 +147,7 @@ class WeightStatistics:
 
     def with_update_norm(self, norm: float) -> WeightStatistics:
         """A copy with σmax(ΔW) of the applied update filled in."""
-        return replace(self, update_spectral_norm=norm,
-                       update_weight_ratio=_ratio(norm, self.weight_spectral_norm))
+        return replace(self, update_spectral_norm=norm, update_weight_ratio=_ratio(norm, self.weight_spectral_norm))
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -166,12 +180,12 @@ def weight_statistics(weight: Tensor, grad: Tensor) -> WeightStatistics:
         >>> weight_statistics(torch.eye(2), torch.zeros(2, 2)).status
         'zero_gradient'
     """
-    return statistics_from_norms(spectral_norm(weight), spectral_norm(grad),
-                                 frobenius_norm(weight), frobenius_norm(grad))
+    return statistics_from_norms(
+        spectral_norm(weight), spectral_norm(grad), frobenius_norm(weight), frobenius_norm(grad)
+    )
 
 
-def statistics_from_norms(weight_norm: float, grad_norm: float, weight_fro: float,
-                          grad_fro: float) -> WeightStatistics:
+def statistics_from_norms(weight_norm: float, grad_norm: float, weight_fro: float, grad_fro: float) -> WeightStatistics:
     """:class:`WeightStatistics` from the four norms (e.g. reduced over shards,
     :mod:`lightning_conditioning.distributed.shards`).
 
@@ -262,9 +276,12 @@ class RatioHistory:
     def from_state(cls, state: Mapping[str, Any]) -> RatioHistory:
         """Inverse of :meth:`state`."""
         loss = state.get("peak_loss")
-        return cls(peak_ratio=float(state["peak_ratio"]), peak_step=int(state["peak_step"]),
-                   peak_loss=float(loss) if loss is not None else None,
-                   checks=int(state.get("checks", 1)))
+        return cls(
+            peak_ratio=float(state["peak_ratio"]),
+            peak_step=int(state["peak_step"]),
+            peak_loss=float(loss) if loss is not None else None,
+            checks=int(state.get("checks", 1)),
+        )
 
 
 def _per_loss(ratio: float, loss: float | None, other_loss: float | None) -> float:
@@ -272,8 +289,7 @@ def _per_loss(ratio: float, loss: float | None, other_loss: float | None) -> flo
     return ratio / loss if loss is not None and other_loss is not None else ratio
 
 
-def record_ratio(history: RatioHistory | None, ratio: float, step: int,
-                 loss: float | None = None) -> RatioHistory:
+def record_ratio(history: RatioHistory | None, ratio: float, step: int, loss: float | None = None) -> RatioHistory:
     """``history`` with one more check of ratio ``ratio`` (finite, > 0) at ``step``; ``loss``
     is the training loss of that step (ignored unless finite and > 0).
 
@@ -336,9 +352,12 @@ class DominationRules:
     fall_factor: float | None = 1000.0
 
 
-def domination_reasons(stats: WeightStatistics, history: RatioHistory | None,
-                       rules: DominationRules = DominationRules(),
-                       loss: float | None = None) -> tuple[DominationReason, ...]:
+def domination_reasons(
+    stats: WeightStatistics,
+    history: RatioHistory | None,
+    rules: DominationRules = DominationRules(),
+    loss: float | None = None,
+) -> tuple[DominationReason, ...]:
     """Which rules find the layer in weight domination at this check (empty: none).
 
     ``history`` must already include this check (:func:`record_ratio`). The rules:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -93,13 +94,27 @@ def summarize_solved(
     if max_rank is not None:
         structural = min(structural, max(max_rank, 0))
     estimate, low, high = eigenvalue_bounds(solved, 0) if dim else (math.nan, 0.0, 0.0)
-    common = dict(size=dim, exact=False, solver=solved.solver, definition=definition, rtol=rtol,
-                  structural_rank=max(structural, 0), lambda_max_bounds=(low, high),
-                  lower_bounds=solved.lower, upper_bounds=solved.upper, tail_upper=solved.tail_upper)
+    common: dict[str, Any] = dict(
+        size=dim,
+        exact=False,
+        solver=solved.solver,
+        definition=definition,
+        rtol=rtol,
+        structural_rank=max(structural, 0),
+        lambda_max_bounds=(low, high),
+        lower_bounds=solved.lower,
+        upper_bounds=solved.upper,
+        tail_upper=solved.tail_upper,
+    )
     if not high > 0:
-        return SpectrumSummary(solved.eigenvalues, 0.0 if high == 0 else math.nan, 0,
-                               {p: math.nan for p in percents}, kappa_status={p: "undefined" for p in percents},
-                               **common)  # type: ignore[arg-type]
+        return SpectrumSummary(
+            solved.eigenvalues,
+            0.0 if high == 0 else math.nan,
+            0,
+            {p: math.nan for p in percents},
+            kappa_status={p: "undefined" for p in percents},
+            **common,
+        )
     floor = rtol * estimate
     lows = solved.lower if solved.lower is not None else solved.eigenvalues
     rank = min(int((lows > floor).sum()), structural)
@@ -126,8 +141,9 @@ def summarize_solved(
             bounds[percent] = (low / p_high, high / p_low)
         else:
             kappa[percent], status[percent] = low / max(p_high, floor), "lower_bound"
-    return SpectrumSummary(solved.eigenvalues, estimate, rank, kappa, kappa_status=status,
-                           kappa_bounds=bounds, **common)  # type: ignore[arg-type]
+    return SpectrumSummary(
+        solved.eigenvalues, estimate, rank, kappa, kappa_status=status, kappa_bounds=bounds, **common
+    )
 
 
 def _bound_arrays(summary: SpectrumSummary) -> tuple[Tensor, Tensor]:
@@ -137,16 +153,23 @@ def _bound_arrays(summary: SpectrumSummary) -> tuple[Tensor, Tensor]:
     if summary.exact:
         values = summary.eigenvalues[: summary.rank].clamp_min(0)
         pad = dim - values.numel()
-        upper = torch.cat([values, values.new_full((summary.unresolved,), summary.floor),
-                           values.new_zeros(max(pad - summary.unresolved, 0))])
+        upper = torch.cat(
+            [
+                values,
+                values.new_full((summary.unresolved,), summary.floor),
+                values.new_zeros(max(pad - summary.unresolved, 0)),
+            ]
+        )
         return torch.cat([values, values.new_zeros(pad)]), upper
     listed = summary.eigenvalues.clamp_min(0)
     low = summary.lower_bounds if summary.lower_bounds is not None else listed
     up = summary.upper_bounds if summary.upper_bounds is not None else listed
     tail = summary.tail_upper if summary.tail_upper is not None else float(up[-1]) if up.numel() else 0.0
     pad = dim - listed.numel()
-    return (torch.cat([low, low.new_zeros(pad)]),
-            torch.cat([up, up.new_full((pad,), min(tail, float(up[-1]) if up.numel() else tail))]))
+    return (
+        torch.cat([low, low.new_zeros(pad)]),
+        torch.cat([up, up.new_full((pad,), min(tail, float(up[-1]) if up.numel() else tail))]),
+    )
 
 
 def _kth(first: Tensor, second: Tensor, k: int) -> float:
@@ -187,9 +210,16 @@ def summarize_kronecker_bounds(
     status: dict[float, KappaStatus] = {}
     bounds: dict[float, tuple[float, float]] = {}
     if not lambda_high > 0:
-        return KroneckerSummary(estimate, 0, {p: math.nan for p in percents},
-                                {p: "undefined" for p in percents}, structural, definition,
-                                exact=False, lambda_max_bounds=(lambda_low, lambda_high))
+        return KroneckerSummary(
+            estimate,
+            0,
+            {p: math.nan for p in percents},
+            {p: "undefined" for p in percents},
+            structural,
+            definition,
+            exact=False,
+            lambda_max_bounds=(lambda_low, lambda_high),
+        )
     for percent in percents:
         k = structural if percent == 100 else percentile_index(percent, total) + 1
         if k > structural:
@@ -205,5 +235,14 @@ def summarize_kronecker_bounds(
         else:
             kappa[percent], status[percent] = lambda_low / upper_k, "lower_bound"
     rank = int(((low_a > first.floor).sum() * (low_b > second.floor).sum()).item())
-    return KroneckerSummary(estimate, rank, kappa, status, structural, definition, exact=False,
-                            lambda_max_bounds=(lambda_low, lambda_high), kappa_bounds=bounds)
+    return KroneckerSummary(
+        estimate,
+        rank,
+        kappa,
+        status,
+        structural,
+        definition,
+        exact=False,
+        lambda_max_bounds=(lambda_low, lambda_high),
+        kappa_bounds=bounds,
+    )

@@ -157,9 +157,7 @@ def moments_to_cpu(moments: dict[str, LayerMoments]) -> dict[str, LayerMoments]:
     updates: dict[str, dict[str, Any]] = {name: {} for name in moments}
     for entries in by_device.values():
         flat = torch.cat([tensor.reshape(-1) for _, _, tensor in entries]).cpu()
-        for (name, field_name, tensor), part in zip(
-            entries, flat.split([tensor.numel() for _, _, tensor in entries])
-        ):
+        for (name, field_name, tensor), part in zip(entries, flat.split([tensor.numel() for _, _, tensor in entries])):
             updates[name][field_name] = part.view(tensor.shape)
     return {name: replace(layer, **updates[name]) for name, layer in moments.items()}
 

@@ -47,10 +47,7 @@ def float64_slowdown(device: torch.device, size: int = 1024, repeats: int = 3) -
 
 
 def gram_dtype_for(
-    option: str,
-    devices: Iterable[torch.device],
-    *,
-    slowdown: Callable[[torch.device], float] = float64_slowdown,
+    option: str, devices: Iterable[torch.device], *, slowdown: Callable[[torch.device], float] = float64_slowdown
 ) -> torch.dtype:
     """The Gram dtype for ``statistics_dtype=option`` on the model's ``devices``.
 

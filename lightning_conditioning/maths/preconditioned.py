@@ -85,12 +85,16 @@ def preconditioned_sharpness(
     a, g = input_moment.to(torch.float64), grad_moment.to(torch.float64)
     d_out, d_in = g.shape[0], a.shape[0]
     if inverse_preconditioner.shape != (d_out, d_in):
-        raise ValueError(f"the preconditioner is {tuple(inverse_preconditioner.shape)}, the "
-                         f"moments make a ({d_out}, {d_in}) weight")
+        raise ValueError(
+            f"the preconditioner is {tuple(inverse_preconditioner.shape)}, the moments make a ({d_out}, {d_in}) weight"
+        )
     inverse = inverse_preconditioner.to(device=a.device, dtype=torch.float64)
     scale = inverse.clamp_min(0).sqrt()
-    upper = float(inverse.max()) * float(torch.linalg.eigvalsh(a)[-1].clamp_min(0)) * float(
-        torch.linalg.eigvalsh(g)[-1].clamp_min(0))
+    upper = (
+        float(inverse.max())
+        * float(torch.linalg.eigvalsh(a)[-1].clamp_min(0))
+        * float(torch.linalg.eigvalsh(g)[-1].clamp_min(0))
+    )
     start = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     basis = [(start / start.norm()).to(a.device)]
     alphas: list[float] = []
@@ -112,8 +116,9 @@ def preconditioned_sharpness(
         value = float(ritz[-1])
         if not math.isfinite(value):
             return PreconditionedSharpness(math.nan, False, len(alphas), upper)
-        converged = (beta * abs(float(vectors[-1, -1])) <= rtol * abs(value)
-                     or len(alphas) == d_out * d_in or beta == 0.0)
+        converged = (
+            beta * abs(float(vectors[-1, -1])) <= rtol * abs(value) or len(alphas) == d_out * d_in or beta == 0.0
+        )
         if converged:
             break
         betas.append(beta)

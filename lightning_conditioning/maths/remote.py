@@ -60,8 +60,16 @@ class RemoteMoment(MatrixStandIn):
             taken as finite and nonzero until the owner says).
     """
 
-    def __init__(self, diagonal: Tensor | None, owner: int, *, size: int | None = None,
-                 kind: str = "dense", finite: bool | None = None, nonzero: bool | None = None) -> None:
+    def __init__(
+        self,
+        diagonal: Tensor | None,
+        owner: int,
+        *,
+        size: int | None = None,
+        kind: str = "dense",
+        finite: bool | None = None,
+        nonzero: bool | None = None,
+    ) -> None:
         if diagonal is None and size is None:
             raise ValueError("a remote moment needs its diagonal or its size")
         self.diagonal, self.owner, self.kind = diagonal, int(owner), kind
@@ -83,8 +91,14 @@ class RemoteMoment(MatrixStandIn):
 
     def cpu(self) -> RemoteMoment:
         """The same moment with its diagonal on the host."""
-        return RemoteMoment(self.diagonal.cpu() if self.diagonal is not None else None, self.owner,
-                            size=self.size, kind=self.kind, finite=self.finite, nonzero=self.nonzero)
+        return RemoteMoment(
+            self.diagonal.cpu() if self.diagonal is not None else None,
+            self.owner,
+            size=self.size,
+            kind=self.kind,
+            finite=self.finite,
+            nonzero=self.nonzero,
+        )
 
     @property
     def nbytes(self) -> int:

@@ -32,24 +32,13 @@ from __future__ import annotations
 
 import math
 
-__all__ = [
-    "ACCURACY_FACTOR",
-    "UNIT_ROUNDOFF",
-    "EPSILON",
-    "unit_roundoff",
-    "floor_rtol",
-]
+__all__ = ["ACCURACY_FACTOR", "UNIT_ROUNDOFF", "EPSILON", "unit_roundoff", "floor_rtol"]
 
 #: how far above the rounding bound an eigenvalue must sit to be reported (1/accuracy)
 ACCURACY_FACTOR = 1e3
 
 #: unit roundoff ``u = eps / 2`` of the floating dtypes, by name
-UNIT_ROUNDOFF = {
-    "float64": 2.0**-53,
-    "float32": 2.0**-24,
-    "float16": 2.0**-11,
-    "bfloat16": 2.0**-8,
-}
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 #: machine epsilon of the floating dtypes, by name
 EPSILON = {name: 2.0 * u for name, u in UNIT_ROUNDOFF.items()}
 
@@ -65,17 +54,11 @@ def unit_roundoff(dtype: object) -> float:
     try:
         return UNIT_ROUNDOFF[name]
     except KeyError:
-        raise ValueError(
-            f"unsupported dtype {dtype!r}: expected one of {sorted(UNIT_ROUNDOFF)}"
-        ) from None
+        raise ValueError(f"unsupported dtype {dtype!r}: expected one of {sorted(UNIT_ROUNDOFF)}") from None
 
 
 def floor_rtol(
-    *,
-    gram_roundoff: float = UNIT_ROUNDOFF["float64"],
-    rows: int = 0,
-    dim: int = 1,
-    row_eps: float = 0.0,
+    *, gram_roundoff: float = UNIT_ROUNDOFF["float64"], rows: int = 0, dim: int = 1, row_eps: float = 0.0
 ) -> float:
     """The resolution floor of a moment, relative to its λmax (a number in ``(0, 1]``).
 

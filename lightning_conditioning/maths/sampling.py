@@ -93,8 +93,7 @@ class SampleTally:
 
     def values(self) -> list[float]:
         """The five sums, for a reduction over processes."""
-        return [float(self.rows), float(self.kept), float(self.counted), float(self.variance),
-                float(self.level)]
+        return [float(self.rows), float(self.kept), float(self.counted), float(self.variance), float(self.level)]
 
     def set_values(self, values: list[float]) -> None:
         """Overwrite the sums (after a reduction)."""

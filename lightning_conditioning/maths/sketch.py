@@ -84,8 +84,9 @@ def shrink_gram(gram: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     delta = float(values[rank]) if count > rank else 0.0
     kept = min(rank, count)
     lowered = (values[:kept] - delta).clamp_min(0.0)
-    factor = torch.where(values[:kept] > 0, (lowered / values[:kept].clamp_min(1e-300)).sqrt(),
-                         torch.zeros_like(lowered))
+    factor = torch.where(
+        values[:kept] > 0, (lowered / values[:kept].clamp_min(1e-300)).sqrt(), torch.zeros_like(lowered)
+    )
     return values, factor[:, None] * vectors[:, :kept].T, delta
 
 
@@ -117,8 +118,7 @@ class FrequentDirections:
         shrinkage: ``Δ``, the total of the shrinks (same units as the sum).
     """
 
-    def __init__(self, dim: int, rank: int, device: torch.device, *,
-                 block_rows: int = BLOCK_ROWS) -> None:
+    def __init__(self, dim: int, rank: int, device: torch.device, *, block_rows: int = BLOCK_ROWS) -> None:
         if rank < 1 or dim < 1:
             raise ValueError(f"rank and dim must be positive, got rank={rank}, dim={dim}")
         self.dim, self.rank = dim, rank
@@ -179,7 +179,7 @@ class FrequentDirections:
         self.exact_eigenvalues = None  # new rows: a spectrum known before no longer holds
         scale = math.sqrt(weight)
         if self.filled + count <= self.buffer.shape[0]:
-            block = self.buffer[self.filled:self.filled + count]
+            block = self.buffer[self.filled : self.filled + count]
             block.copy_(rows)
             if weight != 1.0:
                 block.mul_(scale)
@@ -188,7 +188,7 @@ class FrequentDirections:
         start = 0
         while start < count:
             step = max(self.block_rows - self.filled, 1)
-            self._shrink_with(rows[start:start + step], scale)
+            self._shrink_with(rows[start : start + step], scale)
             start += step
 
     def _shrink_with(self, rows: Tensor, scale: float) -> None:
@@ -208,8 +208,7 @@ class FrequentDirections:
         kept = combination.shape[0]
         new_rows = kept_rows.new_empty(kept, self.dim)
         for start in range(0, self.dim, width):
-            new_rows[:, start:start + width] = combination @ self._stack(kept_rows, rows, scale,
-                                                                         start, width)
+            new_rows[:, start : start + width] = combination @ self._stack(kept_rows, rows, scale, start, width)
         self.buffer.zero_()
         self.buffer[:kept] = new_rows
         self.filled = kept
@@ -220,10 +219,9 @@ class FrequentDirections:
     def _stack(kept_rows: Tensor, rows: Tensor, scale: float, start: int, width: int) -> Tensor:
         """Columns ``start:start + width`` of the buffer's rows above ``scale ×`` the new rows,
         a new float64 tensor (the caller's rows are never written)."""
-        part = torch.cat([kept_rows[:, start:start + width],
-                          rows[:, start:start + width].to(kept_rows.dtype)])
+        part = torch.cat([kept_rows[:, start : start + width], rows[:, start : start + width].to(kept_rows.dtype)])
         if scale != 1.0:
-            part[kept_rows.shape[0]:].mul_(scale)
+            part[kept_rows.shape[0] :].mul_(scale)
         return part
 
     def _shrink(self) -> None:
@@ -278,8 +276,14 @@ class SketchedMoment(MatrixStandIn):
         ((3, 3), 2, False)
     """
 
-    def __init__(self, sketch: Tensor, shrinkage: float, dim: int,
-                 eigenvalues: Tensor | None = None, diagonal: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        sketch: Tensor,
+        shrinkage: float,
+        dim: int,
+        eigenvalues: Tensor | None = None,
+        diagonal: Tensor | None = None,
+    ) -> None:
         self.sketch, self.shrinkage, self.size = sketch, float(shrinkage), int(dim)
         self.eigenvalues = eigenvalues
         #: ``M``'s exact diagonal (float64), when the sum tracked it (``track_diagonal``)
@@ -307,8 +311,13 @@ class SketchedMoment(MatrixStandIn):
 
     def cpu(self) -> SketchedMoment:
         """The same moment with its sketch on the CPU."""
-        return SketchedMoment(self.sketch.cpu(), self.shrinkage, self.size, self.eigenvalues,
-                              self.diagonal.cpu() if self.diagonal is not None else None)
+        return SketchedMoment(
+            self.sketch.cpu(),
+            self.shrinkage,
+            self.size,
+            self.eigenvalues,
+            self.diagonal.cpu() if self.diagonal is not None else None,
+        )
 
 
 #: rows converted to float64 at once for a sketch's exact diagonal
@@ -332,9 +341,16 @@ class SketchedMomentSum:
     sum_rows = None
     diagonal = False
 
-    def __init__(self, dim: int, device: torch.device, *, rank: int,
-                 block_rows: int = BLOCK_ROWS, track_diagonal: bool = False,
-                 sampler: RowSampler | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        device: torch.device,
+        *,
+        rank: int,
+        block_rows: int = BLOCK_ROWS,
+        track_diagonal: bool = False,
+        sampler: RowSampler | None = None,
+    ) -> None:
         self.dim = dim
         #: draws at most its limit of the rows of each :meth:`add_rows` (None: every row)
         self.sampler = sampler
@@ -373,7 +389,7 @@ class SketchedMomentSum:
         self.sketcher.rows = added + count
         if self.diagonal_sum is not None:  # in float64, DIAGONAL_ROWS rows at a time (no n × d copy)
             for start in range(0, int(rows.shape[0]), DIAGONAL_ROWS):
-                block = rows[start:start + DIAGONAL_ROWS].to(torch.float64)  # may be rows themselves
+                block = rows[start : start + DIAGONAL_ROWS].to(torch.float64)  # may be rows themselves
                 self.diagonal_sum.add_(block.square().sum(0), alpha=weight)
 
     def add(self, gram: Tensor, rows: int, row_sum: Tensor | None = None, weight: float = 1.0) -> None:
@@ -410,9 +426,13 @@ class SketchedMomentSum:
             return self._remote()
         rows = max(self.rows, 1)
         exact = self.sketcher.exact_eigenvalues
-        return SketchedMoment(self.sketcher.sketch() / math.sqrt(rows),
-                              self.sketcher.shrinkage / rows, self.dim,
-                              exact / rows if exact is not None else None, self._diagonal(rows))
+        return SketchedMoment(
+            self.sketcher.sketch() / math.sqrt(rows),
+            self.sketcher.shrinkage / rows,
+            self.dim,
+            exact / rows if exact is not None else None,
+            self._diagonal(rows),
+        )
 
     def _diagonal(self, rows: int) -> Tensor | None:
         return self.diagonal_sum / rows if self.diagonal_sum is not None else None
@@ -449,8 +469,13 @@ class SketchedMomentSum:
         rows = max(count, 1)
         diagonal = self._diagonal(rows)
         self.reset()
-        return SketchedMoment(sketch.div_(math.sqrt(rows)), shrinkage / rows, self.dim,
-                              exact / rows if exact is not None else None, diagonal)
+        return SketchedMoment(
+            sketch.div_(math.sqrt(rows)),
+            shrinkage / rows,
+            self.dim,
+            exact / rows if exact is not None else None,
+            diagonal,
+        )
 
     def reset(self) -> None:
         """Empty the sketch for the next window."""

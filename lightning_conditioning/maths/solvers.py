@@ -28,9 +28,20 @@ from lightning_conditioning.maths.spectra import symmetric_eigenvalues
 
 __all__ = [
     "Quantile",
-    "SolvedSpectrum", "SpectrumSolver", "DenseSolver", "DiagonalSolver", "SolverPlan", "DENSE",
-    "DIAGONAL", "SketchSolver", "SKETCH", "plan_solver", "shareable", "limited_threads",
-    "SingularValue", "largest_singular_value",
+    "SolvedSpectrum",
+    "SpectrumSolver",
+    "DenseSolver",
+    "DiagonalSolver",
+    "SolverPlan",
+    "DENSE",
+    "DIAGONAL",
+    "SketchSolver",
+    "SKETCH",
+    "plan_solver",
+    "shareable",
+    "limited_threads",
+    "SingularValue",
+    "largest_singular_value",
 ]
 
 
@@ -175,8 +186,7 @@ class DiagonalSolver:
             raise ValueError(f"expected the diagonal as a vector, got shape {tuple(matrix.shape)}")
         values = matrix.detach().to(device="cpu", dtype=torch.float64)
         zeros = int((values == 0).sum())
-        return SolvedSpectrum(torch.sort(values, descending=True).values, self.name,
-                              structural_zeros=zeros)
+        return SolvedSpectrum(torch.sort(values, descending=True).values, self.name, structural_zeros=zeros)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -217,11 +227,17 @@ class SketchSolver:
         if delta == 0:  # nothing lost: the rows' spectrum, the rest exact zeros
             kept = values[:size]
             zeros = size - int(kept.numel())
-            return SolvedSpectrum(torch.cat([kept, kept.new_zeros(zeros)]), self.name,
-                                  structural_zeros=zeros)
-        return SolvedSpectrum(values, self.name, exact=False, lower=values.clone(),
-                              upper=values + delta, dim=size, tail_upper=delta,
-                              bounds="certified")
+            return SolvedSpectrum(torch.cat([kept, kept.new_zeros(zeros)]), self.name, structural_zeros=zeros)
+        return SolvedSpectrum(
+            values,
+            self.name,
+            exact=False,
+            lower=values.clone(),
+            upper=values + delta,
+            dim=size,
+            tail_upper=delta,
+            bounds="certified",
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -317,7 +333,7 @@ def _exact_singular_value(matrix: Tensor) -> float:
     block = max(1, (1 << 24) // max(side, 1))
     source = matrix.T if wide else matrix  # rows of ``source`` are summed as outer products
     for start in range(0, source.shape[0], block):
-        part = source[start:start + block].to(torch.float64)
+        part = source[start : start + block].to(torch.float64)
         gram.addmm_(part.T, part)
     values = torch.linalg.eigvalsh((gram + gram.T) * 0.5)
     return float(values[-1].clamp_min(0.0).sqrt())
@@ -331,8 +347,14 @@ def _exact_singular_value(matrix: Tensor) -> float:
 LANCZOS_STEPS = 256
 
 
-def largest_singular_value(matrix: Tensor, *, rtol: float = 1e-4, max_steps: int = LANCZOS_STEPS,
-                           exact_side: int = EXACT_SIDE, threads: int | None = 1) -> SingularValue:
+def largest_singular_value(
+    matrix: Tensor,
+    *,
+    rtol: float = 1e-4,
+    max_steps: int = LANCZOS_STEPS,
+    exact_side: int = EXACT_SIDE,
+    threads: int | None = 1,
+) -> SingularValue:
     """σmax of ``matrix`` (2-D; higher dimensions are read as ``rows × rest``) with a bound.
 
     Small matrices (smaller side ≤ ``exact_side``) are solved exactly in float64. Larger ones

@@ -277,16 +277,31 @@ def summarize_spectrum(
     lambda_max = float(eigenvalues[0]) if dim else float("nan")
     if dim == 0 or not lambda_max > 0:
         return SpectrumSummary(
-            eigenvalues, lambda_max, 0, {p: math.nan for p in percents}, rtol,
-            {p: "undefined" for p in percents}, max(structural, 0), definition, solver,
+            eigenvalues,
+            lambda_max,
+            0,
+            {p: math.nan for p in percents},
+            rtol,
+            {p: "undefined" for p in percents},
+            max(structural, 0),
+            definition,
+            solver,
             solver_error,
         )
     rank = min(int((eigenvalues > rtol * lambda_max).sum()), structural)
     floor = rtol * lambda_max
     if rank == 0:  # even λmax is under the floor (a floor clamped at 1): nothing is measured
         return SpectrumSummary(
-            eigenvalues, lambda_max, 0, {p: 1.0 / rtol for p in percents}, rtol,
-            {p: "lower_bound" for p in percents}, structural, definition, solver, solver_error,
+            eigenvalues,
+            lambda_max,
+            0,
+            {p: 1.0 / rtol for p in percents},
+            rtol,
+            {p: "lower_bound" for p in percents},
+            structural,
+            definition,
+            solver,
+            solver_error,
         )
     kappa: dict[float, float] = {}
     status: dict[float, KappaStatus] = {}
@@ -303,13 +318,12 @@ def summarize_spectrum(
             kappa[percent], status[percent] = lambda_max / floor, "lower_bound"
         else:
             kappa[percent], status[percent] = math.inf, "infinite"
-    return SpectrumSummary(eigenvalues, lambda_max, rank, kappa, rtol, status, structural,
-                           definition, solver, solver_error)
+    return SpectrumSummary(
+        eigenvalues, lambda_max, rank, kappa, rtol, status, structural, definition, solver, solver_error
+    )
 
 
-def kronecker_kth_largest(
-    first: Tensor, second: Tensor, k: int, *, max_direct: int = 1 << 16
-) -> float:
+def kronecker_kth_largest(first: Tensor, second: Tensor, k: int, *, max_direct: int = 1 << 16) -> float:
     """The ``k``-th largest (1-based) of all products ``first[i] * second[j]``.
 
     Both inputs must be positive. Up to ``max_direct`` products, they are formed as a vector
@@ -375,10 +389,7 @@ def _kth_product(first: Tensor, second: Tensor, k: int) -> float:
 
 def _upper_envelope(summary: SpectrumSummary) -> Tensor:
     """The resolved eigenvalues, then every unresolved one at its largest possible value."""
-    return torch.cat([
-        summary.nonzero_eigenvalues,
-        summary.eigenvalues.new_full((summary.unresolved,), summary.floor),
-    ])
+    return torch.cat([summary.nonzero_eigenvalues, summary.eigenvalues.new_full((summary.unresolved,), summary.floor)])
 
 
 def summarize_kronecker(
@@ -412,8 +423,12 @@ def summarize_kronecker(
     if rank == 0:  # λmax is still known when a factor is exactly zero: 0
         zero = first.lambda_max == 0 or second.lambda_max == 0
         return KroneckerSummary(
-            0.0 if zero else math.nan, 0, {p: math.nan for p in percents},
-            {p: "undefined" for p in percents}, structural, definition,
+            0.0 if zero else math.nan,
+            0,
+            {p: math.nan for p in percents},
+            {p: "undefined" for p in percents},
+            structural,
+            definition,
         )
     top_first, top_second = first.nonzero_eigenvalues, second.nonzero_eigenvalues
     lambda_max = float(top_first[0] * top_second[0])
@@ -428,8 +443,11 @@ def summarize_kronecker(
             continue
         k = percentile_index(percent, total) + 1
         low = _kth_product(top_first, top_second, k)
-        high = low if k <= rank and not (first.unresolved or second.unresolved) else (
-            _kth_product(_upper_envelope(first), _upper_envelope(second), k))
+        high = (
+            low
+            if k <= rank and not (first.unresolved or second.unresolved)
+            else (_kth_product(_upper_envelope(first), _upper_envelope(second), k))
+        )
         if low > 0 and low == high:
             kappa[percent], status[percent] = lambda_max / low, "exact"
         elif high > 0:

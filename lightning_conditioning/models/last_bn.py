@@ -31,7 +31,12 @@ from torch.nn.parameter import UninitializedParameter
 from lightning_conditioning.capture.selection import last_linear_name
 
 __all__ = [
-    "LastBN", "Position", "PreBNPool", "add_last_bn", "find_last_linear", "last_linear_name",
+    "LastBN",
+    "Position",
+    "PreBNPool",
+    "add_last_bn",
+    "find_last_linear",
+    "last_linear_name",
     "remap_state_dict_for_last_bn",
 ]
 
@@ -146,11 +151,7 @@ def _is_global_avg_pool(module: object) -> bool:
 
 
 def add_last_bn(
-    model: nn.Module,
-    *,
-    position: Position = "before_linear",
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
+    model: nn.Module, *, position: Position = "before_linear", eps: float = 1e-5, momentum: float | None = 0.1
 ) -> nn.Module:
     """Put one BatchNorm right before the model's final classifier, in place.
 
@@ -253,7 +254,7 @@ def remap_state_dict_for_last_bn(state_dict: Mapping[str, Tensor], model: nn.Mod
         prefix = f"{name}." if name else ""
         own = (f"{prefix}bn.", f"{prefix}{inner}.")
         for key in [k for k in remapped if k.startswith(prefix) and not k.startswith(own)]:
-            remapped[f"{prefix}{inner}.{key[len(prefix):]}"] = remapped.pop(key)
+            remapped[f"{prefix}{inner}.{key[len(prefix) :]}"] = remapped.pop(key)
         bn_prefixes.append(f"{prefix}bn.")
     for key, value in model.state_dict().items():
         if key not in remapped and key.startswith(tuple(bn_prefixes)):

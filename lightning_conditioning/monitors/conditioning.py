@@ -114,9 +114,7 @@ class ConditioningMonitor:
     ) -> None:
         unknown = set(options) - set(ConditioningOptions.names())
         if unknown:
-            raise TypeError(
-                f"unknown option(s) {sorted(unknown)}; options: {list(ConditioningOptions.names())}"
-            )
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; options: {list(ConditioningOptions.names())}")
         self.options = ConditioningOptions(**options)
         if collectives == "auto":
             collectives = auto_collectives()
@@ -176,14 +174,11 @@ class ConditioningMonitor:
             mine = torch.tensor([float64_slowdown(device)], dtype=torch.float64)
             return float(group.all_reduce(mine, "max")[0]) if group.distributed else float(mine[0])
 
-        dtype = gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()],
-                               slowdown=slowdown)
-        self.plan = plan_analysis(layers, memory_budget(model, o.memory_budget),
-                                  float32_grams=dtype == torch.float32)
+        dtype = gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()], slowdown=slowdown)
+        self.plan = plan_analysis(layers, memory_budget(model, o.memory_budget), float32_grams=dtype == torch.float32)
         self._announce_plan(self.plan)
         self.turns = TurnTaker(self.plan.moments, parameter_count(model.parameters()), o.step_overhead)
-        layers = {name: entry for name, entry in layers.items()
-                  if name not in self.plan.skipped_layers}
+        layers = {name: entry for name, entry in layers.items() if name not in self.plan.skipped_layers}
         if not layers:
             return
         self.capture = LayerCapture(
@@ -207,8 +202,9 @@ class ConditioningMonitor:
 
     def _announce_coverage(self, model: nn.Module, layers: Mapping[str, Any]) -> None:
         """One line on what is analysed and how; one warning naming what is not (and why)."""
-        line, warning = coverage_lines(type(self).__name__, model, layers, self.loss_reduction,
-                                       self._reduction_reason, self.uncovered)
+        line, warning = coverage_lines(
+            type(self).__name__, model, layers, self.loss_reduction, self._reduction_reason, self.uncovered
+        )
         self._info(line)
         if warning:
             self._warn(warning)
@@ -309,11 +305,13 @@ class ConditioningMonitor:
         if turn is not None and not self._turns_announced:
             self._turns_announced = True
             whole = sum(turns.layer_seconds(name) for name in turns.layers) * turns.scale
-            self._info(f"{type(self).__name__}: analysing all {len(turns.layers)} layers at once would "
-                       f"add about {whole:.0f} s to a step, more than step_overhead="
-                       f"{turns.share:g} of a plain one (about {turns.plain_seconds():.1f} s): the "
-                       f"layers take turns, {len(turn)} in this window; each result's `step` says "
-                       "when it was analysed. Said once.")
+            self._info(
+                f"{type(self).__name__}: analysing all {len(turns.layers)} layers at once would "
+                f"add about {whole:.0f} s to a step, more than step_overhead="
+                f"{turns.share:g} of a plain one (about {turns.plain_seconds():.1f} s): the "
+                f"layers take turns, {len(turn)} in this window; each result's `step` says "
+                "when it was analysed. Said once."
+            )
         return turn
 
     def _device(self) -> torch.device:
@@ -329,10 +327,12 @@ class ConditioningMonitor:
             return
         if not self._waited_for_room:
             self._waited_for_room = True
-            self._info(f"{type(self).__name__}: step {step}: waiting for the analysis of step "
-                       f"{self._background.step} to finish before opening the next window: two "
-                       f"windows' sums ({2 * plan.nbytes / 2**20:.0f} MiB) do not fit in "
-                       f"memory_budget ({plan.budget / 2**20:.0f} MiB). Said once.")
+            self._info(
+                f"{type(self).__name__}: step {step}: waiting for the analysis of step "
+                f"{self._background.step} to finish before opening the next window: two "
+                f"windows' sums ({2 * plan.nbytes / 2**20:.0f} MiB) do not fit in "
+                f"memory_budget ({plan.budget / 2**20:.0f} MiB). Said once."
+            )
         self._background.join()
 
     @contextmanager
@@ -418,16 +418,19 @@ class ConditioningMonitor:
             self.finish(step)  # nothing is ever in the background in these modes
             return True
         moments = self._gather(step, capture)
-        here = mode == "auto" and (estimated_seconds(moments) < BACKGROUND_SECONDS
-                                   or not background_helps(self._device()))
+        here = mode == "auto" and (
+            estimated_seconds(moments) < BACKGROUND_SECONDS or not background_helps(self._device())
+        )
         if here and not published and not self._background.pending:
             self._finish_moments(step, moments)
             return True
         published = self.wait() or published
         margins = Margins.read(capture.layers, self.optimizer)
         options, info, who = self.options, self._info, type(self).__name__
-        self._background.submit(step, lambda: analyse_releasing(
-            moments, step, options, margins=margins, noted=self._noted, info=info, who=who))
+        self._background.submit(
+            step,
+            lambda: analyse_releasing(moments, step, options, margins=margins, noted=self._noted, info=info, who=who),
+        )
         return published  # this window's results come with a later poll() or wait()
 
     def _collect(self, finished: tuple[int, dict[str, LayerConditioning]] | None) -> bool:
@@ -444,8 +447,10 @@ class ConditioningMonitor:
         if self._current_step != step:
             return self.poll()
         if skipped is not None:
-            self._info(f"{who or type(self).__name__}: step {step} skipped: its gradients overflowed in "
-                       f"float16 ({skipped}); nothing is logged for its window.")
+            self._info(
+                f"{who or type(self).__name__}: step {step} skipped: its gradients overflowed in "
+                f"float16 ({skipped}); nothing is logged for its window."
+            )
             self.discard()
             return False
         return self.end(step)
@@ -459,9 +464,7 @@ class ConditioningMonitor:
         self._window_start = self._current_step = self._next_step = None
 
     @contextmanager
-    def track(
-        self, step: int, *, grad_multiplier: float = 1.0, last_micro_batch: bool = True
-    ) -> Iterator[None]:
+    def track(self, step: int, *, grad_multiplier: float = 1.0, last_micro_batch: bool = True) -> Iterator[None]:
         """Run one training step's forward and backward inside: captured when ``step`` is
         scheduled. With gradient accumulation, pass ``last_micro_batch=False`` for every
         micro-batch but the last, and ``grad_multiplier`` = the number of micro-batches when
@@ -483,8 +486,9 @@ class ConditioningMonitor:
         self._finish_moments(step, self._gather(step, capture, self.collectives))
         return self.results
 
-    def _gather(self, step: int, capture: LayerCapture,
-                collectives: Collectives | None = None) -> dict[str, LayerMoments]:
+    def _gather(
+        self, step: int, capture: LayerCapture, collectives: Collectives | None = None
+    ) -> dict[str, LayerMoments]:
         """The finished window's moments (:func:`gather_moments`); their rows per step feed the
         turns' cost model (the same on every rank: counted after the reduction)."""
         moments = gather_moments(capture, collectives, solver=self.options.solver)
@@ -497,15 +501,25 @@ class ConditioningMonitor:
             self._noted.add("\nsampling")
             self._info(f"{type(self).__name__}: {note}. Said once.")
         if self.turns is not None:
-            self.turns.observe_rows({name: max(m.input_rows, m.grad_rows) for name, m in moments.items()},
-                                    self.options.window_steps, kept={name: kept_rows(m) for name, m in moments.items()})
+            self.turns.observe_rows(
+                {name: max(m.input_rows, m.grad_rows) for name, m in moments.items()},
+                self.options.window_steps,
+                kept={name: kept_rows(m) for name, m in moments.items()},
+            )
         return moments
 
     def _finish_moments(self, step: int, moments: dict[str, LayerMoments]) -> None:
         assert self.capture is not None
-        results = analyse_releasing(moments, step, self.options, self.collectives, noted=self._noted,
-                                    margins=Margins.read(self.capture.layers, self.optimizer),
-                                    info=self._info, who=type(self).__name__)
+        results = analyse_releasing(
+            moments,
+            step,
+            self.options,
+            self.collectives,
+            noted=self._noted,
+            margins=Margins.read(self.capture.layers, self.optimizer),
+            info=self._info,
+            who=type(self).__name__,
+        )
         self.capture.allocate()  # in the memory the means just left
         release_heap()  # what the solves freed goes back to the OS before the step goes on
         self._publish(step, results)
@@ -523,8 +537,10 @@ class ConditioningMonitor:
             for finding in self.findings():  # info findings stay in findings() / the report
                 if finding.severity == "warning" and finding.rule not in self._fired_rules:
                     self._fired_rules.add(finding.rule)
-                    self._warn(f"{type(self).__name__}: step {step}: {short_warning(finding)}\n"
-                               "(The full diagnosis: `findings()`, or `print_diagnosis=True`.)")
+                    self._warn(
+                        f"{type(self).__name__}: step {step}: {short_warning(finding)}\n"
+                        "(The full diagnosis: `findings()`, or `print_diagnosis=True`.)"
+                    )
 
     def schedule_note(self, minimum: int = 5) -> str | None:
         """A note when fewer than ``minimum`` windows were analysed (call it at the end)."""
@@ -533,25 +549,31 @@ class ConditioningMonitor:
             return None
         o = self.options
         where = f"every {o.every_n_steps} steps" if o.every_n_steps else "at steps 0, 1, 2, 4, …, 64, then every 100"
-        return (f"{type(self).__name__}: only {count} analyses in this run (steps {self.analysed_steps}; "
-                f"the schedule analyses {where}). For more points over training, set a smaller "
-                "`every_n_steps`.")
+        return (
+            f"{type(self).__name__}: only {count} analyses in this run (steps {self.analysed_steps}; "
+            f"the schedule analyses {where}). For more points over training, set a smaller "
+            "`every_n_steps`."
+        )
 
     def findings(self) -> list[Finding]:
         """The diagnosis of the latest analysis (with :attr:`domination_source`'s check)."""
         domination = dict(self.domination_source()) if self.domination_source else None
         dtype = self.capture.statistics_dtype if self.capture is not None else None
-        return diagnose({**conditioning_table(self._results), **self.attention.table(),
-                         **routing_readings(self._results)}, domination or None,
-                        last_layer=self.last_linear,
-                        statistics_float64=None if dtype is None else dtype == torch.float64)
+        return diagnose(
+            {**conditioning_table(self._results), **self.attention.table(), **routing_readings(self._results)},
+            domination or None,
+            last_layer=self.last_linear,
+            statistics_float64=None if dtype is None else dtype == torch.float64,
+        )
 
     def _report_problems(self, step: int) -> None:
         if self.capture is not None and self.capture.late_gradients and not self._warned_late:
             self._warned_late = True
-            self._warn(f"{type(self).__name__}: {self.capture.late_gradients} output gradient(s) "
-                       "arrived after their window was finished and were ignored: run the "
-                       "backward inside `with monitor.track(step):` (or before `end(step)`).")
+            self._warn(
+                f"{type(self).__name__}: {self.capture.late_gradients} output gradient(s) "
+                "arrived after their window was finished and were ignored: run the "
+                "backward inside `with monitor.track(step):` (or before `end(step)`)."
+            )
         # each layer's reason for missing or zero numbers, said once per layer and reason
         fresh: dict[str, list[str]] = {}
         for name, result in self._window_results.items():
@@ -563,8 +585,10 @@ class ConditioningMonitor:
                 self._info(f"{type(self).__name__}: {listing(names)}: {said}.")
         if fresh:
             lines = [f"  {listing(names)}: {note}." for note, names in fresh.items()]
-            self._warn(f"{type(self).__name__}: step {step}: some layers have no numbers or zero "
-                       "statistics (said once per layer):\n" + "\n".join(lines))
+            self._warn(
+                f"{type(self).__name__}: step {step}: some layers have no numbers or zero "
+                "statistics (said once per layer):\n" + "\n".join(lines)
+            )
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

@@ -38,14 +38,9 @@ from lightning_conditioning.maths.domination import (
 )
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
-from lightning_conditioning.views.wording import (
-    domination_reason_text,
-    domination_warning,
-    zero_layers_text,
-)
+from lightning_conditioning.views.wording import domination_reason_text, domination_warning, zero_layers_text
 
 __all__ = ["WeightDominationMonitor", "DominationOptions", "check_options"]
-
 
 
 def _span(rows: slice | int) -> tuple[int, int | None]:
@@ -150,9 +145,11 @@ class WeightDominationMonitor:
         self.sharded = any(is_sharded(parameter) for parameter, _ in self._weights.values())
         self._collectives = collectives or Collectives.local()
         if self.sharded and not self._collectives.distributed:
-            self._warn(f"{type(self).__name__}: the weights are sharded DTensors but no collectives "
-                       "were given: pass collectives=Collectives.torch_distributed() (the "
-                       "callback does this itself).")
+            self._warn(
+                f"{type(self).__name__}: the weights are sharded DTensors but no collectives "
+                "were given: pass collectives=Collectives.torch_distributed() (the "
+                "callback does this itself)."
+            )
         self.last_linear = last_linear_name(model)
         self._results: dict[str, WeightStatistics] = {}
         self._snapshot: dict[str, Tensor] = {}
@@ -206,8 +203,11 @@ class WeightDominationMonitor:
     @property
     def zero_layers(self) -> dict[str, str]:
         """Latest check: ``{layer: "zero_gradient" | "zero_weight"}`` (exactly zero, never dominated)."""
-        return {name: stats.status for name, stats in self._results.items()
-                if stats.status in ("zero_gradient", "zero_weight")}
+        return {
+            name: stats.status
+            for name, stats in self._results.items()
+            if stats.status in ("zero_gradient", "zero_weight")
+        }
 
     def is_dominated(self, stats: WeightStatistics) -> bool:
         """Whether ``stats`` alone count as weight domination: the history-free rules
@@ -239,8 +239,11 @@ class WeightDominationMonitor:
         """
         table: dict[str, dict[str, float]] = {}
         for name, stats in self._results.items():
-            row = {key: float(value) for key, value in dataclasses.asdict(stats).items()
-                   if isinstance(value, (int, float)) and math.isfinite(value)}
+            row = {
+                key: float(value)
+                for key, value in dataclasses.asdict(stats).items()
+                if isinstance(value, (int, float)) and math.isfinite(value)
+            }
             history = self._history.get(name)
             if history is not None and stats.status == "ok":
                 row["grad_weight_ratio_peak"] = history.peak_ratio
@@ -262,13 +265,15 @@ class WeightDominationMonitor:
         self._last_checked_step = self._pending_step = step
         self._loss = _usable_loss(loss)
         self._results, self._snapshot, self._reasons = {}, {}, {}
-        checked = [(name, parameter, rows) for name, (parameter, rows) in self._weights.items()
-                   if parameter.requires_grad and parameter.grad is not None]  # not frozen
+        checked = [
+            (name, parameter, rows)
+            for name, (parameter, rows) in self._weights.items()
+            if parameter.requires_grad and parameter.grad is not None
+        ]  # not frozen
         for (name, _, _), stats in zip(checked, self._statistics(checked)):
             self._results[name] = stats
             if stats.status == "ok":
-                self._history[name] = record_ratio(self._history.get(name), stats.grad_weight_ratio,
-                                                   step, self._loss)
+                self._history[name] = record_ratio(self._history.get(name), stats.grad_weight_ratio, step, self._loss)
             self._reasons[name] = self._judge(name, stats)
         self._take_snapshots(checked)
         return True
@@ -277,7 +282,7 @@ class WeightDominationMonitor:
         """Copies of the checked weights, for ΔW after the step: one per distinct block of
         rows (a tied weight once), within :attr:`snapshot_budget` bytes. When not all fit,
         each check copies the next ones in turn (the others' update is not measured then)."""
-        order = checked[self._snapshot_turn:] + checked[:self._snapshot_turn]
+        order = checked[self._snapshot_turn :] + checked[: self._snapshot_turn]
         copies: dict[tuple[int, int, int | None], Tensor] = {}
         held = taken = 0
         for name, parameter, rows in order:
@@ -305,13 +310,16 @@ class WeightDominationMonitor:
     def _statistics(self, checked: list[tuple[str, nn.Parameter, slice | int]]) -> list[WeightStatistics]:
         """Norms of every checked layer: each weight on its own, or (sharded) reduced over ranks."""
         if not self.sharded:
-            return [weight_statistics(parameter.detach()[rows], parameter.grad[rows])  # type: ignore[index]
-                    for _, parameter, rows in checked]
+            return [
+                weight_statistics(parameter.detach()[rows], parameter.grad[rows])  # type: ignore[index]
+                for _, parameter, rows in checked
+            ]
         weights = [self._block(parameter.detach(), rows) for _, parameter, rows in checked]
         grads = [self._block(parameter.grad, rows) for _, parameter, rows in checked]  # type: ignore[arg-type]
         norms = block_norms(weights + grads, self._collectives.all_reduce)
-        return [statistics_from_norms(w[0], g[0], w[1], g[1])
-                for w, g in zip(norms[: len(checked)], norms[len(checked):])]
+        return [
+            statistics_from_norms(w[0], g[0], w[1], g[1]) for w, g in zip(norms[: len(checked)], norms[len(checked) :])
+        ]
 
     def _judge(self, name: str, stats: WeightStatistics) -> tuple[DominationReason, ...]:
         reasons = domination_reasons(stats, self._history.get(name), self.rules, self._loss)
@@ -328,10 +336,15 @@ class WeightDominationMonitor:
         if step is None:
             return {}
         distinct = {self._snapshot_keys[name]: name for name in self._snapshot}  # a tied weight once
-        changes = [self._block(self._weights[name][0].detach(), self._weights[name][1])
-                   - self._snapshot[name] for name in distinct.values()]
-        norms = (block_norms(changes, self._collectives.all_reduce) if self.sharded
-                 else [(spectral_norm(change), 0.0) for change in changes])
+        changes = [
+            self._block(self._weights[name][0].detach(), self._weights[name][1]) - self._snapshot[name]
+            for name in distinct.values()
+        ]
+        norms = (
+            block_norms(changes, self._collectives.all_reduce)
+            if self.sharded
+            else [(spectral_norm(change), 0.0) for change in changes]
+        )
         del changes
         by_key = dict(zip(distinct, norms))
         for name in list(self._snapshot):
@@ -364,8 +377,13 @@ class WeightDominationMonitor:
             stats = self._results.get(name)
             if stats is None:
                 continue
-            for quantity in ("grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm",
-                             "grad_weight_ratio_fro", "update_weight_ratio"):
+            for quantity in (
+                "grad_weight_ratio",
+                "weight_spectral_norm",
+                "grad_spectral_norm",
+                "grad_weight_ratio_fro",
+                "update_weight_ratio",
+            ):
                 value = getattr(stats, quantity)
                 if value is not None:
                     metrics[schema.key(self.prefix, name, quantity)] = value
@@ -373,7 +391,8 @@ class WeightDominationMonitor:
             if history is not None and stats.status == "ok":  # the layer against its own past
                 metrics[schema.key(self.prefix, name, "grad_weight_ratio_peak")] = history.peak_ratio
                 metrics[schema.key(self.prefix, name, "grad_weight_ratio_fall")] = ratio_fall(
-                    history, stats.grad_weight_ratio, self._loss)
+                    history, stats.grad_weight_ratio, self._loss
+                )
             metrics[schema.key(self.prefix, name, "dominated")] = 1.0 if self._reasons.get(name) else 0.0
         metrics[f"{self.prefix}/{schema.DOMINATED_LAYERS}"] = float(len(self.dominated))
         return metrics
@@ -384,8 +403,9 @@ class WeightDominationMonitor:
         if not new:
             return
         self._zero_named.update(new)
-        text = zero_layers_text([n for n, s in new.items() if s == "zero_gradient"],
-                                [n for n, s in new.items() if s == "zero_weight"])
+        text = zero_layers_text(
+            [n for n, s in new.items() if s == "zero_gradient"], [n for n, s in new.items() if s == "zero_weight"]
+        )
         self._info(f"{type(self).__name__}: step {step}: {text}")
 
     def _update_warnings(self, step: int) -> None:
@@ -397,18 +417,23 @@ class WeightDominationMonitor:
                 continue
             self._warned.add(name)
             table = table if table is not None else self.domination_table()
-            reason = domination_reason_text(reasons, table[name], self.threshold,
-                                            self.update_threshold, self.fall_factor)
-            self._warn(domination_warning(type(self).__name__, name, step, self._below[name],
-                                          reason, name == self.last_linear))
+            reason = domination_reason_text(
+                reasons, table[name], self.threshold, self.update_threshold, self.fall_factor
+            )
+            self._warn(
+                domination_warning(type(self).__name__, name, step, self._below[name], reason, name == self.last_linear)
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the warning state, each layer's ratio history and the
         layers already named as exactly zero (plain Python values)."""
-        return {"below": dict(self._below), "warned": sorted(self._warned),
-                "last_checked_step": self._last_checked_step,
-                "history": {name: history.state() for name, history in self._history.items()},
-                "zero_named": sorted(self._zero_named)}
+        return {
+            "below": dict(self._below),
+            "warned": sorted(self._warned),
+            "last_checked_step": self._last_checked_step,
+            "history": {name: history.state() for name, history in self._history.items()},
+            "zero_named": sorted(self._zero_named),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (a state from before the history was kept loads too)."""
@@ -440,8 +465,7 @@ class DominationOptions:
     fall_factor: float | None = 1000.0
 
     def __post_init__(self) -> None:
-        check_options(self.every_n_steps, self.threshold, self.update_threshold, self.patience,
-                      self.fall_factor)
+        check_options(self.every_n_steps, self.threshold, self.update_threshold, self.patience, self.fall_factor)
         set_ = object.__setattr__
         set_(self, "threshold", float(self.threshold))
         set_(self, "update_threshold", float(self.update_threshold))
@@ -460,8 +484,9 @@ class DominationOptions:
         return {name: getattr(self, name) for name in self.names()}
 
 
-def check_options(every_n_steps: Any, threshold: Any, update_threshold: Any, patience: Any,
-                  fall_factor: Any = 1000.0) -> None:
+def check_options(
+    every_n_steps: Any, threshold: Any, update_threshold: Any, patience: Any, fall_factor: Any = 1000.0
+) -> None:
     """Raise a clear error for a bad weight-domination option.
 
     Example:
@@ -478,7 +503,10 @@ def check_options(every_n_steps: Any, threshold: Any, update_threshold: Any, pat
         raise ValueError(f"update_threshold must be a finite number >= 0, got {update_threshold!r}")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
         raise ValueError(f"patience must be an int >= 1, got {patience!r}")
-    if fall_factor is not None and (isinstance(fall_factor, bool) or not isinstance(fall_factor, (int, float))
-                                    or not 1 < fall_factor < math.inf):
-        raise ValueError("fall_factor must be None or a finite number > 1 (a fall of the ratio from "
-                         f"its own peak, e.g. 1000), got {fall_factor!r}")
+    if fall_factor is not None and (
+        isinstance(fall_factor, bool) or not isinstance(fall_factor, (int, float)) or not 1 < fall_factor < math.inf
+    ):
+        raise ValueError(
+            "fall_factor must be None or a finite number > 1 (a fall of the ratio from "
+            f"its own peak, e.g. 1000), got {fall_factor!r}"
+        )

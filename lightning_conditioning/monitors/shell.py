@@ -23,8 +23,15 @@ from typing import Any
 from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
 
-__all__ = ["MonitorShell", "check_options", "unwrap_optimizer", "grad_scale", "unscale_gradients", "found_on_stack",
-           "domination_source"]
+__all__ = [
+    "MonitorShell",
+    "check_options",
+    "unwrap_optimizer",
+    "grad_scale",
+    "unscale_gradients",
+    "found_on_stack",
+    "domination_source",
+]
 
 
 def check_options(options: Mapping[str, Any], names: Iterable[str]) -> None:
@@ -33,8 +40,7 @@ def check_options(options: Mapping[str, Any], names: Iterable[str]) -> None:
     known = list(names)
     unknown = set(options) - set(known)
     if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; options: "
-                        f"{[n for n in known if n != 'every_n_steps']}")
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; options: {[n for n in known if n != 'every_n_steps']}")
 
 
 def found_on_stack(match: Callable[[dict[str, Any]], Any], depth: int = 48) -> Any:

@@ -23,8 +23,12 @@ __all__ = ["FIGURE_FILES", "build_parser", "main"]
 
 PROG = "lightning-conditioning"
 #: the PNG files ``report`` writes (weight_domination.png only when the run has those scalars)
-FIGURE_FILES = ("conditioning_depth_profile.png", "conditioning_training.png",
-                "conditioning_units.png", "weight_domination.png")
+FIGURE_FILES = (
+    "conditioning_depth_profile.png",
+    "conditioning_training.png",
+    "conditioning_units.png",
+    "weight_domination.png",
+)
 
 
 class _Failure(Exception):
@@ -39,14 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
         10
     """
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Layer-wise conditioning analysis (Huang et al., ECCV 2020).")
+        prog=PROG, description="Layer-wise conditioning analysis (Huang et al., ECCV 2020)."
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     report = commands.add_parser(
-        "report", help="tabulate, plot and diagnose a TensorBoard or CSV run",
+        "report",
+        help="tabulate, plot and diagnose a TensorBoard or CSV run",
         description="Read what ConditioningCallback / WeightDominationCallback logged to a "
-                    "TensorBoardLogger or CSVLogger run; print a per-layer table and the "
-                    "diagnosis; write PNG figures.")
+        "TensorBoardLogger or CSVLogger run; print a per-layer table and the "
+        "diagnosis; write PNG figures.",
+    )
     report.add_argument("run_dir", type=Path, help="the logger's log_dir (or a folder holding one run)")
     report.add_argument("--step", type=int, default=None, help="analysed step to report (default: the latest)")
     report.add_argument("--out", type=Path, default=None, help="folder for the PNG figures (default: RUN_DIR)")
@@ -80,8 +87,7 @@ def _write_figures(args: argparse.Namespace, run: RunData, step: int) -> list[Pa
     }
     domination, _ = run.domination(step)
     if domination:
-        built[FIGURE_FILES[3]] = lambda: figures.domination_figure(
-            domination, run.domination_history(), step=step)
+        built[FIGURE_FILES[3]] = lambda: figures.domination_figure(domination, run.domination_history(), step=step)
     written = []
     for name, make in built.items():
         try:
@@ -103,14 +109,25 @@ def _report(args: argparse.Namespace) -> int:
     except RunError as error:
         raise _Failure(str(error)) from None
     steps = run.conditioning_steps()
-    _progress(args, (f"{run.kind} run {run.path}: {len(steps)} analysed step(s) "
-                     f"{steps[0]}…{steps[-1]}" + (", spectra file" if run.spectra else "")
-                     + f" ({time.perf_counter() - started:.1f} s)"))
+    _progress(
+        args,
+        (
+            f"{run.kind} run {run.path}: {len(steps)} analysed step(s) "
+            f"{steps[0]}…{steps[-1]}"
+            + (", spectra file" if run.spectra else "")
+            + f" ({time.perf_counter() - started:.1f} s)"
+        ),
+    )
     step = steps[-1] if args.step is None else args.step
     if step not in steps:
-        raise _Failure(f"step {step} was not analysed in {run.path}; analysed steps: "
-                       + (", ".join(map(str, steps)) if len(steps) <= 12
-                          else f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} in all)"))
+        raise _Failure(
+            f"step {step} was not analysed in {run.path}; analysed steps: "
+            + (
+                ", ".join(map(str, steps))
+                if len(steps) <= 12
+                else f"{steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} in all)"
+            )
+        )
     table = run.conditioning(step)
     domination, dominated_layers = run.domination(step)
     print(f"\nStep {step}: {len(table)} layers (module order)\n")

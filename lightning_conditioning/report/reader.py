@@ -123,8 +123,10 @@ def find_run(path: str | Path, max_depth: int = 3) -> tuple[Path, RunKind]:
         level = sorted(p for folder in level for p in folder.iterdir() if p.is_dir())
     if not found:
         what = "is empty" if not any(root.iterdir()) else "holds no run"
-        raise RunError(f"{root} {what}: no TensorBoard event file ({_EVENTS}*) or metrics.csv "
-                       "found; pass the log_dir of a TensorBoardLogger or CSVLogger run")
+        raise RunError(
+            f"{root} {what}: no TensorBoard event file ({_EVENTS}*) or metrics.csv "
+            "found; pass the log_dir of a TensorBoardLogger or CSVLogger run"
+        )
     if len(found) > 1:
         names = ", ".join(str(p) for p, _ in found[:5])
         raise RunError(f"{root} holds {len(found)} runs; pass one of: {names}")
@@ -135,8 +137,7 @@ def _read_tensorboard(folder: Path, data: RunData) -> None:
     logging.getLogger("tensorboard").setLevel(logging.ERROR)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    guidance = {"scalars": 0, "histograms": 1, "images": 1, "tensors": 1, "audio": 1,
-                "compressedHistograms": 1}
+    guidance = {"scalars": 0, "histograms": 1, "images": 1, "tensors": 1, "audio": 1, "compressedHistograms": 1}
     events = EventAccumulator(str(folder), size_guidance=guidance)
     try:
         events.Reload()
@@ -148,7 +149,8 @@ def _read_tensorboard(folder: Path, data: RunData) -> None:
             data.scalars.setdefault(int(event.step), {})[tag] = float(event.value)
     first_seen = split_metrics({tag: 0.0 for tag in tags})
     data.layer_order = list(first_seen.conditioning) + [
-        n for n in first_seen.domination if n not in first_seen.conditioning]
+        n for n in first_seen.domination if n not in first_seen.conditioning
+    ]
 
 
 def _complete_lines(text: str) -> str:
@@ -164,8 +166,10 @@ def _read_csv(folder: Path, data: RunData) -> None:
         raise RunError(f"{path}: cannot be read ({error.strerror})") from None
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
-        raise RunError(f"{path} is empty (has the logger flushed yet? CSVLogger writes every "
-                       "flush_logs_every_n_steps steps and at the end)")
+        raise RunError(
+            f"{path} is empty (has the logger flushed yet? CSVLogger writes every "
+            "flush_logs_every_n_steps steps and at the end)"
+        )
     header = rows[0]
     if "step" not in header:
         raise RunError(f"{path}: no 'step' column: not a Lightning CSVLogger metrics file")
@@ -225,6 +229,8 @@ def load_run(path: str | Path) -> RunData:
         _read_csv(folder, data)
     _read_spectra(folder, data)
     if not data.conditioning_steps():
-        raise RunError(f"{folder}: no conditioning scalars (*/input_lambda_max, …) in this {kind} "
-                       "run: not written by ConditioningCallback, unreadable, or nothing logged yet")
+        raise RunError(
+            f"{folder}: no conditioning scalars (*/input_lambda_max, …) in this {kind} "
+            "run: not written by ConditioningCallback, unreadable, or nothing logged yet"
+        )
     return data

@@ -25,11 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning_conditioning.analysis.results import LayerConditioning
 from lightning_conditioning.sinks.base import ANNOUNCER, Publication, Sink
 from lightning_conditioning.sinks.files import CSVSink, MLflowSink, mlflow_metric_name
-from lightning_conditioning.sinks.tensorboard import (
-    TensorBoardSink,
-    publish_tensorboard_layout,
-    tensorboard_layout,
-)
+from lightning_conditioning.sinks.tensorboard import TensorBoardSink, publish_tensorboard_layout, tensorboard_layout
 from lightning_conditioning.sinks.wandb import WandbSink
 from lightning_conditioning.views.spectra_file import SPECTRA_FILENAME
 
@@ -105,9 +101,7 @@ def publish_conditioning(
         sink_for(logger).publish_conditioning(publication)
 
 
-def publish_weight_domination(
-    loggers: Iterable[Logger], metrics: Mapping[str, float], step: int
-) -> None:
+def publish_weight_domination(loggers: Iterable[Logger], metrics: Mapping[str, float], step: int) -> None:
     """Everything WeightDominationCallback reports for one check (call on global rank zero).
 
     Example::
@@ -116,5 +110,3 @@ def publish_weight_domination(
     """
     for logger in loggers:
         sink_for(logger).publish_weight_domination(metrics, step)
-
-

@@ -44,11 +44,14 @@ class Sink:
 
     def conditioning_extras(self, publication: Publication) -> None:
         """Histograms / figures / spectra: none for a generic logger (said once)."""
-        wanted = [w for w, on in (("histograms", publication.histograms),
-                                  ("figures", publication.figures)) if on]
+        wanted = [w for w, on in (("histograms", publication.histograms), ("figures", publication.figures)) if on]
         if wanted:
             kind = type(self.logger).__name__
-            ANNOUNCER.once(f"unsupported:{kind}", (
-                f"lightning_conditioning: {kind} gets the conditioning scalars only; "
-                f"{' and '.join(wanted)} are written to TensorBoard, CSV (spectra), MLflow "
-                "and W&B loggers."))
+            ANNOUNCER.once(
+                f"unsupported:{kind}",
+                (
+                    f"lightning_conditioning: {kind} gets the conditioning scalars only; "
+                    f"{' and '.join(wanted)} are written to TensorBoard, CSV (spectra), MLflow "
+                    "and W&B loggers."
+                ),
+            )

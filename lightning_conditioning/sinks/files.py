@@ -19,7 +19,6 @@ class CSVSink(Sink):
     """Scalars (``metrics.csv``) and, with histograms on, the full spectra in
     ``{logger.log_dir}/conditioning_spectra.jsonl``. Figures: rendered by the report command."""
 
-
     def conditioning_extras(self, publication: Publication) -> None:
         logger = self.logger
         assert isinstance(logger, CSVLogger)
@@ -27,9 +26,13 @@ class CSVSink(Sink):
             # logger.log_dir, never trainer.log_dir (a collective; we run on rank zero only)
             append_records(Path(logger.log_dir) / SPECTRA_FILENAME, publication.records)
         if publication.figures:
-            ANNOUNCER.once("figures:CSVLogger", (
-                "lightning_conditioning: CSVLogger stores no figures; render them with "
-                f"`python -m lightning_conditioning report {logger.log_dir}`."))
+            ANNOUNCER.once(
+                "figures:CSVLogger",
+                (
+                    "lightning_conditioning: CSVLogger stores no figures; render them with "
+                    f"`python -m lightning_conditioning report {logger.log_dir}`."
+                ),
+            )
 
 
 _MLFLOW_BAD = re.compile(r"[^a-zA-Z0-9_/. -]")
@@ -49,7 +52,6 @@ class MLflowSink(Sink):
     """Scalars with MLflow-safe names; spectra (one JSONL file per step, artifact folder
     ``conditioning_spectra/``) and depth-profile PNGs (``conditioning_figures/``) as artifacts."""
 
-
     def metric_name(self, key: str) -> str:
         return mlflow_metric_name(key)
 
@@ -62,6 +64,6 @@ class MLflowSink(Sink):
                 path = append_records(Path(folder) / f"{stem}.jsonl", publication.records)
                 client.log_artifact(run_id, str(path), artifact_path="conditioning_spectra")
             for tag, figure in publication.tagged_figures.items():  # depth_profile_…, <module>_experts_…
-                name = tag[len(publication.prefix) + 1:].replace("/", "_")
+                name = tag[len(publication.prefix) + 1 :].replace("/", "_")
                 path = save_png(figure, Path(folder) / f"{name}_{stem}.png")
                 client.log_artifact(run_id, str(path), artifact_path="conditioning_figures")

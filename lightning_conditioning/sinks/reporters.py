@@ -31,8 +31,15 @@ def reporting_integrations(callbacks: Iterable[Any]) -> list[Any]:
     return [callback for callback in callbacks if isinstance(callback, kinds)]
 
 
-def report_scalars(reporters: Iterable[Any], args: Any, state: Any, control: Any, step: int,
-                   scalars: Mapping[str, float], hook_kwargs: Mapping[str, Any]) -> None:
+def report_scalars(
+    reporters: Iterable[Any],
+    args: Any,
+    state: Any,
+    control: Any,
+    step: int,
+    scalars: Mapping[str, float],
+    hook_kwargs: Mapping[str, Any],
+) -> None:
     """``scalars`` to every reporter's ``on_log`` at ``step`` (a copy of the Trainer's state
     carries it: its own state and ``log_history`` are left alone)."""
     if not scalars:
@@ -60,6 +67,9 @@ def write_to_tensorboard(reporters: Iterable[Any], publication: Publication) -> 
     from transformers.integrations.integration_utils import rewrite_logs
 
     for writer in writers:
-        publication.write_to(writer, getattr(writer, "log_dir", None) or getattr(writer, "logdir", None),
-                             tag=lambda key: next(iter(rewrite_logs({key: 0.0}))))
+        publication.write_to(
+            writer,
+            getattr(writer, "log_dir", None) or getattr(writer, "logdir", None),
+            tag=lambda key: next(iter(rewrite_logs({key: 0.0}))),
+        )
         writer.flush()

@@ -27,7 +27,6 @@ class TensorBoardSink(Sink):
     module (``{prefix}/{module}/experts``); and, with histograms on,
     the spectra file ``conditioning_spectra.jsonl`` in ``logger.log_dir`` for the report."""
 
-
     def publish_conditioning(self, publication: Publication) -> None:
         metrics = publication.metrics
         self.log_scalars({**metrics, **schema.log10_scalars(metrics)}, publication.step)
@@ -61,23 +60,30 @@ def _conditioning_sections(p: str, percents: Sequence[float]) -> dict[str, dict[
     return {
         f"{p}: log10 λmax per layer": {
             f"{label} log10 λmax": _chart(p, schema.log10_quantity(schema.lambda_max_quantity(m)))
-            for m, label in moments},
+            for m, label in moments
+        },
         f"{p}: log10 κ_p per layer": {
             f"{label} log10 κ_{percent:g}%": _chart(p, schema.log10_quantity(schema.kappa_quantity(m, percent)))
-            for m, label in moments for percent in percents},
-        f"{p}: rank per layer": {
-            f"{label} rank": _chart(p, schema.rank_quantity(m)) for m, label in moments},
+            for m, label in moments
+            for percent in percents
+        },
+        f"{p}: rank per layer": {f"{label} rank": _chart(p, schema.rank_quantity(m)) for m, label in moments},
         f"{p}: κ_p lower bounds per layer (λ_p under the resolution floor)": {
             f"{label} κ_{percent:g}% ≥": _chart(p, schema.kappa_quantity(m, percent, "lower_bound"))
-            for m, label in moments for percent in percents},
+            for m, label in moments
+            for percent in percents
+        },
         f"{p}: log10 κ_p estimates per layer (approximate spectra; error bars: …_low / …_high)": {
             f"{label} log10 κ_{percent:g}% ≈": _chart(
-                p, schema.log10_quantity(schema.kappa_quantity(m, percent, "estimate")))
-            for m, label in moments for percent in percents},
+                p, schema.log10_quantity(schema.kappa_quantity(m, percent, "estimate"))
+            )
+            for m, label in moments
+            for percent in percents
+        },
         f"{p}: κ_p infinite per layer (1 = λ_p is a structural zero)": {
-            f"{label} κ_p = ∞": _chart(p, *(schema.kappa_quantity(m, percent, "infinite")
-                                            for percent in percents))
-            for m, label in moments},
+            f"{label} κ_p = ∞": _chart(p, *(schema.kappa_quantity(m, percent, "infinite") for percent in percents))
+            for m, label in moments
+        },
         **{f"{p}: {group.section}": _group_charts(p, group) for group in schema.GROUPS if group.section},
     }
 
@@ -113,13 +119,12 @@ def tensorboard_layout(
             "σmax(∇W)/σmax(W)": _chart(d, "grad_weight_ratio"),
             "σmax(ΔW)/σmax(W)": _chart(d, "update_weight_ratio"),
             "‖∇W‖F/‖W‖F": _chart(d, "grad_weight_ratio_fro"),
-            "dominated layers": ["Multiline", [f"{re.escape(d)}/{schema.DOMINATED_LAYERS}$"]]}
+            "dominated layers": ["Multiline", [f"{re.escape(d)}/{schema.DOMINATED_LAYERS}$"]],
+        }
     return layout
 
 
-def publish_tensorboard_layout(
-    loggers: Iterable[Logger], layout: dict[str, dict[str, list[Any]]] | None = None
-) -> int:
+def publish_tensorboard_layout(loggers: Iterable[Logger], layout: dict[str, dict[str, list[Any]]] | None = None) -> int:
     """Write ``layout`` (default :func:`tensorboard_layout`) to every TensorBoard logger whose
     run has no custom-scalars layout yet (from this process, or already in its event files:
     a user's own layout is never overwritten); returns how many got it. Call on global rank

@@ -14,7 +14,6 @@ class WandbSink(Sink):
     eigenvalues per layer and matrix (same tags as TensorBoard's), and the depth profile as a
     ``wandb.Image`` under ``{prefix}/depth_profile``."""
 
-
     def publish_conditioning(self, publication: Publication) -> None:
         import wandb
 

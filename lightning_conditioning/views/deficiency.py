@@ -30,18 +30,29 @@ def remedy(statistics_float64: bool | None = None) -> str:
         (False, True)
     """
     if statistics_float64:
-        arithmetic = ("the spectrum spans more decades than float64 statistics resolve: "
-                      "`kappa_definition='nonzero'` measures κ_p over the resolved eigenvalues")
+        arithmetic = (
+            "the spectrum spans more decades than float64 statistics resolve: "
+            "`kappa_definition='nonzero'` measures κ_p over the resolved eigenvalues"
+        )
     else:
-        known = "" if statistics_float64 is False else (
-            " if the statistics were float32 (`statistics_dtype='auto'` is float64 but on GPUs "
-            "whose float64 is slow)")
-        arithmetic = ("the spectrum spans more decades than the arithmetic resolves: "
-                      f"`statistics_dtype='float64'` lowers the floor{known}, "
-                      "`kappa_definition='nonzero'` measures κ_p over the resolved eigenvalues")
-    return ("∞ from fewer analysed rows than dimensions: analyse more rows (a larger batch, "
-            "`window_steps`, `probe_batches`); from dead units: see dead_units; a ≥ bound: "
-            f"{arithmetic}; normalisation (BatchNorm, LayerNorm) improves the conditioning")
+        known = (
+            ""
+            if statistics_float64 is False
+            else (
+                " if the statistics were float32 (`statistics_dtype='auto'` is float64 but on GPUs "
+                "whose float64 is slow)"
+            )
+        )
+        arithmetic = (
+            "the spectrum spans more decades than the arithmetic resolves: "
+            f"`statistics_dtype='float64'` lowers the floor{known}, "
+            "`kappa_definition='nonzero'` measures κ_p over the resolved eigenvalues"
+        )
+    return (
+        "∞ from fewer analysed rows than dimensions: analyse more rows (a larger batch, "
+        "`window_steps`, `probe_batches`); from dead units: see dead_units; a ≥ bound: "
+        f"{arithmetic}; normalisation (BatchNorm, LayerNorm) improves the conditioning"
+    )
 
 
 #: the remedy when the statistics' precision is not known
@@ -117,11 +128,17 @@ def unresolved_kappas(table: Mapping[str, Mapping[str, float]], last_layer: str 
                 continue
             readings = _non_measurements(row, moment)
             if readings:
-                found.append(Unresolved(
-                    name, moment, readings, row.get(schema.rank_quantity(moment)),
-                    row.get(schema.dim_quantity(moment)),
-                    row.get("dead_input_units") if moment == "input" else None,
-                    row.get("unused_rows") if moment == "input" else None))
+                found.append(
+                    Unresolved(
+                        name,
+                        moment,
+                        readings,
+                        row.get(schema.rank_quantity(moment)),
+                        row.get(schema.dim_quantity(moment)),
+                        row.get("dead_input_units") if moment == "input" else None,
+                        row.get("unused_rows") if moment == "input" else None,
+                    )
+                )
     return found
 
 
@@ -148,8 +165,9 @@ def describe(item: Unresolved) -> str:
     elif item.unused:
         notes.append(f"{item.unused:.0f} table rows (tokens, positions) not in the window's batches")
     elif item.moment == "fim":
-        notes.append("a factor has a zero eigenvalue" if item.infinite
-                     else "products of Σx and Σ∇h eigenvalues under the floor")
+        notes.append(
+            "a factor has a zero eigenvalue" if item.infinite else "products of Σx and Σ∇h eigenvalues under the floor"
+        )
     elif item.infinite:
         notes.append("λ_p = 0: fewer analysed rows than dimensions, or dead units")
     else:

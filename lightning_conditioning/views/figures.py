@@ -111,8 +111,16 @@ def _kappa_series(rows: Sequence[Mapping[str, float] | None], moment: str, perce
     return series
 
 
-def _draw_kappa(ax: Axes, x: Sequence[float], series: _KappaSeries, colour: Any,
-                style: str, label: str | None, ms: float = 3, index: int = 0) -> set[str]:
+def _draw_kappa(
+    ax: Axes,
+    x: Sequence[float],
+    series: _KappaSeries,
+    colour: Any,
+    style: str,
+    label: str | None,
+    ms: float = 3,
+    index: int = 0,
+) -> set[str]:
     """Exact κ_p as a line, lower bounds as open ▵ at the bound, ∞ on the top edge (the
     ``index``-th series a little lower); returns the kinds of non-measurement drawn (for
     :func:`_marker_legend` and :func:`_finish_kappa_axis`)."""
@@ -127,15 +135,32 @@ def _draw_kappa(ax: Axes, x: Sequence[float], series: _KappaSeries, colour: Any,
     top = [xi for xi, flag in zip(x, series.infinite) if flag]
     if top:
         transform = blended_transform_factory(ax.transData, ax.transAxes)
-        ax.plot(top, [_TOP_EDGE - _STAGGER * (index % 3)] * len(top), ls="none", marker=r"$\infty$", ms=ms + 7,
-                color=colour, transform=transform, clip_on=False, zorder=5)
+        ax.plot(
+            top,
+            [_TOP_EDGE - _STAGGER * (index % 3)] * len(top),
+            ls="none",
+            marker=r"$\infty$",
+            ms=ms + 7,
+            color=colour,
+            transform=transform,
+            clip_on=False,
+            zorder=5,
+        )
         drawn.add("infinite")
     return drawn
 
 
-def plot_kappa(ax: Axes, x: Sequence[float], rows: Sequence[Mapping[str, float] | None],
-               moment: str, percent: str, *, colour: Any = None, label: str | None = None,
-               index: int = 0) -> set[str]:
+def plot_kappa(
+    ax: Axes,
+    x: Sequence[float],
+    rows: Sequence[Mapping[str, float] | None],
+    moment: str,
+    percent: str,
+    *,
+    colour: Any = None,
+    label: str | None = None,
+    index: int = 0,
+) -> set[str]:
     """κ_p of ``moment`` from layer-table rows, drawn the package's way on a log axis: exact
     values as a line, lower bounds as open ▵ at the bound, ∞ on the top edge. Returns the kinds
     of non-measurement drawn; pass their union to :func:`kappa_marker_legend`.
@@ -177,11 +202,30 @@ def _marker_legend(drawn: set[str]) -> list[Artist]:
 
     handles: list[Artist] = []
     if "lower_bound" in drawn:
-        handles.append(Line2D([], [], ls="none", marker="^", ms=7, mfc="none", mec="0.3",
-                              label=r"$\geq$ bound ($\lambda_p$ under the floor)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="none",
+                marker="^",
+                ms=7,
+                mfc="none",
+                mec="0.3",
+                label=r"$\geq$ bound ($\lambda_p$ under the floor)",
+            )
+        )
     if "infinite" in drawn:
-        handles.append(Line2D([], [], ls="none", marker=r"$\infty$", ms=10, color="0.3",
-                              label=r"$\infty$ ($\lambda_p$ = 0, structural)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="none",
+                marker=r"$\infty$",
+                ms=10,
+                color="0.3",
+                label=r"$\infty$ ($\lambda_p$ = 0, structural)",
+            )
+        )
     return handles
 
 
@@ -226,15 +270,15 @@ def depth_profile_figure(table: LayerTable, *, step: int | None = None) -> Figur
         for index, percent in enumerate(percents):
             series = _kappa_series([table[n] for n in names], label, percent)
             if series.has_data:
-                drawn |= _draw_kappa(bottom, x, series, f"C{index}", "o-",
-                                     rf"$\kappa_{{{percent_text(percent)}\%}}$", index=index)
+                drawn |= _draw_kappa(
+                    bottom, x, series, f"C{index}", "o-", rf"$\kappa_{{{percent_text(percent)}\%}}$", index=index
+                )
         bottom.set_ylabel(r"$\kappa_p = \lambda_{max} / \lambda_p$")
         _finish_kappa_axis(bottom, drawn)
         if bottom.get_lines():
             handles, labels = bottom.get_legend_handles_labels()
             extra = _marker_legend(drawn)
-            bottom.legend(handles + extra, labels + [str(h.get_label()) for h in extra],
-                          fontsize=7, loc="best")
+            bottom.legend(handles + extra, labels + [str(h.get_label()) for h in extra], fontsize=7, loc="best")
         for ax in (top, bottom):
             _layer_axis(ax, names)
         top.set_xlabel("")
@@ -263,21 +307,35 @@ def _history_lines(
     steps = sorted(history)
     for name in names:
         ys = [_value(history[s].get(name), key) for s in steps]
-        ax.plot([s + 1 for s in steps], ys, "-" if len(steps) > 1 else "o",
-                color=_layer_colour(name, all_names), label=name, lw=1.2, ms=4)
+        ax.plot(
+            [s + 1 for s in steps],
+            ys,
+            "-" if len(steps) > 1 else "o",
+            color=_layer_colour(name, all_names),
+            label=name,
+            lw=1.2,
+            ms=4,
+        )
     _log_steps_axis(ax, [s + 1 for s in steps])
 
 
-def _history_kappa(ax: Axes, history: Mapping[int, LayerTable], names: Sequence[str], moment: str,
-                   percent: str, all_names: Sequence[str]) -> set[str]:
+def _history_kappa(
+    ax: Axes,
+    history: Mapping[int, LayerTable],
+    names: Sequence[str],
+    moment: str,
+    percent: str,
+    all_names: Sequence[str],
+) -> set[str]:
     """κ_p of each layer over training, non-measurements marked (see :func:`_draw_kappa`)."""
     steps = sorted(history)
     xs = [s + 1 for s in steps]
     drawn: set[str] = set()
     for index, name in enumerate(names):
         series = _kappa_series([history[s].get(name) for s in steps], moment, percent)
-        drawn |= _draw_kappa(ax, xs, series, _layer_colour(name, all_names),
-                             "-" if len(steps) > 1 else "o", name, ms=4, index=index)
+        drawn |= _draw_kappa(
+            ax, xs, series, _layer_colour(name, all_names), "-" if len(steps) > 1 else "o", name, ms=4, index=index
+        )
     _log_steps_axis(ax, xs)
     return drawn
 
@@ -341,8 +399,10 @@ def units_figure(table: LayerTable, *, step: int | None = None) -> Figure:
     figure, axes = _new_figure(1, 1, (max(6.0, 0.35 * len(names) + 3), 4.0))
     ax = axes[0][0]
     x = list(range(1, len(names) + 1))
-    series = [(-0.2, "dead_input_units", "tab:red", "dead (never > 0)"),
-              (0.2, "full_input_units", "tab:blue", "full (always > 0)")]
+    series = [
+        (-0.2, "dead_input_units", "tab:red", "dead (never > 0)"),
+        (0.2, "full_input_units", "tab:blue", "full (always > 0)"),
+    ]
     if any("unused_rows" in table[n] for n in names):  # embeddings: rows the batches did not use
         series.append((0.0, "unused_rows", "tab:gray", "unused table rows (embeddings)"))
     for offset, key, colour, label in series:
@@ -365,13 +425,25 @@ def _mark_zeros(ax: Axes, x: Sequence[int], values: Sequence[float], colour: str
     zeros = [xi for xi, v in zip(x, values) if v == 0]
     if zeros:
         transform = blended_transform_factory(ax.transData, ax.transAxes)
-        ax.scatter(zeros, [0.03] * len(zeros), marker="v", s=40, color=colour,
-                   transform=transform, label="update ratio = 0 (not updated)", zorder=5)
+        ax.scatter(
+            zeros,
+            [0.03] * len(zeros),
+            marker="v",
+            s=40,
+            color=colour,
+            transform=transform,
+            label="update ratio = 0 (not updated)",
+            zorder=5,
+        )
 
 
 def domination_figure(
-    table: LayerTable, history: Mapping[int, LayerTable] | None = None, *,
-    step: int | None = None, threshold: float = 1e-4, max_layers: int = 8,
+    table: LayerTable,
+    history: Mapping[int, LayerTable] | None = None,
+    *,
+    step: int | None = None,
+    threshold: float = 1e-4,
+    max_layers: int = 8,
 ) -> Figure:
     """Weight-domination ratios per layer (left) and σmax(∇W)/σmax(W) over training (right).
 
@@ -408,8 +480,7 @@ def domination_figure(
     return figure
 
 
-def experts_figure(table: LayerTable, readings: Mapping[str, float], module: str, *,
-                   step: int | None = None) -> Figure:
+def experts_figure(table: LayerTable, readings: Mapping[str, float], module: str, *, step: int | None = None) -> Figure:
     """The spread over one mixture-of-experts module's experts: λmax of Σx, Σ∇h and the
     sub-FIM of each expert's projections (log y), and each expert's share of the routed tokens
     (a dead expert, which has no numbers, is marked × at 0).
@@ -423,16 +494,26 @@ def experts_figure(table: LayerTable, readings: Mapping[str, float], module: str
     """
     shares = {int(q.rsplit("_e", 1)[1]): v for q, v in readings.items() if q.startswith("load_share_e")}
     experts = list(range(max(shares, default=-1) + 1))
-    projections = sorted({name[len(module) + 1:].rsplit(".", 1)[0] for name in table
-                          if name.startswith(module + ".") and name.rsplit(".", 1)[1].isdigit()},
-                         key=lambda p: (p != "gate_up_proj" and p != "up_proj", p))
+    projections = sorted(
+        {
+            name[len(module) + 1 :].rsplit(".", 1)[0]
+            for name in table
+            if name.startswith(module + ".") and name.rsplit(".", 1)[1].isdigit()
+        },
+        key=lambda p: (p != "gate_up_proj" and p != "up_proj", p),
+    )
     figure, axes = _new_figure(1, 4, (15.0, 3.6))
     for col, (label, title) in enumerate(_MATRICES):
         ax = axes[0][col]
         for index, projection in enumerate(projections):
             rows = [table.get(f"{module}.{projection}.{e}") for e in experts]
-            ax.plot(experts, [_value(r, schema.lambda_max_quantity(label)) for r in rows], "o-" if index == 0
-                    else "s--", ms=4, label=projection)
+            ax.plot(
+                experts,
+                [_value(r, schema.lambda_max_quantity(label)) for r in rows],
+                "o-" if index == 0 else "s--",
+                ms=4,
+                label=projection,
+            )
         ax.set_title(title, fontsize=10)
         _log_axis(ax, r"$\lambda_{max}$")
         if ax.get_lines():

@@ -112,8 +112,11 @@ class Publication:
         if not self.figures or not self.table:
             return None
         if not matplotlib_available():
-            ANNOUNCER.once("matplotlib", "lightning_conditioning: matplotlib is not installed, "
-                           "so no figures are logged (pip install matplotlib).")
+            ANNOUNCER.once(
+                "matplotlib",
+                "lightning_conditioning: matplotlib is not installed, "
+                "so no figures are logged (pip install matplotlib).",
+            )
             return None
         return depth_profile_figure(self.table, step=self.step)
 
@@ -139,7 +142,8 @@ class Publication:
                     continue
                 values = summary.nonzero_eigenvalues
                 out[schema.key(self.prefix, name, schema.histogram_quantity(label))] = (
-                    values[values > 0].log10().numpy())
+                    values[values > 0].log10().numpy()
+                )
         return out
 
     def write_to(self, writer: Any, folder: str | Path | None, tag: Callable[[str], str] = str) -> None:

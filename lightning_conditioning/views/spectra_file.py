@@ -93,8 +93,12 @@ def spectrum_records(results: Mapping[str, Any], prefix: str = "conditioning") -
         ok = result.status in ("ok", "no_grad")
         summaries = {"input": result.input if ok else None, "grad": result.grad if ok else None}
         record: dict[str, Any] = {
-            "step": int(result.step), "layer": name, "prefix": prefix, "status": result.status,
-            "input_units": int(result.input_units), "input_rows": int(result.input_rows),
+            "step": int(result.step),
+            "layer": name,
+            "prefix": prefix,
+            "status": result.status,
+            "input_units": int(result.input_units),
+            "input_rows": int(result.input_rows),
             "grad_rows": int(result.grad_rows),
             "dead_input_units": result.dead_input_units if ok else None,
             "full_input_units": result.full_input_units if ok else None,
@@ -132,8 +136,9 @@ def _check_record(record: Any, where: str) -> dict[str, Any]:
         raise SpectraFormatError(f"{where}: 'step' is not an integer")
     for label in ("input", "grad"):
         values = record.get(f"{label}_eigenvalues")
-        if values is not None and not (isinstance(values, list) and all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+        if values is not None and not (
+            isinstance(values, list) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        ):
             raise SpectraFormatError(f"{where}: '{label}_eigenvalues' is not a list of numbers")
     return record
 
@@ -169,7 +174,7 @@ def read_spectra(path: str | Path) -> list[dict[str, Any]]:
         raise SpectraFormatError(f"{path}: unsupported spectra file version {header.get('version')!r}")
     records = []
     for number, line in enumerate(complete[1:], start=2):
-        if not line.strip() or line.startswith("{\"format\""):
+        if not line.strip() or line.startswith('{"format"'):
             continue  # blank line, or the header of an appended run
         try:
             record = json.loads(line)

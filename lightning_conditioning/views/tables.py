@@ -36,9 +36,7 @@ __all__ = [
 LayerTable = dict[str, dict[str, float]]
 
 
-def kappa_percents(
-    table: Mapping[str, Mapping[str, float]], labels: tuple[str, ...] = schema.MOMENTS
-) -> list[str]:
+def kappa_percents(table: Mapping[str, Mapping[str, float]], labels: tuple[str, ...] = schema.MOMENTS) -> list[str]:
     """The ``p`` fragments of every κ_p key of ``labels`` (measurements, lower bounds and
     infinite markers alike), sorted numerically.
 
@@ -50,9 +48,15 @@ def kappa_percents(
         >>> kappa_percents({"fc": {"grad_kappa_50_lower_bound": 9e9, "fim_kappa_80_infinite": 1.0}})
         ['50', '80']
     """
-    found = {parsed.percent for row in table.values() for quantity in row
-             if (parsed := schema.parse_quantity(quantity)) is not None and parsed.kind == "kappa"
-             and parsed.moment in labels and parsed.percent is not None}
+    found = {
+        parsed.percent
+        for row in table.values()
+        for quantity in row
+        if (parsed := schema.parse_quantity(quantity)) is not None
+        and parsed.kind == "kappa"
+        and parsed.moment in labels
+        and parsed.percent is not None
+    }
     return sorted(found, key=lambda p: float(percent_text(p)))
 
 
@@ -147,8 +151,7 @@ def natural_key(name: str) -> tuple[object, ...]:
         >>> sorted(["net.10", "net.2", "fc"], key=natural_key)
         ['fc', 'net.2', 'net.10']
     """
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
-                 for part in re.split(r"(\d+)", name) if part)
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
 
 
 def ordered(names: Iterable[str], known_order: Iterable[str] = ()) -> list[str]:

@@ -12,12 +12,21 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
-    "Finding", "format_findings", "short_warning", "listing", "times", "domination_evidence",
-    "domination_reason_text", "domination_warning", "zero_layers_text", "REMEDY_LAST_BN",
+    "Finding",
+    "format_findings",
+    "short_warning",
+    "listing",
+    "times",
+    "domination_evidence",
+    "domination_reason_text",
+    "domination_warning",
+    "zero_layers_text",
+    "REMEDY_LAST_BN",
 ]
 
-REMEDY_LAST_BN = ("put one BatchNorm before the last linear layer: "
-                  "`lightning_conditioning.models.add_last_bn(model)` (paper, Sec. 5)")
+REMEDY_LAST_BN = (
+    "put one BatchNorm before the last linear layer: `lightning_conditioning.models.add_last_bn(model)` (paper, Sec. 5)"
+)
 
 
 @dataclass(frozen=True)
@@ -153,8 +162,7 @@ def domination_evidence(row: Mapping[str, float]) -> str:
             text += f" at step {step:.0f}" if step is not None else ""
             loss_fall = _finite(row, "loss_fall")
             if loss_fall is not None and ratio > 0:
-                text += (f" net of the loss (the ratio fell {times(peak / ratio)}, the loss "
-                         f"{times(loss_fall)})")
+                text += f" net of the loss (the ratio fell {times(peak / ratio)}, the loss {times(loss_fall)})"
         parts.append(text)
     update = _finite(row, "update_weight_ratio")
     if update is not None:
@@ -162,8 +170,13 @@ def domination_evidence(row: Mapping[str, float]) -> str:
     return ", ".join(parts) if parts else "no finite ratio"
 
 
-def domination_reason_text(reasons: Sequence[str], row: Mapping[str, float], threshold: float,
-                           update_threshold: float, fall_factor: float | None = None) -> str:
+def domination_reason_text(
+    reasons: Sequence[str],
+    row: Mapping[str, float],
+    threshold: float,
+    update_threshold: float,
+    fall_factor: float | None = None,
+) -> str:
     """Why a layer counts as dominated (``reasons`` from
     :func:`lightning_conditioning.maths.domination.domination_reasons`), with its numbers.
 
@@ -181,8 +194,9 @@ def domination_reason_text(reasons: Sequence[str], row: Mapping[str, float], thr
     texts = []
     rules = []
     if "fallen" in reasons:
-        rules.append(f"at least {fall_factor:g}× below its own peak" if fall_factor is not None
-                     else "far below its own peak")
+        rules.append(
+            f"at least {fall_factor:g}× below its own peak" if fall_factor is not None else "far below its own peak"
+        )
     if "below_threshold" in reasons:
         rules.append(f"below {threshold:g}")
     if rules:
@@ -191,26 +205,31 @@ def domination_reason_text(reasons: Sequence[str], row: Mapping[str, float], thr
     if "not_updated" in reasons:
         update = _finite(row, "update_weight_ratio")
         shown = f" = {update:.3g}" if update is not None else ""
-        texts.append(f"its optimizer update σmax(ΔW)/σmax(W){shown} has stayed at or below "
-                     f"{update_threshold:g} (is it left out of the optimizer, or at learning rate 0?)")
+        texts.append(
+            f"its optimizer update σmax(ΔW)/σmax(W){shown} has stayed at or below "
+            f"{update_threshold:g} (is it left out of the optimizer, or at learning rate 0?)"
+        )
     return "; ".join(texts)
 
 
-def domination_warning(who: str, layer: str, step: int, checks: int, reason: str,
-                       last_linear: bool) -> str:
+def domination_warning(who: str, layer: str, step: int, checks: int, reason: str, last_linear: bool) -> str:
     """The one warning about a layer dominated for ``checks`` consecutive checks.
 
     Example:
         >>> domination_warning("Monitor", "fc", 40, 3, "its ratio has stayed below 0.0001", True)[:62]
         "Monitor: layer 'fc' is in weight domination at step 40: its ra"
     """
-    message = (f"{who}: layer '{layer}' is in weight domination at step {step}: {reason} for "
-               f"{checks} consecutive checks. Its update is feeble next to its weight, so the layer "
-               "barely learns and the loss can sit on a false plateau (Huang et al. 2020, "
-               "Definition 1).")
+    message = (
+        f"{who}: layer '{layer}' is in weight domination at step {step}: {reason} for "
+        f"{checks} consecutive checks. Its update is feeble next to its weight, so the layer "
+        "barely learns and the loss can sit on a false plateau (Huang et al. 2020, "
+        "Definition 1)."
+    )
     if last_linear:
-        message += (" This is the final linear layer: the paper's remedy is one BatchNorm "
-                    "before it, `lightning_conditioning.models.add_last_bn(model)`.")
+        message += (
+            " This is the final linear layer: the paper's remedy is one BatchNorm "
+            "before it, `lightning_conditioning.models.add_last_bn(model)`."
+        )
     return message
 
 
@@ -233,11 +252,13 @@ def zero_layers_text(zero_gradient: Sequence[str], zero_weight: Sequence[str]) -
             f"{'its' if one else 'their'} output: timm's ResNets (zero_init_last) and "
             "torchvision's (zero_init_residual) start each block's last BatchNorm γ at 0, some "
             f"recipes start the head at 0; or every unit after {it} is dead. Not weight "
-            f"domination: {'it learns' if one else 'they learn'} once that scale moves")
+            f"domination: {'it learns' if one else 'they learn'} once that scale moves"
+        )
     if zero_weight:
         one = len(zero_weight) == 1
         sentences.append(
             f"{len(zero_weight)} layer{'' if one else 's'} {'has' if one else 'have'} an exactly "
             f"zero weight, zero-initialised (a head, as some recipes do): {listing(list(zero_weight))}. "
-            "σmax(∇W)/σmax(W) is undefined until an optimizer step moves it; not weight domination")
+            "σmax(∇W)/σmax(W) is undefined until an optimizer step moves it; not weight domination"
+        )
     return ". ".join(sentences) + "." if sentences else ""

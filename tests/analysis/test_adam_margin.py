@@ -53,7 +53,7 @@ def test_adam_layers_read_the_bias_corrected_state_with_the_bias_column() -> Non
     assert (state.lr, state.beta1) == (0.01, 0.8)
 
     def inverse(p: torch.Tensor) -> torch.Tensor:
-        v = adam.state[p]["exp_avg_sq"].double() / (1 - 0.99 ** 3)
+        v = adam.state[p]["exp_avg_sq"].double() / (1 - 0.99**3)
         return 1 / (v.sqrt() + 1e-6)
 
     assert torch.allclose(state.inverse_preconditioner.double(), inverse(layer.weight), rtol=1e-6)
@@ -80,7 +80,8 @@ D_IN, D_OUT, ROWS, EPS = 6, 2, 512, 1e-3
 def _problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(ROWS, D_IN, generator=generator, dtype=torch.float64) * torch.linspace(
-        2.0, 0.5, D_IN, dtype=torch.float64)
+        2.0, 0.5, D_IN, dtype=torch.float64
+    )
     target_weight = torch.randn(D_OUT, D_IN, generator=generator, dtype=torch.float64)
     return x, x @ target_weight.T, target_weight
 
@@ -105,8 +106,9 @@ def _train(lr: float, steps: int = 150, warm: int = 50) -> tuple[list[float], di
     with torch.no_grad():
         model[0].weight.copy_(target_weight)
     adam = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.999), eps=EPS)
-    monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                                  info=lambda _: None, warn=lambda _: None)
+    monitor = ConditioningMonitor(
+        model, every_n_steps=1, analysis="sync", warn_diagnosis=False, info=lambda _: None, warn=lambda _: None
+    )
     monitor.optimizer = adam
     extra = ExtraPasses(fisher="true", sample_fn=_gaussian_fisher)
     losses, margin, rules = [], {}, []
@@ -114,8 +116,9 @@ def _train(lr: float, steps: int = 150, warm: int = 50) -> tuple[list[float], di
         if step == warm:
             adam.param_groups[0]["lr"] = lr
             with torch.no_grad():
-                model[0].weight += 1e-6 * torch.randn(D_OUT, D_IN, generator=torch.Generator().manual_seed(1),
-                                                      dtype=torch.float64)
+                model[0].weight += 1e-6 * torch.randn(
+                    D_OUT, D_IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+                )
         analysed = step == warm and monitor.begin(step)
         if analysed:
             extra.run(monitor, model, lambda: model(x), (x, y), step=step)
@@ -173,8 +176,9 @@ def test_kfac_margin_agrees_with_the_exact_preconditioned_hessian_of_a_two_layer
         nn.functional.cross_entropy(model(x), y).backward()
         adam.step()
         adam.zero_grad()
-    monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                                  info=lambda _: None, warn=lambda _: None)
+    monitor = ConditioningMonitor(
+        model, every_n_steps=1, analysis="sync", warn_diagnosis=False, info=lambda _: None, warn=lambda _: None
+    )
     monitor.optimizer = adam
     extra = ExtraPasses(fisher="true", seed=3)
     assert monitor.begin(0)
@@ -187,8 +191,9 @@ def test_kfac_margin_agrees_with_the_exact_preconditioned_hessian_of_a_two_layer
         weight = params[f"{name}.weight"]
 
         def loss(w: torch.Tensor, name: str = name) -> torch.Tensor:
-            return nn.functional.cross_entropy(torch.func.functional_call(
-                model, {**params, f"{name}.weight": w}, (x,)), y)
+            return nn.functional.cross_entropy(
+                torch.func.functional_call(model, {**params, f"{name}.weight": w}, (x,)), y
+            )
 
         size = weight.numel()
         hessian = torch.func.hessian(loss)(weight.detach()).reshape(size, size)
@@ -238,8 +243,15 @@ def test_two_ranks_log_the_margin_of_one_process() -> None:
         model = copy.deepcopy(template)
         adam = torch.optim.Adam(model.parameters(), lr=1e-2)
         adam.load_state_dict(warmed.state_dict())
-        monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                                      loss_reduction="sum", collectives=collectives, info=lambda _: None)
+        monitor = ConditioningMonitor(
+            model,
+            every_n_steps=1,
+            analysis="sync",
+            warn_diagnosis=False,
+            loss_reduction="sum",
+            collectives=collectives,
+            info=lambda _: None,
+        )
         monitor.optimizer = adam
         with monitor.track(0):
             nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum").backward()
@@ -249,7 +261,8 @@ def test_two_ranks_log_the_margin_of_one_process() -> None:
     alone = margins(slice(None))
     assert all(m.get("margin_preconditioned") == 1.0 for m in alone.values()) and len(alone) == 2
     world = ThreadWorld(2)
-    for ranked in in_threads(world, lambda rank: margins(slice(0, 24) if rank == 0 else slice(24, None),
-                                                          world.collectives(rank))):
+    for ranked in in_threads(
+        world, lambda rank: margins(slice(0, 24) if rank == 0 else slice(24, None), world.collectives(rank))
+    ):
         for name, margin in alone.items():
             assert ranked[name] == pytest.approx(margin, rel=1e-9), name

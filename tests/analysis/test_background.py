@@ -35,8 +35,7 @@ def _run(net: nn.Module, analysis: str) -> tuple[dict[int, dict[str, float]], li
             optimizer.zero_grad()
             if monitor.updated:
                 updated_at.append(step)
-                seen[monitor.results_step] = {k: v for r in monitor.results.values()
-                                              for k, v in r.metrics().items()}
+                seen[monitor.results_step] = {k: v for r in monitor.results.values() for k, v in r.metrics().items()}
         monitor.wait()
         if monitor.updated and monitor.results_step not in seen:
             seen[monitor.results_step] = {k: v for r in monitor.results.values() for k, v in r.metrics().items()}
@@ -63,12 +62,12 @@ def test_callback_logs_background_results_at_their_own_step() -> None:
     initial = seeded(mlp)
     logged = {}
     for analysis in ("sync", "background"):
-        callback = ConditioningCallback(every_n_steps=2, analysis=analysis, log_histograms=False,
-                                        warn_diagnosis=False)
-        _, logger = fit(SequentialClassifier(copy.deepcopy(initial)), loader(x, y, 16), [callback],
-                        max_steps=6)
-        logged[analysis] = {step: {k: v for k, v in row.items() if k.startswith("conditioning/")}
-                            for step, row in logger.history.items()}
+        callback = ConditioningCallback(every_n_steps=2, analysis=analysis, log_histograms=False, warn_diagnosis=False)
+        _, logger = fit(SequentialClassifier(copy.deepcopy(initial)), loader(x, y, 16), [callback], max_steps=6)
+        logged[analysis] = {
+            step: {k: v for k, v in row.items() if k.startswith("conditioning/")}
+            for step, row in logger.history.items()
+        }
         logged[analysis] = {s: row for s, row in logged[analysis].items() if row}
     assert sorted(logged["sync"]) == sorted(logged["background"]) == [0, 2, 4]
     for step, row in logged["sync"].items():
@@ -110,8 +109,9 @@ def _published_steps(monkeypatch, analysis: str, slow: bool, quick_steps: set[in
     return published
 
 
-@pytest.mark.parametrize("analysis,quick_steps", [
-    ("background", set()), ("auto", set()), ("auto", {1, 2, 4}), ("auto", {0, 3, 4, 5})])
+@pytest.mark.parametrize(
+    "analysis,quick_steps", [("background", set()), ("auto", set()), ("auto", {1, 2, 4}), ("auto", {0, 3, 4, 5})]
+)
 def test_no_result_is_lost_when_analyses_overlap(monkeypatch, analysis: str, quick_steps: set[int]) -> None:
     """A window that ends while the previous analysis is still in flight waits for it and
     reports it in the same call; an analysis quick enough for the training thread goes to the
@@ -123,11 +123,11 @@ def test_no_result_is_lost_when_analyses_overlap(monkeypatch, analysis: str, qui
 
 @pytest.mark.parametrize("budget,overlap", [(250_000, False), (64 << 20, True)])
 def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
-        monkeypatch, budget: int, overlap: bool) -> None:
+    monkeypatch, budget: int, overlap: bool
+) -> None:
     """The analysed sums are the window's own memory (handed over, no copy); a window opening
     while they are analysed allocates new ones. When the plan has no room for both within
     ``memory_budget``, the window waits for the analysis: no step is captured while it runs."""
-
     import lightning_conditioning.analysis.window as window_module
 
     analyse = window_module.analyse_moments
@@ -140,8 +140,9 @@ def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
 
     monkeypatch.setattr(window_module, "analyse_moments", slow_analysis)
     net = seeded(mlp)
-    monitor = ConditioningMonitor(net, every_n_steps=1, analysis="background", memory_budget=budget,
-                                  warn_diagnosis=False)
+    monitor = ConditioningMonitor(
+        net, every_n_steps=1, analysis="background", memory_budget=budget, warn_diagnosis=False
+    )
     assert monitor.plan is not None and monitor.plan.overlap_fits is overlap
     assert {m.method for m in monitor.plan.moments} == {"dense"}
     published = []
@@ -156,8 +157,7 @@ def test_a_window_waits_for_the_analysis_in_flight_when_two_windows_do_not_fit(
         if monitor.wait():
             published.append(monitor.results_step)
     assert published == [0, 1, 2]
-    waited = [("captured", 0), ("analysed", 0), ("captured", 1), ("analysed", 1), ("captured", 2),
-              ("analysed", 2)]
+    waited = [("captured", 0), ("analysed", 0), ("captured", 1), ("analysed", 1), ("captured", 2), ("analysed", 2)]
     assert (events == waited) is not overlap
 
 

@@ -102,8 +102,9 @@ def test_the_homogeneous_coordinate_is_no_feature() -> None:
     net = _net()
     x = _inputs() * 1e-2
     seen = _first_layer_input(net, x)
-    monitor = ConditioningMonitor(net, every_n_steps=1, statistics_dtype="float64", include_bias=True,
-                                  warn_diagnosis=False)
+    monitor = ConditioningMonitor(
+        net, every_n_steps=1, statistics_dtype="float64", include_bias=True, warn_diagnosis=False
+    )
     with monitor.track(0):
         net(x).square().sum().backward()
     ratio, feature = _reference(seen[0], homogeneous=True)

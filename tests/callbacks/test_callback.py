@@ -17,9 +17,7 @@ from lightning_conditioning import ConditioningCallback
 
 def _data(n: int = 64, shape: tuple[int, ...] = (12,), classes: int = 5):
     generator = torch.Generator().manual_seed(2)
-    return torch.randn(n, *shape, generator=generator), torch.randint(
-        0, classes, (n,), generator=generator
-    )
+    return torch.randn(n, *shape, generator=generator), torch.randint(0, classes, (n,), generator=generator)
 
 
 def mlp() -> nn.Sequential:
@@ -45,16 +43,25 @@ def test_schedule_logs_every_n_optimizer_steps() -> None:
     callback = ConditioningCallback(every_n_steps=3)
     _, logger = fit(SequentialClassifier(seeded(mlp)), loader(x, y, 8), [callback], max_steps=7)
     assert sorted(logger.history) == [0, 3, 6]
-    expected_keys = {
-        f"conditioning/{layer}/{kind}_{stat}"
-        for layer in ("net.0", "net.2")
-        for kind in ("input", "grad", "fim")
-        for stat in ("lambda_max", "rank")
-    } | {f"conditioning/{layer}/{k}_input_units" for layer in ("net.0", "net.2") for k in ("dead", "full")} | {
-        f"conditioning/{layer}/{q}" for layer in ("net.0", "net.2")  # SGD: the stability margin
-        for q in ("lr_lambda_max", "stability_limit", "lambda_max_share")} | {
-        f"conditioning/{layer}/{q}" for layer in ("net.0", "net.2")  # outlier features of Σx
-        for q in ("input_outlier_ratio", "input_outlier_feature")}
+    expected_keys = (
+        {
+            f"conditioning/{layer}/{kind}_{stat}"
+            for layer in ("net.0", "net.2")
+            for kind in ("input", "grad", "fim")
+            for stat in ("lambda_max", "rank")
+        }
+        | {f"conditioning/{layer}/{k}_input_units" for layer in ("net.0", "net.2") for k in ("dead", "full")}
+        | {
+            f"conditioning/{layer}/{q}"
+            for layer in ("net.0", "net.2")  # SGD: the stability margin
+            for q in ("lr_lambda_max", "stability_limit", "lambda_max_share")
+        }
+        | {
+            f"conditioning/{layer}/{q}"
+            for layer in ("net.0", "net.2")  # outlier features of Σx
+            for q in ("input_outlier_ratio", "input_outlier_feature")
+        }
+    )
     logged = set(logger.history[6])
     kappas = {k for k in logged if "_kappa_" in k}
     assert logged - kappas == expected_keys
@@ -124,9 +131,7 @@ def test_training_is_bit_identical(factory, conv_mode: str) -> None:
     x, y = _data(shape=shape)
     data = loader(x, y, 16)
     plain = _train_state(factory, [], data)
-    watched = _train_state(
-        factory, [ConditioningCallback(every_n_steps=1, conv_mode=conv_mode)], data
-    )
+    watched = _train_state(factory, [ConditioningCallback(every_n_steps=1, conv_mode=conv_mode)], data)
     assert plain.keys() == watched.keys()
     for key in plain:
         assert torch.equal(plain[key], watched[key]), key
@@ -285,8 +290,12 @@ def test_hooks_removed_when_fit_raises() -> None:
     module = Boom(seeded(mlp))
     callback = ConditioningCallback(every_n_steps=1)
     trainer = pl.Trainer(
-        max_steps=4, callbacks=[callback], logger=RecordingLogger(),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=4,
+        callbacks=[callback],
+        logger=RecordingLogger(),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(module, loader(x, y, 16))

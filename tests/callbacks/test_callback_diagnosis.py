@@ -69,9 +69,14 @@ def test_tensorboard_layout_is_opt_in(tmp_path: Path) -> None:
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
         logger = TensorBoardLogger(tmp_path, name=name)
-        trainer = pl.Trainer(max_steps=1, logger=logger, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False,
-                             callbacks=[ConditioningCallback(every_n_steps=1, tensorboard_layout=flag)])
+        trainer = pl.Trainer(
+            max_steps=1,
+            logger=logger,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=[ConditioningCallback(every_n_steps=1, tensorboard_layout=flag)],
+        )
         trainer.fit(SequentialClassifier(net), loader(x, y, 32))
         logger.experiment.flush()
         events = EventAccumulator(logger.log_dir)

@@ -25,14 +25,28 @@ def _data(n=64, shape=(12,), classes=5, seed=3):
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 16),
-                         nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
+    return nn.Sequential(
+        nn.Linear(12, 16),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(16, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
+    )
 
 
 def cnn():
-    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
-                         nn.Dropout2d(0.2), nn.Conv2d(6, 6, 3, stride=2), nn.ReLU(inplace=True),
-                         nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(0.2),
+        nn.Conv2d(6, 6, 3, stride=2),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    )
 
 
 MODES = {
@@ -70,8 +84,10 @@ def _plain(factory, shape):
 def test_every_mode_leaves_training_bit_identical(mode, factory, shape) -> None:
     plain = _plain(factory, shape)
     watched = _everything(
-        factory, shape, [ConditioningCallback(every_n_steps=1, **MODES[mode]),
-                         WeightDominationCallback(every_n_steps=1)])
+        factory,
+        shape,
+        [ConditioningCallback(every_n_steps=1, **MODES[mode]), WeightDominationCallback(every_n_steps=1)],
+    )
     assert plain["state"].keys() == watched["state"].keys()
     for key in plain["state"]:
         assert torch.equal(plain["state"][key], watched["state"][key]), key
@@ -150,8 +166,9 @@ def test_float16_overflow_steps_log_nothing() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no NaN/Inf warning either
         warnings.filterwarnings("ignore", ".*logging interval.*")
-        _, logger = fit(SequentialClassifier(net), loader(x, y, 16), [callback, Scale()],
-                        max_steps=12, plugins=[plugin])
+        _, logger = fit(
+            SequentialClassifier(net), loader(x, y, 16), [callback, Scale()], max_steps=12, plugins=[plugin]
+        )
     overflowed = {s for s in range(12) if scales[s] < (scales[s - 1] if s else 2.0**22)}
     assert overflowed and len(overflowed) < 12
     assert set(logger.history) == set(range(12)) - overflowed
@@ -214,15 +231,15 @@ class TwoOptimizers(pl.LightningModule):
             optimizer.step()
 
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.first.parameters(), lr=0.1),
-                torch.optim.SGD(self.second.parameters(), lr=0.1)]
+        return [torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)]
 
 
 def test_manual_optimization_with_two_optimizers() -> None:
     x, y = _data()
     callback = ConditioningCallback(every_n_steps=2)
-    trainer, logger = fit(TwoOptimizers(), loader(x, y, 16), [callback, WeightDominationCallback(every_n_steps=2)],
-                          max_steps=8)
+    trainer, logger = fit(
+        TwoOptimizers(), loader(x, y, 16), [callback, WeightDominationCallback(every_n_steps=2)], max_steps=8
+    )
     assert trainer.global_step == 8
     assert sorted(s for s, m in logger.history.items() if any(k.startswith("conditioning/") for k in m)) == [0, 2, 4, 6]
     # both backward passes of an analysed batch count: each layer saw 2 × 16 rows
@@ -273,9 +290,15 @@ def test_resumed_run_logs_the_same_steps(tmp_path: Path, extra: dict) -> None:
         if checkpoint:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1))
         logger = RecordingLogger()
-        trainer = pl.Trainer(max_steps=max_steps, callbacks=callbacks, logger=logger,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             enable_checkpointing=checkpoint, deterministic=True)
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            callbacks=callbacks,
+            logger=logger,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=checkpoint,
+            deterministic=True,
+        )
         trainer.fit(module, loader(x, y, 16), ckpt_path=ckpt_path)
         return logger.history
 
@@ -294,8 +317,7 @@ def test_window_steps_sum_consecutive_steps() -> None:
     net = seeded(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)))
     windowed = ConditioningCallback(every_n_steps=4, window_steps=4, statistics_dtype="float64")
     whole = ConditioningCallback(every_n_steps=1, statistics_dtype="float64")
-    _, log_windowed = fit(SequentialClassifier(copy.deepcopy(net), lr=0.0), loader(x, y, 16),
-                          [windowed], max_steps=8)
+    _, log_windowed = fit(SequentialClassifier(copy.deepcopy(net), lr=0.0), loader(x, y, 16), [windowed], max_steps=8)
     _, log_whole = fit(SequentialClassifier(copy.deepcopy(net), lr=0.0), loader(x, y, 64), [whole])
     assert sorted(log_windowed.history) == [3, 7]
     for key, value in log_whole.history[0].items():

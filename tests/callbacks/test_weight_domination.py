@@ -36,8 +36,7 @@ def bn_mlp(width: int = 32) -> nn.Sequential:
 
 def test_norms_match_matrix_norm_reference() -> None:
     x, y = _data(shape=(3, 6, 6))
-    net = seeded(lambda: nn.Sequential(
-        nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 4)))
+    net = seeded(lambda: nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 4)))
     reference = copy.deepcopy(net)
     callback = WeightDominationCallback(every_n_steps=1)
     _, logger = fit(SequentialClassifier(net), loader(x, y, 128), [callback])
@@ -160,10 +159,7 @@ def test_imbalance_conserved_by_small_step_gd_and_decayed_by_weight_decay(weight
     with torch.no_grad():
         net[1].weight.mul_(2.0)  # an imbalanced start
     callback = WeightDominationCallback(every_n_steps=10)
-    _, logger = fit(
-        Regression(net, lr=0.01, weight_decay=weight_decay), loader(x, y, 64), [callback],
-        max_steps=101,
-    )
+    _, logger = fit(Regression(net, lr=0.01, weight_decay=weight_decay), loader(x, y, 64), [callback], max_steps=101)
     series = [logger.history[s]["weight_domination/net.1/imbalance"] for s in (0, 50, 100)]
     loss_moved = logger.history[100]["weight_domination/net.1/grad_weight_ratio"]
     assert loss_moved > 0
@@ -201,8 +197,15 @@ def test_pure_helpers() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(every_n_steps=0), dict(threshold=0), dict(threshold=float("nan")), dict(patience=0),
-     dict(update_threshold=-1.0), dict(fall_factor=1.0), dict(fall_factor=float("inf"))],
+    [
+        dict(every_n_steps=0),
+        dict(threshold=0),
+        dict(threshold=float("nan")),
+        dict(patience=0),
+        dict(update_threshold=-1.0),
+        dict(fall_factor=1.0),
+        dict(fall_factor=float("inf")),
+    ],
 )
 def test_bad_arguments(kwargs) -> None:
     with pytest.raises(ValueError):
@@ -210,20 +213,27 @@ def test_bad_arguments(kwargs) -> None:
 
 
 def test_state_dict_roundtrip() -> None:
-    state = {"below": {"fc": 2}, "warned": ["fc"], "last_checked_step": 40,
-             "history": {"fc": {"peak_ratio": 2.5, "peak_step": 3, "peak_loss": 2.3, "checks": 7}},
-             "zero_named": ["net.1"]}
+    state = {
+        "below": {"fc": 2},
+        "warned": ["fc"],
+        "last_checked_step": 40,
+        "history": {"fc": {"peak_ratio": 2.5, "peak_step": 3, "peak_loss": 2.3, "checks": 7}},
+        "zero_named": ["net.1"],
+    }
     callback = WeightDominationCallback()
     callback.load_state_dict(state)
     other = WeightDominationCallback()
     other.load_state_dict(callback.state_dict())
     assert other.state_dict() == state
     # the monitor built at fit start (after configure_model) starts from the restored state
-    strategy = SimpleNamespace(reduce=lambda t, reduce_op: t, world_size=1, global_rank=0,
-                               root_device=torch.device("cpu"))
+    strategy = SimpleNamespace(
+        reduce=lambda t, reduce_op: t, world_size=1, global_rank=0, root_device=torch.device("cpu")
+    )
     other.setup(None, SequentialClassifier(nn.Sequential(nn.Linear(3, 2))), "fit")  # type: ignore[arg-type]
-    other.on_fit_start(SimpleNamespace(strategy=strategy, optimizers=[]),  # type: ignore[arg-type]
-                       SequentialClassifier(nn.Sequential(nn.Linear(3, 2))))
+    other.on_fit_start(
+        SimpleNamespace(strategy=strategy, optimizers=[]),  # type: ignore[arg-type]
+        SequentialClassifier(nn.Sequential(nn.Linear(3, 2))),
+    )
     assert other.warned_layers == ["fc"] and other.state_dict() == state
 
 
@@ -253,8 +263,9 @@ def test_spectral_norms_of_large_matrices_are_within_1e4_of_float64_with_a_bound
     g = torch.Generator().manual_seed(0)
     gaussian = torch.randn(*shape, generator=g)
     flat = gaussian.reshape(shape[0], -1)
-    low_rank = (torch.randn(flat.shape[0], 3, generator=g) @ torch.randn(3, flat.shape[1], generator=g)
-                + 1e-3 * torch.randn(*flat.shape, generator=g))
+    low_rank = torch.randn(flat.shape[0], 3, generator=g) @ torch.randn(
+        3, flat.shape[1], generator=g
+    ) + 1e-3 * torch.randn(*flat.shape, generator=g)
     for matrix in (gaussian, low_rank):
         truth = float(torch.linalg.matrix_norm(matrix.reshape(shape[0], -1).double(), ord=2))
         found = largest_singular_value(matrix)

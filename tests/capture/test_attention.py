@@ -19,8 +19,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def _monitor(model: nn.Module) -> ConditioningMonitor:
-    return ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                               info=lambda _: None, warn=lambda _: None)
+    return ConditioningMonitor(
+        model, every_n_steps=1, analysis="sync", warn_diagnosis=False, info=lambda _: None, warn=lambda _: None
+    )
 
 
 def _reference(logits: torch.Tensor, allowed: torch.Tensor) -> tuple[list[float], list[float], float]:
@@ -55,9 +56,17 @@ def _assert_reading(reading, maxima: list[float], entropies: list[float], unifor
 def _gpt2(scale_qk: float = 1.0, width: int = 32) -> nn.Module:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=width, n_head=4, vocab_size=50, n_positions=16,
-                                     attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0)  # (dropout draws from the global generator)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=width,
+        n_head=4,
+        vocab_size=50,
+        n_positions=16,
+        attn_implementation="sdpa",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )  # (dropout draws from the global generator)
     model = transformers.GPT2LMHeadModel(config).double()
     if scale_qk != 1.0:
         with torch.no_grad():
@@ -76,7 +85,8 @@ def test_gpt2_per_head_logits_and_entropy_equal_float64_attention_with_causal_an
     caught: dict[str, torch.Tensor] = {}
     for index, block in enumerate(model.transformer.h):
         block.attn.c_attn.register_forward_hook(
-            lambda m, a, out, index=index: caught.__setitem__(f"transformer.h.{index}.attn", out.detach()))
+            lambda m, a, out, index=index: caught.__setitem__(f"transformer.h.{index}.attn", out.detach())
+        )
     monitor = _monitor(model)
     with monitor.track(0):
         model(input_ids=ids, attention_mask=attention_mask, labels=ids).loss.backward()
@@ -100,9 +110,16 @@ def test_gpt2_per_head_logits_and_entropy_equal_float64_attention_with_causal_an
 def test_llama_readings_use_the_rotary_queries_and_keys_of_grouped_query_attention_with_padding() -> None:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=40,
-                                      max_position_embeddings=32, attn_implementation="sdpa")
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=40,
+        max_position_embeddings=32,
+        attn_implementation="sdpa",
+    )
     model = transformers.LlamaForCausalLM(config).double()
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -174,8 +191,7 @@ def test_scaled_query_key_weights_fire_both_rules_and_the_model_as_built_fires_n
 
 def test_training_is_bit_identical_and_other_steps_read_nothing() -> None:
     plain, watched = _gpt2(), _gpt2()
-    monitor = ConditioningMonitor(watched, every_n_steps=2, analysis="sync", warn_diagnosis=False,
-                                  info=lambda _: None)
+    monitor = ConditioningMonitor(watched, every_n_steps=2, analysis="sync", warn_diagnosis=False, info=lambda _: None)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (plain, watched)]
     generator = torch.Generator().manual_seed(5)
     for step in range(3):
@@ -204,8 +220,15 @@ def test_two_ranks_read_what_one_process_reads() -> None:
 
     def read(part: torch.Tensor, collectives: object = None) -> object:
         model = copy.deepcopy(template)
-        monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                                      loss_reduction="sum", collectives=collectives, info=lambda _: None)
+        monitor = ConditioningMonitor(
+            model,
+            every_n_steps=1,
+            analysis="sync",
+            warn_diagnosis=False,
+            loss_reduction="sum",
+            collectives=collectives,
+            info=lambda _: None,
+        )
         with monitor.track(0):
             model[0](part, part, part)[0].square().sum().backward()
         monitor.close()
@@ -223,8 +246,9 @@ def test_two_ranks_read_what_one_process_reads() -> None:
 def test_attention_computed_without_sdpa_is_named_once() -> None:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8,
-                                     attn_implementation="eager")
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=8, attn_implementation="eager"
+    )
     model = transformers.GPT2LMHeadModel(config)
     said: list[str] = []
     monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False, info=said.append)
@@ -303,8 +327,12 @@ def test_a_background_analysis_publishes_its_own_windows_readings(monkeypatch: p
 
     def slow(moments, step, *args, **kwargs):  # the worker finishes only after the next gather
         deadline = time.monotonic() + 30
-        while (mode == "background" and step == 0 and 1 not in watched_monitor.attention._pending
-               and time.monotonic() < deadline):
+        while (
+            mode == "background"
+            and step == 0
+            and 1 not in watched_monitor.attention._pending
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         return analyse(moments, step, *args, **kwargs)
 
@@ -317,8 +345,9 @@ def test_a_background_analysis_publishes_its_own_windows_readings(monkeypatch: p
     published: dict[str, dict[int, list[float]]] = {}
     for mode in ("background", "sync"):
         model = _gpt2(scale_qk=1.0)
-        watched_monitor = ConditioningMonitor(model, every_n_steps=1, analysis=mode, warn_diagnosis=False,
-                                              info=lambda _: None, warn=lambda _: None)
+        watched_monitor = ConditioningMonitor(
+            model, every_n_steps=1, analysis=mode, warn_diagnosis=False, info=lambda _: None, warn=lambda _: None
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # the second window reads other logits
         seen: dict[int, list[float]] = {}
         for step, ids in enumerate(batches):

@@ -57,8 +57,9 @@ class TokenModel(nn.Module):
         x = self.embed(input_ids)
         return x, self.hidden(x)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
+    ) -> dict[str, Tensor]:
         self.calls.append({"input_ids", "attention_mask"} | ({"labels"} if labels is not None else set()))
         logits = self.head(self.drop(torch.tanh(self.body(input_ids)[1])))
         out = {"logits": logits}
@@ -191,15 +192,19 @@ def test_probe_batches_use_the_models_own_loss_or_cross_entropy_on_labels(model_
 
 
 def _state(model: nn.Module, trainer: pl.Trainer) -> dict[str, Any]:
-    return {"params": {k: v.clone() for k, v in model.state_dict().items()},
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-            "momentum": [s["momentum_buffer"].clone()
-                         for s in trainer.optimizers[0].state_dict()["state"].values()],
-            "rng": torch.get_rng_state()}
+    return {
+        "params": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "momentum": [s["momentum_buffer"].clone() for s in trainer.optimizers[0].state_dict()["state"].values()],
+        "rng": torch.get_rng_state(),
+    }
 
 
-@pytest.mark.parametrize("options", [dict(fisher="true"), dict(probe_batches=2), dict(fisher="true", probe_batches=1)],
-                         ids=["true_fisher", "probe", "true_fisher_probe"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(fisher="true"), dict(probe_batches=2), dict(fisher="true", probe_batches=1)],
+    ids=["true_fisher", "probe", "true_fisher_probe"],
+)
 def test_dict_batches_leave_training_bit_identical(options: dict[str, Any]) -> None:
     runs = []
     for callbacks in ([], [ConditioningCallback(every_n_steps=1, **options)]):
@@ -237,10 +242,10 @@ def _classification(n: int = 32) -> DataLoader:
     return loader(torch.randn(n, 12, generator=generator), torch.randint(0, 5, (n,), generator=generator), 16)
 
 
-@pytest.mark.parametrize("options, named", [(dict(fisher="true"), "fisher='true'"),
-                                            (dict(probe_batches=1), "probe_batches=1")])
-def test_lightning_module_without_forward_fails_at_setup_naming_forward_fn(options: dict[str, Any],
-                                                                          named: str) -> None:
+@pytest.mark.parametrize(
+    "options, named", [(dict(fisher="true"), "fisher='true'"), (dict(probe_batches=1), "probe_batches=1")]
+)
+def test_lightning_module_without_forward_fails_at_setup_naming_forward_fn(options: dict[str, Any], named: str) -> None:
     module = TwoPartsNoForward()
     with pytest.raises(TypeError) as error:
         fit(module, _classification(), [ConditioningCallback(every_n_steps=1, **options)])
@@ -260,8 +265,9 @@ def test_lightning_module_without_forward_needs_nothing_without_extra_passes() -
 
 def test_forward_fn_replaces_the_missing_forward() -> None:
     module = TwoPartsNoForward()
-    callback = ConditioningCallback(every_n_steps=1, fisher="true",
-                                    forward_fn=lambda m, batch: m.head(torch.relu(m.net(batch[0]))))
+    callback = ConditioningCallback(
+        every_n_steps=1, fisher="true", forward_fn=lambda m, batch: m.head(torch.relu(m.net(batch[0])))
+    )
     fit(module, _classification(), [callback])
     assert callback.results["head"].grad is not None and callback.results["head"].grad.lambda_max > 0
 
@@ -294,9 +300,18 @@ def test_lightning_module_without_forward_calls_its_only_submodule(caplog: pytes
 # ---------------------------------------------------------------------- Hugging Face (optional)
 def _gpt2() -> nn.Module:
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=8, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=LENGTH,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config)
 
@@ -335,9 +350,19 @@ def test_hugging_face_outputs_and_encoder_decoder_labels() -> None:
     output = transformers.modeling_outputs.CausalLMOutput(loss=torch.tensor(0.25), logits=torch.zeros(2, 3, 4))
     assert logits_of(output).shape == (2, 3, 4)
     assert float(default_loss(output, {})) == 0.25
-    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0))
+    t5 = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            vocab_size=VOCAB,
+            d_model=8,
+            d_kv=4,
+            d_ff=8,
+            num_layers=1,
+            num_heads=2,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    )
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.ones(2, 4, dtype=torch.long)}
     # T5 makes its decoder inputs from the labels: the true Fisher keeps them, and samples
     # over the (2, 4, VOCAB) decoder logits

@@ -30,8 +30,16 @@ EXPERTS, VOCAB = 4, 64
 def mixtral(top_k: int = 2, implementation: str = "eager", dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=EXPERTS, num_experts_per_tok=top_k, max_position_embeddings=32)
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=32,
+    )
     model = transformers.MixtralForCausalLM(config).to(dtype)
     model.config._experts_implementation = implementation
     return model
@@ -48,8 +56,11 @@ class ExpertCalls:
     def __init__(self, model: nn.Module) -> None:
         self.calls: dict[str, dict[str, torch.Tensor]] = {}
         self.choices: dict[str, list[torch.Tensor]] = {}  # the routing of every call
-        self.handles = [module.register_forward_hook(self._hook(name))
-                        for name, module in model.named_modules() if expert_layout(module) is not None]
+        self.handles = [
+            module.register_forward_hook(self._hook(name))
+            for name, module in model.named_modules()
+            if expert_layout(module) is not None
+        ]
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -57,13 +68,15 @@ class ExpertCalls:
             self.calls[name] = {"hidden": hidden.detach(), "index": index, "weights": weights.detach()}
             self.choices.setdefault(name, []).append(index.reshape(-1))
             output.register_hook(lambda grad: self.calls[name].__setitem__("grad", grad.detach()))
+
         return hook
 
 
 def reference(module: nn.Module, call: dict[str, torch.Tensor], scale: float) -> dict[str, tuple[torch.Tensor, ...]]:
     """``{"<projection>.<e>": (Σx, Σ∇h, rows)}`` in float64 from the routing mask, by hand."""
-    hidden, index, weights, grad = (call[k].double() if call[k].is_floating_point() else call[k]
-                                    for k in ("hidden", "index", "weights", "grad"))
+    hidden, index, weights, grad = (
+        call[k].double() if call[k].is_floating_point() else call[k] for k in ("hidden", "index", "weights", "grad")
+    )
     gate_up, down = module.gate_up_proj.detach().double(), module.down_proj.detach().double()
     out: dict[str, tuple[torch.Tensor, ...]] = {}
     for e in range(EXPERTS):
@@ -72,28 +85,32 @@ def reference(module: nn.Module, call: dict[str, torch.Tensor], scale: float) ->
         x = hidden[tokens]
         pre = (x @ gate_up[e].T).requires_grad_()
         gate, up = pre.chunk(2, dim=-1)
-        inner = (torch.nn.functional.silu(gate) * up)
+        inner = torch.nn.functional.silu(gate) * up
         inner.retain_grad()
         contribution = (inner @ down[e].T) * weights[tokens, slots, None]
         (contribution * grad[tokens]).sum().backward()  # ⟨∂L/∂y, y⟩: the true gradients of the pieces
         g_down = grad[tokens] * weights[tokens, slots, None]
         n = len(tokens)
-        out[f"gate_up_proj.{e}"] = (x.T @ x / n, scale ** 2 * pre.grad.T @ pre.grad / n, n)
-        out[f"down_proj.{e}"] = (inner.T @ inner / n, scale ** 2 * g_down.T @ g_down / n, n)
+        out[f"gate_up_proj.{e}"] = (x.T @ x / n, scale**2 * pre.grad.T @ pre.grad / n, n)
+        out[f"down_proj.{e}"] = (inner.T @ inner / n, scale**2 * g_down.T @ g_down / n, n)
     return out
 
 
-@pytest.mark.parametrize("implementation,top_k,dtype,tolerance", [
-    ("eager", 1, torch.float64, 1e-9), ("eager", 2, torch.float64, 1e-9),
-    ("batched_mm", 2, torch.float64, 1e-9),
-    ("grouped_mm", 2, torch.float32, 1e-5),  # (no float64 grouped GEMM on CPU)
-])
-def test_per_expert_moments_equal_the_hand_written_reference(implementation: str, top_k: int,
-                                                              dtype: torch.dtype, tolerance: float) -> None:
+@pytest.mark.parametrize(
+    "implementation,top_k,dtype,tolerance",
+    [
+        ("eager", 1, torch.float64, 1e-9),
+        ("eager", 2, torch.float64, 1e-9),
+        ("batched_mm", 2, torch.float64, 1e-9),
+        ("grouped_mm", 2, torch.float32, 1e-5),  # (no float64 grouped GEMM on CPU)
+    ],
+)
+def test_per_expert_moments_equal_the_hand_written_reference(
+    implementation: str, top_k: int, dtype: torch.dtype, tolerance: float
+) -> None:
     model = mixtral(top_k, implementation, dtype)
     data = batch()
-    capture = LayerCapture(find_layers(model), model=model, statistics_dtype=torch.float64,
-                           loss_reduction="token_mean")
+    capture = LayerCapture(find_layers(model), model=model, statistics_dtype=torch.float64, loss_reduction="token_mean")
     capture.loss_tokens = loss_tokens(data, model)
     calls = ExpertCalls(model)
     capture.attach()
@@ -103,8 +120,9 @@ def test_per_expert_moments_equal_the_hand_written_reference(implementation: str
     capture.detach()
     routed = 0
     for name, call in calls.calls.items():
-        for part, (input_moment, grad_moment, rows) in reference(model.get_submodule(name), call,
-                                                                  capture.loss_tokens).items():
+        for part, (input_moment, grad_moment, rows) in reference(
+            model.get_submodule(name), call, capture.loss_tokens
+        ).items():
             found = moments[f"{name}.{part}"]
             assert found.input_rows == found.grad_rows == rows
             assert found.expert == (name, int(part.rsplit(".", 1)[1]), EXPERTS)
@@ -117,8 +135,7 @@ def test_per_expert_moments_equal_the_hand_written_reference(implementation: str
 def test_the_router_is_a_linear_layer_over_every_token() -> None:
     model = mixtral()
     data = batch()
-    capture = LayerCapture(find_layers(model), model=model, statistics_dtype=torch.float64,
-                           loss_reduction="token_mean")
+    capture = LayerCapture(find_layers(model), model=model, statistics_dtype=torch.float64, loss_reduction="token_mean")
     capture.loss_tokens = loss_tokens(data, model)
     hidden: list[torch.Tensor] = []
     gate = model.model.layers[0].mlp.gate
@@ -136,11 +153,13 @@ def test_the_router_is_a_linear_layer_over_every_token() -> None:
 
 def never_choose(expert: int) -> Any:
     """A router hook that takes ``expert`` out of the top-k (a planted dead expert)."""
+
     def hook(module: nn.Module, args: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> Any:
         logits = output[0].clone()
         logits[:, expert] = -math.inf
         top, index = torch.topk(torch.softmax(logits.float(), -1), module.top_k, dim=-1)
         return logits, (top / top.sum(-1, keepdim=True)).to(output[1].dtype), index
+
     return hook
 
 
@@ -191,9 +210,11 @@ def test_routing_metrics_are_published_with_the_layers() -> None:
         model(**batch()).loss.backward()
     publication = Publication(monitor.results, 0)
     metrics = publication.metrics
-    assert sorted(publication.tagged_figures) == ["conditioning/depth_profile",
-                                                  "conditioning/model.layers.0.mlp.experts/experts",
-                                                  "conditioning/model.layers.1.mlp.experts/experts"]
+    assert sorted(publication.tagged_figures) == [
+        "conditioning/depth_profile",
+        "conditioning/model.layers.0.mlp.experts/experts",
+        "conditioning/model.layers.1.mlp.experts/experts",
+    ]
     for layer in (0, 1):
         module = f"conditioning/model.layers.{layer}.mlp.experts"
         assert sum(metrics[f"{module}/load_share_e{e}"] for e in range(EXPERTS)) == pytest.approx(1.0)
@@ -210,8 +231,7 @@ def test_experts_in_a_module_list_are_linear_layers_already() -> None:
             super().__init__()
             torch.manual_seed(0)
             self.router = nn.Linear(8, 3, bias=False)
-            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
-                                         for _ in range(3))
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8)) for _ in range(3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             choice = self.router(x).argmax(-1)
@@ -232,7 +252,8 @@ def test_experts_in_a_module_list_are_linear_layers_already() -> None:
         found = monitor.results[f"experts.{e}.0"]
         assert found.input_rows == len(chosen)
         assert found.input.lambda_max == pytest.approx(
-            float(torch.linalg.eigvalsh(chosen.T @ chosen / len(chosen))[-1]), rel=1e-10)
+            float(torch.linalg.eigvalsh(chosen.T @ chosen / len(chosen))[-1]), rel=1e-10
+        )
 
 
 def test_the_structural_kinds_select_experts_and_routers_of_any_family() -> None:
@@ -251,14 +272,18 @@ def test_a_batch_mean_loss_scales_routed_rows_by_the_examples_not_the_tokens() -
     data = batch()
     seen: dict[str, LayerCapture] = {}
     for reduction in ("mean", "sum"):
-        capture = seen[reduction] = LayerCapture(find_layers(model), model=model, statistics_dtype=torch.float64,
-                                                 loss_reduction=reduction)
+        capture = seen[reduction] = LayerCapture(
+            find_layers(model), model=model, statistics_dtype=torch.float64, loss_reduction=reduction
+        )
         capture.attach()
         capture.active = True
         model.zero_grad()
         model(**data).loss.backward()
         capture.detach()
     mean, total = seen["mean"].moments(), seen["sum"].moments()
-    for name in ("model.layers.0.mlp.gate", "model.layers.0.mlp.experts.down_proj.1",
-                 "model.layers.0.mlp.experts.gate_up_proj.1"):
+    for name in (
+        "model.layers.0.mlp.gate",
+        "model.layers.0.mlp.experts.down_proj.1",
+        "model.layers.0.mlp.experts.gate_up_proj.1",
+    ):
         assert torch.allclose(mean[name].grad_second_moment, 9 * total[name].grad_second_moment, rtol=1e-12)

@@ -29,8 +29,9 @@ N, FEATURES, CLASSES, BATCH = 48, 10, 3, 16
 
 def _dataset() -> TensorDataset:
     generator = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.randn(N, FEATURES, generator=generator),
-                         torch.randint(0, CLASSES, (N,), generator=generator))
+    return TensorDataset(
+        torch.randn(N, FEATURES, generator=generator), torch.randint(0, CLASSES, (N,), generator=generator)
+    )
 
 
 def _loader(kind: str) -> Any:
@@ -43,8 +44,14 @@ def _loader(kind: str) -> Any:
     if kind == "global_stream":  # no generator: the order comes from torch's global stream
         return DataLoader(data, batch_size=BATCH, shuffle=True)
     if kind == "persistent_workers":
-        return DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2),
-                          num_workers=1, persistent_workers=True)
+        return DataLoader(
+            data,
+            batch_size=BATCH,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(2),
+            num_workers=1,
+            persistent_workers=True,
+        )
     assert kind == "two_loaders"
     return {"a": _loader("loader_generator"), "b": _loader("sampler_generator")}
 
@@ -53,8 +60,7 @@ class Recording(SequentialClassifier):
     """Dropout in the net; every training batch kept (the order training saw)."""
 
     def __init__(self) -> None:
-        super().__init__(nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(0.3),
-                                       nn.Linear(16, CLASSES)))
+        super().__init__(nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, CLASSES)))
         self.seen: list[Any] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -79,15 +85,20 @@ def _flat(batches: list[Any]) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("options", [dict(probe_batches=2), dict(fisher="true", probe_batches=1)],
-                         ids=["probe", "true_fisher_probe"])
-@pytest.mark.parametrize("kind", ["loader_generator", "sampler_generator", "global_stream",
-                                  "persistent_workers", "two_loaders"])
+@pytest.mark.parametrize(
+    "options", [dict(probe_batches=2), dict(fisher="true", probe_batches=1)], ids=["probe", "true_fisher_probe"]
+)
+@pytest.mark.parametrize(
+    "kind", ["loader_generator", "sampler_generator", "global_stream", "persistent_workers", "two_loaders"]
+)
 def test_probe_batches_leave_a_shuffled_run_bit_identical(kind: str, options: dict[str, Any]) -> None:
     plain = _run(kind, [])
     if kind == "two_loaders":  # the model is called on one part of the combined batch
-        options = dict(options, forward_fn=lambda module, batch: module(batch["a"][0]),
-                       loss_fn=lambda logits, batch: nn.functional.cross_entropy(logits, batch["a"][1]))
+        options = dict(
+            options,
+            forward_fn=lambda module, batch: module(batch["a"][0]),
+            loss_fn=lambda logits, batch: nn.functional.cross_entropy(logits, batch["a"][1]),
+        )
     callback = ConditioningCallback(every_n_steps=1, **options)  # type: ignore[arg-type]
     watched = _run(kind, [callback])
     assert len(plain.seen) == len(watched.seen) == 2 * 3
@@ -109,8 +120,7 @@ def test_draw_leaves_every_random_stream_as_it_was() -> None:
     data = _loader("loader_generator")
     epoch = iter(data)  # as a training loop holds it before its first batch
     random.random(), np.random.rand()  # something to keep: not the streams' initial states
-    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(),
-              data.generator.get_state())
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), data.generator.get_state())
     probe = draw_probe_batches(data, 2)
     assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
     assert np.array_equal(np.random.get_state()[1], states[2])

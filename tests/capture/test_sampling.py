@@ -63,8 +63,9 @@ def test_within_the_limit_every_row_enters_bit_for_bit() -> None:
 
 def test_a_sampled_sketch_stands_for_every_row_and_keeps_an_exact_diagonal_of_its_sample() -> None:
     rows = _rows(900, 40, seed=1)
-    sketch = SketchedMomentSum(40, torch.device("cpu"), rank=8, block_rows=80, track_diagonal=True,
-                               sampler=RowSampler(100))
+    sketch = SketchedMomentSum(
+        40, torch.device("cpu"), rank=8, block_rows=80, track_diagonal=True, sampler=RowSampler(100)
+    )
     sketch.add_rows(rows, 3.0)
     kept = rows.numpy()[_chosen(900, 100).numpy()]
     reference = 3.0 * (900 / 100) * kept.T @ kept / 900
@@ -135,9 +136,18 @@ class _TokenModel(nn.Module):
 def _train(monitor_options: dict[str, object] | None, tokens: int) -> tuple[nn.Module, ConditioningMonitor | None]:
     model = _TokenModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = (ConditioningMonitor(model, warn_diagnosis=False, analysis="sync", loss_reduction="token_mean",
-                                   info=lambda _: None, **monitor_options)
-               if monitor_options is not None else None)
+    monitor = (
+        ConditioningMonitor(
+            model,
+            warn_diagnosis=False,
+            analysis="sync",
+            loss_reduction="token_mean",
+            info=lambda _: None,
+            **monitor_options,
+        )
+        if monitor_options is not None
+        else None
+    )
     generator = torch.Generator().manual_seed(5)
     for step in range(2):
         ids = torch.randint(0, 50, (4, tokens // 4), generator=generator)
@@ -179,8 +189,15 @@ def test_the_sampled_numbers_are_those_of_the_drawn_rows_against_a_float64_refer
     torch.manual_seed(1)
     layer = nn.Sequential(nn.Linear(10, 6)).double()
     x = _rows(3000, 10, seed=6)
-    monitor = ConditioningMonitor(layer, every_n_steps=1, warn_diagnosis=False, analysis="sync",
-                                  loss_reduction="sum", max_rows=500, info=lambda _: None)
+    monitor = ConditioningMonitor(
+        layer,
+        every_n_steps=1,
+        warn_diagnosis=False,
+        analysis="sync",
+        loss_reduction="sum",
+        max_rows=500,
+        info=lambda _: None,
+    )
     with monitor.track(0):
         layer(x).square().sum().backward()
     kept = x.numpy()[_chosen(3000, 500).numpy()]
@@ -191,7 +208,8 @@ def test_the_sampled_numbers_are_those_of_the_drawn_rows_against_a_float64_refer
     for percent in (50, 80, 100):
         values = np.linalg.eigvalsh(reference)[::-1]
         assert result.input.kappa[percent] == pytest.approx(
-            values[0] / values[math.ceil(percent / 100 * 10) - 1], rel=1e-8)
+            values[0] / values[math.ceil(percent / 100 * 10) - 1], rel=1e-8
+        )
     monitor.close()
 
 
@@ -202,8 +220,9 @@ def test_under_gradient_accumulation_the_budget_is_per_step_and_spent_passes_are
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(8, 4)).double()
     parts = [_rows(1500, 8, seed=seed) for seed in (7, 8, 9)]
-    monitor = ConditioningMonitor(net, every_n_steps=1, warn_diagnosis=False, analysis="sync",
-                                  loss_reduction="sum", info=lambda _: None)
+    monitor = ConditioningMonitor(
+        net, every_n_steps=1, warn_diagnosis=False, analysis="sync", loss_reduction="sum", info=lambda _: None
+    )
     with monitor.track(0):
         for x in parts:
             net(x).square().sum().backward()
@@ -248,8 +267,7 @@ def test_layers_that_share_one_input_report_its_sampling_too() -> None:
             return self.q(x) * self.k(x) + self.v(x)
 
     model = QKV()
-    monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                                  info=lambda _: None)
+    monitor = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False, info=lambda _: None)
     with monitor.track(0):
         model(torch.randn(3000, 8)).square().mean().backward()
     readings = {name: monitor.results[name].sampling["input"] for name in ("q", "k", "v")}

@@ -25,8 +25,9 @@ def _gram(rows: Tensor) -> Tensor:
 
 
 def _capture(model: nn.Module, loss_reduction: str = "mean") -> LayerCapture:
-    capture = LayerCapture(find_layers(model), statistics_dtype=torch.float64,
-                           loss_reduction=loss_reduction, model=model)  # type: ignore[arg-type]
+    capture = LayerCapture(
+        find_layers(model), statistics_dtype=torch.float64, loss_reduction=loss_reduction, model=model
+    )  # type: ignore[arg-type]
     capture.attach()
     capture.active = True
     return capture
@@ -56,8 +57,7 @@ def _manual_attention(attention: nn.MultiheadAttention, query: Tensor, key: Tens
     out = mixed @ attention.out_proj.weight.T + attention.out_proj.bias
     out.retain_grad()
     result = out.transpose(0, 1) if attention.batch_first else out
-    return result, {"q_proj": (query, q), "k_proj": (key, k), "v_proj": (value, v),
-                    "out_proj": (mixed, out)}
+    return result, {"q_proj": (query, q), "k_proj": (key, k), "v_proj": (value, v), "out_proj": (mixed, out)}
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -99,8 +99,7 @@ def test_attention_projections_match_a_float64_reference(batch_first: bool, kind
 def test_attention_training_is_bit_identical_with_the_monitor() -> None:
     def run(monitored: bool) -> list[Tensor]:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Embedding(16, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1,
-                                                                              batch_first=True))
+        model = nn.Sequential(nn.Embedding(16, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False) if monitored else None
         for step in range(3):
@@ -204,8 +203,9 @@ def test_hugging_face_conv1d_is_analysed_like_the_linear_it_is() -> None:
 def test_token_mean_convention_of_a_causal_lm_matches_per_token_gradients() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     model = transformers.GPT2LMHeadModel(config).double()
     tokens = torch.randint(0, 40, (3, 7))
     labels = tokens.clone()
@@ -224,8 +224,9 @@ def test_token_mean_convention_of_a_causal_lm_matches_per_token_gradients() -> N
     logits = model(**batch).logits
     logits.retain_grad()
     shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    F.cross_entropy(shift_logits.reshape(-1, 40), shift_labels.reshape(-1), ignore_index=-100,
-                    reduction="sum").backward()
+    F.cross_entropy(
+        shift_logits.reshape(-1, 40), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    ).backward()
     reference = torch.linalg.eigvalsh(_gram(logits.grad))[-1].item()
     # HF computes its loss on float32 logits (`logits.float()`): agreement to float32 rounding;
     # a wrong token count (rows 21 instead of 16) would be off by (21/16)² = 1.72
@@ -318,6 +319,7 @@ def test_a_table_looked_up_once_for_the_batch_has_no_per_example_gradient(caplog
     assert sum("transformer.wpe: its lookups are shared" in r.message for r in caplog.records) == 1
     # one row of position ids per example: per-example rows, measured
     hidden: dict[str, Tensor] = {}
+
     def keep(module: nn.Module, args: object, output: Tensor) -> None:
         hidden["out"] = output
 
@@ -329,5 +331,6 @@ def test_a_table_looked_up_once_for_the_batch_has_no_per_example_gradient(caplog
     measured = monitor.results["transformer.wpe"]
     assert measured.status == "ok"
     assert measured.grad.lambda_max == pytest.approx(
-        float(torch.linalg.eigvalsh(_gram(hidden["out"].grad))[-1]), rel=1e-9)
+        float(torch.linalg.eigvalsh(_gram(hidden["out"].grad))[-1]), rel=1e-9
+    )
     monitor.close()

@@ -33,8 +33,15 @@ def _captured(model: nn.Module, run: object) -> tuple[LayerCapture, dict[str, ob
 
 def test_llama_q_k_v_and_gate_up_hold_one_input_moment_equal_to_a_float64_gram() -> None:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = transformers.LlamaForCausalLM(config).double()
     ids = torch.randint(0, 64, (3, 10))
     inputs: dict[str, list[torch.Tensor]] = {}
@@ -77,8 +84,12 @@ def test_multihead_attention_projections_share_the_query_moment() -> None:
     for name in followers:
         assert capture.sharing.followers[name] == leader
         assert moments[name].input_second_moment is moments[leader].input_second_moment  # type: ignore[attr-defined]
-    torch.testing.assert_close(moments[leader].input_second_moment, _reference_gram([x]), rtol=1e-12,  # type: ignore[attr-defined]
-                               atol=1e-14)
+    torch.testing.assert_close(
+        moments[leader].input_second_moment,
+        _reference_gram([x]),
+        rtol=1e-12,  # type: ignore[attr-defined]
+        atol=1e-14,
+    )
 
 
 class _TwoReaders(nn.Module):
@@ -94,7 +105,7 @@ class _TwoReaders(nn.Module):
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
         for call, x in zip(self.pattern, xs):
-            for name in (("first", "second") if call == "both" else (call,)):
+            for name in ("first", "second") if call == "both" else (call,):
                 self.seen[name].append(x)
                 total = total + getattr(self, name)(x).square().sum()
         return total
@@ -109,21 +120,37 @@ def _run_pattern(pattern: list[str]) -> tuple[_TwoReaders, LayerCapture, dict[st
     return model, capture, moments
 
 
-@pytest.mark.parametrize("pattern", [["both", "both"], ["both", "second"], ["both", "first", "both"],
-                                     ["both", "both", "first"], ["first", "second", "both"]])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        ["both", "both"],
+        ["both", "second"],
+        ["both", "first", "both"],
+        ["both", "both", "first"],
+        ["first", "second", "both"],
+    ],
+)
 def test_sharing_that_breaks_gives_the_exact_moment_or_none(pattern: list[str]) -> None:
     model, capture, moments = _run_pattern(pattern)
     first, second = moments["first"], moments["second"]
-    torch.testing.assert_close(first.input_second_moment, _reference_gram(model.seen["first"]),  # type: ignore[attr-defined]
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        first.input_second_moment,
+        _reference_gram(model.seen["first"]),  # type: ignore[attr-defined]
+        rtol=1e-12,
+        atol=1e-14,
+    )
     if second.shared_input_lost:  # type: ignore[attr-defined]
         # the leader took rows it never saw while they shared: no Σx rather than a wrong one
         assert pattern in (["both", "first", "both"], ["both", "both", "first"])
         assert second.input_second_moment is None  # type: ignore[attr-defined]
         assert "second" in capture.sharing.unshared
     else:
-        torch.testing.assert_close(second.input_second_moment, _reference_gram(model.seen["second"]),  # type: ignore[attr-defined]
-                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            second.input_second_moment,
+            _reference_gram(model.seen["second"]),  # type: ignore[attr-defined]
+            rtol=1e-12,
+            atol=1e-14,
+        )
         assert second.input_rows == sum(x.shape[0] for x in model.seen["second"])  # type: ignore[attr-defined]
     shared = second.shared_input == "first" and not second.shared_input_lost  # type: ignore[attr-defined]
     assert shared == (pattern == ["both", "both"])
@@ -133,8 +160,15 @@ def test_a_lost_window_is_said_and_the_next_window_is_exact() -> None:
     torch.manual_seed(2)
     model = _TwoReaders()
     messages: list[str] = []
-    monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False, info=messages.append,
-                                  warn=messages.append, step_overhead=None, statistics_dtype="float64")
+    monitor = ConditioningMonitor(
+        model,
+        every_n_steps=1,
+        warn_diagnosis=False,
+        info=messages.append,
+        warn=messages.append,
+        step_overhead=None,
+        statistics_dtype="float64",
+    )
     for step, pattern in enumerate((["both", "first", "both"], ["both", "both"])):
         model.pattern = pattern
         model.seen = {"first": [], "second": []}
@@ -172,14 +206,17 @@ def test_the_monitor_says_which_layers_share_once() -> None:
     model = _TwoReaders()
     model.pattern = ["both"]
     messages: list[str] = []
-    monitor = ConditioningMonitor(model, every_n_steps=1, warn_diagnosis=False, info=messages.append,
-                                  warn=messages.append)
+    monitor = ConditioningMonitor(
+        model, every_n_steps=1, warn_diagnosis=False, info=messages.append, warn=messages.append
+    )
     for step in range(2):
         with monitor.track(step):
             model([torch.randn(5, 4, dtype=torch.float64)]).backward()
     said = [m for m in messages if "same input tensor" in m]
-    assert said == ["ConditioningMonitor: 1 layer read the same input tensor as another analysed layer "
-                    "(second read first's): one Σx each, accumulated, held and solved once."]
+    assert said == [
+        "ConditioningMonitor: 1 layer read the same input tensor as another analysed layer "
+        "(second read first's): one Σx each, accumulated, held and solved once."
+    ]
     assert monitor.results["second"].input.lambda_max == monitor.results["first"].input.lambda_max
     monitor.close()
 
@@ -209,8 +246,9 @@ def test_sketched_input_moments_share_like_dense_ones(pattern: list[str]) -> Non
     model(xs).backward()
     window = capture.windows["second"].input
     assert isinstance(window, SketchedMomentSum)
-    alone = SketchedMomentSum(300, torch.device("cpu"), rank=window.sketcher.rank,
-                              block_rows=window.sketcher.block_rows)
+    alone = SketchedMomentSum(
+        300, torch.device("cpu"), rank=window.sketcher.rank, block_rows=window.sketcher.block_rows
+    )
     for x in model.seen["second"]:
         alone.add_rows(x)
     moments = capture.moments()
@@ -230,10 +268,15 @@ def _mixed_capture(model: nn.Module) -> LayerCapture:
     and k_proj's sketched)."""
     from lightning_conditioning.capture.plan import AnalysisPlan, MomentPlan
 
-    plan = AnalysisPlan((MomentPlan("first", "input", 300, "dense", 300 * 300 * 8),
-                         MomentPlan("first", "grad", 3, "dense", 72),
-                         MomentPlan("second", "input", 300, "sketch", 2 * 16 * 300 * 8, rank=16, block=32),
-                         MomentPlan("second", "grad", 3, "dense", 72)), budget=1 << 30)
+    plan = AnalysisPlan(
+        (
+            MomentPlan("first", "input", 300, "dense", 300 * 300 * 8),
+            MomentPlan("first", "grad", 3, "dense", 72),
+            MomentPlan("second", "input", 300, "sketch", 2 * 16 * 300 * 8, rank=16, block=32),
+            MomentPlan("second", "grad", 3, "dense", 72),
+        ),
+        budget=1 << 30,
+    )
     capture = LayerCapture(find_layers(model), statistics_dtype=torch.float64, model=model, plan=plan)
     capture.attach()
     capture.active = True
@@ -251,8 +294,12 @@ def test_a_sketched_follower_of_a_dense_leader_reports_the_exact_moment_or_none(
     second = moments["second"]
     if pattern == ["both", "both"]:  # the leader's exact Σx stands for it
         assert second.input_second_moment is moments["first"].input_second_moment  # type: ignore[attr-defined]
-        torch.testing.assert_close(second.input_second_moment, _reference_gram(model.seen["second"]),  # type: ignore[attr-defined]
-                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            second.input_second_moment,
+            _reference_gram(model.seen["second"]),  # type: ignore[attr-defined]
+            rtol=1e-12,
+            atol=1e-14,
+        )
     else:  # a dense sum cannot become a sketch: no Σx this window rather than a wrong one
         assert second.shared_input_lost and second.input_second_moment is None  # type: ignore[attr-defined]
 

@@ -68,6 +68,7 @@ def test_ddp_fork_merges_sketched_moments_like_one_process(tmp_path: Path) -> No
 
     from lightning_conditioning.capture.hooks import find_layers
     from lightning_conditioning.capture.plan import plan_analysis
+
     plan = plan_analysis(find_layers(make_net(width=600)), budget)
     assert plan.of("0", "grad").method == "sketch"  # (names inside RankData carry "net.")
     alone, ddp = tmp_path / "single", tmp_path / "ddp"
@@ -105,7 +106,11 @@ def test_standalone_ddp_script(tmp_path: Path, single: dict[str, float]) -> None
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, str(SCRIPTS / "ddp_standalone.py"), str(out)],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         output, _ = process.communicate(timeout=180)
@@ -126,6 +131,7 @@ def test_ddp_probe_batches_leave_a_distributed_sampler_run_bit_identical(tmp_pat
     change nothing: every rank's final parameters equal those of the run without the callback."""
     import torch
     from ddp_common import run_shuffled
+
     plain, probed = tmp_path / "plain", tmp_path / "probed"
     plain.mkdir(), probed.mkdir()
     run_shuffled(plain, probe_batches=0)

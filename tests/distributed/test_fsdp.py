@@ -24,8 +24,12 @@ from helpers import REPOSITORY, SCRIPTS
 
 SCRIPT = SCRIPTS / "fsdp_script.py"
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    importlib.util.find_spec("torch.distributed.fsdp") is None, reason="torch.distributed.fsdp missing")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("torch.distributed.fsdp") is None, reason="torch.distributed.fsdp missing"
+    ),
+]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -43,8 +47,14 @@ def _free_ports(count: int) -> list[int]:
 
 def _start(out: Path, mode: str, monitored: bool, fisher: str = "empirical", port: int = 0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPOSITORY), **({"MASTER_PORT": str(port)} if port else {})}
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(out), mode, "1" if monitored else "0", fisher],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPOSITORY)
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), mode, "1" if monitored else "0", fisher],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPOSITORY,
+    )
 
 
 def _result(process: subprocess.Popen, out: Path) -> dict:
@@ -61,8 +71,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """The five runs, side by side (each is mostly an interpreter importing torch and Lightning
     on one core: together they take a third of the time one after the other)."""
     base = tmp_path_factory.mktemp("fsdp")
-    specs = {f"{mode}_{int(monitored)}": (mode, monitored, "empirical")
-             for mode in ("fsdp2", "single") for monitored in (True, False)}
+    specs = {
+        f"{mode}_{int(monitored)}": (mode, monitored, "empirical")
+        for mode in ("fsdp2", "single")
+        for monitored in (True, False)
+    }
     specs["fsdp2_true"] = ("fsdp2", True, "true")
     ports = iter(_free_ports(len(specs)))
     started = {name: _start(base / name, *spec, port=next(ports)) for name, spec in specs.items()}
@@ -86,8 +99,7 @@ def test_fsdp2_training_is_bit_identical_with_the_callbacks(runs: dict[str, dict
     # and the sharded run trained the same model as one process (up to summation order)
     for name, value in runs["single_0"]["parameters"].items():
         flat = [v for row in value for v in (row if isinstance(row, list) else [row])]
-        other = [v for row in runs["fsdp2_0"]["parameters"][name]
-                 for v in (row if isinstance(row, list) else [row])]
+        other = [v for row in runs["fsdp2_0"]["parameters"][name] for v in (row if isinstance(row, list) else [row])]
         assert max(abs(a - b) for a, b in zip(flat, other)) < 1e-12, name
 
 
@@ -97,4 +109,3 @@ def test_fsdp2_true_fisher_runs_with_finite_numbers(runs: dict[str, dict]) -> No
     history = runs["fsdp2_true"]["history"]
     values = [v for row in history.values() for k, v in row.items() if k.startswith("conditioning/")]
     assert values and all(math.isfinite(v) for v in values)
-

@@ -28,8 +28,7 @@ WIDTH = 64
 
 def _net(width: int = WIDTH) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, width), nn.ReLU(), nn.Linear(width, 32), nn.Tanh(),
-                         nn.Linear(32, 5)).double()
+    return nn.Sequential(nn.Linear(12, width), nn.ReLU(), nn.Linear(width, 32), nn.Tanh(), nn.Linear(32, 5)).double()
 
 
 @functools.cache
@@ -41,17 +40,32 @@ def _template(width: int) -> nn.Sequential:
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
-    return (torch.randn(24, 12, generator=generator, dtype=torch.float64),
-            torch.randint(0, 5, (24,), generator=generator))
+    return (
+        torch.randn(24, 12, generator=generator, dtype=torch.float64),
+        torch.randint(0, 5, (24,), generator=generator),
+    )
 
 
-def _run(x: torch.Tensor, y: torch.Tensor, collectives: Collectives | None,
-         solver: SolverPlan | None = None, width: int = WIDTH,
-         budget: int | str = "auto") -> tuple[dict[str, LayerConditioning], int]:
+def _run(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    collectives: Collectives | None,
+    solver: SolverPlan | None = None,
+    width: int = WIDTH,
+    budget: int | str = "auto",
+) -> tuple[dict[str, LayerConditioning], int]:
     net = copy.deepcopy(_template(width))
-    monitor = ConditioningMonitor(net, every_n_steps=1, collectives=collectives, warn_diagnosis=False,
-                                  analysis="sync", step_overhead=None, solver=solver, loss_reduction="sum",
-                                  memory_budget=budget)  # type: ignore[arg-type]
+    monitor = ConditioningMonitor(
+        net,
+        every_n_steps=1,
+        collectives=collectives,
+        warn_diagnosis=False,
+        analysis="sync",
+        step_overhead=None,
+        solver=solver,
+        loss_reduction="sum",
+        memory_budget=budget,
+    )  # type: ignore[arg-type]
     with monitor.track(0):
         nn.functional.cross_entropy(net(x), y, reduction="sum").backward()
     monitor.close()
@@ -60,8 +74,9 @@ def _run(x: torch.Tensor, y: torch.Tensor, collectives: Collectives | None,
     return monitor.results, monitor.moment_bytes
 
 
-def _two_ranks(x: torch.Tensor, y: torch.Tensor, owners: bool = True, **options: object,
-               ) -> tuple[list[tuple[dict[str, LayerConditioning], int]], ThreadWorld]:
+def _two_ranks(
+    x: torch.Tensor, y: torch.Tensor, owners: bool = True, **options: object
+) -> tuple[list[tuple[dict[str, LayerConditioning], int]], ThreadWorld]:
     world = ThreadWorld(2)
     split = 10  # uneven on purpose
     _template(int(options.get("width", WIDTH)))  # type: ignore[call-overload]
@@ -141,8 +156,10 @@ def test_a_moment_whose_solver_cannot_share_stays_on_every_rank() -> None:
     def plan(layer: str, dim: int):  # type: ignore[no-untyped-def]
         return SKETCH if dim == WIDTH else plan_solver(None, layer, dim)
 
-    windows = {name: LayerWindow(i, g, i, torch.device("cpu"))
-               for name, (i, g) in {"0": (12, WIDTH), "2": (WIDTH, 32), "4": (32, 5)}.items()}
+    windows = {
+        name: LayerWindow(i, g, i, torch.device("cpu"))
+        for name, (i, g) in {"0": (12, WIDTH), "2": (WIDTH, 32), "4": (32, 5)}.items()
+    }
     shardable = lambda layer, dim: plan_solver(plan, layer, dim) is not SKETCH  # noqa: E731
     assert owners_of(windows, {}, set(), 2, shardable) == {"4": 0}
     # by the values held: "2" (64² + 32²) to rank 0, "0" (12² + 64²) and "4" (32² + 5²) to rank 1

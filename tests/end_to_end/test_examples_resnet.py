@@ -32,8 +32,13 @@ def test_cifar_resnet_smoke_full_recipe_path(tmp_path: Path) -> None:
         analysed = run["analyses"]
         assert sorted(map(int, analysed)) == list(range(0, 8, 2))
         for values in analysed.values():
-            for key in ("input_lambda_max", "fim_lambda_max", "grad_weight_ratio", "weight_spectral_norm",
-                        "weight_fro"):
+            for key in (
+                "input_lambda_max",
+                "fim_lambda_max",
+                "grad_weight_ratio",
+                "weight_spectral_norm",
+                "weight_fro",
+            ):
                 assert math.isfinite(values[key]) and values[key] > 0, key
     assert {r["layer"] for r in runs} == {"model.fc", "model.fc.linear"}
     # every run left TensorBoard events and its run.json
@@ -65,8 +70,22 @@ def test_cifar_resnet_cpu_scale_path(tmp_path: Path) -> None:
     """The default (offline MNIST sample, step-mode) path at a tiny size: analysis every step."""
     from example_projects.cifar_resnet import main as cifar
 
-    result = cifar.main(["--depths", "8", "--steps", "12", "--batch-size", "16", "--limit", "256", "--threads", "1",
-                         "--out", str(tmp_path)])
+    result = cifar.main(
+        [
+            "--depths",
+            "8",
+            "--steps",
+            "12",
+            "--batch-size",
+            "16",
+            "--limit",
+            "256",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert [r["arch"] for r in result["runs"]] == ["resnet", "lastbn"]
     for run in result["runs"]:
         assert run["data"] == "mnist" and run["steps"] == 12 and len(run["loss"]) == 12
@@ -81,8 +100,7 @@ def test_imagenet_resnet_smoke_last_bn(tmp_path: Path) -> None:
     """--smoke --last-bn: torchvision ResNet-18 + LastBN on 64×64 FakeData, both callbacks."""
     from example_projects.imagenet_resnet import main as imagenet
 
-    record = imagenet.main(["--smoke", "--last-bn", "--threads", "1", "--every-n-steps", "6",
-                            "--out", str(tmp_path)])
+    record = imagenet.main(["--smoke", "--last-bn", "--threads", "1", "--every-n-steps", "6", "--out", str(tmp_path)])
     assert record["layer"] == "model.fc.linear" and record["steps"] == 6 and record["epochs"] == 1
     assert 0.0 <= record["val_top1_error"] <= record["val_top5_error"] + 1 and record["val_top5_error"] <= 1
     assert record["analysed_layers"] == 21  # 20 convs + the Linear of torchvision's ResNet-18

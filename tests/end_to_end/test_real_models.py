@@ -61,8 +61,12 @@ def _restore_determinism() -> Iterator[None]:
 #: entropy at 0.13-0.19 nats against 1.9-2.8 for uniform attention (measured); the later layers,
 #: behind a LayerNorm, read 1.5-2.4 and 96-99% of uniform
 EXPECTED_AT_INIT: dict[str, dict[str, set[str]]] = {
-    "lightning_transformer": {"attention_entropy_collapse": {
-        "model.transformer.encoder.layers.0.self_attn", "model.transformer.decoder.layers.0.self_attn"}},
+    "lightning_transformer": {
+        "attention_entropy_collapse": {
+            "model.transformer.encoder.layers.0.self_attn",
+            "model.transformer.decoder.layers.0.self_attn",
+        }
+    }
 }
 
 
@@ -77,21 +81,26 @@ class Snapshots(pl.Callback):
         self.attention_at_init: dict[str, dict[str, float]] | None = None
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-        self.steps.append((trainer.global_step - 1, dict(self.conditioning.results),
-                           dict(self.domination.results)))
+        self.steps.append((trainer.global_step - 1, dict(self.conditioning.results), dict(self.domination.results)))
         monitor = self.conditioning.monitor
         if self.attention_at_init is None and monitor is not None and monitor.results_step is not None:
             self.attention_at_init = monitor.attention.table()
 
 
-def _train(spec: RealModel, callbacks: list[Any]) -> tuple[Any, dict[str, torch.Tensor],
-                                                           dict[str, torch.Tensor]]:
+def _train(spec: RealModel, callbacks: list[Any]) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     pl.seed_everything(0, workers=True, verbose=False)
     module = spec.build()
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         deterministic=True, callbacks=callbacks)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=callbacks,
+    )
     trainer.fit(module, train_dataloaders=spec.data())
     assert trainer.global_step == 3
     return module, initial, {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -128,8 +137,13 @@ def _numbers(result: Any) -> tuple[list[str], list[str]]:
 def _domination_nonfinite(results: dict[str, Any]) -> list[str]:
     bad = []
     for name, stats in results.items():
-        for field in ("weight_spectral_norm", "grad_spectral_norm", "grad_weight_ratio",
-                      "grad_weight_ratio_fro", "update_weight_ratio"):
+        for field in (
+            "weight_spectral_norm",
+            "grad_spectral_norm",
+            "grad_weight_ratio",
+            "grad_weight_ratio_fro",
+            "update_weight_ratio",
+        ):
             value = getattr(stats, field)
             if value is None or math.isfinite(value):
                 continue
@@ -139,8 +153,7 @@ def _domination_nonfinite(results: dict[str, Any]) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("spec", [pytest.param(m, id=m.id, marks=[pytest.mark.slow] if m.slow else [])
-                                  for m in MODELS])
+@pytest.mark.parametrize("spec", [pytest.param(m, id=m.id, marks=[pytest.mark.slow] if m.slow else []) for m in MODELS])
 def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     pytest.importorskip(spec.library)
     start = time.perf_counter()
@@ -179,10 +192,16 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     for _, step_results, _ in snapshots.steps:
         for name, r in step_results.items():
             first.setdefault(name, r)
-    ratios = {name: r.input_outlier_ratio for name, r in first.items() if r.input_outlier_ratio is not None
-              and r.input_units >= Thresholds().outlier_min_features}
-    found = [f for f in diagnose({**conditioning_table(first), **(snapshots.attention_at_init or {})})
-             if f.rule in ("outlier_features", "attention_logit_growth", "attention_entropy_collapse")]
+    ratios = {
+        name: r.input_outlier_ratio
+        for name, r in first.items()
+        if r.input_outlier_ratio is not None and r.input_units >= Thresholds().outlier_min_features
+    }
+    found = [
+        f
+        for f in diagnose({**conditioning_table(first), **(snapshots.attention_at_init or {})})
+        if f.rule in ("outlier_features", "attention_logit_growth", "attention_entropy_collapse")
+    ]
     expected = EXPECTED_AT_INIT.get(spec.id, {})
     outliers = [f.message for f in found if f.rule not in expected or set(f.layers) != expected[f.rule]]
     missing = sorted(set(expected) - {f.rule for f in found})
@@ -190,11 +209,12 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     counted = {name for name, _ in counted_parameters(module).values()}
     changed = [n for n in _differing(initial, baseline) if n in counted]
 
-    print(f"\n=== {spec.id}: {cov.total:,} counted parameters; conditioning coverage "
-          f"{cov.share:.1%}; weight-domination coverage {dom.share:.1%}; {seconds:.1f} s")
+    print(
+        f"\n=== {spec.id}: {cov.total:,} counted parameters; conditioning coverage "
+        f"{cov.share:.1%}; weight-domination coverage {dom.share:.1%}; {seconds:.1f} s"
+    )
     print(f"    loss: {spec.loss}")
-    print(f"    layers in results: {len(results)}, statuses: "
-          f"{dict(Counter(r.status for r in results.values()))}")
+    print(f"    layers in results: {len(results)}, statuses: {dict(Counter(r.status for r in results.values()))}")
     for name, class_name, count, params in cov.uncovered:
         print(f"    not analysed: {name} ({class_name}: {params}) {count:,} parameters")
     for name, class_name, count, params in dom.uncovered:
@@ -217,8 +237,11 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     if ratios:
         widest = max(ratios, key=ratios.__getitem__)
         print(f"    largest outlier-feature ratio at init (layers of ≥ 32 features): {ratios[widest]:.3g} ({widest})")
-    messages = [str(w.message) for w in caught if "lightning_conditioning" in w.filename
-                or "Monitor" in str(w.message) or "Callback" in str(w.message)]
+    messages = [
+        str(w.message)
+        for w in caught
+        if "lightning_conditioning" in w.filename or "Monitor" in str(w.message) or "Callback" in str(w.message)
+    ]
     messages += [r.getMessage() for r in caplog.records if "Monitor" in r.getMessage()]
     for message in dict.fromkeys(messages):
         print(f"    message: {' | '.join(message.splitlines())[:400]}")
@@ -231,8 +254,10 @@ def test_real_model(spec: RealModel, caplog: pytest.LogCaptureFixture) -> None:
     if differing:
         _, _, again = _train(spec, [])
         alone = "is" if not _differing(baseline, again) else "is NOT"
-        problems.append(f"training not bit-identical with the callbacks ({len(differing)} "
-                        f"parameters differ; the run without callbacks {alone} deterministic)")
+        problems.append(
+            f"training not bit-identical with the callbacks ({len(differing)} "
+            f"parameters differ; the run without callbacks {alone} deterministic)"
+        )
     if dom.share < COVERAGE:
         problems.append(f"weight-domination coverage {dom.share:.1%} < {COVERAGE:.0%}")
     if cov.share < COVERAGE:
@@ -256,19 +281,18 @@ def test_coverage_counts_attention_parts_ties_and_leaves_out_norms() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Embedding(10, 6)
-            self.attn = nn.MultiheadAttention(6, 2)               # in_proj 108, out_proj 36
+            self.attn = nn.MultiheadAttention(6, 2)  # in_proj 108, out_proj 36
             self.separate = nn.MultiheadAttention(6, 2, kdim=4, vdim=5)  # q 36, k 24, v 30
             self.norm = nn.LayerNorm(6)
             self.head = nn.Linear(6, 10)
-            self.head.weight = self.embed.weight                 # tied: counted once
-            self.token = nn.Parameter(torch.zeros(1, 1, 6))       # ≥ 2-D, no layer
-            self.scale = nn.Parameter(torch.ones(6))              # 1-D: left out
+            self.head.weight = self.embed.weight  # tied: counted once
+            self.token = nn.Parameter(torch.zeros(1, 1, 6))  # ≥ 2-D, no layer
+            self.scale = nn.Parameter(torch.ones(6))  # 1-D: left out
 
     toy = Toy()
     total = 60 + 108 + 36 + 36 + 24 + 30 + 36 + 6
     assert coverage(toy, []).total == total
-    cov = coverage(toy, ["head", "attn.q_proj", "attn.k_proj", "attn.out_proj", "separate.v_proj",
-                         "nonexistent.layer"])
+    cov = coverage(toy, ["head", "attn.q_proj", "attn.k_proj", "attn.out_proj", "separate.v_proj", "nonexistent.layer"])
     assert cov.analysed == 60 + 72 + 36 + 30
     assert cov.unmapped == ["nonexistent.layer"]
     rows = {name: (count, params) for name, _, count, params in cov.uncovered}

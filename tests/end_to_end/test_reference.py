@@ -30,9 +30,7 @@ PERCENTS = (50, 80, 100)
 
 
 def mlp() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
-    )
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
 
 
 def cnn() -> nn.Sequential:
@@ -48,9 +46,7 @@ def cnn() -> nn.Sequential:
 
 def _data(shape: tuple[int, ...], classes: int, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(n, *shape, generator=generator), torch.randint(
-        0, classes, (n,), generator=generator
-    )
+    return torch.randn(n, *shape, generator=generator), torch.randint(0, classes, (n,), generator=generator)
 
 
 @pytest.mark.parametrize("statistics_dtype", ["float32", "float64"])
@@ -132,12 +128,7 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     whole = ConditioningCallback(every_n_steps=1, statistics_dtype="float64")
     accumulated = ConditioningCallback(every_n_steps=1, statistics_dtype="float64")
     _, log_whole = fit(SequentialClassifier(seeded(mlp)), loader(x, y, 64), [whole])
-    _, log_acc = fit(
-        SequentialClassifier(seeded(mlp)),
-        loader(x, y, 16),
-        [accumulated],
-        accumulate_grad_batches=4,
-    )
+    _, log_acc = fit(SequentialClassifier(seeded(mlp)), loader(x, y, 16), [accumulated], accumulate_grad_batches=4)
     assert set(log_acc.history) == {0}
     for key, value in log_whole.history[0].items():
         assert log_acc.history[0][key] == pytest.approx(value, rel=1e-6), key
@@ -167,8 +158,7 @@ def test_include_bias_adds_homogeneous_coordinate() -> None:
         (nn.Conv2d(2, 3, 2, stride=2, padding="valid", padding_mode="replicate"), (2, 6, 5)),
         (nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1), (2, 4, 5, 3)),
     ],
-    ids=["conv1d_dilated", "conv2d_reflect_groups", "conv2d_same_circular", "conv2d_valid",
-         "conv3d"],
+    ids=["conv1d_dilated", "conv2d_reflect_groups", "conv2d_same_circular", "conv2d_valid", "conv3d"],
 )
 def test_patch_gram_matches_explicit_loops(conv: nn.modules.conv._ConvNd, shape) -> None:
     from lightning_conditioning.capture.adapters import ConvPatchAdapter
@@ -180,8 +170,7 @@ def test_patch_gram_matches_explicit_loops(conv: nn.modules.conv._ConvNd, shape)
     rows = into.rows
     expected_rows = explicit_patch_rows_nd(conv, x)
     assert rows == expected_rows.shape[0]
-    np.testing.assert_allclose((into.mean() * rows).numpy(), expected_rows.T @ expected_rows,
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose((into.mean() * rows).numpy(), expected_rows.T @ expected_rows, rtol=1e-5, atol=1e-4)
     assert into.sum_rows is not None
     np.testing.assert_allclose(into.sum_rows.numpy(), expected_rows.sum(0), rtol=1e-5, atol=1e-4)
     with torch.no_grad():

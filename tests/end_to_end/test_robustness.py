@@ -109,14 +109,20 @@ def test_hundreds_of_analysed_steps_do_not_leak() -> None:
     net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
     module = SequentialClassifier(net, lr=0.01)
     conditioning = ConditioningCallback(every_n_steps=1, kappa_percents=(50, 100))
+
     class Discard(RecordingLogger):  # the sink path runs, nothing is kept by the test itself
         def log_metrics(self, metrics, step=None):
             self.calls = getattr(self, "calls", 0) + 1
 
     logger = Discard()
-    trainer = pl.Trainer(max_steps=600, logger=logger, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False,
-                         callbacks=[conditioning, WeightDominationCallback(every_n_steps=1), Probe()])
+    trainer = pl.Trainer(
+        max_steps=600,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[conditioning, WeightDominationCallback(every_n_steps=1), Probe()],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, loader(x, y, 32))

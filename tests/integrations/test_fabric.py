@@ -16,15 +16,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import REPOSITORY, SCRIPTS
-from scripts.fabric_ddp_script import (
-    LR,
-    OPTIONS,
-    SIZES,
-    make_model,
-    rank_rows,
-    record,
-    step_data,
-)
+from scripts.fabric_ddp_script import LR, OPTIONS, SIZES, make_model, rank_rows, record, step_data
 from torch import nn
 
 from lightning_conditioning.distributed.collectives import Collectives
@@ -104,7 +96,10 @@ def _assert_same(actual: dict[str, Any], expected: dict[str, Any], rel: float, p
                 # round-off: compared on the scale of λmax, everything else relatively
                 floor = 1e-12 * max(values)
                 assert got["eigenvalues"][layer][label] == pytest.approx(values, rel=rel, abs=floor), (
-                    step, layer, label)
+                    step,
+                    layer,
+                    label,
+                )
     assert actual["params"].keys() == expected["params"].keys()
     for name, values in expected["params"].items():
         assert actual["params"][name] == pytest.approx(values, rel=0, abs=params_abs), name
@@ -126,8 +121,12 @@ def _run_script(out: Path, timeout: float = 300) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(out), "ddp"],
-        env=env, cwd=out.parent, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        cwd=out.parent,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         output, _ = process.communicate(timeout=timeout)
@@ -210,12 +209,18 @@ def _fabric_loop(hooked: str) -> tuple[dict[str, Any], list[str]]:
 
 def _strip(run: dict[str, Any], prefix: str) -> dict[str, Any]:
     """The run with ``prefix`` taken out of layer names."""
+
     def rename(key: str) -> str:
         return key.replace(prefix, "")
 
-    steps = [{"step": r["step"],
-              "metrics": {rename(k): v for k, v in r["metrics"].items()},
-              "eigenvalues": {rename(k): v for k, v in r["eigenvalues"].items()}} for r in run["steps"]]
+    steps = [
+        {
+            "step": r["step"],
+            "metrics": {rename(k): v for k, v in r["metrics"].items()},
+            "eigenvalues": {rename(k): v for k, v in r["eigenvalues"].items()},
+        }
+        for r in run["steps"]
+    ]
     return {"steps": steps, "params": run["params"]}
 
 

@@ -35,10 +35,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler  # noqa: E40
 from transformers.integrations import TensorBoardCallback  # noqa: E402
 
 from lightning_conditioning import ConditioningCallback, WeightDominationCallback  # noqa: E402
-from lightning_conditioning.integrations import (  # noqa: E402
-    ConditioningTrainerCallback,
-    WeightDominationTrainerCallback,
-)
+from lightning_conditioning.integrations import ConditioningTrainerCallback, WeightDominationTrainerCallback  # noqa: E402
 from lightning_conditioning.report.reader import load_run  # noqa: E402
 
 VOCAB, SEQ, BATCH, STEPS = 128, 16, 4, 3
@@ -54,16 +51,31 @@ def _quiet_transformers() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------- models, data
 def tiny_gpt2() -> nn.Module:
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
 def tiny_llama() -> nn.Module:
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -95,7 +107,7 @@ def token_data(rows: int, seed: int = 1234, padded: bool = False) -> list[dict[s
     labels[:, 0] = -100
     if padded:
         for row, pad in zip(labels, torch.randint(0, 10, (rows,), generator=g)):
-            row[SEQ - int(pad):] = -100
+            row[SEQ - int(pad) :] = -100
     return [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)]
 
 
@@ -124,19 +136,39 @@ class RecordingReporter(TensorBoardCallback):
         pass
 
 
-def hf_fit(model: nn.Module, data: list[dict[str, Tensor]], output: Path, callbacks: list[Any], *,
-           batch: int = BATCH, accumulation: int = 1, steps: int = STEPS, lr: float = 0.1,
-           report_to: list[str] | None = None, logging_steps: int = 1) -> transformers.Trainer:
+def hf_fit(
+    model: nn.Module,
+    data: list[dict[str, Tensor]],
+    output: Path,
+    callbacks: list[Any],
+    *,
+    batch: int = BATCH,
+    accumulation: int = 1,
+    steps: int = STEPS,
+    lr: float = 0.1,
+    report_to: list[str] | None = None,
+    logging_steps: int = 1,
+) -> transformers.Trainer:
     """``steps`` SGD steps (constant lr, no clipping) of the HF Trainer on ``data`` in order."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     args = transformers.TrainingArguments(
-        output_dir=str(output), max_steps=steps, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation, max_grad_norm=0.0, report_to=report_to or [],
-        logging_steps=logging_steps, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0)
-    trainer = SequentialTrainer(model=model, args=args, train_dataset=Items(data),
-                                optimizers=(optimizer, schedule), callbacks=callbacks)
+        output_dir=str(output),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=0.0,
+        report_to=report_to or [],
+        logging_steps=logging_steps,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trainer = SequentialTrainer(
+        model=model, args=args, train_dataset=Items(data), optimizers=(optimizer, schedule), callbacks=callbacks
+    )
     trainer.remove_callback(transformers.PrinterCallback)
     trainer.train()
     return trainer
@@ -156,13 +188,22 @@ class LightningLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def lightning_fit(model: nn.Module, data: list[dict[str, Tensor]], callbacks: list[Any], *,
-                  accumulation: int = 1, steps: int = STEPS) -> RecordingLogger:
+def lightning_fit(
+    model: nn.Module, data: list[dict[str, Tensor]], callbacks: list[Any], *, accumulation: int = 1, steps: int = STEPS
+) -> RecordingLogger:
     logger = RecordingLogger()
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=logger,
-                         accumulate_grad_batches=accumulation, callbacks=callbacks,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        accumulate_grad_batches=accumulation,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(LightningLM(model), DataLoader(Items(data), batch_size=BATCH, shuffle=False))
     return logger
 
@@ -190,8 +231,14 @@ def test_documented_keys_reach_tensorboard_through_the_trainer(name: str, tmp_pa
     conditioning = ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False)
     domination = WeightDominationTrainerCallback(every_n_steps=1)
     # the Trainer logs its loss every 2nd step only: our scalars arrive at every analysed step
-    trainer = hf_fit(seeded(MODELS[name]), token_data(BATCH * STEPS), tmp_path,
-                     [conditioning, domination], report_to=["tensorboard"], logging_steps=2)
+    trainer = hf_fit(
+        seeded(MODELS[name]),
+        token_data(BATCH * STEPS),
+        tmp_path,
+        [conditioning, domination],
+        report_to=["tensorboard"],
+        logging_steps=2,
+    )
     run = load_run(tmp_path)  # the package's report reader finds the Trainer's TensorBoard run
     assert run.kind == "tensorboard" and run.conditioning_steps() == list(range(STEPS))
 
@@ -207,8 +254,10 @@ def test_documented_keys_reach_tensorboard_through_the_trainer(name: str, tmp_pa
             for moment in ("input",) if shared else ("input", "grad", "fim"):
                 assert f"{key}/{moment}_lambda_max" in scalars and f"{key}/{moment}_rank" in scalars
                 for percent in (50, 80, 100):  # exactly one of measured / bound / infinite
-                    found = [f"{key}/{moment}_kappa_{percent}{marker}" in scalars
-                             for marker in ("", "_lower_bound", "_infinite")]
+                    found = [
+                        f"{key}/{moment}_kappa_{percent}{marker}" in scalars
+                        for marker in ("", "_lower_bound", "_infinite")
+                    ]
                     assert sum(found) == 1, (key, moment, percent)
             table = conditioning.results[layer].unused_rows is not None  # an embedding
             units = ("unused_rows",) if table else ("dead_input_units", "full_input_units")
@@ -217,8 +266,14 @@ def test_documented_keys_reach_tensorboard_through_the_trainer(name: str, tmp_pa
                 assert f"{key}/{quantity}" in scalars, (key, quantity)
         for layer in domination.results:
             key = f"train/weight_domination/{layer}"
-            for quantity in ("grad_weight_ratio", "weight_spectral_norm", "grad_spectral_norm",
-                             "grad_weight_ratio_fro", "update_weight_ratio", "dominated"):
+            for quantity in (
+                "grad_weight_ratio",
+                "weight_spectral_norm",
+                "grad_spectral_norm",
+                "grad_weight_ratio_fro",
+                "update_weight_ratio",
+                "dominated",
+            ):
                 assert f"{key}/{quantity}" in scalars, (key, quantity)
         assert "train/weight_domination/dominated_layers" in scalars
 
@@ -228,8 +283,9 @@ def test_documented_keys_reach_tensorboard_through_the_trainer(name: str, tmp_pa
         for key, value in result.metrics().items():
             assert math.isclose(run.scalars[last][f"train/{key}"], value, rel_tol=1e-6), key
     # the Trainer's own logs are untouched: its loss per step, none of our keys in log_history
-    assert all("conditioning/" not in k and "weight_domination/" not in k
-               for entry in trainer.state.log_history for k in entry)
+    assert all(
+        "conditioning/" not in k and "weight_domination/" not in k for entry in trainer.state.log_history for k in entry
+    )
     assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [2]
     # histograms and the spectra file beside the event files: the report has the full spectra
     assert sorted(run.spectra) == list(range(STEPS)) and set(run.spectra[0]) == set(layers)
@@ -246,13 +302,28 @@ def test_documented_keys_reach_tensorboard_through_the_trainer(name: str, tmp_pa
 def test_numbers_equal_the_lightning_callbacks(name: str, accumulation: int, tmp_path: Path) -> None:
     data = token_data(BATCH * accumulation * STEPS)
     reporter = RecordingReporter()
-    hf_fit(seeded(MODELS[name]), data, tmp_path, [
-        ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync"),
-        WeightDominationTrainerCallback(every_n_steps=1), reporter], accumulation=accumulation)
-    logger = lightning_fit(seeded(MODELS[name]), data, [
-        ConditioningCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync",
-                             log_histograms=False, tensorboard_layout=False),
-        WeightDominationCallback(every_n_steps=1)], accumulation=accumulation)
+    hf_fit(
+        seeded(MODELS[name]),
+        data,
+        tmp_path,
+        [
+            ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync"),
+            WeightDominationTrainerCallback(every_n_steps=1),
+            reporter,
+        ],
+        accumulation=accumulation,
+    )
+    logger = lightning_fit(
+        seeded(MODELS[name]),
+        data,
+        [
+            ConditioningCallback(
+                every_n_steps=1, warn_diagnosis=False, analysis="sync", log_histograms=False, tensorboard_layout=False
+            ),
+            WeightDominationCallback(every_n_steps=1),
+        ],
+        accumulation=accumulation,
+    )
 
     hf, lightning = ours(reporter.history), ours(logger.history, strip="model.")
     assert sorted(hf) == sorted(lightning) == list(range(STEPS))
@@ -271,8 +342,12 @@ def test_background_analyses_are_reported_at_their_own_steps(tmp_path: Path) -> 
     histories = {}
     for mode in ("background", "sync"):
         reporter = RecordingReporter()
-        hf_fit(seeded(tiny_llama), data, tmp_path / mode, [
-            ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis=mode), reporter])
+        hf_fit(
+            seeded(tiny_llama),
+            data,
+            tmp_path / mode,
+            [ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis=mode), reporter],
+        )
         histories[mode] = ours(reporter.history)
     assert sorted(histories["background"]) == sorted(histories["sync"]) == list(range(STEPS))
     for step in range(STEPS):  # the worker solves with one thread of its own: rounding only
@@ -284,8 +359,13 @@ def test_background_analyses_are_reported_at_their_own_steps(tmp_path: Path) -> 
 def test_training_is_bit_identical_with_and_without_the_callbacks(tmp_path: Path) -> None:
     data = token_data(BATCH * 2 * STEPS, padded=True)
     runs = []
-    for callbacks in ([], [ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False),
-                           WeightDominationTrainerCallback(every_n_steps=1)]):
+    for callbacks in (
+        [],
+        [
+            ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False),
+            WeightDominationTrainerCallback(every_n_steps=1),
+        ],
+    ):
         model = seeded(tiny_gpt2)
         trainer = hf_fit(model, data, tmp_path / str(len(callbacks)), callbacks, accumulation=2)
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -317,8 +397,9 @@ def summed_token_gradients(model: nn.Module, data: list[dict[str, Tensor]]) -> T
     labels = torch.stack([item["labels"] for item in data])
     logits = model(input_ids=ids).logits
     logits.retain_grad()
-    F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                    ignore_index=-100, reduction="sum").backward()
+    F.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    ).backward()
     return logits.grad.double()
 
 
@@ -348,10 +429,17 @@ def test_gradient_accumulation_gives_the_per_token_factor(kwargs: bool, tmp_path
         # GPT-2's position embedding is looked up once per micro-batch, (1, T), and broadcast
         # over its examples: its output-gradient rows are sums over the micro-batch, so its
         # Σ∇h depends on how the examples are split up (it has no per-token rows): left out
-        conditioning = ConditioningTrainerCallback(every_n_steps=1, exclude=["*wpe"], analysis="sync",
-                                                   warn_diagnosis=False)
-        hf_fit(build(), data, tmp_path / str(accumulation), [conditioning, reporter],
-               batch=batch, accumulation=accumulation)
+        conditioning = ConditioningTrainerCallback(
+            every_n_steps=1, exclude=["*wpe"], analysis="sync", warn_diagnosis=False
+        )
+        hf_fit(
+            build(),
+            data,
+            tmp_path / str(accumulation),
+            [conditioning, reporter],
+            batch=batch,
+            accumulation=accumulation,
+        )
         results[accumulation] = ours(reporter.history)
     # every scalar (κ_100, near the resolution floor, moves most: 1e-8, from float64 rounding)
     assert max_relative_difference(results[2][0], results[1][0]) <= 1e-6
@@ -360,14 +448,14 @@ def test_gradient_accumulation_gives_the_per_token_factor(kwargs: bool, tmp_path
             later = [{k: v for k, v in r[step].items() if k.endswith("lambda_max")} for r in (results[2], results[1])]
             assert max_relative_difference(*later) <= 1e-9
 
-    step0 = data[:2 * BATCH]
+    step0 = data[: 2 * BATCH]
     rows = summed_token_gradients(seeded(tiny_gpt2, torch.float64), step0)
     got = results[2][0][f"conditioning/{head}/grad_lambda_max"]
     # HF's causal-LM loss runs on float32 logits (`logits.float()`): float32 rounding
     assert got == pytest.approx(top_eigenvalue(rows), rel=1e-6)
     # the factor of a per-micro-batch mean loss, each micro-batch's own label tokens, would
     # be far off: the two micro-batches hold different numbers of tokens
-    tokens = [sum(int((item["labels"][1:] != -100).sum()) for item in step0[i:i + BATCH]) for i in (0, BATCH)]
+    tokens = [sum(int((item["labels"][1:] != -100).sum()) for item in step0[i : i + BATCH]) for i in (0, BATCH)]
     naive = torch.cat([rows[:BATCH] * tokens[0], rows[BATCH:] * tokens[1]]) / sum(tokens)
     if kwargs:
         assert abs(top_eigenvalue(naive) / got - 1) > 0.05, tokens
@@ -391,11 +479,22 @@ def test_a_loss_the_model_does_not_compute_is_named_once(tmp_path: Path) -> None
     model, data = seeded(tiny_gpt2), token_data(BATCH * 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=BATCH, report_to=[],
-        label_smoothing_factor=0.1, save_strategy="no", use_cpu=True, disable_tqdm=True)
-    trainer = SequentialTrainer(model=model, args=args, train_dataset=Items(data),
-                                optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)),
-                                callbacks=[conditioning])
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=BATCH,
+        report_to=[],
+        label_smoothing_factor=0.1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = SequentialTrainer(
+        model=model,
+        args=args,
+        train_dataset=Items(data),
+        optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)),
+        callbacks=[conditioning],
+    )
     trainer.remove_callback(transformers.PrinterCallback)
     with pytest.warns(UserWarning, match="did not pass through the model's own `loss`") as caught:
         trainer.train()
@@ -414,16 +513,17 @@ def test_fp16_loss_scale_is_taken_out_and_overflowed_steps_log_nothing() -> None
     from transformers.trainer_callback import TrainerControl, TrainerState
 
     data = token_data(BATCH * 2)
-    batches = [{k: torch.stack([item[k] for item in data[i:i + BATCH]]) for k in data[0]}
-               for i in (0, BATCH)]
+    batches = [{k: torch.stack([item[k] for item in data[i : i + BATCH]]) for k in data[0]} for i in (0, BATCH)]
 
     def run(init_scale: float | None) -> tuple[Any, Any]:
         model = seeded(tiny_llama)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if init_scale else None
         accelerated = SimpleNamespace(optimizer=optimizer, scaler=scaler, step_was_skipped=False)
-        callbacks = [ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync"),
-                     WeightDominationTrainerCallback(every_n_steps=1)]
+        callbacks = [
+            ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync"),
+            WeightDominationTrainerCallback(every_n_steps=1),
+        ]
         state, control = TrainerState(), TrainerControl()
         hooks = {"model": model, "optimizer": accelerated}
         for callback in callbacks:
@@ -448,11 +548,11 @@ def test_fp16_loss_scale_is_taken_out_and_overflowed_steps_log_nothing() -> None
             optimizer.zero_grad()
         return callbacks
 
-    plain, scaled = run(None), run(2.0 ** 10)
+    plain, scaled = run(None), run(2.0**10)
     assert scaled[0].monitor.results_step == plain[0].monitor.results_step == 1
     for layer, result in plain[0].results.items():
         assert scaled[0].results[layer].metrics() == pytest.approx(result.metrics(), rel=1e-12)
     assert scaled[1].monitor.metrics() == pytest.approx(plain[1].monitor.metrics(), rel=1e-12)
 
-    overflowed = run(2.0 ** 127)  # loss × 2^127 is inf in float32: both steps are skipped
+    overflowed = run(2.0**127)  # loss × 2^127 is inf in float32: both steps are skipped
     assert overflowed[0].results == {} and overflowed[1].monitor.pending_step is None

@@ -36,10 +36,7 @@ from test_hf_trainer import (  # noqa: E402
 )
 
 from lightning_conditioning import ConditioningCallback  # noqa: E402
-from lightning_conditioning.integrations import (  # noqa: E402
-    ConditioningTrainerCallback,
-    WeightDominationTrainerCallback,
-)
+from lightning_conditioning.integrations import ConditioningTrainerCallback, WeightDominationTrainerCallback  # noqa: E402
 
 EXTRA = {"true_fisher": dict(fisher="true"), "probe": dict(probe_batches=2)}
 
@@ -51,12 +48,26 @@ def test_extra_passes_give_the_lightning_callbacks_numbers(extra: str, tmp_path:
     numbers at every step."""
     data = token_data(BATCH * STEPS, padded=True)
     reporter = RecordingReporter()
-    hf_fit(seeded(tiny_gpt2, torch.float64), data, tmp_path, [
-        ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync", **EXTRA[extra]),
-        reporter])
-    logger = lightning_fit(seeded(tiny_gpt2, torch.float64), data, [
-        ConditioningCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync", log_histograms=False,
-                             tensorboard_layout=False, **EXTRA[extra])])
+    hf_fit(
+        seeded(tiny_gpt2, torch.float64),
+        data,
+        tmp_path,
+        [ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync", **EXTRA[extra]), reporter],
+    )
+    logger = lightning_fit(
+        seeded(tiny_gpt2, torch.float64),
+        data,
+        [
+            ConditioningCallback(
+                every_n_steps=1,
+                warn_diagnosis=False,
+                analysis="sync",
+                log_histograms=False,
+                tensorboard_layout=False,
+                **EXTRA[extra],
+            )
+        ],
+    )
     hf, lightning = ours(reporter.history), ours(logger.history, strip="model.")
     assert sorted(hf) == sorted(lightning) == list(range(STEPS))
     for step in range(STEPS):
@@ -83,23 +94,42 @@ def test_extra_passes_leave_training_bit_identical(extra: str, tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-def _train(model: torch.nn.Module, output: Path, callbacks: list[Any], steps: int,
-           resume: str | None = None) -> transformers.Trainer:
+def _train(
+    model: torch.nn.Module, output: Path, callbacks: list[Any], steps: int, resume: str | None = None
+) -> transformers.Trainer:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     args = transformers.TrainingArguments(
-        output_dir=str(output), max_steps=steps, per_device_train_batch_size=BATCH, max_grad_norm=0.0,
-        report_to=[], logging_steps=1, save_strategy="steps", save_steps=2, use_cpu=True,
-        disable_tqdm=True, seed=0, dataloader_num_workers=0, lr_scheduler_type="constant")
-    trainer = SequentialTrainer(model=model, args=args, train_dataset=Items(token_data(BATCH * 4)),
-                                optimizers=(optimizer, None), callbacks=callbacks)
+        output_dir=str(output),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        max_grad_norm=0.0,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+    )
+    trainer = SequentialTrainer(
+        model=model,
+        args=args,
+        train_dataset=Items(token_data(BATCH * 4)),
+        optimizers=(optimizer, None),
+        callbacks=callbacks,
+    )
     trainer.remove_callback(transformers.PrinterCallback)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
 def _callbacks() -> list[Any]:
-    return [ConditioningTrainerCallback(every_n_steps=1, probe_batches=1),
-            WeightDominationTrainerCallback(every_n_steps=1)]
+    return [
+        ConditioningTrainerCallback(every_n_steps=1, probe_batches=1),
+        WeightDominationTrainerCallback(every_n_steps=1),
+    ]
 
 
 def test_a_resumed_run_restores_the_callbacks_state(tmp_path: Path) -> None:
@@ -130,8 +160,12 @@ def test_a_resumed_run_restores_the_callbacks_state(tmp_path: Path) -> None:
 
     assert dead(caught_whole) == dead(caught_first) == 1 and dead(caught_resumed) == 0
     # the probe batch held by the first run is the resumed run's
-    assert all(torch.equal(a, b) for a, b in zip(first[0].extra_passes.held_batches[0].values(),
-                                                 resumed[0].extra_passes.held_batches[0].values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            first[0].extra_passes.held_batches[0].values(), resumed[0].extra_passes.held_batches[0].values()
+        )
+    )
     # the weight-domination history continues: as in the uninterrupted run
     assert resumed[1].history.keys() == whole[1].history.keys()
     for layer, history in whole[1].history.items():
@@ -141,9 +175,11 @@ def test_a_resumed_run_restores_the_callbacks_state(tmp_path: Path) -> None:
     assert resumed[0].state_dict()["fired_rules"] == whole[0].state_dict()["fired_rules"]
 
 
-@pytest.mark.parametrize("make", [lambda: ConditioningTrainerCallback(every_n_steps=1),
-                                  lambda: WeightDominationTrainerCallback(every_n_steps=1)],
-                         ids=["conditioning", "weight_domination"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ConditioningTrainerCallback(every_n_steps=1), lambda: WeightDominationTrainerCallback(every_n_steps=1)],
+    ids=["conditioning", "weight_domination"],
+)
 def test_two_callbacks_with_one_prefix_fail_naming_prefix(make: Any, tmp_path: Path) -> None:
     first, second = make(), make()
     name, prefix = type(first).__name__, first.prefix
@@ -163,8 +199,11 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, str], 
     side by side (one thread per process; each is mostly interpreters importing)."""
     folders = {processes: tmp_path_factory.mktemp(f"hf_ddp_{processes}") for processes in (1, 2)}
     running = {processes: _start(folder, processes) for processes, folder in folders.items()}
-    return {(processes, model): steps for processes, process in running.items()
-            for model, steps in _finish(process, folders[processes], processes).items()}
+    return {
+        (processes, model): steps
+        for processes, process in running.items()
+        for model, steps in _finish(process, folders[processes], processes).items()
+    }
 
 
 def _start(out: Path, processes: int) -> subprocess.Popen[str]:
@@ -175,8 +214,16 @@ def _start(out: Path, processes: int) -> subprocess.Popen[str]:
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
             port = free.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   f"--master_port={port}", str(script), str(out), ",".join(MODELS)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            f"--master_port={port}",
+            str(script),
+            str(out),
+            ",".join(MODELS),
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -218,7 +265,8 @@ def test_two_processes_equal_one(launched: dict[tuple[int, str], dict[str, dict[
 
 @pytest.mark.slow
 def test_two_processes_equal_one_on_a_mixture_of_experts(
-        launched: dict[tuple[int, str], dict[str, dict[str, float]]]) -> None:
+    launched: dict[tuple[int, str], dict[str, dict[str, float]]],
+) -> None:
     """The same with a tiny Mixtral (4 experts, top-2): every expert's numbers, the router's
     and the routing loads, summed over the ranks' tokens, equal one process's."""
     one, two = launched[1, "mixtral"], launched[2, "mixtral"]

@@ -38,6 +38,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 SPECTRA = ("power", "flat", "outliers", "rank_deficient", "clusters")
 
 
@@ -61,8 +63,7 @@ def make_matrix(kind: str, dim: int, seed: int) -> torch.Tensor:
         values = 0.5 + 0.5 * torch.rand(dim, dtype=torch.float64, generator=generator)
         values[:5] = torch.tensor([100.0, 100.0, 50.0, 20.0, 10.0], dtype=torch.float64)
     elif kind == "clusters":
-        values = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64).repeat_interleave(
-            dim // 4)
+        values = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64).repeat_interleave(dim // 4)
     else:
         raise ValueError(kind)
     basis = orthogonal(dim, generator)
@@ -119,8 +120,7 @@ def test_constructor_rejects_bad_arguments(options: dict, message: str) -> None:
 def test_it_is_a_solver_of_the_seam() -> None:
     solver = LanczosSolver()
     assert isinstance(solver, SpectrumSolver) and solver.name == "lanczos-slq"
-    assert plan_solver(lambda layer, dim: solver if dim > 100 else DenseSolver(), "fc", 500) \
-        is solver
+    assert plan_solver(lambda layer, dim: solver if dim > 100 else DenseSolver(), "fc", 500) is solver
     solved = solver(make_matrix("flat", 128, 0))
     assert solved.exact is False and solved.complete is False and solved.size == 128
     assert solved.bounds == "residual" and solved.solver == "lanczos-slq"
@@ -217,9 +217,16 @@ def coverage_over_40_seeds() -> dict[str, dict[int, int]]:
     each: 512-wide solves gain little from a second thread, and the two halves share the cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     here = str(Path(__file__).parent)
-    started = [subprocess.Popen([sys.executable, "-c", _COVERAGE, here, *kinds], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
-               for kinds in (("flat", "rank_deficient", "clusters"), ("outliers", "power"))]
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", _COVERAGE, here, *kinds],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for kinds in (("flat", "rank_deficient", "clusters"), ("outliers", "power"))
+    ]
     out: dict[str, dict[int, int]] = {}
     for process in started:
         try:
@@ -235,7 +242,8 @@ def coverage_over_40_seeds() -> dict[str, dict[int, int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", SPECTRA)
 def test_kappa_coverage_at_least_95_percent_over_40_seeds(
-        kind: str, coverage_over_40_seeds: dict[str, dict[int, int]]) -> None:
+    kind: str, coverage_over_40_seeds: dict[str, dict[int, int]]
+) -> None:
     # 512-wide: 57 s for the five spectra against about 180 s at 1024, with the same coverage
     # (measured 2026-12-07: 38-40 of 40 for every κ_p); the 4096-wide case is the test below
     hits = coverage_over_40_seeds[kind]
@@ -417,8 +425,7 @@ def test_envelopes_bound_the_kronecker_sub_fim() -> None:
     truth = [dense_truth(first), dense_truth(second)]
     envelopes = [quantiles_of(LanczosSolver()(m)).envelopes() for m in (first, second)]
     for k in (1, 50, 1000, 6144, 11000, 12288):
-        low = kronecker_kth_largest(envelopes[0][1].clamp(min=1e-300),
-                                    envelopes[1][1].clamp(min=1e-300), k)
+        low = kronecker_kth_largest(envelopes[0][1].clamp(min=1e-300), envelopes[1][1].clamp(min=1e-300), k)
         high = kronecker_kth_largest(envelopes[0][2], envelopes[1][2], k)
         assert low <= kronecker_kth_largest(truth[0], truth[1], k) <= high
 

@@ -52,12 +52,7 @@ EXACT_ZERO = 1e-14
 #: computed eigenvalues at exact zeros must sit this far under the floor
 NOISE_MARGIN = 3.0
 
-DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -125,8 +120,7 @@ CASES = [
     Case("dup512x64-f64gram", 512, F("duplicated", 64, 1e3), S(5), "float32", "float64"),
     # extreme κ; half precision with float32 Grams
     Case("full4096x512-k1e12", 4096, F("full", 512, 1e12), S(10), "float64", "float64"),
-    Case("full512x512-k1e10-f16-f32gram", 512, F("full", 512, 1e10), F("full", 64, 1e12),
-         "float16", "float32"),
+    Case("full512x512-k1e10-f16-f32gram", 512, F("full", 512, 1e10), F("full", 64, 1e12), "float16", "float32"),
 ]
 
 # ----------------------------------------------------------------------------- row builders
@@ -159,9 +153,7 @@ def designed_eigenvalues(count: int, kappa: float, floor_rtol: float) -> np.ndar
     return np.sort(values)[::-1]
 
 
-def designed_rows(
-    rng: np.random.Generator, rows: int, side: Side, floor_rtol: float, scale: float
-) -> np.ndarray:
+def designed_rows(rng: np.random.Generator, rows: int, side: Side, floor_rtol: float, scale: float) -> np.ndarray:
     """float64 rows whose second moment ``rowsᵀrows / n`` has the designed spectrum."""
     dim = side.dim
     removed = max(1, dim // 8) if side.kind in ("dead", "duplicated") else 0
@@ -201,9 +193,7 @@ def softmax_gradient_rows(rng: np.random.Generator, rows: int, classes: int) -> 
     return probabilities
 
 
-def build_rows(
-    case: Case, side: Side, rng: np.random.Generator, scale: float, factor: float = 1.0
-) -> torch.Tensor:
+def build_rows(case: Case, side: Side, rng: np.random.Generator, scale: float, factor: float = 1.0) -> torch.Tensor:
     """The rows as the model hands them over: built in float64, times ``factor``, cast to the
     input dtype (``scale``: λmax of a designed spectrum)."""
     if side.kind == "softmax":
@@ -297,10 +287,7 @@ def ambiguities(label: str, ref: Reference) -> list[str]:
 def kronecker_ambiguities(a: Reference, b: Reference, percents: tuple[float, ...]) -> list[str]:
     """Sub-FIM λ_p (a resolved product) within GAP of the largest product that involves an
     unresolved eigenvalue: whether κ_p is exact would be decided by rounding."""
-    envelope = max(
-        a.floor * b.lambda_max if a.unresolved else 0.0,
-        b.floor * a.lambda_max if b.unresolved else 0.0,
-    )
+    envelope = max(a.floor * b.lambda_max if a.unresolved else 0.0, b.floor * a.lambda_max if b.unresolved else 0.0)
     if envelope == 0:
         return []
     products = np.sort(np.outer(a.eigenvalues[: a.rank], b.eigenvalues[: b.rank]).ravel())[::-1]
@@ -415,8 +402,7 @@ def compare(outcome: Outcome, percents: tuple[float, ...] = PERCENTS) -> list[st
         if not math.isclose(summary.rtol, ref.rtol, rel_tol=1e-9):
             problems.append(f"{label} rtol: got {summary.rtol:.6g}, documented {ref.rtol:.6g}")
         if summary.structural_rank != ref.structural:
-            problems.append(f"{label} structural rank: got {summary.structural_rank}, "
-                            f"reference {ref.structural}")
+            problems.append(f"{label} structural rank: got {summary.structural_rank}, reference {ref.structural}")
     if result.dead_input_units != a.dead:
         problems.append(f"dead units: got {result.dead_input_units}, zero columns {a.dead}")
     return problems
@@ -424,8 +410,7 @@ def compare(outcome: Outcome, percents: tuple[float, ...] = PERCENTS) -> list[st
 
 def check(outcome: Outcome, percents: tuple[float, ...] = PERCENTS) -> None:
     a, b = outcome.input, outcome.grad
-    ambiguous = [*ambiguities("input", a), *ambiguities("grad", b),
-                 *kronecker_ambiguities(a, b, percents)]
+    ambiguous = [*ambiguities("input", a), *ambiguities("grad", b), *kronecker_ambiguities(a, b, percents)]
     assert not ambiguous, f"{outcome.case}: the case is ambiguous at the floor: {ambiguous}"
     problems = compare(outcome, percents)
     assert not problems, f"{outcome.case}: " + "; ".join(problems)
@@ -463,8 +448,9 @@ def test_default_settings_resolve_kappa_1e10_with_65536_rows() -> None:
     inputs = build_rows(case, case.input, rng, scale=1.0)
     grads = build_rows(case, case.grad, rng, scale=1.0, factor=GRAD_SCALE)
     result = run_package(case, inputs, grads, gram=gram, percents=None)
-    outcome = Outcome(case, reference(inputs, 1.0, case.floor_rtol(64)),
-                      reference(grads, GRAD_WEIGHT, case.floor_rtol(10)), result)
+    outcome = Outcome(
+        case, reference(inputs, 1.0, case.floor_rtol(64)), reference(grads, GRAD_WEIGHT, case.floor_rtol(10)), result
+    )
     check(outcome, (50, 80, 100))
     assert result.input is not None
     assert result.input.kappa_status == {50: "exact", 80: "exact", 100: "exact"}
@@ -472,8 +458,11 @@ def test_default_settings_resolve_kappa_1e10_with_65536_rows() -> None:
     assert result.input.kappa[100] == pytest.approx(1e10, rel=1e-2)
 
 
-DEFICIENT = [c for c in CASES if "softmax" in (c.input.kind, c.grad.kind)
-             or {"dead", "few_rows", "duplicated"} & {c.input.kind, c.grad.kind}]
+DEFICIENT = [
+    c
+    for c in CASES
+    if "softmax" in (c.input.kind, c.grad.kind) or {"dead", "few_rows", "duplicated"} & {c.input.kind, c.grad.kind}
+]
 
 
 def test_floor_sits_above_the_rounding_noise_of_exact_zeros() -> None:
@@ -484,8 +473,10 @@ def test_floor_sits_above_the_rounding_noise_of_exact_zeros() -> None:
     zeros_seen: dict[str, int] = {"float32": 0, "float64": 0}
     for case in DEFICIENT:
         outcome = evaluated(case)
-        for label, ref, summary in (("input", outcome.input, outcome.result.input),
-                                    ("grad", outcome.grad, outcome.result.grad)):
+        for label, ref, summary in (
+            ("input", outcome.input, outcome.result.input),
+            ("grad", outcome.grad, outcome.result.grad),
+        ):
             assert summary is not None
             zeros = np.abs(ref.eigenvalues) < EXACT_ZERO * ref.lambda_max
             if not zeros.any():
@@ -496,7 +487,8 @@ def test_floor_sits_above_the_rounding_noise_of_exact_zeros() -> None:
     assert all(zeros_seen.values()), zeros_seen  # both Gram dtypes are exercised
     worst = min(margins, key=margins.__getitem__)
     report = f"worst noise margin {margins[worst]:.3g}× under the floor ({worst}); " + ", ".join(
-        f"{k}: {v:.3g}" for k, v in sorted(margins.items(), key=lambda kv: kv[1]))
+        f"{k}: {v:.3g}" for k, v in sorted(margins.items(), key=lambda kv: kv[1])
+    )
     assert margins[worst] >= NOISE_MARGIN, report
 
 
@@ -506,7 +498,12 @@ def test_matrix_covers_every_axis_and_status() -> None:
     assert {c.input.dim for c in CASES} | {c.grad.dim for c in CASES} >= {5, 64, 512, 2048}
     assert {c.input.kappa for c in CASES} >= {1.0, 1e3, 1e6, 1e10, 1e12}
     assert {c.input.kind for c in CASES} | {c.grad.kind for c in CASES} == {
-        "full", "few_rows", "dead", "duplicated", "softmax"}
+        "full",
+        "few_rows",
+        "dead",
+        "duplicated",
+        "softmax",
+    }
     assert {c.dtype for c in CASES} == set(DTYPES)
     assert {c.gram_name for c in CASES} == {"float32", "float64"}
     statuses: dict[str, set[str]] = {"input": set(), "grad": set(), "fim": set()}

@@ -28,11 +28,16 @@ def _rows(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
     index = torch.arange(1, d + 1, dtype=torch.float64)
-    scales = {"power_law": index ** -1.0, "flat": torch.ones(d, dtype=torch.float64),
-              "outliers": torch.cat([torch.tensor([30.0, 20.0, 10.0], dtype=torch.float64),
-                                     torch.ones(d - 3, dtype=torch.float64)]),
-              "rank_deficient": torch.cat([torch.ones(d // 4, dtype=torch.float64),
-                                           torch.zeros(d - d // 4, dtype=torch.float64)])}[kind]
+    scales = {
+        "power_law": index**-1.0,
+        "flat": torch.ones(d, dtype=torch.float64),
+        "outliers": torch.cat(
+            [torch.tensor([30.0, 20.0, 10.0], dtype=torch.float64), torch.ones(d - 3, dtype=torch.float64)]
+        ),
+        "rank_deficient": torch.cat(
+            [torch.ones(d // 4, dtype=torch.float64), torch.zeros(d - d // 4, dtype=torch.float64)]
+        ),
+    }[kind]
     return torch.randn(n, d, generator=g, dtype=torch.float64) * scales.sqrt() @ basis.T
 
 
@@ -121,7 +126,7 @@ def test_rows_beyond_one_block_are_shrunk_block_by_block_with_the_bound() -> Non
     assert sketch.exact_eigenvalues is None and delta > 0 and sketch.rows == 900
     assert bool((truth[: values.numel()] >= values - 1e-9 * float(truth[0])).all())
     assert bool((truth[: values.numel()] <= values + delta + 1e-9 * float(truth[0])).all())
-    assert bool((truth[values.numel():] <= delta + 1e-9 * float(truth[0])).all())
+    assert bool((truth[values.numel() :] <= delta + 1e-9 * float(truth[0])).all())
 
 
 def test_plan_keeps_small_moments_dense_and_sketches_or_skips_the_rest() -> None:
@@ -139,8 +144,10 @@ def test_plan_keeps_small_moments_dense_and_sketches_or_skips_the_rest() -> None
         def sketchable(self, module: nn.Module, moment: str) -> bool:
             return False
 
-    layers = {name: (module, GramsOnly() if name == "2" else adapter)
-              for name, (module, adapter) in find_layers(model).items()}
+    layers = {
+        name: (module, GramsOnly() if name == "2" else adapter)
+        for name, (module, adapter) in find_layers(model).items()
+    }
     plan = plan_analysis(layers, budget=32 << 20)
     assert plan.skipped_layers == ["2"] and "ready Grams" in plan.of("2", "input").reason
     # a tiny budget: no room for even a minimal sketch and its block: skipped, never over budget
@@ -153,12 +160,19 @@ def test_plan_keeps_small_moments_dense_and_sketches_or_skips_the_rest() -> None
 def test_sketched_layer_results_carry_error_bars_that_hold_the_dense_truth() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 3))
-    data = [(torch.randn(96, 256) @ torch.diag(torch.linspace(3, 0.1, 256)), torch.randint(0, 3, (96,)))
-            for _ in range(4)]
+    data = [
+        (torch.randn(96, 256) @ torch.diag(torch.linspace(3, 0.1, 256)), torch.randint(0, 3, (96,))) for _ in range(4)
+    ]
 
     def run(budget: int | str) -> ConditioningMonitor:
-        monitor = ConditioningMonitor(model, every_n_steps=4, window_steps=4, memory_budget=budget,
-                                      warn_diagnosis=False, kappa_percents=(1, 10, 50))
+        monitor = ConditioningMonitor(
+            model,
+            every_n_steps=4,
+            window_steps=4,
+            memory_budget=budget,
+            warn_diagnosis=False,
+            kappa_percents=(1, 10, 50),
+        )
         for step, (x, y) in enumerate(data):
             with monitor.track(step):
                 nn.functional.cross_entropy(model(x), y).backward()
@@ -175,8 +189,12 @@ def test_sketched_layer_results_carry_error_bars_that_hold_the_dense_truth() -> 
     k_low, k_high = approx.kappa_bounds[1]
     assert k_low * (1 - 1e-9) <= truth.kappa[1] <= k_high * (1 + 1e-9)
     metrics = sketched.results["0"].metrics("c")
-    assert {"c/0/grad_lambda_max_low", "c/0/grad_lambda_max_high", "c/0/grad_kappa_1_estimate",
-            "c/0/grad_kappa_1_estimate_low"} <= set(metrics)
+    assert {
+        "c/0/grad_lambda_max_low",
+        "c/0/grad_lambda_max_high",
+        "c/0/grad_kappa_1_estimate",
+        "c/0/grad_kappa_1_estimate_low",
+    } <= set(metrics)
     assert "c/0/grad_rank" not in metrics  # not measured for a sketch
     fim_low, fim_high = sketched.results["0"].fim.lambda_max_bounds
     assert fim_low * (1 - 1e-9) <= dense.results["0"].fim.lambda_max <= fim_high * (1 + 1e-9)
@@ -228,10 +246,16 @@ _FIT = textwrap.dedent("""
 def huge_fits() -> dict[tuple[str, bool], dict]:
     """The four fits, side by side (fresh interpreters, each mostly on one core; each one's peak
     memory is its own)."""
-    started = {(kind, monitored): subprocess.Popen(
-        [sys.executable, "-c", _FIT, kind, "1" if monitored else "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for kind in ("wide", "vocabulary") for monitored in (False, True)}
+    started = {
+        (kind, monitored): subprocess.Popen(
+            [sys.executable, "-c", _FIT, kind, "1" if monitored else "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in ("wide", "vocabulary")
+        for monitored in (False, True)
+    }
     out = {}
     for key, process in started.items():
         try:
@@ -246,7 +270,8 @@ def huge_fits() -> dict[tuple[str, bool], dict]:
 @pytest.mark.slow  # four fresh interpreters (~30 s)
 @pytest.mark.parametrize("kind", ["wide", "vocabulary"])
 def test_huge_moments_fit_with_default_options_in_bounded_memory(
-        kind: str, huge_fits: dict[tuple[str, bool], dict]) -> None:
+    kind: str, huge_fits: dict[tuple[str, bool], dict]
+) -> None:
     plain, monitored = huge_fits[(kind, False)], huge_fits[(kind, True)]
     assert monitored["plan"] <= monitored["budget"]
     assert "sketch" in monitored["methods"] and monitored["statuses"] == ["ok"]
@@ -272,8 +297,7 @@ def test_lanczos_through_the_solver_plan_gives_error_bars_that_hold_the_dense_va
     y = torch.randint(0, 3, (3000,))
     results = {}
     for name, plan in (("dense", None), ("lanczos", lambda layer, d: LanczosSolver() if d > 1000 else DENSE)):
-        monitor = ConditioningMonitor(model, every_n_steps=1, solver=plan, warn_diagnosis=False,
-                                      analysis="sync")
+        monitor = ConditioningMonitor(model, every_n_steps=1, solver=plan, warn_diagnosis=False, analysis="sync")
         with monitor.track(0):
             nn.functional.cross_entropy(model(x), y).backward()
         model.zero_grad()
@@ -296,9 +320,10 @@ def test_plan_keeps_room_for_a_gpt2_sized_head_instead_of_more_dense_moments() -
     """The default budget of GPT-2 small (its parameter bytes) once went to dense 768/2304
     moments first and left no room for the 50,257-token head, which was skipped."""
     blocks = [nn.Linear(768, 2304), nn.Linear(768, 768), nn.Linear(768, 3072), nn.Linear(3072, 768)]
-    model = nn.Sequential(*[copy for _ in range(12) for copy in (nn.Linear(b.in_features, b.out_features)
-                                                                 for b in blocks)],
-                          nn.Linear(768, 50257))
+    model = nn.Sequential(
+        *[copy for _ in range(12) for copy in (nn.Linear(b.in_features, b.out_features) for b in blocks)],
+        nn.Linear(768, 50257),
+    )
     plan = plan_analysis(find_layers(model), budget=475 << 20)
     assert plan.skipped_layers == [] and plan.nbytes <= plan.budget
     assert plan.of(str(len(model) - 1), "grad").method == "sketch"

@@ -109,10 +109,8 @@ def test_kronecker_summary_equals_explicit_kron(ranks: tuple[int, int]) -> None:
     percents = (25, 50, 80, 100)
     rtol = 1e-9
     for definition in ("paper", "nonzero"):
-        first = summarize_spectrum(symmetric_eigenvalues(first_matrix), percents, rtol=rtol,
-                                   definition=definition)
-        second = summarize_spectrum(symmetric_eigenvalues(second_matrix), percents, rtol=rtol,
-                                    definition=definition)
+        first = summarize_spectrum(symmetric_eigenvalues(first_matrix), percents, rtol=rtol, definition=definition)
+        second = summarize_spectrum(symmetric_eigenvalues(second_matrix), percents, rtol=rtol, definition=definition)
         kron = summarize_kronecker(first, second, percents)
         explicit = np.linalg.eigvalsh(np.kron(first_matrix.numpy(), second_matrix.numpy()))
         assert kron.rank == ranks[0] * ranks[1]
@@ -122,8 +120,8 @@ def test_kronecker_summary_equals_explicit_kron(ranks: tuple[int, int]) -> None:
                 assert kron.kappa[p] == pytest.approx(kappa_reference(explicit, p), rel=1e-8)
                 continue
             value, status = kronecker_kappa_reference(
-                np.linalg.eigvalsh(first_matrix.numpy()), rtol,
-                np.linalg.eigvalsh(second_matrix.numpy()), rtol, p)
+                np.linalg.eigvalsh(first_matrix.numpy()), rtol, np.linalg.eigvalsh(second_matrix.numpy()), rtol, p
+            )
             assert kron.kappa_status[p] == status, (ranks, p)
             assert kron.kappa[p] == pytest.approx(value, rel=1e-8)
     # Proposition 1 of the paper

@@ -49,8 +49,7 @@ def test_computed_zeros_are_not_structural_zeros() -> None:
     # λ₂ = 0 in exact arithmetic, but nothing structural says so: a bound, not ∞
     assert result.input.kappa_status[80] == "lower_bound"
     dead = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # unit 2 never active
-    result = analyse_layer("fc", 0, LayerMoments(dead, None, 8, 0, torch.ones(2), torch.ones(2)),
-                           percents=(80,))
+    result = analyse_layer("fc", 0, LayerMoments(dead, None, 8, 0, torch.ones(2), torch.ones(2)), percents=(80,))
     assert result.input is not None and result.input.kappa_status[80] == "infinite"
 
 
@@ -90,8 +89,7 @@ def test_late_gradients_are_ignored_and_warned_about() -> None:
 
 def test_a_window_holds_consecutive_steps_only() -> None:
     model = mlp()
-    monitor = ConditioningMonitor(model, every_n_steps=4, window_steps=3, collectives=None,
-                                  warn_diagnosis=False)
+    monitor = ConditioningMonitor(model, every_n_steps=4, window_steps=3, collectives=None, warn_diagnosis=False)
     finished = []
     for step in (0, 1, 2, 4, 6, 8, 9, 10):  # 5 is skipped: the window 4-6 is incomplete
         with monitor.track(step):
@@ -160,8 +158,10 @@ def test_state_keys_follow_the_prefix_only() -> None:
     first, second = _set_up(ConditioningCallback(every_n_steps=5)), _set_up(ConditioningCallback(every_n_steps=7))
     assert first.state_key == second.state_key == "ConditioningCallback{'prefix': 'conditioning'}"
     assert _set_up(ConditioningCallback(prefix="a")).state_key != _set_up(ConditioningCallback(prefix="b")).state_key
-    assert (_set_up(WeightDominationCallback(prefix="a")).state_key
-            != _set_up(WeightDominationCallback(prefix="b")).state_key)
+    assert (
+        _set_up(WeightDominationCallback(prefix="a")).state_key
+        != _set_up(WeightDominationCallback(prefix="b")).state_key
+    )
 
 
 def test_zero_gradient_layers_log_true_zeros_and_are_explained_once() -> None:

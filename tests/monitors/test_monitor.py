@@ -34,8 +34,9 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
 
 
-def _plain_loop(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int,
-                **options: object) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]:
+def _plain_loop(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, **options: object
+) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]:
     """SGD (momentum 0.9, lr 0.05, as SequentialClassifier) with both monitors; the scalars
     of every analysed step."""
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -45,7 +46,7 @@ def _plain_loop(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, ba
     with ConditioningMonitor(named, collectives=None, optimizer=optimizer, **options) as monitor:  # type: ignore[arg-type]
         checker = WeightDominationMonitor(named, every_n_steps=int(options.get("every_n_steps", 100)))  # type: ignore[call-overload]
         for step in range(steps):
-            xb, yb = x[step * batch:(step + 1) * batch], y[step * batch:(step + 1) * batch]
+            xb, yb = x[step * batch : (step + 1) * batch], y[step * batch : (step + 1) * batch]
             with monitor.track(step):
                 loss = nn.functional.cross_entropy(net(xb), yb)
                 loss.backward()
@@ -55,8 +56,7 @@ def _plain_loop(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, ba
             if checker.pending_step is not None:
                 domination[step] = checker.after_optimizer_step()
             if monitor.updated:
-                conditioning[step] = {k: v for r in monitor.results.values()
-                                      for k, v in r.metrics().items()}
+                conditioning[step] = {k: v for r in monitor.results.values() for k, v in r.metrics().items()}
     return conditioning, domination
 
 
@@ -77,7 +77,9 @@ def test_monitor_in_a_plain_loop_equals_the_callback_in_a_trainer(window_steps: 
     untouched = copy.deepcopy(initial)
     optimizer = torch.optim.SGD(untouched.parameters(), lr=0.05, momentum=0.9)
     for step in range(6):
-        nn.functional.cross_entropy(untouched(x[step * 16:(step + 1) * 16]), y[step * 16:(step + 1) * 16]).backward()
+        nn.functional.cross_entropy(
+            untouched(x[step * 16 : (step + 1) * 16]), y[step * 16 : (step + 1) * 16]
+        ).backward()
         optimizer.step()
         optimizer.zero_grad()
     for a, b, c in zip(by_hand.parameters(), module.net.parameters(), untouched.parameters()):
@@ -107,7 +109,7 @@ def test_track_with_accumulation_sums_the_micro_batches() -> None:
         nn.functional.cross_entropy(whole_net(x), y).backward()
     parts = ConditioningMonitor(parts_net, every_n_steps=1, collectives=None, warn_diagnosis=False)
     for i in range(2):
-        xb, yb = x[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16]
+        xb, yb = x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]
         # the loss divided by the 2 micro-batches, as Lightning does: grad_multiplier undoes it
         with parts.track(0, grad_multiplier=2.0, last_micro_batch=i == 1):
             (nn.functional.cross_entropy(parts_net(xb), yb) / 2).backward()
@@ -194,8 +196,9 @@ def test_collectives_reduce_through_a_given_callable() -> None:
     x, y = _data(16)
     net = seeded(mlp)
     reference_net = copy.deepcopy(net)
-    monitor = ConditioningMonitor(net, every_n_steps=1, warn_diagnosis=False,
-                                  collectives=Collectives(reduce, world_size=2, rank=0))
+    monitor = ConditioningMonitor(
+        net, every_n_steps=1, warn_diagnosis=False, collectives=Collectives(reduce, world_size=2, rank=0)
+    )
     with monitor.track(0):
         nn.functional.cross_entropy(net(x), y).backward()
     # the per-unit maxima (and precisions, shared inputs), the sums, then the shared-out
@@ -240,8 +243,11 @@ def test_registering_an_adapter_is_enough_and_the_rest_is_reported() -> None:
     from lightning_conditioning.capture import registry
 
     model = _Pair()
-    with pytest.warns(UserWarning, match=r"both \(Bilinear, 51 parameters\): a layer kind with no adapter; "
-                                         r"rnn \(GRU, 150 parameters\): a recurrent"):
+    with pytest.warns(
+        UserWarning,
+        match=r"both \(Bilinear, 51 parameters\): a layer kind with no adapter; "
+        r"rnn \(GRU, 150 parameters\): a recurrent",
+    ):
         before = ConditioningMonitor(model, collectives=None)
     assert before.layer_names == ["first"]
     before.close()
@@ -292,19 +298,34 @@ def test_importing_the_package_and_version_load_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-@pytest.mark.parametrize("make", [lambda: ConditioningCallback(every_n_steps=1, conv_mode="channel"),
-                                  lambda: WeightDominationCallback(every_n_steps=1)],
-                         ids=["conditioning", "weight_domination"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ConditioningCallback(every_n_steps=1, conv_mode="channel"),
+        lambda: WeightDominationCallback(every_n_steps=1),
+    ],
+    ids=["conditioning", "weight_domination"],
+)
 def test_two_callbacks_with_one_prefix_fail_at_setup_naming_prefix(make: Any) -> None:
     first, second = make(), make()
     # Lightning's own check at Trainer(...) passes (it could not say what to change) ...
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, callbacks=[first, second], logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        callbacks=[first, second],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     x, y = _data(16)
     name = type(first).__name__
     prefix = first.prefix
-    with pytest.raises(ValueError, match=rf"2 {name}s in this Trainer log under prefix='{prefix}'.*"
-                                         rf"Give each its own prefix=, e\.g\. {name}\(\.\.\., prefix='{prefix}_2'\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"2 {name}s in this Trainer log under prefix='{prefix}'.*"
+        rf"Give each its own prefix=, e\.g\. {name}\(\.\.\., prefix='{prefix}_2'\)",
+    ):
         trainer.fit(SequentialClassifier(seeded(mlp)), loader(x, y, 16))
     # ... and with their own prefixes they train side by side
     first.prefix, second.prefix = "a", "b"

@@ -96,10 +96,10 @@ def test_layers_taking_turns_get_the_numbers_of_a_full_analysis_of_the_same_step
     monkeypatch.setattr(turns_module, "MIN_TURN_SECONDS", 0.0)
     model = _mlp()
     messages: list[str] = []
-    turned = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                                 step_overhead=1e-9, info=messages.append)
-    full = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False,
-                               step_overhead=None)
+    turned = ConditioningMonitor(
+        model, every_n_steps=1, analysis="sync", warn_diagnosis=False, step_overhead=1e-9, info=messages.append
+    )
+    full = ConditioningMonitor(model, every_n_steps=1, analysis="sync", warn_diagnosis=False, step_overhead=None)
     g = torch.Generator().manual_seed(1)
     windows = []
     for step in range(4):

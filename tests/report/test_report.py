@@ -26,14 +26,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One 3-step run logged to TensorBoard and CSV at once: {"tensorboard": dir, "csv": dir}."""
     root = tmp_path_factory.mktemp("runs")
     x, y = torch.randn(48, 10, generator=torch.Generator().manual_seed(3)), torch.arange(48) % 4
-    net = seeded(lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                                       nn.Linear(16, 4)))
+    net = seeded(lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)))
     loggers = [TensorBoardLogger(root, name="tb"), CSVLogger(root, name="csv")]
     trainer = pl.Trainer(
-        max_steps=3, logger=loggers, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, accelerator="cpu", devices=1,
-        callbacks=[ConditioningCallback(every_n_steps=1, log_figures=False),
-                   WeightDominationCallback(every_n_steps=1)],
+        max_steps=3,
+        logger=loggers,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[ConditioningCallback(every_n_steps=1, log_figures=False), WeightDominationCallback(every_n_steps=1)],
     )
     trainer.fit(SequentialClassifier(net), loader(x, y, 16))
     loggers[0].experiment.flush()
@@ -140,7 +143,9 @@ def test_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
 def test_module_entry_point_exits_cleanly(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lightning_conditioning", "report", str(tmp_path / "nope"), "-q"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == f"lightning-conditioning: error: {tmp_path / 'nope'}: no such directory"
@@ -150,8 +155,9 @@ def test_module_entry_point_exits_cleanly(tmp_path: Path) -> None:
 def _summary(statuses: dict[float, str], rank: int = 3) -> object:
     from types import SimpleNamespace
 
-    kappa = {p: (math.inf if s == "infinite" else math.nan if s == "undefined" else 10.0 * p)
-             for p, s in statuses.items()}
+    kappa = {
+        p: (math.inf if s == "infinite" else math.nan if s == "undefined" else 10.0 * p) for p, s in statuses.items()
+    }
     return SimpleNamespace(lambda_max=2.0, rank=rank, kappa=kappa, kappa_status=statuses)
 
 
@@ -189,10 +195,19 @@ def test_metrics_reexports_the_schema() -> None:
 
 
 def _marked_table() -> dict[str, dict[str, float]]:
-    table = {f"net.{2 * i}": {"input_lambda_max": 1.0, "grad_lambda_max": 0.5, "input_rank": 8.0,
-                              "input_dim": 8.0, "grad_rank": 4.0, "input_kappa_50": 3.0 + i,
-                              "input_kappa_100": 40.0 + i, "grad_kappa_100": 7.0}
-             for i in range(4)}
+    table = {
+        f"net.{2 * i}": {
+            "input_lambda_max": 1.0,
+            "grad_lambda_max": 0.5,
+            "input_rank": 8.0,
+            "input_dim": 8.0,
+            "grad_rank": 4.0,
+            "input_kappa_50": 3.0 + i,
+            "input_kappa_100": 40.0 + i,
+            "grad_kappa_100": 7.0,
+        }
+        for i in range(4)
+    }
     del table["net.2"]["input_kappa_100"]
     table["net.2"]["input_kappa_100_lower_bound"] = 1.23e6
     table["net.2"]["input_rank"] = 5.0
@@ -238,8 +253,10 @@ def test_depth_profile_marks_non_measurements() -> None:
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     assert any("bound" in t for t in legend) and any("structural" in t for t in legend)
     # a table without markers draws neither
-    clean = {n: {k: v for k, v in row.items() if "_lower_bound" not in k and "_infinite" not in k}
-             for n, row in _marked_table().items()}
+    clean = {
+        n: {k: v for k, v in row.items() if "_lower_bound" not in k and "_infinite" not in k}
+        for n, row in _marked_table().items()
+    }
     plain = figures.depth_profile_figure(clean).axes[3].get_lines()
     assert not [line for line in plain if line.get_marker() in ("^", r"$\infty$")]
 
@@ -248,9 +265,11 @@ def test_training_figure_marks_non_measurements() -> None:
     pytest.importorskip("matplotlib")
     from lightning_conditioning.views import figures
 
-    history = {0: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100": 5.0}},
-               9: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100_lower_bound": 1e9}},
-               99: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100_infinite": 1.0}}}
+    history = {
+        0: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100": 5.0}},
+        9: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100_lower_bound": 1e9}},
+        99: {"fc": {"grad_lambda_max": 1.0, "grad_kappa_100_infinite": 1.0}},
+    }
     ax = figures.training_figure(history).axes[4]  # κ of Σ∇h
     markers = {line.get_marker(): line for line in ax.get_lines()}
     assert list(markers["^"].get_xdata()) == [10] and list(markers["^"].get_ydata()) == [1e9]
@@ -261,8 +280,10 @@ def test_training_figure_marks_non_measurements() -> None:
 def test_units_figure_shows_an_embeddings_unused_rows() -> None:
     from lightning_conditioning.views.figures import units_figure
 
-    table = {"emb": {"unused_rows": 28.0, "input_units": 50.0},
-             "fc": {"dead_input_units": 1.0, "full_input_units": 0.0, "input_units": 32.0}}
+    table = {
+        "emb": {"unused_rows": 28.0, "input_units": 50.0},
+        "fc": {"dead_input_units": 1.0, "full_input_units": 0.0, "input_units": 32.0},
+    }
     ax = units_figure(table, step=0).axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[-1] == "unused table rows (embeddings)"

@@ -74,8 +74,12 @@ def _imports(path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             # ``from pkg import submodule`` depends on the submodule, not on pkg's __init__
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}".removeprefix(
-                f"{PACKAGE}.") in modules else node.module for a in node.names]
+            names = [
+                f"{node.module}.{a.name}"
+                if f"{node.module}.{a.name}".removeprefix(f"{PACKAGE}.") in modules
+                else node.module
+                for a in node.names
+            ]
         else:
             continue
         for name in names:
@@ -108,8 +112,7 @@ def test_imports_go_down_the_layers(module: str) -> None:
     for target in GRAPH[module][0]:
         if target == module:
             continue
-        assert _layer(target) <= here, (
-            f"{module} ({_name(here)}) imports {target} ({_name(_layer(target))})")
+        assert _layer(target) <= here, f"{module} ({_name(here)}) imports {target} ({_name(_layer(target))})"
 
 
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if _folder(m) in CORE and m not in ("", "__main__")))
@@ -128,7 +131,7 @@ def test_no_cycle_between_modules_or_folders() -> None:
             stack.append(node)
             for nxt in sorted(edges.get(node, ())):
                 if state.get(nxt) == 1:
-                    return stack[stack.index(nxt):] + [nxt]
+                    return stack[stack.index(nxt) :] + [nxt]
                 if nxt not in state and (found := visit(nxt)):
                     return found
             state[node] = 2

@@ -55,8 +55,11 @@ def _documented_signature(name: str) -> dict[str, str]:
 @pytest.mark.parametrize("callback", [ConditioningCallback, WeightDominationCallback])
 def test_option_lists_name_every_argument_with_its_default(callback: type) -> None:
     documented = _documented_signature(callback.__name__)
-    real = {name: repr(p.default) for name, p in inspect.signature(callback).parameters.items()
-            if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    real = {
+        name: repr(p.default)
+        for name, p in inspect.signature(callback).parameters.items()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
     assert set(documented) == set(real), set(documented) ^ set(real)
     for name, default in documented.items():
         assert ast.literal_eval(default) == ast.literal_eval(real[name]), name
@@ -84,8 +87,11 @@ def test_every_dotted_path_the_docs_cite_exists() -> None:
     import importlib
 
     root = REPOSITORY
-    texts = [root / "README.md", *sorted((root / "docs").glob("*.md")),
-             *sorted((root / "example_projects").rglob("*.py"))]
+    texts = [
+        root / "README.md",
+        *sorted((root / "docs").glob("*.md")),
+        *sorted((root / "example_projects").rglob("*.py")),
+    ]
     cited = {m for path in texts for m in re.findall(r"lightning_conditioning(?:\.[A-Za-z_]\w*)+", path.read_text())}
     assert cited
     missing = []
@@ -111,12 +117,19 @@ def test_every_file_path_the_docs_cite_exists() -> None:
     """``tests/…py``, ``benchmarks/…py``, ``example_projects/…`` and ``docs/…md`` cited in README, docs,
     the benchmarks' results and the example projects: a file of the repository (test ids after
     ``::`` included: the test exists in that file); a command's ``--out`` file is no citation."""
-    texts = [REPOSITORY / "README.md", REPOSITORY / "benchmarks" / "RESULTS.md",
-             *sorted((REPOSITORY / "docs").glob("*.md")), *sorted((REPOSITORY / "example_projects").rglob("*.md")),
-             *sorted((REPOSITORY / "example_projects").rglob("*.py"))]
+    texts = [
+        REPOSITORY / "README.md",
+        REPOSITORY / "benchmarks" / "RESULTS.md",
+        *sorted((REPOSITORY / "docs").glob("*.md")),
+        *sorted((REPOSITORY / "example_projects").rglob("*.md")),
+        *sorted((REPOSITORY / "example_projects").rglob("*.py")),
+    ]
     pattern = r"(?<!--out )\b((?:tests|benchmarks|example_projects|docs)/[\w/]+\.(?:py|md|json|yaml))(?:::(\w+))?"
     cited = {m for path in texts for m in re.findall(pattern, path.read_text())}
     assert len(cited) > 20
-    missing = [f"{file}::{test}" if test else file for file, test in sorted(cited)
-               if not (REPOSITORY / file).is_file() or (test and f"def {test}(" not in (REPOSITORY / file).read_text())]
+    missing = [
+        f"{file}::{test}" if test else file
+        for file, test in sorted(cited)
+        if not (REPOSITORY / file).is_file() or (test and f"def {test}(" not in (REPOSITORY / file).read_text())
+    ]
     assert not missing, missing

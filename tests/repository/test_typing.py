@@ -15,14 +15,17 @@ from helpers import REPOSITORY
 ROOT = REPOSITORY
 
 
-@pytest.mark.skipif(shutil.which("mypy") is None and not any(
-    (Path(p) / "mypy").exists() for p in sys.path), reason="mypy is a test extra")
+@pytest.mark.skipif(
+    shutil.which("mypy") is None and not any((Path(p) / "mypy").exists() for p in sys.path),
+    reason="mypy is a test extra",
+)
 @pytest.mark.slow
 def test_mypy_is_clean(mypy_run: subprocess.Popen[str] | None) -> None:
     """mypy over the package (started at collection by ``conftest.py``, beside the other tests)."""
     if mypy_run is None:
-        mypy_run = subprocess.Popen([sys.executable, "-m", "mypy"], cwd=ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+        mypy_run = subprocess.Popen(
+            [sys.executable, "-m", "mypy"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     try:
         stdout, stderr = mypy_run.communicate(timeout=600)
     finally:
@@ -36,15 +39,19 @@ def test_version_in_one_place() -> None:
     from lightning_conditioning.__about__ import __version__
 
     assert lightning_conditioning.__version__ == __version__
-    result = subprocess.run([sys.executable, "-m", "lightning_conditioning", "--version"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_conditioning", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and __version__ in result.stdout
     assert (ROOT / "lightning_conditioning" / "py.typed").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is a test extra")
-def test_ruff_is_clean() -> None:
-    """The lint configured in pyproject.toml ([tool.ruff]) holds over the whole tree."""
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+def test_ruff_is_clean(command: list[str]) -> None:
+    """The lint (import order and the docstring subset included) and the format configured in
+    pyproject.toml ([tool.ruff]) hold over the whole tree."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", *command], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

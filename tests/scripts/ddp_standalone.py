@@ -1,6 +1,6 @@
 """Standalone 2-process DDP run (``strategy="ddp"`` re-launches this script for rank 1).
 
-    python tests/scripts/ddp_standalone.py OUT_DIR
+python tests/scripts/ddp_standalone.py OUT_DIR
 """
 
 import sys

@@ -63,9 +63,11 @@ def record(step: int, results: dict[str, LayerConditioning]) -> dict[str, Any]:
     eigenvalues: dict[str, dict[str, list[float]]] = {}
     for name, result in results.items():
         metrics.update(result.metrics())
-        eigenvalues[name] = {label: summary.eigenvalues.tolist()
-                             for label, summary in (("input", result.input), ("grad", result.grad))
-                             if summary is not None}
+        eigenvalues[name] = {
+            label: summary.eigenvalues.tolist()
+            for label, summary in (("input", result.input), ("grad", result.grad))
+            if summary is not None
+        }
     return {"step": step, "metrics": metrics, "eigenvalues": eigenvalues}
 
 

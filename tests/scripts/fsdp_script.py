@@ -34,8 +34,7 @@ class Net(pl.LightningModule):
         super().__init__()
         self.shard = shard
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.Tanh(),
-                                 nn.Linear(16, 5)).double()
+        self.net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5)).double()
 
     def configure_model(self) -> None:
         if not self.shard:
@@ -70,8 +69,10 @@ def main() -> None:
     logger = RecordingLogger()
     callbacks: list[pl.Callback] = []
     if monitored:
-        callbacks = [ConditioningCallback(every_n_steps=1, log_histograms=False, fisher=fisher),
-                     WeightDominationCallback(every_n_steps=1)]
+        callbacks = [
+            ConditioningCallback(every_n_steps=1, log_histograms=False, fisher=fisher),
+            WeightDominationCallback(every_n_steps=1),
+        ]
     if mode == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -79,19 +80,31 @@ def main() -> None:
         devices = 2
     else:
         strategy, devices = "auto", 1
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS,
-                         callbacks=callbacks, logger=logger, use_distributed_sampler=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, log_every_n_steps=1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=STEPS,
+        callbacks=callbacks,
+        logger=logger,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     module = Net(shard=mode == "fsdp2")
     trainer.fit(module)
-    parameters = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
-                  for name, p in module.named_parameters()}
+    parameters = {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().tolist()
+        for name, p in module.named_parameters()
+    }
     if trainer.global_rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        history = {str(step): {k: v for k, v in row.items()
-                               if k.startswith(("conditioning/", "weight_domination/"))}
-                   for step, row in logger.history.items()}
+        history = {
+            str(step): {k: v for k, v in row.items() if k.startswith(("conditioning/", "weight_domination/"))}
+            for step, row in logger.history.items()
+        }
         (out / "result.json").write_text(json.dumps({"history": history, "parameters": parameters}))
 
 

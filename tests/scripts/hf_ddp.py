@@ -33,7 +33,7 @@ class Items(Dataset):
         ids = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
         labels = ids.clone()
         for row, pad in zip(labels, torch.randint(0, 5, (ROWS,), generator=g)):
-            row[SEQ - int(pad):] = -100  # ranks hold different numbers of label tokens
+            row[SEQ - int(pad) :] = -100  # ranks hold different numbers of label tokens
         self.items = [{"input_ids": i, "labels": lab} for i, lab in zip(ids, labels)]
 
     def __len__(self) -> int:
@@ -65,23 +65,42 @@ class Dump(transformers.TrainerCallback):
         self.steps[state.global_step - 1] = metrics
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        (self.out / f"rank{self.rank}_{self.name}.json").write_text(json.dumps({
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "steps": self.steps}))
+        (self.out / f"rank{self.rank}_{self.name}.json").write_text(
+            json.dumps({"world_size": int(os.environ.get("WORLD_SIZE", "1")), "steps": self.steps})
+        )
 
 
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "mixtral":
         config = transformers.MixtralConfig(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=SEQ,
-            bos_token_id=0, eos_token_id=0)
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=SEQ,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = transformers.MixtralForCausalLM(config).double()
         model.config._experts_implementation = "eager"  # (no float64 grouped GEMM on CPU)
         return model
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config).double()
 
 
@@ -92,12 +111,27 @@ def main(out: Path, name: str = "gpt2") -> None:
     conditioning = ConditioningTrainerCallback(every_n_steps=1, warn_diagnosis=False, analysis="sync")
     domination = WeightDominationTrainerCallback(every_n_steps=1)
     args = transformers.TrainingArguments(
-        output_dir=str(out / f"trainer_{name}"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
-        max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-        dataloader_num_workers=0, lr_scheduler_type="constant", learning_rate=0.1, optim="sgd",
-        ddp_backend="gloo" if world > 1 else None)
-    trainer = SequentialTrainer(model=model, args=args, train_dataset=Items(),
-                                callbacks=[conditioning, domination, Dump(conditioning, domination, out, rank, name)])
+        output_dir=str(out / f"trainer_{name}"),
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_grad_norm=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        learning_rate=0.1,
+        optim="sgd",
+        ddp_backend="gloo" if world > 1 else None,
+    )
+    trainer = SequentialTrainer(
+        model=model,
+        args=args,
+        train_dataset=Items(),
+        callbacks=[conditioning, domination, Dump(conditioning, domination, out, rank, name)],
+    )
     trainer.train()
 
 

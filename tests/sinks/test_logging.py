@@ -20,8 +20,12 @@ def test_tensorboard_scalars_and_histograms(tmp_path: Path) -> None:
     net = seeded(lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)))
     callback = ConditioningCallback(every_n_steps=2)
     trainer = Trainer(
-        max_steps=3, callbacks=[callback], logger=TensorBoardLogger(tmp_path, name="run"),
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=3,
+        callbacks=[callback],
+        logger=TensorBoardLogger(tmp_path, name="run"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     trainer.fit(SequentialClassifier(net), loader(x, y, 16))
     trainer.logger.experiment.flush()

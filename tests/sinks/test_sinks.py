@@ -66,15 +66,24 @@ def _net(odd_name: str | None = None) -> nn.Sequential:
     return net
 
 
-def _run(logger: Logger | list[Logger], steps: int = 2, net: nn.Module | None = None,
-         callbacks: list[pl.Callback] | None = None) -> tuple[ConditioningCallback, WeightDominationCallback]:
+def _run(
+    logger: Logger | list[Logger],
+    steps: int = 2,
+    net: nn.Module | None = None,
+    callbacks: list[pl.Callback] | None = None,
+) -> tuple[ConditioningCallback, WeightDominationCallback]:
     x, y = torch.randn(32, 12, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 5
     conditioning = ConditioningCallback(every_n_steps=1, log_figures=True)
     domination = WeightDominationCallback(every_n_steps=1)
     trainer = pl.Trainer(
-        max_steps=steps, logger=logger, callbacks=[conditioning, domination, *(callbacks or [])],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        accelerator="cpu", devices=1,
+        max_steps=steps,
+        logger=logger,
+        callbacks=[conditioning, domination, *(callbacks or [])],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
     )
     trainer.fit(SequentialClassifier(net if net is not None else _net()), loader(x, y, 16))
     return conditioning, domination
@@ -121,8 +130,12 @@ def test_layout_charts_every_layer_per_quantity() -> None:
 
 def _charts_matching(layout: dict[str, dict[str, list[Any]]], tag: str) -> list[str]:
     """Titles of the charts whose regexes match ``tag`` (TensorBoard searches each regex)."""
-    return [title for section in layout.values() for title, (_, patterns) in section.items()
-            if any(re.search(pattern, tag) for pattern in patterns)]
+    return [
+        title
+        for section in layout.values()
+        for title, (_, patterns) in section.items()
+        if any(re.search(pattern, tag) for pattern in patterns)
+    ]
 
 
 def test_layout_matches_every_logged_key_kind() -> None:
@@ -132,8 +145,7 @@ def test_layout_matches_every_logged_key_kind() -> None:
 
     layout = sinks.tensorboard_layout(conditioning_prefix="cond", kappa_percents=(50, 80, 99.5))
     statuses = {50: "exact", 80: "lower_bound", 99.5: "infinite"}
-    summary = SimpleNamespace(lambda_max=2.0, rank=3, kappa={50: 2.0, 80: 1e9, 99.5: math.inf},
-                              kappa_status=statuses)
+    summary = SimpleNamespace(lambda_max=2.0, rank=3, kappa={50: 2.0, 80: 1e9, 99.5: math.inf}, kappa_status=statuses)
     quantities = [q for m in schema.MOMENTS for q in schema.summary_quantities(m, summary)]
     # every declared group's quantities, and one of each indexed family (per head, per expert)
     indexed = {"attention": "attention_entropy_h3", "routing": "load_share_e2"}
@@ -145,8 +157,11 @@ def test_layout_matches_every_logged_key_kind() -> None:
         # measured κ_p through their log10 copies (the charts have no log axis)
         parsed = schema.parse_quantity(quantity)
         assert parsed is not None
-        charted = (schema.log10_quantity(quantity) if parsed.kind == "lambda_max"
-                   or (parsed.kind == "kappa" and parsed.status == "exact") else quantity)
+        charted = (
+            schema.log10_quantity(quantity)
+            if parsed.kind == "lambda_max" or (parsed.kind == "kappa" and parsed.status == "exact")
+            else quantity
+        )
         assert len(_charts_matching(layout, schema.key("cond", "blocks.0", charted))) == 1, quantity
         if charted != quantity:
             assert _charts_matching(layout, schema.key("cond", "blocks.0", quantity)) == []
@@ -156,8 +171,9 @@ def test_layout_matches_every_logged_key_kind() -> None:
     assert _charts_matching(layout, "cond/net.0/fim_kappa_99_5_infinite") == ["sub-FIM κ_p = ∞"]
     assert _charts_matching(layout, "weight_domination/dominated_layers") == ["dominated layers"]
     assert _charts_matching(layout, "cond/net.0/log10_input_kappa_100") == []  # p not in the layout
-    domination = [q for q in schema.DOMINATION_QUANTITIES
-                  if _charts_matching(layout, schema.key("weight_domination", "fc", q))]
+    domination = [
+        q for q in schema.DOMINATION_QUANTITIES if _charts_matching(layout, schema.key("weight_domination", "fc", q))
+    ]
     assert sorted(domination) == ["grad_weight_ratio", "grad_weight_ratio_fro", "update_weight_ratio"]
 
 
@@ -169,7 +185,8 @@ def test_csv_scalars_and_spectra_match_the_callback(tmp_path: Path, messages: li
     _assert_matches(run.scalars[2], callback)
     for name, stats in domination.results.items():
         assert run.scalars[2][f"weight_domination/{name}/grad_weight_ratio"] == pytest.approx(
-            stats.grad_weight_ratio, rel=1e-6)
+            stats.grad_weight_ratio, rel=1e-6
+        )
     record = run.spectra[2]["net.0"]
     result = callback.results["net.0"]
     assert record["input_units"] == 12 and record["dead_input_units"] == result.dead_input_units
@@ -238,8 +255,9 @@ def _wandb_history(run_dir: Path) -> list[dict[str, Any]]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(raw)
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                             for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
@@ -248,8 +266,13 @@ def test_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wandb = pytest.importorskip("wandb", reason="wandb is a test/loggers extra")
     from lightning.pytorch.loggers import WandbLogger
 
-    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
-                       "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true"}.items():
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true",
+    }.items():
         monkeypatch.setenv(key, value)
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="conditioning")
     try:
@@ -343,5 +366,6 @@ def test_tensorboard_gets_log10_copies_for_its_linear_charts(tmp_path: Path) -> 
     assert stored == pytest.approx(math.log10(result.input.lambda_max), rel=1e-6)
     # lower bounds and infinities get no log10 copy: they are not values
     tags = events.Tags()["scalars"]
-    assert not any(t.startswith("conditioning/") and "log10_" in t and t.endswith(("_lower_bound", "_infinite"))
-                   for t in tags)
+    assert not any(
+        t.startswith("conditioning/") and "log10_" in t and t.endswith(("_lower_bound", "_infinite")) for t in tags
+    )

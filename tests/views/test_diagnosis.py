@@ -20,8 +20,7 @@ def _rules(findings: list[Finding]) -> dict[str, Finding]:
 
 # ------------------------------------------------------------------ rules on plain tables
 def test_depth_trends_forward_and_backward() -> None:
-    table = {f"l{i}": {"input_lambda_max": 2.0 * 0.1**i, "grad_lambda_max": 1e3 * 3.0**-(9 - i)}
-             for i in range(10)}
+    table = {f"l{i}": {"input_lambda_max": 2.0 * 0.1**i, "grad_lambda_max": 1e3 * 3.0 ** -(9 - i)} for i in range(10)}
     found = _rules(diagnose(table))
     assert set(found) == {"vanishing_forward", "vanishing_backward"}
     assert found["vanishing_forward"].layer == "l2"  # first value below 1/10 of l0's 2.0
@@ -43,8 +42,16 @@ def test_quiet_on_flat_short_or_noisy_tables() -> None:
 
 
 def test_dead_units_kappa_outlier_and_last_layer() -> None:
-    table = {f"l{i}": {"input_lambda_max": 1.0, "input_kappa_50": 10.0, "input_kappa_100": 1e4,
-                       "dead_input_units": 1.0, "input_units": 64.0} for i in range(6)}
+    table = {
+        f"l{i}": {
+            "input_lambda_max": 1.0,
+            "input_kappa_50": 10.0,
+            "input_kappa_100": 1e4,
+            "dead_input_units": 1.0,
+            "input_units": 64.0,
+        }
+        for i in range(6)
+    }
     table["l0"]["dead_input_units"] = 60.0  # the data's own zero features: never flagged
     table["l3"]["dead_input_units"] = 40.0
     table["l4"]["input_kappa_50"] = 5e3
@@ -71,9 +78,18 @@ def test_format_findings_lists_evidence() -> None:
 
 def _kappa_table() -> dict[str, dict[str, float]]:
     """Six healthy layers (κ measured, full rank), the last one a 10-way classifier."""
-    return {f"l{i}": {"input_lambda_max": 1.0, "input_kappa_50": 10.0 + i, "grad_kappa_50": 5.0,
-                      "input_rank": 8.0, "input_dim": 8.0, "grad_rank": 10.0, "grad_dim": 10.0}
-            for i in range(6)}
+    return {
+        f"l{i}": {
+            "input_lambda_max": 1.0,
+            "input_kappa_50": 10.0 + i,
+            "grad_kappa_50": 5.0,
+            "input_rank": 8.0,
+            "input_dim": 8.0,
+            "grad_rank": 10.0,
+            "grad_dim": 10.0,
+        }
+        for i in range(6)
+    }
 
 
 def test_rank_deficiency_fires_on_lower_bounds_and_infinities() -> None:
@@ -89,9 +105,13 @@ def test_rank_deficiency_fires_on_lower_bounds_and_infinities() -> None:
     rank = found.pop("rank_deficient")
     assert set(found) == {"dead_units"}  # l2's 6/8 dead units; no ill_conditioned from 3e11
     assert rank.layers == ("l1", "l2", "l3") and rank.layer == "l1"
-    assert rank.evidence == {"input_kappa_50_lower_bound[l1]": 3e11, "input_rank[l1]": 3.0,
-                             "input_kappa_50_infinite[l2]": math.inf, "input_rank[l2]": 2.0,
-                             "fim_kappa_80_infinite[l3]": math.inf}
+    assert rank.evidence == {
+        "input_kappa_50_lower_bound[l1]": 3e11,
+        "input_rank[l1]": 3.0,
+        "input_kappa_50_infinite[l2]": math.inf,
+        "input_rank[l2]": 2.0,
+        "fim_kappa_80_infinite[l3]": math.inf,
+    }
     assert "l1 Σx: κ_50 ≥ 3e+11 (rank 3 of 8; λ_p under the resolution floor)" in rank.message
     assert "l2 Σx: κ_50 = ∞ (rank 2 of 8; 6 dead input units)" in rank.message
     assert "l3 sub-FIM: κ_80 = ∞" in rank.message
@@ -137,14 +157,14 @@ def _mlp(depth: int = 20, width: int = 64, bn: bool = False, std: float = 0.5) -
     return nn.Sequential(*layers)
 
 
-def _analyse(net: nn.Module, steps: int = 1, module: type[SequentialClassifier] = SequentialClassifier,
-             **module_kwargs: object):
+def _analyse(
+    net: nn.Module, steps: int = 1, module: type[SequentialClassifier] = SequentialClassifier, **module_kwargs: object
+):
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     y = torch.arange(64) % 10
     conditioning = ConditioningCallback(every_n_steps=1, log_figures=False, log_histograms=False)
     domination = WeightDominationCallback(every_n_steps=1)
-    _, logger = fit(module(net, **module_kwargs), loader(x, y, 64), [conditioning, domination],
-                    max_steps=steps)
+    _, logger = fit(module(net, **module_kwargs), loader(x, y, 64), [conditioning, domination], max_steps=steps)
     last = max(logger.history)
     split = split_metrics(logger.history[last])
     table = conditioning_table(conditioning.results)

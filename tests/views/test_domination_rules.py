@@ -34,9 +34,21 @@ from lightning_conditioning.views.diagnosis import diagnose, format_findings, sh
 
 #: ResNet-110's last linear layer on the MNIST sample (example_projects/cifar_resnet/results.md):
 #: (step, σmax(∇W)/σmax(W), batch loss); the minimum 6.75e-4 is at step ≈ 40 in the run
-RESNET110_FC = [(0, 21.5, 4.14), (1, 5.2, 16.2), (2, 6.17, 41.9), (3, 2.75, 49.3), (5, 0.791, 17.8),
-                (10, 0.0123, 2.67), (15, 0.00937, 2.48), (20, 0.00342, 2.33), (30, 0.000952, 2.29),
-                (40, 0.000675, 2.28), (50, 0.000871, 2.28), (75, 0.00284, 2.26), (99, 0.00945, 2.11)]
+RESNET110_FC = [
+    (0, 21.5, 4.14),
+    (1, 5.2, 16.2),
+    (2, 6.17, 41.9),
+    (3, 2.75, 49.3),
+    (5, 0.791, 17.8),
+    (10, 0.0123, 2.67),
+    (15, 0.00937, 2.48),
+    (20, 0.00342, 2.33),
+    (30, 0.000952, 2.29),
+    (40, 0.000675, 2.28),
+    (50, 0.000871, 2.28),
+    (75, 0.00284, 2.26),
+    (99, 0.00945, 2.11),
+]
 
 
 def _stats(ratio: float) -> WeightStatistics:
@@ -73,12 +85,26 @@ class LayerScaleBlock(nn.Module):
 
 
 def _zero_gamma_resnet() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ZeroGammaBlock(8), ZeroGammaBlock(8),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        ZeroGammaBlock(8),
+        ZeroGammaBlock(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
-def _train(net: nn.Module, monitor: WeightDominationMonitor, optimizer: torch.optim.Optimizer,
-           x: torch.Tensor, y: torch.Tensor, steps: int, batch: int | None = None) -> Iterator[int]:
+def _train(
+    net: nn.Module,
+    monitor: WeightDominationMonitor,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    batch: int | None = None,
+) -> Iterator[int]:
     """Train ``steps`` steps, checking each one; yields after every completed check."""
     for step in range(steps):
         rows = slice(None) if batch is None else torch.arange(step * batch, (step + 1) * batch) % len(x)
@@ -99,8 +125,9 @@ class Recorder:
 
 def _monitor(net: nn.Module, **options: object) -> tuple[WeightDominationMonitor, Recorder]:
     record = Recorder()
-    monitor = WeightDominationMonitor(net, every_n_steps=1, warn=record.warnings.append,
-                                      info=record.infos.append, **options)  # type: ignore[arg-type]
+    monitor = WeightDominationMonitor(
+        net, every_n_steps=1, warn=record.warnings.append, info=record.infos.append, **options
+    )  # type: ignore[arg-type]
     return monitor, record
 
 
@@ -187,7 +214,8 @@ def test_resnet110_fall_is_flagged_by_history_while_threshold_never_fires() -> N
         # net of the loss, which is 2.1 there against 0.13 with LastBN)
         assert [s for s, r in flagged.items() if r] == [10, 15, 20, 30, 40, 50, 75, 99]
         assert ratio_fall(history, 0.000675, 2.28 if with_loss else None) == pytest.approx(
-            21.5 / 0.000675 * (2.28 / 4.14 if with_loss else 1.0))
+            21.5 / 0.000675 * (2.28 / 4.14 if with_loss else 1.0)
+        )
     # the same fall through the monitor: one warning naming the history rule and add_last_bn
     monitor, record, feed = _synthetic_monitor()
     for step, ratio, loss in RESNET110_FC:
@@ -196,8 +224,10 @@ def test_resnet110_fall_is_flagged_by_history_while_threshold_never_fires() -> N
     # (SGD at lr 0.1 moves it by 0.1 × the ratio: at step 10 (1.2e-3) it still learns, so the
     # three consecutive checks are 15, 20, 30)
     assert "at step 30" in record.warnings[0] and "3 consecutive checks" in record.warnings[0]
-    assert ("12,490× below its own peak 21.5 at step 0 net of the loss (the ratio fell 22,580×, the loss 1.8×); "
-            "it has stayed at least 1000× below its own peak") in record.warnings[0]
+    assert (
+        "12,490× below its own peak 21.5 at step 0 net of the loss (the ratio fell 22,580×, the loss 1.8×); "
+        "it has stayed at least 1000× below its own peak"
+    ) in record.warnings[0]
     assert "add_last_bn" in record.warnings[0] and "nan" not in record.warnings[0]
 
 
@@ -298,8 +328,13 @@ def test_bad_fall_factor(fall_factor: object) -> None:
 def test_no_finding_shows_nan_or_an_unfilled_quantity() -> None:
     nan = float("nan")
     domination = {
-        "pending": {"grad_weight_ratio": 1e-6, "grad_weight_ratio_peak": 0.1,
-                    "grad_weight_ratio_peak_step": 0.0, "grad_weight_ratio_fall": 1e5, "dominated": 1.0},
+        "pending": {
+            "grad_weight_ratio": 1e-6,
+            "grad_weight_ratio_peak": 0.1,
+            "grad_weight_ratio_peak_step": 0.0,
+            "grad_weight_ratio_fall": 1e5,
+            "dominated": 1.0,
+        },
         "diverged": {"grad_weight_ratio": nan, "update_weight_ratio": nan, "dominated": 0.0},
         "zero_grad": {"grad_weight_ratio": 0.0, "grad_spectral_norm": 0.0, "update_weight_ratio": 0.0},
         "zero_weight": {"weight_spectral_norm": 0.0, "update_weight_ratio": nan},
@@ -348,8 +383,9 @@ class Snapshot(pl.Callback):
         self.conditioning, self.domination = conditioning, domination
         self.seen: dict[int, tuple[list, dict[str, dict[str, float]]]] = {}
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
-                           batch: object, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
         assert self.domination.monitor is not None and self.domination.monitor.pending_step is not None
         self.seen[trainer.global_step - 1] = (self.conditioning.findings(), self.domination.domination_table())
 
@@ -364,8 +400,12 @@ def test_trainer_diagnosis_reads_a_pending_check_without_nan() -> None:
     snapshot = Snapshot(conditioning, domination)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, logger = fit(GrowWeight(seeded(_bn_mlp), layer=3, at=3), loader(x, y, 32),
-                        [conditioning, snapshot, domination], max_steps=6)
+        _, logger = fit(
+            GrowWeight(seeded(_bn_mlp), layer=3, at=3),
+            loader(x, y, 32),
+            [conditioning, snapshot, domination],
+            max_steps=6,
+        )
     texts = [str(w.message) for w in caught]
     domination_warnings = [t for t in texts if "in weight domination at step" in t]
     assert len(domination_warnings) == 1 and "'net.3'" in domination_warnings[0]
@@ -396,4 +436,3 @@ def test_a_layer_the_step_visibly_moves_is_learning_not_dominated() -> None:
     assert domination_reasons(moved, history) == ()
     still = pending.with_update_norm(1e-6)  # an SGD step with lr 0.1 barely moves it
     assert domination_reasons(still, history) == ("fallen", "below_threshold")
-

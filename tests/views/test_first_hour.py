@@ -57,8 +57,10 @@ def test_diagnosis_warnings_put_the_remedy_on_its_own_line() -> None:
 
 
 def test_the_table_shows_the_kappa_the_diagnosis_quotes() -> None:
-    table = {f"l{i}": {"input_lambda_max": 1.0, "input_kappa_50": 10.0 if i else 1e4,
-                       "input_kappa_100": 20.0} for i in range(5)}
+    table = {
+        f"l{i}": {"input_lambda_max": 1.0, "input_kappa_50": 10.0 if i else 1e4, "input_kappa_100": 20.0}
+        for i in range(5)
+    }
     findings = [f for f in diagnose(table) if f.rule == "ill_conditioned"]
     assert findings and "input_kappa_50" in findings[0].message
     header = format_layer_table(table).splitlines()[0]
@@ -103,8 +105,9 @@ def test_stability_margin_against_the_known_divergence_threshold(factor: float) 
     iff lr < 2/λmax(Σx). The Fisher pass samples y = h ∓ 1, so Σ∇h = 1 exactly and the
     sub-FIM is Σx: the logged lr·λmax must be lr·λmax(Σx), and the rule fire only above 2."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 4, generator=generator, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.5, 0.2],
-                                                                                   dtype=torch.float64)
+    x = torch.randn(64, 4, generator=generator, dtype=torch.float64) * torch.tensor(
+        [3.0, 1.0, 0.5, 0.2], dtype=torch.float64
+    )
     y = torch.randn(64, 1, generator=generator, dtype=torch.float64)
     lambda_max = float(torch.linalg.eigvalsh(x.T @ x / 64)[-1])
     lr = factor * 2.0 / lambda_max
@@ -136,8 +139,9 @@ def test_stability_margin_against_the_known_divergence_threshold(factor: float) 
 
 def test_adaptive_optimizers_get_no_margin() -> None:
     net = Net()
-    monitor = ConditioningMonitor(net, every_n_steps=1, collectives=None, warn_diagnosis=False,
-                                  optimizer=torch.optim.Adam(net.parameters()))
+    monitor = ConditioningMonitor(
+        net, every_n_steps=1, collectives=None, warn_diagnosis=False, optimizer=torch.optim.Adam(net.parameters())
+    )
     with monitor.track(0):
         nn.functional.cross_entropy(net(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
     assert all(not r.margin for r in monitor.results.values())

@@ -49,7 +49,8 @@ def test_lightning_warnings_point_at_the_users_fit_call() -> None:
 
 def test_start_lines_reach_a_user_who_configured_no_logging(tmp_path: Path) -> None:
     script = tmp_path / "plain_loop.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
         from lightning_conditioning import ConditioningMonitor
@@ -57,7 +58,8 @@ def test_start_lines_reach_a_user_who_configured_no_logging(tmp_path: Path) -> N
         monitor = ConditioningMonitor(net, every_n_steps=1, warn_diagnosis=False)
         with monitor.track(0):
             net(torch.randn(16, 4)).square().mean().backward()
-    """))
+    """)
+    )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "ConditioningMonitor: analysing 2 layers" in done.stderr
@@ -65,7 +67,9 @@ def test_start_lines_reach_a_user_who_configured_no_logging(tmp_path: Path) -> N
     # and a user who silences the package's logger is obeyed
     silenced = script.read_text().replace(
         "import torch\n",
-        "import logging, torch\nlogging.getLogger('lightning_conditioning').setLevel(logging.WARNING)\n", 1)
+        "import logging, torch\nlogging.getLogger('lightning_conditioning').setLevel(logging.WARNING)\n",
+        1,
+    )
     script.write_text(silenced)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "analysing" not in done.stderr, done.stderr
@@ -76,8 +80,13 @@ def test_short_warnings_are_whole_sentences(limit: int) -> None:
     from lightning_conditioning.views.diagnosis import Finding
     from lightning_conditioning.views.wording import short_warning
 
-    finding = Finding("rank_deficient", "a", "κ_p is not a measurement in 3 layer(s): " + "; ".join(
-        f"layer{i} Σx: κ_80 = ∞ (rank 6 of 8)" for i in range(10)) + ". More text.",
-                      remedy="one thing; another: a third")
+    finding = Finding(
+        "rank_deficient",
+        "a",
+        "κ_p is not a measurement in 3 layer(s): "
+        + "; ".join(f"layer{i} Σx: κ_80 = ∞ (rank 6 of 8)" for i in range(10))
+        + ". More text.",
+        remedy="one thing; another: a third",
+    )
     text = short_warning(finding, limit=limit)
     assert text == "κ_p is not a measurement in 3 layer(s).\nRemedy: one thing; another: a third."

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_conditioning.analysis.options import ConditioningOptions
 from lightning_conditioning.capture import passes
-from lightning_conditioning.capture.loss_watch import LossFactor, LossWatch
+from lightning_conditioning.capture.loss_watch import WatchedPasses
 from lightning_conditioning.capture.passes import ForwardFn, LossFn, SampleLossFn
-from lightning_conditioning.integrations.huggingface.shell import _TrainerShell, resumed_checkpoint
+from lightning_conditioning.integrations.huggingface.shell import Hook, _TrainerShell, resumed_checkpoint
 from lightning_conditioning.monitors.conditioning import ConditioningMonitor
 from lightning_conditioning.monitors.readouts import ConditioningReadout
 from lightning_conditioning.monitors.shell import check_options, domination_source, grad_scale, unwrap_optimizer
@@ -73,9 +73,8 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         self.prefix, self.log_histograms, self.print_diagnosis = prefix, log_histograms, print_diagnosis
         self.monitor: ConditioningMonitor | None = None
         self._model: nn.Module | None = None
-        self._watch = LossWatch(self._capturing, self._before_forward, self._loss_gradient)
-        self._factor: LossFactor | None = None  # the per-row factor of the Trainer's passes
-        self._in_pass = False  # an extra pass is running (its forward is not a training one)
+        self._passes = WatchedPasses(self.extra_passes, self._extra_pass)  # the Trainer's, seen from the model
+        self._watch = self._passes.watch
         self._rank, self._optimizer, self._probe_file = 0, None, ""
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # beside the new checkpoint
@@ -87,93 +86,74 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         self._rank, self._optimizer = int(getattr(args, "process_index", 0)), kwargs.get("optimizer")
         self._probe_file = f"lightning_conditioning_{self.prefix}_probe_batches_rank{self._rank}.pt"  # on_save
         if self.monitor is None or self.monitor.closed:
-            self.monitor = ConditioningMonitor(
-                model, collectives="auto", info=self._info, warn=self._warn,
-                **{name: getattr(self.options, name) for name in ConditioningOptions.names()})
+            self.monitor = self._new_monitor(ConditioningMonitor, model, collectives="auto")
             self.monitor.load_state_dict(self._restored)
-            self._factor = LossFactor(self.monitor)
+            self._passes.bind(self.monitor)
         self.monitor.optimizer = unwrap_optimizer(kwargs.get("optimizer"))  # the stability margin
         self.monitor.domination_source = domination_source(self._callbacks())
         self._model = model
         # those of a resumed run's checkpoint, else drawn beside the training loader
-        if note := self.extra_passes.hold_for_run(kwargs.get("train_dataloader"), resumed_checkpoint(self._trainer),
-                                                  self._probe_file, type(self).__name__):
+        if note := self.extra_passes.hold_for_run(
+            kwargs.get("train_dataloader"), resumed_checkpoint(self._trainer), self._probe_file, type(self).__name__
+        ):
             self._warn(f"{type(self).__name__}: {note}")
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor = self.monitor
         if monitor is None or monitor.capture is None or not monitor.begin(state.global_step):
             return
-        assert self._factor is not None
-        self._factor.reset()
+        assert self._passes.factor is not None
+        self._passes.factor.reset()
         if not self.extra_passes.active:
             monitor.capture.active = True  # the Trainer's own passes of every micro-batch
         elif self.extra_passes.probe_batches:  # each held batch, once per analysed step
             assert self._model is not None
             autocast = getattr(self._trainer, "autocast_smart_context_manager", None) or nullcontext
-            self.extra_passes.run_held(lambda held: self._extra_pass(held, state.global_step, autocast),
-                                       next((p.device for p in self._model.parameters()), None))
+            self.extra_passes.run_held(
+                lambda held: self._extra_pass(held, state.global_step, autocast),
+                next((p.device for p in self._model.parameters()), None),
+            )
 
     def _extra_pass(self, batch: Any, step: int, context: Any = nullcontext) -> None:
-        model = self._model
-        assert self.monitor is not None and model is not None
-        self._in_pass = True
-        try:
-            self.extra_passes.run(self.monitor, model, lambda: self.extra_passes.forward(model, batch), batch,
-                                  step=step, rank=self._rank, loss_scale=grad_scale(self._optimizer),
-                                  forward_context=context)
-        finally:
-            self._in_pass = False
-
-    def _capturing(self) -> bool:
-        monitor = self.monitor
-        if monitor is None or self._in_pass:
-            return False
-        if self.extra_passes.fisher == "true" and not self.extra_passes.probe_batches:
-            return monitor.current_step is not None  # each micro-batch gets its sampled pass
-        return monitor.capturing
-
-    def _before_forward(self, kwargs: Mapping[str, Any]) -> None:
-        """A micro-batch of a captured step (the true Fisher: its pass with sampled labels, here,
-        before the Trainer's own forward, inside the Trainer's autocast)."""
-        assert self.monitor is not None and self._factor is not None
-        if self.extra_passes.active:
-            assert self.monitor.current_step is not None
-            self._extra_pass(dict(kwargs), self.monitor.current_step)
-        else:
-            self._factor.before_forward(kwargs)
-
-    def _loss_gradient(self, loss: Tensor, grad: Tensor) -> None:
-        if self._factor is not None and not self.extra_passes.active:  # (extra passes: their own)
-            self._factor.loss_gradient(loss, grad)
+        model, monitor, extra = self._model, self.monitor, self.extra_passes
+        assert monitor is not None and model is not None
+        with self._passes.own_pass():
+            run = functools.partial(extra.run, step=step, rank=self._rank, forward_context=context)
+            run(monitor, model, lambda: extra.forward(model, batch), batch, loss_scale=grad_scale(self._optimizer))
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         monitor, step = self.monitor, state.global_step
         if monitor is None:
             return
         skipped = getattr(kwargs.get("optimizer"), "step_was_skipped", False)
-        if monitor.current_step == step and not skipped and self._factor is not None and (
-                note := self._factor.missing_note(type(self).__name__, step)):
+        if not skipped and (note := self._passes.missing_note(type(self).__name__, step)):
             self._warn_once("no-loss-gradient", note)
-        if monitor.step_done(step, skipped="the optimizer step was skipped" if skipped else None,
-                             who=type(self).__name__):
-            self._publish(args, state, control, kwargs)
+        if monitor.step_done(
+            step, skipped="the optimizer step was skipped" if skipped else None, who=type(self).__name__
+        ):
+            self._publish((args, state, control, kwargs))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         super().on_epoch_end(args, state, control, **kwargs)
         # the last background analysis, while the reporters are still open (they close in
         # on_train_end, which reaches them before this callback)
         if self.monitor is not None and self.monitor.wait():
-            self._publish(args, state, control, kwargs)
+            self._publish((args, state, control, kwargs))
 
-    def _publish(self, args: Any, state: Any, control: Any, hook_kwargs: Mapping[str, Any]) -> None:
+    def _publish(self, hook: Hook) -> None:
         """The monitor's new results, at the step they belong to."""
         monitor = self.monitor
         assert monitor is not None and monitor.results_step is not None
         step = monitor.results_step
-        publication = Publication(monitor.window_results, step, prefix=self.prefix, figures=False,
-                                  histograms=self.log_histograms, attention=monitor.attention.results)
-        self._report(args, state, control, step, publication.metrics, hook_kwargs)
+        publication = Publication(
+            monitor.window_results,
+            step,
+            prefix=self.prefix,
+            figures=False,
+            histograms=self.log_histograms,
+            attention=monitor.attention.results,
+        )
+        self._report(hook, step, publication.metrics)
         if self.log_histograms and self._zero:
             write_to_tensorboard(self._reporters(), publication)
 
@@ -183,7 +163,7 @@ class ConditioningTrainerCallback(ConditioningReadout, _TrainerShell):
         if monitor is None:
             return
         if monitor.wait():  # an analysis still in flight (after on_epoch_end: rare)
-            self._publish(args, state, control, kwargs)
+            self._publish((args, state, control, kwargs))
         monitor.discard()
         monitor.close()  # hooks go; the latest results stay readable
         if self._zero and (note := self.closing_words(self.print_diagnosis)):

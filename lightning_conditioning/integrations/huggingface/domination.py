@@ -53,9 +53,9 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = self._bind(state, kwargs)
         self._collectives = auto_collectives()  # torch.distributed's group under DDP / FSDP
-        self.monitor = WeightDominationMonitor(
-            model, prefix=self.prefix, warn=self._warn, info=self._info, collectives=self._collectives,
-            **self.options.as_kwargs())
+        self.monitor = self._new_monitor(
+            WeightDominationMonitor, model, prefix=self.prefix, collectives=self._collectives
+        )
         self.monitor.load_state_dict(self._restored)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -79,7 +79,7 @@ class WeightDominationTrainerCallback(DominationReadout, _TrainerShell):
         if getattr(kwargs.get("optimizer"), "step_was_skipped", False):
             monitor.cancel()  # fp16 overflow: no update was applied
             return
-        self._report(args, state, control, step, monitor.after_optimizer_step(), kwargs)
+        self._report((args, state, control, kwargs), step, monitor.after_optimizer_step())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._checking = False

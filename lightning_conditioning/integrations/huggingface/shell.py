@@ -22,22 +22,29 @@ except ImportError as _error:  # the module stays importable (docs, doctest coll
     TrainerCallback = object
     _MISSING = str(_error)
 
+#: a Trainer hook's arguments: ``(args, state, control, kwargs)``
+Hook = tuple[Any, Any, Any, Mapping[str, Any]]
+
 
 def _calling_trainer(callback: object) -> Any:
     """The Trainer whose callback handler is calling ``callback`` now (``Trainer`` →
     ``CallbackHandler.call_event`` → the hook), or None."""
+
     def holds(names: dict[str, Any]) -> Any:
         handler = getattr(names.get("self"), "callback_handler", None)
         return names["self"] if any(cb is callback for cb in getattr(handler, "callbacks", ())) else None
+
     return found_on_stack(holds)
 
 
 def resumed_checkpoint(trainer: Any) -> str | None:
     """The checkpoint folder ``trainer.train(resume_from_checkpoint=...)`` resumes from; None
     when it is not resuming."""
+
     def folder(names: dict[str, Any]) -> Any:
         found = names.get("resume_from_checkpoint") if names.get("self") is trainer else None
         return found if isinstance(found, str) and found else None
+
     return found_on_stack(folder)
 
 
@@ -47,11 +54,14 @@ class _TrainerShell(MonitorShell, TrainerCallback):
 
     def __init__(self) -> None:
         if _MISSING is not None:
-            raise ImportError(f"{type(self).__name__} needs the Hugging Face `transformers` package (and "
-                              f'`accelerate` for its Trainer): pip install "lightning-conditioning[hf]" ({_MISSING})')
+            raise ImportError(
+                f"{type(self).__name__} needs the Hugging Face `transformers` package (and "
+                f'`accelerate` for its Trainer): pip install "lightning-conditioning[hf]" ({_MISSING})'
+            )
         super().__init__()
         self._trainer: Any = None
         self._watch: LossWatch  # (each callback's own)
+        self.options: Any  # (each callback's own: ConditioningOptions, DominationOptions)
 
     def set_trainer(self, trainer: Any) -> None:
         """The ``transformers.Trainer`` whose reporting integrations get the scalars. Needed
@@ -81,13 +91,19 @@ class _TrainerShell(MonitorShell, TrainerCallback):
         self._trainer = _calling_trainer(self) or self._trainer
         check_one_per_prefix(self, self._callbacks(), type(self))
         if self._trainer is None:
-            self._warn_once("no-trainer", f"{type(self).__name__}: no Hugging Face Trainer calls this "
-                            "callback, so its scalars reach no reporting integration (they are in "
-                            "`results`); call `callback.set_trainer(trainer)` before training.")
+            self._warn_once(
+                "no-trainer",
+                f"{type(self).__name__}: no Hugging Face Trainer calls this "
+                "callback, so its scalars reach no reporting integration (they are in "
+                "`results`); call `callback.set_trainer(trainer)` before training.",
+            )
         elif not self._reporters():
-            self._warn_once("no-reporter", f"{type(self).__name__}: the Trainer has no reporting "
-                            "integration (`report_to`), so nothing is logged; the latest numbers "
-                            "are in `results`.")
+            self._warn_once(
+                "no-reporter",
+                f"{type(self).__name__}: the Trainer has no reporting "
+                "integration (`report_to`), so nothing is logged; the latest numbers "
+                "are in `results`.",
+            )
         self._watch.attach(model)  # the model's own loss, as the Trainer applies it
         return model
 
@@ -98,8 +114,12 @@ class _TrainerShell(MonitorShell, TrainerCallback):
     def _reporters(self) -> list[Any]:
         return reporting_integrations(self._callbacks())
 
-    def _report(self, args: Any, state: Any, control: Any, step: int, scalars: Mapping[str, float],
-                hook_kwargs: Mapping[str, Any]) -> None:
-        """``scalars`` to every reporting integration at ``step`` (process zero only)."""
+    def _new_monitor(self, kind: type, model: nn.Module, **shell: Any) -> Any:
+        """A ``kind`` monitor of ``model`` with the callback's options, speaking through it."""
+        return kind(model, info=self._info, warn=self._warn, **self.options.as_kwargs(), **shell)
+
+    def _report(self, hook: Hook, step: int, scalars: Mapping[str, float]) -> None:
+        """``scalars`` to every reporting integration at ``step`` (process zero only); ``hook``:
+        the Trainer hook's ``(args, state, control, kwargs)``."""
         if self._zero:
-            report_scalars(self._reporters(), args, state, control, step, scalars, hook_kwargs)
+            report_scalars(self._reporters(), *hook[:3], step, scalars, hook[3])

@@ -62,8 +62,10 @@ class SpectralQuantiles:
         nodes, weights = rule.nodes, rule.weights
         probes, steps = nodes.shape
         if dim < 1 or structural_zeros < 0 or probes < 2 or not 0.0 < confidence < 1.0:
-            raise ValueError(f"need dim >= 1, structural_zeros >= 0, >= 2 probes and confidence"
-                             f" in (0, 1), got {dim}, {structural_zeros}, {probes}, {confidence}")
+            raise ValueError(
+                f"need dim >= 1, structural_zeros >= 0, >= 2 probes and confidence"
+                f" in (0, 1), got {dim}, {structural_zeros}, {probes}, {confidence}"
+            )
         self.dim = dim
         self.structural_zeros = structural_zeros
         self.threads = threads
@@ -88,8 +90,7 @@ class SpectralQuantiles:
         self._cumulative = cumulative.clamp(max=1.0)
         squares = torch.where(finite, rule.last**2, torch.zeros_like(nodes))
         self._prefix = rule.residual[:, None] * squares.cumsum(1).sqrt() + self.rounding
-        self._suffix = (rule.residual[:, None] * squares.flip(1).cumsum(1).flip(1).sqrt()
-                        + self.rounding)
+        self._suffix = rule.residual[:, None] * squares.flip(1).cumsum(1).flip(1).sqrt() + self.rounding
         self._root_below = self._cumulative[:, 1:].sqrt()
         self._middle = self._cumulative[:, 1:] - 0.5 * weights
         self._markov_below = (self._safe_nodes + self.rounding).clamp(min=0)
@@ -111,14 +112,17 @@ class SpectralQuantiles:
         for factor in (1e1, 1e2, 1e3, 1e4, 1e6):
             for offset in (-factor * self._suffix, factor * self._prefix):
                 beside.append((nodes + offset)[finite & (offset.abs() < 0.5 * spacing)])
-        self.grid = torch.unique(torch.cat([
-            valid.clamp(min=0.0),
-            torch.cat(beside).clamp(min=0.0, max=positive),
-            torch.tensor([0.0, floor, ceiling], dtype=torch.float64),
-            torch.logspace(math.log10(bottom), math.log10(positive), grid_points,
-                           dtype=torch.float64),
-            torch.linspace(0.0, positive, grid_points, dtype=torch.float64),
-        ]))
+        self.grid = torch.unique(
+            torch.cat(
+                [
+                    valid.clamp(min=0.0),
+                    torch.cat(beside).clamp(min=0.0, max=positive),
+                    torch.tensor([0.0, floor, ceiling], dtype=torch.float64),
+                    torch.logspace(math.log10(bottom), math.log10(positive), grid_points, dtype=torch.float64),
+                    torch.linspace(0.0, positive, grid_points, dtype=torch.float64),
+                ]
+            )
+        )
         picks = torch.randint(probes, (resamples, probes), generator=generator)
         counts = torch.zeros(resamples, probes, dtype=torch.float64)
         counts.scatter_add_(1, picks, torch.ones(resamples, probes, dtype=torch.float64))
@@ -135,8 +139,7 @@ class SpectralQuantiles:
         # residual theorem: an eigenvalue lies within ρ_j of each Ritz value θ_j
         single = rule.residual[:, None] * rule.last.abs() + self.rounding
         proven = finite & (nodes - single > floor)
-        self._residual_high = float(torch.where(proven, nodes + single,
-                                                torch.full_like(nodes, math.inf)).min())
+        self._residual_high = float(torch.where(proven, nodes + single, torch.full_like(nodes, math.inf)).min())
 
     # ------------------------------------------------------------------ the CDF
     def probe_bounds(self, x: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -217,8 +220,7 @@ class SpectralQuantiles:
             >>> low <= 0.5 <= high
             True
         """
-        index = int(torch.searchsorted(self.grid, torch.tensor(x, dtype=torch.float64),
-                                       right=True)) - 1
+        index = int(torch.searchsorted(self.grid, torch.tensor(x, dtype=torch.float64), right=True)) - 1
         if index < 0:
             return 0.0, 0.0, self._bands(0)[1]
         low, high, rule = self._bands(index)
@@ -273,18 +275,16 @@ class SpectralQuantiles:
         """
         n, grid = self.dim, self.grid
         count = int(grid.numel())
-        low_band, high_band = torch.empty(count, dtype=torch.float64), torch.empty(
-            count, dtype=torch.float64)
+        low_band, high_band = torch.empty(count, dtype=torch.float64), torch.empty(count, dtype=torch.float64)
         for start in range(0, count, 256):
-            lower, upper, _ = self._probe_bounds_at(grid[start:start + 256])
-            low_band[start:start + 256] = (self._counts @ lower).kthvalue(
-                self._rank_low + 1, dim=0).values
-            high_band[start:start + 256] = (self._counts @ upper).kthvalue(
-                self._rank_high + 1, dim=0).values
+            lower, upper, _ = self._probe_bounds_at(grid[start : start + 256])
+            low_band[start : start + 256] = (self._counts @ lower).kthvalue(self._rank_low + 1, dim=0).values
+            high_band[start : start + 256] = (self._counts @ upper).kthvalue(self._rank_high + 1, dim=0).values
         ks = torch.arange(1, n + 1, dtype=torch.float64)
         index = torch.searchsorted(low_band, (n - ks + 1e-6) / n)
-        highs = torch.where(index < count, grid[index.clamp(max=count - 1)],
-                            torch.tensor(self.ceiling, dtype=torch.float64))
+        highs = torch.where(
+            index < count, grid[index.clamp(max=count - 1)], torch.tensor(self.ceiling, dtype=torch.float64)
+        )
         index = torch.searchsorted(high_band, (n - ks + 1 - 1e-6) / n)
         lows = torch.where(index > 0, grid[(index - 1).clamp(min=0)], torch.zeros_like(ks))
         certified = torch.full((n,), -math.inf, dtype=torch.float64)
@@ -293,15 +293,14 @@ class SpectralQuantiles:
         lows = torch.maximum(lows, certified).clamp(min=0.0)
         certified = torch.full((n,), math.inf, dtype=torch.float64)
         smallest = min(n, int(self._smallest.numel()))  # λ_{n−j+1} ≤ j-th smallest node
-        certified[n - smallest:] = (self._smallest[:smallest] + self.rounding).flip(0)
+        certified[n - smallest :] = (self._smallest[:smallest] + self.rounding).flip(0)
         highs = torch.maximum(torch.minimum(highs, certified).clamp(max=self.ceiling), lows)
         estimates = self._smooth_quantiles((n - ks + 0.5) / n)
         top = self.top
         if top is not None and top.upper.numel():
             listed = min(n, int(top.upper.numel()))
             lows[:listed] = torch.maximum(top.lower[:listed].clamp(min=0.0), lows[:listed])
-            highs[:listed] = torch.maximum(
-                torch.minimum(top.upper[:listed], certified[:listed]), lows[:listed])
+            highs[:listed] = torch.maximum(torch.minimum(top.upper[:listed], certified[:listed]), lows[:listed])
             estimates[:listed] = top.values[:listed]
         lows = torch.where(lows <= self.floor, torch.zeros_like(lows), lows)
         estimates = torch.minimum(torch.maximum(estimates, lows), highs)
@@ -336,8 +335,7 @@ class SpectralQuantiles:
         y0, y1 = self._middle.gather(1, left), self._middle.gather(1, right)
         inside = (above > 0) & (above < steps) & torch.isfinite(x1)
         share = ((at - x0) / (x1 - x0).clamp(min=1e-300)).clamp(0.0, 1.0)
-        value = torch.where(inside, y0 + (y1 - y0) * share,
-                            (above > 0).to(torch.float64))
+        value = torch.where(inside, y0 + (y1 - y0) * share, (above > 0).to(torch.float64))
         return value.mean(0)
 
     def _smooth_quantile(self, target: float) -> float:

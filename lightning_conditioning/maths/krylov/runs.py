@@ -35,8 +35,6 @@ def _threaded(method: _Method) -> _Method:
     return cast(_Method, wrapper)
 
 
-
-
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -229,8 +227,9 @@ class _BlockLanczos:
     Rayleigh-Ritz and stops early once the ``top`` leading Ritz values are resolved to
     ``tolerance`` (relative), checked after ``check``, ``2·check``, ``4·check``… steps."""
 
-    def __init__(self, start: Tensor, steps: int, top: int, tolerance: float = 1e-6,
-                 check: int = 8, slack: float = 0.0) -> None:
+    def __init__(
+        self, start: Tensor, steps: int, top: int, tolerance: float = 1e-6, check: int = 8, slack: float = 0.0
+    ) -> None:
         dim, width = start.shape
         self.dim, self.steps, self.top = dim, steps, top
         self.tolerance, self.check, self.slack = tolerance, check, slack
@@ -247,8 +246,7 @@ class _BlockLanczos:
 
     @property
     def done(self) -> bool:
-        return (self.taken >= self.steps or self.block.shape[0] == 0 or self.converged
-                or self.size >= self.rows.shape[0])
+        return self.taken >= self.steps or self.block.shape[0] == 0 or self.converged or self.size >= self.rows.shape[0]
 
     def current(self) -> Tensor:
         return self.block.T
@@ -256,8 +254,8 @@ class _BlockLanczos:
     def step(self, image: Tensor) -> None:
         start = self.size
         width = min(self.block.shape[0], self.rows.shape[0] - start)
-        self.rows[start:start + width] = self.block[:width]
-        self.images[start:start + width] = image.T[:width]
+        self.rows[start : start + width] = self.block[:width]
+        self.images[start : start + width] = image.T[:width]
         self.size = end = start + width
         self.taken += 1
         self.scale = max(self.scale, float(image.norm()))
@@ -291,8 +289,7 @@ class _BlockLanczos:
         top = min(top, int(theta.numel()))
         ritz = vectors[:, :top]
         residual = ritz.T @ images - (ritz * theta[:top]).T @ basis  # (top, d)
-        norms = torch.stack([torch.linalg.matrix_norm(residual[: j + 1], ord=2)
-                             for j in range(top)])
+        norms = torch.stack([torch.linalg.matrix_norm(residual[: j + 1], ord=2) for j in range(top)])
         rounding = self.dim * UNIT_ROUNDOFF * max(float(theta[0].abs()), self.scale) + self.slack
         values = theta.cpu()
         return TopRitz(values, values[:top] - rounding, values[:top] + norms.cpu() + rounding)
@@ -330,8 +327,7 @@ def krylov_runs(
     """
     dim = probes.shape[0]
     runs = _ProbeLanczos(probes, min(steps, dim))
-    block = (_BlockLanczos(block_start, block_steps, top, slack=slack)
-             if block_start is not None else None)
+    block = _BlockLanczos(block_start, block_steps, top, slack=slack) if block_start is not None else None
     while not runs.done or (block is not None and not block.done):
         parts = []
         if not runs.done:

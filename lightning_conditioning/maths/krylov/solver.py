@@ -78,10 +78,12 @@ class LanczosSolver:
         self.top = _integer("top", top, 1)
         self.steps = _integer("steps", steps, 2)
         self.probes = _integer("probes", probes, 2)
-        self.block_size = _integer("block_size", top + 4 if block_size is None else block_size,
-                                   1)
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
-                0.0 < float(confidence) < 1.0):
+        self.block_size = _integer("block_size", top + 4 if block_size is None else block_size, 1)
+        if (
+            isinstance(confidence, bool)
+            or not isinstance(confidence, (int, float))
+            or not (0.0 < float(confidence) < 1.0)
+        ):
             raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
         self.confidence = float(confidence)
         self.resamples = _integer("resamples", resamples, 100)
@@ -93,8 +95,10 @@ class LanczosSolver:
         self.threads = None if threads is None else _integer("threads", threads, 1)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(top={self.top}, steps={self.steps}, probes={self.probes},"
-                f" confidence={self.confidence}, seed={self.seed}, threads={self.threads})")
+        return (
+            f"{type(self).__name__}(top={self.top}, steps={self.steps}, probes={self.probes},"
+            f" confidence={self.confidence}, seed={self.seed}, threads={self.threads})"
+        )
 
     def __call__(self, matrix: Tensor) -> SolvedSpectrum:
         """The spectrum of a dense symmetric PSD matrix (any float dtype and device; never
@@ -120,8 +124,9 @@ class LanczosSolver:
             keep = (matrix.diagonal() != 0).nonzero().squeeze(1)
             if keep.numel() < dim:
                 product, zeros = _restricted(product, keep, dim), dim - int(keep.numel())
-        return self.solve_operator(product, dim - zeros, structural_zeros=zeros,
-                                   device=matrix.device, perturbation=skew)
+        return self.solve_operator(
+            product, dim - zeros, structural_zeros=zeros, device=matrix.device, perturbation=skew
+        )
 
     def solve_operator(
         self,
@@ -148,39 +153,60 @@ class LanczosSolver:
         with limited_threads(self.threads):
             return self._solve(matvec, dim, structural_zeros, device, perturbation)
 
-    def _solve(self, matvec: MatVec, dim: int, structural_zeros: int,
-               device: torch.device | str | None, perturbation: float) -> SolvedSpectrum:
+    def _solve(
+        self, matvec: MatVec, dim: int, structural_zeros: int, device: torch.device | str | None, perturbation: float
+    ) -> SolvedSpectrum:
         if dim < 0 or structural_zeros < 0:
-            raise ValueError(f"dim and structural_zeros must be >= 0, got {dim}, "
-                             f"{structural_zeros}")
+            raise ValueError(f"dim and structural_zeros must be >= 0, got {dim}, {structural_zeros}")
         size = dim + structural_zeros
         listed = min(self.top, size)
         if dim == 0:
             zeros = torch.zeros(listed, dtype=torch.float64)
-            return SolvedSpectrum(zeros, self.name, exact=False, structural_zeros=structural_zeros,
-                                  lower=zeros, upper=zeros, dim=size, tail_upper=0.0,
-                                  quantile=ZeroQuantiles(size), bounds="residual")
+            return SolvedSpectrum(
+                zeros,
+                self.name,
+                exact=False,
+                structural_zeros=structural_zeros,
+                lower=zeros,
+                upper=zeros,
+                dim=size,
+                tail_upper=0.0,
+                quantile=ZeroQuantiles(size),
+                bounds="residual",
+            )
         generator = torch.Generator().manual_seed(self.seed)
         signs = torch.randint(0, 2, (dim, self.probes), generator=generator)
         probes = (2.0 * signs - 1.0).to(dtype=torch.float64, device=device)
-        start = torch.randn(dim, min(self.block_size, dim), generator=generator,
-                            dtype=torch.float64).to(device)
-        rule, top = krylov_runs(matvec, probes, self.steps, start, self.steps, self.top,
-                                slack=perturbation)
+        start = torch.randn(dim, min(self.block_size, dim), generator=generator, dtype=torch.float64).to(device)
+        rule, top = krylov_runs(matvec, probes, self.steps, start, self.steps, self.top, slack=perturbation)
         assert top is not None
         rtol = self.rtol if self.rtol is not None else floor_rtol(dim=max(size, 1))
         quantiles = SpectralQuantiles(
-            rule, dim, structural_zeros=structural_zeros, floor=rtol * float(top.upper[0]),
-            top=top, confidence=self.confidence, resamples=self.resamples, generator=generator,
-            slack=perturbation, threads=self.threads,
+            rule,
+            dim,
+            structural_zeros=structural_zeros,
+            floor=rtol * float(top.upper[0]),
+            top=top,
+            confidence=self.confidence,
+            resamples=self.resamples,
+            generator=generator,
+            slack=perturbation,
+            threads=self.threads,
         )
         rows = [quantiles(k) for k in range(1, listed + 1)]
         values, lower, upper = (torch.tensor(column, dtype=torch.float64) for column in zip(*rows))
         spread = float(((upper - lower) / lower.clamp(min=1e-300)).max()) if listed else 0.0
         return SolvedSpectrum(
-            values, self.name, exact=False, relative_error=spread,
-            structural_zeros=structural_zeros, lower=lower, upper=upper, dim=size,
-            tail_upper=float(upper[-1]) if listed else 0.0, quantile=quantiles,
+            values,
+            self.name,
+            exact=False,
+            relative_error=spread,
+            structural_zeros=structural_zeros,
+            lower=lower,
+            upper=upper,
+            dim=size,
+            tail_upper=float(upper[-1]) if listed else 0.0,
+            quantile=quantiles,
             bounds="residual",
         )
 
@@ -197,8 +223,7 @@ def _restricted(product: MatVec, keep: Tensor, dim: int) -> MatVec:
     return matvec
 
 
-def _skew_bound(matrix: Tensor, generator: torch.Generator, samples: int = 4
-                ) -> tuple[float, float]:
+def _skew_bound(matrix: Tensor, generator: torch.Generator, samples: int = 4) -> tuple[float, float]:
     """A high-probability bound on ``‖(M − Mᵀ)/2‖₂`` and an estimate of ``‖M‖_F``, from
     ``samples`` Gaussian products (Hutchinson: ``E‖A g‖² = ‖A‖_F² ≥ ‖A‖₂²``; 10× the
     estimate fails with probability ~1e-5 for ``samples = 4``). Two thin products, no
