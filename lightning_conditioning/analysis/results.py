@@ -313,21 +313,12 @@ def analyse_layer(
     """
     units = int(moments.unit_max.numel())
     empty = dict(input=None, grad=None, fim=None, dead_input_units=None, full_input_units=None)
-    common = dict(
-        name=name,
-        step=step,
-        input_units=units,
-        input_rows=moments.input_rows,
-        grad_rows=moments.grad_rows,
-        expert=moments.expert,
-        routed_rows=(
-            None
-            if moments.expert is None
-            else moments.input_rows
-            if moments.input_sampling is None
-            else max(moments.input_rows, moments.input_sampling.rows)
-        ),
-    )
+    routed = None  # an expert's routed (token, slot) rows: all of them, also when a sample was kept
+    if moments.expert is not None:
+        sampled = moments.input_sampling
+        routed = moments.input_rows if sampled is None else max(moments.input_rows, sampled.rows)
+    common = dict(name=name, step=step, input_units=units, expert=moments.expert, routed_rows=routed)
+    common.update(input_rows=moments.input_rows, grad_rows=moments.grad_rows)
     # solved spectra already say what exists (solve_layer checked finiteness once): no second
     # pass over the matrices unless nothing was solved
     status: LayerStatus = layer_status(moments) if not solved else "ok" if "grad" in solved else "no_grad"

@@ -536,38 +536,18 @@ class LayerCapture:
         self.sharing.finish()
         maxima = [window.unit_max for window in windows]
         minima = [window.unit_min for window in windows]
-        precision = torch.tensor(
-            [
-                v
-                for w in windows
-                for v in (
-                    w.input.resolution,
-                    w.input.gram_roundoff,
-                    w.grad.resolution,
-                    w.grad.gram_roundoff,
-                    w.lookup_leading,
-                )
-            ]
-            + [self._widest]
-            + self.sharing.states(names, self._copyable),
-            dtype=torch.float64,
-            device=device,
-        )
-        flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision]), "max")
+        precision = [v for window in windows for v in window.precisions()]
+        precision += [self._widest, *self.sharing.states(names, self._copyable)]
+        precision_tensor = torch.tensor(precision, dtype=torch.float64, device=device)
+        flat = reduce(torch.cat([*maxima, *[-m for m in minima], precision_tensor]), "max")
         offset = unpack(flat, maxima)
         offset += unpack(-flat[offset : offset + sum(m.numel() for m in minima)], minima)
         values = flat[offset:].tolist()
+        width = LayerWindow.PRECISIONS
         for index, window in enumerate(windows):  # and whether a lookup was shared: ranks agree
-            (
-                window.input.resolution,
-                window.input.gram_roundoff,
-                window.grad.resolution,
-                window.grad.gram_roundoff,
-                leading,
-            ) = values[5 * index : 5 * index + 5]
-            window.lookup_leading = int(leading)
-        self._widest = int(values[5 * len(windows)])
-        for follower, leader in self.sharing.agree(names, values[5 * len(windows) + 1 :]):
+            window.set_precisions(values[width * index : width * (index + 1)])
+        self._widest = int(values[width * len(windows)])
+        for follower, leader in self.sharing.agree(names, values[width * len(windows) + 1 :]):
             self.windows[follower].copy_input_from(self.windows[leader])
         apart = set(self.sharing.followers) | set(self.sharing.lost)
 

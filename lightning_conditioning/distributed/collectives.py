@@ -133,28 +133,18 @@ class Collectives:
 
             monitor = ConditioningMonitor(model, collectives=Collectives.fabric(fabric))
         """
-        return cls._launched(
-            lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op),
-            fabric.world_size,
-            fabric.global_rank,
-            fabric.device,
-        )
+        return cls._launched(lambda tensor, op: fabric.all_reduce(tensor, reduce_op=op), fabric, fabric.device)
 
     @classmethod
     def strategy(cls, strategy: Any) -> Collectives:
         """A Lightning ``Strategy`` (``trainer.strategy``): ``strategy.reduce``."""
-        return cls._launched(
-            lambda tensor, op: strategy.reduce(tensor, reduce_op=op),
-            strategy.world_size,
-            strategy.global_rank,
-            strategy.root_device,
-        )
+        return cls._launched(lambda tensor, op: strategy.reduce(tensor, reduce_op=op), strategy, strategy.root_device)
 
     @classmethod
-    def _launched(cls, reduce: ReduceFn, world_size: int, rank: int, device: torch.device) -> Collectives:
-        """A launcher's collectives, with ``torch.distributed``'s reduce to one rank when the
-        default group is the launcher's own."""
-        world_size, rank = int(world_size), int(rank)
+    def _launched(cls, reduce: ReduceFn, launcher: Any, device: torch.device) -> Collectives:
+        """A launcher's collectives (its ``world_size`` and ``global_rank``), with
+        ``torch.distributed``'s reduce to one rank when the default group is the launcher's own."""
+        world_size, rank = int(launcher.world_size), int(launcher.global_rank)
         return cls(reduce, world_size, rank, device, _default_group_reduce_to(world_size, rank))
 
 

@@ -504,6 +504,21 @@ class LayerWindow:
         self.input.tally.set_values(list(counts[2:7]))
         self.grad.tally.set_values(list(counts[7:12]))
 
+    #: the values :meth:`precisions` lists, each the coarsest over processes after a reduction
+    PRECISIONS = 5
+
+    def precisions(self) -> list[float]:
+        """What a distributed reduction takes the maximum of: the precisions the rows and Grams
+        had (the coarsest sets every process's floor) and whether a lookup was shared."""
+        x, g = self.input, self.grad
+        return [x.resolution, x.gram_roundoff, g.resolution, g.gram_roundoff, self.lookup_leading]
+
+    def set_precisions(self, values: list[float]) -> None:
+        """Overwrite what :meth:`precisions` lists (after a distributed reduction)."""
+        x, g = self.input, self.grad
+        x.resolution, x.gram_roundoff, g.resolution, g.gram_roundoff, leading = values
+        self.lookup_leading = int(leading)
+
     def moments(self, *, take: bool = False) -> LayerMoments:
         """Means of the window (float64, on the window's device; see :func:`moments_to_cpu`).
         With ``take``, the means are computed in the sums' own memory, which is handed over

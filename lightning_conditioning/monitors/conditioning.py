@@ -50,7 +50,7 @@ from lightning_conditioning.notify import announce
 from lightning_conditioning.notify import warn as warn_at_user
 from lightning_conditioning.views.diagnosis import Finding, diagnose, short_warning
 from lightning_conditioning.views.tables import conditioning_table
-from lightning_conditioning.views.wording import listing
+from lightning_conditioning.views.wording import layer_notes
 
 __all__ = ["ConditioningMonitor", "analyse_capture"]
 
@@ -141,13 +141,12 @@ class ConditioningMonitor:
         self._window_start: int | None = None
         self._current_step: int | None = None
         self._next_step: int | None = None
-        self._warned_late = False
+        self._warned_late = self._waited_for_room = False
         self._noted: set[str] = set()  # "layer\nnote" already said
         self._fired_rules: set[str] = set()
         #: the step the current :attr:`results` belong to (None before any)
         self.results_step: int | None = None
         self._background = BackgroundAnalysis()
-        self._waited_for_room = False
         o = self.options
         layers = find_layers(model, o.layer_types, o.include, o.exclude, o.conv_mode)
         #: the per-example convention in use (``loss_reduction`` with ``"auto"`` resolved)
@@ -156,7 +155,8 @@ class ConditioningMonitor:
         self.last_linear = last_linear_name(model)
         #: weight-bearing modules no adapter covers: ``(name, type, parameters, why)``
         self.uncovered = uncovered_modules(model, layers, o.layer_types, o.include, o.exclude)
-        self._announce_coverage(model, layers)
+        who = type(self).__name__
+        self._say(*coverage_lines(who, model, layers, self.loss_reduction, self._reduction_reason, self.uncovered))
         self.capture: LayerCapture | None = None
         #: attention logits and entropy per module and head (:mod:`..analysis.attention`)
         self.attention = AttentionWindows(model, lambda: self.capture is not None and self.capture.active)
@@ -176,7 +176,7 @@ class ConditioningMonitor:
 
         dtype = gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()], slowdown=slowdown)
         self.plan = plan_analysis(layers, memory_budget(model, o.memory_budget), float32_grams=dtype == torch.float32)
-        self._announce_plan(self.plan)
+        self._say(*self.plan.announcements(type(self).__name__))
         self.turns = TurnTaker(self.plan.moments, parameter_count(model.parameters()), o.step_overhead)
         layers = {name: entry for name, entry in layers.items() if name not in self.plan.skipped_layers}
         if not layers:
@@ -192,20 +192,10 @@ class ConditioningMonitor:
         )
         self.capture.attach()
 
-    def _announce_plan(self, plan: AnalysisPlan) -> None:
-        """The memory the sums hold, the moments not kept dense; a warning for skipped layers."""
-        lines, warning = plan.announcements(type(self).__name__)
-        for line in lines:
+    def _say(self, lines: str | list[str], warning: str | None) -> None:
+        """Notes (a line or lines: what is analysed and how), then a warning (what is not)."""
+        for line in [lines] if isinstance(lines, str) else lines:
             self._info(line)
-        if warning:
-            self._warn(warning)
-
-    def _announce_coverage(self, model: nn.Module, layers: Mapping[str, Any]) -> None:
-        """One line on what is analysed and how; one warning naming what is not (and why)."""
-        line, warning = coverage_lines(
-            type(self).__name__, model, layers, self.loss_reduction, self._reduction_reason, self.uncovered
-        )
-        self._info(line)
         if warning:
             self._warn(warning)
 
@@ -574,21 +564,9 @@ class ConditioningMonitor:
                 "arrived after their window was finished and were ignored: run the "
                 "backward inside `with monitor.track(step):` (or before `end(step)`)."
             )
-        # each layer's reason for missing or zero numbers, said once per layer and reason
-        fresh: dict[str, list[str]] = {}
-        for name, result in self._window_results.items():
-            if result.note and f"{name}\n{result.note}" not in self._noted:
-                self._noted.add(f"{name}\n{result.note}")
-                fresh.setdefault(result.note, []).append(name)
-        for said in (SHARED_LOOKUP_NOTE, DEAD_EXPERT_NOTE):  # what the model does, not a fault:
-            if names := fresh.pop(said, None):  # said, not warned
-                self._info(f"{type(self).__name__}: {listing(names)}: {said}.")
-        if fresh:
-            lines = [f"  {listing(names)}: {note}." for note, names in fresh.items()]
-            self._warn(
-                f"{type(self).__name__}: step {step}: some layers have no numbers or zero "
-                "statistics (said once per layer):\n" + "\n".join(lines)
-            )
+        notes = {name: result.note for name, result in self._window_results.items()}
+        benign = (SHARED_LOOKUP_NOTE, DEAD_EXPERT_NOTE)  # what the model does, not a fault: said, not warned
+        self._say(*layer_notes(type(self).__name__, step, notes, self._noted, benign))
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:

@@ -8,7 +8,7 @@ weight-domination table (``grad_weight_ratio``, ``update_weight_ratio``, …). B
 :func:`lightning_conditioning.views.tables.split_metrics` (flat logged keys) or
 :func:`~lightning_conditioning.views.tables.conditioning_table` (``callback.results``).
 
-The rules (defaults in :class:`Thresholds`):
+The rules (defaults in :class:`~lightning_conditioning.views.thresholds.Thresholds`):
 
 ``vanishing_forward`` / ``exploding_forward`` (Fig. 3, claim 1)
     Least-squares fit of log10 λmax(Σx) against layer index over ≥ ``min_layers`` layers;
@@ -68,12 +68,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from lightning_conditioning import schema
 from lightning_conditioning.views.deficiency import describe, remedy, unresolved_kappas
 from lightning_conditioning.views.tables import headline_percent
+from lightning_conditioning.views.thresholds import Thresholds
 from lightning_conditioning.views.wording import (
     REMEDY_LAST_BN,
     Finding,
@@ -95,58 +95,6 @@ _REMEDY_EXPLODING = (
     "scale the initial weights down (He: variance 2/fan_in for ReLU) or normalise the layers (BatchNorm)"
 )
 _REMEDY_LAST_BN = REMEDY_LAST_BN
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Thresholds of the rules (see the module docstring).
-
-    Attributes:
-        min_layers: fewest layers with a positive λmax for the depth-trend fit.
-        slope: |slope| of log10 λmax per layer beyond which a trend counts (0.2 decades is
-            ×1.58 per layer; the paper's plain MLP at small init has about −0.9).
-        total_decades: the fitted change over the fitted layers must reach this too (so a
-            short, default-initialised MLP is not flagged; 4 decades is 10⁴×).
-        onset_factor: the trend "starts" at the first layer this far from the reference.
-        dead_fraction: fraction of dead input units above which a layer is flagged.
-        kappa_outlier: κ_p of a layer ≥ this × the median of the others is an outlier.
-        last_input_factor: λmax(Σx) of the last layer ≥ this × the median of the others.
-            (Measured at init on random images: ResNet-20 12×, ResNet-56 43×, with
-            ``add_last_bn`` 1-2×.)
-        grad_weight_ratio: σmax(∇W)/σmax(W) below this is weight domination, for rows
-            without the checker's verdict (``dominated``).
-        update_weight_ratio: σmax(ΔW)/σmax(W) at or below this is weight domination (same rows).
-        outlier_ratio: an input feature whose mean square is at least this × the median
-            feature's is an outlier feature (100: an RMS 10× the median's).
-        outlier_min_features: the rule looks at layers of at least this many input features
-            (when the table knows them): the median of a few features is no scale (measured at
-            init: the 10- and 12-unit squeeze-excitation bottlenecks of EfficientNet-B0 and
-            RegNet-Y-400MF read 158× and 233× on 4 pooled rows, while every layer of 32 or more
-            features of the project's real-model tests stays below 100×).
-        attention_logit: an attention module whose largest ``|q·k|·scale`` reaches this has
-            growing logits (at init the models of the project's tests read at most a few
-            units; Wortsman et al. 2023 see divergence once logits reach the thousands).
-        attention_entropy_share: a head whose mean softmax entropy is below this share of
-            uniform attention's (under the same masks) has collapsed onto a few keys.
-
-    Example:
-        >>> Thresholds(dead_fraction=0.9).dead_fraction
-        0.9
-    """
-
-    min_layers: int = 4
-    slope: float = 0.2
-    total_decades: float = 4.0
-    onset_factor: float = 10.0
-    dead_fraction: float = 0.5
-    kappa_outlier: float = 100.0
-    last_input_factor: float = 20.0
-    grad_weight_ratio: float = 1e-4
-    update_weight_ratio: float = 0.0
-    outlier_ratio: float = 100.0
-    outlier_min_features: int = 32
-    attention_logit: float = 100.0
-    attention_entropy_share: float = 0.1
 
 
 def _positive(row: Mapping[str, float] | None, key: str) -> float | None:

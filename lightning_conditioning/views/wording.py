@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -262,3 +262,34 @@ def zero_layers_text(zero_gradient: Sequence[str], zero_weight: Sequence[str]) -
             "σmax(∇W)/σmax(W) is undefined until an optimizer step moves it; not weight domination"
         )
     return ". ".join(sentences) + "." if sentences else ""
+
+
+def layer_notes(
+    who: str, step: int, notes: Mapping[str, str | None], noted: set[str], benign: Collection[str] = ()
+) -> tuple[list[str], str | None]:
+    r"""Each layer's reason for missing or zero numbers (``notes``: layer → reason or None), said
+    once per layer and reason: a sentence per ``benign`` reason (what the model does, not a
+    fault) and one warning for the rest. ``noted`` holds ``"layer\nreason"`` of what was said,
+    and grows.
+
+    Example:
+        >>> noted = set()
+        >>> said, warning = layer_notes("M", 3, {"a": "no rows", "b": None, "c": "tied"}, noted, benign=["tied"])
+        >>> said
+        ['M: c: tied.']
+        >>> print(warning)
+        M: step 3: some layers have no numbers or zero statistics (said once per layer):
+          a: no rows.
+        >>> layer_notes("M", 4, {"a": "no rows"}, noted)
+        ([], None)
+    """
+    fresh: dict[str, list[str]] = {}
+    for name, note in notes.items():
+        if note and f"{name}\n{note}" not in noted:
+            noted.add(f"{name}\n{note}")
+            fresh.setdefault(note, []).append(name)
+    said = [f"{who}: {listing(names)}: {note}." for note in benign if (names := fresh.pop(note, None))]
+    if not fresh:
+        return said, None
+    lines = "\n".join(f"  {listing(names)}: {note}." for note, names in fresh.items())
+    return said, f"{who}: step {step}: some layers have no numbers or zero statistics (said once per layer):\n{lines}"

@@ -66,12 +66,8 @@ class SpectralQuantiles:
                 f"need dim >= 1, structural_zeros >= 0, >= 2 probes and confidence"
                 f" in (0, 1), got {dim}, {structural_zeros}, {probes}, {confidence}"
             )
-        self.dim = dim
-        self.structural_zeros = structural_zeros
-        self.threads = threads
-        self.floor = floor
-        self.top = top
-        self.confidence = confidence
+        self.dim, self.structural_zeros, self.floor, self.top = dim, structural_zeros, floor, top
+        self.confidence, self.threads = confidence, threads
         finite = torch.isfinite(nodes)
         valid = nodes[finite]
         # an upper bound of λmax (residual type): the block run's, else the probes' top nodes'

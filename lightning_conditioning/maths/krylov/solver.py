@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -160,19 +161,11 @@ class LanczosSolver:
             raise ValueError(f"dim and structural_zeros must be >= 0, got {dim}, {structural_zeros}")
         size = dim + structural_zeros
         listed = min(self.top, size)
+        known: dict[str, Any] = dict(exact=False, structural_zeros=structural_zeros, dim=size, bounds="residual")
         if dim == 0:
             zeros = torch.zeros(listed, dtype=torch.float64)
             return SolvedSpectrum(
-                zeros,
-                self.name,
-                exact=False,
-                structural_zeros=structural_zeros,
-                lower=zeros,
-                upper=zeros,
-                dim=size,
-                tail_upper=0.0,
-                quantile=ZeroQuantiles(size),
-                bounds="residual",
+                zeros, self.name, lower=zeros, upper=zeros, tail_upper=0.0, quantile=ZeroQuantiles(size), **known
             )
         generator = torch.Generator().manual_seed(self.seed)
         signs = torch.randint(0, 2, (dim, self.probes), generator=generator)
@@ -196,18 +189,16 @@ class LanczosSolver:
         rows = [quantiles(k) for k in range(1, listed + 1)]
         values, lower, upper = (torch.tensor(column, dtype=torch.float64) for column in zip(*rows))
         spread = float(((upper - lower) / lower.clamp(min=1e-300)).max()) if listed else 0.0
+        tail = float(upper[-1]) if listed else 0.0
         return SolvedSpectrum(
             values,
             self.name,
-            exact=False,
             relative_error=spread,
-            structural_zeros=structural_zeros,
             lower=lower,
             upper=upper,
-            dim=size,
-            tail_upper=float(upper[-1]) if listed else 0.0,
+            tail_upper=tail,
             quantile=quantiles,
-            bounds="residual",
+            **known,
         )
 
 
