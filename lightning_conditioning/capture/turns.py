@@ -121,10 +121,14 @@ class TurnTaker:
         return sum(moment_seconds(m, rows) for m in self._moments[layer])
 
     def plain_seconds(self) -> float:
-        """A plain step's seconds: the median of the measured ones, else the model's."""
+        """A plain step's seconds: the median of the measured ones, else the model's at the
+        median layer's rows per step (before sampling). Not the largest: a ViT's patch
+        embedding or a ResNet's first convolution reads a row per pixel, 50-250× a typical
+        layer's, and the model then took a plain step for 49 minutes, so that one window held
+        every layer (6× a plain step)."""
         if self._plain:
             return statistics.median(self._plain)
-        rows = max(self.rows.values(), default=ROWS_GUESS)
+        rows = statistics.median(self.seen.values()) if self.seen else ROWS_GUESS
         return TRAIN_SECONDS * 6 * self.train_parameters * rows
 
     def capacity(self) -> float:

@@ -247,8 +247,10 @@ class ConditioningMonitor:
             return True  # another micro-batch of the step being captured
         if self._window_start is not None and step != self._next_step:
             self.discard()
+        now = self._clock(step)  # the step before is timed before this window's turn is chosen
         captured = self._open(step)
-        self._clock(step, captured)
+        clock = self._step_clock  # (another micro-batch of a step keeps its first one's start)
+        self._step_clock = clock if clock is not None and clock[0] == step else (step, now, captured)
         return captured
 
     def _open(self, step: int) -> bool:
@@ -266,18 +268,13 @@ class ConditioningMonitor:
         self._current_step = step
         return True
 
-    def _clock(self, step: int, captured: bool) -> None:
-        """Time the step that just ended (a plain or analysed period, for the turns)."""
+    def _clock(self, step: int) -> float:
+        """Observe the period of the step before ``step`` (plain or analysed) for the turns; now."""
         now = time.perf_counter()
-        if self._step_clock is not None and step == self._step_clock[0]:
-            return  # another micro-batch of the same step: its period runs from the first
-        if self._step_clock is not None and self.turns is not None and step == self._step_clock[0] + 1:
-            seconds = now - self._step_clock[1]
-            if self._step_clock[2]:
-                self.turns.observe_analysed(seconds)
-            else:
-                self.turns.observe_plain(seconds)
-        self._step_clock = (step, now, captured)
+        clock = self._step_clock
+        if clock is not None and self.turns is not None and step == clock[0] + 1:
+            (self.turns.observe_analysed if clock[2] else self.turns.observe_plain)(now - clock[1])
+        return now
 
     def _next_turn(self) -> frozenset[str] | None:
         """The layers the opening window captures: every rank takes the same (the largest

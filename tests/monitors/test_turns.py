@@ -144,3 +144,33 @@ def test_a_plain_step_is_timed_from_its_first_micro_batch_to_the_next_step(monke
     monitor.begin(3)
     assert monitor.turns is not None and monitor.turns._plain == [3.0, 3.0]
     monitor.close()
+
+
+def test_the_step_before_is_timed_before_the_next_window_takes_its_turn(monkeypatch) -> None:
+    """The window opening at step 2 chooses its layers knowing plain step 1's period (it was
+    timed after the turn was chosen, which left the turn on the cost model's plain step)."""
+    model = _mlp()
+    monitor = ConditioningMonitor(model, every_n_steps=2, warn_diagnosis=False)
+    assert monitor.turns is not None
+    plain_known: list[int] = []
+    original = monitor._next_turn
+    monkeypatch.setattr(monitor, "_next_turn", lambda: plain_known.append(len(monitor.turns._plain)) or original())
+    x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
+    for step in range(3):
+        with monitor.track(step):
+            nn.functional.cross_entropy(model(x), y).backward()
+    assert plain_known == [0, 1]  # step 0: none yet; step 2: step 1's
+    monitor.close()
+
+
+def test_the_modelled_plain_step_follows_the_median_layers_rows_not_a_per_pixel_one() -> None:
+    """A ViT's patch embedding (or a ResNet's first convolution) reads a row per pixel: before
+    a plain step is measured, the modelled plain step follows the typical layer's rows (taking
+    the largest made ViT-B/16's plain step 49 minutes, and one window took every layer)."""
+    moments = [MomentPlan(f"l{i}", "input", 768, "dense", 0) for i in range(5)]
+    taker = TurnTaker(moments, train_parameters=86_000_000, share=0.35)
+    taker.observe_rows({"l0": 401_408, **{f"l{i}": 1_576 for i in range(1, 5)}})
+    expected = turns_module.TRAIN_SECONDS * 6 * 86_000_000 * 1_576
+    assert math.isclose(taker.plain_seconds(), expected)
+    taker.observe_plain(5.0)
+    assert taker.plain_seconds() == 5.0
