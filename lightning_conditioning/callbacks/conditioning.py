@@ -169,7 +169,7 @@ class ConditioningCallback(ConditioningReadout, Callback):
                 collectives=Collectives.strategy(trainer.strategy),
                 info=rank_zero_info,
                 warn=rank_zero_warn,
-                **{n: getattr(self.options, n) for n in ConditioningOptions.names()},
+                **self.options.as_kwargs(),
             )
             self.monitor.load_state_dict(self._restored)
             self.monitor.optimizer = list(trainer.optimizers) or None  # for the stability margin

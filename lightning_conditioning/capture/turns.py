@@ -5,9 +5,9 @@ Analysing every layer of a real model in one step costs several plain steps: GPT
 the backward pass, a ``d³`` eigen-solve per moment after it). With ``step_overhead`` (default
 0.35), an analysed step captures only the next layers, in the model's order, whose estimated
 cost fits in that share of a plain step (the model leaves out the hooks' own time and the
-summaries: measured, GPT-2 small's analysed steps took 1.2-1.5× a plain one); every layer is still analysed
-exactly, every few
-analysed steps, and each result says at which step (``LayerConditioning.step``). A model whose
+summaries: measured, GPT-2 small's analysed steps took 1.2-1.5× a plain one); every layer is
+still analysed exactly, every few analysed steps, and each result says at which step
+(``LayerConditioning.step``). A model whose
 whole analysis fits (the budget is at least :data:`MIN_TURN_SECONDS` of modelled work, so every
 small or mid-size model) analyses every layer at every analysed step, as without turns.
 

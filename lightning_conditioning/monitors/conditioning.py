@@ -176,7 +176,7 @@ class ConditioningMonitor:
 
         dtype = gram_dtype_for(o.statistics_dtype, [p.device for p in model.parameters()], slowdown=slowdown)
         self.plan = plan_analysis(layers, memory_budget(model, o.memory_budget), float32_grams=dtype == torch.float32)
-        self._say(*self.plan.announcements(type(self).__name__))
+        self._say(*self.plan.announcements(who))
         self.turns = TurnTaker(self.plan.moments, parameter_count(model.parameters()), o.step_overhead)
         layers = {name: entry for name, entry in layers.items() if name not in self.plan.skipped_layers}
         if not layers:
